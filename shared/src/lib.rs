@@ -1,0 +1,23 @@
+//! Samverkan's shared core, used by the node, the relay and the tests.
+//!
+//! Layout:
+//! - [`ids`]: typed ids of documents and list items.
+//! - [`org`]: organisations (parties) and the directory that names them.
+//! - [`identity`]: ed25519 node keys; a node's public key is its Automerge actor.
+//! - [`model`]: the collaboration documents as typed Rust over Automerge.
+//! - [`markdown`]: Markdown import, export and human-readable rendering.
+//! - [`bundle`]: the offline exchange file (changes another node lacks).
+//!
+//! Invariant: this crate does no I/O (no files, sockets or clocks); callers pass
+//! bytes and times in and get bytes and values out.
+
+#![warn(missing_docs)]
+
+pub mod bundle;
+pub mod identity;
+pub mod ids;
+pub mod markdown;
+pub mod model;
+pub mod org;
+
+pub use automerge;
