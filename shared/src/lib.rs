@@ -7,6 +7,8 @@
 //! - [`model`]: the collaboration documents as typed Rust over Automerge.
 //! - [`markdown`]: Markdown import, export and human-readable rendering.
 //! - [`bundle`]: the offline exchange file (changes another node lacks).
+//! - [`wire`]: frames of the node–relay protocol (length-prefixed, versioned).
+//! - [`sync`]: the sans-IO sync core that node and relay drive.
 //!
 //! Invariant: this crate does no I/O (no files, sockets or clocks); callers pass
 //! bytes and times in and get bytes and values out.
@@ -19,5 +21,7 @@ pub mod ids;
 pub mod markdown;
 pub mod model;
 pub mod org;
+pub mod sync;
+pub mod wire;
 
 pub use automerge;

@@ -1,0 +1,1 @@
+//! Sans-IO sync core (being written; see ARCHITECTURE.md).

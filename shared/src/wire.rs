@@ -1,0 +1,1 @@
+//! Wire format of the node–relay sync protocol (being written; see ARCHITECTURE.md).
