@@ -1,0 +1,790 @@
+//! The `samverkan-node` command line: argument parsing and output.
+//!
+//! Each command opens the node, does one thing through [`crate::node::Node`],
+//! and prints either readable text or, with `--json`, one JSON value.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use chrono::{NaiveDate, Utc};
+use clap::{Args, Parser, Subcommand};
+use samverkan_shared::bundle::{Bundle, HeadsSummary};
+use samverkan_shared::ids::{DocId, ItemId};
+use samverkan_shared::markdown;
+use samverkan_shared::model::{
+    Activity, ActivityStatus, DocKind, DocumentContent, FollowUp, Meeting, MeetingBody, Period, Scope, Signatory,
+};
+use serde_json::json;
+
+use crate::node::Node;
+
+/// Samverkan node: your organisation's offline copy of the county's crime-prevention
+/// collaboration documents (samverkansöverenskommelser, medborgarlöften, verksamhetsplaner).
+#[derive(Debug, Parser)]
+#[command(name = "samverkan-node", version, about, long_about = None)]
+pub struct Cli {
+    /// The node's data directory.
+    #[arg(long, global = true, env = "SAMVERKAN_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a node in the data directory for your organisation.
+    Init {
+        /// Your organisation: id, name or short name (e.g. "Flen", "Polisområde Södermanland").
+        #[arg(long)]
+        org: String,
+        /// A name for this node (e.g. "Flen BF-samordnare"); defaults to the organisation's name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Show this node's identity.
+    Whoami,
+    /// List the organisations this node knows.
+    Orgs,
+    /// Create a new document.
+    New(NewArgs),
+    /// Import a Markdown file as a document (or update one exported from a node).
+    Import {
+        /// The Markdown file ('-' for standard input).
+        file: PathBuf,
+        /// The document kind, if it cannot be recognised from the title.
+        #[arg(long)]
+        kind: Option<DocKind>,
+    },
+    /// Export a document as Markdown with front matter.
+    Export {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// List the documents.
+    List,
+    /// Show a document.
+    Show {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Print the exportable Markdown instead of the readable rendering.
+        #[arg(long)]
+        markdown: bool,
+    },
+    /// Set one field, e.g. `set <doc> period.end 2026-12-31` or `set <doc> activities.<id>.status done`.
+    Set {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Field path: title, body, scope, parties, period.start, period.end, place, date,
+        /// activities.<id>.(what|owner|due|status), goals.<id>.text,
+        /// followups.<id>.(date|author|text|activity), meetings.<id>.(date|body|notes),
+        /// signatories.<n>.(org|role|name).
+        field: String,
+        /// The new value ('' clears an optional field; '-' reads standard input).
+        value: String,
+    },
+    /// Edit a document as Markdown in $VISUAL or $EDITOR.
+    Edit {
+        /// Document id or unique prefix.
+        doc: String,
+    },
+    /// Activities: add, change or remove.
+    #[command(subcommand)]
+    Activity(ActivityCommand),
+    /// Goals: add or remove.
+    #[command(subcommand)]
+    Goal(GoalCommand),
+    /// Follow-up entries (uppföljning).
+    #[command(subcommand)]
+    Followup(FollowupCommand),
+    /// Meeting records (styrgrupp, nätverk, …).
+    #[command(subcommand)]
+    Meeting(MeetingCommand),
+    /// Required signatories.
+    #[command(subcommand)]
+    Signatory(SignatoryCommand),
+    /// Who changed a document, what and when.
+    History {
+        /// Document id or unique prefix.
+        doc: String,
+    },
+    /// Fields where concurrent edits left more than one value.
+    Conflicts {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Resolve: the field path to settle.
+        #[arg(long, requires = "value")]
+        resolve: Option<String>,
+        /// Resolve: the value to keep.
+        #[arg(long)]
+        value: Option<String>,
+    },
+    /// Offline exchange through files (USB stick, e-mail).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Check the database and every document for damage.
+    Check,
+}
+
+/// Arguments of `new`.
+#[derive(Debug, Args)]
+pub struct NewArgs {
+    /// Kind: agreement (samverkansöverenskommelse), citizen_promise (medborgarlöfte), operations_plan (verksamhetsplan).
+    pub kind: DocKind,
+    /// Title.
+    #[arg(long)]
+    pub title: String,
+    /// A party (repeat for each); defaults to this node's organisation.
+    #[arg(long = "party")]
+    pub parties: Vec<String>,
+    /// County-wide or local; by default local when a municipality is a party.
+    #[arg(long)]
+    pub scope: Option<Scope>,
+    /// First day in force (YYYY-MM-DD).
+    #[arg(long)]
+    pub start: Option<NaiveDate>,
+    /// Last day in force (YYYY-MM-DD).
+    #[arg(long)]
+    pub end: Option<NaiveDate>,
+}
+
+/// `activity …`
+#[derive(Debug, Subcommand)]
+pub enum ActivityCommand {
+    /// Add an activity.
+    Add {
+        /// Document id or unique prefix.
+        doc: String,
+        /// What is to be done.
+        what: String,
+        /// The responsible organisation.
+        #[arg(long)]
+        owner: Option<String>,
+        /// Due date (YYYY-MM-DD).
+        #[arg(long)]
+        due: Option<NaiveDate>,
+        /// Status (planned, ongoing, done, cancelled).
+        #[arg(long, default_value = "planned")]
+        status: ActivityStatus,
+    },
+    /// Change an activity.
+    Set {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Activity id or unique prefix.
+        activity: String,
+        /// New description.
+        #[arg(long)]
+        what: Option<String>,
+        /// New owner ('' clears).
+        #[arg(long)]
+        owner: Option<String>,
+        /// New due date ('' clears).
+        #[arg(long)]
+        due: Option<String>,
+        /// New status.
+        #[arg(long)]
+        status: Option<ActivityStatus>,
+    },
+    /// Remove an activity.
+    Remove {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Activity id or unique prefix.
+        activity: String,
+    },
+}
+
+/// `goal …`
+#[derive(Debug, Subcommand)]
+pub enum GoalCommand {
+    /// Add a goal.
+    Add {
+        /// Document id or unique prefix.
+        doc: String,
+        /// The goal.
+        text: String,
+    },
+    /// Remove a goal.
+    Remove {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Goal id or unique prefix.
+        goal: String,
+    },
+}
+
+/// `followup …`
+#[derive(Debug, Subcommand)]
+pub enum FollowupCommand {
+    /// Add a follow-up entry.
+    Add {
+        /// Document id or unique prefix.
+        doc: String,
+        /// The evaluation text.
+        text: String,
+        /// Date (default today).
+        #[arg(long)]
+        date: Option<NaiveDate>,
+        /// Author (default this node's name).
+        #[arg(long)]
+        author: Option<String>,
+        /// The activity it follows up.
+        #[arg(long)]
+        activity: Option<String>,
+    },
+}
+
+/// `meeting …`
+#[derive(Debug, Subcommand)]
+pub enum MeetingCommand {
+    /// Record a meeting.
+    Add {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Which body met (steering_group, working_group, regional_network, other).
+        #[arg(long)]
+        body: MeetingBody,
+        /// Date (default today).
+        #[arg(long)]
+        date: Option<NaiveDate>,
+        /// Minutes and decisions.
+        #[arg(long, default_value = "")]
+        notes: String,
+    },
+}
+
+/// `signatory …`
+#[derive(Debug, Subcommand)]
+pub enum SignatoryCommand {
+    /// Require a signature.
+    Add {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Signing organisation.
+        #[arg(long)]
+        org: String,
+        /// Role title, e.g. Landshövding.
+        #[arg(long)]
+        role: String,
+        /// Person's name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Remove the n-th required signature (as listed by `show`).
+    Remove {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Position, from 1.
+        n: usize,
+    },
+}
+
+/// `bundle …`
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Write the changes of every document to a file.
+    Export {
+        /// The bundle file to write.
+        file: PathBuf,
+        /// A heads file from the receiving node (`bundle heads`): include only what it lacks.
+        #[arg(long)]
+        have: Option<PathBuf>,
+    },
+    /// Merge a bundle file into this node.
+    Import {
+        /// The bundle file.
+        file: PathBuf,
+    },
+    /// Write what this node has (for the sender's `bundle export --have`).
+    Heads {
+        /// The heads file to write.
+        file: PathBuf,
+    },
+}
+
+/// The data directory: the flag, `$SAMVERKAN_DATA_DIR`, or `$XDG_DATA_HOME/samverkan`
+/// (`~/.local/share/samverkan`).
+fn data_dir(cli: &Cli) -> Result<PathBuf> {
+    if let Some(dir) = &cli.data_dir {
+        return Ok(dir.clone());
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .context("no --data-dir given and neither XDG_DATA_HOME nor HOME is set")?;
+    Ok(base.join("samverkan"))
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<()> {
+    let dir = data_dir(&cli)?;
+    let json = cli.json;
+    if let Command::Init { org, name } = &cli.command {
+        let node = Node::init(&dir, org, name.as_deref())?;
+        return print(
+            json,
+            json!({"data_dir": dir, "node": node.node_id().to_string(), "short": node.node_id().short(), "org": node.org(), "name": node.name()}),
+            || {
+                format!(
+                    "Initialised node {} for {} in {}",
+                    node.node_id().short(),
+                    node.directory().name_of(node.org()),
+                    dir.display()
+                )
+            },
+        );
+    }
+    let mut node = Node::open(&dir)?;
+    match cli.command {
+        Command::Init { .. } => unreachable!("handled above"),
+        Command::Whoami => {
+            let id = node.node_id();
+            print(
+                json,
+                json!({"node": id.to_string(), "short": id.short(), "org": node.org(), "name": node.name(), "data_dir": dir}),
+                || {
+                    format!(
+                        "node {} ({})\norganisation: {}\nname: {}\ndata dir: {}",
+                        id.short(),
+                        id,
+                        node.directory().name_of(node.org()),
+                        node.name(),
+                        dir.display()
+                    )
+                },
+            )
+        }
+        Command::Orgs => {
+            let orgs = node.directory().organisations();
+            print(json, json!(orgs), || {
+                orgs.iter().map(|o| format!("{:<28} {}", o.id.as_str(), o.name)).collect::<Vec<_>>().join("\n")
+            })
+        }
+        Command::New(args) => cmd_new(&mut node, args, json),
+        Command::Import { file, kind } => {
+            let text = read_input(&file)?;
+            let (id, recognised) = node.import_markdown(&text, kind)?;
+            print(json, json!({"id": id, "recognised": recognised}), || {
+                let mut out = format!("Imported {id}");
+                for r in &recognised {
+                    out.push_str(&format!("\n  {r}"));
+                }
+                out
+            })
+        }
+        Command::Export { doc, output } => {
+            let id = node.resolve(&doc)?;
+            let text = markdown::export(&node.document(&id)?.view()?, node.directory());
+            match output {
+                Some(path) => {
+                    write_file_atomically(&path, text.as_bytes())?;
+                    print(json, json!({"id": id, "file": path}), || format!("Exported {id} to {}", path.display()))
+                }
+                None => {
+                    print!("{text}");
+                    Ok(())
+                }
+            }
+        }
+        Command::List => {
+            let docs = node.list()?;
+            print(json, json!(docs), || {
+                if docs.is_empty() {
+                    return "No documents yet: `samverkan-node new` or `samverkan-node import`.".to_string();
+                }
+                docs.iter()
+                    .map(|d| {
+                        format!(
+                            "{}  {:<26} {}  {}",
+                            d.id.short(),
+                            d.kind.label(),
+                            d.updated_at.format("%Y-%m-%d %H:%M"),
+                            d.title
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+        Command::Show { doc, markdown: as_markdown } => {
+            let id = node.resolve(&doc)?;
+            let mut document = node.document(&id)?;
+            let view = document.view()?;
+            let heads: Vec<String> = document.heads().iter().map(ToString::to_string).collect();
+            if json {
+                return print(true, json!({"document": view, "heads": heads}), String::new);
+            }
+            if as_markdown {
+                print!("{}", markdown::export(&view, node.directory()));
+            } else {
+                print!("{}", markdown::render(&view, node.directory()));
+            }
+            Ok(())
+        }
+        Command::Set { doc, field, value } => {
+            let id = node.resolve(&doc)?;
+            let value = if value == "-" { read_input(Path::new("-"))? } else { value };
+            let (_, hash) = node.edit(&id, &format!("set {field}"), |e| e.set_field(&field, &value))?;
+            report_edit(json, &id, hash, &format!("set {field}"))
+        }
+        Command::Edit { doc } => cmd_edit(&mut node, &doc, json),
+        Command::Activity(cmd) => cmd_activity(&mut node, cmd, json),
+        Command::Goal(GoalCommand::Add { doc, text }) => {
+            let id = node.resolve(&doc)?;
+            let (goal, hash) = node.edit(&id, "add goal", |e| e.add_goal(&text))?;
+            print(json, json!({"id": id, "goal": goal, "change": hash.map(|h| h.to_string())}), || {
+                format!("Added goal {goal}")
+            })
+        }
+        Command::Goal(GoalCommand::Remove { doc, goal }) => {
+            let id = node.resolve(&doc)?;
+            let (_, hash) = node.edit(&id, "remove goal", |e| e.remove_item("goals", &goal))?;
+            report_edit(json, &id, hash, "removed goal")
+        }
+        Command::Followup(FollowupCommand::Add { doc, text, date, author, activity }) => {
+            let id = node.resolve(&doc)?;
+            let author = author.unwrap_or_else(|| node.name().to_string());
+            let date = date.unwrap_or_else(|| Utc::now().date_naive());
+            let activity = match activity {
+                Some(a) => Some(resolve_item(&node, &id, "activities", &a)?),
+                None => None,
+            };
+            let entry = FollowUp { id: ItemId::random(), date, author, text, activity };
+            let (item, hash) = node.edit(&id, "add follow-up", |e| e.add_followup(&entry))?;
+            print(json, json!({"id": id, "followup": item, "change": hash.map(|h| h.to_string())}), || {
+                format!("Added follow-up {item}")
+            })
+        }
+        Command::Meeting(MeetingCommand::Add { doc, body, date, notes }) => {
+            let id = node.resolve(&doc)?;
+            let meeting =
+                Meeting { id: ItemId::random(), date: date.unwrap_or_else(|| Utc::now().date_naive()), body, notes };
+            let (item, hash) = node.edit(&id, "record meeting", |e| e.add_meeting(&meeting))?;
+            print(json, json!({"id": id, "meeting": item, "change": hash.map(|h| h.to_string())}), || {
+                format!("Recorded meeting {item}")
+            })
+        }
+        Command::Signatory(SignatoryCommand::Add { doc, org, role, name }) => {
+            let id = node.resolve(&doc)?;
+            let (_, hash) = node.edit(&id, "add signatory", |e| {
+                let org = e.resolve_org(&org)?;
+                e.add_signatory(&Signatory { org, role, name })
+            })?;
+            report_edit(json, &id, hash, "added signatory")
+        }
+        Command::Signatory(SignatoryCommand::Remove { doc, n }) => {
+            let id = node.resolve(&doc)?;
+            let (_, hash) = node.edit(&id, "remove signatory", |e| e.remove_signatory(n))?;
+            report_edit(json, &id, hash, "removed signatory")
+        }
+        Command::History { doc } => {
+            let id = node.resolve(&doc)?;
+            let mut document = node.document(&id)?;
+            let entries: Vec<_> = document
+                .history()
+                .into_iter()
+                .map(|h| {
+                    let who = node.describe_actor(&document, &h.actor);
+                    (h, who)
+                })
+                .collect();
+            print(
+                json,
+                json!(entries
+                    .iter()
+                    .map(|(h, who)| json!({"hash": h.hash, "by": who, "seq": h.seq, "time": h.time, "message": h.message}))
+                    .collect::<Vec<_>>()),
+                || {
+                    entries
+                        .iter()
+                        .map(|(h, who)| {
+                            let time = h.time.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()).unwrap_or_else(|| "(ingen tid)".into());
+                            format!("{time}  {who}: {}  [{}]", h.message.as_deref().unwrap_or("(ändring)"), &h.hash[..8])
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                },
+            )
+        }
+        Command::Conflicts { doc, resolve, value } => {
+            let id = node.resolve(&doc)?;
+            if let (Some(path), Some(value)) = (resolve, value) {
+                let (_, hash) =
+                    node.edit(&id, &format!("resolve conflict on {path}"), |e| e.set_field(&path, &value))?;
+                return report_edit(json, &id, hash, &format!("resolved {path}"));
+            }
+            let document = node.document(&id)?;
+            let conflicts = document.conflicts()?;
+            let described: Vec<_> = conflicts
+                .iter()
+                .map(|c| {
+                    json!({"path": c.path, "values": c.values.iter().map(|v| json!({"value": v.value, "by": node.describe_actor(&document, &v.actor)})).collect::<Vec<_>>()})
+                })
+                .collect();
+            print(json, json!(described), || {
+                if conflicts.is_empty() {
+                    return "No conflicts.".to_string();
+                }
+                let mut out = String::new();
+                for c in &conflicts {
+                    out.push_str(&format!("{}:\n", c.path));
+                    for v in &c.values {
+                        out.push_str(&format!("  {:?}  by {}\n", v.value, node.describe_actor(&document, &v.actor)));
+                    }
+                }
+                out.push_str(&format!(
+                    "Resolve with: samverkan-node conflicts {} --resolve <field> --value <value>",
+                    id.short()
+                ));
+                out
+            })
+        }
+        Command::Bundle(cmd) => cmd_bundle(&mut node, cmd, json),
+        Command::Check => {
+            let problems = node.check()?;
+            print(json, json!({"ok": problems.is_empty(), "problems": problems}), || {
+                if problems.is_empty() {
+                    "ok: database and all documents are intact".to_string()
+                } else {
+                    problems.join("\n")
+                }
+            })?;
+            if !problems.is_empty() {
+                bail!("{} problem(s) found", problems.len());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {
+    let mut content = DocumentContent::new(args.kind, args.title);
+    let parties = if args.parties.is_empty() { vec![node.org().to_string()] } else { args.parties };
+    for p in &parties {
+        let org = node
+            .directory()
+            .resolve(p)
+            .with_context(|| format!("unknown organisation {p:?} (see `samverkan-node orgs`)"))?;
+        content.parties.push(org.id.clone());
+    }
+    let has_municipality = content
+        .parties
+        .iter()
+        .any(|p| node.directory().get(p).is_some_and(|o| o.kind == samverkan_shared::org::OrgKind::Municipality));
+    content.scope = args.scope.unwrap_or(if has_municipality { Scope::Local } else { Scope::County });
+    content.period = Period { start: args.start, end: args.end };
+    content.body = template(args.kind).to_string();
+    let id = node.create(content)?;
+    print(json, json!({"id": id}), || format!("Created {id}"))
+}
+
+/// The headings a new document of each kind starts with (from the domain's document structure).
+fn template(kind: DocKind) -> &'static str {
+    match kind {
+        DocKind::Agreement => {
+            "## Bakgrund\n\n## Definitioner\n\n## Övergripande mål\n\n## Fokusområden\n\n## Organisation\n"
+        }
+        DocKind::CitizenPromise => "## Problembild\n\n## Vi lovar\n\n## Så följer vi upp\n",
+        DocKind::OperationsPlan => "## Lägesbild\n\n## Åtgärder\n\n## Uppföljning och utvärdering\n",
+    }
+}
+
+fn cmd_activity(node: &mut Node, cmd: ActivityCommand, json: bool) -> Result<()> {
+    match cmd {
+        ActivityCommand::Add { doc, what, owner, due, status } => {
+            let id = node.resolve(&doc)?;
+            let (item, hash) = node.edit(&id, "add activity", |e| {
+                let owner = owner.as_deref().map(|o| e.resolve_org(o)).transpose()?;
+                e.add_activity(&Activity { id: ItemId::random(), what, owner, due, status })
+            })?;
+            print(json, json!({"id": id, "activity": item, "change": hash.map(|h| h.to_string())}), || {
+                format!("Added activity {item}")
+            })
+        }
+        ActivityCommand::Set { doc, activity, what, owner, due, status } => {
+            let id = node.resolve(&doc)?;
+            let item = resolve_item(node, &id, "activities", &activity)?;
+            let mut fields: Vec<(&str, String)> = Vec::new();
+            if let Some(v) = what {
+                fields.push(("what", v));
+            }
+            if let Some(v) = owner {
+                fields.push(("owner", v));
+            }
+            if let Some(v) = due {
+                fields.push(("due", v));
+            }
+            if let Some(v) = status {
+                fields.push(("status", v.as_str().to_string()));
+            }
+            if fields.is_empty() {
+                bail!("nothing to change: give --what, --owner, --due or --status");
+            }
+            let (_, hash) = node.edit(&id, "change activity", |e| {
+                for (field, value) in &fields {
+                    e.set_field(&format!("activities.{item}.{field}"), value)?;
+                }
+                Ok(())
+            })?;
+            report_edit(json, &id, hash, &format!("changed activity {item}"))
+        }
+        ActivityCommand::Remove { doc, activity } => {
+            let id = node.resolve(&doc)?;
+            let (_, hash) = node.edit(&id, "remove activity", |e| e.remove_item("activities", &activity))?;
+            report_edit(json, &id, hash, "removed activity")
+        }
+    }
+}
+
+fn resolve_item(node: &Node, id: &DocId, list: &str, prefix: &str) -> Result<ItemId> {
+    let view = node.document(id)?.view()?;
+    let ids: Vec<&ItemId> = match list {
+        "activities" => view.activities.iter().map(|a| &a.id).collect(),
+        _ => Vec::new(),
+    };
+    let wanted = prefix.to_ascii_lowercase();
+    let matches: Vec<&&ItemId> = ids.iter().filter(|i| i.as_str().starts_with(&wanted)).collect();
+    match matches.as_slice() {
+        [one] => Ok((**one).clone()),
+        [] => bail!("no item {prefix:?} in {list} of {}", id.short()),
+        _ => bail!("{prefix:?} matches several items in {list}; give more of the id"),
+    }
+}
+
+fn cmd_edit(node: &mut Node, doc: &str, json: bool) -> Result<()> {
+    let id = node.resolve(doc)?;
+    let mut document = node.document(&id)?;
+    let base = document.heads();
+    let original = markdown::export(&document.view()?, node.directory());
+    let path = node.data_dir().join(format!("edit-{}.md", id.short()));
+    write_file_atomically(&path, original.as_bytes())?;
+    let editor = std::env::var("VISUAL").or_else(|_| std::env::var("EDITOR")).unwrap_or_else(|_| "vi".to_string());
+    let status = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!("{editor} \"$1\""))
+        .arg("sh")
+        .arg(&path)
+        .status()
+        .with_context(|| format!("could not start the editor {editor:?} (set $EDITOR)"))?;
+    if !status.success() {
+        bail!("the editor {editor:?} failed ({status}); nothing was changed; your text is in {}", path.display());
+    }
+    let edited = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    if edited == original {
+        let _ = std::fs::remove_file(&path);
+        return print(json, json!({"id": id, "changed": false}), || "No changes.".to_string());
+    }
+    match node.apply_edited_markdown(&id, &base, &edited, &path) {
+        Ok(hash) => {
+            let _ = std::fs::remove_file(&path);
+            report_edit(json, &id, hash, "edited")
+        }
+        Err(e) => Err(anyhow::Error::new(e)
+            .context(format!("your edit was not applied; your text is kept in {}", path.display()))),
+    }
+}
+
+fn cmd_bundle(node: &mut Node, cmd: BundleCommand, json: bool) -> Result<()> {
+    match cmd {
+        BundleCommand::Export { file, have } => {
+            let have = match have {
+                Some(path) => Some(HeadsSummary::from_json(&read_input(&path)?)?),
+                None => None,
+            };
+            let bundle = node.export_bundle(have.as_ref())?;
+            let bytes = bundle.encode();
+            write_file_atomically(&file, &bytes)?;
+            print(json, json!({"file": file, "documents": bundle.docs.len(), "bytes": bytes.len()}), || {
+                format!("Wrote {} document(s), {} bytes, to {}", bundle.docs.len(), bytes.len(), file.display())
+            })
+        }
+        BundleCommand::Import { file } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let bundle = Bundle::decode(&bytes).with_context(|| format!("{} cannot be imported", file.display()))?;
+            let reports = node.import_bundle(&bundle)?;
+            let failed = reports.iter().filter(|r| r.error.is_some()).count();
+            print(json, json!({"from": bundle.origin, "documents": reports}), || {
+                let mut out = format!(
+                    "From {} ({}), made {}:",
+                    bundle.origin.name,
+                    bundle.origin.org,
+                    bundle.origin.created.format("%Y-%m-%d %H:%M UTC")
+                );
+                for r in &reports {
+                    let what = match (&r.error, r.created, r.changed) {
+                        (Some(e), _, _) => format!("REFUSED: {e}"),
+                        (None, true, _) => format!("new, {} bytes", r.new_bytes),
+                        (None, false, true) => format!("updated, {} bytes", r.new_bytes),
+                        (None, false, false) => "already up to date".to_string(),
+                    };
+                    let waiting = if r.missing_deps > 0 {
+                        format!(" ({} earlier change(s) still missing)", r.missing_deps)
+                    } else {
+                        String::new()
+                    };
+                    out.push_str(&format!("\n  {}  {}  {what}{waiting}", r.id.short(), r.title));
+                }
+                out
+            })?;
+            if failed > 0 {
+                bail!("{failed} document(s) in the bundle were refused");
+            }
+            Ok(())
+        }
+        BundleCommand::Heads { file } => {
+            let summary = node.heads_summary()?;
+            write_file_atomically(&file, summary.to_json().as_bytes())?;
+            print(json, json!({"file": file, "documents": summary.docs.len()}), || {
+                format!("Wrote the heads of {} document(s) to {}", summary.docs.len(), file.display())
+            })
+        }
+    }
+}
+
+fn report_edit(json: bool, id: &DocId, hash: Option<automerge::ChangeHash>, what: &str) -> Result<()> {
+    print(json, json!({"id": id, "changed": hash.is_some(), "change": hash.map(|h| h.to_string())}), || match hash {
+        Some(h) => format!("Saved: {what} ({})", &h.to_string()[..8]),
+        None => "No change: the document already says that.".to_string(),
+    })
+}
+
+fn print(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        let text = text();
+        if !text.is_empty() {
+            println!("{text}");
+        }
+    }
+    Ok(())
+}
+
+fn read_input(path: &Path) -> Result<String> {
+    if path == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+        return Ok(text);
+    }
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// Writes a file via a temporary file and rename, so a crash never leaves half a file.
+fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("samverkan")));
+    let mut file = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,446 @@
+//! A node's data directory and everything one can do with it offline.
+//!
+//! [`Node`] ties the store, the node's identity key and the organisation
+//! directory together, and is what the CLI (and later the sync daemon) calls.
+//!
+//! Data directory layout:
+//! - `node.db`: the SQLite store (documents, changes, metadata: organisation, name);
+//! - `node.key`: the node's ed25519 secret key, owner read/write only.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use automerge::ChangeHash;
+use chrono::Utc;
+use samverkan_shared::bundle::{Bundle, BundleDoc, BundleError, BundleOrigin, HeadsSummary};
+use samverkan_shared::identity::{IdentityError, NodeId, NodeKey};
+use samverkan_shared::ids::DocId;
+use samverkan_shared::markdown::{self, MarkdownError};
+use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, Editor, ModelError};
+use samverkan_shared::org::{Directory, OrgId};
+use serde::Serialize;
+
+use crate::store::{DocSummary, Store, StoreError, UpdateOutcome};
+
+/// File name of the store inside the data directory.
+pub const DB_FILE: &str = "node.db";
+/// File name of the secret key inside the data directory.
+pub const KEY_FILE: &str = "node.key";
+
+/// Errors of node operations.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The data directory has no node yet.
+    #[error("{0} holds no Samverkan node; run `samverkan-node init --org <organisation>` first")]
+    NotInitialised(PathBuf),
+    /// `init` on a directory that already has a node.
+    #[error("{0} already holds a Samverkan node")]
+    AlreadyInitialised(PathBuf),
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The key file may be read by others.
+    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
+    KeyPermissions {
+        /// The key file.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
+    /// No document matches an id or prefix.
+    #[error("no document matches {0:?} (see `samverkan-node list`)")]
+    NoSuchDocument(String),
+    /// Several documents match a prefix.
+    #[error("{0:?} matches several documents: {1}; give more of the id")]
+    AmbiguousDocument(String, String),
+    /// The document changed on this node while it was being edited in an editor.
+    #[error("document {0} was changed on this node while you edited it; your version is kept in {1}: run `samverkan-node edit` again and copy your changes over")]
+    ChangedDuringEdit(DocId, PathBuf),
+    /// A store error.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A model error (validation, schema).
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A Markdown import error.
+    #[error(transparent)]
+    Markdown(#[from] MarkdownError),
+    /// A bundle error.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// A key error.
+    #[error("{path}: {source}")]
+    Identity {
+        /// The key file.
+        path: PathBuf,
+        /// The cause.
+        source: IdentityError,
+    },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io { path: path.to_path_buf(), source }
+}
+
+/// What importing a bundle did to one document.
+#[derive(Debug, Clone, Serialize)]
+pub struct BundleDocReport {
+    /// The document.
+    pub id: DocId,
+    /// Its title after import (empty if it could not be read).
+    pub title: String,
+    /// Whether the document is new on this node.
+    pub created: bool,
+    /// Whether anything new arrived.
+    pub changed: bool,
+    /// Bytes of new changes stored.
+    pub new_bytes: usize,
+    /// Changes held back because earlier changes they build on are missing.
+    pub missing_deps: usize,
+    /// Why the document was refused, if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// An opened node.
+#[derive(Debug)]
+pub struct Node {
+    data_dir: PathBuf,
+    store: Store,
+    key: NodeKey,
+    org: OrgId,
+    name: String,
+    directory: Directory,
+}
+
+impl Node {
+    /// Creates a node in `data_dir` for organisation `org` (id, name or alias).
+    pub fn init(data_dir: &Path, org: &str, name: Option<&str>) -> Result<Self, NodeError> {
+        let directory = Directory::sodermanland();
+        let org = directory
+            .resolve(org)
+            .ok_or_else(|| NodeError::Model(ModelError::UnknownOrganisation(org.to_string())))?
+            .clone();
+        let db_path = data_dir.join(DB_FILE);
+        let key_path = data_dir.join(KEY_FILE);
+        if db_path.exists() || key_path.exists() {
+            return Err(NodeError::AlreadyInitialised(data_dir.to_path_buf()));
+        }
+        create_private_dir(data_dir)?;
+        let key = NodeKey::generate();
+        write_private_file(&key_path, key.to_file_contents().as_bytes())?;
+        let mut store = Store::open_or_create(&db_path)?;
+        let name = name.map(str::to_owned).unwrap_or_else(|| org.name.clone());
+        store.set_meta("org", org.id.as_str())?;
+        store.set_meta("name", &name)?;
+        store.set_meta("created", &Utc::now().to_rfc3339())?;
+        tracing::info!(node = %key.node_id().short(), org = %org.id, "initialised node");
+        Ok(Self { data_dir: data_dir.to_path_buf(), store, key, org: org.id, name, directory })
+    }
+
+    /// Opens the node in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self, NodeError> {
+        let db_path = data_dir.join(DB_FILE);
+        let key_path = data_dir.join(KEY_FILE);
+        if !db_path.exists() || !key_path.exists() {
+            return Err(NodeError::NotInitialised(data_dir.to_path_buf()));
+        }
+        check_private(&key_path)?;
+        let key_text = fs::read_to_string(&key_path).map_err(io_error(&key_path))?;
+        let key = NodeKey::from_file_contents(&key_text)
+            .map_err(|source| NodeError::Identity { path: key_path.clone(), source })?;
+        let store = Store::open(&db_path)?;
+        let org = store
+            .meta("org")?
+            .and_then(|o| OrgId::new(&o))
+            .ok_or_else(|| NodeError::NotInitialised(data_dir.to_path_buf()))?;
+        let name = store.meta("name")?.unwrap_or_else(|| org.to_string());
+        Ok(Self { data_dir: data_dir.to_path_buf(), store, key, org, name, directory: Directory::sodermanland() })
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// This node's public identity.
+    pub fn node_id(&self) -> NodeId {
+        self.key.node_id()
+    }
+
+    /// This node's organisation.
+    pub fn org(&self) -> &OrgId {
+        &self.org
+    }
+
+    /// This node's display name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The organisation directory.
+    pub fn directory(&self) -> &Directory {
+        &self.directory
+    }
+
+    /// The store, for callers that sync.
+    pub fn store_mut(&mut self) -> &mut Store {
+        &mut self.store
+    }
+
+    /// The context stamped on an edit made now.
+    pub fn edit_context(&self) -> EditContext {
+        EditContext { author: self.node_id(), org: self.org.clone(), node_name: self.name.clone(), time: Utc::now() }
+    }
+
+    /// Every document, most recently changed first.
+    pub fn list(&self) -> Result<Vec<DocSummary>, NodeError> {
+        Ok(self.store.list()?)
+    }
+
+    /// Resolves a document id or unique prefix.
+    pub fn resolve(&self, id_or_prefix: &str) -> Result<DocId, NodeError> {
+        let wanted = id_or_prefix.trim().to_ascii_lowercase();
+        if wanted.is_empty() {
+            return Err(NodeError::NoSuchDocument(id_or_prefix.to_string()));
+        }
+        let matches: Vec<DocId> = self.store.ids()?.into_iter().filter(|id| id.as_str().starts_with(&wanted)).collect();
+        match matches.as_slice() {
+            [one] => Ok(one.clone()),
+            [] => Err(NodeError::NoSuchDocument(id_or_prefix.to_string())),
+            many => Err(NodeError::AmbiguousDocument(
+                id_or_prefix.to_string(),
+                many.iter().map(|d| d.short().to_string()).collect::<Vec<_>>().join(", "),
+            )),
+        }
+    }
+
+    /// Loads a document.
+    pub fn document(&self, id: &DocId) -> Result<Document, NodeError> {
+        Ok(self.store.load(id)?)
+    }
+
+    /// Creates and stores a new document.
+    pub fn create(&mut self, content: DocumentContent) -> Result<DocId, NodeError> {
+        let ctx = self.edit_context();
+        let mut doc = Document::create(DocId::random(), content, &ctx, &self.directory)?;
+        self.store.insert(&mut doc)?;
+        tracing::info!(doc = %doc.id(), "created document");
+        Ok(doc.id().clone())
+    }
+
+    /// Imports Markdown as a new document; returns its id and what was recognised.
+    /// A file exported from a node (with an id in its front matter) that is already
+    /// here is applied as an edit of that document instead.
+    pub fn import_markdown(&mut self, text: &str, kind: Option<DocKind>) -> Result<(DocId, Vec<String>), NodeError> {
+        let imported = markdown::import(text, &self.directory, kind)?;
+        if let Some(id) = imported.id.filter(|id| self.store.contains(id).unwrap_or(false)) {
+            let view = imported.content.into_view(id.clone());
+            self.edit(&id, "import Markdown", |e| e.apply(&view))?;
+            return Ok((id, vec!["updated the existing document".to_string()]));
+        }
+        let id = self.create(imported.content)?;
+        Ok((id, imported.recognised))
+    }
+
+    /// Makes one edit of a document, durably; returns `f`'s result and the
+    /// change hash (`None` if nothing changed).
+    pub fn edit<T>(
+        &mut self,
+        id: &DocId,
+        message: &str,
+        f: impl FnOnce(&mut Editor<'_>) -> Result<T, ModelError>,
+    ) -> Result<(T, Option<ChangeHash>), NodeError> {
+        let ctx = self.edit_context();
+        let directory = &self.directory;
+        let (result, _) = self
+            .store
+            .update(id, false, |doc| -> Result<_, NodeError> { Ok(doc.edit(&ctx, directory, message, f)?) })?;
+        Ok(result)
+    }
+
+    /// Applies the Markdown a user edited, starting from the version at `base`:
+    /// the user's changes are made against `base` and merged with whatever
+    /// arrived since, so concurrent edits from other nodes survive.
+    pub fn apply_edited_markdown(
+        &mut self,
+        id: &DocId,
+        base: &[ChangeHash],
+        edited: &str,
+        keep_file: &Path,
+    ) -> Result<Option<ChangeHash>, NodeError> {
+        let imported = markdown::import(edited, &self.directory, None)?;
+        let view = imported.content.into_view(id.clone());
+        let ctx = self.edit_context();
+        let directory = &self.directory;
+        let (hash, _) = self.store.update(id, false, |doc| -> Result<_, NodeError> {
+            let mut fork = doc.at(base)?;
+            let our_actor = ctx.author.actor_id();
+            let ours_now = doc.automerge_mut().get_changes(&[]).iter().filter(|c| c.actor_id() == &our_actor).count();
+            let ours_then = fork.automerge_mut().get_changes(&[]).iter().filter(|c| c.actor_id() == &our_actor).count();
+            if ours_now != ours_then {
+                return Err(NodeError::ChangedDuringEdit(id.clone(), keep_file.to_path_buf()));
+            }
+            let (_, hash) = fork.edit(&ctx, directory, "edit Markdown", |e| e.apply(&view))?;
+            doc.automerge_mut().merge(fork.automerge_mut()).map_err(ModelError::from)?;
+            Ok(hash)
+        })?;
+        Ok(hash)
+    }
+
+    /// Each document's heads, for another node to hand to `bundle export --have`.
+    pub fn heads_summary(&self) -> Result<HeadsSummary, NodeError> {
+        let mut summary = HeadsSummary::new();
+        for mut doc in self.store.ids()?.into_iter().map(|id| self.store.load(&id)).collect::<Result<Vec<_>, _>>()? {
+            let heads = doc.heads();
+            summary.insert(doc.id().clone(), &heads);
+        }
+        Ok(summary)
+    }
+
+    /// A bundle of every document's changes; with `have`, only what that node lacks.
+    pub fn export_bundle(&self, have: Option<&HeadsSummary>) -> Result<Bundle, NodeError> {
+        let mut docs = Vec::new();
+        for id in self.store.ids()? {
+            let mut doc = self.store.load(&id)?;
+            let data = match have {
+                Some(have) => {
+                    let theirs = have.heads(&id)?;
+                    let known: Vec<ChangeHash> = theirs
+                        .iter()
+                        .copied()
+                        .filter(|h| doc.automerge_mut().get_change_by_hash(h).is_some())
+                        .collect();
+                    if !theirs.is_empty()
+                        && known.len() == theirs.len()
+                        && doc.automerge_mut().get_changes(&known).is_empty()
+                    {
+                        continue; // They have everything we have.
+                    }
+                    doc.automerge_mut().save_after(&known)
+                }
+                None => doc.automerge_mut().save(),
+            };
+            docs.push(BundleDoc { id, data });
+        }
+        Ok(Bundle {
+            origin: BundleOrigin {
+                node: self.node_id().to_string(),
+                org: self.org.to_string(),
+                name: self.name.clone(),
+                created: Utc::now(),
+            },
+            docs,
+        })
+    }
+
+    /// Imports a bundle: each document's changes are merged and stored durably.
+    /// A document that cannot be used is reported and skipped; the others still import.
+    pub fn import_bundle(&mut self, bundle: &Bundle) -> Result<Vec<BundleDocReport>, NodeError> {
+        let mut reports = Vec::new();
+        for item in &bundle.docs {
+            let result = self.store.update(&item.id, true, |doc| -> Result<usize, NodeError> {
+                doc.automerge_mut().load_incremental(&item.data).map_err(ModelError::from)?;
+                doc.check_header()?;
+                Ok(doc.automerge_mut().get_missing_deps(&[]).len())
+            });
+            let report = match result {
+                Ok((missing_deps, outcome)) => {
+                    let title = self.store.load(&item.id).and_then(|d| Ok(d.title()?)).unwrap_or_default();
+                    BundleDocReport {
+                        id: item.id.clone(),
+                        title,
+                        created: outcome.created,
+                        changed: outcome.new_bytes > 0,
+                        new_bytes: outcome.new_bytes,
+                        missing_deps,
+                        error: None,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(doc = %item.id, error = %e, "refused document from bundle");
+                    BundleDocReport {
+                        id: item.id.clone(),
+                        title: String::new(),
+                        created: false,
+                        changed: false,
+                        new_bytes: 0,
+                        missing_deps: 0,
+                        error: Some(e.to_string()),
+                    }
+                }
+            };
+            reports.push(report);
+        }
+        Ok(reports)
+    }
+
+    /// Name of the node and organisation behind a hex actor id, as far as this node knows.
+    pub fn describe_actor(&self, doc: &Document, actor_hex: &str) -> String {
+        if actor_hex == self.node_id().actor_id().to_hex_string() {
+            return format!("{} ({})", self.directory.name_of(&self.org), self.name);
+        }
+        let contributors = doc.contributors().unwrap_or_default();
+        match contributors.get(actor_hex) {
+            Some(c) => format!("{} ({})", self.directory.name_of(&c.org), c.node),
+            None => {
+                let short = hex::decode(actor_hex)
+                    .ok()
+                    .and_then(|b| NodeId::from_actor(&automerge::ActorId::from(b)))
+                    .map(|n| n.short())
+                    .unwrap_or_else(|| "?".into());
+                format!("okänd nod {short}")
+            }
+        }
+    }
+
+    /// Integrity check of the store; returns the problems found.
+    pub fn check(&self) -> Result<Vec<String>, NodeError> {
+        Ok(self.store.check()?)
+    }
+
+    /// Stores a document received from elsewhere (whole bytes) — used by tests and sync.
+    pub fn merge_bytes(&mut self, id: &DocId, data: &[u8]) -> Result<UpdateOutcome, NodeError> {
+        let (_, outcome) = self.store.update(id, true, |doc| -> Result<(), NodeError> {
+            doc.automerge_mut().load_incremental(data).map_err(ModelError::from)?;
+            Ok(doc.check_header()?)
+        })?;
+        Ok(outcome)
+    }
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io_error(dir))
+}
+
+fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), NodeError> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(path).map_err(io_error(path))?;
+    file.write_all(contents).map_err(io_error(path))?;
+    file.sync_all().map_err(io_error(path))
+}
+
+fn check_private(path: &Path) -> Result<(), NodeError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(path).map_err(io_error(path))?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(NodeError::KeyPermissions { path: path.to_path_buf(), mode });
+        }
+    }
+    Ok(())
+}

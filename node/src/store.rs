@@ -1,0 +1,594 @@
+//! The node's durable store: Automerge documents in one SQLite file.
+//!
+//! Owns the schema, migrations and every SQL statement of the node. Knows
+//! nothing of the CLI or the network.
+//!
+//! Durability: WAL journal with `synchronous=FULL`, so a transaction that has
+//! committed survives a crash or power loss. Every edit runs inside one
+//! `BEGIN IMMEDIATE` transaction that re-reads the document, applies the edit
+//! and appends the new changes, so several processes on one data directory (the
+//! CLI and a daemon) serialise their edits instead of overwriting each other.
+//!
+//! Layout: each document is a compacted snapshot (a full Automerge save) plus
+//! the incremental saves appended since. When the increments reach
+//! [`COMPACT_AFTER_ROWS`] they are folded into a new snapshot in the same
+//! transaction, so a document with 10,000 edits loads from one snapshot and a
+//! handful of rows. Every blob is stored with its SHA-256 and checked on load,
+//! so damage on disk is reported rather than silently skipped by Automerge.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use automerge::{AutoCommit, ChangeHash};
+use chrono::{DateTime, Utc};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
+use samverkan_shared::ids::DocId;
+use samverkan_shared::model::{DocKind, Document, ModelError};
+use serde::Serialize;
+
+/// `PRAGMA application_id` of a Samverkan node database ("SVKN").
+pub const APPLICATION_ID: i32 = 0x5356_4B4E;
+/// Schema version this build writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i32 = 1;
+/// Incremental rows per document before they are compacted into a snapshot.
+pub const COMPACT_AFTER_ROWS: i64 = 64;
+
+/// Migrations: entry `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 0 → 1: documents, their incremental changes, node metadata.
+    "CREATE TABLE meta (
+         key   TEXT PRIMARY KEY,
+         value TEXT NOT NULL
+     );
+     CREATE TABLE documents (
+         doc_id     TEXT PRIMARY KEY,
+         kind       TEXT NOT NULL,
+         title      TEXT NOT NULL,
+         heads      TEXT NOT NULL,
+         snapshot   BLOB,
+         snapshot_sha256 BLOB,
+         created_at TEXT NOT NULL,
+         updated_at TEXT NOT NULL
+     );
+     CREATE TABLE changes (
+         seq    INTEGER PRIMARY KEY AUTOINCREMENT,
+         doc_id TEXT NOT NULL REFERENCES documents(doc_id),
+         data   BLOB NOT NULL,
+         sha256 BLOB NOT NULL
+     );
+     CREATE INDEX changes_by_doc ON changes(doc_id, seq);",
+];
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The file exists but is not an SQLite database (or is badly damaged).
+    #[error("{path} is not a Samverkan database (the file is not SQLite or is corrupt)")]
+    NotADatabase {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is an SQLite database of some other program.
+    #[error("{path} is an SQLite database of another program, not a Samverkan node")]
+    Foreign {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The database was written by a newer Samverkan.
+    #[error("{path} has schema version {found}, newer than this program ({SCHEMA_VERSION}); upgrade samverkan-node")]
+    NewerSchema {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: i32,
+    },
+    /// No database where one was expected.
+    #[error("no node database at {path}; run `samverkan-node init` first")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The disk is full; nothing was written.
+    #[error("the disk is full; the edit was not saved (nothing was lost): free space and try again")]
+    DiskFull,
+    /// A stored document could not be read.
+    #[error("document {id} is damaged in the store: {reason}")]
+    CorruptDocument {
+        /// The document.
+        id: DocId,
+        /// What went wrong.
+        reason: String,
+    },
+    /// No document with that id.
+    #[error("no document {0}")]
+    NotFound(DocId),
+    /// A document with that id already exists.
+    #[error("document {0} already exists")]
+    AlreadyExists(DocId),
+    /// The document does not follow the schema.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// Any other SQLite error.
+    #[error("database error: {0}")]
+    Sqlite(rusqlite::Error),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => StoreError::DiskFull,
+            _ => StoreError::Sqlite(e),
+        }
+    }
+}
+
+/// A document as listed, without loading it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DocSummary {
+    /// The document.
+    pub id: DocId,
+    /// Its kind.
+    pub kind: DocKind,
+    /// Its title.
+    pub title: String,
+    /// Its heads (hex).
+    pub heads: Vec<String>,
+    /// When it was first stored here.
+    pub created_at: DateTime<Utc>,
+    /// When it last changed here.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What an update did to a document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdateOutcome {
+    /// Bytes of new changes appended (0 if nothing changed).
+    pub new_bytes: usize,
+    /// Heads after the update.
+    pub heads: Vec<ChangeHash>,
+    /// Whether the document was created by this update.
+    pub created: bool,
+}
+
+/// The SQLite store of one node.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn classify_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
+    match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
+            StoreError::NotADatabase { path: path.to_path_buf() }
+        }
+        _ => StoreError::from(e),
+    }
+}
+
+impl Store {
+    /// Opens an existing database, migrating it to the current schema.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::Missing { path: path.to_path_buf() });
+        }
+        Self::open_or_create(path)
+    }
+
+    /// Opens the database, creating it if it does not exist.
+    pub fn open_or_create(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path).map_err(|e| classify_open_error(path, e))?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| classify_open_error(path, e))?;
+        let mut store = Self { conn, path: path.to_path_buf() };
+        store.prepare().map_err(|e| match e {
+            StoreError::Sqlite(inner) => classify_open_error(path, inner),
+            other => other,
+        })?;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks identity and version, sets durability pragmas and migrates.
+    fn prepare(&mut self) -> Result<(), StoreError> {
+        let app_id: i32 = self.conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+        let version: i32 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        let tables: i64 =
+            self.conn.query_row("SELECT count(*) FROM sqlite_master WHERE type = 'table'", [], |r| r.get(0))?;
+        if app_id != APPLICATION_ID && (app_id != 0 || tables > 0) {
+            return Err(StoreError::Foreign { path: self.path.clone() });
+        }
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::NewerSchema { path: self.path.clone(), found: version });
+        }
+        let mode: String = self.conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(path = %self.path.display(), mode, "could not switch to WAL journal");
+        }
+        self.conn.pragma_update(None, "synchronous", "FULL")?;
+        self.conn.pragma_update(None, "foreign_keys", "ON")?;
+        if version < SCHEMA_VERSION {
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Exclusive)?;
+            // Re-read inside the lock: another process may have migrated meanwhile.
+            let version: i32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+            for (from, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+                tracing::info!(path = %self.path.display(), from, to = from + 1, "migrating node database");
+                tx.execute_batch(sql)?;
+            }
+            tx.pragma_update(None, "application_id", APPLICATION_ID)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Reads a metadata value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()?)
+    }
+
+    /// Writes a metadata value (durably).
+    pub fn set_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Every document, most recently changed first.
+    pub fn list(&self) -> Result<Vec<DocSummary>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT doc_id, kind, title, heads, created_at, updated_at FROM documents ORDER BY updated_at DESC, doc_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, kind, title, heads, created, updated) = row?;
+            let id: DocId =
+                id.parse().map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+            let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+            out.push(DocSummary {
+                kind: kind.parse().map_err(|e: samverkan_shared::model::UnknownValue| corrupt(e.to_string()))?,
+                title,
+                heads: heads.split(',').filter(|h| !h.is_empty()).map(str::to_owned).collect(),
+                created_at: parse_time(&created).map_err(corrupt)?,
+                updated_at: parse_time(&updated).map_err(corrupt)?,
+                id,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Ids of every document.
+    pub fn ids(&self) -> Result<Vec<DocId>, StoreError> {
+        Ok(self.list()?.into_iter().map(|d| d.id).collect())
+    }
+
+    /// Whether the document is stored.
+    pub fn contains(&self, id: &DocId) -> Result<bool, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT 1 FROM documents WHERE doc_id = ?1", [id.as_str()], |_| Ok(()))
+            .optional()?
+            .is_some())
+    }
+
+    /// Loads a document.
+    pub fn load(&self, id: &DocId) -> Result<Document, StoreError> {
+        load_in(&self.conn, id)?.ok_or_else(|| StoreError::NotFound(id.clone()))
+    }
+
+    /// Stores a new document (fails if the id exists).
+    pub fn insert(&mut self, doc: &mut Document) -> Result<UpdateOutcome, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if load_in(&tx, doc.id())?.is_some() {
+            return Err(StoreError::AlreadyExists(doc.id().clone()));
+        }
+        let data = doc.automerge_mut().save();
+        let heads = doc.heads();
+        let now = Utc::now().to_rfc3339();
+        tx.execute(
+            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            params![
+                doc.id().as_str(),
+                doc.kind()?.as_str(),
+                doc.title()?,
+                join_heads(&heads),
+                data,
+                sha256(&data),
+                now
+            ],
+        )?;
+        tx.commit()?;
+        Ok(UpdateOutcome { new_bytes: data.len(), heads, created: true })
+    }
+
+    /// Runs `f` on the current version of a document inside one write
+    /// transaction and durably appends whatever changes it made.
+    ///
+    /// With `create_missing`, a document not stored yet starts empty (for changes
+    /// arriving from other nodes); it is stored only once it has content. `f`'s
+    /// error aborts the transaction and leaves the store untouched.
+    pub fn update<T, E>(
+        &mut self,
+        id: &DocId,
+        create_missing: bool,
+        f: impl FnOnce(&mut Document) -> Result<T, E>,
+    ) -> Result<(T, UpdateOutcome), E>
+    where
+        E: From<StoreError>,
+    {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
+        let (mut doc, created) = match load_in(&tx, id)? {
+            Some(doc) => (doc, false),
+            None if create_missing => {
+                (Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?, true)
+            }
+            None => return Err(StoreError::NotFound(id.clone()).into()),
+        };
+        let before = doc.heads();
+        let value = f(&mut doc)?;
+        let heads = doc.heads();
+        if heads == before || doc.is_empty() {
+            return Ok((value, UpdateOutcome { new_bytes: 0, heads, created: false }));
+        }
+        // Whatever came in must still be a document we can read.
+        doc.check_header().map_err(StoreError::from)?;
+        let kind = doc.kind().map_err(StoreError::from)?;
+        let title = doc.title().map_err(StoreError::from)?;
+        let now = Utc::now().to_rfc3339();
+        let new_bytes = if created {
+            let data = doc.automerge_mut().save();
+            tx.execute(
+                "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+                params![id.as_str(), kind.as_str(), title, join_heads(&heads), data, sha256(&data), now],
+            )
+            .map_err(StoreError::from)?;
+            data.len()
+        } else {
+            let data = doc.automerge_mut().save_after(&before);
+            tx.execute(
+                "INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)",
+                params![id.as_str(), data, sha256(&data)],
+            )
+            .map_err(StoreError::from)?;
+            tx.execute(
+                "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5 WHERE doc_id = ?1",
+                params![id.as_str(), kind.as_str(), title, join_heads(&heads), now],
+            )
+            .map_err(StoreError::from)?;
+            compact_if_due(&tx, id, &mut doc)?;
+            data.len()
+        };
+        tx.commit().map_err(StoreError::from)?;
+        Ok((value, UpdateOutcome { new_bytes, heads, created }))
+    }
+
+    /// Folds a document's increments into one snapshot now.
+    pub fn compact(&mut self, id: &DocId) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut doc = load_in(&tx, id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        write_snapshot(&tx, id, &mut doc)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Number of incremental rows a document has (for tests and status).
+    pub fn increment_rows(&self, id: &DocId) -> Result<i64, StoreError> {
+        Ok(self.conn.query_row("SELECT count(*) FROM changes WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))?)
+    }
+
+    /// SQLite's `integrity_check` plus loading every document; returns the problems found.
+    pub fn check(&self) -> Result<Vec<String>, StoreError> {
+        let mut problems = Vec::new();
+        let mut stmt = self.conn.prepare("PRAGMA integrity_check")?;
+        for row in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            let line = row?;
+            if line != "ok" {
+                problems.push(format!("sqlite: {line}"));
+            }
+        }
+        for id in self.ids()? {
+            if let Err(e) = self.load(&id).and_then(|d| d.view().map(|_| ()).map_err(StoreError::from)) {
+                problems.push(e.to_string());
+            }
+        }
+        Ok(problems)
+    }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| format!("bad timestamp {s:?}: {e}"))
+}
+
+fn join_heads(heads: &[ChangeHash]) -> String {
+    heads.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Loads a document through any connection or transaction.
+fn load_in(conn: &Connection, id: &DocId) -> Result<Option<Document>, StoreError> {
+    type Blob = (Option<Vec<u8>>, Option<Vec<u8>>);
+    let snapshot: Option<Blob> = conn
+        .query_row("SELECT snapshot, snapshot_sha256 FROM documents WHERE doc_id = ?1", [id.as_str()], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .optional()?;
+    let Some((snapshot, snapshot_sum)) = snapshot else { return Ok(None) };
+    let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+    let mut doc = match snapshot {
+        Some(bytes) => {
+            if snapshot_sum.as_deref() != Some(sha256(&bytes).as_slice()) {
+                return Err(corrupt("the snapshot does not match its checksum".into()));
+            }
+            AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?
+        }
+        None => AutoCommit::new(),
+    };
+    let mut stmt = conn.prepare_cached("SELECT seq, data, sha256 FROM changes WHERE doc_id = ?1 ORDER BY seq")?;
+    let rows =
+        stmt.query_map([id.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?)))?;
+    for row in rows {
+        let (seq, data, sum) = row?;
+        if sum != sha256(&data) {
+            return Err(corrupt(format!("change row {seq} does not match its checksum")));
+        }
+        doc.load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
+    }
+    Document::from_automerge(id.clone(), doc).map(Some).map_err(|e| corrupt(e.to_string()))
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    use sha2::Digest;
+    sha2::Sha256::digest(data).to_vec()
+}
+
+fn compact_if_due(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<(), StoreError> {
+    let rows: i64 = tx.query_row("SELECT count(*) FROM changes WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))?;
+    if rows >= COMPACT_AFTER_ROWS {
+        write_snapshot(tx, id, doc)?;
+    }
+    Ok(())
+}
+
+fn write_snapshot(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<(), StoreError> {
+    let data = doc.automerge_mut().save();
+    tx.execute(
+        "UPDATE documents SET snapshot = ?2, snapshot_sha256 = ?3 WHERE doc_id = ?1",
+        params![id.as_str(), data, sha256(&data)],
+    )?;
+    tx.execute("DELETE FROM changes WHERE doc_id = ?1", [id.as_str()])?;
+    tracing::debug!(doc = %id, bytes = data.len(), "compacted document");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+    use samverkan_shared::identity::NodeKey;
+    use samverkan_shared::model::{DocumentContent, EditContext};
+    use samverkan_shared::org::{Directory, OrgId};
+
+    fn ctx() -> EditContext {
+        EditContext {
+            author: NodeKey::generate().node_id(),
+            org: OrgId::new("trosa-kommun").unwrap(),
+            node_name: "Trosa".into(),
+            time: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
+        }
+    }
+
+    fn new_doc(ctx: &EditContext) -> Document {
+        let content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa 2025");
+        Document::create(DocId::random(), content, ctx, &Directory::sodermanland()).unwrap()
+    }
+
+    #[test]
+    fn edits_survive_reopening_and_compaction_bounds_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let ctx = ctx();
+        let directory = Directory::sodermanland();
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        {
+            let mut store = Store::open_or_create(&path).unwrap();
+            store.insert(&mut doc).unwrap();
+            for i in 0..200 {
+                store
+                    .update(&id, false, |d| {
+                        d.edit(&ctx, &directory, "body", |e| e.set_body(&format!("Version {i} åäö")))
+                            .map_err(StoreError::from)
+                    })
+                    .unwrap();
+            }
+            assert!(store.increment_rows(&id).unwrap() < COMPACT_AFTER_ROWS);
+        }
+        let store = Store::open(&path).unwrap();
+        let mut loaded = store.load(&id).unwrap();
+        assert_eq!(loaded.view().unwrap().body, "Version 199 åäö");
+        assert_eq!(loaded.change_count(), 201);
+        assert_eq!(store.list().unwrap()[0].title, "Medborgarlöfte Trosa 2025");
+        assert!(store.check().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_failed_edit_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("node.db")).unwrap();
+        let ctx = ctx();
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        store.insert(&mut doc).unwrap();
+        let directory = Directory::sodermanland();
+        let result: Result<((), _), StoreError> = store.update(&id, false, |d| {
+            Ok(d.edit(&ctx, &directory, "x", |e| e.set_title("")).map_err(StoreError::from)?.0)
+        });
+        assert!(matches!(result, Err(StoreError::Model(ModelError::EmptyTitle))));
+        assert_eq!(store.increment_rows(&id).unwrap(), 0);
+    }
+
+    #[test]
+    fn foreign_and_corrupt_files_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let garbage = dir.path().join("garbage.db");
+        std::fs::write(&garbage, b"this is certainly not an sqlite database, just some text ............").unwrap();
+        let err = Store::open(&garbage).unwrap_err();
+        assert!(matches!(err, StoreError::NotADatabase { .. }), "{err}");
+
+        let foreign = dir.path().join("foreign.db");
+        Connection::open(&foreign).unwrap().execute_batch("CREATE TABLE t (x INTEGER);").unwrap();
+        let err = Store::open(&foreign).unwrap_err();
+        assert!(matches!(err, StoreError::Foreign { .. }), "{err}");
+
+        let missing = dir.path().join("missing.db");
+        assert!(matches!(Store::open(&missing), Err(StoreError::Missing { .. })));
+
+        let newer = dir.path().join("newer.db");
+        drop(Store::open_or_create(&newer).unwrap());
+        Connection::open(&newer).unwrap().pragma_update(None, "user_version", 99).unwrap();
+        assert!(matches!(Store::open(&newer), Err(StoreError::NewerSchema { found: 99, .. })));
+    }
+
+    #[test]
+    fn a_damaged_change_row_is_reported_not_panicked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let ctx = ctx();
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        let mut store = Store::open_or_create(&path).unwrap();
+        store.insert(&mut doc).unwrap();
+        let directory = Directory::sodermanland();
+        store
+            .update(&id, false, |d| {
+                d.edit(&ctx, &directory, "x", |e| e.set_place(Some("Trosa"))).map_err(StoreError::from)
+            })
+            .unwrap();
+        // Flip one byte of the stored change, as a failing disk would.
+        let (seq, mut data): (i64, Vec<u8>) =
+            store.conn.query_row("SELECT seq, data FROM changes", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        let middle = data.len() / 2;
+        data[middle] ^= 0x01;
+        store.conn.execute("UPDATE changes SET data = ?2 WHERE seq = ?1", params![seq, data]).unwrap();
+        let err = store.load(&id).unwrap_err();
+        assert!(matches!(err, StoreError::CorruptDocument { .. }), "{err}");
+        assert!(err.to_string().contains("checksum"), "{err}");
+        assert_eq!(store.check().unwrap().len(), 1);
+    }
+}
