@@ -208,6 +208,12 @@ impl Document {
         Ok(Self { id, doc })
     }
 
+    /// Checks that the document is still the one its id names and in a schema
+    /// version this build reads (after merging changes from elsewhere).
+    pub fn check_header(&self) -> Result<(), ModelError> {
+        read::check_header(&self.doc, &self.id)
+    }
+
     /// The document id.
     pub fn id(&self) -> &DocId {
         &self.id
@@ -232,6 +238,11 @@ impl Document {
     /// Reads the whole document.
     pub fn view(&self) -> Result<DocumentView, ModelError> {
         read::view(&self.doc, &self.id)
+    }
+
+    /// The title, without reading the rest.
+    pub fn title(&self) -> Result<String, ModelError> {
+        read::get_text(&self.doc, &automerge::ROOT, read::keys::TITLE, read::keys::TITLE)
     }
 
     /// The document kind, without reading the rest.
