@@ -1,1 +1,6 @@
+//! Facade over the Samverkan crates, so that the cross-crate tests in `tests/`
+//! and the programs in `examples/` can use everything through one dependency.
 
+pub use samverkan_node as node;
+pub use samverkan_relay as relay;
+pub use samverkan_shared as shared;

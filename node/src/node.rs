@@ -237,7 +237,9 @@ impl Node {
 
     /// Imports Markdown as a new document; returns its id and what was recognised.
     /// A file exported from a node (with an id in its front matter) that is already
-    /// here is applied as an edit of that document instead.
+    /// here is applied as an edit of that document instead. Markdown carries content,
+    /// not history, so on a node without that document it becomes a new document:
+    /// reusing the id would create a second, unrelated history under one id.
     pub fn import_markdown(&mut self, text: &str, kind: Option<DocKind>) -> Result<(DocId, Vec<String>), NodeError> {
         let imported = markdown::import(text, &self.directory, kind)?;
         if let Some(id) = imported.id.filter(|id| self.store.contains(id).unwrap_or(false)) {

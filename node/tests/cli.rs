@@ -1,0 +1,197 @@
+//! The `samverkan-node` binary as a coordinator uses it: real processes, real
+//! SQLite files in temporary directories.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const SEED: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md"
+);
+
+struct Cli {
+    data_dir: PathBuf,
+}
+
+impl Cli {
+    fn new(root: &Path, name: &str) -> Self {
+        Self { data_dir: root.join(name) }
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_samverkan-node"));
+        cmd.arg("--data-dir").arg(&self.data_dir).args(args).env_remove("SAMVERKAN_DATA_DIR");
+        cmd
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run samverkan-node")
+    }
+
+    /// Runs and expects success; returns standard output.
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "samverkan-node {args:?} failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 output")
+    }
+
+    /// Runs and expects failure; returns standard error.
+    fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(!out.status.success(), "samverkan-node {args:?} should have failed");
+        String::from_utf8(out.stderr).expect("utf-8 output")
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&all)).expect("valid JSON")
+    }
+}
+
+#[test]
+fn a_coordinator_works_offline_and_hands_changes_over_on_a_stick() {
+    let root = tempfile::tempdir().unwrap();
+    let county = Cli::new(root.path(), "county");
+    let flen = Cli::new(root.path(), "flen");
+    county.ok(&["init", "--org", "Länsstyrelsen", "--name", "BF-samordnare Länsstyrelsen"]);
+    flen.ok(&["init", "--org", "Flen"]);
+    assert!(county.fails(&["init", "--org", "Flen"]).contains("already holds"));
+
+    let imported = county.json(&["import", SEED]);
+    let id = imported["id"].as_str().unwrap().to_string();
+    let short = &id[..6];
+    let shown = county.ok(&["show", short]);
+    assert!(shown.contains("Undertecknas av: Landshövding, Länsstyrelsen i Södermanlands län (Beatrice Ask)"));
+    assert!(shown.contains("Giltighet: 2023-10-18"));
+
+    // Structured edits through the CLI.
+    let added = county.json(&["activity", "add", short, "Regional lägesbild för alla kommuner", "--owner", "Länsstyrelsen", "--due", "2024-06-30"]);
+    let activity = added["activity"].as_str().unwrap().to_string();
+    county.ok(&["activity", "set", short, &activity[..4], "--status", "ongoing"]);
+    county.ok(&["followup", "add", short, "Lägesbilden klar för sju av nio kommuner", "--date", "2024-09-01", "--activity", &activity]);
+    county.ok(&["meeting", "add", short, "--body", "styrgrupp", "--date", "2024-03-12", "--notes", "Verksamhetsplanen beslutad."]);
+    county.ok(&["goal", "add", short, "Fler aktörer bidrar till att förebygga brott"]);
+    county.ok(&["set", short, "period.end", "2026-12-31"]);
+    let view = county.json(&["show", short]);
+    let doc = &view["document"];
+    assert_eq!(doc["activities"][0]["status"], "ongoing");
+    assert_eq!(doc["period"]["end"], "2026-12-31");
+    assert_eq!(doc["followups"][0]["activity"], activity.as_str());
+    assert_eq!(doc["meetings"][0]["body"], "steering_group");
+
+    // Clear errors, and nothing saved by a refused edit.
+    assert!(county.fails(&["set", short, "period.end", "2020-01-01"]).contains("ends (2020-01-01) before it starts (2023-10-18)"));
+    assert!(county.fails(&["set", short, "title", ""]).contains("title is empty"));
+    assert!(county.fails(&["activity", "add", short, "x", "--owner", "Uppsala"]).contains("unknown organisation \"Uppsala\""));
+    assert!(county.fails(&["show", "ffff"]).contains("no document matches"));
+    assert_eq!(county.json(&["show", short])["document"], *doc);
+
+    // Hand everything to Flen on a stick; Flen edits offline and hands back only what is new.
+    let stick = root.path().join("stick.bundle");
+    let heads = root.path().join("flen.heads");
+    flen.ok(&["bundle", "heads", heads.to_str().unwrap()]);
+    county.ok(&["bundle", "export", stick.to_str().unwrap(), "--have", heads.to_str().unwrap()]);
+    let report = flen.json(&["bundle", "import", stick.to_str().unwrap()]);
+    assert_eq!(report["documents"][0]["created"], true);
+    let what = format!("activities.{activity}.what");
+    flen.ok(&["set", short, &what, "Regional lägesbild för länets nio kommuner"]);
+    let county_heads = root.path().join("county.heads");
+    county.ok(&["bundle", "heads", county_heads.to_str().unwrap()]);
+    flen.ok(&["bundle", "export", stick.to_str().unwrap(), "--have", county_heads.to_str().unwrap()]);
+    let report = county.json(&["bundle", "import", stick.to_str().unwrap()]);
+    assert_eq!(report["documents"][0]["changed"], true);
+    assert_eq!(county.json(&["show", short])["document"], flen.json(&["show", short])["document"]);
+
+    // History names organisations and nodes, never raw keys.
+    let history = county.ok(&["history", short]);
+    assert!(history.contains("Länsstyrelsen i Södermanlands län (BF-samordnare Länsstyrelsen): add activity"), "{history}");
+    assert!(history.contains("Flens kommun (Flens kommun): set activities."), "{history}");
+
+    // A damaged bundle is refused with a clear message.
+    let mut bytes = std::fs::read(&stick).unwrap();
+    let last = bytes.len() - 40;
+    bytes[last] ^= 1;
+    std::fs::write(&stick, bytes).unwrap();
+    assert!(county.fails(&["bundle", "import", stick.to_str().unwrap()]).contains("damaged"));
+    assert!(county.ok(&["check"]).contains("intact"));
+}
+
+#[test]
+fn edit_opens_the_editor_and_applies_the_changes() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Cli::new(root.path(), "node");
+    node.ok(&["init", "--org", "Eskilstuna"]);
+    let id = node.json(&["new", "citizen_promise", "--title", "Medborgarlöfte Eskilstuna 2025", "--party", "Eskilstuna", "--party", "Polisen"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // An "editor" that rewrites one heading and adds a paragraph, as a person would.
+    let script = root.path().join("editor.sh");
+    std::fs::write(&script, "#!/bin/sh\nsed -i 's/^## Vi lovar$/## Vi lovar invånarna/' \"$1\"\nprintf '\\nTrygghetsvandringar varje månad.\\n' >> \"$1\"\n").unwrap();
+    std::process::Command::new("chmod").arg("+x").arg(&script).status().unwrap();
+    let out = node.command(&["edit", &id]).env("EDITOR", &script).env_remove("VISUAL").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let body = node.json(&["show", &id])["document"]["body"].as_str().unwrap().to_string();
+    assert!(body.contains("## Vi lovar invånarna\n"), "{body}");
+    assert!(body.ends_with("Trygghetsvandringar varje månad.\n"), "{body}");
+    assert_eq!(node.json(&["show", &id])["document"]["scope"], "local");
+
+    // An editor that breaks the front matter: a clear error and the user's text kept.
+    std::fs::write(&script, "#!/bin/sh\nsed -i 's/^kind = .*/kind = \"nonsense\"/' \"$1\"\n").unwrap();
+    let out = node.command(&["edit", &id]).env("EDITOR", &script).env_remove("VISUAL").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("your text is kept in") && err.contains("unknown document kind \"nonsense\""), "{err}");
+}
+
+#[test]
+fn damaged_and_foreign_files_give_clear_errors() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Cli::new(root.path(), "node");
+    assert!(node.fails(&["list"]).contains("run `samverkan-node init"));
+    node.ok(&["init", "--org", "Trosa"]);
+    std::fs::write(node.data_dir.join("node.db"), vec![0x42u8; 8192]).unwrap();
+    let err = node.fails(&["list"]);
+    assert!(err.contains("is not a Samverkan database"), "{err}");
+    assert!(!err.contains("panicked"));
+
+    let other = Cli::new(root.path(), "other");
+    other.ok(&["init", "--org", "Gnesta"]);
+    std::fs::write(other.data_dir.join("node.key"), "garbage").unwrap();
+    assert!(other.fails(&["list"]).contains("not a Samverkan key file"));
+}
+
+#[test]
+fn every_command_has_help() {
+    let root = tempfile::tempdir().unwrap();
+    let node = Cli::new(root.path(), "node");
+    for cmd in [
+        vec!["--help"],
+        vec!["init", "--help"],
+        vec!["new", "--help"],
+        vec!["import", "--help"],
+        vec!["export", "--help"],
+        vec!["list", "--help"],
+        vec!["show", "--help"],
+        vec!["set", "--help"],
+        vec!["edit", "--help"],
+        vec!["activity", "add", "--help"],
+        vec!["activity", "set", "--help"],
+        vec!["followup", "add", "--help"],
+        vec!["history", "--help"],
+        vec!["conflicts", "--help"],
+        vec!["bundle", "export", "--help"],
+        vec!["bundle", "import", "--help"],
+    ] {
+        let out = node.ok(&cmd);
+        assert!(out.contains("Usage:"), "{cmd:?}: {out}");
+    }
+}
