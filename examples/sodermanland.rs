@@ -53,9 +53,15 @@ fn main() -> Result<()> {
     for r in &recognised {
         println!("  {r}");
     }
-    let mut plan_content = DocumentContent::new(DocKind::OperationsPlan, "Verksamhetsplan för det länsövergripande brottsförebyggande arbetet 2025");
+    let mut plan_content = DocumentContent::new(
+        DocKind::OperationsPlan,
+        "Verksamhetsplan för det länsövergripande brottsförebyggande arbetet 2025",
+    );
     plan_content.parties = directory.organisations().iter().map(|o| o.id.clone()).collect();
-    plan_content.period = Period { start: chrono::NaiveDate::from_ymd_opt(2025, 1, 1), end: chrono::NaiveDate::from_ymd_opt(2025, 12, 31) };
+    plan_content.period = Period {
+        start: chrono::NaiveDate::from_ymd_opt(2025, 1, 1),
+        end: chrono::NaiveDate::from_ymd_opt(2025, 12, 31),
+    };
     plan_content.body = "## Lägesbild\n\nUnga som rekryteras till kriminella nätverk är länets mest angelägna fråga.\n\n## Åtgärder\n\n## Uppföljning och utvärdering\n".into();
     plan_content.activities.push(Activity {
         id: ItemId::random(),
@@ -75,17 +81,31 @@ fn main() -> Result<()> {
     println!("\nOffline, every municipality works on its own:");
     let training = parties[0].node.document(&plan)?.view()?.activities[0].id.clone();
     let mut promises = Vec::new();
-    for i in 2..parties.len() {
-        let org = parties[i].node.org().clone();
-        let short = directory.get(&org).and_then(|o| o.aliases.last()).cloned().unwrap_or_else(|| parties[i].name.clone());
-        let mut promise = DocumentContent::new(DocKind::CitizenPromise, format!("Medborgarlöfte {} 2025", parties[i].name));
-        promise.parties = vec![org.clone(), directory.organisations().iter().find(|o| o.kind == OrgKind::Police).map(|o| o.id.clone()).context("police")?];
+    for party in parties.iter_mut().skip(2) {
+        let org = party.node.org().clone();
+        let short = directory.get(&org).and_then(|o| o.aliases.last()).cloned().unwrap_or_else(|| party.name.clone());
+        let mut promise = DocumentContent::new(DocKind::CitizenPromise, format!("Medborgarlöfte {} 2025", party.name));
+        promise.parties = vec![
+            org.clone(),
+            directory
+                .organisations()
+                .iter()
+                .find(|o| o.kind == OrgKind::Police)
+                .map(|o| o.id.clone())
+                .context("police")?,
+        ];
         promise.scope = samverkan::shared::model::Scope::Local;
         promise.body = format!("## Problembild\n\nOtrygghet kring centrum i {short} kvällstid.\n\n## Vi lovar\n\nTrygghetsvandringar varje månad.\n");
-        let id = parties[i].node.create(promise)?;
-        let what = format!("Trygghetsvandring med {}", parties[i].name);
-        parties[i].node.edit(&plan, "add activity", |e| {
-            e.add_activity(&Activity { id: ItemId::random(), what, owner: Some(org.clone()), due: None, status: ActivityStatus::Planned })
+        let id = party.node.create(promise)?;
+        let what = format!("Trygghetsvandring med {}", party.name);
+        party.node.edit(&plan, "add activity", |e| {
+            e.add_activity(&Activity {
+                id: ItemId::random(),
+                what,
+                owner: Some(org.clone()),
+                due: None,
+                status: ActivityStatus::Planned,
+            })
         })?;
         promises.push(id);
     }
@@ -128,7 +148,12 @@ fn main() -> Result<()> {
     for p in parties.iter_mut().skip(1) {
         ensure!(fingerprint(&mut p.node)? == reference, "{} did not converge", p.name);
     }
-    ensure!(reference.len() == 2 + promises.len(), "expected {} documents, found {}", 2 + promises.len(), reference.len());
+    ensure!(
+        reference.len() == 2 + promises.len(),
+        "expected {} documents, found {}",
+        2 + promises.len(),
+        reference.len()
+    );
     let bytes: u64 = parties.iter().map(|p| db_size(p.node.data_dir())).sum();
     println!(
         "\nAll {} nodes hold the same {} documents (equal heads, equal content); {} KiB on disk in total; {:.1} s.",

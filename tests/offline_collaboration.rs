@@ -9,8 +9,7 @@ use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::markdown;
 use samverkan::shared::model::{Activity, ActivityStatus};
 
-const SEED: &str =
-    include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
+const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
 
 struct TestNode {
     dir: PathBuf,
@@ -114,7 +113,8 @@ fn two_offline_nodes_converge_through_bundles_and_survive_restarts() {
         due: None,
         status: ActivityStatus::Planned,
     };
-    let (shared_activity, _) = county.node().edit(&id, "add", |e| e.add_activity(&activity("Länsgemensam lägesbild"))).unwrap();
+    let (shared_activity, _) =
+        county.node().edit(&id, "add", |e| e.add_activity(&activity("Länsgemensam lägesbild"))).unwrap();
     police.node().edit(&id, "add", |e| e.add_activity(&activity("Utbildning för kommunpoliser"))).unwrap();
     county.restart();
     police.restart();
@@ -127,7 +127,10 @@ fn two_offline_nodes_converge_through_bundles_and_survive_restarts() {
     assert_converged(&mut county, &mut police);
 
     let merged = county.body(&id);
-    assert!(merged.contains("Styrgruppen ska träffas minst två gånger per år, vår och höst."), "same paragraph merged per character");
+    assert!(
+        merged.contains("Styrgruppen ska träffas minst två gånger per år, vår och höst."),
+        "same paragraph merged per character"
+    );
     assert!(merged.contains("Fyra gånger per år (kvartalsvis) samordnar"));
     assert!(merged.contains("Kommunerna har mycket goda förutsättningar"));
     let view = county.node().document(&id).unwrap().view().unwrap();
@@ -170,7 +173,15 @@ fn seed_import_round_trips_through_export_on_another_node() {
     assert!(recognised.iter().any(|r| r.contains("2023-10-18")), "{recognised:?}");
     let view = a.node().document(&id).unwrap().view().unwrap();
     assert_eq!(view.body, SEED, "the body keeps every heading, list and emphasis byte for byte");
-    for needle in ["## Länsövergripande", "- Att samverkan omfattar", "***Målsättningarna", "*skapa förutsättningar*", "**Brottsförebyggande arbete**", "Länsövergripande", "Södermanlands län"] {
+    for needle in [
+        "## Länsövergripande",
+        "- Att samverkan omfattar",
+        "***Målsättningarna",
+        "*skapa förutsättningar*",
+        "**Brottsförebyggande arbete**",
+        "Länsövergripande",
+        "Södermanlands län",
+    ] {
         assert!(view.body.contains(needle), "{needle}");
     }
     let exported = markdown::export(&view, a.node().directory());

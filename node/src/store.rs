@@ -537,7 +537,7 @@ mod tests {
         store.insert(&mut doc).unwrap();
         let directory = Directory::sodermanland();
         let result: Result<((), _), StoreError> = store.update(&id, false, |d| {
-            Ok(d.edit(&ctx, &directory, "x", |e| e.set_title("")).map_err(StoreError::from)?.0)
+            d.edit(&ctx, &directory, "x", |e| e.set_title("")).map(|_| ()).map_err(StoreError::from)
         });
         assert!(matches!(result, Err(StoreError::Model(ModelError::EmptyTitle))));
         assert_eq!(store.increment_rows(&id).unwrap(), 0);

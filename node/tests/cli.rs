@@ -73,11 +73,39 @@ fn a_coordinator_works_offline_and_hands_changes_over_on_a_stick() {
     assert!(shown.contains("Giltighet: 2023-10-18"));
 
     // Structured edits through the CLI.
-    let added = county.json(&["activity", "add", short, "Regional lägesbild för alla kommuner", "--owner", "Länsstyrelsen", "--due", "2024-06-30"]);
+    let added = county.json(&[
+        "activity",
+        "add",
+        short,
+        "Regional lägesbild för alla kommuner",
+        "--owner",
+        "Länsstyrelsen",
+        "--due",
+        "2024-06-30",
+    ]);
     let activity = added["activity"].as_str().unwrap().to_string();
     county.ok(&["activity", "set", short, &activity[..4], "--status", "ongoing"]);
-    county.ok(&["followup", "add", short, "Lägesbilden klar för sju av nio kommuner", "--date", "2024-09-01", "--activity", &activity]);
-    county.ok(&["meeting", "add", short, "--body", "styrgrupp", "--date", "2024-03-12", "--notes", "Verksamhetsplanen beslutad."]);
+    county.ok(&[
+        "followup",
+        "add",
+        short,
+        "Lägesbilden klar för sju av nio kommuner",
+        "--date",
+        "2024-09-01",
+        "--activity",
+        &activity,
+    ]);
+    county.ok(&[
+        "meeting",
+        "add",
+        short,
+        "--body",
+        "styrgrupp",
+        "--date",
+        "2024-03-12",
+        "--notes",
+        "Verksamhetsplanen beslutad.",
+    ]);
     county.ok(&["goal", "add", short, "Fler aktörer bidrar till att förebygga brott"]);
     county.ok(&["set", short, "period.end", "2026-12-31"]);
     let view = county.json(&["show", short]);
@@ -88,9 +116,13 @@ fn a_coordinator_works_offline_and_hands_changes_over_on_a_stick() {
     assert_eq!(doc["meetings"][0]["body"], "steering_group");
 
     // Clear errors, and nothing saved by a refused edit.
-    assert!(county.fails(&["set", short, "period.end", "2020-01-01"]).contains("ends (2020-01-01) before it starts (2023-10-18)"));
+    assert!(county
+        .fails(&["set", short, "period.end", "2020-01-01"])
+        .contains("ends (2020-01-01) before it starts (2023-10-18)"));
     assert!(county.fails(&["set", short, "title", ""]).contains("title is empty"));
-    assert!(county.fails(&["activity", "add", short, "x", "--owner", "Uppsala"]).contains("unknown organisation \"Uppsala\""));
+    assert!(county
+        .fails(&["activity", "add", short, "x", "--owner", "Uppsala"])
+        .contains("unknown organisation \"Uppsala\""));
     assert!(county.fails(&["show", "ffff"]).contains("no document matches"));
     assert_eq!(county.json(&["show", short])["document"], *doc);
 
@@ -112,7 +144,10 @@ fn a_coordinator_works_offline_and_hands_changes_over_on_a_stick() {
 
     // History names organisations and nodes, never raw keys.
     let history = county.ok(&["history", short]);
-    assert!(history.contains("Länsstyrelsen i Södermanlands län (BF-samordnare Länsstyrelsen): add activity"), "{history}");
+    assert!(
+        history.contains("Länsstyrelsen i Södermanlands län (BF-samordnare Länsstyrelsen): add activity"),
+        "{history}"
+    );
     assert!(history.contains("Flens kommun (Flens kommun): set activities."), "{history}");
 
     // A damaged bundle is refused with a clear message.
@@ -129,7 +164,16 @@ fn edit_opens_the_editor_and_applies_the_changes() {
     let root = tempfile::tempdir().unwrap();
     let node = Cli::new(root.path(), "node");
     node.ok(&["init", "--org", "Eskilstuna"]);
-    let id = node.json(&["new", "citizen_promise", "--title", "Medborgarlöfte Eskilstuna 2025", "--party", "Eskilstuna", "--party", "Polisen"])["id"]
+    let id = node.json(&[
+        "new",
+        "citizen_promise",
+        "--title",
+        "Medborgarlöfte Eskilstuna 2025",
+        "--party",
+        "Eskilstuna",
+        "--party",
+        "Polisen",
+    ])["id"]
         .as_str()
         .unwrap()
         .to_string();

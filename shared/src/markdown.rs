@@ -547,7 +547,7 @@ fn recognise_signatory(block: &[&str], parties: &[OrgId], directory: &Directory)
     let starts_with_role =
         |line: &str| KNOWN_ROLES.iter().find(|(role, _)| line.to_lowercase().starts_with(&role.to_lowercase()));
     let (name, rest) = match starts_with_role(block[0]) {
-        Some(_) => (None, &block[..]),
+        Some(_) => (None, block),
         None => (Some(block[0].to_string()), &block[1..]),
     };
     let role_text = rest.join(" ");
@@ -603,7 +603,7 @@ pub fn render(view: &DocumentView, directory: &Directory) -> String {
             s.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default()
         ));
     }
-    out.push_str("\n");
+    out.push('\n');
     out.push_str(view.body.trim_matches('\n'));
     out.push('\n');
     if !view.goals.is_empty() {
