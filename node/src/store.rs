@@ -592,3 +592,56 @@ mod tests {
         assert_eq!(store.check().unwrap().len(), 1);
     }
 }
+
+#[cfg(test)]
+mod measurements {
+    use super::*;
+    use chrono::TimeZone;
+    use samverkan_shared::identity::NodeKey;
+    use samverkan_shared::model::{DocumentContent, EditContext};
+    use samverkan_shared::org::{Directory, OrgId};
+    use std::time::Instant;
+
+    /// Prints what 10,000 small durable edits cost and how fast the document then loads.
+    /// `cargo test --release -p samverkan-node -- --ignored --nocapture ten_thousand`
+    #[test]
+    #[ignore = "measurement; run explicitly"]
+    fn ten_thousand_small_edits_then_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("node.db")).unwrap();
+        let ctx = EditContext {
+            author: NodeKey::generate().node_id(),
+            org: OrgId::new("flen-kommun").unwrap(),
+            node_name: "Flen".into(),
+            time: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
+        };
+        let directory = Directory::sodermanland();
+        let mut doc =
+            Document::create(DocId::random(), DocumentContent::new(DocKind::OperationsPlan, "Plan"), &ctx, &directory)
+                .unwrap();
+        let id = doc.id().clone();
+        store.insert(&mut doc).unwrap();
+        let started = Instant::now();
+        let mut body = String::new();
+        for i in 0..10_000 {
+            body.push_str(if i % 50 == 49 { "\n" } else { "x" });
+            store
+                .update(&id, false, |d| {
+                    d.edit(&ctx, &directory, "type", |e| e.set_body(&body)).map_err(StoreError::from)
+                })
+                .unwrap();
+        }
+        let edits = started.elapsed();
+        let rows = store.increment_rows(&id).unwrap();
+        let started = Instant::now();
+        let mut loaded = store.load(&id).unwrap();
+        let load = started.elapsed();
+        assert_eq!(loaded.change_count(), 10_001);
+        println!(
+            "10000 durable edits: {:.1} s ({:.2} ms each); load after: {:.1} ms from a snapshot and {rows} increment rows",
+            edits.as_secs_f64(),
+            edits.as_secs_f64() * 1000.0 / 10_000.0,
+            load.as_secs_f64() * 1000.0
+        );
+    }
+}

@@ -1,1 +1,802 @@
-//! Wire format of the node–relay sync protocol (being written; see ARCHITECTURE.md).
+//! Wire format of the node–relay protocol: versioned, length-prefixed frames.
+//!
+//! One connection carries one ordered, reliable QUIC stream; this module turns
+//! [`Frame`]s into bytes for it and bytes back into frames. It owns the byte
+//! layout and its limits, nothing else: it never does I/O, never looks at a
+//! clock, and never trusts a length it has not checked against the bytes that
+//! are actually there. Every malformed input gives a [`WireError`]; decoding
+//! never panics and never allocates more than the input could fill.
+//!
+//! # Layout
+//!
+//! ```text
+//! frame   = len:u32be  payload            (len = payload length, 1..=max_frame)
+//! payload = type:u8    body
+//! ```
+//!
+//! Bodies use big-endian fixed-width integers for scalar fields, unsigned
+//! LEB128 varints (canonical, at most `u32::MAX`) for counts and lengths,
+//! `str = varint len + UTF-8 bytes`, `bytes = varint len + bytes`, and document
+//! ids as their 16 raw bytes. Trailing bytes after a body are an error.
+//!
+//! | type | frame      | body                                                 |
+//! |------|------------|------------------------------------------------------|
+//! | 0x01 | `Hello`    | `protocol:u16be software:str node:str`               |
+//! | 0x02 | `Welcome`  | `protocol:u16be relay:str`                           |
+//! | 0x03 | `Summary`  | `docs:u32be digest:[u8; 32]`                         |
+//! | 0x04 | `DocHeads` | `count:varint` × (`doc:[u8; 16] digest:[u8; 8]`)     |
+//! | 0x05 | `InSync`   | (empty)                                              |
+//! | 0x06 | `Sync`     | `doc:[u8; 16] message:bytes`                         |
+//! | 0x07 | `Error`    | `code:u16be message:str`                             |
+
+use crate::ids::DocId;
+
+/// Version of the protocol spoken by this build, sent in `Hello` and `Welcome`.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Default largest payload accepted in one frame: 64 MiB.
+///
+/// One Automerge sync message can carry a whole saved document, so this is
+/// generous; anything announcing more is refused before it is buffered.
+pub const DEFAULT_MAX_FRAME: usize = 64 * 1024 * 1024;
+
+/// Bytes of the length prefix in front of every frame.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// Bytes of a document id on the wire.
+const DOC_ID_BYTES: usize = 16;
+/// Bytes of a per-document heads digest.
+pub const HEADS_DIGEST_BYTES: usize = 8;
+
+const TYPE_HELLO: u8 = 0x01;
+const TYPE_WELCOME: u8 = 0x02;
+const TYPE_SUMMARY: u8 = 0x03;
+const TYPE_DOC_HEADS: u8 = 0x04;
+const TYPE_IN_SYNC: u8 = 0x05;
+const TYPE_SYNC: u8 = 0x06;
+const TYPE_ERROR: u8 = 0x07;
+
+/// Why bytes could not be read as frames.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// A frame announced a payload larger than the configured maximum. The
+    /// stream cannot be resynchronised after this: close the connection.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    FrameTooLarge {
+        /// The announced (or, when encoding, actual) payload length.
+        len: u64,
+        /// The maximum in force.
+        max: usize,
+    },
+    /// A frame announced a zero-length payload (no frame type).
+    #[error("empty frame")]
+    EmptyFrame,
+    /// The frame type byte is not one this version knows.
+    #[error("unknown frame type 0x{0:02x}")]
+    UnknownFrameType(u8),
+    /// The body ended before a field was complete.
+    #[error("truncated {frame} frame: {field} incomplete")]
+    Truncated {
+        /// The frame being decoded.
+        frame: &'static str,
+        /// The field that was cut short.
+        field: &'static str,
+    },
+    /// A body had bytes left after its last field.
+    #[error("{extra} trailing bytes after {frame} frame")]
+    TrailingBytes {
+        /// The frame being decoded.
+        frame: &'static str,
+        /// How many bytes were left over.
+        extra: usize,
+    },
+    /// A varint was overlong, too large for `u32`, or a count exceeded what the body holds.
+    #[error("bad {field} in {frame} frame")]
+    BadLength {
+        /// The frame being decoded.
+        frame: &'static str,
+        /// The field holding the length or count.
+        field: &'static str,
+    },
+    /// A string field was not valid UTF-8.
+    #[error("{field} in {frame} frame is not UTF-8")]
+    BadUtf8 {
+        /// The frame being decoded.
+        frame: &'static str,
+        /// The string field.
+        field: &'static str,
+    },
+}
+
+impl WireError {
+    /// The error code to report to the peer in an [`Frame::Error`] before closing.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            WireError::FrameTooLarge { .. } => ErrorCode::TooLarge,
+            _ => ErrorCode::Malformed,
+        }
+    }
+
+    /// Whether the byte stream is no longer aligned on frames after this error.
+    ///
+    /// Body errors consume exactly their frame, so decoding could go on; a bad
+    /// length prefix loses the framing for good.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, WireError::FrameTooLarge { .. } | WireError::EmptyFrame)
+    }
+}
+
+/// Machine-readable reason carried by an [`Frame::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The peer speaks a protocol version we do not (code 1).
+    ProtocolVersion,
+    /// A frame or sync message could not be decoded or failed a sanity check (code 2).
+    Malformed,
+    /// A frame or message exceeded a size limit (code 3).
+    TooLarge,
+    /// The peer may not do what it asked, e.g. touch a document outside its organisation (code 4).
+    Forbidden,
+    /// The peer is not who it claims to be, or did not say `Hello` first (code 5).
+    Unauthenticated,
+    /// The sender is overloaded; retry later (code 6).
+    Busy,
+    /// An internal failure on the sender's side (code 7).
+    Internal,
+    /// A code this version does not know, kept as received.
+    Other(u16),
+}
+
+impl ErrorCode {
+    /// The code as sent on the wire.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            ErrorCode::ProtocolVersion => 1,
+            ErrorCode::Malformed => 2,
+            ErrorCode::TooLarge => 3,
+            ErrorCode::Forbidden => 4,
+            ErrorCode::Unauthenticated => 5,
+            ErrorCode::Busy => 6,
+            ErrorCode::Internal => 7,
+            ErrorCode::Other(code) => code,
+        }
+    }
+
+    /// The code for a wire value; unknown values become [`ErrorCode::Other`].
+    pub fn from_u16(code: u16) -> Self {
+        match code {
+            1 => ErrorCode::ProtocolVersion,
+            2 => ErrorCode::Malformed,
+            3 => ErrorCode::TooLarge,
+            4 => ErrorCode::Forbidden,
+            5 => ErrorCode::Unauthenticated,
+            6 => ErrorCode::Busy,
+            7 => ErrorCode::Internal,
+            other => ErrorCode::Other(other),
+        }
+    }
+}
+
+/// One message of the node–relay protocol.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// Node → relay, first frame of a connection.
+    Hello {
+        /// Protocol version the node speaks ([`PROTOCOL_VERSION`]).
+        protocol: u16,
+        /// Free-form software name and version, for logs.
+        software: String,
+        /// The node's id (64 hex digits); must match the key that authenticated the connection.
+        node: String,
+    },
+    /// Relay → node, answer to `Hello`.
+    Welcome {
+        /// Protocol version the relay speaks.
+        protocol: u16,
+        /// The relay's name or id, for logs.
+        relay: String,
+    },
+    /// Compact summary of all documents one side shares with the other
+    /// (see [`crate::sync::summary_digest`]).
+    Summary {
+        /// Number of documents covered.
+        docs: u32,
+        /// SHA-256 over the sorted (document id, sorted heads) pairs.
+        digest: [u8; 32],
+    },
+    /// Per-document truncated heads digests, sent when the summaries differ
+    /// (see [`crate::sync::heads_digest`]).
+    DocHeads {
+        /// One entry per document the sender shares with the receiver.
+        entries: Vec<(DocId, [u8; HEADS_DIGEST_BYTES])>,
+    },
+    /// Reply to a `Summary` equal to our own: nothing to sync.
+    InSync,
+    /// One Automerge sync message for one document.
+    Sync {
+        /// The document the message is about.
+        doc: DocId,
+        /// The encoded `automerge::sync::Message`.
+        message: Vec<u8>,
+    },
+    /// A clear error, sent before the sender closes the connection.
+    Error {
+        /// Machine-readable reason.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+impl Frame {
+    /// Short name of the frame type, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Frame::Hello { .. } => "Hello",
+            Frame::Welcome { .. } => "Welcome",
+            Frame::Summary { .. } => "Summary",
+            Frame::DocHeads { .. } => "DocHeads",
+            Frame::InSync => "InSync",
+            Frame::Sync { .. } => "Sync",
+            Frame::Error { .. } => "Error",
+        }
+    }
+
+    fn type_byte(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => TYPE_HELLO,
+            Frame::Welcome { .. } => TYPE_WELCOME,
+            Frame::Summary { .. } => TYPE_SUMMARY,
+            Frame::DocHeads { .. } => TYPE_DOC_HEADS,
+            Frame::InSync => TYPE_IN_SYNC,
+            Frame::Sync { .. } => TYPE_SYNC,
+            Frame::Error { .. } => TYPE_ERROR,
+        }
+    }
+
+    /// Length of the payload (type byte and body), without the length prefix.
+    pub fn payload_len(&self) -> usize {
+        let str_len = |s: &str| varint_len(s.len()) + s.len();
+        1 + match self {
+            Frame::Hello { software, node, .. } => 2 + str_len(software) + str_len(node),
+            Frame::Welcome { relay, .. } => 2 + str_len(relay),
+            Frame::Summary { .. } => 4 + 32,
+            Frame::DocHeads { entries } => varint_len(entries.len()) + entries.len() * (DOC_ID_BYTES + 8),
+            Frame::InSync => 0,
+            Frame::Sync { message, .. } => DOC_ID_BYTES + varint_len(message.len()) + message.len(),
+            Frame::Error { message, .. } => 2 + str_len(message),
+        }
+    }
+
+    /// The frame as sent: length prefix, type byte, body.
+    ///
+    /// Does not check the size against the peer's limit; use [`Frame::try_encode`]
+    /// for frames whose size depends on data (sync messages).
+    pub fn encode(&self) -> Vec<u8> {
+        let payload_len = self.payload_len();
+        let mut out = Vec::with_capacity(LENGTH_PREFIX + payload_len);
+        // A payload over 4 GiB cannot be framed; saturating makes the peer refuse it
+        // as too large instead of misreading the stream silently.
+        out.extend_from_slice(&u32::try_from(payload_len).unwrap_or(u32::MAX).to_be_bytes());
+        out.push(self.type_byte());
+        match self {
+            Frame::Hello { protocol, software, node } => {
+                out.extend_from_slice(&protocol.to_be_bytes());
+                put_bytes(&mut out, software.as_bytes());
+                put_bytes(&mut out, node.as_bytes());
+            }
+            Frame::Welcome { protocol, relay } => {
+                out.extend_from_slice(&protocol.to_be_bytes());
+                put_bytes(&mut out, relay.as_bytes());
+            }
+            Frame::Summary { docs, digest } => {
+                out.extend_from_slice(&docs.to_be_bytes());
+                out.extend_from_slice(digest);
+            }
+            Frame::DocHeads { entries } => {
+                put_varint(&mut out, entries.len());
+                for (doc, digest) in entries {
+                    out.extend_from_slice(&doc_id_to_bytes(doc));
+                    out.extend_from_slice(digest);
+                }
+            }
+            Frame::InSync => {}
+            Frame::Sync { doc, message } => {
+                out.extend_from_slice(&doc_id_to_bytes(doc));
+                put_bytes(&mut out, message);
+            }
+            Frame::Error { code, message } => {
+                out.extend_from_slice(&code.to_u16().to_be_bytes());
+                put_bytes(&mut out, message.as_bytes());
+            }
+        }
+        debug_assert_eq!(out.len(), LENGTH_PREFIX + payload_len);
+        out
+    }
+
+    /// Like [`Frame::encode`], but refuses a frame the peer would refuse as larger than `max_frame`.
+    pub fn try_encode(&self, max_frame: usize) -> Result<Vec<u8>, WireError> {
+        let len = self.payload_len();
+        if len > max_frame || u32::try_from(len).is_err() {
+            return Err(WireError::FrameTooLarge { len: len as u64, max: max_frame });
+        }
+        Ok(self.encode())
+    }
+
+    /// Decodes one payload (type byte and body, without the length prefix).
+    pub fn decode_payload(payload: &[u8]) -> Result<Frame, WireError> {
+        let (&type_byte, body) = payload.split_first().ok_or(WireError::EmptyFrame)?;
+        let frame_name = match type_byte {
+            TYPE_HELLO => "Hello",
+            TYPE_WELCOME => "Welcome",
+            TYPE_SUMMARY => "Summary",
+            TYPE_DOC_HEADS => "DocHeads",
+            TYPE_IN_SYNC => "InSync",
+            TYPE_SYNC => "Sync",
+            TYPE_ERROR => "Error",
+            other => return Err(WireError::UnknownFrameType(other)),
+        };
+        let mut r = Reader { bytes: body, frame: frame_name };
+        let frame = match type_byte {
+            TYPE_HELLO => {
+                Frame::Hello { protocol: r.u16("protocol")?, software: r.string("software")?, node: r.string("node")? }
+            }
+            TYPE_WELCOME => Frame::Welcome { protocol: r.u16("protocol")?, relay: r.string("relay")? },
+            TYPE_SUMMARY => Frame::Summary { docs: r.u32("docs")?, digest: r.array("digest")? },
+            TYPE_DOC_HEADS => {
+                let count = r.varint("entry count")?;
+                const ENTRY: usize = DOC_ID_BYTES + HEADS_DIGEST_BYTES;
+                if count > r.remaining() / ENTRY {
+                    return Err(WireError::BadLength { frame: frame_name, field: "entry count" });
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let doc = r.doc_id("entry doc id")?;
+                    let digest = r.array("entry digest")?;
+                    entries.push((doc, digest));
+                }
+                Frame::DocHeads { entries }
+            }
+            TYPE_IN_SYNC => Frame::InSync,
+            TYPE_SYNC => Frame::Sync { doc: r.doc_id("doc id")?, message: r.bytes("message")?.to_vec() },
+            _ => Frame::Error { code: ErrorCode::from_u16(r.u16("code")?), message: r.string("message")? },
+        };
+        if !r.bytes.is_empty() {
+            return Err(WireError::TrailingBytes { frame: frame_name, extra: r.bytes.len() });
+        }
+        Ok(frame)
+    }
+}
+
+/// Incremental, sans-IO frame decoder: push bytes as they arrive, pull whole frames.
+///
+/// Call [`FrameDecoder::next_frame`] until it returns `Ok(None)` after every
+/// [`FrameDecoder::push`]. A length prefix above the maximum is refused as soon
+/// as its four bytes are seen: the frame's bytes are never buffered, the
+/// decoder stops accepting input, and every later call returns the same error.
+/// A frame with a bad body is consumed and reported; the next call goes on with
+/// the following frame (the protocol still expects the caller to close).
+#[derive(Debug)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    /// Start of the first undecoded frame in `buf`.
+    start: usize,
+    /// Offset in `buf` of the next length prefix not yet checked against the maximum.
+    scan: usize,
+    max_frame: usize,
+    /// Set once a length prefix was refused; the stream is unusable from there.
+    fatal: Option<WireError>,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FrameDecoder {
+    /// A decoder refusing payloads above [`DEFAULT_MAX_FRAME`].
+    pub fn new() -> Self {
+        Self::with_max_frame(DEFAULT_MAX_FRAME)
+    }
+
+    /// A decoder refusing payloads above `max_frame` bytes.
+    pub fn with_max_frame(max_frame: usize) -> Self {
+        Self { buf: Vec::new(), start: 0, scan: 0, max_frame, fatal: None }
+    }
+
+    /// The largest payload this decoder accepts.
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
+    }
+
+    /// Bytes received but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// Appends bytes read from the stream. Ignored once the stream has failed.
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.fatal.is_some() {
+            return;
+        }
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            self.buf.drain(..self.start);
+            self.scan -= self.start;
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+        self.check_prefixes();
+    }
+
+    /// Checks every length prefix now fully buffered; on the first refused one,
+    /// drops it and everything after it and remembers the error.
+    fn check_prefixes(&mut self) {
+        while let Some(prefix) = self.buf.get(self.scan..self.scan + LENGTH_PREFIX) {
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+            let error = if len == 0 {
+                Some(WireError::EmptyFrame)
+            } else if len as usize > self.max_frame {
+                Some(WireError::FrameTooLarge { len: u64::from(len), max: self.max_frame })
+            } else {
+                None
+            };
+            if let Some(error) = error {
+                self.buf.truncate(self.scan);
+                self.buf.shrink_to_fit();
+                self.fatal = Some(error);
+                return;
+            }
+            self.scan += LENGTH_PREFIX + len as usize;
+        }
+    }
+
+    /// The next complete frame, `Ok(None)` if more bytes are needed, or the
+    /// error of the next frame. Frames before a refused length prefix are
+    /// still returned first.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        let available = &self.buf[self.start..];
+        if let Some(prefix) = available.get(..LENGTH_PREFIX) {
+            let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+            // Prefixes before `scan` were checked against the maximum, so `len` is sane here.
+            if self.start < self.scan {
+                if let Some(payload) = available.get(LENGTH_PREFIX..LENGTH_PREFIX + len) {
+                    let frame = Frame::decode_payload(payload);
+                    self.start += LENGTH_PREFIX + len;
+                    if self.start == self.buf.len() {
+                        self.buf.clear();
+                        self.start = 0;
+                        self.scan = 0;
+                    }
+                    return frame.map(Some);
+                }
+            }
+        }
+        match &self.fatal {
+            Some(error) => Err(error.clone()),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Bounds-checked reader over a frame body.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    frame: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    fn remaining(&self) -> usize {
+        self.bytes.len()
+    }
+
+    fn take(&mut self, n: usize, field: &'static str) -> Result<&'a [u8], WireError> {
+        if n > self.bytes.len() {
+            return Err(WireError::Truncated { frame: self.frame, field });
+        }
+        let (head, rest) = self.bytes.split_at(n);
+        self.bytes = rest;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], WireError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N, field)?);
+        Ok(out)
+    }
+
+    fn u16(&mut self, field: &'static str) -> Result<u16, WireError> {
+        Ok(u16::from_be_bytes(self.array(field)?))
+    }
+
+    fn u32(&mut self, field: &'static str) -> Result<u32, WireError> {
+        Ok(u32::from_be_bytes(self.array(field)?))
+    }
+
+    /// Canonical unsigned LEB128, at most `u32::MAX`.
+    fn varint(&mut self, field: &'static str) -> Result<usize, WireError> {
+        let mut value: u64 = 0;
+        for i in 0..5 {
+            let byte = self.take(1, field)?[0];
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte & 0x80 == 0 {
+                // Overlong: a final zero byte after the first adds nothing.
+                if (i > 0 && byte == 0) || value > u64::from(u32::MAX) {
+                    break;
+                }
+                return usize::try_from(value).map_err(|_| WireError::BadLength { frame: self.frame, field });
+            }
+        }
+        Err(WireError::BadLength { frame: self.frame, field })
+    }
+
+    fn bytes(&mut self, field: &'static str) -> Result<&'a [u8], WireError> {
+        let len = self.varint(field)?;
+        self.take(len, field)
+    }
+
+    fn string(&mut self, field: &'static str) -> Result<String, WireError> {
+        let bytes = self.bytes(field)?;
+        let text = std::str::from_utf8(bytes).map_err(|_| WireError::BadUtf8 { frame: self.frame, field })?;
+        Ok(text.to_owned())
+    }
+
+    fn doc_id(&mut self, field: &'static str) -> Result<DocId, WireError> {
+        let raw: [u8; DOC_ID_BYTES] = self.array(field)?;
+        // 16 bytes always give 32 lowercase hex digits, so this cannot fail; map anyway.
+        hex::encode(raw).parse().map_err(|_| WireError::BadLength { frame: self.frame, field })
+    }
+}
+
+fn varint_len(value: usize) -> usize {
+    let mut len = 1;
+    let mut rest = value >> 7;
+    while rest != 0 {
+        len += 1;
+        rest >>= 7;
+    }
+    len
+}
+
+fn put_varint(out: &mut Vec<u8>, value: usize) {
+    let mut rest = value;
+    loop {
+        let byte = (rest & 0x7f) as u8;
+        rest >>= 7;
+        if rest == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    put_varint(out, bytes.len());
+    out.extend_from_slice(bytes);
+}
+
+/// The 16 bytes behind a document id's 32 hex digits (as on the wire and in digests).
+pub(crate) fn doc_id_to_bytes(doc: &DocId) -> [u8; DOC_ID_BYTES] {
+    // `DocId` guarantees 32 lowercase hex digits, so every nibble is valid.
+    fn nibble(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => 0,
+        }
+    }
+    let mut out = [0u8; DOC_ID_BYTES];
+    for (byte, pair) in out.iter_mut().zip(doc.as_str().as_bytes().chunks_exact(2)) {
+        *byte = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, RngCore, SeedableRng};
+
+    fn doc(n: u8) -> DocId {
+        hex::encode([n; 16]).parse().unwrap()
+    }
+
+    fn every_frame() -> Vec<Frame> {
+        vec![
+            Frame::Hello {
+                protocol: PROTOCOL_VERSION,
+                software: "samverkan-node 0.1.0 — ök".into(),
+                node: "ab".repeat(32),
+            },
+            Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "relay.example".into() },
+            Frame::Summary { docs: 3, digest: [7; 32] },
+            Frame::DocHeads { entries: vec![] },
+            Frame::DocHeads { entries: vec![(doc(1), [1; 8]), (doc(0xfe), [2; 8])] },
+            Frame::InSync,
+            Frame::Sync { doc: doc(0x42), message: vec![0x43, 0, 0, 0, 0] },
+            Frame::Sync { doc: doc(9), message: vec![5; 300] },
+            Frame::Error { code: ErrorCode::ProtocolVersion, message: "speak v1".into() },
+            Frame::Error { code: ErrorCode::Other(999), message: String::new() },
+        ]
+    }
+
+    #[test]
+    fn every_frame_type_round_trips() {
+        for frame in every_frame() {
+            let bytes = frame.encode();
+            assert_eq!(bytes.len(), LENGTH_PREFIX + frame.payload_len(), "{frame:?}");
+            assert_eq!(Frame::decode_payload(&bytes[LENGTH_PREFIX..]).unwrap(), frame);
+            let mut decoder = FrameDecoder::new();
+            decoder.push(&bytes);
+            assert_eq!(decoder.next_frame().unwrap(), Some(frame));
+            assert_eq!(decoder.next_frame().unwrap(), None);
+            assert_eq!(decoder.buffered(), 0);
+        }
+    }
+
+    #[test]
+    fn error_codes_round_trip_and_unknown_codes_are_kept() {
+        for code in 0..=20u16 {
+            assert_eq!(ErrorCode::from_u16(code).to_u16(), code);
+        }
+        assert_eq!(ErrorCode::from_u16(3), ErrorCode::TooLarge);
+        assert_eq!(ErrorCode::from_u16(4000), ErrorCode::Other(4000));
+    }
+
+    #[test]
+    fn frames_fed_byte_by_byte_come_out_whole_and_in_order() {
+        let frames = every_frame();
+        let stream: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
+        let mut decoder = FrameDecoder::new();
+        let mut out = Vec::new();
+        for byte in &stream {
+            decoder.push(std::slice::from_ref(byte));
+            while let Some(frame) = decoder.next_frame().unwrap() {
+                out.push(frame);
+            }
+        }
+        assert_eq!(out, frames);
+        assert_eq!(decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn frames_fed_in_random_chunks_come_out_whole_and_in_order() {
+        let frames = every_frame();
+        let stream: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..50 {
+            let mut decoder = FrameDecoder::new();
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at < stream.len() {
+                let n = rng.gen_range(1..=64).min(stream.len() - at);
+                decoder.push(&stream[at..at + n]);
+                at += n;
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    out.push(frame);
+                }
+            }
+            assert_eq!(out, frames);
+        }
+    }
+
+    #[test]
+    fn oversized_length_is_refused_without_buffering_the_frame() {
+        let mut decoder = FrameDecoder::with_max_frame(1024);
+        let ok = Frame::InSync.encode();
+        let mut bytes = ok.clone();
+        bytes.extend_from_slice(&1025u32.to_be_bytes());
+        decoder.push(&bytes);
+        // More of the oversized frame arrives: it is dropped, not buffered.
+        decoder.push(&[0u8; 4096]);
+        assert_eq!(decoder.buffered(), ok.len(), "only the valid frame before it stays buffered");
+        assert_eq!(decoder.next_frame().unwrap(), Some(Frame::InSync));
+        let error = decoder.next_frame().unwrap_err();
+        assert_eq!(error, WireError::FrameTooLarge { len: 1025, max: 1024 });
+        assert!(error.is_fatal());
+        assert_eq!(error.error_code(), ErrorCode::TooLarge);
+        assert_eq!(decoder.buffered(), 0);
+        // The decoder stays failed.
+        decoder.push(&ok);
+        assert_eq!(decoder.next_frame().unwrap_err(), error);
+
+        // The default maximum refuses a 4 GiB announcement after the four prefix bytes.
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&u32::MAX.to_be_bytes());
+        assert!(matches!(decoder.next_frame(), Err(WireError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn sender_refuses_frames_the_peer_would_refuse() {
+        let frame = Frame::Sync { doc: doc(1), message: vec![0; 2000] };
+        assert!(matches!(frame.try_encode(1000), Err(WireError::FrameTooLarge { .. })));
+        assert_eq!(frame.try_encode(DEFAULT_MAX_FRAME).unwrap(), frame.encode());
+    }
+
+    #[test]
+    fn zero_length_frame_is_refused() {
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&[0, 0, 0, 0]);
+        assert_eq!(decoder.next_frame().unwrap_err(), WireError::EmptyFrame);
+    }
+
+    #[test]
+    fn truncated_and_garbage_bodies_are_errors() {
+        for frame in every_frame() {
+            let bytes = frame.encode();
+            let payload = &bytes[LENGTH_PREFIX..];
+            // Every strict prefix of a body with fields is an error (InSync has none).
+            for cut in 1..payload.len() {
+                assert!(Frame::decode_payload(&payload[..cut]).is_err(), "{frame:?} cut at {cut}");
+            }
+            let mut extended = payload.to_vec();
+            extended.push(0);
+            assert!(matches!(Frame::decode_payload(&extended), Err(WireError::TrailingBytes { .. })));
+        }
+        assert_eq!(Frame::decode_payload(&[0x99]), Err(WireError::UnknownFrameType(0x99)));
+        assert_eq!(Frame::decode_payload(&[]), Err(WireError::EmptyFrame));
+        // Overlong varint (0x80 0x00 for zero) and a count larger than the body.
+        assert!(matches!(Frame::decode_payload(&[TYPE_DOC_HEADS, 0x80, 0x00]), Err(WireError::BadLength { .. })));
+        assert!(matches!(
+            Frame::decode_payload(&[TYPE_DOC_HEADS, 0xff, 0xff, 0xff, 0xff, 0x0f]),
+            Err(WireError::BadLength { .. })
+        ));
+        // Varint above u32::MAX.
+        assert!(matches!(
+            Frame::decode_payload(&[
+                TYPE_SYNC, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0x1f
+            ]),
+            Err(WireError::BadLength { .. })
+        ));
+        // Invalid UTF-8 in a string.
+        assert!(matches!(Frame::decode_payload(&[TYPE_ERROR, 0, 2, 2, 0xc3, 0x28]), Err(WireError::BadUtf8 { .. })));
+        // A bad body is consumed; the frame after it still decodes.
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&[0, 0, 0, 2, TYPE_SUMMARY, 1]);
+        decoder.push(&Frame::InSync.encode());
+        assert!(matches!(decoder.next_frame(), Err(WireError::Truncated { .. })));
+        assert_eq!(decoder.next_frame().unwrap(), Some(Frame::InSync));
+    }
+
+    #[test]
+    fn decoding_random_bytes_never_panics() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x5a3e_4c4a);
+        let valid: Vec<Vec<u8>> = every_frame().iter().map(Frame::encode).collect();
+        for round in 0..20_000 {
+            let mut bytes = if round % 2 == 0 {
+                let mut b = vec![0u8; rng.gen_range(0..64)];
+                rng.fill_bytes(&mut b);
+                b
+            } else {
+                // Mutate a valid frame: flips, truncation, random type byte.
+                let mut b = valid[rng.gen_range(0..valid.len())].clone();
+                for _ in 0..rng.gen_range(1..4) {
+                    let at = rng.gen_range(0..b.len());
+                    b[at] ^= 1 << rng.gen_range(0..8);
+                }
+                b.truncate(rng.gen_range(0..=b.len()));
+                b
+            };
+            // Keep some announced lengths small so bodies actually get decoded.
+            if round % 3 == 0 && bytes.len() >= 4 {
+                let len = (bytes.len() - 4) as u32;
+                bytes[..4].copy_from_slice(&len.to_be_bytes());
+            }
+            let _ = Frame::decode_payload(bytes.get(4..).unwrap_or(&[]));
+            let mut decoder = FrameDecoder::with_max_frame(1 << 16);
+            let mut at = 0;
+            while at < bytes.len() {
+                let n = rng.gen_range(1..=8).min(bytes.len() - at);
+                decoder.push(&bytes[at..at + n]);
+                at += n;
+                for _ in 0..8 {
+                    match decoder.next_frame() {
+                        Ok(Some(_)) | Err(_) => continue,
+                        Ok(None) => break,
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,1 +1,340 @@
-//! Sans-IO sync core (being written; see ARCHITECTURE.md).
+//! Sans-IO sync core that both the node and the relay drive.
+//!
+//! The callers own storage, sockets and timers; this module owns the protocol
+//! logic: per-connection, per-document Automerge sync states, the summary
+//! phase that skips documents already in sync, and the checks that keep a
+//! hostile peer's bytes from crashing or exhausting the process. It never does
+//! I/O, never reads a clock, never spawns anything, and never panics on peer
+//! input: bytes and documents go in, frames and outcomes come out.
+//!
+//! # A connection, step by step
+//!
+//! 1. The node sends [`Frame::Hello`]; the relay answers [`Frame::Welcome`]
+//!    (or [`Frame::Error`] with `ProtocolVersion` and closes).
+//! 2. Both create a [`PeerSession`] and [`PeerSession::restore_state`] every
+//!    persisted sync state they hold for this peer.
+//! 3. Both send [`summary_frame`] over the documents they share with the peer.
+//!    On the peer's `Summary`: equal digest → reply [`Frame::InSync`]; else
+//!    reply [`doc_heads_frame`].
+//! 4. On the peer's `DocHeads`: [`plan`], then [`PeerSession::generate`] for
+//!    each document in [`SyncPlan::to_start`] and send the frames.
+//! 5. On [`Frame::Sync`]: [`PeerSession::receive`] (creating an empty
+//!    `AutoCommit` first if the peer may share a document we lack), send the
+//!    reply, persist the document if it changed, and call `generate` for the
+//!    same document on every *other* connection (that is how the relay forwards).
+//! 6. After a local edit: `generate` on every connection.
+//! 7. On disconnect, for whatever reason: [`PeerSession::into_persisted`] and
+//!    store the result. Never keep a live session across connections: a sync
+//!    state that saw a broken connection can stop changes from being re-sent.
+//!
+//! Any [`SyncError`] disables that document for the rest of the connection;
+//! the caller should send [`Frame::Error`] with [`SyncError::error_code`] and
+//! close, so both sides restart from persisted states.
+
+mod check;
+mod summary;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+use automerge::sync::{DecodeStateError, Message, ReadMessageError, State, SyncDoc};
+use automerge::{AutoCommit, AutomergeError, ChangeHash};
+
+pub use check::{check_message, MessageCheckError, SyncLimits};
+pub use summary::{doc_heads_frame, heads_digest, plan, summary_digest, summary_frame, HeadsDigest, SyncPlan};
+
+use crate::ids::DocId;
+use crate::wire::{ErrorCode, Frame};
+
+/// Which end of a connection a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A node: opens the connection and says `Hello`.
+    Node,
+    /// The relay: accepts the connection and answers `Welcome`.
+    Relay,
+}
+
+/// Why syncing a document over this connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The peer's bytes are not an Automerge sync message.
+    #[error("document {doc}: sync message does not decode: {source}")]
+    Decode {
+        /// The document.
+        doc: DocId,
+        /// Automerge's decoding error.
+        #[source]
+        source: Box<ReadMessageError>,
+    },
+    /// The message decoded but failed a sanity check (see [`check_message`]).
+    #[error("document {doc}: sync message refused: {source}")]
+    Refused {
+        /// The document.
+        doc: DocId,
+        /// The failed check.
+        #[source]
+        source: MessageCheckError,
+    },
+    /// Automerge refused to apply the message. It may have applied part of it
+    /// first: compare the document's heads with storage.
+    #[error("document {doc}: automerge refused the sync message: {source}")]
+    Automerge {
+        /// The document.
+        doc: DocId,
+        /// Automerge's error.
+        #[source]
+        source: Box<AutomergeError>,
+    },
+    /// Automerge panicked. The in-memory document may be inconsistent: reload
+    /// it from storage before using it again.
+    #[error("document {doc}: automerge panicked while {during} a sync message; reload the document")]
+    Panicked {
+        /// The document.
+        doc: DocId,
+        /// `"receiving"` or `"generating"`.
+        during: &'static str,
+    },
+    /// The message we generated does not fit in a frame the peer accepts.
+    #[error("document {doc}: sync message of {len} bytes does not fit the frame limit of {max}")]
+    MessageTooLarge {
+        /// The document.
+        doc: DocId,
+        /// Payload length of the frame.
+        len: usize,
+        /// The frame limit in force.
+        max: usize,
+    },
+    /// An earlier error disabled this document for the rest of the connection.
+    #[error("document {doc}: sync disabled on this connection after an earlier error")]
+    Disabled {
+        /// The document.
+        doc: DocId,
+    },
+    /// Persisted sync state bytes do not decode.
+    #[error("document {doc}: persisted sync state does not decode: {source}")]
+    PersistedState {
+        /// The document.
+        doc: DocId,
+        /// Automerge's decoding error.
+        #[source]
+        source: DecodeStateError,
+    },
+    /// A persisted state was offered for a document already syncing on this connection.
+    #[error("document {doc}: sync state already in use on this connection")]
+    StateInUse {
+        /// The document.
+        doc: DocId,
+    },
+    /// The message was applied, but generating the reply failed.
+    #[error("after applying a sync message (document changed: {changed}): {source}")]
+    ReplyFailed {
+        /// Whether applying the message changed the document (persist it if so).
+        changed: bool,
+        /// Why the reply could not be generated.
+        #[source]
+        source: Box<SyncError>,
+    },
+}
+
+impl SyncError {
+    /// The code to send in [`Frame::Error`] before closing the connection.
+    pub fn error_code(&self) -> ErrorCode {
+        match self {
+            SyncError::Decode { .. } | SyncError::Refused { .. } | SyncError::Automerge { .. } => ErrorCode::Malformed,
+            SyncError::Panicked { during, .. } if *during == "receiving" => ErrorCode::Malformed,
+            SyncError::MessageTooLarge { .. } => ErrorCode::TooLarge,
+            SyncError::ReplyFailed { source, .. } => source.error_code(),
+            SyncError::Panicked { .. }
+            | SyncError::Disabled { .. }
+            | SyncError::PersistedState { .. }
+            | SyncError::StateInUse { .. } => ErrorCode::Internal,
+        }
+    }
+}
+
+/// What [`PeerSession::receive`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceiveOutcome {
+    /// Whether the document's heads moved: persist it and offer it to other peers.
+    pub changed: bool,
+    /// The document's heads after applying the message.
+    pub heads: Vec<ChangeHash>,
+    /// The frame to send back, if any.
+    pub reply: Option<Frame>,
+}
+
+/// Sync state of one connection, in either role: one Automerge [`State`] per document.
+#[derive(Debug)]
+pub struct PeerSession {
+    role: Role,
+    limits: SyncLimits,
+    states: BTreeMap<DocId, State>,
+    disabled: BTreeSet<DocId>,
+}
+
+impl PeerSession {
+    /// A session with the default [`SyncLimits`].
+    pub fn new(role: Role) -> Self {
+        Self::with_limits(role, SyncLimits::default())
+    }
+
+    /// A session with explicit limits.
+    pub fn with_limits(role: Role, limits: SyncLimits) -> Self {
+        Self { role, limits, states: BTreeMap::new(), disabled: BTreeSet::new() }
+    }
+
+    /// This end's role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The limits in force.
+    pub fn limits(&self) -> &SyncLimits {
+        &self.limits
+    }
+
+    /// Seeds a document's sync state from bytes persisted at the end of an
+    /// earlier connection with the same peer (`State::decode`, which keeps the
+    /// shared heads and resets all in-flight bookkeeping). Call before the
+    /// document's first message on this connection.
+    pub fn restore_state(&mut self, doc_id: &DocId, persisted: &[u8]) -> Result<(), SyncError> {
+        if self.states.contains_key(doc_id) || self.disabled.contains(doc_id) {
+            return Err(SyncError::StateInUse { doc: doc_id.clone() });
+        }
+        let mut state =
+            State::decode(persisted).map_err(|source| SyncError::PersistedState { doc: doc_id.clone(), source })?;
+        // Automerge expects sorted heads (it debug-asserts when encoding them).
+        state.shared_heads.sort_unstable();
+        state.shared_heads.dedup();
+        self.states.insert(doc_id.clone(), state);
+        Ok(())
+    }
+
+    /// The bytes to persist for one document's sync state (`State::encode`:
+    /// only the heads both sides are known to share). `None` if the document
+    /// has no state on this connection or was disabled by an error.
+    pub fn persisted_state(&self, doc_id: &DocId) -> Option<Vec<u8>> {
+        self.states.get(doc_id).map(State::encode)
+    }
+
+    /// The bytes to persist for every document with a usable sync state.
+    pub fn persisted_states(&self) -> BTreeMap<DocId, Vec<u8>> {
+        self.states.iter().map(|(doc, state)| (doc.clone(), state.encode())).collect()
+    }
+
+    /// Ends the session, returning what to persist (see [`Self::persisted_states`]).
+    /// Documents disabled by an error are left out: sync them from scratch next time.
+    pub fn into_persisted(self) -> BTreeMap<DocId, Vec<u8>> {
+        self.persisted_states()
+    }
+
+    /// Whether an error disabled this document for the rest of the connection.
+    pub fn is_disabled(&self, doc_id: &DocId) -> bool {
+        self.disabled.contains(doc_id)
+    }
+
+    /// The documents with a sync state on this connection.
+    pub fn docs(&self) -> impl Iterator<Item = &DocId> {
+        self.states.keys()
+    }
+
+    /// The next sync message for `doc_id` as a [`Frame::Sync`], or `None` when
+    /// there is nothing to send (the peer is up to date, or a message is in flight).
+    ///
+    /// Call after every local change and whenever the document changed through
+    /// another connection; [`Self::receive`] calls it itself for the reply.
+    pub fn generate(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Result<Option<Frame>, SyncError> {
+        if self.disabled.contains(doc_id) {
+            return Err(SyncError::Disabled { doc: doc_id.clone() });
+        }
+        let state = self.states.entry(doc_id.clone()).or_default();
+        let generated = catch_unwind(AssertUnwindSafe(|| doc.sync().generate_sync_message(state).map(Message::encode)));
+        let message = match generated {
+            Ok(message) => message,
+            Err(_panic) => {
+                return Err(self.disable(doc_id, SyncError::Panicked { doc: doc_id.clone(), during: "generating" }))
+            }
+        };
+        let Some(message) = message else { return Ok(None) };
+        let frame = Frame::Sync { doc: doc_id.clone(), message };
+        let len = frame.payload_len();
+        if len > self.limits.max_frame {
+            let max = self.limits.max_frame;
+            return Err(self.disable(doc_id, SyncError::MessageTooLarge { doc: doc_id.clone(), len, max }));
+        }
+        Ok(Some(frame))
+    }
+
+    /// Applies the peer's sync message for `doc_id` to `doc` and generates the reply.
+    ///
+    /// The message is decoded and checked ([`check_message`]) before Automerge
+    /// applies it, and Automerge runs under `catch_unwind`. On any error the
+    /// document's sync state is dropped and the document disabled for this
+    /// connection. The document is untouched by errors found before Automerge
+    /// runs ([`SyncError::Decode`], [`SyncError::Refused`], [`SyncError::Disabled`]);
+    /// after [`SyncError::Automerge`] or [`SyncError::ReplyFailed`] it may have
+    /// changed, and after [`SyncError::Panicked`] it must be reloaded.
+    pub fn receive(
+        &mut self,
+        doc_id: &DocId,
+        doc: &mut AutoCommit,
+        message: &[u8],
+    ) -> Result<ReceiveOutcome, SyncError> {
+        if self.disabled.contains(doc_id) {
+            return Err(SyncError::Disabled { doc: doc_id.clone() });
+        }
+        let message = match Message::decode(message) {
+            Ok(message) => message,
+            Err(source) => {
+                return Err(self.disable(doc_id, SyncError::Decode { doc: doc_id.clone(), source: Box::new(source) }))
+            }
+        };
+        if let Err(source) = check_message(&message, &self.limits) {
+            return Err(self.disable(doc_id, SyncError::Refused { doc: doc_id.clone(), source }));
+        }
+        self.apply(doc_id, doc, message)
+    }
+
+    /// Hands an already checked message to Automerge and generates the reply.
+    fn apply(&mut self, doc_id: &DocId, doc: &mut AutoCommit, message: Message) -> Result<ReceiveOutcome, SyncError> {
+        let state = self.states.entry(doc_id.clone()).or_default();
+        let applied = catch_unwind(AssertUnwindSafe(|| {
+            let before = doc.get_heads();
+            doc.sync().receive_sync_message(state, message)?;
+            Ok::<_, AutomergeError>((before, doc.get_heads()))
+        }));
+        let (before, heads) = match applied {
+            Ok(Ok(heads)) => heads,
+            Ok(Err(source)) => {
+                return Err(self.disable(doc_id, SyncError::Automerge { doc: doc_id.clone(), source: Box::new(source) }))
+            }
+            Err(_panic) => {
+                return Err(self.disable(doc_id, SyncError::Panicked { doc: doc_id.clone(), during: "receiving" }))
+            }
+        };
+        let changed = before != heads;
+        match self.generate(doc_id, doc) {
+            Ok(reply) => Ok(ReceiveOutcome { changed, heads, reply }),
+            Err(source) => Err(SyncError::ReplyFailed { changed, source: Box::new(source) }),
+        }
+    }
+
+    /// Whether the peer has everything we have (`has_our_changes`) and last
+    /// told us heads equal to ours (so we lack nothing of it either).
+    pub fn in_sync(&self, doc_id: &DocId, doc: &mut AutoCommit) -> bool {
+        let Some(state) = self.states.get(doc_id) else { return false };
+        let heads = doc.get_heads();
+        doc.has_our_changes(state) && state.their_heads.as_deref() == Some(heads.as_slice())
+    }
+
+    /// Drops the document's sync state, disables it and returns `error`.
+    fn disable(&mut self, doc_id: &DocId, error: SyncError) -> SyncError {
+        self.states.remove(doc_id);
+        self.disabled.insert(doc_id.clone());
+        error
+    }
+}
