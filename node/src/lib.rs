@@ -1,7 +1,7 @@
 //! A party's local Samverkan node.
 //!
 //! Layout:
-//! - [`store`]: the SQLite store (schema, migrations, durable edits, compaction).
+//! - [`store`]: the SQLite store (the `samverkan-store` crate, re-exported).
 //! - [`node`]: the data directory (store + identity key) and every offline operation.
 //! - [`cli`]: the `samverkan-node` command line.
 //!
@@ -12,4 +12,5 @@
 
 pub mod cli;
 pub mod node;
-pub mod store;
+
+pub use samverkan_store as store;

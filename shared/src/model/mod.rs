@@ -230,6 +230,11 @@ impl Document {
         &mut self.doc
     }
 
+    /// The underlying Automerge document, taking it out of the wrapper.
+    pub fn into_automerge(self) -> AutoCommit {
+        self.doc
+    }
+
     /// The current heads (the exact version).
     pub fn heads(&mut self) -> Vec<ChangeHash> {
         self.doc.get_heads()

@@ -32,6 +32,7 @@
 //! close, so both sides restart from persisted states.
 
 mod check;
+mod connection;
 mod summary;
 
 #[cfg(test)]
@@ -44,6 +45,7 @@ use automerge::sync::{DecodeStateError, Message, ReadMessageError, State, SyncDo
 use automerge::{AutoCommit, AutomergeError, ChangeHash};
 
 pub use check::{check_message, MessageCheckError, SyncLimits};
+pub use connection::{ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, SyncConnection};
 pub use summary::{doc_heads_frame, heads_digest, plan, summary_digest, summary_frame, HeadsDigest, SyncPlan};
 
 use crate::ids::DocId;

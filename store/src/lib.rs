@@ -1,7 +1,8 @@
-//! The node's durable store: Automerge documents in one SQLite file.
+//! Durable store of Samverkan documents in one SQLite file, used by the node
+//! and (behind its storage interface) by the relay.
 //!
-//! Owns the schema, migrations and every SQL statement of the node. Knows
-//! nothing of the CLI or the network.
+//! Owns the schema, migrations and every SQL statement about documents and
+//! sync states. Knows nothing of the CLI or the network.
 //!
 //! Durability: WAL journal with `synchronous=FULL`, so a transaction that has
 //! committed survives a crash or power loss. Every edit runs inside one
@@ -15,7 +16,17 @@
 //! transaction, so a document with 10,000 edits loads from one snapshot and a
 //! handful of rows. Every blob is stored with its SHA-256 and checked on load,
 //! so damage on disk is reported rather than silently skipped by Automerge.
+//!
+//! Loaded documents are cached in memory (a bounded number, least recently
+//! used evicted first). A cached copy is only used after checking, inside the
+//! same transaction, that its snapshot is still current; the increments other
+//! processes appended since are then read on top of it. So the cache saves
+//! reloading a long history on every edit without ever serving stale data.
 
+#![warn(missing_docs)]
+
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -32,6 +43,8 @@ pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 pub const SCHEMA_VERSION: i32 = 1;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
+/// Documents kept in the in-memory cache by default.
+pub const DEFAULT_CACHE_CAPACITY: usize = 32;
 
 /// Migrations: entry `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[
@@ -47,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
          heads      TEXT NOT NULL,
          snapshot   BLOB,
          snapshot_sha256 BLOB,
+         generation INTEGER NOT NULL DEFAULT 0,
          created_at TEXT NOT NULL,
          updated_at TEXT NOT NULL
      );
@@ -56,7 +70,13 @@ const MIGRATIONS: &[&str] = &[
          data   BLOB NOT NULL,
          sha256 BLOB NOT NULL
      );
-     CREATE INDEX changes_by_doc ON changes(doc_id, seq);",
+     CREATE INDEX changes_by_doc ON changes(doc_id, seq);
+     CREATE TABLE sync_states (
+         peer   TEXT NOT NULL,
+         doc_id TEXT NOT NULL,
+         state  BLOB NOT NULL,
+         PRIMARY KEY (peer, doc_id)
+     );",
 ];
 
 /// Errors of the store.
@@ -150,11 +170,57 @@ pub struct UpdateOutcome {
     pub created: bool,
 }
 
-/// The SQLite store of one node.
+/// The SQLite store of one node (or relay).
 #[derive(Debug)]
 pub struct Store {
     conn: Connection,
     path: PathBuf,
+    cache: RefCell<Cache>,
+}
+
+/// Documents kept loaded between calls; see the module docs for when they are trusted.
+#[derive(Debug)]
+struct Cache {
+    entries: HashMap<DocId, CachedDoc>,
+    capacity: usize,
+    clock: u64,
+}
+
+#[derive(Debug)]
+struct CachedDoc {
+    doc: Document,
+    /// The snapshot generation the cached copy was built from.
+    generation: i64,
+    /// The last increment row folded into the cached copy.
+    last_seq: i64,
+    /// For least-recently-used eviction.
+    used: u64,
+}
+
+impl Cache {
+    fn new(capacity: usize) -> Self {
+        Self { entries: HashMap::new(), capacity, clock: 0 }
+    }
+
+    fn put(&mut self, doc: Document, generation: i64, last_seq: i64) {
+        if self.capacity == 0 {
+            return;
+        }
+        self.clock += 1;
+        let id = doc.id().clone();
+        self.entries.insert(id, CachedDoc { doc, generation, last_seq, used: self.clock });
+        while self.entries.len() > self.capacity {
+            let Some(oldest) = self.entries.iter().min_by_key(|(_, c)| c.used).map(|(id, _)| id.clone()) else { break };
+            self.entries.remove(&oldest);
+        }
+    }
+}
+
+/// A document as read inside a transaction, with where it stands in the table.
+struct Loaded {
+    doc: Document,
+    generation: i64,
+    last_seq: i64,
 }
 
 fn classify_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
@@ -179,12 +245,29 @@ impl Store {
     pub fn open_or_create(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(|e| classify_open_error(path, e))?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(|e| classify_open_error(path, e))?;
-        let mut store = Self { conn, path: path.to_path_buf() };
+        let mut store = Self { conn, path: path.to_path_buf(), cache: RefCell::new(Cache::new(DEFAULT_CACHE_CAPACITY)) };
         store.prepare().map_err(|e| match e {
             StoreError::Sqlite(inner) => classify_open_error(path, inner),
             other => other,
         })?;
         Ok(store)
+    }
+
+    /// Sets how many loaded documents stay cached in memory (0 turns the cache off).
+    pub fn set_cache_capacity(&mut self, capacity: usize) {
+        let mut cache = self.cache.borrow_mut();
+        cache.capacity = capacity;
+        cache.entries.clear();
+    }
+
+    /// Drops a document from the in-memory cache (the relay evicts idle documents).
+    pub fn evict(&self, id: &DocId) {
+        self.cache.borrow_mut().entries.remove(id);
+    }
+
+    /// Number of documents cached in memory.
+    pub fn cached(&self) -> usize {
+        self.cache.borrow().entries.len()
     }
 
     /// The database file.
@@ -288,13 +371,16 @@ impl Store {
 
     /// Loads a document.
     pub fn load(&self, id: &DocId) -> Result<Document, StoreError> {
-        load_in(&self.conn, id)?.ok_or_else(|| StoreError::NotFound(id.clone()))
+        let loaded = load_in(&self.conn, &self.cache, id, false)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        let doc = loaded.doc.clone();
+        self.cache.borrow_mut().put(loaded.doc, loaded.generation, loaded.last_seq);
+        Ok(doc)
     }
 
     /// Stores a new document (fails if the id exists).
     pub fn insert(&mut self, doc: &mut Document) -> Result<UpdateOutcome, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if load_in(&tx, doc.id())?.is_some() {
+        if load_in(&tx, &self.cache, doc.id(), false)?.is_some() {
             return Err(StoreError::AlreadyExists(doc.id().clone()));
         }
         let data = doc.automerge_mut().save();
@@ -333,10 +419,10 @@ impl Store {
         E: From<StoreError>,
     {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let (mut doc, created) = match load_in(&tx, id)? {
-            Some(doc) => (doc, false),
+        let (mut doc, mut generation, mut last_seq, created) = match load_in(&tx, &self.cache, id, true)? {
+            Some(loaded) => (loaded.doc, loaded.generation, loaded.last_seq, false),
             None if create_missing => {
-                (Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?, true)
+                (Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?, 0, 0, true)
             }
             None => return Err(StoreError::NotFound(id.clone()).into()),
         };
@@ -344,6 +430,9 @@ impl Store {
         let value = f(&mut doc)?;
         let heads = doc.heads();
         if heads == before || doc.is_empty() {
+            if !created {
+                self.cache.borrow_mut().put(doc, generation, last_seq);
+            }
             return Ok((value, UpdateOutcome { new_bytes: 0, heads, created: false }));
         }
         // Whatever came in must still be a document we can read.
@@ -367,30 +456,91 @@ impl Store {
                 params![id.as_str(), data, sha256(&data)],
             )
             .map_err(StoreError::from)?;
+            last_seq = tx.last_insert_rowid();
             tx.execute(
                 "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5 WHERE doc_id = ?1",
                 params![id.as_str(), kind.as_str(), title, join_heads(&heads), now],
             )
             .map_err(StoreError::from)?;
-            compact_if_due(&tx, id, &mut doc)?;
+            if let Some(g) = compact_if_due(&tx, id, &mut doc)? {
+                generation = g;
+            }
             data.len()
         };
         tx.commit().map_err(StoreError::from)?;
+        self.cache.borrow_mut().put(doc, generation, last_seq);
         Ok((value, UpdateOutcome { new_bytes, heads, created }))
     }
 
     /// Folds a document's increments into one snapshot now.
     pub fn compact(&mut self, id: &DocId) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut doc = load_in(&tx, id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
-        write_snapshot(&tx, id, &mut doc)?;
+        let mut loaded = load_in(&tx, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        let generation = write_snapshot(&tx, id, &mut loaded.doc)?;
         tx.commit()?;
+        self.cache.borrow_mut().put(loaded.doc, generation, loaded.last_seq);
         Ok(())
     }
 
     /// Number of incremental rows a document has (for tests and status).
     pub fn increment_rows(&self, id: &DocId) -> Result<i64, StoreError> {
         Ok(self.conn.query_row("SELECT count(*) FROM changes WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))?)
+    }
+
+    /// Each document's heads, from the table (no document is loaded).
+    pub fn heads(&self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError> {
+        let mut out = Vec::new();
+        for summary in self.list()? {
+            let corrupt = |reason: String| StoreError::CorruptDocument { id: summary.id.clone(), reason };
+            let heads = summary
+                .heads
+                .iter()
+                .map(|h| h.parse::<ChangeHash>().map_err(|e| corrupt(format!("bad head {h:?}: {e}"))))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push((summary.id, heads));
+        }
+        Ok(out)
+    }
+
+    /// The persisted sync states shared with `peer`, by document.
+    pub fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT doc_id, state FROM sync_states WHERE peer = ?1")?;
+        let rows = stmt.query_map([peer], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (doc, state) = row?;
+            // A row naming no valid document is skipped: a fresh sync state is always safe.
+            if let Ok(doc) = doc.parse() {
+                out.push((doc, state));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Persists sync states shared with `peer` (replacing earlier ones), in one transaction.
+    pub fn save_sync_states(
+        &mut self,
+        peer: &str,
+        states: impl IntoIterator<Item = (DocId, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO sync_states (peer, doc_id, state) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(peer, doc_id) DO UPDATE SET state = excluded.state",
+            )?;
+            for (doc, state) in states {
+                stmt.execute(params![peer, doc.as_str(), state])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// A number that changes whenever another connection (another process) commits
+    /// to the database: cheap polling for edits made by other CLI invocations.
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        Ok(self.conn.pragma_query_value(None, "data_version", |r| r.get(0))?)
     }
 
     /// SQLite's `integrity_check` plus loading every document; returns the problems found.
@@ -420,36 +570,67 @@ fn join_heads(heads: &[ChangeHash]) -> String {
     heads.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
-/// Loads a document through any connection or transaction.
-fn load_in(conn: &Connection, id: &DocId) -> Result<Option<Document>, StoreError> {
-    type Blob = (Option<Vec<u8>>, Option<Vec<u8>>);
-    let snapshot: Option<Blob> = conn
-        .query_row("SELECT snapshot, snapshot_sha256 FROM documents WHERE doc_id = ?1", [id.as_str()], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })
+/// Loads a document through any connection or transaction, starting from the
+/// cached copy when its snapshot generation is still current. With `take`, the
+/// cached copy is moved out (the caller is about to change it).
+fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) -> Result<Option<Loaded>, StoreError> {
+    let generation: Option<i64> = conn
+        .query_row("SELECT generation FROM documents WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))
         .optional()?;
-    let Some((snapshot, snapshot_sum)) = snapshot else { return Ok(None) };
-    let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
-    let mut doc = match snapshot {
-        Some(bytes) => {
-            if snapshot_sum.as_deref() != Some(sha256(&bytes).as_slice()) {
-                return Err(corrupt("the snapshot does not match its checksum".into()));
-            }
-            AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?
-        }
-        None => AutoCommit::new(),
+    let Some(generation) = generation else {
+        cache.borrow_mut().entries.remove(id);
+        return Ok(None);
     };
-    let mut stmt = conn.prepare_cached("SELECT seq, data, sha256 FROM changes WHERE doc_id = ?1 ORDER BY seq")?;
-    let rows =
-        stmt.query_map([id.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?)))?;
+    let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+    let cached = {
+        let mut cache = cache.borrow_mut();
+        match cache.entries.get(id) {
+            Some(c) if c.generation == generation => {
+                if take {
+                    cache.entries.remove(id).map(|c| (c.doc, c.last_seq))
+                } else {
+                    Some((c.doc.clone(), c.last_seq))
+                }
+            }
+            _ => None,
+        }
+    };
+    let (mut doc, after_seq) = match cached {
+        Some((doc, last_seq)) => (doc.into_automerge(), last_seq),
+        None => {
+            let (snapshot, sum): (Option<Vec<u8>>, Option<Vec<u8>>) = conn.query_row(
+                "SELECT snapshot, snapshot_sha256 FROM documents WHERE doc_id = ?1",
+                [id.as_str()],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            let doc = match snapshot {
+                Some(bytes) => {
+                    if sum.as_deref() != Some(sha256(&bytes).as_slice()) {
+                        return Err(corrupt("the snapshot does not match its checksum".into()));
+                    }
+                    AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?
+                }
+                None => AutoCommit::new(),
+            };
+            (doc, 0)
+        }
+    };
+    let mut last_seq = after_seq;
+    let mut stmt =
+        conn.prepare_cached("SELECT seq, data, sha256 FROM changes WHERE doc_id = ?1 AND seq > ?2 ORDER BY seq")?;
+    let rows = stmt.query_map(params![id.as_str(), after_seq], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
+    })?;
     for row in rows {
         let (seq, data, sum) = row?;
         if sum != sha256(&data) {
             return Err(corrupt(format!("change row {seq} does not match its checksum")));
         }
         doc.load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
+        last_seq = seq;
     }
-    Document::from_automerge(id.clone(), doc).map(Some).map_err(|e| corrupt(e.to_string()))
+    let doc = Document::from_automerge(id.clone(), doc).map_err(|e| corrupt(e.to_string()))?;
+    Ok(Some(Loaded { doc, generation, last_seq }))
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
@@ -457,23 +638,27 @@ fn sha256(data: &[u8]) -> Vec<u8> {
     sha2::Sha256::digest(data).to_vec()
 }
 
-fn compact_if_due(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<(), StoreError> {
+/// Compacts when enough increments have piled up; returns the new snapshot generation if it did.
+fn compact_if_due(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<Option<i64>, StoreError> {
     let rows: i64 = tx.query_row("SELECT count(*) FROM changes WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))?;
     if rows >= COMPACT_AFTER_ROWS {
-        write_snapshot(tx, id, doc)?;
+        return write_snapshot(tx, id, doc).map(Some);
     }
-    Ok(())
+    Ok(None)
 }
 
-fn write_snapshot(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<(), StoreError> {
+/// Replaces the snapshot with a full save and drops the increments; returns the new generation.
+fn write_snapshot(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<i64, StoreError> {
     let data = doc.automerge_mut().save();
-    tx.execute(
-        "UPDATE documents SET snapshot = ?2, snapshot_sha256 = ?3 WHERE doc_id = ?1",
+    let generation: i64 = tx.query_row(
+        "UPDATE documents SET snapshot = ?2, snapshot_sha256 = ?3, generation = generation + 1
+         WHERE doc_id = ?1 RETURNING generation",
         params![id.as_str(), data, sha256(&data)],
+        |r| r.get(0),
     )?;
     tx.execute("DELETE FROM changes WHERE doc_id = ?1", [id.as_str()])?;
-    tracing::debug!(doc = %id, bytes = data.len(), "compacted document");
-    Ok(())
+    tracing::debug!(doc = %id, bytes = data.len(), generation, "compacted document");
+    Ok(generation)
 }
 
 #[cfg(test)]
@@ -525,6 +710,40 @@ mod tests {
         assert_eq!(loaded.change_count(), 201);
         assert_eq!(store.list().unwrap()[0].title, "Medborgarlöfte Trosa 2025");
         assert!(store.check().unwrap().is_empty());
+    }
+
+    #[test]
+    fn cached_documents_see_what_other_processes_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let ctx = ctx();
+        let directory = Directory::sodermanland();
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        let mut ours = Store::open_or_create(&path).unwrap();
+        ours.insert(&mut doc).unwrap();
+        assert!(ours.load(&id).is_ok());
+        assert_eq!(ours.cached(), 1);
+        // Another process appends edits, then enough to compact (a new snapshot generation).
+        let mut theirs = Store::open(&path).unwrap();
+        for i in 0..(COMPACT_AFTER_ROWS + 3) {
+            theirs
+                .update(&id, false, |d| {
+                    d.edit(&ctx, &directory, "body", |e| e.set_body(&format!("theirs {i}"))).map_err(StoreError::from)
+                })
+                .unwrap();
+            if i == 2 {
+                assert_eq!(ours.load(&id).unwrap().view().unwrap().body, "theirs 2");
+            }
+        }
+        let expected = format!("theirs {}", COMPACT_AFTER_ROWS + 2);
+        assert_eq!(ours.load(&id).unwrap().view().unwrap().body, expected);
+        // Our own edit builds on all of theirs.
+        ours.update(&id, false, |d| d.edit(&ctx, &directory, "x", |e| e.set_place(Some("Trosa"))).map_err(StoreError::from))
+            .unwrap();
+        let fresh = Store::open(&path).unwrap().load(&id).unwrap().view().unwrap();
+        assert_eq!(fresh.body, expected);
+        assert_eq!(fresh.place.as_deref(), Some("Trosa"));
     }
 
     #[test]
@@ -586,6 +805,8 @@ mod tests {
         let middle = data.len() / 2;
         data[middle] ^= 0x01;
         store.conn.execute("UPDATE changes SET data = ?2 WHERE seq = ?1", params![seq, data]).unwrap();
+        // A fresh process (no cached copy) reads the damaged row.
+        let store = Store::open(&path).unwrap();
         let err = store.load(&id).unwrap_err();
         assert!(matches!(err, StoreError::CorruptDocument { .. }), "{err}");
         assert!(err.to_string().contains("checksum"), "{err}");
@@ -603,7 +824,7 @@ mod measurements {
     use std::time::Instant;
 
     /// Prints what 10,000 small durable edits cost and how fast the document then loads.
-    /// `cargo test --release -p samverkan-node -- --ignored --nocapture ten_thousand`
+    /// `cargo test --release -p samverkan-store -- --ignored --nocapture ten_thousand`
     #[test]
     #[ignore = "measurement; run explicitly"]
     fn ten_thousand_small_edits_then_load() {

@@ -1,0 +1,502 @@
+//! One connection's protocol as a state machine: handshake, summary, and the
+//! per-document Automerge sync, for either end (node or relay).
+//!
+//! The driver (node client or relay server) feeds it every received [`Frame`]
+//! and every local change, sends what [`SyncConnection::take_outbox`] returns,
+//! and acts on the [`ConnectionEvent`]s (persist, forward, report). Documents
+//! are reached through the [`DocAccess`] trait, which the driver implements over
+//! its store; this module never does I/O itself.
+//!
+//! Sequence: node `Hello` → relay `Welcome` (both report
+//! [`ConnectionEvent::Established`]; the driver restores persisted sync states
+//! and calls [`SyncConnection::begin`]) → both send `Summary` → each answers
+//! `InSync` or `DocHeads` → `Sync` frames for the documents that differ.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use automerge::{AutoCommit, ChangeHash};
+
+use super::{doc_heads_frame, plan, summary_digest, summary_frame, PeerSession, Role, SyncError};
+use crate::ids::DocId;
+use crate::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
+
+/// How a connection reaches the documents of its side.
+pub trait DocAccess {
+    /// The driver's storage error.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Every document the peer may see, with its current heads.
+    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Self::Error>;
+
+    /// Whether the peer may send us a document we do not hold yet.
+    fn may_receive(&mut self, doc: &DocId) -> bool;
+
+    /// Runs `f` on a document and durably stores it if its heads changed.
+    /// `Ok(None)` when the document does not exist and `create` is false.
+    fn with_doc<R>(
+        &mut self,
+        doc: &DocId,
+        create: bool,
+        f: impl FnOnce(&mut AutoCommit) -> R,
+    ) -> Result<Option<R>, Self::Error>;
+}
+
+/// What happened on a connection that the driver should act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionEvent {
+    /// The handshake is done: restore the peer's sync states, then call [`SyncConnection::begin`].
+    Established {
+        /// The peer: a node id (on the relay) or the relay's name (on a node).
+        peer: String,
+        /// The peer's software, for logs.
+        software: String,
+    },
+    /// A document changed here because of what the peer sent (the relay
+    /// forwards it to its other connections; a node reports it).
+    DocChanged {
+        /// The document.
+        doc: DocId,
+        /// Its new heads.
+        heads: Vec<ChangeHash>,
+    },
+}
+
+/// Why a connection must close.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The peer broke the protocol (wrong frame for the phase, wrong version).
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// Syncing one document failed (hostile or broken message).
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+    /// The peer asked for a document it may not have.
+    #[error("refused document {0}: not shared with this peer")]
+    Forbidden(DocId),
+    /// The peer reported an error and will close.
+    #[error("the peer reported an error ({code:?}): {message}")]
+    Peer {
+        /// Its code.
+        code: ErrorCode,
+        /// Its message.
+        message: String,
+    },
+    /// Our own storage failed.
+    #[error("storage: {0}")]
+    Storage(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl ConnectionError {
+    fn storage(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Storage(Box::new(e))
+    }
+}
+
+/// Counters of one connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConnectionStats {
+    /// Frames received.
+    pub frames_in: u64,
+    /// Frames queued for sending.
+    pub frames_out: u64,
+    /// Automerge sync messages received.
+    pub sync_in: u64,
+    /// Automerge sync messages queued for sending.
+    pub sync_out: u64,
+    /// Documents that changed here through this connection.
+    pub docs_received: BTreeSet<DocId>,
+    /// Documents for which we sent at least one sync message.
+    pub docs_sent: BTreeSet<DocId>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    AwaitHello,
+    AwaitWelcome,
+    Established,
+    Open,
+}
+
+/// The protocol state of one connection.
+#[derive(Debug)]
+pub struct SyncConnection {
+    role: Role,
+    software: String,
+    phase: Phase,
+    session: PeerSession,
+    peer: Option<String>,
+    outbox: VecDeque<Frame>,
+    their_summary_seen: bool,
+    our_summary_answered: bool,
+    pending: BTreeSet<DocId>,
+    stats: ConnectionStats,
+}
+
+impl SyncConnection {
+    /// A node's end: queues `Hello` with the node's id.
+    pub fn node(node_id: &str, software: &str) -> Self {
+        let mut conn = Self::new(Role::Node, software);
+        conn.phase = Phase::AwaitWelcome;
+        conn.push(Frame::Hello { protocol: PROTOCOL_VERSION, software: software.to_string(), node: node_id.to_string() });
+        conn
+    }
+
+    /// The relay's end: waits for `Hello`.
+    pub fn relay(software: &str) -> Self {
+        let mut conn = Self::new(Role::Relay, software);
+        conn.phase = Phase::AwaitHello;
+        conn
+    }
+
+    fn new(role: Role, software: &str) -> Self {
+        Self {
+            role,
+            software: software.to_string(),
+            phase: Phase::AwaitHello,
+            session: PeerSession::new(role),
+            peer: None,
+            outbox: VecDeque::new(),
+            their_summary_seen: false,
+            our_summary_answered: false,
+            pending: BTreeSet::new(),
+            stats: ConnectionStats::default(),
+        }
+    }
+
+    /// The peer, once the handshake is done.
+    pub fn peer(&self) -> Option<&str> {
+        self.peer.as_deref()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &ConnectionStats {
+        &self.stats
+    }
+
+    /// Frames to send now, in order.
+    pub fn take_outbox(&mut self) -> Vec<Frame> {
+        self.outbox.drain(..).collect()
+    }
+
+    fn push(&mut self, frame: Frame) {
+        if matches!(frame, Frame::Sync { .. }) {
+            self.stats.sync_out += 1;
+            if let Frame::Sync { doc, .. } = &frame {
+                self.stats.docs_sent.insert(doc.clone());
+            }
+        }
+        self.stats.frames_out += 1;
+        self.outbox.push_back(frame);
+    }
+
+    /// Queues an error frame for the peer (before the driver closes).
+    pub fn push_error(&mut self, code: ErrorCode, message: impl Into<String>) {
+        self.push(Frame::Error { code, message: message.into() });
+    }
+
+    /// Restores persisted sync states for this peer; a state that does not
+    /// decode is skipped (a fresh state is always safe, only more expensive).
+    /// Returns how many were restored.
+    pub fn restore(&mut self, states: impl IntoIterator<Item = (DocId, Vec<u8>)>) -> usize {
+        states.into_iter().filter(|(doc, state)| self.session.restore_state(doc, state).is_ok()).count()
+    }
+
+    /// The sync states to persist for this peer (call when the connection ends).
+    pub fn into_persisted(self) -> Vec<(DocId, Vec<u8>)> {
+        self.session.into_persisted().into_iter().collect()
+    }
+
+    /// The sync states to persist now, keeping the connection (e.g. periodically).
+    pub fn persisted(&self) -> Vec<(DocId, Vec<u8>)> {
+        self.session.persisted_states().into_iter().collect()
+    }
+
+    /// Starts the summary phase once the handshake is done and states are restored.
+    pub fn begin<D: DocAccess>(&mut self, docs: &mut D) -> Result<(), ConnectionError> {
+        if self.phase != Phase::Established {
+            return Err(ConnectionError::Protocol("begin before the handshake".into()));
+        }
+        self.phase = Phase::Open;
+        let heads = docs.shared_heads().map_err(ConnectionError::storage)?;
+        self.push(summary_frame(heads.iter().map(|(d, h)| (d, h.as_slice()))));
+        Ok(())
+    }
+
+    /// Handles one frame from the peer.
+    pub fn on_frame<D: DocAccess>(
+        &mut self,
+        frame: Frame,
+        docs: &mut D,
+    ) -> Result<Vec<ConnectionEvent>, ConnectionError> {
+        self.stats.frames_in += 1;
+        let mut events = Vec::new();
+        match (self.phase, frame) {
+            (_, Frame::Error { code, message }) => return Err(ConnectionError::Peer { code, message }),
+            (Phase::AwaitHello, Frame::Hello { protocol, software, node }) => {
+                if protocol != PROTOCOL_VERSION {
+                    self.push_error(
+                        ErrorCode::ProtocolVersion,
+                        format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}: upgrade the older side"),
+                    );
+                    return Err(ConnectionError::Protocol(format!("peer speaks protocol {protocol}")));
+                }
+                self.push(Frame::Welcome { protocol: PROTOCOL_VERSION, relay: self.software.clone() });
+                self.peer = Some(node.clone());
+                self.phase = Phase::Established;
+                events.push(ConnectionEvent::Established { peer: node, software });
+            }
+            (Phase::AwaitWelcome, Frame::Welcome { protocol, relay }) => {
+                if protocol != PROTOCOL_VERSION {
+                    return Err(ConnectionError::Protocol(format!(
+                        "the relay speaks protocol {protocol}, this node {PROTOCOL_VERSION}: upgrade the older side"
+                    )));
+                }
+                self.peer = Some(relay.clone());
+                self.phase = Phase::Established;
+                events.push(ConnectionEvent::Established { peer: relay.clone(), software: relay });
+            }
+            (Phase::Open, Frame::Summary { digest, .. }) => {
+                self.their_summary_seen = true;
+                let heads = docs.shared_heads().map_err(ConnectionError::storage)?;
+                if summary_digest(heads.iter().map(|(d, h)| (d, h.as_slice()))) == digest {
+                    self.push(Frame::InSync);
+                } else {
+                    self.push(doc_heads_frame(heads.iter().map(|(d, h)| (d, h.as_slice()))));
+                }
+            }
+            (Phase::Open, Frame::InSync) => self.our_summary_answered = true,
+            (Phase::Open, Frame::DocHeads { entries }) => {
+                self.our_summary_answered = true;
+                let heads = docs.shared_heads().map_err(ConnectionError::storage)?;
+                let planned = plan(heads.iter().map(|(d, h)| (d, h.as_slice())), &entries);
+                for doc in planned.to_start() {
+                    self.pending.insert(doc.clone());
+                    self.generate(doc, docs)?;
+                }
+                for doc in &planned.only_theirs {
+                    if docs.may_receive(doc) {
+                        self.pending.insert(doc.clone());
+                    }
+                }
+            }
+            (Phase::Open, Frame::Sync { doc, message }) => {
+                self.stats.sync_in += 1;
+                let create = docs.may_receive(&doc);
+                let session = &mut self.session;
+                let outcome = docs
+                    .with_doc(&doc, create, |d| session.receive(&doc, d, &message))
+                    .map_err(ConnectionError::storage)?;
+                match outcome {
+                    None => {
+                        self.push_error(ErrorCode::Forbidden, format!("document {doc} is not shared with you"));
+                        return Err(ConnectionError::Forbidden(doc));
+                    }
+                    Some(Err(e)) => {
+                        self.push_error(e.error_code(), e.to_string());
+                        return Err(e.into());
+                    }
+                    Some(Ok(outcome)) => {
+                        if let Some(reply) = outcome.reply {
+                            self.push(reply);
+                        }
+                        if outcome.changed {
+                            self.stats.docs_received.insert(doc.clone());
+                            events.push(ConnectionEvent::DocChanged { doc, heads: outcome.heads });
+                        }
+                    }
+                }
+            }
+            (phase, frame) => {
+                let message = format!("unexpected {} frame while {phase:?}", frame.name());
+                self.push_error(ErrorCode::Malformed, message.clone());
+                return Err(ConnectionError::Protocol(message));
+            }
+        }
+        Ok(events)
+    }
+
+    /// A document changed on our side (a local edit, or through another
+    /// connection on the relay): queue what the peer needs.
+    pub fn on_local_change<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
+        if self.phase != Phase::Open {
+            return Ok(()); // The summary will cover it.
+        }
+        self.generate(doc, docs)
+    }
+
+    fn generate<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
+        let session = &mut self.session;
+        match docs.with_doc(doc, false, |d| session.generate(doc, d)).map_err(ConnectionError::storage)? {
+            None => Ok(()), // Not here (yet): nothing to offer.
+            Some(Ok(Some(frame))) => {
+                self.push(frame);
+                Ok(())
+            }
+            Some(Ok(None)) => Ok(()),
+            Some(Err(e)) => {
+                self.push_error(e.error_code(), e.to_string());
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Whether everything that differed at connect time is now in sync on both
+    /// sides and both summaries were answered: a one-shot sync may hang up.
+    pub fn is_settled<D: DocAccess>(&mut self, docs: &mut D) -> Result<bool, ConnectionError> {
+        if self.phase != Phase::Open || !self.their_summary_seen || !self.our_summary_answered {
+            return Ok(false);
+        }
+        let pending: Vec<DocId> = self.pending.iter().cloned().collect();
+        for doc in pending {
+            let session = &self.session;
+            let in_sync = docs.with_doc(&doc, false, |d| session.in_sync(&doc, d)).map_err(ConnectionError::storage)?;
+            if in_sync == Some(true) {
+                self.pending.remove(&doc);
+            } else {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Which end this is.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::convert::Infallible;
+
+    use automerge::transaction::Transactable;
+    use automerge::ReadDoc;
+
+    use super::*;
+
+    /// Documents in memory.
+    #[derive(Default)]
+    struct Docs(BTreeMap<DocId, AutoCommit>);
+
+    impl DocAccess for Docs {
+        type Error = Infallible;
+        fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Infallible> {
+            Ok(self.0.iter_mut().map(|(id, d)| (id.clone(), d.get_heads())).collect())
+        }
+        fn may_receive(&mut self, _doc: &DocId) -> bool {
+            true
+        }
+        fn with_doc<R>(
+            &mut self,
+            doc: &DocId,
+            create: bool,
+            f: impl FnOnce(&mut AutoCommit) -> R,
+        ) -> Result<Option<R>, Infallible> {
+            if create {
+                return Ok(Some(f(self.0.entry(doc.clone()).or_default())));
+            }
+            Ok(self.0.get_mut(doc).map(f))
+        }
+    }
+
+    /// Delivers frames both ways (through the encoder) until both outboxes are empty.
+    fn pump(node: &mut SyncConnection, nd: &mut Docs, relay: &mut SyncConnection, rd: &mut Docs) -> (usize, usize) {
+        let (mut frames, mut bytes) = (0, 0);
+        for _ in 0..1000 {
+            let to_relay = node.take_outbox();
+            let to_node = relay.take_outbox();
+            if to_relay.is_empty() && to_node.is_empty() {
+                return (frames, bytes);
+            }
+            for f in to_relay {
+                frames += 1;
+                bytes += f.encode().len();
+                for e in relay.on_frame(f, rd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        relay.begin(rd).unwrap();
+                    }
+                }
+            }
+            for f in to_node {
+                frames += 1;
+                bytes += f.encode().len();
+                for e in node.on_frame(f, nd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        node.begin(nd).unwrap();
+                    }
+                }
+            }
+        }
+        panic!("did not settle");
+    }
+
+    fn doc_with(text: &str) -> AutoCommit {
+        let mut d = AutoCommit::new();
+        d.put(automerge::ROOT, "text", text).unwrap();
+        d.commit();
+        d
+    }
+
+    #[test]
+    fn node_and_relay_exchange_missing_documents_and_settle() {
+        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let a = DocId::random();
+        let b = DocId::random();
+        nd.0.insert(a.clone(), doc_with("från noden"));
+        rd.0.insert(b.clone(), doc_with("från reläet"));
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        pump(&mut node, &mut nd, &mut relay, &mut rd);
+        assert!(node.is_settled(&mut nd).unwrap());
+        assert!(relay.is_settled(&mut rd).unwrap());
+        assert_eq!(nd.shared_heads().unwrap(), rd.shared_heads().unwrap());
+        assert_eq!(relay.peer(), Some("node-1"));
+        assert!(node.stats().docs_received.contains(&b));
+        assert!(relay.stats().docs_received.contains(&a));
+        let text = nd.0[&b].get(automerge::ROOT, "text").unwrap().unwrap().0.to_string();
+        assert!(text.contains("från reläet"));
+
+        // Reconnect with persisted states and nothing new: summaries only.
+        let node_states = node.into_persisted();
+        let relay_states = relay.into_persisted();
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        node.restore(node_states);
+        relay.restore(relay_states);
+        let (frames, bytes) = pump(&mut node, &mut nd, &mut relay, &mut rd);
+        assert_eq!(node.stats().sync_out + relay.stats().sync_out, 0);
+        assert!(node.is_settled(&mut nd).unwrap());
+        assert!(frames <= 6 && bytes < 300, "{frames} frames, {bytes} bytes");
+    }
+
+    #[test]
+    fn wrong_protocol_version_and_out_of_phase_frames_close_with_an_error_frame() {
+        let mut rd = Docs::default();
+        let mut relay = SyncConnection::relay("relay");
+        let err = relay.on_frame(Frame::Hello { protocol: 99, software: "x".into(), node: "n".into() }, &mut rd);
+        assert!(matches!(err, Err(ConnectionError::Protocol(_))));
+        assert!(matches!(relay.take_outbox().as_slice(), [Frame::Error { code: ErrorCode::ProtocolVersion, .. }]));
+
+        let mut relay = SyncConnection::relay("relay");
+        let err = relay.on_frame(Frame::InSync, &mut rd);
+        assert!(matches!(err, Err(ConnectionError::Protocol(_))));
+        assert!(matches!(relay.take_outbox().as_slice(), [Frame::Error { code: ErrorCode::Malformed, .. }]));
+    }
+
+    #[test]
+    fn a_garbage_sync_message_closes_the_connection_and_leaves_documents_alone() {
+        let mut rd = Docs::default();
+        let doc = DocId::random();
+        rd.0.insert(doc.clone(), doc_with("orörd"));
+        let before = rd.shared_heads().unwrap();
+        let mut relay = SyncConnection::relay("relay");
+        relay.on_frame(Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: "n".into() }, &mut rd).unwrap();
+        relay.begin(&mut rd).unwrap();
+        relay.take_outbox();
+        let err = relay.on_frame(Frame::Sync { doc: doc.clone(), message: vec![0x42, 1, 2, 3] }, &mut rd);
+        assert!(matches!(err, Err(ConnectionError::Sync(_))), "{err:?}");
+        assert!(matches!(relay.take_outbox().as_slice(), [Frame::Error { .. }]));
+        assert_eq!(rd.shared_heads().unwrap(), before);
+    }
+}
