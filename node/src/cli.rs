@@ -132,6 +132,25 @@ pub enum Command {
     Bundle(BundleCommand),
     /// Check the database and every document for damage.
     Check,
+    /// Sync every document with the relay once, then exit with a summary.
+    Sync(RelayArgs),
+    /// Stay connected to the relay: push local edits, receive remote ones, reconnect when cut off.
+    Daemon(RelayArgs),
+}
+
+/// Which relay to use; remembered after the first use.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// The relay's address (host:port); defaults to the one used last.
+    #[arg(long)]
+    pub relay: Option<String>,
+    /// The relay certificate's SHA-256 fingerprint, as `samverkan-relay serve` prints it;
+    /// defaults to the one pinned last.
+    #[arg(long)]
+    pub fingerprint: Option<String>,
+    /// Give up a one-shot sync after this many seconds.
+    #[arg(long, default_value_t = 120)]
+    pub timeout: u64,
 }
 
 /// Arguments of `new`.
@@ -549,6 +568,40 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bundle(cmd) => cmd_bundle(&mut node, cmd, json),
+        Command::Sync(args) => {
+            let target = relay_target(&mut node, &args)?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let report = runtime
+                .block_on(crate::sync::sync_once(&mut node, &target, std::time::Duration::from_secs(args.timeout)))
+                .with_context(|| format!("sync with {} failed", target.addr))?;
+            print(json, json!(report), || {
+                format!(
+                    "Synced with {} in {} ms: sent changes of {} document(s), received changes of {} document(s); {} sync messages out, {} in; {} bytes out, {} bytes in.",
+                    target.addr,
+                    report.millis,
+                    report.docs_sent,
+                    report.docs_received,
+                    report.messages_sent,
+                    report.messages_received,
+                    report.bytes_sent,
+                    report.bytes_received
+                )
+            })
+        }
+        Command::Daemon(args) => {
+            let target = relay_target(&mut node, &args)?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            eprintln!("syncing with {} until interrupted (Ctrl-C)", target.addr);
+            runtime.block_on(crate::sync::daemon(
+                &mut node,
+                &target,
+                &crate::sync::DaemonOptions::default(),
+                async {
+                    let _ = tokio::signal::ctrl_c().await;
+                },
+            ))?;
+            Ok(())
+        }
         Command::Check => {
             let problems = node.check()?;
             print(json, json!({"ok": problems.is_empty(), "problems": problems}), || {
@@ -564,6 +617,32 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The relay to use: from the flags (remembered for next time) or as remembered.
+fn relay_target(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::RelayTarget> {
+    use crate::sync::{META_RELAY_ADDRESS, META_RELAY_FINGERPRINT};
+    let store = node.store_mut();
+    let address = match &args.relay {
+        Some(a) => a.clone(),
+        None => store.meta(META_RELAY_ADDRESS)?.context("no relay known yet: give --relay host:port")?,
+    };
+    let fingerprint = match &args.fingerprint {
+        Some(f) => f.trim().to_ascii_lowercase(),
+        None => store
+            .meta(META_RELAY_FINGERPRINT)?
+            .context("no relay fingerprint pinned yet: give --fingerprint (samverkan-relay serve prints it)")?,
+    };
+    if fingerprint.len() != 64 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("the fingerprint must be 64 hex digits (a SHA-256), got {fingerprint:?}");
+    }
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(&address)
+        .with_context(|| format!("cannot resolve relay address {address:?}"))?
+        .next()
+        .with_context(|| format!("relay address {address:?} resolves to nothing"))?;
+    store.set_meta(META_RELAY_ADDRESS, &address)?;
+    store.set_meta(META_RELAY_FINGERPRINT, &fingerprint)?;
+    Ok(crate::sync::RelayTarget { addr, fingerprint })
 }
 
 fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {

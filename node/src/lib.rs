@@ -3,14 +3,16 @@
 //! Layout:
 //! - [`store`]: the SQLite store (the `samverkan-store` crate, re-exported).
 //! - [`node`]: the data directory (store + identity key) and every offline operation.
+//! - [`sync`]: syncing with the relay over QUIC, once or as a daemon.
 //! - [`cli`]: the `samverkan-node` command line.
 //!
-//! The node works fully offline; documents reach other nodes through bundles
-//! (and, with the sync issue, through the relay).
+//! The node works fully offline; documents reach other nodes through the relay
+//! whenever it is reachable, or through bundle files.
 
 #![warn(missing_docs)]
 
 pub mod cli;
 pub mod node;
+pub mod sync;
 
 pub use samverkan_store as store;

@@ -1,11 +1,21 @@
-//! The County Board's Samverkan relay.
+//! The County Board's Samverkan relay: store-and-forward sync over QUIC.
 //!
-//! A skeleton until the sync issue lands: the relay will accept QUIC
-//! connections from nodes, store every document it receives in its own SQLite
-//! store behind a narrow storage interface, and forward changes between nodes.
-//! See ARCHITECTURE.md for the planned modules.
+//! Layout:
+//! - [`storage`]: the narrow storage interface ([`storage::RelayStorage`]) and its
+//!   embedded SQLite implementation; a PostgreSQL one can follow.
+//! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
+//! - [`server`]: the QUIC accept loop and one sync task per node connection.
+//!
+//! The relay keeps every document it receives durably, forwards changes to every
+//! other connected node within milliseconds, and serves nodes that were offline
+//! when they next connect. Documents are loaded on demand and at most
+//! [`server::RelayConfig::cached_documents`] stay in memory.
 
 #![warn(missing_docs)]
+
+pub mod hub;
+pub mod server;
+pub mod storage;
 
 /// The relay's version, as reported to nodes and operators.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,17 +1,90 @@
-//! `samverkan-relay`: the County Board's relay (skeleton; sync arrives with the sync issue).
+//! `samverkan-relay`: parses flags, sets up logging and runs the relay.
 
-use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use samverkan_relay::server::{self, RelayConfig};
 
 /// Samverkan relay: store-and-forward sync for the county's nodes.
-///
-/// Not yet able to serve: this build only reports its version. Nodes exchange
-/// changes offline with `samverkan-node bundle export|import` meanwhile.
 #[derive(Debug, Parser)]
 #[command(name = "samverkan-relay", version = samverkan_relay::VERSION, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    eprintln!("samverkan-relay {}: serving is not available in this build yet; use `samverkan-node bundle` to exchange changes offline", samverkan_relay::VERSION);
-    std::process::exit(2);
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve nodes over QUIC until interrupted (Ctrl-C or SIGTERM).
+    Serve {
+        /// Address to listen on (UDP).
+        #[arg(long, default_value = "0.0.0.0:7878")]
+        listen: SocketAddr,
+        /// Where the relay keeps its database and certificate.
+        #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Documents kept loaded in memory at most.
+        #[arg(long, default_value_t = 256)]
+        cached_documents: usize,
+        /// Connections served at once.
+        #[arg(long, default_value_t = 4096)]
+        max_connections: usize,
+    },
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SAMVERKAN_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    match cli.command {
+        Command::Serve { listen, data_dir, cached_documents, max_connections } => runtime.block_on(async {
+            let mut config = RelayConfig::new(listen, data_dir);
+            config.cached_documents = cached_documents;
+            config.max_connections = max_connections;
+            let relay = server::spawn(config).await?;
+            println!("samverkan-relay {} listening on {}", samverkan_relay::VERSION, relay.local_addr());
+            println!("certificate fingerprint (give it to nodes): {}", relay.fingerprint());
+            let stop = relay.shutdown_signal();
+            tokio::spawn(async move {
+                shutdown_requested().await;
+                let _ = stop.send(true);
+            });
+            relay.wait().await;
+            println!("relay stopped");
+            Ok(())
+        }),
+    }
+}
+
+async fn shutdown_requested() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => return std::future::pending().await,
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
 }

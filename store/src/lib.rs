@@ -245,7 +245,8 @@ impl Store {
     pub fn open_or_create(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(|e| classify_open_error(path, e))?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(|e| classify_open_error(path, e))?;
-        let mut store = Self { conn, path: path.to_path_buf(), cache: RefCell::new(Cache::new(DEFAULT_CACHE_CAPACITY)) };
+        let mut store =
+            Self { conn, path: path.to_path_buf(), cache: RefCell::new(Cache::new(DEFAULT_CACHE_CAPACITY)) };
         store.prepare().map_err(|e| match e {
             StoreError::Sqlite(inner) => classify_open_error(path, inner),
             other => other,
@@ -574,9 +575,8 @@ fn join_heads(heads: &[ChangeHash]) -> String {
 /// cached copy when its snapshot generation is still current. With `take`, the
 /// cached copy is moved out (the caller is about to change it).
 fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) -> Result<Option<Loaded>, StoreError> {
-    let generation: Option<i64> = conn
-        .query_row("SELECT generation FROM documents WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))
-        .optional()?;
+    let generation: Option<i64> =
+        conn.query_row("SELECT generation FROM documents WHERE doc_id = ?1", [id.as_str()], |r| r.get(0)).optional()?;
     let Some(generation) = generation else {
         cache.borrow_mut().entries.remove(id);
         return Ok(None);
@@ -739,8 +739,10 @@ mod tests {
         let expected = format!("theirs {}", COMPACT_AFTER_ROWS + 2);
         assert_eq!(ours.load(&id).unwrap().view().unwrap().body, expected);
         // Our own edit builds on all of theirs.
-        ours.update(&id, false, |d| d.edit(&ctx, &directory, "x", |e| e.set_place(Some("Trosa"))).map_err(StoreError::from))
-            .unwrap();
+        ours.update(&id, false, |d| {
+            d.edit(&ctx, &directory, "x", |e| e.set_place(Some("Trosa"))).map_err(StoreError::from)
+        })
+        .unwrap();
         let fresh = Store::open(&path).unwrap().load(&id).unwrap().view().unwrap();
         assert_eq!(fresh.body, expected);
         assert_eq!(fresh.place.as_deref(), Some("Trosa"));

@@ -137,7 +137,11 @@ impl SyncConnection {
     pub fn node(node_id: &str, software: &str) -> Self {
         let mut conn = Self::new(Role::Node, software);
         conn.phase = Phase::AwaitWelcome;
-        conn.push(Frame::Hello { protocol: PROTOCOL_VERSION, software: software.to_string(), node: node_id.to_string() });
+        conn.push(Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            software: software.to_string(),
+            node: node_id.to_string(),
+        });
         conn
     }
 
@@ -491,7 +495,9 @@ mod tests {
         rd.0.insert(doc.clone(), doc_with("orörd"));
         let before = rd.shared_heads().unwrap();
         let mut relay = SyncConnection::relay("relay");
-        relay.on_frame(Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: "n".into() }, &mut rd).unwrap();
+        relay
+            .on_frame(Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: "n".into() }, &mut rd)
+            .unwrap();
         relay.begin(&mut rd).unwrap();
         relay.take_outbox();
         let err = relay.on_frame(Frame::Sync { doc: doc.clone(), message: vec![0x42, 1, 2, 3] }, &mut rd);

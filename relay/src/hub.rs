@@ -1,0 +1,127 @@
+//! Fan-out of changes between the relay's connections.
+//!
+//! When a connection applies a change from its node, every other connection is
+//! told that the document changed. Telling is a set insert and a wake-up, never
+//! a queue that can fill: a slow or stuck node only delays itself, and however
+//! many changes pile up for it, it later generates one sync message per
+//! document from the document's current state.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use samverkan_shared::ids::DocId;
+use tokio::sync::Notify;
+
+/// Identifies one live connection.
+pub type ConnectionId = u64;
+
+/// What one connection is owed: documents that changed elsewhere.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    dirty: Mutex<BTreeSet<DocId>>,
+    notify: Notify,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+impl Mailbox {
+    /// Waits until something is owed (or the connection is told to close).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Takes the documents owed so far.
+    pub fn take(&self) -> BTreeSet<DocId> {
+        std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Whether the relay asked this connection to close.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    fn post(&self, doc: &DocId) {
+        self.dirty.lock().unwrap_or_else(|e| e.into_inner()).insert(doc.clone());
+        self.notify.notify_one();
+    }
+
+    fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.notify.notify_one();
+    }
+}
+
+/// A connected node as the hub knows it.
+#[derive(Debug, Clone)]
+struct Member {
+    peer: String,
+    mailbox: Arc<Mailbox>,
+}
+
+/// The registry of live connections.
+#[derive(Debug, Default)]
+pub struct Hub {
+    next: AtomicU64,
+    members: Mutex<HashMap<ConnectionId, Member>>,
+}
+
+impl Hub {
+    /// Registers a connection of node `peer`; returns its id and mailbox.
+    pub fn join(&self, peer: &str) -> (ConnectionId, Arc<Mailbox>) {
+        let id = self.next.fetch_add(1, Ordering::SeqCst);
+        let mailbox = Arc::new(Mailbox::default());
+        self.lock().insert(id, Member { peer: peer.to_string(), mailbox: mailbox.clone() });
+        (id, mailbox)
+    }
+
+    /// Removes a connection.
+    pub fn leave(&self, id: ConnectionId) {
+        self.lock().remove(&id);
+    }
+
+    /// Tells every connection but `from` that `doc` changed.
+    pub fn changed(&self, from: ConnectionId, doc: &DocId) {
+        for (id, member) in self.lock().iter() {
+            if *id != from {
+                member.mailbox.post(doc);
+            }
+        }
+    }
+
+    /// Asks every connection to close (shutdown).
+    pub fn close_all(&self) {
+        for member in self.lock().values() {
+            member.mailbox.close();
+        }
+    }
+
+    /// The peers connected now, one entry per connection.
+    pub fn peers(&self) -> Vec<String> {
+        self.lock().values().map(|m| m.peer.clone()).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Member>> {
+        self.members.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn changes_reach_every_other_connection_once_per_document() {
+        let hub = Hub::default();
+        let (a, mail_a) = hub.join("a");
+        let (_b, mail_b) = hub.join("b");
+        let doc = DocId::random();
+        for _ in 0..1000 {
+            hub.changed(a, &doc);
+        }
+        tokio::time::timeout(std::time::Duration::from_secs(5), mail_b.changed()).await.unwrap();
+        assert_eq!(mail_b.take().into_iter().collect::<Vec<_>>(), vec![doc]);
+        assert!(mail_a.take().is_empty(), "the sender is not told of its own change");
+        hub.leave(a);
+        assert_eq!(hub.peers(), vec!["b".to_string()]);
+    }
+}

@@ -1,0 +1,90 @@
+//! The relay's storage interface and its embedded SQLite implementation.
+//!
+//! Everything the relay keeps durably goes through [`RelayStorage`]: documents
+//! (as Automerge changes), their heads for summaries, and the sync state it
+//! shares with each node. The default is [`SqliteStorage`] over the same store
+//! the nodes use; a PostgreSQL implementation can later let several relay
+//! instances share one database. Implementations must commit a change durably
+//! before returning, and must not hold every document in memory.
+
+use automerge::{AutoCommit, ChangeHash};
+use samverkan_shared::ids::DocId;
+use samverkan_store::{Store, StoreError};
+
+/// Durable storage of the relay.
+pub trait RelayStorage: Send + 'static {
+    /// Every stored document with its heads (without loading documents).
+    fn heads(&self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError>;
+
+    /// Runs `f` on a document (an empty one if missing and `create`), and durably
+    /// stores whatever changes it made. `Ok(None)` if missing and not `create`.
+    /// A document that does not follow the schema after `f` is refused and nothing is stored.
+    fn with_doc<R>(
+        &mut self,
+        doc: &DocId,
+        create: bool,
+        f: impl FnOnce(&mut AutoCommit) -> R,
+    ) -> Result<Option<R>, StoreError>;
+
+    /// Sync states persisted for a peer.
+    fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError>;
+
+    /// Persists sync states for a peer.
+    fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
+
+    /// Drops a document from memory (it stays stored).
+    fn evict(&mut self, doc: &DocId);
+
+    /// Number of documents held in memory.
+    fn loaded(&self) -> usize;
+}
+
+/// The embedded default: one SQLite file in the relay's data directory.
+#[derive(Debug)]
+pub struct SqliteStorage {
+    store: Store,
+}
+
+impl SqliteStorage {
+    /// Opens (or creates) the relay database, keeping at most `cache` documents loaded.
+    pub fn open(path: &std::path::Path, cache: usize) -> Result<Self, StoreError> {
+        let mut store = Store::open_or_create(path)?;
+        store.set_cache_capacity(cache);
+        Ok(Self { store })
+    }
+}
+
+impl RelayStorage for SqliteStorage {
+    fn heads(&self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError> {
+        self.store.heads()
+    }
+
+    fn with_doc<R>(
+        &mut self,
+        doc: &DocId,
+        create: bool,
+        f: impl FnOnce(&mut AutoCommit) -> R,
+    ) -> Result<Option<R>, StoreError> {
+        if !create && !self.store.contains(doc)? {
+            return Ok(None);
+        }
+        let (value, _) = self.store.update(doc, create, |d| Ok::<_, StoreError>(f(d.automerge_mut())))?;
+        Ok(Some(value))
+    }
+
+    fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
+        self.store.sync_states(peer)
+    }
+
+    fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {
+        self.store.save_sync_states(peer, states)
+    }
+
+    fn evict(&mut self, doc: &DocId) {
+        self.store.evict(doc);
+    }
+
+    fn loaded(&self) -> usize {
+        self.store.cached()
+    }
+}

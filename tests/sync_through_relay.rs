@@ -1,0 +1,244 @@
+//! Real relay, real nodes: QUIC on 127.0.0.1 (port 0), SQLite files in temporary
+//! directories, bounded timeouts everywhere.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use samverkan::node::node::Node;
+use samverkan::node::sync::{self, DaemonOptions, RelayTarget, SyncReport};
+use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::shared::ids::{DocId, ItemId};
+use samverkan::shared::markdown;
+use samverkan::shared::model::{Activity, ActivityStatus, DocKind, DocumentContent};
+
+const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
+}
+
+async fn start_relay(dir: &Path) -> RelayHandle {
+    server::spawn(RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())).await.expect("relay starts")
+}
+
+fn target(relay: &RelayHandle) -> RelayTarget {
+    RelayTarget { addr: relay.local_addr(), fingerprint: relay.fingerprint().to_string() }
+}
+
+fn node(root: &Path, name: &str, org: &str) -> (PathBuf, Node) {
+    let dir = root.join(name);
+    let node = Node::init(&dir, org, Some(name)).expect("init node");
+    (dir, node)
+}
+
+async fn sync(node: &mut Node, relay: &RelayHandle) -> SyncReport {
+    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await.expect("sync succeeds")
+}
+
+/// Every document's heads and exported Markdown.
+fn fingerprint(node: &mut Node) -> Vec<(DocId, Vec<String>, String)> {
+    let mut out = Vec::new();
+    for summary in node.list().unwrap() {
+        let mut doc = node.document(&summary.id).unwrap();
+        let heads = doc.heads().iter().map(ToString::to_string).collect();
+        out.push((summary.id, heads, markdown::export(&doc.view().unwrap(), node.directory())));
+    }
+    out.sort();
+    out
+}
+
+fn body(node: &mut Node, id: &DocId) -> String {
+    node.document(id).unwrap().view().unwrap().body
+}
+
+/// Polls `check` every few milliseconds until it holds or the limit passes.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    bounded(what, async {
+        while !check() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_edits_on_two_nodes_reach_a_third_that_never_met_the_first() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let (_, mut a) = node(root.path(), "lansstyrelsen", "Länsstyrelsen");
+    let (_, mut b) = node(root.path(), "polisen", "Polisen");
+    let (_, mut c) = node(root.path(), "flen", "Flen");
+
+    let (id, _) = a.import_markdown(SEED, None).unwrap();
+    sync(&mut a, &relay).await;
+    sync(&mut b, &relay).await;
+    assert_eq!(fingerprint(&mut a), fingerprint(&mut b));
+
+    // Offline: both edit the same agreement, in the same and in different paragraphs.
+    let original = body(&mut a, &id);
+    let a_text = original.replacen("Styrgruppen bör träffas", "Styrgruppen ska träffas", 1);
+    a.edit(&id, "edit", |e| e.set_body(&a_text)).unwrap();
+    let b_text = original.replacen("minst två gånger per år.", "minst två gånger per år, vår och höst.", 1).replacen(
+        "Kommunerna har goda",
+        "Kommunerna har mycket goda",
+        1,
+    );
+    b.edit(&id, "edit", |e| e.set_body(&b_text)).unwrap();
+
+    // A syncs and goes away; B syncs; C, never online with A, sees both.
+    sync(&mut a, &relay).await;
+    drop(a);
+    let report = sync(&mut b, &relay).await;
+    assert_eq!(report.docs_received, 1, "{report:?}");
+    let c_report = sync(&mut c, &relay).await;
+    println!("third node's first sync: {c_report:?}");
+    let merged = body(&mut c, &id);
+    assert!(merged.contains("Styrgruppen ska träffas minst två gånger per år, vår och höst."), "{merged}");
+    assert!(merged.contains("Kommunerna har mycket goda"));
+
+    // A comes back and catches up; all three are equal.
+    let mut a = Node::open(&root.path().join("lansstyrelsen")).unwrap();
+    sync(&mut a, &relay).await;
+    let reference = fingerprint(&mut c);
+    assert_eq!(fingerprint(&mut a), reference);
+    assert_eq!(fingerprint(&mut b), reference);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_edits_are_pushed_between_daemons() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let (a_dir, mut a) = node(root.path(), "eskilstuna", "Eskilstuna");
+    let (b_dir, mut b) = node(root.path(), "polisen", "Polisen");
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Eskilstuna 2025");
+    content.parties = vec![a.org().clone(), b.org().clone()];
+    let id = a.create(content).unwrap();
+    sync(&mut a, &relay).await;
+    sync(&mut b, &relay).await;
+
+    let target = target(&relay);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let options = DaemonOptions { poll_interval: Duration::from_millis(20), ..DaemonOptions::default() };
+    let daemons = [(a, stop_rx.clone()), (b, stop_rx)].map(|(mut node, mut stop)| {
+        let target = target.clone();
+        let options = options.clone();
+        tokio::spawn(async move {
+            sync::daemon(&mut node, &target, &options, async move {
+                let _ = stop.changed().await;
+            })
+            .await
+            .unwrap();
+        })
+    });
+
+    // Edits come from other processes on the same data directories (like CLI invocations).
+    let mut a_cli = Node::open(&a_dir).unwrap();
+    let b_cli = Node::open(&b_dir).unwrap();
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let what = format!("Trygghetsvandring nummer {i}");
+        let started = std::time::Instant::now();
+        a_cli
+            .edit(&id, "add", |e| {
+                e.add_activity(&Activity {
+                    id: ItemId::random(),
+                    what: what.clone(),
+                    owner: None,
+                    due: None,
+                    status: ActivityStatus::Planned,
+                })
+            })
+            .unwrap();
+        eventually("the edit reaching B", || {
+            b_cli.document(&id).map(|d| d.view().unwrap().activities.iter().any(|x| x.what == what)).unwrap_or(false)
+        })
+        .await;
+        latencies.push(started.elapsed());
+    }
+    latencies.sort();
+    println!(
+        "edit on A visible on B (daemon poll {:?}): median {:?}, max {:?}",
+        options.poll_interval,
+        latencies[latencies.len() / 2],
+        latencies[latencies.len() - 1]
+    );
+    stop_tx.send(true).unwrap();
+    for d in daemons {
+        bounded("daemon stop", d).await.unwrap();
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_restart_mid_sync_and_node_restart_lose_nothing_and_resync_cheaply() {
+    let root = tempfile::tempdir().unwrap();
+    let relay_dir = root.path().join("relay");
+    let relay = start_relay(&relay_dir).await;
+    let (a_dir, mut a) = node(root.path(), "nykoping", "Nyköping");
+    let mut ids = Vec::new();
+    for i in 0..60 {
+        let mut content = DocumentContent::new(DocKind::OperationsPlan, format!("Åtgärdsplan {i}"));
+        content.body = SEED.to_string();
+        ids.push(a.create(content).unwrap());
+    }
+
+    // The relay goes down while A's first sync is under way.
+    let target_1 = target(&relay);
+    let sync_task = tokio::spawn(async move {
+        let result = sync::sync_once(&mut a, &target_1, LIMIT).await;
+        (a, result)
+    });
+    eventually("A connected", || !relay.connected().is_empty()).await;
+    relay.shutdown().await;
+    let (a, first) = bounded("interrupted sync", sync_task).await.unwrap();
+    println!("sync interrupted by the relay's shutdown: {:?}", first.as_ref().map(|r| r.bytes_sent));
+
+    // Restart the relay on the same data; restart the node; sync again.
+    let relay = start_relay(&relay_dir).await;
+    drop(a);
+    let mut a = Node::open(&a_dir).unwrap();
+    sync(&mut a, &relay).await;
+
+    let (_, mut b) = node(root.path(), "oxelosund", "Oxelösund");
+    let first = sync(&mut b, &relay).await;
+    assert_eq!(fingerprint(&mut b), fingerprint(&mut a), "nothing lost across the restarts");
+    assert_eq!(b.list().unwrap().len(), ids.len());
+    let second = sync(&mut b, &relay).await;
+    println!(
+        "fresh node: first sync {} bytes in / {} out, second (unchanged) {} in / {} out, ratio {:.4}",
+        first.bytes_received,
+        first.bytes_sent,
+        second.bytes_received,
+        second.bytes_sent,
+        (second.bytes_received + second.bytes_sent) as f64 / (first.bytes_received + first.bytes_sent) as f64
+    );
+    assert_eq!(second.messages_sent + second.messages_received, 0, "{second:?}");
+    assert!((second.bytes_received + second.bytes_sent) * 50 < first.bytes_received + first.bytes_sent);
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_created_offline_reaches_every_node() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let mut nodes: Vec<Node> =
+        ["Trosa", "Gnesta", "Vingåker", "Katrineholm"].iter().map(|org| node(root.path(), org, org).1).collect();
+    for n in nodes.iter_mut() {
+        sync(n, &relay).await;
+    }
+    let id = nodes[0].create(DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa 2026")).unwrap();
+    for n in nodes.iter_mut() {
+        sync(n, &relay).await;
+    }
+    for n in nodes.iter_mut() {
+        assert_eq!(n.document(&id).unwrap().view().unwrap().title, "Medborgarlöfte Trosa 2026");
+    }
+    let reference = fingerprint(&mut nodes[0]);
+    for n in nodes.iter_mut() {
+        assert_eq!(fingerprint(n), reference);
+    }
+    relay.shutdown().await;
+}
