@@ -24,12 +24,14 @@ async fn start_relay(dir: &Path) -> RelayHandle {
 }
 
 fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), fingerprint: relay.fingerprint().to_string() }
+    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
 }
 
-fn node(root: &Path, name: &str, org: &str) -> (PathBuf, Node) {
+/// A new node of `org`, enrolled at the relay.
+fn node(root: &Path, relay: &RelayHandle, name: &str, org: &str) -> (PathBuf, Node) {
     let dir = root.join(name);
     let node = Node::init(&dir, org, Some(name)).expect("init node");
+    relay.enroll_node(node.node_id(), node.org().clone(), name).expect("enroll node");
     (dir, node)
 }
 
@@ -67,9 +69,11 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn offline_edits_on_two_nodes_reach_a_third_that_never_met_the_first() {
     let root = tempfile::tempdir().unwrap();
     let relay = start_relay(&root.path().join("relay")).await;
-    let (_, mut a) = node(root.path(), "lansstyrelsen", "Länsstyrelsen");
-    let (_, mut b) = node(root.path(), "polisen", "Polisen");
-    let (_, mut c) = node(root.path(), "flen", "Flen");
+    // The seed agreement's parties: Länsstyrelsen and the police area. C is a
+    // second police node (a kommunpolis), never online together with A.
+    let (_, mut a) = node(root.path(), &relay, "lansstyrelsen", "Länsstyrelsen");
+    let (_, mut b) = node(root.path(), &relay, "polisen", "Polisen");
+    let (_, mut c) = node(root.path(), &relay, "kommunpolis-flen", "Polisen");
 
     let (id, _) = a.import_markdown(SEED, None).unwrap();
     sync(&mut a, &relay).await;
@@ -111,8 +115,8 @@ async fn offline_edits_on_two_nodes_reach_a_third_that_never_met_the_first() {
 async fn live_edits_are_pushed_between_daemons() {
     let root = tempfile::tempdir().unwrap();
     let relay = start_relay(&root.path().join("relay")).await;
-    let (a_dir, mut a) = node(root.path(), "eskilstuna", "Eskilstuna");
-    let (b_dir, mut b) = node(root.path(), "polisen", "Polisen");
+    let (a_dir, mut a) = node(root.path(), &relay, "eskilstuna", "Eskilstuna");
+    let (b_dir, mut b) = node(root.path(), &relay, "polisen", "Polisen");
     let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Eskilstuna 2025");
     content.parties = vec![a.org().clone(), b.org().clone()];
     let id = a.create(content).unwrap();
@@ -177,10 +181,14 @@ async fn relay_restart_mid_sync_and_node_restart_lose_nothing_and_resync_cheaply
     let root = tempfile::tempdir().unwrap();
     let relay_dir = root.path().join("relay");
     let relay = start_relay(&relay_dir).await;
-    let (a_dir, mut a) = node(root.path(), "nykoping", "Nyköping");
+    let (a_dir, mut a) = node(root.path(), &relay, "nykoping", "Nyköping");
+    let (_, b) = node(root.path(), &relay, "oxelosund", "Oxelösund");
+    let parties = vec![a.org().clone(), b.org().clone()];
+    drop(b);
     let mut ids = Vec::new();
     for i in 0..60 {
         let mut content = DocumentContent::new(DocKind::OperationsPlan, format!("Åtgärdsplan {i}"));
+        content.parties = parties.clone();
         content.body = SEED.to_string();
         ids.push(a.create(content).unwrap());
     }
@@ -202,7 +210,7 @@ async fn relay_restart_mid_sync_and_node_restart_lose_nothing_and_resync_cheaply
     let mut a = Node::open(&a_dir).unwrap();
     sync(&mut a, &relay).await;
 
-    let (_, mut b) = node(root.path(), "oxelosund", "Oxelösund");
+    let mut b = Node::open(&root.path().join("oxelosund")).unwrap();
     let first = sync(&mut b, &relay).await;
     assert_eq!(fingerprint(&mut b), fingerprint(&mut a), "nothing lost across the restarts");
     assert_eq!(b.list().unwrap().len(), ids.len());
@@ -224,12 +232,16 @@ async fn relay_restart_mid_sync_and_node_restart_lose_nothing_and_resync_cheaply
 async fn a_document_created_offline_reaches_every_node() {
     let root = tempfile::tempdir().unwrap();
     let relay = start_relay(&root.path().join("relay")).await;
-    let mut nodes: Vec<Node> =
-        ["Trosa", "Gnesta", "Vingåker", "Katrineholm"].iter().map(|org| node(root.path(), org, org).1).collect();
+    let mut nodes: Vec<Node> = ["Trosa", "Gnesta", "Vingåker", "Katrineholm"]
+        .iter()
+        .map(|org| node(root.path(), &relay, org, org).1)
+        .collect();
     for n in nodes.iter_mut() {
         sync(n, &relay).await;
     }
-    let id = nodes[0].create(DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa 2026")).unwrap();
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa 2026");
+    content.parties = nodes.iter().map(|n| n.org().clone()).collect();
+    let id = nodes[0].create(content).unwrap();
     for n in nodes.iter_mut() {
         sync(n, &relay).await;
     }

@@ -12,7 +12,7 @@ use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{IdleTimeout, TransportConfig, VarInt};
 use samverkan_shared::wire::DEFAULT_MAX_FRAME;
 
-use crate::tls::{self, PinnedServer, RelayCertificate};
+use crate::tls::{self, AnyNodeKey, PinnedRelay, TlsIdentity};
 use crate::NetError;
 
 /// Transport limits, the same type on both ends.
@@ -62,17 +62,18 @@ impl Limits {
     }
 }
 
-/// A relay endpoint listening on `listen` with the relay's certificate.
+/// A relay endpoint listening on `listen` with the relay's identity; every
+/// client must prove an ed25519 key (read it with [`tls::peer_key`]).
 pub fn server_endpoint(
     listen: SocketAddr,
-    cert: &RelayCertificate,
+    identity: &TlsIdentity,
     limits: &Limits,
 ) -> Result<quinn::Endpoint, NetError> {
     let mut crypto = rustls::ServerConfig::builder_with_provider(tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| NetError::Certificate(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(vec![cert.certificate()], cert.private_key())
+        .with_client_cert_verifier(Arc::new(AnyNodeKey::new()))
+        .with_single_cert(identity.chain(), identity.private_key())
         .map_err(|e| NetError::Certificate(e.to_string()))?;
     crypto.alpn_protocols = vec![tls::ALPN.to_vec()];
     crypto.max_early_data_size = 0;
@@ -89,11 +90,13 @@ pub fn client_endpoint(target: SocketAddr) -> Result<quinn::Endpoint, NetError> 
     quinn::Endpoint::client(bind).map_err(|e| NetError::Io(format!("binding a UDP socket: {e}")))
 }
 
-/// Connects to the relay at `addr`, accepting only the certificate with `fingerprint`.
+/// Connects to the relay at `addr` as `identity`, accepting only a relay that
+/// proves the pinned `relay_key`.
 pub async fn connect(
     client: &quinn::Endpoint,
     addr: SocketAddr,
-    fingerprint: &str,
+    identity: &TlsIdentity,
+    relay_key: [u8; 32],
     limits: &Limits,
 ) -> Result<quinn::Connection, NetError> {
     let fail = |reason: String| NetError::Connect { addr, reason };
@@ -101,8 +104,9 @@ pub async fn connect(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| fail(e.to_string()))?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedServer::new(fingerprint)))
-        .with_no_client_auth();
+        .with_custom_certificate_verifier(Arc::new(PinnedRelay::new(relay_key)))
+        .with_client_auth_cert(identity.chain(), identity.private_key())
+        .map_err(|e| fail(e.to_string()))?;
     crypto.alpn_protocols = vec![tls::ALPN.to_vec()];
     crypto.enable_early_data = false;
     let crypto = QuicClientConfig::try_from(crypto).map_err(|e| fail(e.to_string()))?;

@@ -1,9 +1,9 @@
 //! Samverkan's QUIC transport, shared by node and relay.
 //!
 //! Layout:
-//! - [`tls`]: the relay's self-signed ed25519 certificate (made at first start,
-//!   kept in its data directory) and the client-side verifier that pins its
-//!   SHA-256 fingerprint instead of trusting any certificate authority.
+//! - [`tls`]: mutual authentication by ed25519 keys: each side's certificate is
+//!   made from its identity key; nodes pin the relay's key, the relay reads the
+//!   node's proven key and checks its enrollment.
 //! - [`endpoint`]: quinn endpoints with safe [`endpoint::Limits`] (idle timeout,
 //!   flow-control windows, stream counts, no 0-RTT).
 //! - [`framed`]: one bidirectional stream carrying [`samverkan_shared::wire::Frame`]s,
@@ -28,7 +28,7 @@ pub enum NetError {
     /// A file or socket operation failed.
     #[error("i/o: {0}")]
     Io(String),
-    /// The relay's certificate or key could not be made, read or used.
+    /// A certificate could not be made from a key.
     #[error("certificate: {0}")]
     Certificate(String),
     /// The connection could not be set up.

@@ -1,116 +1,91 @@
-//! TLS for the relay: its certificate, and the pinning verifier nodes use.
+//! TLS identities on QUIC: every peer is its ed25519 key.
 //!
-//! The relay makes a self-signed ed25519 certificate at first start and keeps it
-//! (`relay-cert.der`, and `relay-key.der` readable by the owner only) in its
-//! data directory, so its identity survives restarts. Nodes are given the
-//! certificate's SHA-256 fingerprint out of band (the relay prints it) and accept
-//! exactly that certificate: no certificate authority is involved, and a relay
-//! with another certificate is refused with a message naming both fingerprints.
+//! Node and relay each present a self-signed certificate made from their
+//! ed25519 identity key (the certificate is a throwaway wrapper, made at every
+//! start; the key is the identity). TLS 1.3's CertificateVerify proves that the
+//! peer holds the private key of the certificate's public key, so after the
+//! handshake each side knows the other's key for certain:
+//! - a node accepts only the relay key it pinned at enrollment
+//!   ([`PinnedRelay`]); any other relay is refused with both keys named;
+//! - the relay requires a client certificate, accepts any well-formed ed25519
+//!   one ([`AnyNodeKey`]), and decides after the handshake whether that key is
+//!   enrolled (the driver reads it with [`peer_key`]).
+//!
+//! No certificate authority is involved anywhere.
 
-use std::path::Path;
 use std::sync::Arc;
 
+use ed25519_dalek::pkcs8::EncodePrivateKey;
+use ed25519_dalek::SigningKey;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use sha2::{Digest, Sha256};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::NetError;
 
-/// File name of the relay certificate (DER) in its data directory.
-pub const CERT_FILE: &str = "relay-cert.der";
-/// File name of the relay's private key (PKCS#8 DER) in its data directory.
-pub const KEY_FILE: &str = "relay-key.der";
-/// The name the relay's certificate is issued for; nodes connect with it.
+/// The name relay certificates are issued for; nodes connect with it.
 pub const SERVER_NAME: &str = "samverkan-relay";
 /// ALPN protocol id of the Samverkan sync protocol.
 pub const ALPN: &[u8] = b"samverkan/1";
+/// Object identifier of Ed25519 keys (RFC 8410).
+const ED25519_OID: &str = "1.3.101.112";
 
-/// The relay's certificate and private key.
+/// A peer's TLS credentials, made from its ed25519 identity key.
 #[derive(Debug)]
-pub struct RelayCertificate {
-    /// The certificate, DER.
-    pub cert_der: Vec<u8>,
-    /// The private key, PKCS#8 DER.
-    key_der: Vec<u8>,
+pub struct TlsIdentity {
+    cert: CertificateDer<'static>,
+    key: PrivatePkcs8KeyDer<'static>,
+    public: [u8; 32],
 }
 
-impl RelayCertificate {
-    /// Loads the certificate from `dir`, or makes and stores a new one there.
-    pub fn load_or_create(dir: &Path) -> Result<Self, NetError> {
-        let cert_path = dir.join(CERT_FILE);
-        let key_path = dir.join(KEY_FILE);
-        let io = |what: &str, path: &Path, e: std::io::Error| NetError::Io(format!("{what} {}: {e}", path.display()));
-        match (cert_path.exists(), key_path.exists()) {
-            (true, true) => {
-                let cert_der = std::fs::read(&cert_path).map_err(|e| io("reading", &cert_path, e))?;
-                let key_der = std::fs::read(&key_path).map_err(|e| io("reading", &key_path, e))?;
-                let loaded = Self { cert_der, key_der };
-                loaded.check()?;
-                Ok(loaded)
-            }
-            (false, false) => {
-                let made = Self::generate()?;
-                write_new(&key_path, &made.key_der, 0o600).map_err(|e| io("writing", &key_path, e))?;
-                write_new(&cert_path, &made.cert_der, 0o644).map_err(|e| io("writing", &cert_path, e))?;
-                Ok(made)
-            }
-            _ => Err(NetError::Certificate(format!(
-                "only one of {} and {} exists in {}: restore the missing one from a backup, or remove both to make a new certificate (nodes must then pin the new fingerprint)",
-                CERT_FILE,
-                KEY_FILE,
-                dir.display()
-            ))),
-        }
+impl TlsIdentity {
+    /// A self-signed certificate for `key`, named `name`.
+    pub fn new(key: &SigningKey, name: &str) -> Result<Self, NetError> {
+        let fail = |e: &dyn std::fmt::Display| NetError::Certificate(e.to_string());
+        let pkcs8 = key.to_pkcs8_der().map_err(|e| fail(&e))?;
+        let key_der = PrivatePkcs8KeyDer::from(pkcs8.as_bytes().to_vec());
+        let pair =
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key_der, &rcgen::PKCS_ED25519).map_err(|e| fail(&e))?;
+        let params = rcgen::CertificateParams::new(vec![name.to_string()]).map_err(|e| fail(&e))?;
+        let cert = params.self_signed(&pair).map_err(|e| fail(&e))?;
+        Ok(Self { cert: cert.der().clone(), key: key_der, public: key.verifying_key().to_bytes() })
     }
 
-    /// A new self-signed ed25519 certificate, kept in memory only.
-    pub fn generate() -> Result<Self, NetError> {
-        let key =
-            rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| NetError::Certificate(e.to_string()))?;
-        let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
-            .map_err(|e| NetError::Certificate(e.to_string()))?;
-        let cert = params.self_signed(&key).map_err(|e| NetError::Certificate(e.to_string()))?;
-        Ok(Self { cert_der: cert.der().to_vec(), key_der: key.serialize_der() })
+    /// The public key this identity proves.
+    pub fn public_key(&self) -> [u8; 32] {
+        self.public
     }
 
-    /// Checks that the stored key is a usable private key.
-    fn check(&self) -> Result<(), NetError> {
-        let provider = provider();
-        provider
-            .key_provider
-            .load_private_key(self.private_key())
-            .map(|_| ())
-            .map_err(|e| NetError::Certificate(format!("the stored relay key is unusable: {e}")))
-    }
-
-    pub(crate) fn certificate(&self) -> CertificateDer<'static> {
-        CertificateDer::from(self.cert_der.clone())
+    pub(crate) fn chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.cert.clone()]
     }
 
     pub(crate) fn private_key(&self) -> PrivateKeyDer<'static> {
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
+        PrivateKeyDer::Pkcs8(self.key.clone_key())
     }
 }
 
-/// Writes a new file with the given mode, durably.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
-    #[cfg(not(unix))]
-    let _ = mode;
-    let mut file = options.open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
+/// The ed25519 public key a certificate carries, or why it carries none.
+pub fn certificate_key(der: &[u8]) -> Result<[u8; 32], String> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes after the certificate".into());
+    }
+    let spki = cert.public_key();
+    if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
+        return Err(format!("the certificate's key is not ed25519 (algorithm {})", spki.algorithm.algorithm));
+    }
+    <[u8; 32]>::try_from(spki.subject_public_key.data.as_ref())
+        .map_err(|_| "the certificate's ed25519 key is not 32 bytes".to_string())
 }
 
-/// The SHA-256 fingerprint of a DER certificate, as 64 lowercase hex digits.
-pub fn fingerprint(cert_der: &[u8]) -> String {
-    hex::encode(Sha256::digest(cert_der))
+/// The key the peer of an established connection proved it holds.
+pub fn peer_key(conn: &quinn::Connection) -> Option<[u8; 32]> {
+    let identity = conn.peer_identity()?;
+    let chain = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    certificate_key(chain.first()?.as_ref()).ok()
 }
 
 /// The crypto provider used everywhere (ring).
@@ -118,20 +93,32 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Accepts exactly the server certificate with a given SHA-256 fingerprint.
+fn tls13_only(
+    provider: &CryptoProvider,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    if dss.scheme != SignatureScheme::ED25519 {
+        return Err(rustls::Error::PeerMisbehaved(rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme));
+    }
+    verify_tls13_signature(message, cert, dss, &provider.signature_verification_algorithms)
+}
+
+/// Node side: accepts exactly the relay whose ed25519 key was pinned.
 #[derive(Debug)]
-pub(crate) struct PinnedServer {
-    fingerprint: String,
+pub(crate) struct PinnedRelay {
+    expected: [u8; 32],
     provider: Arc<CryptoProvider>,
 }
 
-impl PinnedServer {
-    pub(crate) fn new(fingerprint: &str) -> Self {
-        Self { fingerprint: fingerprint.trim().to_ascii_lowercase(), provider: provider() }
+impl PinnedRelay {
+    pub(crate) fn new(expected: [u8; 32]) -> Self {
+        Self { expected, provider: provider() }
     }
 }
 
-impl ServerCertVerifier for PinnedServer {
+impl ServerCertVerifier for PinnedRelay {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -140,13 +127,14 @@ impl ServerCertVerifier for PinnedServer {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let seen = fingerprint(end_entity);
-        if seen == self.fingerprint {
+        let seen = certificate_key(end_entity).map_err(rustls::Error::General)?;
+        if seen == self.expected {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::General(format!(
-                "relay certificate fingerprint {seen} is not the pinned {}",
-                self.fingerprint
+                "the relay's key {} is not the pinned relay key {}",
+                hex::encode(seen),
+                hex::encode(self.expected)
             )))
         }
     }
@@ -157,7 +145,6 @@ impl ServerCertVerifier for PinnedServer {
         _cert: &CertificateDer<'_>,
         _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        // Only TLS 1.3 is offered (QUIC requires it).
         Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
     }
 
@@ -167,11 +154,62 @@ impl ServerCertVerifier for PinnedServer {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        tls13_only(&self.provider, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Relay side: requires a client certificate with an ed25519 key; whether the
+/// key is enrolled is decided after the handshake, where a clear answer can be sent.
+#[derive(Debug)]
+pub(crate) struct AnyNodeKey {
+    provider: Arc<CryptoProvider>,
+}
+
+impl AnyNodeKey {
+    pub(crate) fn new() -> Self {
+        Self { provider: provider() }
+    }
+}
+
+impl ClientCertVerifier for AnyNodeKey {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        certificate_key(end_entity).map_err(rustls::Error::General)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls12NotOffered))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        tls13_only(&self.provider, message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
     }
 }
 
@@ -180,29 +218,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn certificate_is_made_once_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let first = RelayCertificate::load_or_create(dir.path()).unwrap();
-        let again = RelayCertificate::load_or_create(dir.path()).unwrap();
-        assert_eq!(fingerprint(&first.cert_der), fingerprint(&again.cert_der));
-        assert_eq!(fingerprint(&first.cert_der).len(), 64);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::metadata(dir.path().join(KEY_FILE)).unwrap().permissions().mode();
-            assert_eq!(mode & 0o777, 0o600);
-        }
+    fn a_certificate_carries_exactly_its_key() {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let identity = TlsIdentity::new(&key, SERVER_NAME).unwrap();
+        assert_eq!(certificate_key(identity.cert.as_ref()).unwrap(), key.verifying_key().to_bytes());
+        assert_eq!(identity.public_key(), key.verifying_key().to_bytes());
     }
 
     #[test]
-    fn a_missing_or_damaged_half_is_a_clear_error() {
-        let dir = tempfile::tempdir().unwrap();
-        RelayCertificate::load_or_create(dir.path()).unwrap();
-        std::fs::write(dir.path().join(KEY_FILE), b"not a key").unwrap();
-        let err = RelayCertificate::load_or_create(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("unusable"), "{err}");
-        std::fs::remove_file(dir.path().join(KEY_FILE)).unwrap();
-        let err = RelayCertificate::load_or_create(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("only one of"), "{err}");
+    fn garbage_and_non_ed25519_certificates_are_refused() {
+        assert!(certificate_key(b"not a certificate").is_err());
+        let p256 = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["x".to_string()]).unwrap().self_signed(&p256).unwrap();
+        let err = certificate_key(cert.der().as_ref()).unwrap_err();
+        assert!(err.contains("not ed25519"), "{err}");
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let mut der = TlsIdentity::new(&key, "x").unwrap().cert.to_vec();
+        der.push(0);
+        assert!(certificate_key(&der).is_err());
     }
 }

@@ -132,6 +132,14 @@ pub enum Command {
     Bundle(BundleCommand),
     /// Check the database and every document for damage.
     Check,
+    /// Enroll this node at the relay with a one-time join code from its operator.
+    Join {
+        /// The code (`svk1.…`), as `samverkan-relay enroll --join-code` printed it.
+        code: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 30)]
+        timeout: u64,
+    },
     /// Sync every document with the relay once, then exit with a summary.
     Sync(RelayArgs),
     /// Stay connected to the relay: push local edits, receive remote ones, reconnect when cut off.
@@ -144,10 +152,10 @@ pub struct RelayArgs {
     /// The relay's address (host:port); defaults to the one used last.
     #[arg(long)]
     pub relay: Option<String>,
-    /// The relay certificate's SHA-256 fingerprint, as `samverkan-relay serve` prints it;
-    /// defaults to the one pinned last.
+    /// The relay's public key (64 hex digits, as `samverkan-relay key` prints it);
+    /// defaults to the one pinned at join or last use.
     #[arg(long)]
-    pub fingerprint: Option<String>,
+    pub relay_key: Option<String>,
     /// Give up a one-shot sync after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
@@ -568,6 +576,26 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Bundle(cmd) => cmd_bundle(&mut node, cmd, json),
+        Command::Join { code, timeout } => {
+            let code: samverkan_shared::directory::JoinCode = code.parse()?;
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let member = runtime
+                .block_on(crate::sync::join(&mut node, &code, std::time::Duration::from_secs(timeout)))
+                .with_context(|| format!("joining the relay at {} failed", code.relay_address))?;
+            print(
+                json,
+                json!({"relay": code.relay_address, "relay_key": code.relay_key.to_string(), "org": member.org, "name": member.name}),
+                || {
+                    format!(
+                        "Joined the relay at {} as {} ({}); relay key {} pinned. Run `samverkan-node sync` or `samverkan-node daemon`.",
+                        code.relay_address,
+                        member.name,
+                        node.directory().name_of(&member.org),
+                        code.relay_key.short()
+                    )
+                },
+            )
+        }
         Command::Sync(args) => {
             let target = relay_target(&mut node, &args)?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
@@ -621,28 +649,29 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// The relay to use: from the flags (remembered for next time) or as remembered.
 fn relay_target(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::RelayTarget> {
-    use crate::sync::{META_RELAY_ADDRESS, META_RELAY_FINGERPRINT};
+    use crate::node::{META_RELAY_ADDRESS, META_RELAY_KEY};
     let store = node.store_mut();
     let address = match &args.relay {
         Some(a) => a.clone(),
-        None => store.meta(META_RELAY_ADDRESS)?.context("no relay known yet: give --relay host:port")?,
-    };
-    let fingerprint = match &args.fingerprint {
-        Some(f) => f.trim().to_ascii_lowercase(),
         None => store
-            .meta(META_RELAY_FINGERPRINT)?
-            .context("no relay fingerprint pinned yet: give --fingerprint (samverkan-relay serve prints it)")?,
+            .meta(META_RELAY_ADDRESS)?
+            .context("no relay known yet: run `samverkan-node join <code>`, or give --relay host:port")?,
     };
-    if fingerprint.len() != 64 || !fingerprint.bytes().all(|b| b.is_ascii_hexdigit()) {
-        bail!("the fingerprint must be 64 hex digits (a SHA-256), got {fingerprint:?}");
-    }
+    let relay_key = match &args.relay_key {
+        Some(k) => k.trim().to_ascii_lowercase(),
+        None => store.meta(META_RELAY_KEY)?.context(
+            "no relay key pinned yet: run `samverkan-node join <code>`, or give --relay-key (`samverkan-relay key` prints it)",
+        )?,
+    };
+    let relay_key: samverkan_shared::identity::NodeId =
+        relay_key.parse().with_context(|| format!("the relay key must be 64 hex digits, got {relay_key:?}"))?;
     let addr = std::net::ToSocketAddrs::to_socket_addrs(&address)
         .with_context(|| format!("cannot resolve relay address {address:?}"))?
         .next()
         .with_context(|| format!("relay address {address:?} resolves to nothing"))?;
     store.set_meta(META_RELAY_ADDRESS, &address)?;
-    store.set_meta(META_RELAY_FINGERPRINT, &fingerprint)?;
-    Ok(crate::sync::RelayTarget { addr, fingerprint })
+    store.set_meta(META_RELAY_KEY, &relay_key.to_string())?;
+    Ok(crate::sync::RelayTarget { addr, relay_key })
 }
 
 fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {

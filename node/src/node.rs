@@ -7,26 +7,32 @@
 //! - `node.db`: the SQLite store (documents, changes, metadata: organisation, name);
 //! - `node.key`: the node's ed25519 secret key, owner read/write only.
 
-use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use automerge::ChangeHash;
 use chrono::Utc;
 use samverkan_shared::bundle::{Bundle, BundleDoc, BundleError, BundleOrigin, HeadsSummary};
-use samverkan_shared::identity::{IdentityError, NodeId, NodeKey};
+use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, SignedDirectory};
+use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown::{self, MarkdownError};
 use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, Editor, ModelError};
 use samverkan_shared::org::{Directory, OrgId};
 use serde::Serialize;
 
+use crate::store::keyfile::{self, KeyFileError};
 use crate::store::{DocSummary, Store, StoreError, UpdateOutcome};
 
 /// File name of the store inside the data directory.
 pub const DB_FILE: &str = "node.db";
 /// File name of the secret key inside the data directory.
 pub const KEY_FILE: &str = "node.key";
+/// Metadata key of the relay's address (host:port).
+pub const META_RELAY_ADDRESS: &str = "relay.address";
+/// Metadata key of the relay's pinned public key.
+pub const META_RELAY_KEY: &str = "relay.key";
+/// Metadata key of the last signed enrollment directory received from the relay.
+pub const META_DIRECTORY: &str = "relay.directory";
 
 /// Errors of node operations.
 #[derive(Debug, thiserror::Error)]
@@ -37,22 +43,6 @@ pub enum NodeError {
     /// `init` on a directory that already has a node.
     #[error("{0} already holds a Samverkan node")]
     AlreadyInitialised(PathBuf),
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The key file may be read by others.
-    #[error("{path} is readable by other users (mode {mode:o}); run `chmod 600 {path}`")]
-    KeyPermissions {
-        /// The key file.
-        path: PathBuf,
-        /// Its mode.
-        mode: u32,
-    },
     /// No document matches an id or prefix.
     #[error("no document matches {0:?} (see `samverkan-node list`)")]
     NoSuchDocument(String),
@@ -74,18 +64,12 @@ pub enum NodeError {
     /// A bundle error.
     #[error(transparent)]
     Bundle(#[from] BundleError),
-    /// A key error.
-    #[error("{path}: {source}")]
-    Identity {
-        /// The key file.
-        path: PathBuf,
-        /// The cause.
-        source: IdentityError,
-    },
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> NodeError + '_ {
-    move |source| NodeError::Io { path: path.to_path_buf(), source }
+    /// The enrollment directory from the relay did not verify.
+    #[error(transparent)]
+    Directory(#[from] DirectoryError),
+    /// The key file is missing, exposed or damaged.
+    #[error(transparent)]
+    KeyFile(#[from] KeyFileError),
 }
 
 /// What importing a bundle did to one document.
@@ -132,9 +116,9 @@ impl Node {
         if db_path.exists() || key_path.exists() {
             return Err(NodeError::AlreadyInitialised(data_dir.to_path_buf()));
         }
-        create_private_dir(data_dir)?;
+        keyfile::create_private_dir(data_dir)?;
         let key = NodeKey::generate();
-        write_private_file(&key_path, key.to_file_contents().as_bytes())?;
+        keyfile::create(&key_path, &key)?;
         let mut store = Store::open_or_create(&db_path)?;
         let name = name.map(str::to_owned).unwrap_or_else(|| org.name.clone());
         store.set_meta("org", org.id.as_str())?;
@@ -151,10 +135,7 @@ impl Node {
         if !db_path.exists() || !key_path.exists() {
             return Err(NodeError::NotInitialised(data_dir.to_path_buf()));
         }
-        check_private(&key_path)?;
-        let key_text = fs::read_to_string(&key_path).map_err(io_error(&key_path))?;
-        let key = NodeKey::from_file_contents(&key_text)
-            .map_err(|source| NodeError::Identity { path: key_path.clone(), source })?;
+        let key = keyfile::load(&key_path)?;
         let store = Store::open(&db_path)?;
         let org = store
             .meta("org")?
@@ -383,22 +364,63 @@ impl Node {
         Ok(reports)
     }
 
-    /// Name of the node and organisation behind a hex actor id, as far as this node knows.
+    /// The node's secret key (for TLS and signatures made by this node).
+    pub fn key(&self) -> &NodeKey {
+        &self.key
+    }
+
+    /// The relay key this node pinned, if it has one.
+    pub fn pinned_relay(&self) -> Result<Option<NodeId>, NodeError> {
+        Ok(self.store.meta(META_RELAY_KEY)?.and_then(|k| k.parse().ok()))
+    }
+
+    /// The enrollment directory last received from the pinned relay, verified
+    /// again with the pinned key (`None` before the first sync).
+    pub fn enrollment(&self) -> Result<Option<EnrollmentDirectory>, NodeError> {
+        let (Some(relay), Some(text)) = (self.pinned_relay()?, self.store.meta(META_DIRECTORY)?) else {
+            return Ok(None);
+        };
+        Ok(Some(SignedDirectory::decode(text.as_bytes())?.verify(&relay)?))
+    }
+
+    /// Verifies a signed directory with `relay`'s key without keeping it (for
+    /// a join, before the relay is pinned).
+    pub fn store_enrollment_unpinned(&self, signed: &[u8], relay: &NodeId) -> Result<EnrollmentDirectory, NodeError> {
+        Ok(SignedDirectory::decode(signed)?.verify(relay)?)
+    }
+
+    /// Keeps a signed directory from the relay after verifying it with `relay`'s
+    /// key; an older version than the one held is ignored. Returns the directory now held.
+    pub fn store_enrollment(&mut self, signed: &[u8], relay: &NodeId) -> Result<EnrollmentDirectory, NodeError> {
+        let received = SignedDirectory::decode(signed)?;
+        let directory = received.verify(relay)?;
+        if let Ok(Some(held)) = self.enrollment() {
+            if held.version > directory.version {
+                return Ok(held);
+            }
+        }
+        let text = String::from_utf8_lossy(&received.encode()).into_owned();
+        self.store.set_meta(META_DIRECTORY, &text)?;
+        Ok(directory)
+    }
+
+    /// Name of the node and organisation behind a hex actor id, as far as this
+    /// node knows: from the relay's signed directory first, then from what the
+    /// document itself says (unverified), else the key's short form.
     pub fn describe_actor(&self, doc: &Document, actor_hex: &str) -> String {
         if actor_hex == self.node_id().actor_id().to_hex_string() {
             return format!("{} ({})", self.directory.name_of(&self.org), self.name);
         }
+        let key = hex::decode(actor_hex).ok().and_then(|b| NodeId::from_actor(&automerge::ActorId::from(b)));
+        if let (Some(key), Ok(Some(enrolled))) = (key, self.enrollment()) {
+            if let Some(member) = enrolled.latest(&key) {
+                return format!("{} ({})", self.directory.name_of(&member.org), member.name);
+            }
+        }
         let contributors = doc.contributors().unwrap_or_default();
         match contributors.get(actor_hex) {
             Some(c) => format!("{} ({})", self.directory.name_of(&c.org), c.node),
-            None => {
-                let short = hex::decode(actor_hex)
-                    .ok()
-                    .and_then(|b| NodeId::from_actor(&automerge::ActorId::from(b)))
-                    .map(|n| n.short())
-                    .unwrap_or_else(|| "?".into());
-                format!("okänd nod {short}")
-            }
+            None => format!("okänd nod {}", key.map(|n| n.short()).unwrap_or_else(|| "?".into())),
         }
     }
 
@@ -415,34 +437,4 @@ impl Node {
         })?;
         Ok(outcome)
     }
-}
-
-fn create_private_dir(dir: &Path) -> Result<(), NodeError> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
-    builder.create(dir).map_err(io_error(dir))
-}
-
-fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), NodeError> {
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(path).map_err(io_error(path))?;
-    file.write_all(contents).map_err(io_error(path))?;
-    file.sync_all().map_err(io_error(path))
-}
-
-fn check_private(path: &Path) -> Result<(), NodeError> {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(path).map_err(io_error(path))?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            return Err(NodeError::KeyPermissions { path: path.to_path_buf(), mode });
-        }
-    }
-    Ok(())
 }

@@ -8,6 +8,11 @@
 //! exponential backoff and jitter when the relay goes away. Sync states are
 //! persisted per relay on every disconnect, so a reconnect resends nothing the
 //! relay already has.
+//!
+//! The node proves its key in the TLS handshake and accepts only the relay key
+//! it pinned (from its join code or `--relay-key`). It offers only documents
+//! whose parties include its own organisation, the same rule the relay applies,
+//! so both sides' summaries agree. [`join`] enrolls the node with a one-time code.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -18,27 +23,27 @@ use automerge::{AutoCommit, ChangeHash};
 use samverkan_net::backoff::Backoff;
 use samverkan_net::endpoint::{self, Limits};
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
+use samverkan_net::tls::TlsIdentity;
 use samverkan_net::NetError;
+use samverkan_shared::directory::{JoinCode, Member};
+use samverkan_shared::identity::NodeId;
 use samverkan_shared::ids::DocId;
+use samverkan_shared::org::OrgId;
 use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, SyncConnection};
+use samverkan_shared::wire::{Frame, PROTOCOL_VERSION};
 use samverkan_store::{Store, StoreError};
 use serde::Serialize;
 use tracing::{debug, info, warn};
 
-use crate::node::Node;
-
-/// Metadata keys where the node remembers its relay.
-pub const META_RELAY_ADDRESS: &str = "relay.address";
-/// Metadata key of the pinned relay certificate fingerprint.
-pub const META_RELAY_FINGERPRINT: &str = "relay.fingerprint";
+use crate::node::{Node, NodeError, META_RELAY_ADDRESS, META_RELAY_KEY};
 
 /// Which relay to sync with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayTarget {
     /// Its address.
     pub addr: SocketAddr,
-    /// SHA-256 fingerprint of its certificate (printed by `samverkan-relay serve`).
-    pub fingerprint: String,
+    /// Its public key, pinned (printed by `samverkan-relay serve` and `samverkan-relay key`).
+    pub relay_key: NodeId,
 }
 
 /// Errors of a sync.
@@ -53,12 +58,29 @@ pub enum SyncFailure {
     /// The node's store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The node failed (e.g. the relay's directory did not verify).
+    #[error(transparent)]
+    Node(Box<NodeError>),
+    /// The join code was issued for another organisation than this node's.
+    #[error("the join code was issued for {code_org}, but this node belongs to {node_org}")]
+    WrongOrganisation {
+        /// The organisation in the code.
+        code_org: OrgId,
+        /// This node's organisation.
+        node_org: OrgId,
+    },
     /// The sync did not finish in time.
     #[error("the sync did not finish within {0:?}")]
     Timeout(Duration),
     /// The relay closed the connection before the sync finished.
     #[error("the relay closed the connection before the sync finished")]
     ClosedEarly,
+}
+
+impl From<NodeError> for SyncFailure {
+    fn from(e: NodeError) -> Self {
+        Self::Node(Box::new(e))
+    }
 }
 
 /// What a sync transferred.
@@ -85,13 +107,24 @@ pub struct SyncReport {
 /// The node's documents as the sync protocol sees them.
 struct NodeDocs<'a> {
     store: &'a mut Store,
+    org: &'a OrgId,
 }
 
 impl DocAccess for NodeDocs<'_> {
     type Error = StoreError;
 
     fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError> {
-        self.store.heads()
+        // Only documents this node's organisation is a party to: the relay
+        // refuses the others, and offering them would only cost a refusal.
+        self.store
+            .list()?
+            .into_iter()
+            .filter(|summary| summary.parties.contains(self.org))
+            .map(|summary| {
+                let heads = summary.head_hashes()?;
+                Ok((summary.id, heads))
+            })
+            .collect()
     }
 
     fn may_receive(&mut self, _doc: &DocId) -> bool {
@@ -119,19 +152,76 @@ struct Session {
     recv: FramedRecv,
     sync: SyncConnection,
     peer_key: String,
+    relay_key: NodeId,
+}
+
+fn software() -> String {
+    format!("samverkan-node {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Opens an authenticated connection and its sync stream.
+async fn connect(
+    identity: &TlsIdentity,
+    target: &RelayTarget,
+    limits: &Limits,
+) -> Result<(quinn::Connection, FramedSend, FramedRecv), SyncFailure> {
+    let client = endpoint::client_endpoint(target.addr)?;
+    let conn = endpoint::connect(&client, target.addr, identity, *target.relay_key.as_bytes(), limits).await?;
+    let (send, recv) = framed::open(&conn, limits).await?;
+    Ok((conn, send, recv))
+}
+
+/// Enrolls this node at the relay with a one-time join code: pins the relay's
+/// key and address from the code, and keeps the directory the relay returns.
+pub async fn join(node: &mut Node, code: &JoinCode, timeout: Duration) -> Result<Member, SyncFailure> {
+    let addr = tokio::net::lookup_host(&code.relay_address)
+        .await
+        .map_err(|e| NetError::Io(format!("cannot resolve {}: {e}", code.relay_address)))?
+        .next()
+        .ok_or_else(|| NetError::Io(format!("{} resolves to no address", code.relay_address)))?;
+    let target = RelayTarget { addr, relay_key: code.relay_key };
+    let identity = TlsIdentity::new(node.key().signing_key(), "samverkan-node")?;
+    let exchange = async {
+        let (conn, mut send, mut recv) = connect(&identity, &target, &Limits::default()).await?;
+        send.send(&Frame::Join { protocol: PROTOCOL_VERSION, software: software(), secret: code.secret.to_vec() })
+            .await?;
+        let answer = recv.recv().await?;
+        let _ = send.finish().await;
+        conn.close(0u32.into(), b"joined");
+        match answer {
+            Some(Frame::Directory { signed }) => Ok(signed),
+            Some(Frame::Error { code, message }) => Err(SyncFailure::Protocol(ConnectionError::Peer { code, message })),
+            Some(other) => Err(SyncFailure::Protocol(ConnectionError::Protocol(format!(
+                "the relay answered the join with {}",
+                other.name()
+            )))),
+            None => Err(SyncFailure::ClosedEarly),
+        }
+    };
+    let signed = tokio::time::timeout(timeout, exchange).await.map_err(|_| SyncFailure::Timeout(timeout))??;
+    let directory = node.store_enrollment_unpinned(&signed, &code.relay_key)?;
+    let member = directory.active(&node.node_id()).cloned().ok_or_else(|| {
+        ConnectionError::Protocol("the relay's directory does not list this node after the join".into())
+    })?;
+    if &member.org != node.org() {
+        return Err(SyncFailure::WrongOrganisation { code_org: member.org, node_org: node.org().clone() });
+    }
+    let store = node.store_mut();
+    store.set_meta(META_RELAY_ADDRESS, &code.relay_address)?;
+    store.set_meta(META_RELAY_KEY, &code.relay_key.to_string())?;
+    node.store_enrollment(&signed, &code.relay_key)?;
+    Ok(member)
 }
 
 impl Session {
     async fn open(node: &mut Node, target: &RelayTarget, limits: &Limits) -> Result<Self, SyncFailure> {
-        let client = endpoint::client_endpoint(target.addr)?;
-        let conn = endpoint::connect(&client, target.addr, &target.fingerprint, limits).await?;
-        let (send, recv) = framed::open(&conn, limits).await?;
-        let software = format!("samverkan-node {}", env!("CARGO_PKG_VERSION"));
-        let mut sync = SyncConnection::node(&node.node_id().to_string(), &software);
-        // Sync states are kept per relay certificate: a different relay starts fresh.
-        let peer_key = format!("relay:{}", target.fingerprint);
+        let identity = TlsIdentity::new(node.key().signing_key(), "samverkan-node")?;
+        let (conn, send, recv) = connect(&identity, target, limits).await?;
+        let mut sync = SyncConnection::node(&node.node_id().to_string(), &software());
+        // Sync states are kept per relay key: a different relay starts fresh.
+        let peer_key = format!("relay:{}", target.relay_key);
         sync.restore(node.store_mut().sync_states(&peer_key)?);
-        Ok(Self { conn, send, recv, sync, peer_key })
+        Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key })
     }
 
     async fn flush(&mut self) -> Result<(), SyncFailure> {
@@ -142,16 +232,21 @@ impl Session {
     }
 
     /// Handles one received frame; returns the documents that changed here.
-    fn on_frame(&mut self, node: &mut Node, frame: samverkan_shared::wire::Frame) -> Result<Vec<DocId>, SyncFailure> {
-        let mut docs = NodeDocs { store: node.store_mut() };
+    fn on_frame(&mut self, node: &mut Node, frame: Frame) -> Result<Vec<DocId>, SyncFailure> {
+        let org = node.org().clone();
         let mut changed = Vec::new();
-        for event in self.sync.on_frame(frame, &mut docs)? {
+        let events = self.sync.on_frame(frame, &mut NodeDocs { store: node.store_mut(), org: &org })?;
+        for event in events {
             match event {
                 ConnectionEvent::Established { peer, .. } => {
                     debug!(relay = %peer, "connected");
-                    self.sync.begin(&mut docs)?;
+                    self.sync.begin(&mut NodeDocs { store: node.store_mut(), org: &org })?;
                 }
                 ConnectionEvent::DocChanged { doc, .. } => changed.push(doc),
+                ConnectionEvent::Directory(signed) => {
+                    let directory = node.store_enrollment(&signed, &self.relay_key)?;
+                    debug!(version = directory.version, "enrollment directory received");
+                }
             }
         }
         Ok(changed)
@@ -195,7 +290,8 @@ pub async fn sync_once(node: &mut Node, target: &RelayTarget, timeout: Duration)
         loop {
             session.flush().await?;
             {
-                let mut docs = NodeDocs { store: node.store_mut() };
+                let org = node.org().clone();
+                let mut docs = NodeDocs { store: node.store_mut(), org: &org };
                 if session.sync.is_settled(&mut docs)? {
                     return Ok(());
                 }
@@ -296,7 +392,8 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
                     for (doc, heads) in node.store_mut().heads()? {
                         if known.get(&doc) != Some(&heads) {
                             debug!(%doc, "local change; pushing");
-                            let mut docs = NodeDocs { store: node.store_mut() };
+                            let org = node.org().clone();
+                            let mut docs = NodeDocs { store: node.store_mut(), org: &org };
                             session.sync.on_local_change(&doc, &mut docs)?;
                             known.insert(doc, heads);
                         }

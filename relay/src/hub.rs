@@ -7,7 +7,7 @@
 //! document from the document's current state.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use samverkan_shared::ids::DocId;
@@ -16,12 +16,14 @@ use tokio::sync::Notify;
 /// Identifies one live connection.
 pub type ConnectionId = u64;
 
-/// What one connection is owed: documents that changed elsewhere.
+/// What one connection is owed: documents that changed elsewhere, a newer
+/// directory, or an order to close (and why).
 #[derive(Debug, Default)]
 pub struct Mailbox {
     dirty: Mutex<BTreeSet<DocId>>,
     notify: Notify,
-    closed: std::sync::atomic::AtomicBool,
+    directory_changed: AtomicBool,
+    close: Mutex<Option<String>>,
 }
 
 impl Mailbox {
@@ -35,9 +37,14 @@ impl Mailbox {
         std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// Whether the relay asked this connection to close.
-    pub fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::SeqCst)
+    /// Why the relay asked this connection to close, if it did.
+    pub fn close_reason(&self) -> Option<String> {
+        self.close.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether the directory changed since the last call (and resets the flag).
+    pub fn take_directory_changed(&self) -> bool {
+        self.directory_changed.swap(false, Ordering::SeqCst)
     }
 
     fn post(&self, doc: &DocId) {
@@ -45,8 +52,8 @@ impl Mailbox {
         self.notify.notify_one();
     }
 
-    fn close(&self) {
-        self.closed.store(true, Ordering::SeqCst);
+    fn close(&self, reason: &str) {
+        self.close.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert_with(|| reason.to_string());
         self.notify.notify_one();
     }
 }
@@ -89,9 +96,27 @@ impl Hub {
     }
 
     /// Asks every connection to close (shutdown).
-    pub fn close_all(&self) {
+    pub fn close_all(&self, reason: &str) {
         for member in self.lock().values() {
-            member.mailbox.close();
+            member.mailbox.close(reason);
+        }
+    }
+
+    /// Asks every connection of `peer` to close; returns how many there were.
+    pub fn close_peer(&self, peer: &str, reason: &str) -> usize {
+        let members = self.lock();
+        let matching: Vec<_> = members.values().filter(|m| m.peer == peer).collect();
+        for member in &matching {
+            member.mailbox.close(reason);
+        }
+        matching.len()
+    }
+
+    /// Tells every connection that the directory changed.
+    pub fn directory_changed(&self) {
+        for member in self.lock().values() {
+            member.mailbox.directory_changed.store(true, Ordering::SeqCst);
+            member.mailbox.notify.notify_one();
         }
     }
 
@@ -123,5 +148,7 @@ mod tests {
         assert!(mail_a.take().is_empty(), "the sender is not told of its own change");
         hub.leave(a);
         assert_eq!(hub.peers(), vec!["b".to_string()]);
+        assert_eq!(hub.close_peer("b", "revoked"), 1);
+        assert_eq!(mail_b.close_reason().as_deref(), Some("revoked"));
     }
 }

@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`storage`]: the narrow storage interface ([`storage::RelayStorage`]) and its
 //!   embedded SQLite implementation; a PostgreSQL one can follow.
+//! - [`enrollment`]: who may connect: the enrollment directory, join codes, the relay's key.
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
 //! - [`server`]: the QUIC accept loop and one sync task per node connection.
 //!
@@ -13,6 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod enrollment;
 pub mod hub;
 pub mod server;
 pub mod storage;

@@ -3,9 +3,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use samverkan_relay::enrollment;
 use samverkan_relay::server::{self, RelayConfig};
+use samverkan_relay::storage::SqliteStorage;
+use samverkan_shared::directory::{JoinCode, Member, MemberKind};
+use samverkan_shared::identity::NodeId;
+use samverkan_shared::org::Directory as Organisations;
 
 /// Samverkan relay: store-and-forward sync for the county's nodes.
 #[derive(Debug, Parser)]
@@ -32,6 +37,57 @@ enum Command {
         #[arg(long, default_value_t = 4096)]
         max_connections: usize,
     },
+    /// Enroll a node key (or a signer's key), or issue a one-time join code for a node.
+    Enroll {
+        /// Where the relay keeps its database.
+        #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The organisation (name or id, e.g. "Flen", "Länsstyrelsen", "polisen").
+        #[arg(long)]
+        org: String,
+        /// A readable name ("Flen BF-samordnare").
+        #[arg(long)]
+        name: String,
+        /// The node's (or signer's) public key, 64 hex digits (`samverkan-node whoami`).
+        #[arg(long, conflicts_with = "join_code")]
+        key: Option<String>,
+        /// Instead of a key: print a one-time join code for `samverkan-node join`.
+        #[arg(long)]
+        join_code: bool,
+        /// With --join-code: the relay's address as nodes reach it (host:port).
+        #[arg(long, requires = "join_code")]
+        address: Option<String>,
+        /// With --join-code: hours the code stays valid.
+        #[arg(long, default_value_t = 72)]
+        valid_hours: i64,
+        /// Enroll a signer (a person who approves documents) with this role title.
+        #[arg(long, requires = "key")]
+        signer_role: Option<String>,
+    },
+    /// Revoke a key: its connections are closed and it can no longer connect.
+    Revoke {
+        /// Where the relay keeps its database.
+        #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// The public key, 64 hex digits.
+        #[arg(long)]
+        key: String,
+    },
+    /// List enrolled nodes and signers.
+    List {
+        /// Where the relay keeps its database.
+        #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
+        data_dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the relay's public key (nodes pin it); makes the key at first use.
+    Key {
+        /// Where the relay keeps its key.
+        #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
+        data_dir: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,25 +107,114 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+fn open_storage(data_dir: &std::path::Path) -> anyhow::Result<SqliteStorage> {
+    let path = data_dir.join(server::DB_FILE);
+    SqliteStorage::open(&path, 4).with_context(|| format!("opening the relay database {}", path.display()))
+}
+
+fn parse_key(text: &str) -> anyhow::Result<NodeId> {
+    text.parse().with_context(|| format!("{text:?} is not a public key (64 hex digits)"))
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     match cli.command {
-        Command::Serve { listen, data_dir, cached_documents, max_connections } => runtime.block_on(async {
-            let mut config = RelayConfig::new(listen, data_dir);
-            config.cached_documents = cached_documents;
-            config.max_connections = max_connections;
-            let relay = server::spawn(config).await?;
-            println!("samverkan-relay {} listening on {}", samverkan_relay::VERSION, relay.local_addr());
-            println!("certificate fingerprint (give it to nodes): {}", relay.fingerprint());
-            let stop = relay.shutdown_signal();
-            tokio::spawn(async move {
-                shutdown_requested().await;
-                let _ = stop.send(true);
-            });
-            relay.wait().await;
-            println!("relay stopped");
+        Command::Enroll { data_dir, org, name, key, join_code, address, valid_hours, signer_role } => {
+            let org = Organisations::sodermanland()
+                .resolve(&org)
+                .with_context(|| format!("unknown organisation {org:?}"))?
+                .id
+                .clone();
+            let relay_key = server::load_or_create_key(&data_dir)?.node_id();
+            let mut storage = open_storage(&data_dir)?;
+            if join_code {
+                let Some(address) = address else {
+                    bail!("--join-code needs --address host:port (how nodes reach this relay)")
+                };
+                let secret = enrollment::issue_join(
+                    &mut storage,
+                    org.clone(),
+                    &name,
+                    chrono::Duration::hours(valid_hours),
+                    chrono::Utc::now(),
+                )?;
+                let code = JoinCode { secret, relay_key, relay_address: address };
+                println!("join code for {name} ({org}), valid {valid_hours} h, usable once:\n{code}");
+                println!("on the node: samverkan-node join {code}");
+                return Ok(());
+            }
+            let Some(key) = key else { bail!("give --key <node key> or --join-code") };
+            let key = parse_key(&key)?;
+            let kind = if signer_role.is_some() { MemberKind::Signer } else { MemberKind::Node };
+            enrollment::enroll(
+                &mut storage,
+                Member {
+                    key,
+                    kind,
+                    org: org.clone(),
+                    name: name.clone(),
+                    role: signer_role,
+                    enrolled_at: chrono::Utc::now(),
+                    revoked_at: None,
+                },
+            )?;
+            println!("enrolled {name} ({org}) with key {key}");
+            println!("relay key for the node to pin: {relay_key}");
             Ok(())
-        }),
+        }
+        Command::Revoke { data_dir, key } => {
+            let key = parse_key(&key)?;
+            let member = enrollment::revoke(&mut open_storage(&data_dir)?, &key, chrono::Utc::now())?;
+            println!("revoked {} ({}); a running relay disconnects it within seconds", member.name, member.org);
+            Ok(())
+        }
+        Command::List { data_dir, json } => {
+            let directory = enrollment::directory(&open_storage(&data_dir)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&directory)?);
+                return Ok(());
+            }
+            println!("{:<8} {:<14} {:<32} {:<20} {:<10} ROLE", "KIND", "ORG", "NAME", "KEY", "STATE");
+            for m in &directory.members {
+                let state = match m.revoked_at {
+                    Some(t) => format!("revoked {}", t.format("%Y-%m-%d")),
+                    None => "enrolled".to_string(),
+                };
+                let kind = if m.kind == MemberKind::Node { "node" } else { "signer" };
+                println!(
+                    "{:<8} {:<14} {:<32} {:<20} {:<10} {}",
+                    kind,
+                    m.org,
+                    m.name,
+                    m.key.short(),
+                    state,
+                    m.role.as_deref().unwrap_or("")
+                );
+            }
+            Ok(())
+        }
+        Command::Key { data_dir } => {
+            println!("{}", server::load_or_create_key(&data_dir)?.node_id());
+            Ok(())
+        }
+        Command::Serve { listen, data_dir, cached_documents, max_connections } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let mut config = RelayConfig::new(listen, data_dir);
+                config.cached_documents = cached_documents;
+                config.max_connections = max_connections;
+                let relay = server::spawn(config).await?;
+                println!("samverkan-relay {} listening on {}", samverkan_relay::VERSION, relay.local_addr());
+                println!("relay key (nodes pin it): {}", relay.relay_key());
+                let stop = relay.shutdown_signal();
+                tokio::spawn(async move {
+                    shutdown_requested().await;
+                    let _ = stop.send(true);
+                });
+                relay.wait().await;
+                println!("relay stopped");
+                Ok(())
+            })
+        }
     }
 }
 

@@ -1,28 +1,37 @@
-//! The relay server: accepts QUIC connections from nodes and runs one
+//! The relay server: accepts QUIC connections from nodes, checks that the key
+//! each proved in the TLS handshake is enrolled, and runs one
 //! [`SyncConnection`] per connection against the relay's storage, fanning
 //! changes out to every other connected node through the [`Hub`].
 //!
-//! One task per connection; a connection's failure (a broken or hostile peer)
-//! closes that connection only. Storage is reached through [`RelayStorage`].
+//! Access control lives in [`RelayDocs`]: a connection sees, and may change,
+//! only documents whose parties include its node's organisation; a new
+//! document it sends must name its organisation among the parties. One task per
+//! connection; a connection's failure (a broken or hostile peer) closes that
+//! connection only. Storage is reached through [`RelayStorage`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use automerge::{AutoCommit, ChangeHash};
+use chrono::Utc;
 use samverkan_net::endpoint::Limits;
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
-use samverkan_net::tls::{self, RelayCertificate};
+use samverkan_net::tls::{self, TlsIdentity};
 use samverkan_net::NetError;
+use samverkan_shared::directory::{EnrollmentDirectory, JoinCode, Member, MemberKind};
+use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
+use samverkan_shared::org::OrgId;
 use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, SyncConnection};
-use samverkan_shared::wire::ErrorCode;
-use samverkan_store::StoreError;
+use samverkan_shared::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
+use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::enrollment::{self, EnrollmentError};
 use crate::hub::{Hub, Mailbox};
 use crate::storage::{RelayStorage, SqliteStorage};
 
@@ -42,12 +51,22 @@ pub struct RelayConfig {
     pub cached_documents: usize,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
+    /// How often the enrollment directory is re-read (to pick up the
+    /// operator's `enroll` and `revoke` from another process).
+    pub directory_poll: Duration,
 }
 
 impl RelayConfig {
     /// Defaults for a relay listening on `listen` with data in `data_dir`.
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
-        Self { listen, data_dir, limits: Limits::default(), cached_documents: 256, max_connections: 4096 }
+        Self {
+            listen,
+            data_dir,
+            limits: Limits::default(),
+            cached_documents: 256,
+            max_connections: 4096,
+            directory_poll: Duration::from_secs(1),
+        }
     }
 }
 
@@ -60,14 +79,12 @@ pub enum RelayError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The data directory could not be created.
-    #[error("{path}: {source}")]
-    Io {
-        /// The directory.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
+    /// The relay's key file is missing, exposed or damaged.
+    #[error(transparent)]
+    KeyFile(#[from] keyfile::KeyFileError),
+    /// The enrollment data could not be read.
+    #[error(transparent)]
+    Enrollment(#[from] EnrollmentError),
 }
 
 /// Why one connection ended.
@@ -79,6 +96,23 @@ enum ConnectionEnd {
     Protocol(#[from] ConnectionError),
     #[error("storage: {0}")]
     Storage(#[from] StoreError),
+    #[error("refused: {0}")]
+    Refused(String),
+}
+
+/// Why the relay refused to touch a document for a connection.
+#[derive(Debug, thiserror::Error)]
+enum DocAccessError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Forbidden(String),
+}
+
+/// The directory as last read, and its signed form for nodes.
+struct DirectoryCache {
+    directory: EnrollmentDirectory,
+    signed: Vec<u8>,
 }
 
 /// State shared by all connection tasks.
@@ -86,15 +120,76 @@ struct Shared<S> {
     storage: Mutex<S>,
     hub: Hub,
     software: String,
+    relay_key: NodeKey,
+    directory: RwLock<DirectoryCache>,
+}
+
+impl<S: RelayStorage> Shared<S> {
+    fn storage(&self) -> std::sync::MutexGuard<'_, S> {
+        self.storage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn directory(&self) -> std::sync::RwLockReadGuard<'_, DirectoryCache> {
+        self.directory.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Re-reads the directory; if it changed, tells connections and cuts off
+    /// the revoked ones. Returns whether it changed.
+    fn refresh_directory(&self) -> Result<bool, EnrollmentError> {
+        let directory = enrollment::directory(&*self.storage())?;
+        if directory.version == self.directory().directory.version {
+            return Ok(false);
+        }
+        let signed = directory.sign(self.relay_key.signing_key()).encode();
+        let revoked: Vec<Member> = directory.members.iter().filter(|m| !m.is_active()).cloned().collect();
+        *self.directory.write().unwrap_or_else(|e| e.into_inner()) = DirectoryCache { directory, signed };
+        for member in revoked {
+            let reason = format!("this node ({}, {}) was revoked by the relay operator", member.name, member.org);
+            if self.hub.close_peer(&member.key.to_string(), &reason) > 0 {
+                info!(node = %member.key.short(), org = %member.org, "revoked node disconnected");
+            }
+        }
+        self.hub.directory_changed();
+        Ok(true)
+    }
+}
+
+/// What the relay handle can do to the running relay, whatever its storage.
+trait Admin: Send + Sync {
+    fn connected(&self) -> Vec<String>;
+    fn enroll(&self, member: Member) -> Result<(), EnrollmentError>;
+    fn revoke(&self, key: &NodeId) -> Result<Member, EnrollmentError>;
+    fn issue_join(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<[u8; 16], EnrollmentError>;
+}
+
+impl<S: RelayStorage> Admin for Shared<S> {
+    fn connected(&self) -> Vec<String> {
+        self.hub.peers()
+    }
+
+    fn enroll(&self, member: Member) -> Result<(), EnrollmentError> {
+        enrollment::enroll(&mut *self.storage(), member)?;
+        self.refresh_directory().map(|_| ())
+    }
+
+    fn revoke(&self, key: &NodeId) -> Result<Member, EnrollmentError> {
+        let member = enrollment::revoke(&mut *self.storage(), key, Utc::now())?;
+        self.refresh_directory()?;
+        Ok(member)
+    }
+
+    fn issue_join(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<[u8; 16], EnrollmentError> {
+        enrollment::issue_join(&mut *self.storage(), org, name, ttl, Utc::now())
+    }
 }
 
 /// A running relay.
 pub struct RelayHandle {
     local_addr: SocketAddr,
-    fingerprint: String,
+    relay_key: NodeId,
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
-    hub: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    admin: Arc<dyn Admin>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -109,14 +204,43 @@ impl RelayHandle {
         self.local_addr
     }
 
-    /// SHA-256 fingerprint of the relay's certificate, for nodes to pin.
-    pub fn fingerprint(&self) -> &str {
-        &self.fingerprint
+    /// The relay's public key, which nodes pin.
+    pub fn relay_key(&self) -> NodeId {
+        self.relay_key
     }
 
-    /// The nodes connected now (one entry per connection).
+    /// The nodes connected now (one entry per connection, by node key).
     pub fn connected(&self) -> Vec<String> {
-        (self.hub)()
+        self.admin.connected()
+    }
+
+    /// Enrolls a node key for `org` under `name` (as `samverkan-relay enroll` does).
+    pub fn enroll_node(&self, key: NodeId, org: OrgId, name: &str) -> Result<(), EnrollmentError> {
+        self.enroll(Member {
+            key,
+            kind: MemberKind::Node,
+            org,
+            name: name.to_string(),
+            role: None,
+            enrolled_at: Utc::now(),
+            revoked_at: None,
+        })
+    }
+
+    /// Enrolls a node or signer key.
+    pub fn enroll(&self, member: Member) -> Result<(), EnrollmentError> {
+        self.admin.enroll(member)
+    }
+
+    /// Revokes a key; its connections are closed at once.
+    pub fn revoke(&self, key: &NodeId) -> Result<Member, EnrollmentError> {
+        self.admin.revoke(key)
+    }
+
+    /// Issues a one-time join code for a node of `org` named `name`.
+    pub fn join_code(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<JoinCode, EnrollmentError> {
+        let secret = self.admin.issue_join(org, name, ttl)?;
+        Ok(JoinCode { secret, relay_key: self.relay_key, relay_address: self.local_addr.to_string() })
     }
 
     /// Stops accepting, closes every connection (persisting its sync state) and waits.
@@ -136,36 +260,53 @@ impl RelayHandle {
     }
 }
 
+/// Loads the relay's key from its data directory, making one at first start.
+pub fn load_or_create_key(data_dir: &std::path::Path) -> Result<NodeKey, RelayError> {
+    keyfile::create_private_dir(data_dir)?;
+    Ok(keyfile::load_or_create(&data_dir.join(enrollment::KEY_FILE))?)
+}
+
 /// Starts a relay with the embedded SQLite storage.
 pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
-    std::fs::create_dir_all(&config.data_dir)
-        .map_err(|source| RelayError::Io { path: config.data_dir.clone(), source })?;
+    keyfile::create_private_dir(&config.data_dir)?;
     let storage = SqliteStorage::open(&config.data_dir.join(DB_FILE), config.cached_documents)?;
     spawn_with_storage(config, storage).await
 }
 
 /// Starts a relay on any storage implementation.
 pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S) -> Result<RelayHandle, RelayError> {
-    let cert = RelayCertificate::load_or_create(&config.data_dir)?;
-    let fingerprint = tls::fingerprint(&cert.cert_der);
-    let endpoint = samverkan_net::endpoint::server_endpoint(config.listen, &cert, &config.limits)?;
+    let relay_key = load_or_create_key(&config.data_dir)?;
+    let identity = TlsIdentity::new(relay_key.signing_key(), tls::SERVER_NAME)?;
+    let endpoint = samverkan_net::endpoint::server_endpoint(config.listen, &identity, &config.limits)?;
     let local_addr = endpoint.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
+    let directory = enrollment::directory(&storage)?;
+    let signed = directory.sign(relay_key.signing_key()).encode();
+    let relay_id = relay_key.node_id();
     let shared = Arc::new(Shared {
         storage: Mutex::new(storage),
         hub: Hub::default(),
         software: format!("samverkan-relay {}", crate::VERSION),
+        relay_key,
+        directory: RwLock::new(DirectoryCache { directory, signed }),
     });
     let (shutdown, mut stop) = watch::channel(false);
     let limits = config.limits.clone();
     let max_connections = config.max_connections;
     let accept_shared = shared.clone();
-    info!(%local_addr, %fingerprint, "relay listening");
+    let mut directory_poll = tokio::time::interval(config.directory_poll);
+    directory_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    info!(%local_addr, relay_key = %relay_id, "relay listening");
     let task = tokio::spawn(
         async move {
             let mut connections = JoinSet::new();
             loop {
                 tokio::select! {
                     _ = stop.changed() => break,
+                    _ = directory_poll.tick() => {
+                        if let Err(e) = accept_shared.refresh_directory() {
+                            warn!(error = %e, "could not re-read the enrollment directory");
+                        }
+                    }
                     incoming = endpoint.accept() => {
                         let Some(incoming) = incoming else { break };
                         if connections.len() >= max_connections {
@@ -189,7 +330,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
                     Some(_) = connections.join_next(), if !connections.is_empty() => {}
                 }
             }
-            accept_shared.hub.close_all();
+            accept_shared.hub.close_all("the relay is shutting down; reconnect later");
             while tokio::time::timeout(Duration::from_secs(5), connections.join_next()).await.ok().flatten().is_some() {
             }
             endpoint.close(0u32.into(), b"relay shutting down");
@@ -197,25 +338,37 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
         }
         .instrument(info_span!("relay", %local_addr)),
     );
-    let hub_shared = shared.clone();
-    Ok(RelayHandle { local_addr, fingerprint, shutdown, task, hub: Arc::new(move || hub_shared.hub.peers()) })
+    Ok(RelayHandle { local_addr, relay_key: relay_id, shutdown, task, admin: shared })
 }
 
-/// Reaches the relay's documents from one connection.
+/// Reaches the relay's documents from one connection: only those whose
+/// parties include the connection's organisation.
 struct RelayDocs<'a, S> {
     storage: &'a Mutex<S>,
+    org: &'a OrgId,
+}
+
+impl<S: RelayStorage> RelayDocs<'_, S> {
+    fn storage(&self) -> std::sync::MutexGuard<'_, S> {
+        self.storage.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
-    type Error = StoreError;
+    type Error = DocAccessError;
 
-    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError> {
-        self.storage.lock().unwrap_or_else(|e| e.into_inner()).heads()
+    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, DocAccessError> {
+        let index = self.storage().index()?;
+        Ok(index.into_iter().filter(|e| e.parties.contains(self.org)).map(|e| (e.id, e.heads)).collect())
     }
 
-    fn may_receive(&mut self, _doc: &DocId) -> bool {
-        // Every node may share new documents with the relay (access control comes with identities).
-        true
+    fn may_receive(&mut self, doc: &DocId) -> bool {
+        match self.storage().entry(doc) {
+            Ok(Some(entry)) => entry.parties.contains(self.org),
+            // New here: allowed if, once received, it names the sender's organisation.
+            Ok(None) => true,
+            Err(_) => false,
+        }
     }
 
     fn with_doc<R>(
@@ -223,13 +376,38 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         doc: &DocId,
         create: bool,
         f: impl FnOnce(&mut AutoCommit) -> R,
-    ) -> Result<Option<R>, StoreError> {
-        self.storage.lock().unwrap_or_else(|e| e.into_inner()).with_doc(doc, create, f)
+    ) -> Result<Option<R>, DocAccessError> {
+        let org = self.org;
+        let mut storage = self.storage();
+        let is_new = match storage.entry(doc)? {
+            Some(entry) if !entry.parties.contains(org) => return Ok(None),
+            Some(_) => false,
+            None => true,
+        };
+        storage.with_doc(doc, create, |d| {
+            let value = f(d.automerge_mut());
+            if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
+                return Err(DocAccessError::Forbidden(format!(
+                    "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
+                )));
+            }
+            Ok(value)
+        })
     }
+}
+
+/// The node a connection proved to be, as enrolled.
+struct Authenticated {
+    key: NodeId,
+    member: Member,
 }
 
 /// Serves one node connection until it ends.
 async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>, limits: Limits) {
+    let Some(key) = tls::peer_key(&conn).and_then(|k| NodeId::from_bytes(&k).ok()) else {
+        conn.close(1u32.into(), b"no usable client key");
+        return;
+    };
     let (mut send, mut recv) = match framed::accept(&conn, &limits).await {
         Ok(halves) => halves,
         Err(e) => {
@@ -239,55 +417,147 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     };
     let mut sync = SyncConnection::relay(&shared.software);
     let mut member = None;
-    let result = run(&mut sync, &mut send, &mut recv, &shared, &mut member).await;
+    let result = match tokio::time::timeout(limits.handshake_timeout, recv.recv()).await {
+        Err(_) => Err(ConnectionEnd::Refused("no Hello within the handshake timeout".into())),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(None)) => Ok(()),
+        Ok(Ok(Some(Frame::Join { protocol, secret, .. }))) => join(&mut sync, &shared, key, protocol, &secret),
+        Ok(Ok(Some(first))) => match authenticate(&shared, key, &first) {
+            Ok(auth) => {
+                let span = info_span!("node", node = %auth.key.short(), org = %auth.member.org);
+                run(&mut sync, first, &mut send, &mut recv, &shared, &auth, &mut member).instrument(span).await
+            }
+            Err(message) => {
+                sync.push_error(ErrorCode::Unauthenticated, message.clone());
+                Err(ConnectionEnd::Refused(message))
+            }
+        },
+    };
     // Flush a final error frame if the protocol left one, then close.
     for frame in sync.take_outbox() {
         if send.send(&frame).await.is_err() {
             break;
         }
     }
-    let peer = sync.peer().map(str::to_owned);
     match &result {
-        Ok(()) => info!(peer = peer.as_deref().unwrap_or("?"), "node disconnected"),
-        Err(e) => warn!(peer = peer.as_deref().unwrap_or("?"), error = %e, "connection closed"),
+        Ok(()) => info!(node = %key.short(), "node disconnected"),
+        Err(e) => warn!(node = %key.short(), error = %e, "connection closed"),
     }
     if let Some((id, _)) = member {
         shared.hub.leave(id);
     }
-    if let Some(peer) = peer {
+    if sync.peer().is_some() {
         let states = sync.into_persisted();
-        if let Err(e) = shared.storage.lock().unwrap_or_else(|e| e.into_inner()).save_sync_states(&peer, states) {
-            warn!(%peer, error = %e, "could not persist sync states");
+        if let Err(e) = shared.storage().save_sync_states(&key.to_string(), states) {
+            warn!(node = %key.short(), error = %e, "could not persist sync states");
         }
     }
     let _ = send.finish().await;
     conn.close(if result.is_ok() { 0u32 } else { 1u32 }.into(), b"bye");
 }
 
+/// Checks that the connection's key is an enrolled, unrevoked node and that
+/// its first frame is a `Hello` naming that key.
+fn authenticate<S: RelayStorage>(shared: &Shared<S>, key: NodeId, first: &Frame) -> Result<Authenticated, String> {
+    let Frame::Hello { node, .. } = first else {
+        return Err(format!("expected Hello or Join first, got {}", first.name()));
+    };
+    if node.trim() != key.to_string() {
+        return Err(format!("Hello names node {node}, but the connection proved key {key}"));
+    }
+    let cache = shared.directory();
+    match cache.directory.active(&key) {
+        Some(member) if member.kind == MemberKind::Node => Ok(Authenticated { key, member: member.clone() }),
+        Some(member) => Err(format!("key {} is enrolled as a signer ({}), not as a node", key.short(), member.name)),
+        None => Err(match cache.directory.latest(&key) {
+            Some(m) => format!(
+                "this node ({}, {}) was revoked by the relay operator at {}",
+                m.name,
+                m.org,
+                m.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            ),
+            None => format!(
+                "this node's key {key} is not enrolled at this relay; ask the operator to run `samverkan-relay enroll --key {key} --org <organisation> --name <name>` or for a join code"
+            ),
+        }),
+    }
+}
+
+/// Handles a `Join`: enrolls the key with the code and answers with the directory.
+fn join<S: RelayStorage>(
+    sync: &mut SyncConnection,
+    shared: &Shared<S>,
+    key: NodeId,
+    protocol: u16,
+    secret: &[u8],
+) -> Result<(), ConnectionEnd> {
+    if protocol != PROTOCOL_VERSION {
+        let message = format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}");
+        sync.push_error(ErrorCode::ProtocolVersion, message.clone());
+        return Err(ConnectionEnd::Refused(message));
+    }
+    let joined = enrollment::consume_join(&mut *shared.storage(), secret, key, Utc::now());
+    match joined {
+        Ok(member) => {
+            info!(node = %key.short(), org = %member.org, name = %member.name, "node joined with a join code");
+            if let Err(e) = shared.refresh_directory() {
+                warn!(error = %e, "could not re-read the enrollment directory");
+            }
+            sync.push_directory(shared.directory().signed.clone());
+            Ok(())
+        }
+        Err(
+            e
+            @ (EnrollmentError::UnknownJoinCode | EnrollmentError::ExpiredJoinCode(_) | EnrollmentError::Directory(_)),
+        ) => {
+            sync.push_error(ErrorCode::Unauthenticated, e.to_string());
+            Err(ConnectionEnd::Refused(e.to_string()))
+        }
+        Err(e) => {
+            sync.push_error(ErrorCode::Internal, "the relay could not record the join; try again later");
+            Err(ConnectionEnd::Refused(e.to_string()))
+        }
+    }
+}
+
 async fn run<S: RelayStorage>(
     sync: &mut SyncConnection,
+    hello: Frame,
     send: &mut FramedSend,
     recv: &mut FramedRecv,
     shared: &Shared<S>,
+    auth: &Authenticated,
     member: &mut Option<(u64, Arc<Mailbox>)>,
 ) -> Result<(), ConnectionEnd> {
+    let mut next = Some(hello);
     loop {
         for frame in sync.take_outbox() {
             send.send(&frame).await?;
         }
         let mailbox = member.as_ref().map(|(_, m)| m.clone());
-        tokio::select! {
-            frame = recv.recv() => {
-                let Some(frame) = frame? else { return Ok(()) };
-                let mut docs = RelayDocs { storage: &shared.storage };
-                for event in sync.on_frame(frame, &mut docs)? {
+        let frame = match next.take() {
+            Some(frame) => Some(frame),
+            None => tokio::select! {
+                frame = recv.recv() => match frame? {
+                    Some(frame) => Some(frame),
+                    None => return Ok(()),
+                },
+                _ = wait(mailbox.as_deref()) => None,
+            },
+        };
+        let mut docs = RelayDocs { storage: &shared.storage, org: &auth.member.org };
+        match frame {
+            Some(frame) => {
+                let events = sync.on_frame(frame, &mut docs).map_err(|e| refuse_forbidden(sync, e))?;
+                for event in events {
                     match event {
-                        ConnectionEvent::Established { peer, software } => {
-                            info!(%peer, %software, "node connected");
-                            let states = shared.storage.lock().unwrap_or_else(|e| e.into_inner()).sync_states(&peer)?;
+                        ConnectionEvent::Established { software, .. } => {
+                            info!(%software, "node connected");
+                            let states = shared.storage().sync_states(&auth.key.to_string())?;
                             sync.restore(states);
-                            *member = Some(shared.hub.join(&peer));
-                            sync.begin(&mut docs)?;
+                            *member = Some(shared.hub.join(&auth.key.to_string()));
+                            sync.push_directory(shared.directory().signed.clone());
+                            sync.begin(&mut docs).map_err(|e| refuse_forbidden(sync, e))?;
                         }
                         ConnectionEvent::DocChanged { doc, .. } => {
                             debug!(%doc, "document changed; forwarding");
@@ -295,22 +565,36 @@ async fn run<S: RelayStorage>(
                                 shared.hub.changed(*id, &doc);
                             }
                         }
+                        ConnectionEvent::Directory(_) => {}
                     }
                 }
             }
-            _ = wait(mailbox.as_deref()) => {
+            None => {
                 let Some(mailbox) = mailbox else { continue };
-                if mailbox.is_closed() {
-                    sync.push_error(ErrorCode::Busy, "the relay is shutting down; reconnect later");
-                    return Ok(());
+                if let Some(reason) = mailbox.close_reason() {
+                    let code = if reason.contains("revoked") { ErrorCode::Unauthenticated } else { ErrorCode::Busy };
+                    sync.push_error(code, reason.clone());
+                    return Err(ConnectionEnd::Refused(reason));
                 }
-                let mut docs = RelayDocs { storage: &shared.storage };
+                if mailbox.take_directory_changed() {
+                    sync.push_directory(shared.directory().signed.clone());
+                }
                 for doc in mailbox.take() {
-                    sync.on_local_change(&doc, &mut docs)?;
+                    sync.on_local_change(&doc, &mut docs).map_err(|e| refuse_forbidden(sync, e))?;
                 }
             }
         }
     }
+}
+
+/// Turns an access refusal inside the sync core into a clear `Forbidden` frame.
+fn refuse_forbidden(sync: &mut SyncConnection, error: ConnectionError) -> ConnectionEnd {
+    if let ConnectionError::Storage(inner) = &error {
+        if let Some(DocAccessError::Forbidden(message)) = inner.downcast_ref::<DocAccessError>() {
+            sync.push_error(ErrorCode::Forbidden, message.clone());
+        }
+    }
+    error.into()
 }
 
 async fn wait(mailbox: Option<&Mailbox>) {

@@ -1,36 +1,72 @@
 //! The relay's storage interface and its embedded SQLite implementation.
 //!
 //! Everything the relay keeps durably goes through [`RelayStorage`]: documents
-//! (as Automerge changes), their heads for summaries, and the sync state it
-//! shares with each node. The default is [`SqliteStorage`] over the same store
-//! the nodes use; a PostgreSQL implementation can later let several relay
-//! instances share one database. Implementations must commit a change durably
-//! before returning, and must not hold every document in memory.
+//! (as Automerge changes), an index of their heads and parties for summaries and
+//! access control, the sync state it shares with each node, and small metadata
+//! values (the enrollment directory). The default is [`SqliteStorage`] over the
+//! same store the nodes use; a PostgreSQL implementation can later let several
+//! relay instances share one database. Implementations must commit a change
+//! durably before returning, and must not hold every document in memory.
 
-use automerge::{AutoCommit, ChangeHash};
+use automerge::ChangeHash;
 use samverkan_shared::ids::DocId;
-use samverkan_store::{Store, StoreError};
+use samverkan_shared::model::Document;
+use samverkan_shared::org::OrgId;
+use samverkan_store::{DocSummary, Store, StoreError};
+
+/// One stored document as the index knows it, without loading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocEntry {
+    /// The document.
+    pub id: DocId,
+    /// Its current heads.
+    pub heads: Vec<ChangeHash>,
+    /// Its parties: the organisations whose nodes may sync it.
+    pub parties: Vec<OrgId>,
+}
+
+impl TryFrom<DocSummary> for DocEntry {
+    type Error = StoreError;
+
+    fn try_from(summary: DocSummary) -> Result<Self, StoreError> {
+        Ok(Self { heads: summary.head_hashes()?, id: summary.id, parties: summary.parties })
+    }
+}
 
 /// Durable storage of the relay.
 pub trait RelayStorage: Send + 'static {
-    /// Every stored document with its heads (without loading documents).
-    fn heads(&self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError>;
+    /// Every stored document with its heads and parties (without loading documents).
+    fn index(&self) -> Result<Vec<DocEntry>, StoreError>;
+
+    /// The index entry of one document, if stored.
+    fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError>;
 
     /// Runs `f` on a document (an empty one if missing and `create`), and durably
     /// stores whatever changes it made. `Ok(None)` if missing and not `create`.
-    /// A document that does not follow the schema after `f` is refused and nothing is stored.
-    fn with_doc<R>(
+    /// If `f` fails, or the document does not follow the schema afterwards,
+    /// nothing is stored and the in-memory copy is discarded.
+    fn with_doc<R, E: From<StoreError>>(
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> R,
-    ) -> Result<Option<R>, StoreError>;
+        f: impl FnOnce(&mut Document) -> Result<R, E>,
+    ) -> Result<Option<R>, E>;
 
     /// Sync states persisted for a peer.
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError>;
 
     /// Persists sync states for a peer.
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
+
+    /// A metadata value.
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+
+    /// Changes a metadata value atomically (see [`Store::update_meta`]).
+    fn update_meta<E: From<StoreError>>(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(Option<String>) -> Result<Option<String>, E>,
+    ) -> Result<Option<String>, E>;
 
     /// Drops a document from memory (it stays stored).
     fn evict(&mut self, doc: &DocId);
@@ -55,20 +91,24 @@ impl SqliteStorage {
 }
 
 impl RelayStorage for SqliteStorage {
-    fn heads(&self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError> {
-        self.store.heads()
+    fn index(&self) -> Result<Vec<DocEntry>, StoreError> {
+        self.store.list()?.into_iter().map(DocEntry::try_from).collect()
     }
 
-    fn with_doc<R>(
+    fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError> {
+        self.store.summary(doc)?.map(DocEntry::try_from).transpose()
+    }
+
+    fn with_doc<R, E: From<StoreError>>(
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> R,
-    ) -> Result<Option<R>, StoreError> {
+        f: impl FnOnce(&mut Document) -> Result<R, E>,
+    ) -> Result<Option<R>, E> {
         if !create && !self.store.contains(doc)? {
             return Ok(None);
         }
-        let (value, _) = self.store.update(doc, create, |d| Ok::<_, StoreError>(f(d.automerge_mut())))?;
+        let (value, _) = self.store.update(doc, create, f)?;
         Ok(Some(value))
     }
 
@@ -78,6 +118,18 @@ impl RelayStorage for SqliteStorage {
 
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {
         self.store.save_sync_states(peer, states)
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.store.meta(key)
+    }
+
+    fn update_meta<E: From<StoreError>>(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(Option<String>) -> Result<Option<String>, E>,
+    ) -> Result<Option<String>, E> {
+        self.store.update_meta(key, f)
     }
 
     fn evict(&mut self, doc: &DocId) {

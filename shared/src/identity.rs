@@ -32,6 +32,13 @@ pub enum IdentityError {
 pub struct NodeId(VerifyingKey);
 
 impl NodeId {
+    /// The node with these public-key bytes, if they are a valid ed25519 key.
+    pub fn from_bytes(bytes: &[u8; 32]) -> Result<Self, IdentityError> {
+        VerifyingKey::from_bytes(bytes)
+            .map(Self)
+            .map_err(|e| IdentityError::Malformed(format!("not an ed25519 public key: {e}")))
+    }
+
     /// The raw 32 public-key bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         self.0.as_bytes()
@@ -58,6 +65,12 @@ impl NodeId {
     pub fn short(&self) -> String {
         let encoded = base32(&self.as_bytes()[..10]);
         encoded.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
+    }
+}
+
+impl From<VerifyingKey> for NodeId {
+    fn from(key: VerifyingKey) -> Self {
+        Self(key)
     }
 }
 

@@ -28,6 +28,8 @@
 //! | 0x05 | `InSync`   | (empty)                                              |
 //! | 0x06 | `Sync`     | `doc:[u8; 16] message:bytes`                         |
 //! | 0x07 | `Error`    | `code:u16be message:str`                             |
+//! | 0x08 | `Join`     | `protocol:u16be software:str secret:bytes`           |
+//! | 0x09 | `Directory`| `signed:bytes`                                       |
 
 use crate::ids::DocId;
 
@@ -55,6 +57,8 @@ const TYPE_DOC_HEADS: u8 = 0x04;
 const TYPE_IN_SYNC: u8 = 0x05;
 const TYPE_SYNC: u8 = 0x06;
 const TYPE_ERROR: u8 = 0x07;
+const TYPE_JOIN: u8 = 0x08;
+const TYPE_DIRECTORY: u8 = 0x09;
 
 /// Why bytes could not be read as frames.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -226,6 +230,22 @@ pub enum Frame {
         /// Human-readable detail.
         message: String,
     },
+    /// Node → relay, instead of `Hello`: enroll the connection's key with a
+    /// one-time join code; the relay answers `Directory` (or `Error`) and closes.
+    Join {
+        /// Protocol version the node speaks.
+        protocol: u16,
+        /// Software name and version, for logs.
+        software: String,
+        /// The secret part of the join code.
+        secret: Vec<u8>,
+    },
+    /// Relay → node: the enrollment directory, signed by the relay's key
+    /// (see [`crate::directory::SignedDirectory`]).
+    Directory {
+        /// The signed directory's encoding.
+        signed: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -239,6 +259,8 @@ impl Frame {
             Frame::InSync => "InSync",
             Frame::Sync { .. } => "Sync",
             Frame::Error { .. } => "Error",
+            Frame::Join { .. } => "Join",
+            Frame::Directory { .. } => "Directory",
         }
     }
 
@@ -251,6 +273,8 @@ impl Frame {
             Frame::InSync => TYPE_IN_SYNC,
             Frame::Sync { .. } => TYPE_SYNC,
             Frame::Error { .. } => TYPE_ERROR,
+            Frame::Join { .. } => TYPE_JOIN,
+            Frame::Directory { .. } => TYPE_DIRECTORY,
         }
     }
 
@@ -265,6 +289,8 @@ impl Frame {
             Frame::InSync => 0,
             Frame::Sync { message, .. } => DOC_ID_BYTES + varint_len(message.len()) + message.len(),
             Frame::Error { message, .. } => 2 + str_len(message),
+            Frame::Join { software, secret, .. } => 2 + str_len(software) + varint_len(secret.len()) + secret.len(),
+            Frame::Directory { signed } => varint_len(signed.len()) + signed.len(),
         }
     }
 
@@ -309,6 +335,12 @@ impl Frame {
                 out.extend_from_slice(&code.to_u16().to_be_bytes());
                 put_bytes(&mut out, message.as_bytes());
             }
+            Frame::Join { protocol, software, secret } => {
+                out.extend_from_slice(&protocol.to_be_bytes());
+                put_bytes(&mut out, software.as_bytes());
+                put_bytes(&mut out, secret);
+            }
+            Frame::Directory { signed } => put_bytes(&mut out, signed),
         }
         debug_assert_eq!(out.len(), LENGTH_PREFIX + payload_len);
         out
@@ -334,6 +366,8 @@ impl Frame {
             TYPE_IN_SYNC => "InSync",
             TYPE_SYNC => "Sync",
             TYPE_ERROR => "Error",
+            TYPE_JOIN => "Join",
+            TYPE_DIRECTORY => "Directory",
             other => return Err(WireError::UnknownFrameType(other)),
         };
         let mut r = Reader { bytes: body, frame: frame_name };
@@ -359,6 +393,12 @@ impl Frame {
             }
             TYPE_IN_SYNC => Frame::InSync,
             TYPE_SYNC => Frame::Sync { doc: r.doc_id("doc id")?, message: r.bytes("message")?.to_vec() },
+            TYPE_JOIN => Frame::Join {
+                protocol: r.u16("protocol")?,
+                software: r.string("software")?,
+                secret: r.bytes("secret")?.to_vec(),
+            },
+            TYPE_DIRECTORY => Frame::Directory { signed: r.bytes("signed")?.to_vec() },
             _ => Frame::Error { code: ErrorCode::from_u16(r.u16("code")?), message: r.string("message")? },
         };
         if !r.bytes.is_empty() {
@@ -618,6 +658,8 @@ mod tests {
             Frame::Sync { doc: doc(9), message: vec![5; 300] },
             Frame::Error { code: ErrorCode::ProtocolVersion, message: "speak v1".into() },
             Frame::Error { code: ErrorCode::Other(999), message: String::new() },
+            Frame::Join { protocol: PROTOCOL_VERSION, software: "n".into(), secret: vec![1; 16] },
+            Frame::Directory { signed: b"{}".to_vec() },
         ]
     }
 

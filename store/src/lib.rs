@@ -25,6 +25,8 @@
 
 #![warn(missing_docs)]
 
+pub mod keyfile;
+
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -35,12 +37,13 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::{DocKind, Document, ModelError};
+use samverkan_shared::org::OrgId;
 use serde::Serialize;
 
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
 /// Documents kept in the in-memory cache by default.
@@ -77,6 +80,9 @@ const MIGRATIONS: &[&str] = &[
          state  BLOB NOT NULL,
          PRIMARY KEY (peer, doc_id)
      );",
+    // 1 → 2: each document's parties (space-separated organisation ids), for
+    // access control without loading documents; filled in by `backfill_parties`.
+    "ALTER TABLE documents ADD COLUMN parties TEXT NOT NULL DEFAULT '';",
 ];
 
 /// Errors of the store.
@@ -153,10 +159,27 @@ pub struct DocSummary {
     pub title: String,
     /// Its heads (hex).
     pub heads: Vec<String>,
+    /// Its parties, as of its last stored change.
+    pub parties: Vec<OrgId>,
     /// When it was first stored here.
     pub created_at: DateTime<Utc>,
     /// When it last changed here.
     pub updated_at: DateTime<Utc>,
+}
+
+impl DocSummary {
+    /// The heads as change hashes.
+    pub fn head_hashes(&self) -> Result<Vec<ChangeHash>, StoreError> {
+        self.heads
+            .iter()
+            .map(|h| {
+                h.parse::<ChangeHash>().map_err(|e| StoreError::CorruptDocument {
+                    id: self.id.clone(),
+                    reason: format!("bad head {h:?}: {e}"),
+                })
+            })
+            .collect()
+    }
 }
 
 /// What an update did to a document.
@@ -302,6 +325,9 @@ impl Store {
                 tracing::info!(path = %self.path.display(), from, to = from + 1, "migrating node database");
                 tx.execute_batch(sql)?;
             }
+            if version < 2 {
+                backfill_parties(&tx, &self.cache)?;
+            }
             tx.pragma_update(None, "application_id", APPLICATION_ID)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
             tx.commit()?;
@@ -323,12 +349,48 @@ impl Store {
         Ok(())
     }
 
+    /// Reads, changes and writes a metadata value in one write transaction, so
+    /// that two processes changing it at once never lose an update. `f` gets the
+    /// current value and returns the new one (`None`: leave it unchanged); its
+    /// error aborts and leaves the value as it was. Returns the new value.
+    pub fn update_meta<E>(
+        &mut self,
+        key: &str,
+        f: impl FnOnce(Option<String>) -> Result<Option<String>, E>,
+    ) -> Result<Option<String>, E>
+    where
+        E: From<StoreError>,
+    {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
+        let current: Option<String> = tx
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(StoreError::from)?;
+        let Some(new) = f(current)? else { return Ok(None) };
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, new],
+        )
+        .map_err(StoreError::from)?;
+        tx.commit().map_err(StoreError::from)?;
+        Ok(Some(new))
+    }
+
     /// Every document, most recently changed first.
     pub fn list(&self) -> Result<Vec<DocSummary>, StoreError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT doc_id, kind, title, heads, created_at, updated_at FROM documents ORDER BY updated_at DESC, doc_id",
-        )?;
-        let rows = stmt.query_map([], |r| {
+        self.summaries("ORDER BY updated_at DESC, doc_id", [])
+    }
+
+    /// One document's summary, if it is stored (without loading it).
+    pub fn summary(&self, id: &DocId) -> Result<Option<DocSummary>, StoreError> {
+        Ok(self.summaries("WHERE doc_id = ?1", [id.as_str()])?.pop())
+    }
+
+    fn summaries<P: rusqlite::Params>(&self, clause: &str, params: P) -> Result<Vec<DocSummary>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT doc_id, kind, title, heads, created_at, updated_at, parties FROM documents {clause}"
+        ))?;
+        let rows = stmt.query_map(params, |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -336,11 +398,12 @@ impl Store {
                 r.get::<_, String>(3)?,
                 r.get::<_, String>(4)?,
                 r.get::<_, String>(5)?,
+                r.get::<_, String>(6)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (id, kind, title, heads, created, updated) = row?;
+            let (id, kind, title, heads, created, updated, parties) = row?;
             let id: DocId =
                 id.parse().map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
             let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
@@ -348,6 +411,11 @@ impl Store {
                 kind: kind.parse().map_err(|e: samverkan_shared::model::UnknownValue| corrupt(e.to_string()))?,
                 title,
                 heads: heads.split(',').filter(|h| !h.is_empty()).map(str::to_owned).collect(),
+                parties: parties
+                    .split(' ')
+                    .filter(|p| !p.is_empty())
+                    .map(|p| OrgId::new(p).ok_or_else(|| corrupt(format!("bad party {p:?}"))))
+                    .collect::<Result<_, _>>()?,
                 created_at: parse_time(&created).map_err(corrupt)?,
                 updated_at: parse_time(&updated).map_err(corrupt)?,
                 id,
@@ -388,8 +456,8 @@ impl Store {
         let heads = doc.heads();
         let now = Utc::now().to_rfc3339();
         tx.execute(
-            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
             params![
                 doc.id().as_str(),
                 doc.kind()?.as_str(),
@@ -397,7 +465,8 @@ impl Store {
                 join_heads(&heads),
                 data,
                 sha256(&data),
-                now
+                now,
+                join_parties(&doc.parties()?)
             ],
         )?;
         tx.commit()?;
@@ -440,13 +509,14 @@ impl Store {
         doc.check_header().map_err(StoreError::from)?;
         let kind = doc.kind().map_err(StoreError::from)?;
         let title = doc.title().map_err(StoreError::from)?;
+        let parties = join_parties(&doc.parties().map_err(StoreError::from)?);
         let now = Utc::now().to_rfc3339();
         let new_bytes = if created {
             let data = doc.automerge_mut().save();
             tx.execute(
-                "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
-                params![id.as_str(), kind.as_str(), title, join_heads(&heads), data, sha256(&data), now],
+                "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+                params![id.as_str(), kind.as_str(), title, join_heads(&heads), data, sha256(&data), now, parties],
             )
             .map_err(StoreError::from)?;
             data.len()
@@ -459,8 +529,8 @@ impl Store {
             .map_err(StoreError::from)?;
             last_seq = tx.last_insert_rowid();
             tx.execute(
-                "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5 WHERE doc_id = ?1",
-                params![id.as_str(), kind.as_str(), title, join_heads(&heads), now],
+                "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5, parties = ?6 WHERE doc_id = ?1",
+                params![id.as_str(), kind.as_str(), title, join_heads(&heads), now, parties],
             )
             .map_err(StoreError::from)?;
             if let Some(g) = compact_if_due(&tx, id, &mut doc)? {
@@ -490,17 +560,13 @@ impl Store {
 
     /// Each document's heads, from the table (no document is loaded).
     pub fn heads(&self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError> {
-        let mut out = Vec::new();
-        for summary in self.list()? {
-            let corrupt = |reason: String| StoreError::CorruptDocument { id: summary.id.clone(), reason };
-            let heads = summary
-                .heads
-                .iter()
-                .map(|h| h.parse::<ChangeHash>().map_err(|e| corrupt(format!("bad head {h:?}: {e}"))))
-                .collect::<Result<Vec<_>, _>>()?;
-            out.push((summary.id, heads));
-        }
-        Ok(out)
+        self.list()?
+            .into_iter()
+            .map(|summary| {
+                let heads = summary.head_hashes()?;
+                Ok((summary.id, heads))
+            })
+            .collect()
     }
 
     /// The persisted sync states shared with `peer`, by document.
@@ -569,6 +635,26 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 
 fn join_heads(heads: &[ChangeHash]) -> String {
     heads.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn join_parties(parties: &[OrgId]) -> String {
+    parties.iter().map(OrgId::as_str).collect::<Vec<_>>().join(" ")
+}
+
+/// Fills the `parties` column of every stored document (migration to schema 2).
+/// A document that cannot be read keeps no parties and is reported by `check`.
+fn backfill_parties(tx: &Transaction<'_>, cache: &RefCell<Cache>) -> Result<(), StoreError> {
+    let ids: Vec<String> =
+        tx.prepare("SELECT doc_id FROM documents")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    for id in ids {
+        let Ok(doc_id) = id.parse::<DocId>() else { continue };
+        let parties = match load_in(tx, cache, &doc_id, false) {
+            Ok(Some(loaded)) => loaded.doc.parties().map(|p| join_parties(&p)).unwrap_or_default(),
+            _ => String::new(),
+        };
+        tx.execute("UPDATE documents SET parties = ?2 WHERE doc_id = ?1", params![id, parties])?;
+    }
+    Ok(())
 }
 
 /// Loads a document through any connection or transaction, starting from the

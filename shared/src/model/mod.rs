@@ -250,6 +250,11 @@ impl Document {
         read::get_text(&self.doc, &automerge::ROOT, read::keys::TITLE, read::keys::TITLE)
     }
 
+    /// The parties (organisations) of the document, without reading the rest.
+    pub fn parties(&self) -> Result<Vec<crate::org::OrgId>, ModelError> {
+        read::parties(&self.doc)
+    }
+
     /// The document kind, without reading the rest.
     pub fn kind(&self) -> Result<DocKind, ModelError> {
         read::kind(&self.doc)

@@ -152,16 +152,8 @@ fn item_id<R: ReadDoc>(doc: &R, obj: &ObjId, path: &str) -> Result<ItemId, Model
     parse_required(get_str(doc, obj, keys::ITEM_ID, path)?, path)
 }
 
-/// Reads the whole document.
-pub(super) fn view<R: ReadDoc>(doc: &R, id: &DocId) -> Result<DocumentView, ModelError> {
-    if doc.length(ROOT) == 0 {
-        return Err(malformed("/", "the document is empty: its first change has not arrived yet"));
-    }
-    let kind = kind(doc)?;
-    let scope: Scope = parse_opt(get_str(doc, &ROOT, keys::SCOPE, keys::SCOPE)?, keys::SCOPE)?.unwrap_or(Scope::County);
-    let title = get_text(doc, &ROOT, keys::TITLE, keys::TITLE)?;
-    let body = get_text(doc, &ROOT, keys::BODY, keys::BODY)?;
-
+/// Reads the parties, without duplicates, in document order.
+pub(super) fn parties<R: ReadDoc>(doc: &R) -> Result<Vec<OrgId>, ModelError> {
     let mut parties: Vec<OrgId> = Vec::new();
     if let Some(list) = get_obj(doc, &ROOT, keys::PARTIES, ObjType::List)? {
         for i in 0..doc.length(&list) {
@@ -173,6 +165,20 @@ pub(super) fn view<R: ReadDoc>(doc: &R, id: &DocId) -> Result<DocumentView, Mode
             }
         }
     }
+    Ok(parties)
+}
+
+/// Reads the whole document.
+pub(super) fn view<R: ReadDoc>(doc: &R, id: &DocId) -> Result<DocumentView, ModelError> {
+    if doc.length(ROOT) == 0 {
+        return Err(malformed("/", "the document is empty: its first change has not arrived yet"));
+    }
+    let kind = kind(doc)?;
+    let scope: Scope = parse_opt(get_str(doc, &ROOT, keys::SCOPE, keys::SCOPE)?, keys::SCOPE)?.unwrap_or(Scope::County);
+    let title = get_text(doc, &ROOT, keys::TITLE, keys::TITLE)?;
+    let body = get_text(doc, &ROOT, keys::BODY, keys::BODY)?;
+
+    let parties = parties(doc)?;
 
     let period = period(doc)?;
     let place = get_str(doc, &ROOT, keys::PLACE, keys::PLACE)?.filter(|p| !p.is_empty());

@@ -59,6 +59,9 @@ pub enum ConnectionEvent {
         /// Its new heads.
         heads: Vec<ChangeHash>,
     },
+    /// (Node only.) The relay sent its signed enrollment directory: verify it
+    /// with the pinned relay key and keep it.
+    Directory(Vec<u8>),
 }
 
 /// Why a connection must close.
@@ -198,6 +201,11 @@ impl SyncConnection {
         self.push(Frame::Error { code, message: message.into() });
     }
 
+    /// (Relay only.) Queues the signed enrollment directory for the node.
+    pub fn push_directory(&mut self, signed: Vec<u8>) {
+        self.push(Frame::Directory { signed });
+    }
+
     /// Restores persisted sync states for this peer; a state that does not
     /// decode is skipped (a fresh state is always safe, only more expensive).
     /// Returns how many were restored.
@@ -267,6 +275,9 @@ impl SyncConnection {
                 } else {
                     self.push(doc_heads_frame(heads.iter().map(|(d, h)| (d, h.as_slice()))));
                 }
+            }
+            (Phase::Established | Phase::Open, Frame::Directory { signed }) if self.role == Role::Node => {
+                events.push(ConnectionEvent::Directory(signed));
             }
             (Phase::Open, Frame::InSync) => self.our_summary_answered = true,
             (Phase::Open, Frame::DocHeads { entries }) => {
