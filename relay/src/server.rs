@@ -419,7 +419,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     let mut member = None;
     let result = match tokio::time::timeout(limits.handshake_timeout, recv.recv()).await {
         Err(_) => Err(ConnectionEnd::Refused("no Hello within the handshake timeout".into())),
-        Ok(Err(e)) => Err(e.into()),
+        Ok(Err(e)) => Err(report_bad_frame(&mut sync, e)),
         Ok(Ok(None)) => Ok(()),
         Ok(Ok(Some(Frame::Join { protocol, secret, .. }))) => join(&mut sync, &shared, key, protocol, &secret),
         Ok(Ok(Some(first))) => match authenticate(&shared, key, &first) {
@@ -538,7 +538,7 @@ async fn run<S: RelayStorage>(
         let frame = match next.take() {
             Some(frame) => Some(frame),
             None => tokio::select! {
-                frame = recv.recv() => match frame? {
+                frame = recv.recv() => match frame.map_err(|e| report_bad_frame(sync, e))? {
                     Some(frame) => Some(frame),
                     None => return Ok(()),
                 },
@@ -585,6 +585,14 @@ async fn run<S: RelayStorage>(
             }
         }
     }
+}
+
+/// Answers undecodable bytes with a clear error frame before the connection closes.
+fn report_bad_frame(sync: &mut SyncConnection, error: NetError) -> ConnectionEnd {
+    if let NetError::Wire(wire) = &error {
+        sync.push_error(wire.error_code(), format!("bad frame: {wire}"));
+    }
+    error.into()
 }
 
 /// Turns an access refusal inside the sync core into a clear `Forbidden` frame.
