@@ -5,6 +5,10 @@
 //!   embedded SQLite implementation; a PostgreSQL one can follow.
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
 //! - [`server`]: the QUIC accept loop and one sync task per node connection.
+//! - [`monitor`]: the operator's view (per-node and per-document status, metrics),
+//!   fed by the connection tasks; node names through a [`monitor::NameResolver`].
+//! - [`admin`]: the admin HTTP server (dashboard, JSON status, `/metrics`, `/healthz`)
+//!   and the client `samverkan-relay status` uses.
 //!
 //! The relay keeps every document it receives durably, forwards changes to every
 //! other connected node within milliseconds, and serves nodes that were offline
@@ -13,7 +17,9 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod hub;
+pub mod monitor;
 pub mod server;
 pub mod storage;
 

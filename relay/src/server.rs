@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::hub::{Hub, Mailbox};
+use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, RelayStatus};
 use crate::storage::{RelayStorage, SqliteStorage};
 
 /// File name of the relay's database inside its data directory.
@@ -42,12 +43,21 @@ pub struct RelayConfig {
     pub cached_documents: usize,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
+    /// Monitoring: stale threshold, node names, admin HTTP server (see [`crate::monitor`]).
+    pub monitoring: MonitorConfig,
 }
 
 impl RelayConfig {
     /// Defaults for a relay listening on `listen` with data in `data_dir`.
     pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
-        Self { listen, data_dir, limits: Limits::default(), cached_documents: 256, max_connections: 4096 }
+        Self {
+            listen,
+            data_dir,
+            limits: Limits::default(),
+            cached_documents: 256,
+            max_connections: 4096,
+            monitoring: MonitorConfig::default(),
+        }
     }
 }
 
@@ -60,6 +70,9 @@ pub enum RelayError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The admin HTTP server could not start.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// The data directory could not be created.
     #[error("{path}: {source}")]
     Io {
@@ -86,6 +99,7 @@ struct Shared<S> {
     storage: Mutex<S>,
     hub: Hub,
     software: String,
+    monitor: Arc<Monitor>,
 }
 
 /// A running relay.
@@ -95,6 +109,9 @@ pub struct RelayHandle {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     hub: Arc<dyn Fn() -> Vec<String> + Send + Sync>,
+    monitor: Arc<Monitor>,
+    status: crate::admin::StatusSource,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -117,6 +134,21 @@ impl RelayHandle {
     /// The nodes connected now (one entry per connection).
     pub fn connected(&self) -> Vec<String> {
         (self.hub)()
+    }
+
+    /// The address of the admin HTTP server, if one runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// A status snapshot (what `/api/status` serves); may block briefly on storage.
+    pub fn status(&self) -> RelayStatus {
+        (self.status)()
+    }
+
+    /// Replaces the resolver that names nodes (the seam for the enrollment directory).
+    pub fn set_name_resolver(&self, resolver: Option<Arc<dyn NameResolver>>) {
+        self.monitor.set_resolver(resolver);
     }
 
     /// Stops accepting, closes every connection (persisting its sync state) and waits.
@@ -150,12 +182,28 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
     let fingerprint = tls::fingerprint(&cert.cert_der);
     let endpoint = samverkan_net::endpoint::server_endpoint(config.listen, &cert, &config.limits)?;
     let local_addr = endpoint.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
+    let monitor = Arc::new(Monitor::new(&config.monitoring, config.data_dir.join(DB_FILE)));
+    monitor.seed(&storage)?;
+    let admin = match &config.monitoring.admin {
+        Some(admin) => Some((crate::admin::bind(admin).await?, admin.token.clone())),
+        None => None,
+    };
     let shared = Arc::new(Shared {
         storage: Mutex::new(storage),
         hub: Hub::default(),
         software: format!("samverkan-relay {}", crate::VERSION),
+        monitor: monitor.clone(),
     });
     let (shutdown, mut stop) = watch::channel(false);
+    let status_shared = shared.clone();
+    let status: crate::admin::StatusSource = Arc::new(move || status_shared.monitor.snapshot(&status_shared.storage));
+    let admin_addr = admin.as_ref().and_then(|(listener, _)| listener.local_addr().ok());
+    if let Some((listener, token)) = admin {
+        let mut admin_stop = shutdown.subscribe();
+        crate::admin::serve(listener, token, monitor.clone(), status.clone(), async move {
+            let _ = admin_stop.wait_for(|stop| *stop).await;
+        });
+    }
     let limits = config.limits.clone();
     let max_connections = config.max_connections;
     let accept_shared = shared.clone();
@@ -198,7 +246,8 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
         .instrument(info_span!("relay", %local_addr)),
     );
     let hub_shared = shared.clone();
-    Ok(RelayHandle { local_addr, fingerprint, shutdown, task, hub: Arc::new(move || hub_shared.hub.peers()) })
+    let hub = Arc::new(move || hub_shared.hub.peers());
+    Ok(RelayHandle { local_addr, fingerprint, shutdown, task, hub, monitor, status, admin_addr })
 }
 
 /// Reaches the relay's documents from one connection.
@@ -239,7 +288,8 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     };
     let mut sync = SyncConnection::relay(&shared.software);
     let mut member = None;
-    let result = run(&mut sync, &mut send, &mut recv, &shared, &mut member).await;
+    let mut watch = shared.monitor.connection(conn.remote_address());
+    let result = run(&mut sync, &mut send, &mut recv, &shared, &mut member, &mut watch).await;
     // Flush a final error frame if the protocol left one, then close.
     for frame in sync.take_outbox() {
         if send.send(&frame).await.is_err() {
@@ -254,6 +304,8 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     if let Some((id, _)) = member {
         shared.hub.leave(id);
     }
+    watch.update(&sync, recv.bytes(), send.bytes());
+    watch.closed(result.as_ref().err().map(ToString::to_string));
     if let Some(peer) = peer {
         let states = sync.into_persisted();
         if let Err(e) = shared.storage.lock().unwrap_or_else(|e| e.into_inner()).save_sync_states(&peer, states) {
@@ -270,11 +322,13 @@ async fn run<S: RelayStorage>(
     recv: &mut FramedRecv,
     shared: &Shared<S>,
     member: &mut Option<(u64, Arc<Mailbox>)>,
+    watch: &mut ConnectionWatch,
 ) -> Result<(), ConnectionEnd> {
     loop {
         for frame in sync.take_outbox() {
             send.send(&frame).await?;
         }
+        watch.update(sync, recv.bytes(), send.bytes());
         let mailbox = member.as_ref().map(|(_, m)| m.clone());
         tokio::select! {
             frame = recv.recv() => {
@@ -286,11 +340,13 @@ async fn run<S: RelayStorage>(
                             info!(%peer, %software, "node connected");
                             let states = shared.storage.lock().unwrap_or_else(|e| e.into_inner()).sync_states(&peer)?;
                             sync.restore(states);
+                            watch.established(&peer, &software, sync);
                             *member = Some(shared.hub.join(&peer));
                             sync.begin(&mut docs)?;
                         }
-                        ConnectionEvent::DocChanged { doc, .. } => {
+                        ConnectionEvent::DocChanged { doc, heads } => {
                             debug!(%doc, "document changed; forwarding");
+                            shared.monitor.doc_changed(&doc, &heads);
                             if let Some((id, _)) = member {
                                 shared.hub.changed(*id, &doc);
                             }

@@ -29,6 +29,11 @@ pub trait RelayStorage: Send + 'static {
     /// Sync states persisted for a peer.
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError>;
 
+    /// Every peer with persisted sync states (the nodes the relay has served).
+    fn peers(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
     /// Persists sync states for a peer.
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
 
@@ -74,6 +79,10 @@ impl RelayStorage for SqliteStorage {
 
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
         self.store.sync_states(peer)
+    }
+
+    fn peers(&self) -> Result<Vec<String>, StoreError> {
+        self.store.sync_peers()
     }
 
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {

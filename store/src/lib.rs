@@ -518,6 +518,13 @@ impl Store {
         Ok(out)
     }
 
+    /// Every peer with persisted sync states.
+    pub fn sync_peers(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT peer FROM sync_states ORDER BY peer")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Persists sync states shared with `peer` (replacing earlier ones), in one transaction.
     pub fn save_sync_states(
         &mut self,
