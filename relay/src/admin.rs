@@ -222,8 +222,25 @@ pub async fn get_path(
         let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
         let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Accept: */*\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.map_err(io)?;
+        // Read to the end of the body: Content-Length when given (some servers keep
+        // the connection open regardless), else until the server closes.
         let mut answer = Vec::new();
-        stream.take(MAX_ANSWER).read_to_end(&mut answer).await.map_err(io)?;
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if let Some(total) = complete_length(&answer) {
+                if answer.len() >= total {
+                    break;
+                }
+            }
+            let n = stream.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+            if answer.len() as u64 > MAX_ANSWER {
+                return Err(AdminError::Malformed("answer too large".into()));
+            }
+        }
         Ok::<_, AdminError>(answer)
     };
     let answer = tokio::time::timeout(timeout, exchange).await.map_err(|_| AdminError::Timeout(addr))??;
@@ -251,6 +268,18 @@ pub async fn get_path(
         return Err(AdminError::Status { status, body: body.trim().chars().take(500).collect() });
     }
     Ok(body)
+}
+
+/// The full length of an answer (headers + body) once its headers are in and
+/// give a Content-Length.
+fn complete_length(answer: &[u8]) -> Option<usize> {
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&answer[..split]).ok()?;
+    let length = head.lines().find_map(|l| {
+        let (name, value) = l.split_once(':')?;
+        name.trim().eq_ignore_ascii_case("content-length").then(|| value.trim().parse::<usize>().ok())?
+    })?;
+    Some(split + 4 + length)
 }
 
 fn dechunk(mut data: &[u8]) -> Result<Vec<u8>, AdminError> {
