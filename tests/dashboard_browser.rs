@@ -111,14 +111,20 @@ struct Page {
 impl Page {
     async fn open(browser: &Browser) -> Page {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], browser.port));
-        let list = admin::get_path(addr, "/json/list", None, LIMIT).await.expect("DevTools target list");
-        let targets: Vec<Value> = serde_json::from_str(&list).unwrap();
-        let url = targets
-            .iter()
-            .find(|t| t["type"] == "page")
-            .and_then(|t| t["webSocketDebuggerUrl"].as_str())
-            .expect("a page target")
-            .to_string();
+        // The first page may be listed a moment after the port opens.
+        let url = bounded("a page target", async {
+            loop {
+                let list = admin::get_path(addr, "/json/list", None, LIMIT).await.expect("DevTools target list");
+                let targets: Vec<Value> = serde_json::from_str(&list).unwrap();
+                if let Some(url) =
+                    targets.iter().find(|t| t["type"] == "page").and_then(|t| t["webSocketDebuggerUrl"].as_str())
+                {
+                    return url.to_string();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
         let stream = TcpStream::connect(addr).unwrap();
         stream.set_read_timeout(Some(LIMIT)).unwrap();
         let (ws, _) = tungstenite::client(url.as_str(), stream).expect("DevTools websocket");

@@ -239,7 +239,7 @@ async fn a_restarted_relay_still_knows_its_nodes_and_names_them_through_the_reso
     sync_once(&mut trosa, &relay).await;
     relay.shutdown().await;
 
-    // After a restart the node is known from its stored sync state, in sync, not seen yet.
+    // After a restart the node is known from its stored sync state and record, in sync.
     let relay = server::spawn(config).await.unwrap();
     let trosa_id = trosa.node_id().to_string();
     let expected = trosa_id.clone();
@@ -251,7 +251,9 @@ async fn a_restarted_relay_still_knows_its_nodes_and_names_them_through_the_reso
     let n = &s.nodes[0];
     assert_eq!((n.node_id.as_str(), n.name.as_str()), (trosa_id.as_str(), "Trosa (från katalogen)"));
     assert_eq!(n.state, NodeState::InSync, "{n:#?}");
-    assert!(!n.connected && n.last_seen.is_none() && !n.stale);
+    assert!(!n.connected && !n.stale);
+    assert!(n.last_seen.is_some(), "last seen is kept across the restart: {n:#?}");
+    assert!(n.software.as_deref().unwrap_or("").starts_with("samverkan-node"));
     assert_eq!(n.docs.len(), 1);
     assert_eq!(n.docs[0].doc, doc);
 

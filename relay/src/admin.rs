@@ -27,7 +27,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn, Instrument};
 
 use crate::monitor::{Monitor, RelayStatus};
 
@@ -138,12 +138,15 @@ pub fn serve(
         .route("/healthz", get(|| async { "ok\n" }))
         .with_state(state);
     let addr = listener.local_addr().ok();
-    tokio::spawn(async move {
-        info!(?addr, "admin server listening");
-        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
-            warn!(error = %e, "admin server failed");
+    tokio::spawn(
+        async move {
+            info!("admin server listening");
+            if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(shutdown).await {
+                warn!(error = %e, "admin server failed");
+            }
         }
-    })
+        .instrument(info_span!("admin", ?addr)),
+    )
 }
 
 async fn dashboard() -> Response {

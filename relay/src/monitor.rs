@@ -10,6 +10,10 @@
 //! relay's heads. "Behind by N changes" is computed on demand from the relay's
 //! copy of the document and cached by heads.
 //!
+//! A node's last seen time, address, software and last error are kept through
+//! the storage ([`RelayStorage::save_node_record`]) when its connection ends, so
+//! a restarted relay still knows when each node was last there.
+//!
 //! It never holds or reports document contents: only document ids, heads
 //! counts and transfer counters. Nodes are shown by a display name from a
 //! [`NameResolver`] (the seam for the enrollment directory), falling back to a
@@ -363,6 +367,15 @@ struct NodeEntry {
     docs: BTreeMap<DocId, NodeDoc>,
 }
 
+/// What survives a relay restart of a node's entry (stored as JSON through the storage).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct NodeRecord {
+    last_seen: Option<DateTime<Utc>>,
+    remote: Option<SocketAddr>,
+    software: Option<String>,
+    last_error: Option<(DateTime<Utc>, String)>,
+}
+
 #[derive(Debug, Default)]
 struct NodeDoc {
     shared_heads: Vec<ChangeHash>,
@@ -454,6 +467,7 @@ impl Monitor {
     /// with persisted sync states (known but not seen since the relay started).
     pub fn seed<S: RelayStorage>(&self, storage: &S) -> Result<(), StoreError> {
         let heads = storage.heads()?;
+        let records = storage.node_records()?;
         let mut nodes = Vec::new();
         for peer in storage.peers()? {
             let states = storage.sync_states(&peer)?;
@@ -461,6 +475,14 @@ impl Monitor {
         }
         let mut inner = self.lock();
         inner.docs = heads.into_iter().map(|(doc, heads)| (doc, sorted(&heads))).collect();
+        for (peer, record) in records {
+            let Ok(record) = serde_json::from_str::<NodeRecord>(&record) else { continue };
+            let entry = inner.nodes.entry(peer).or_default();
+            entry.last_seen = record.last_seen;
+            entry.remote = record.remote;
+            entry.software = record.software;
+            entry.last_error = record.last_error;
+        }
         for (peer, states) in nodes {
             let entry = inner.nodes.entry(peer).or_default();
             for (doc, bytes) in states {
@@ -481,7 +503,7 @@ impl Monitor {
     pub fn connection(self: &Arc<Self>, remote: SocketAddr) -> ConnectionWatch {
         self.metrics.connections.inc();
         self.metrics.connections_open.inc();
-        ConnectionWatch { monitor: self.clone(), remote, peer: None, seen: Seen::default() }
+        ConnectionWatch { monitor: self.clone(), remote, peer: None, labels: None, seen: Seen::default() }
     }
 
     fn name_of(&self, node_id: &str) -> (Option<String>, String) {
@@ -709,6 +731,7 @@ pub struct ConnectionWatch {
     monitor: Arc<Monitor>,
     remote: SocketAddr,
     peer: Option<String>,
+    labels: Option<NodeLabels>,
     seen: Seen,
 }
 
@@ -716,6 +739,7 @@ impl ConnectionWatch {
     /// The node said Hello (call after restoring its sync states).
     pub fn established(&mut self, peer: &str, software: &str, sync: &SyncConnection) {
         self.peer = Some(peer.to_string());
+        self.labels = Some(self.monitor.labels(peer));
         {
             let mut inner = self.monitor.lock();
             let entry = inner.nodes.entry(peer.to_string()).or_default();
@@ -730,7 +754,7 @@ impl ConnectionWatch {
     /// Copies the connection's counters and shared heads into the registry.
     /// `bytes_in`/`bytes_out` are the connection's totals so far.
     pub fn update(&mut self, sync: &SyncConnection, bytes_in: u64, bytes_out: u64) {
-        let Some(peer) = &self.peer else { return };
+        let (Some(peer), Some(labels)) = (&self.peer, &self.labels) else { return };
         let stats = sync.stats();
         let now_seen = Seen {
             bytes_in,
@@ -750,12 +774,11 @@ impl ConnectionWatch {
             frames_out: d(now_seen.frames_out, self.seen.frames_out),
         };
         self.seen = now_seen;
-        let labels = self.monitor.labels(peer);
         let m = &self.monitor.metrics;
-        m.node_received_bytes.get_or_create(&labels).inc_by(delta.bytes_in);
-        m.node_sent_bytes.get_or_create(&labels).inc_by(delta.bytes_out);
-        m.node_received_messages.get_or_create(&labels).inc_by(delta.messages_in);
-        m.node_sent_messages.get_or_create(&labels).inc_by(delta.messages_out);
+        m.node_received_bytes.get_or_create(labels).inc_by(delta.bytes_in);
+        m.node_sent_bytes.get_or_create(labels).inc_by(delta.bytes_out);
+        m.node_received_messages.get_or_create(labels).inc_by(delta.messages_in);
+        m.node_sent_messages.get_or_create(labels).inc_by(delta.messages_out);
         let now = self.monitor.now();
         let mut inner = self.monitor.lock();
         let Inner { nodes, docs, .. } = &mut *inner;
@@ -778,19 +801,34 @@ impl ConnectionWatch {
         }
     }
 
-    /// The connection ended; `error` says why if it failed.
-    pub fn closed(self, error: Option<String>) {
+    /// The connection ended; `error` says why if it failed. The node's record
+    /// (last seen, address, software, last error) is kept in `storage`.
+    pub fn closed<S: RelayStorage>(self, error: Option<String>, storage: &Mutex<S>) {
         if error.is_some() {
             self.monitor.metrics.connection_errors.inc();
         }
         let Some(peer) = &self.peer else { return };
-        let mut inner = self.monitor.lock();
-        let entry = inner.nodes.entry(peer.clone()).or_default();
-        entry.connections = entry.connections.saturating_sub(1);
-        let now = self.monitor.now();
-        entry.last_seen = Some(now);
-        if let Some(error) = error {
-            entry.last_error = Some((now, error));
+        let record = {
+            let mut inner = self.monitor.lock();
+            let entry = inner.nodes.entry(peer.clone()).or_default();
+            entry.connections = entry.connections.saturating_sub(1);
+            let now = self.monitor.now();
+            entry.last_seen = Some(now);
+            if let Some(error) = error {
+                entry.last_error = Some((now, error));
+            }
+            NodeRecord {
+                last_seen: entry.last_seen,
+                remote: entry.remote,
+                software: entry.software.clone(),
+                last_error: entry.last_error.clone(),
+            }
+        };
+        let saved = serde_json::to_string(&record).map_err(|e| e.to_string()).and_then(|json| {
+            storage.lock().unwrap_or_else(|e| e.into_inner()).save_node_record(peer, &json).map_err(|e| e.to_string())
+        });
+        if let Err(e) = saved {
+            warn!(%peer, error = %e, "could not keep the node's monitoring record");
         }
     }
 }

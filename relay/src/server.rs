@@ -305,7 +305,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         shared.hub.leave(id);
     }
     watch.update(&sync, recv.bytes(), send.bytes());
-    watch.closed(result.as_ref().err().map(ToString::to_string));
+    watch.closed(result.as_ref().err().map(ToString::to_string), &shared.storage);
     if let Some(peer) = peer {
         let states = sync.into_persisted();
         if let Err(e) = shared.storage.lock().unwrap_or_else(|e| e.into_inner()).save_sync_states(&peer, states) {

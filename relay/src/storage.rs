@@ -34,6 +34,17 @@ pub trait RelayStorage: Send + 'static {
         Ok(Vec::new())
     }
 
+    /// The monitoring record kept for each peer (see [`crate::monitor`]): last
+    /// seen, address, software, last error, so a restarted relay still knows them.
+    fn node_records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Stores a peer's monitoring record (replacing the earlier one).
+    fn save_node_record(&mut self, _peer: &str, _record: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Persists sync states for a peer.
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
 
@@ -43,6 +54,9 @@ pub trait RelayStorage: Send + 'static {
     /// Number of documents held in memory.
     fn loaded(&self) -> usize;
 }
+
+/// Metadata key prefix of the monitoring record of each node.
+const NODE_RECORD_PREFIX: &str = "monitor.node.";
 
 /// The embedded default: one SQLite file in the relay's data directory.
 #[derive(Debug)]
@@ -83,6 +97,18 @@ impl RelayStorage for SqliteStorage {
 
     fn peers(&self) -> Result<Vec<String>, StoreError> {
         self.store.sync_peers()
+    }
+
+    fn node_records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let records = self.store.meta_with_prefix(NODE_RECORD_PREFIX)?;
+        Ok(records
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(NODE_RECORD_PREFIX)?.to_string(), v)))
+            .collect())
+    }
+
+    fn save_node_record(&mut self, peer: &str, record: &str) -> Result<(), StoreError> {
+        self.store.set_meta(&format!("{NODE_RECORD_PREFIX}{peer}"), record)
     }
 
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {

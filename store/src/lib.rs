@@ -323,6 +323,15 @@ impl Store {
         Ok(())
     }
 
+    /// Every metadata entry whose key starts with `prefix`, by key.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")?;
+        let rows = stmt.query_map([prefix], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Every document, most recently changed first.
     pub fn list(&self) -> Result<Vec<DocSummary>, StoreError> {
         let mut stmt = self.conn.prepare(
