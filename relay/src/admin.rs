@@ -116,6 +116,23 @@ struct AppState {
     token: Option<Arc<str>>,
 }
 
+/// Starts the admin server if `config` asks for one; it stops when `stop` turns
+/// `true` (or its sender goes). Returns the bound address.
+pub async fn start(
+    config: Option<&AdminConfig>,
+    monitor: Arc<Monitor>,
+    status: StatusSource,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<SocketAddr>, AdminError> {
+    let Some(config) = config else { return Ok(None) };
+    let listener = bind(config).await?;
+    let addr = listener.local_addr().map_err(|source| AdminError::Io { addr: config.listen, source })?;
+    serve(listener, config.token.clone(), monitor, status, async move {
+        let _ = stop.wait_for(|stop| *stop).await;
+    });
+    Ok(Some(addr))
+}
+
 /// Binds the admin listener (after validating the config).
 pub async fn bind(config: &AdminConfig) -> Result<TcpListener, AdminError> {
     config.validate()?;

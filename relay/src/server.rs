@@ -184,10 +184,6 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
     let local_addr = endpoint.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
     let monitor = Arc::new(Monitor::new(&config.monitoring, config.data_dir.join(DB_FILE)));
     monitor.seed(&storage)?;
-    let admin = match &config.monitoring.admin {
-        Some(admin) => Some((crate::admin::bind(admin).await?, admin.token.clone())),
-        None => None,
-    };
     let shared = Arc::new(Shared {
         storage: Mutex::new(storage),
         hub: Hub::default(),
@@ -197,13 +193,8 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
     let (shutdown, mut stop) = watch::channel(false);
     let status_shared = shared.clone();
     let status: crate::admin::StatusSource = Arc::new(move || status_shared.monitor.snapshot(&status_shared.storage));
-    let admin_addr = admin.as_ref().and_then(|(listener, _)| listener.local_addr().ok());
-    if let Some((listener, token)) = admin {
-        let mut admin_stop = shutdown.subscribe();
-        crate::admin::serve(listener, token, monitor.clone(), status.clone(), async move {
-            let _ = admin_stop.wait_for(|stop| *stop).await;
-        });
-    }
+    let admin = config.monitoring.admin.as_ref();
+    let admin_addr = crate::admin::start(admin, monitor.clone(), status.clone(), shutdown.subscribe()).await?;
     let limits = config.limits.clone();
     let max_connections = config.max_connections;
     let accept_shared = shared.clone();
