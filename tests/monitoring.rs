@@ -222,6 +222,19 @@ async fn status_api_and_metrics_show_stale_behind_and_in_sync_nodes_by_name() {
     let page = admin::get_path(admin_addr, "/", None, LIMIT).await.unwrap();
     assert!(page.contains("<title>Samverkan relay</title>") && !page.contains("http://") && !page.contains("https://"));
 
+    // `samverkan-node status` in another process sees what the running daemon
+    // sent: nothing waiting, and a recorded successful sync.
+    bounded("the daemon's progress to reach the node's status", async {
+        loop {
+            let s = samverkan::node::status::node_status(&mut flen_cli, None, false).unwrap();
+            if s.last_success.is_some() && s.docs.iter().all(|d| d.local_changes_waiting == 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
     stop_tx.send(true).unwrap();
     bounded("daemon stop", daemon).await.unwrap();
     relay.shutdown().await;

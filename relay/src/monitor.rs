@@ -926,3 +926,92 @@ fn human_bytes(bytes: u64) -> String {
         b => format!("{} MiB", b / (1024 * 1024)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, state: NodeState) -> NodeStatus {
+        NodeStatus {
+            node_id: "ab".repeat(32),
+            short_id: "abcd-efgh".into(),
+            organisation: Some("Flen".into()),
+            name: name.into(),
+            state,
+            connected: state == NodeState::InSync,
+            connections: u64::from(state == NodeState::InSync),
+            stale: state == NodeState::Stale,
+            last_seen: Some(DateTime::from_timestamp(1_000_000, 0).unwrap()),
+            remote: Some("127.0.0.1:5000".into()),
+            software: Some("samverkan-node 0.1.0".into()),
+            bytes_in: 2048,
+            bytes_out: 20 * 1024 * 1024,
+            messages_in: 1,
+            messages_out: 2,
+            frames_in: 3,
+            frames_out: 4,
+            last_error: (state == NodeState::Stale).then(|| "connection lost".to_string()),
+            last_error_at: None,
+            last_sync: None,
+            docs_in_sync: 0,
+            docs_behind: u64::from(state == NodeState::Behind) * 2,
+            changes_behind: u64::from(state == NodeState::Behind) * 7,
+            docs: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_names_states_lag_and_errors_in_aligned_columns() {
+        let at = DateTime::from_timestamp(1_000_000 + 3 * 3600, 0).unwrap();
+        let status = RelayStatus {
+            relay: RelaySummary {
+                version: "0.1.0".into(),
+                generated_at: at,
+                started_at: at,
+                uptime_secs: 90,
+                connections_open: 1,
+                connections_total: 5,
+                documents: 2,
+                documents_loaded: 1,
+                store_bytes: 50_000,
+                stale_after_secs: 3600,
+                nodes: 3,
+                nodes_connected: 1,
+                nodes_stale: 1,
+                nodes_behind: 1,
+            },
+            nodes: vec![
+                node("Vingåker kommun", NodeState::Stale),
+                node("Katrineholm", NodeState::Behind),
+                node("Flen", NodeState::InSync),
+            ],
+        };
+        let table = format_table(&status);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(lines[0].contains("up 90 s") && lines[1].contains("store 48 KiB"), "{table}");
+        assert!(lines[3].starts_with("NODE "));
+        assert!(lines[4].starts_with("Vingåker kommun") && lines[4].contains("STALE") && lines[4].contains("3 h ago"));
+        assert!(lines[4].ends_with("connection lost"), "{table}");
+        assert!(lines[5].contains("BEHIND") && lines[5].contains("2 doc(s), 7 change(s)"), "{table}");
+        assert!(lines[6].contains("in sync") && lines[6].contains("now") && lines[6].contains("2048 B/20 MiB"));
+        let state_column = lines[3].find("STATE").unwrap();
+        assert_eq!(lines[4].char_indices().nth(state_column).map(|(_, c)| c), Some('S'), "{table}");
+    }
+
+    #[test]
+    fn names_come_from_the_resolver_then_the_table_then_the_short_id() {
+        let key = samverkan_shared::identity::NodeKey::generate().node_id();
+        let id = key.to_string();
+        let mut config = MonitorConfig::default();
+        config.names.insert(id.clone(), NodeName::new("Gnesta", "Gnesta kommun"));
+        let monitor = Monitor::new(&config, PathBuf::from("/nonexistent"));
+        assert_eq!(monitor.name_of(&id), (Some("Gnesta".into()), "Gnesta kommun".into()));
+        let wanted = id.clone();
+        monitor
+            .set_resolver(Some(Arc::new(move |n: &str| (n == wanted).then(|| NodeName::new("Gnesta", "Katalogen")))));
+        assert_eq!(monitor.name_of(&id).1, "Katalogen");
+        let other = samverkan_shared::identity::NodeKey::generate().node_id();
+        assert_eq!(monitor.name_of(&other.to_string()), (None, other.short()));
+        assert_eq!(short_id("not-a-key-at-all"), "not-a-key-at");
+    }
+}
