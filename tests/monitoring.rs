@@ -205,6 +205,13 @@ async fn status_api_and_metrics_show_stale_behind_and_in_sync_nodes_by_name() {
     assert!(metric(&metrics, &format!("samverkan_relay_node_received_bytes_total{f}")) > 0.0);
     assert!(metric(&metrics, "samverkan_relay_connections_total") >= 4.0);
 
+    // The dashboard's smaller query lists only the documents a node is behind on.
+    let small = admin::get_path(admin_addr, "/api/status?docs=behind", Some(TOKEN), LIMIT).await.unwrap();
+    let small: RelayStatus = serde_json::from_str(&small).unwrap();
+    assert!(node_named(&small, "Flen BF-samordnare").docs.is_empty());
+    assert_eq!(node_named(&small, "Katrineholm trygghet").docs.len(), 1);
+    assert_eq!(node_named(&small, "Flen BF-samordnare").docs_in_sync, 1);
+
     // The table `samverkan-relay status` prints.
     let table = monitor::format_table(&status);
     println!("{table}");

@@ -5,7 +5,8 @@
 //! Routes:
 //! - `GET /` — the dashboard (one self-contained HTML page, no external assets),
 //!   which polls `/api/status` and redraws live.
-//! - `GET /api/status` — [`RelayStatus`] as JSON.
+//! - `GET /api/status` — [`RelayStatus`] as JSON (`?docs=behind` lists only the
+//!   documents each node is behind on; the counts stay complete).
 //! - `GET /metrics` — Prometheus/OpenMetrics text exposition.
 //! - `GET /healthz` — `ok` while the relay runs.
 //!
@@ -20,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -203,12 +204,27 @@ async fn snapshot(state: &AppState) -> Result<RelayStatus, Response> {
         .map_err(|_| (StatusCode::INTERNAL_SERVER_ERROR, "status snapshot failed\n").into_response())
 }
 
-async fn api_status(State(state): State<AppState>, headers: HeaderMap) -> Response {
+/// Query of `/api/status`.
+#[derive(Debug, serde::Deserialize)]
+struct StatusQuery {
+    /// `behind`: list only the documents a node is behind on (the dashboard's
+    /// choice, to stay small with many documents); anything else: all.
+    docs: Option<String>,
+}
+
+async fn api_status(State(state): State<AppState>, Query(query): Query<StatusQuery>, headers: HeaderMap) -> Response {
     if !authorised(&state, &headers) {
         return unauthorised();
     }
     match snapshot(&state).await {
-        Ok(status) => ([(header::CACHE_CONTROL, "no-store")], Json(status)).into_response(),
+        Ok(mut status) => {
+            if query.docs.as_deref() == Some("behind") {
+                for node in &mut status.nodes {
+                    node.docs.retain(|d| !d.in_sync);
+                }
+            }
+            ([(header::CACHE_CONTROL, "no-store")], Json(status)).into_response()
+        }
         Err(response) => response,
     }
 }
