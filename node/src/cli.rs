@@ -144,6 +144,16 @@ pub enum Command {
     Sync(RelayArgs),
     /// Stay connected to the relay: push local edits, receive remote ones, reconnect when cut off.
     Daemon(RelayArgs),
+    /// Sync status: relay reachable, last successful sync, local changes waiting,
+    /// remote changes received since the last look.
+    Status {
+        /// Do not try to reach the relay.
+        #[arg(long)]
+        offline: bool,
+        /// Do not count this as a look (the "since last look" counts stay).
+        #[arg(long)]
+        peek: bool,
+    },
 }
 
 /// Which relay to use; remembered after the first use.
@@ -599,9 +609,15 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Sync(args) => {
             let target = relay_target(&mut node, &args)?;
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            let report = runtime
-                .block_on(crate::sync::sync_once(&mut node, &target, std::time::Duration::from_secs(args.timeout)))
-                .with_context(|| format!("sync with {} failed", target.addr))?;
+            let mut display = crate::progress::ProgressDisplay::stderr();
+            let result = runtime.block_on(crate::sync::sync_once_with_progress(
+                &mut node,
+                &target,
+                std::time::Duration::from_secs(args.timeout),
+                &mut |p| display.update(p),
+            ));
+            display.finish();
+            let report = result.with_context(|| format!("sync with {} failed", target.addr))?;
             print(json, json!(report), || {
                 format!(
                     "Synced with {} in {} ms: sent changes of {} document(s), received changes of {} document(s); {} sync messages out, {} in; {} bytes out, {} bytes in.",
@@ -629,6 +645,32 @@ pub fn run(cli: Cli) -> Result<()> {
                 },
             ))?;
             Ok(())
+        }
+        Command::Status { offline, peek } => {
+            let relay = match crate::status::remembered_relay(&node)? {
+                None => None,
+                Some((address, relay_key)) => {
+                    let resolved = std::net::ToSocketAddrs::to_socket_addrs(&address).ok().and_then(|mut a| a.next());
+                    let outcome = match (offline, resolved) {
+                        (true, _) => Err("not tried (--offline)".to_string()),
+                        (false, None) => Err(format!("cannot resolve {address:?}")),
+                        (false, Some(addr)) => {
+                            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                            let target = crate::sync::RelayTarget { addr, relay_key };
+                            let identity =
+                                samverkan_net::tls::TlsIdentity::new(node.key().signing_key(), "samverkan-node")?;
+                            runtime.block_on(crate::status::probe(
+                                &target,
+                                &identity,
+                                std::time::Duration::from_secs(5),
+                            ))
+                        }
+                    };
+                    Some(crate::status::Reachability { address, reachable: outcome.is_ok(), error: outcome.err() })
+                }
+            };
+            let status = crate::status::node_status(&mut node, relay, !peek)?;
+            print(json, json!(status), || crate::status::format_status(&status).trim_end().to_string())
         }
         Command::Check => {
             let problems = node.check()?;

@@ -4,6 +4,9 @@
 //! - [`store`]: the SQLite store (the `samverkan-store` crate, re-exported).
 //! - [`node`]: the data directory (store + identity key) and every offline operation.
 //! - [`sync`]: syncing with the relay over QUIC, once or as a daemon.
+//! - [`status`]: what `samverkan-node status` reports (relay reachable, last sync,
+//!   local changes waiting, remote changes since the last look).
+//! - [`progress`]: the progress display of long syncs (a bar on a terminal, lines otherwise).
 //! - [`cli`]: the `samverkan-node` command line.
 //!
 //! The node works fully offline; documents reach other nodes through the relay
@@ -13,6 +16,8 @@
 
 pub mod cli;
 pub mod node;
+pub mod progress;
+pub mod status;
 pub mod sync;
 
 pub use samverkan_store as store;

@@ -170,6 +170,11 @@ impl Node {
         &self.directory
     }
 
+    /// The store, read-only (status, metadata).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// The store, for callers that sync.
     pub fn store_mut(&mut self) -> &mut Store {
         &mut self.store

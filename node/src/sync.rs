@@ -219,7 +219,7 @@ impl Session {
         let (conn, send, recv) = connect(&identity, target, limits).await?;
         let mut sync = SyncConnection::node(&node.node_id().to_string(), &software());
         // Sync states are kept per relay key: a different relay starts fresh.
-        let peer_key = format!("relay:{}", target.relay_key);
+        let peer_key = crate::status::relay_peer_key(&target.relay_key);
         sync.restore(node.store_mut().sync_states(&peer_key)?);
         Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key })
     }
@@ -278,8 +278,49 @@ impl Session {
     }
 }
 
+/// How far a one-shot sync is, for a progress display.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SyncProgress {
+    /// Documents that differed at connect time and are now in sync.
+    pub done: usize,
+    /// Documents that differed at connect time (0 until the relay answered the summary).
+    pub planned: usize,
+    /// Bytes received so far.
+    pub bytes_received: u64,
+    /// Bytes sent so far.
+    pub bytes_sent: u64,
+}
+
 /// Syncs every document once and returns what was transferred.
 pub async fn sync_once(node: &mut Node, target: &RelayTarget, timeout: Duration) -> Result<SyncReport, SyncFailure> {
+    sync_once_with_progress(node, target, timeout, &mut |_| {}).await
+}
+
+/// [`sync_once`], calling `progress` whenever a document settles or a frame arrives.
+/// Records the outcome in the store for `samverkan-node status`.
+pub async fn sync_once_with_progress(
+    node: &mut Node,
+    target: &RelayTarget,
+    timeout: Duration,
+    progress: &mut (dyn FnMut(SyncProgress) + Send),
+) -> Result<SyncReport, SyncFailure> {
+    let result = sync_session(node, target, timeout, progress).await;
+    let recorded = match &result {
+        Ok(_) => crate::status::record_success(node, target),
+        Err(e) => crate::status::record_failure(node, &e.to_string()),
+    };
+    if let Err(e) = recorded {
+        warn!(error = %e, "could not record the sync's outcome");
+    }
+    result
+}
+
+async fn sync_session(
+    node: &mut Node,
+    target: &RelayTarget,
+    timeout: Duration,
+    progress: &mut (dyn FnMut(SyncProgress) + Send),
+) -> Result<SyncReport, SyncFailure> {
     let started = Instant::now();
     let limits = Limits::default();
     let mut session = tokio::time::timeout(timeout, Session::open(node, target, &limits))
@@ -292,7 +333,15 @@ pub async fn sync_once(node: &mut Node, target: &RelayTarget, timeout: Duration)
             {
                 let org = node.org().clone();
                 let mut docs = NodeDocs { store: node.store_mut(), org: &org };
-                if session.sync.is_settled(&mut docs)? {
+                let settled = session.sync.is_settled(&mut docs)?;
+                let (done, planned) = session.sync.progress();
+                progress(SyncProgress {
+                    done,
+                    planned,
+                    bytes_received: session.recv.bytes(),
+                    bytes_sent: session.send.bytes(),
+                });
+                if settled {
                     return Ok(());
                 }
             }
@@ -348,7 +397,12 @@ pub async fn daemon(
         };
         match outcome {
             Ok(()) => info!("relay closed the connection"),
-            Err(e) => warn!(error = %e, "sync connection lost"),
+            Err(e) => {
+                warn!(error = %e, "sync connection lost");
+                if let Err(e) = crate::status::record_failure(node, &e.to_string()) {
+                    warn!(error = %e, "could not record the failure");
+                }
+            }
         }
         if connected_at.elapsed() > Duration::from_secs(10) {
             backoff.reset();
@@ -371,6 +425,10 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
     let mut version = node.store_mut().data_version()?;
     let mut poll = tokio::time::interval(options.poll_interval);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Frames moved when the sync states and the success time were last saved
+    // (so `samverkan-node status` in another process sees the daemon's progress).
+    let mut saved_at_frames = u64::MAX;
+    let mut saved_at: Option<Instant> = None;
     let result: Result<(), SyncFailure> = async {
         loop {
             session.flush().await?;
@@ -384,6 +442,18 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
                     }
                 }
                 _ = poll.tick() => {
+                    let frames = session.sync.stats().frames_in + session.sync.stats().frames_out;
+                    if frames != saved_at_frames && saved_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        let org = node.org().clone();
+                        let mut docs = NodeDocs { store: node.store_mut(), org: &org };
+                        if session.sync.is_settled(&mut docs)? {
+                            let states = session.sync.persisted();
+                            node.store_mut().save_sync_states(&session.peer_key, states)?;
+                            crate::status::record_success(node, target)?;
+                            saved_at_frames = frames;
+                            saved_at = Some(Instant::now());
+                        }
+                    }
                     let now = node.store_mut().data_version()?;
                     if now == version {
                         continue;

@@ -239,3 +239,19 @@ fn every_command_has_help() {
         assert!(out.contains("Usage:"), "{cmd:?}: {out}");
     }
 }
+
+#[test]
+fn status_without_a_relay_shows_waiting_changes_and_counts_a_look() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    flen.ok(&["new", "citizen_promise", "--title", "Medborgarlöfte Flen 2026"]);
+    let text = flen.ok(&["status"]);
+    assert!(text.contains("relay: none configured yet"), "{text}");
+    assert!(text.contains("last successful sync: never"), "{text}");
+    assert!(text.contains("1 local change(s) waiting to be sent"), "{text}");
+    let status = flen.json(&["status", "--offline", "--peek"]);
+    assert_eq!(status["docs"][0]["local_changes_waiting"], 1);
+    assert_eq!(status["docs"][0]["remote_changes_since_last_look"], 0);
+    assert_eq!(status["last_success"], Value::Null);
+}

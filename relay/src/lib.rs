@@ -6,6 +6,10 @@
 //! - [`enrollment`]: who may connect: the enrollment directory, join codes, the relay's key.
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
 //! - [`server`]: the QUIC accept loop and one sync task per node connection.
+//! - [`monitor`]: the operator's view (per-node and per-document status, metrics),
+//!   fed by the connection tasks; node names through a [`monitor::NameResolver`].
+//! - [`admin`]: the admin HTTP server (dashboard, JSON status, `/metrics`, `/healthz`)
+//!   and the client `samverkan-relay status` uses.
 //!
 //! The relay keeps every document it receives durably, forwards changes to every
 //! other connected node within milliseconds, and serves nodes that were offline
@@ -14,8 +18,10 @@
 
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod enrollment;
 pub mod hub;
+pub mod monitor;
 pub mod server;
 pub mod storage;
 

@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use samverkan_relay::enrollment;
+use samverkan_relay::admin::{self, AdminConfig, DEFAULT_ADMIN, TOKEN_ENV};
 use samverkan_relay::server::{self, RelayConfig};
 use samverkan_relay::storage::SqliteStorage;
+use samverkan_relay::{enrollment, monitor};
 use samverkan_shared::directory::{JoinCode, Member, MemberKind};
 use samverkan_shared::identity::NodeId;
 use samverkan_shared::org::Directory as Organisations;
@@ -36,6 +37,30 @@ enum Command {
         /// Connections served at once.
         #[arg(long, default_value_t = 4096)]
         max_connections: usize,
+        /// Address of the admin HTTP server (dashboard, /api/status, /metrics, /healthz).
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// Do not run the admin HTTP server.
+        #[arg(long, conflicts_with = "admin")]
+        no_admin: bool,
+        /// Token the admin API and metrics demand (required when --admin is not a loopback address).
+        #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Flag a node as stale when it has not been seen for this many minutes.
+        #[arg(long, default_value_t = 24 * 60)]
+        stale_after_minutes: u64,
+    },
+    /// Show the running relay's status: every node, in sync, behind or stale.
+    Status {
+        /// Address of the running relay's admin server.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin: SocketAddr,
+        /// The admin token, if the relay demands one.
+        #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+        admin_token: Option<String>,
+        /// Print the JSON status instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Enroll a node key (or a signer's key), or issue a one-time join code for a node.
     Enroll {
@@ -118,6 +143,20 @@ fn parse_key(text: &str) -> anyhow::Result<NodeId> {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Status { admin, admin_token, json } => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(async {
+                let status = admin::fetch_status(admin, admin_token.as_deref()).await.with_context(|| {
+                    format!("cannot read the relay's status from {admin} (is it running with --admin {admin}?)")
+                })?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&status)?);
+                } else {
+                    print!("{}", monitor::format_table(&status));
+                }
+                Ok(())
+            })
+        }
         Command::Enroll { data_dir, org, name, key, join_code, address, valid_hours, signer_role } => {
             let org = Organisations::sodermanland()
                 .resolve(&org)
@@ -196,15 +235,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", server::load_or_create_key(&data_dir)?.node_id());
             Ok(())
         }
-        Command::Serve { listen, data_dir, cached_documents, max_connections } => {
+        Command::Serve {
+            listen,
+            data_dir,
+            cached_documents,
+            max_connections,
+            admin,
+            no_admin,
+            admin_token,
+            stale_after_minutes,
+        } => {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let mut config = RelayConfig::new(listen, data_dir);
                 config.cached_documents = cached_documents;
                 config.max_connections = max_connections;
+                config.monitoring.stale_after = std::time::Duration::from_secs(stale_after_minutes.saturating_mul(60));
+                if !no_admin {
+                    config.monitoring.admin = Some(AdminConfig { listen: admin, token: admin_token });
+                }
                 let relay = server::spawn(config).await?;
                 println!("samverkan-relay {} listening on {}", samverkan_relay::VERSION, relay.local_addr());
                 println!("relay key (nodes pin it): {}", relay.relay_key());
+                if let Some(addr) = relay.admin_addr() {
+                    println!("admin dashboard: http://{addr}/  (status: samverkan-relay status --admin {addr})");
+                }
                 let stop = relay.shutdown_signal();
                 tokio::spawn(async move {
                     shutdown_requested().await;

@@ -33,6 +33,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::enrollment::{self, EnrollmentError};
 use crate::hub::{Hub, Mailbox};
+use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayStatus};
 use crate::storage::{RelayStorage, SqliteStorage};
 
 /// File name of the relay's database inside its data directory.
@@ -54,6 +55,8 @@ pub struct RelayConfig {
     /// How often the enrollment directory is re-read (to pick up the
     /// operator's `enroll` and `revoke` from another process).
     pub directory_poll: Duration,
+    /// Monitoring: stale threshold, node names, admin HTTP server (see [`crate::monitor`]).
+    pub monitoring: MonitorConfig,
 }
 
 impl RelayConfig {
@@ -66,6 +69,7 @@ impl RelayConfig {
             cached_documents: 256,
             max_connections: 4096,
             directory_poll: Duration::from_secs(1),
+            monitoring: MonitorConfig::default(),
         }
     }
 }
@@ -79,6 +83,9 @@ pub enum RelayError {
     /// The store could not be opened.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The admin HTTP server could not start.
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminError),
     /// The relay's key file is missing, exposed or damaged.
     #[error(transparent)]
     KeyFile(#[from] keyfile::KeyFileError),
@@ -122,6 +129,7 @@ struct Shared<S> {
     software: String,
     relay_key: NodeKey,
     directory: RwLock<DirectoryCache>,
+    monitor: Arc<Monitor>,
 }
 
 impl<S: RelayStorage> Shared<S> {
@@ -190,6 +198,9 @@ pub struct RelayHandle {
     shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
     admin: Arc<dyn Admin>,
+    monitor: Arc<Monitor>,
+    status: crate::admin::StatusSource,
+    admin_addr: Option<SocketAddr>,
 }
 
 impl std::fmt::Debug for RelayHandle {
@@ -243,6 +254,21 @@ impl RelayHandle {
         Ok(JoinCode { secret, relay_key: self.relay_key, relay_address: self.local_addr.to_string() })
     }
 
+    /// The address of the admin HTTP server, if one runs.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// A status snapshot (what `/api/status` serves); may block briefly on storage.
+    pub fn status(&self) -> RelayStatus {
+        (self.status)()
+    }
+
+    /// Replaces the resolver that names nodes (by default the enrollment directory).
+    pub fn set_name_resolver(&self, resolver: Option<Arc<dyn NameResolver>>) {
+        self.monitor.set_resolver(resolver);
+    }
+
     /// Stops accepting, closes every connection (persisting its sync state) and waits.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
@@ -282,14 +308,26 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
     let directory = enrollment::directory(&storage)?;
     let signed = directory.sign(relay_key.signing_key()).encode();
     let relay_id = relay_key.node_id();
+    let monitor = Arc::new(Monitor::new(&config.monitoring, config.data_dir.join(DB_FILE)));
+    monitor.seed(&storage)?;
     let shared = Arc::new(Shared {
         storage: Mutex::new(storage),
         hub: Hub::default(),
         software: format!("samverkan-relay {}", crate::VERSION),
         relay_key,
         directory: RwLock::new(DirectoryCache { directory, signed }),
+        monitor: monitor.clone(),
     });
+    if config.monitoring.resolver.is_none() && config.monitoring.names.is_empty() {
+        // Nodes are named from the enrollment directory unless the caller names them.
+        monitor.set_resolver(Some(Arc::new(EnrolledNames(Arc::downgrade(&shared)))));
+    }
     let (shutdown, mut stop) = watch::channel(false);
+    let status_shared = shared.clone();
+    let status: crate::admin::StatusSource = Arc::new(move || status_shared.monitor.snapshot(&status_shared.storage));
+    let admin_addr =
+        crate::admin::start(config.monitoring.admin.as_ref(), monitor.clone(), status.clone(), shutdown.subscribe())
+            .await?;
     let limits = config.limits.clone();
     let max_connections = config.max_connections;
     let accept_shared = shared.clone();
@@ -338,7 +376,21 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
         }
         .instrument(info_span!("relay", %local_addr)),
     );
-    Ok(RelayHandle { local_addr, relay_key: relay_id, shutdown, task, admin: shared })
+    Ok(RelayHandle { local_addr, relay_key: relay_id, shutdown, task, admin: shared, monitor, status, admin_addr })
+}
+
+/// Names nodes for monitoring from the enrollment directory.
+struct EnrolledNames<S>(std::sync::Weak<Shared<S>>);
+
+impl<S: RelayStorage> NameResolver for EnrolledNames<S> {
+    fn resolve(&self, node: &str) -> Option<NodeName> {
+        let shared = self.0.upgrade()?;
+        let key: NodeId = node.parse().ok()?;
+        let cache = shared.directory();
+        let member = cache.directory.latest(&key)?;
+        let organisation = samverkan_shared::org::Directory::sodermanland().name_of(&member.org).to_string();
+        Some(NodeName { organisation, name: member.name.clone() })
+    }
 }
 
 /// Reaches the relay's documents from one connection: only those whose
@@ -396,6 +448,13 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
     }
 }
 
+/// What serving one connection keeps beside the protocol state: its place in
+/// the hub (once the handshake is done) and its monitoring watch.
+struct ConnectionState {
+    member: Option<(u64, Arc<Mailbox>)>,
+    watch: ConnectionWatch,
+}
+
 /// The node a connection proved to be, as enrolled.
 struct Authenticated {
     key: NodeId,
@@ -416,7 +475,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         }
     };
     let mut sync = SyncConnection::relay(&shared.software);
-    let mut member = None;
+    let mut state = ConnectionState { member: None, watch: shared.monitor.connection(conn.remote_address()) };
     let result = match tokio::time::timeout(limits.handshake_timeout, recv.recv()).await {
         Err(_) => Err(ConnectionEnd::Refused("no Hello within the handshake timeout".into())),
         Ok(Err(e)) => Err(report_bad_frame(&mut sync, e)),
@@ -425,7 +484,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         Ok(Ok(Some(first))) => match authenticate(&shared, key, &first) {
             Ok(auth) => {
                 let span = info_span!("node", node = %auth.key.short(), org = %auth.member.org);
-                run(&mut sync, first, &mut send, &mut recv, &shared, &auth, &mut member).instrument(span).await
+                run(&mut sync, first, &mut send, &mut recv, &shared, &auth, &mut state).instrument(span).await
             }
             Err(message) => {
                 sync.push_error(ErrorCode::Unauthenticated, message.clone());
@@ -443,9 +502,12 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         Ok(()) => info!(node = %key.short(), "node disconnected"),
         Err(e) => warn!(node = %key.short(), error = %e, "connection closed"),
     }
-    if let Some((id, _)) = member {
+    if let Some((id, _)) = state.member {
         shared.hub.leave(id);
     }
+    let mut watch = state.watch;
+    watch.update(&sync, recv.bytes(), send.bytes());
+    watch.closed(result.as_ref().err().map(ToString::to_string), &shared.storage);
     if sync.peer().is_some() {
         let states = sync.into_persisted();
         if let Err(e) = shared.storage().save_sync_states(&key.to_string(), states) {
@@ -527,13 +589,15 @@ async fn run<S: RelayStorage>(
     recv: &mut FramedRecv,
     shared: &Shared<S>,
     auth: &Authenticated,
-    member: &mut Option<(u64, Arc<Mailbox>)>,
+    state: &mut ConnectionState,
 ) -> Result<(), ConnectionEnd> {
+    let ConnectionState { member, watch } = state;
     let mut next = Some(hello);
     loop {
         for frame in sync.take_outbox() {
             send.send(&frame).await?;
         }
+        watch.update(sync, recv.bytes(), send.bytes());
         let mailbox = member.as_ref().map(|(_, m)| m.clone());
         let frame = match next.take() {
             Some(frame) => Some(frame),
@@ -555,12 +619,14 @@ async fn run<S: RelayStorage>(
                             info!(%software, "node connected");
                             let states = shared.storage().sync_states(&auth.key.to_string())?;
                             sync.restore(states);
+                            watch.established(&auth.key.to_string(), &software, sync);
                             *member = Some(shared.hub.join(&auth.key.to_string()));
                             sync.push_directory(shared.directory().signed.clone());
                             sync.begin(&mut docs).map_err(|e| refuse_forbidden(sync, e))?;
                         }
-                        ConnectionEvent::DocChanged { doc, .. } => {
+                        ConnectionEvent::DocChanged { doc, heads } => {
                             debug!(%doc, "document changed; forwarding");
+                            shared.monitor.doc_changed(&doc, &heads);
                             if let Some((id, _)) = member {
                                 shared.hub.changed(*id, &doc);
                             }

@@ -55,6 +55,22 @@ pub trait RelayStorage: Send + 'static {
     /// Sync states persisted for a peer.
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError>;
 
+    /// Every peer with persisted sync states (the nodes the relay has served).
+    fn peers(&self) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// The monitoring record kept for each peer (see [`crate::monitor`]): last
+    /// seen, address, software, last error, so a restarted relay still knows them.
+    fn node_records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        Ok(Vec::new())
+    }
+
+    /// Stores a peer's monitoring record (replacing the earlier one).
+    fn save_node_record(&mut self, _peer: &str, _record: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
+
     /// Persists sync states for a peer.
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
 
@@ -74,6 +90,9 @@ pub trait RelayStorage: Send + 'static {
     /// Number of documents held in memory.
     fn loaded(&self) -> usize;
 }
+
+/// Metadata key prefix of the monitoring record of each node.
+const NODE_RECORD_PREFIX: &str = "monitor.node.";
 
 /// The embedded default: one SQLite file in the relay's data directory.
 #[derive(Debug)]
@@ -114,6 +133,22 @@ impl RelayStorage for SqliteStorage {
 
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
         self.store.sync_states(peer)
+    }
+
+    fn peers(&self) -> Result<Vec<String>, StoreError> {
+        self.store.sync_peers()
+    }
+
+    fn node_records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let records = self.store.meta_with_prefix(NODE_RECORD_PREFIX)?;
+        Ok(records
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(NODE_RECORD_PREFIX)?.to_string(), v)))
+            .collect())
+    }
+
+    fn save_node_record(&mut self, peer: &str, record: &str) -> Result<(), StoreError> {
+        self.store.set_meta(&format!("{NODE_RECORD_PREFIX}{peer}"), record)
     }
 
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {

@@ -376,6 +376,15 @@ impl Store {
         Ok(Some(new))
     }
 
+    /// Every metadata entry whose key starts with `prefix`, by key.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT key, value FROM meta WHERE substr(key, 1, length(?1)) = ?1 ORDER BY key")?;
+        let rows = stmt.query_map([prefix], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// Every document, most recently changed first.
     pub fn list(&self) -> Result<Vec<DocSummary>, StoreError> {
         self.summaries("ORDER BY updated_at DESC, doc_id", [])
@@ -582,6 +591,13 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Every peer with persisted sync states.
+    pub fn sync_peers(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT DISTINCT peer FROM sync_states ORDER BY peer")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
     }
 
     /// Persists sync states shared with `peer` (replacing earlier ones), in one transaction.

@@ -132,6 +132,7 @@ pub struct SyncConnection {
     their_summary_seen: bool,
     our_summary_answered: bool,
     pending: BTreeSet<DocId>,
+    planned: usize,
     stats: ConnectionStats,
 }
 
@@ -166,6 +167,7 @@ impl SyncConnection {
             their_summary_seen: false,
             our_summary_answered: false,
             pending: BTreeSet::new(),
+            planned: 0,
             stats: ConnectionStats::default(),
         }
     }
@@ -178,6 +180,18 @@ impl SyncConnection {
     /// The counters.
     pub fn stats(&self) -> &ConnectionStats {
         &self.stats
+    }
+
+    /// The heads each document is known to share with the peer (for monitoring:
+    /// a document whose shared heads equal ours is in sync with the peer).
+    pub fn shared_heads(&self) -> impl Iterator<Item = (&DocId, &[ChangeHash])> {
+        self.session.shared_heads()
+    }
+
+    /// Progress of the documents that differed at connect time: `(done, planned)`.
+    /// `done` advances as [`Self::is_settled`] finds documents in sync.
+    pub fn progress(&self) -> (usize, usize) {
+        (self.planned.saturating_sub(self.pending.len()), self.planned)
     }
 
     /// Frames to send now, in order.
@@ -285,12 +299,14 @@ impl SyncConnection {
                 let heads = docs.shared_heads().map_err(ConnectionError::storage)?;
                 let planned = plan(heads.iter().map(|(d, h)| (d, h.as_slice())), &entries);
                 for doc in planned.to_start() {
-                    self.pending.insert(doc.clone());
+                    if self.pending.insert(doc.clone()) {
+                        self.planned += 1;
+                    }
                     self.generate(doc, docs)?;
                 }
                 for doc in &planned.only_theirs {
-                    if docs.may_receive(doc) {
-                        self.pending.insert(doc.clone());
+                    if docs.may_receive(doc) && self.pending.insert(doc.clone()) {
+                        self.planned += 1;
                     }
                 }
             }

@@ -239,6 +239,12 @@ impl PeerSession {
         self.disabled.contains(doc_id)
     }
 
+    /// The heads each document is known to share with the peer (Automerge's
+    /// `shared_heads`: what the peer is known to have), by document.
+    pub fn shared_heads(&self) -> impl Iterator<Item = (&DocId, &[ChangeHash])> {
+        self.states.iter().map(|(doc, state)| (doc, state.shared_heads.as_slice()))
+    }
+
     /// The documents with a sync state on this connection.
     pub fn docs(&self) -> impl Iterator<Item = &DocId> {
         self.states.keys()

@@ -1,0 +1,313 @@
+//! The operator's dashboard in a real browser: headless Chromium (Debian's
+//! `chromium` package; `.ci/run` installs it) loads the page from a running
+//! relay, the test changes the nodes' states after the page loaded, and checks
+//! through the DevTools protocol that the page redrew itself (no reload) with
+//! the right names and states. Screenshots (laptop and phone width) are saved
+//! under `target/test-artifacts/`.
+//!
+//! Skips with a message when no Chromium is installed (set `SAMVERKAN_CHROMIUM`
+//! to a browser binary to choose one).
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use samverkan::node::node::Node;
+use samverkan::node::sync::{self, RelayTarget};
+use samverkan::relay::admin::{self, AdminConfig};
+use samverkan::relay::monitor::NodeName;
+use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::shared::ids::ItemId;
+use samverkan::shared::model::{Activity, ActivityStatus, DocKind, DocumentContent};
+use serde_json::{json, Value};
+use tungstenite::{Message, WebSocket};
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
+}
+
+fn find_chromium() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("SAMVERKAN_CHROMIUM") {
+        return Some(PathBuf::from(path));
+    }
+    let path = std::env::var_os("PATH")?;
+    for dir in std::env::split_paths(&path) {
+        for name in ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"] {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Some(candidate);
+            }
+        }
+    }
+    None
+}
+
+/// A headless Chromium started by this test; killed when dropped.
+struct Browser {
+    child: Child,
+    _profile: tempfile::TempDir,
+    port: u16,
+}
+
+impl Browser {
+    fn start(binary: &Path) -> Browser {
+        let profile = tempfile::tempdir().unwrap();
+        let child = Command::new(binary)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-extensions",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                "--window-size=1280,900",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromium starts");
+        let port_file = profile.path().join("DevToolsActivePort");
+        let deadline = Instant::now() + LIMIT;
+        let port = loop {
+            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|t| t.lines().next()?.parse().ok()) {
+                break port;
+            }
+            assert!(Instant::now() < deadline, "chromium did not open its DevTools port within {LIMIT:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Browser { child, _profile: profile, port }
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A DevTools protocol connection to one page.
+struct Page {
+    ws: WebSocket<TcpStream>,
+    next_id: u64,
+}
+
+impl Page {
+    async fn open(browser: &Browser) -> Page {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], browser.port));
+        // The first page may be listed a moment after the port opens.
+        let url = bounded("a page target", async {
+            loop {
+                let list = admin::get_path(addr, "/json/list", None, LIMIT).await.expect("DevTools target list");
+                let targets: Vec<Value> = serde_json::from_str(&list).unwrap();
+                if let Some(url) =
+                    targets.iter().find(|t| t["type"] == "page").and_then(|t| t["webSocketDebuggerUrl"].as_str())
+                {
+                    return url.to_string();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(LIMIT)).unwrap();
+        let (ws, _) = tungstenite::client(url.as_str(), stream).expect("DevTools websocket");
+        Page { ws, next_id: 1 }
+    }
+
+    /// Sends a command and waits for its answer (events in between are skipped).
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let request = json!({"id": id, "method": method, "params": params}).to_string();
+        self.ws.send(Message::text(request)).expect("send to DevTools");
+        loop {
+            let message = self.ws.read().expect("read from DevTools");
+            let Message::Text(text) = message else { continue };
+            let value: Value = serde_json::from_str(text.as_str()).unwrap();
+            if value["id"] == id {
+                assert!(value.get("error").is_none(), "{method} failed: {value}");
+                return value["result"].clone();
+            }
+        }
+    }
+
+    /// Evaluates a JavaScript expression and returns its (JSON) value.
+    fn eval(&mut self, expression: &str) -> Value {
+        let result = self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true}));
+        assert!(result.get("exceptionDetails").is_none(), "{expression}: {result}");
+        result["result"]["value"].clone()
+    }
+
+    fn screenshot(&mut self, path: &Path) {
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png", "captureBeyondViewport": true}));
+        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, png).unwrap();
+        println!("screenshot: {}", path.display());
+    }
+}
+
+/// The rows the page shows: node id → (state, connected, visible text).
+const ROWS_JS: &str = "JSON.stringify(Array.from(document.querySelectorAll('#rows tr[data-node]')).map(function (r) { \
+     return [r.dataset.node, r.dataset.state, r.dataset.connected, r.innerText]; }))";
+
+fn rows(page: &mut Page) -> BTreeMap<String, (String, String, String)> {
+    let text = page.eval(ROWS_JS);
+    let rows: Vec<(String, String, String, String)> = serde_json::from_str(text.as_str().unwrap_or("[]")).unwrap();
+    rows.into_iter().map(|(node, state, connected, text)| (node, (state, connected, text))).collect()
+}
+
+/// Polls the page until `check` holds on its rows.
+async fn page_shows(
+    page: &mut Page,
+    what: &str,
+    check: impl Fn(&BTreeMap<String, (String, String, String)>) -> bool,
+) -> BTreeMap<String, (String, String, String)> {
+    bounded(what, async {
+        loop {
+            let rows = tokio::task::block_in_place(|| rows(page));
+            if check(&rows) {
+                return rows;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+}
+
+fn target(relay: &RelayHandle) -> RelayTarget {
+    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
+}
+
+async fn sync_once(node: &mut Node, relay: &RelayHandle) {
+    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await.expect("sync succeeds");
+}
+
+fn artifacts() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("test-artifacts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_in_chromium_redraws_live_with_names_and_states() {
+    let Some(chromium) = find_chromium() else {
+        println!("SKIPPED dashboard_in_chromium_redraws_live_with_names_and_states: no chromium binary found (apt-get install chromium, or set SAMVERKAN_CHROMIUM)");
+        return;
+    };
+    let root = tempfile::tempdir().unwrap();
+    let parties = [
+        ("flen", "Flen", "Flen BF-samordnare"),
+        ("katrineholm", "Katrineholm", "Katrineholm trygghet"),
+        ("vingaker", "Vingåker", "Vingåker kommun"),
+    ];
+    let mut nodes: Vec<Node> =
+        parties.iter().map(|(dir, org, name)| Node::init(&root.path().join(dir), org, Some(name)).unwrap()).collect();
+    let ids: Vec<String> = nodes.iter().map(|n| n.node_id().to_string()).collect();
+    let offset = Arc::new(AtomicI64::new(0));
+    let clock_offset = offset.clone();
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), root.path().join("relay"));
+    config.monitoring.names =
+        parties.iter().zip(&ids).map(|((_, org, name), id)| (id.clone(), NodeName::new(*org, *name))).collect();
+    config.monitoring.stale_after = Duration::from_secs(3600);
+    config.monitoring.clock =
+        Some(Arc::new(move || chrono::Utc::now() + chrono::Duration::seconds(clock_offset.load(Ordering::SeqCst))));
+    config.monitoring.admin = Some(AdminConfig::new("127.0.0.1:0".parse().unwrap()));
+    let relay = server::spawn(config).await.expect("relay starts");
+
+    // Everyone syncs one document: three rows, all in sync.
+    for node in &nodes {
+        relay.enroll_node(node.node_id(), node.org().clone(), node.name()).expect("enroll");
+    }
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Flen 2026");
+    content.parties = nodes.iter().map(|n| n.org().clone()).collect();
+    let doc = nodes[0].create(content).unwrap();
+    for node in nodes.iter_mut() {
+        sync_once(node, &relay).await;
+    }
+
+    let browser = Browser::start(&chromium);
+    let mut page = Page::open(&browser).await;
+    let url = format!("http://{}/", relay.admin_addr().unwrap());
+    tokio::task::block_in_place(|| {
+        page.call("Page.navigate", json!({"url": url}));
+    });
+    let first = page_shows(&mut page, "the first rendering", |rows| rows.len() == 3).await;
+    for ((_, org, name), id) in parties.iter().zip(&ids) {
+        let (state, connected, text) = &first[id];
+        assert_eq!((state.as_str(), connected.as_str()), ("in_sync", "no"), "{text}");
+        assert!(text.contains(name) && text.contains(org), "{text}");
+        assert!(text.contains("i synk"), "{text}");
+    }
+    // A marker that a reload would lose.
+    tokio::task::block_in_place(|| page.eval("window.__samverkanMarker = 'kvar'; true"));
+
+    // After the page loaded: two hours pass; Katrineholm checks in, Flen edits and syncs.
+    offset.fetch_add(2 * 3600, Ordering::SeqCst);
+    sync_once(&mut nodes[1], &relay).await;
+    nodes[0]
+        .edit(&doc, "add", |e| {
+            e.add_activity(&Activity {
+                id: ItemId::random(),
+                what: "Trygghetsvandring".into(),
+                owner: None,
+                due: None,
+                status: ActivityStatus::Planned,
+            })
+        })
+        .unwrap();
+    sync_once(&mut nodes[0], &relay).await;
+
+    let expected =
+        [("in_sync", "Flen BF-samordnare"), ("behind", "Katrineholm trygghet"), ("stale", "Vingåker kommun")];
+    let later = page_shows(&mut page, "the live update", |rows| {
+        expected.iter().zip(&ids).all(|((state, _), id)| rows.get(id).is_some_and(|r| r.0 == *state))
+    })
+    .await;
+    for ((state, name), id) in expected.iter().zip(&ids) {
+        let text = &later[id].2;
+        assert!(text.contains(name), "{state}: {text}");
+    }
+    assert!(later[&ids[1]].2.contains("1 dok, 1 ändr."), "{}", later[&ids[1]].2);
+    assert!(later[&ids[2]].2.contains("inaktuell"), "{}", later[&ids[2]].2);
+    let (marker, order, stale_colour) = tokio::task::block_in_place(|| {
+        (
+            page.eval("window.__samverkanMarker"),
+            page.eval("Array.from(document.querySelectorAll('#rows tr')).map(function (r) { return r.dataset.state; }).join(',')"),
+            page.eval("getComputedStyle(document.querySelector('#rows tr.stale td')).backgroundColor"),
+        )
+    });
+    assert_eq!(marker, json!("kvar"), "the page updated without reloading");
+    assert_eq!(order, json!("stale,behind,in_sync"), "stale and behind rows come first");
+    assert_ne!(stale_colour, json!("rgba(0, 0, 0, 0)"), "stale rows stand out");
+
+    tokio::task::block_in_place(|| {
+        page.screenshot(&artifacts().join("dashboard.png"));
+        page.call(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}),
+        );
+        page.screenshot(&artifacts().join("dashboard-phone.png"));
+    });
+    drop(page);
+    drop(browser);
+    relay.shutdown().await;
+}
