@@ -237,9 +237,14 @@ async fn documents_reach_only_their_parties_and_the_relay_refuses_the_rest() {
     let mut doc = samverkan::shared::model::Document::create(planted.clone(), content, &ctx, &directory)
         .unwrap()
         .into_automerge();
+    // Properly signed by its author, so it is the parties rule that refuses it.
+    let hash = doc.get_heads()[0];
+    let entries = vec![(hash, samverkan::shared::authorship::sign(&trosa_key, &hash))];
+    send.send(&Frame::Authors { doc: planted.clone(), entries }).await.unwrap();
     send.send(&Frame::Sync { doc: planted.clone(), message: sync_message_for(&mut doc) }).await.unwrap();
     let (code, message) = next_error(&mut recv).await.expect("an error frame");
     assert_eq!(code, ErrorCode::Forbidden, "{message}");
+    assert!(message.contains("does not name your organisation"), "{message}");
     try_sync(&mut flen, &relay).await.unwrap();
     assert!(flen.document(&planted).is_err(), "the planted document was not stored or forwarded");
     relay.shutdown().await;
@@ -314,4 +319,47 @@ fn a_sync_message_helper_produces_changes() {
     let mut doc = AutoCommit::new();
     doc.put(automerge::ROOT, "x", 1).unwrap();
     assert!(!sync_message_for(&mut doc).is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_in_another_nodes_name_is_refused_by_the_relay() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let mut honest = enrolled(root.path(), &relay, "eskilstuna", "Eskilstuna");
+    let forger = NodeKey::generate();
+    relay.enroll_node(forger.node_id(), org("Eskilstuna"), "forger").unwrap();
+
+    // A new document whose only change names the honest node as its author.
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "I någon annans namn");
+    content.parties = vec![org("Eskilstuna")];
+    let ctx = samverkan::shared::model::EditContext {
+        author: honest.node_id(),
+        org: org("Eskilstuna"),
+        node_name: "eskilstuna".into(),
+        time: chrono::Utc::now(),
+    };
+    let directory = samverkan::shared::org::Directory::sodermanland();
+    let planted = DocId::random();
+    let mut doc = samverkan::shared::model::Document::create(planted.clone(), content, &ctx, &directory)
+        .unwrap()
+        .into_automerge();
+    let hash = doc.get_heads()[0];
+    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "f".into(), node: forger.node_id().to_string() };
+
+    // Without a signature, and with the forger's own signature over the change.
+    let signed_by_forger = samverkan::shared::authorship::sign(&forger, &hash);
+    for authors in [None, Some(signed_by_forger)] {
+        let (_conn, mut send, mut recv) = raw_client(&relay, &forger).await;
+        send.send(&hello).await.unwrap();
+        if let Some(signature) = authors {
+            send.send(&Frame::Authors { doc: planted.clone(), entries: vec![(hash, signature)] }).await.unwrap();
+        }
+        send.send(&Frame::Sync { doc: planted.clone(), message: sync_message_for(&mut doc) }).await.unwrap();
+        let (code, message) = next_error(&mut recv).await.expect("refused");
+        assert_eq!(code, ErrorCode::Forbidden, "{message}");
+        assert!(message.contains("signature"), "{message}");
+    }
+    try_sync(&mut honest, &relay).await.unwrap();
+    assert!(honest.document(&planted).is_err(), "the forged document was neither stored nor forwarded");
+    relay.shutdown().await;
 }

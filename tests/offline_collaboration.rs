@@ -215,7 +215,11 @@ fn a_damaged_bundle_is_refused_and_nothing_is_imported() {
     // that document is refused with a reason, the store stays intact.
     let bundle = Bundle {
         origin: a.node().export_bundle(None).unwrap().origin,
-        docs: vec![samverkan::shared::bundle::BundleDoc { id: DocId::random(), data: b"not automerge".to_vec() }],
+        docs: vec![samverkan::shared::bundle::BundleDoc {
+            id: DocId::random(),
+            data: b"not automerge".to_vec(),
+            signatures: Vec::new(),
+        }],
     };
     let reports = b.node().import_bundle(&bundle).unwrap();
     assert!(reports[0].error.is_some());
@@ -252,4 +256,38 @@ fn an_editor_session_does_not_undo_changes_that_arrived_meanwhile() {
     assert!(merged.contains("Kommunerna har mycket goda"), "the coordinator's edit applied");
     carry(&mut county, &mut police, &stick);
     assert_converged(&mut county, &mut police);
+}
+
+#[test]
+fn a_change_carried_by_a_third_node_keeps_its_authors_proof_and_a_forged_one_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = TestNode::init(root.path(), "lansstyrelsen", "Länsstyrelsen");
+    let mut b = TestNode::init(root.path(), "polisen", "Polisen");
+    let mut c = TestNode::init(root.path(), "flen", "Flen");
+    let (id, _) = a.node().import_markdown(SEED, None).unwrap();
+    let via = root.path().join("usb.bundle");
+    // A's document travels A → B → C: C verifies A's signatures, carried by B.
+    assert_eq!(carry(&mut a, &mut b, &via), 1);
+    assert_eq!(carry(&mut b, &mut c, &via), 1);
+    assert_converged(&mut a, &mut c);
+
+    // B edits; in the bundle to A one bit of B's signature is flipped, so the
+    // change names B as its author without B's valid signature.
+    let text = b.body(&id).replacen("Styrgruppen", "Styrgruppen (reviderad)", 1);
+    b.node().edit(&id, "edit", |e| e.set_body(&text)).unwrap();
+    let have = HeadsSummary::from_json(&a.node().heads_summary().unwrap().to_json()).unwrap();
+    let mut bundle = b.node().export_bundle(Some(&have)).unwrap();
+    assert!(!bundle.docs[0].signatures.is_empty(), "the bundle carries the authors' signatures");
+    bundle.docs[0].signatures[0].1[0] ^= 0x01;
+    let decoded = Bundle::decode(&bundle.encode()).unwrap();
+    let before = a.snapshot();
+    let reports = a.node().import_bundle(&decoded).unwrap();
+    let error = reports[0].error.as_deref().unwrap_or_default();
+    assert!(error.contains("signature does not verify"), "{reports:?}");
+    assert_eq!(a.snapshot(), before, "nothing of the refused change was stored");
+
+    // Without any signatures the change is refused as unsigned.
+    bundle.docs[0].signatures.clear();
+    let reports = a.node().import_bundle(&Bundle::decode(&bundle.encode()).unwrap()).unwrap();
+    assert!(reports[0].error.as_deref().unwrap_or_default().contains("without its author's signature"), "{reports:?}");
 }

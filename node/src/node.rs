@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use automerge::ChangeHash;
 use chrono::Utc;
+use samverkan_shared::authorship::{self, AuthorshipError};
 use samverkan_shared::bundle::{Bundle, BundleDoc, BundleError, BundleOrigin, HeadsSummary};
 use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, SignedDirectory};
 use samverkan_shared::identity::{NodeId, NodeKey};
@@ -18,6 +19,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown::{self, MarkdownError};
 use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, Editor, ModelError};
 use samverkan_shared::org::{Directory, OrgId};
+use samverkan_shared::sync::SignedChange;
 use serde::Serialize;
 
 use crate::store::keyfile::{self, KeyFileError};
@@ -67,6 +69,9 @@ pub enum NodeError {
     /// The enrollment directory from the relay did not verify.
     #[error(transparent)]
     Directory(#[from] DirectoryError),
+    /// A change's authorship could not be proven.
+    #[error(transparent)]
+    Authorship(#[from] AuthorshipError),
     /// The key file is missing, exposed or damaged.
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
@@ -297,25 +302,21 @@ impl Node {
         let mut docs = Vec::new();
         for id in self.store.ids()? {
             let mut doc = self.store.load(&id)?;
-            let data = match have {
-                Some(have) => {
-                    let theirs = have.heads(&id)?;
-                    let known: Vec<ChangeHash> = theirs
-                        .iter()
-                        .copied()
-                        .filter(|h| doc.automerge_mut().get_change_by_hash(h).is_some())
-                        .collect();
-                    if !theirs.is_empty()
-                        && known.len() == theirs.len()
-                        && doc.automerge_mut().get_changes(&known).is_empty()
-                    {
-                        continue; // They have everything we have.
-                    }
-                    doc.automerge_mut().save_after(&known)
-                }
-                None => doc.automerge_mut().save(),
+            // What the receiver has of this document (none without a heads summary).
+            let theirs = match have {
+                Some(have) => have.heads(&id)?,
+                None => Vec::new(),
             };
-            docs.push(BundleDoc { id, data });
+            let known: Vec<ChangeHash> =
+                theirs.iter().copied().filter(|h| doc.automerge_mut().get_change_by_hash(h).is_some()).collect();
+            let new_changes = doc.automerge_mut().get_changes(&known);
+            if !theirs.is_empty() && known.len() == theirs.len() && new_changes.is_empty() {
+                continue; // They have everything we have.
+            }
+            let data =
+                if known.is_empty() { doc.automerge_mut().save() } else { doc.automerge_mut().save_after(&known) };
+            let signatures = self.signatures_of(new_changes)?;
+            docs.push(BundleDoc { id, data, signatures });
         }
         Ok(Bundle {
             origin: BundleOrigin {
@@ -333,10 +334,13 @@ impl Node {
     pub fn import_bundle(&mut self, bundle: &Bundle) -> Result<Vec<BundleDocReport>, NodeError> {
         let mut reports = Vec::new();
         for item in &bundle.docs {
-            let result = self.store.update(&item.id, true, |doc| -> Result<usize, NodeError> {
+            let mut offered: std::collections::HashMap<_, _> = item.signatures.iter().copied().collect();
+            let result = self.store.update_signed(&item.id, true, |doc| -> Result<_, NodeError> {
+                let before = doc.heads();
                 doc.automerge_mut().load_incremental(&item.data).map_err(ModelError::from)?;
                 doc.check_header()?;
-                Ok(doc.automerge_mut().get_missing_deps(&[]).len())
+                let verified = authorship::verify_new_changes(doc.automerge_mut(), &before, &mut offered)?;
+                Ok((doc.automerge_mut().get_missing_deps(&[]).len(), verified))
             });
             let report = match result {
                 Ok((missing_deps, outcome)) => {
@@ -367,6 +371,28 @@ impl Node {
             reports.push(report);
         }
         Ok(reports)
+    }
+
+    /// The authors' signatures of these changes: this node's own are signed
+    /// now, others' come from the store (unknown ones are left out).
+    fn signatures_of(&self, changes: Vec<automerge::Change>) -> Result<Vec<SignedChange>, NodeError> {
+        let own = self.node_id().actor_id();
+        let mut out = Vec::new();
+        let mut theirs = Vec::new();
+        for change in changes {
+            if change.actor_id() == &own {
+                out.push((change.hash(), authorship::sign(&self.key, &change.hash())));
+            } else {
+                theirs.push(change.hash());
+            }
+        }
+        out.extend(self.store.signatures(&theirs)?);
+        Ok(out)
+    }
+
+    /// The store, key and organisation at once (for the sync driver).
+    pub(crate) fn parts(&mut self) -> (&mut Store, &NodeKey, &OrgId) {
+        (&mut self.store, &self.key, &self.org)
     }
 
     /// The node's secret key (for TLS and signatures made by this node).

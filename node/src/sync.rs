@@ -19,17 +19,19 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use automerge::{AutoCommit, ChangeHash};
+use automerge::{ActorId, AutoCommit, ChangeHash};
 use samverkan_net::backoff::Backoff;
 use samverkan_net::endpoint::{self, Limits};
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
 use samverkan_net::tls::TlsIdentity;
 use samverkan_net::NetError;
+use samverkan_shared::authorship;
 use samverkan_shared::directory::{JoinCode, Member};
 use samverkan_shared::identity::NodeId;
+use samverkan_shared::identity::NodeKey;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
-use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, SyncConnection};
+use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
 use samverkan_shared::wire::{Frame, PROTOCOL_VERSION};
 use samverkan_store::{Store, StoreError};
 use serde::Serialize;
@@ -108,6 +110,14 @@ pub struct SyncReport {
 struct NodeDocs<'a> {
     store: &'a mut Store,
     org: &'a OrgId,
+    key: &'a NodeKey,
+}
+
+impl<'a> NodeDocs<'a> {
+    fn of(node: &'a mut Node) -> Self {
+        let (store, key, org) = node.parts();
+        Self { store, org, key }
+    }
 }
 
 impl DocAccess for NodeDocs<'_> {
@@ -135,13 +145,48 @@ impl DocAccess for NodeDocs<'_> {
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> R,
+        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
     ) -> Result<Option<R>, StoreError> {
         if !create && !self.store.contains(doc)? {
             return Ok(None);
         }
-        let (value, _) = self.store.update(doc, create, |d| Ok::<_, StoreError>(f(d.automerge_mut())))?;
-        Ok(Some(value))
+        let mut discarded = None;
+        let result = self.store.update_signed(doc, create, |d| match f(d.automerge_mut()) {
+            DocOutcome::Keep { value, signatures } => Ok((value, signatures)),
+            DocOutcome::Discard(value) => {
+                discarded = Some(value);
+                Err(Discarded::Yes)
+            }
+        });
+        match result {
+            Ok((value, _)) => Ok(Some(value)),
+            Err(Discarded::Store(e)) => Err(e),
+            Err(Discarded::Yes) => Ok(discarded),
+        }
+    }
+
+    fn signatures(&mut self, _doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, StoreError> {
+        let own = self.key.node_id().actor_id();
+        let (mine, theirs): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, actor)| *actor == own);
+        let mut out: Vec<SignedChange> =
+            mine.iter().map(|(hash, _)| (*hash, authorship::sign(self.key, hash))).collect();
+        let hashes: Vec<ChangeHash> = theirs.iter().map(|(hash, _)| *hash).collect();
+        out.extend(self.store.signatures(&hashes)?);
+        Ok(out)
+    }
+}
+
+/// How a store transaction ended that the sync core asked to discard.
+enum Discarded {
+    /// Discarded on purpose (the transaction rolled back).
+    Yes,
+    /// The store failed.
+    Store(StoreError),
+}
+
+impl From<StoreError> for Discarded {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
     }
 }
 
@@ -233,14 +278,13 @@ impl Session {
 
     /// Handles one received frame; returns the documents that changed here.
     fn on_frame(&mut self, node: &mut Node, frame: Frame) -> Result<Vec<DocId>, SyncFailure> {
-        let org = node.org().clone();
         let mut changed = Vec::new();
-        let events = self.sync.on_frame(frame, &mut NodeDocs { store: node.store_mut(), org: &org })?;
+        let events = self.sync.on_frame(frame, &mut NodeDocs::of(node))?;
         for event in events {
             match event {
                 ConnectionEvent::Established { peer, .. } => {
                     debug!(relay = %peer, "connected");
-                    self.sync.begin(&mut NodeDocs { store: node.store_mut(), org: &org })?;
+                    self.sync.begin(&mut NodeDocs::of(node))?;
                 }
                 ConnectionEvent::DocChanged { doc, .. } => changed.push(doc),
                 ConnectionEvent::Directory(signed) => {
@@ -331,8 +375,7 @@ async fn sync_session(
         loop {
             session.flush().await?;
             {
-                let org = node.org().clone();
-                let mut docs = NodeDocs { store: node.store_mut(), org: &org };
+                let mut docs = NodeDocs::of(node);
                 let settled = session.sync.is_settled(&mut docs)?;
                 let (done, planned) = session.sync.progress();
                 progress(SyncProgress {
@@ -444,8 +487,7 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
                 _ = poll.tick() => {
                     let frames = session.sync.stats().frames_in + session.sync.stats().frames_out;
                     if frames != saved_at_frames && saved_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        let org = node.org().clone();
-                        let mut docs = NodeDocs { store: node.store_mut(), org: &org };
+                        let mut docs = NodeDocs::of(node);
                         if session.sync.is_settled(&mut docs)? {
                             let states = session.sync.persisted();
                             node.store_mut().save_sync_states(&session.peer_key, states)?;
@@ -462,8 +504,7 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
                     for (doc, heads) in node.store_mut().heads()? {
                         if known.get(&doc) != Some(&heads) {
                             debug!(%doc, "local change; pushing");
-                            let org = node.org().clone();
-                            let mut docs = NodeDocs { store: node.store_mut(), org: &org };
+                            let mut docs = NodeDocs::of(node);
                             session.sync.on_local_change(&doc, &mut docs)?;
                             known.insert(doc, heads);
                         }

@@ -553,7 +553,7 @@ impl Monitor {
                             (have, n)
                         })
                         .collect();
-                    Ok::<_, StoreError>((relay_heads, counts))
+                    Ok::<_, StoreError>(((relay_heads, counts), Vec::new()))
                 });
                 match result {
                     Ok(Some((relay_heads, counts))) => {

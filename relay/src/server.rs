@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use automerge::{AutoCommit, ChangeHash};
+use automerge::{ActorId, AutoCommit, ChangeHash};
 use chrono::Utc;
 use samverkan_net::endpoint::Limits;
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
@@ -24,7 +24,7 @@ use samverkan_shared::directory::{EnrollmentDirectory, JoinCode, Member, MemberK
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
-use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, SyncConnection};
+use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
 use samverkan_shared::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
 use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
@@ -114,6 +114,10 @@ enum DocAccessError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Forbidden(String),
+    /// Not an error: the sync core asked to discard what it did (returned
+    /// inside the store transaction as an error so that it rolls back).
+    #[error("discarded")]
+    Discarded,
 }
 
 /// The directory as last read, and its signed form for nodes.
@@ -427,7 +431,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> R,
+        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
     ) -> Result<Option<R>, DocAccessError> {
         let org = self.org;
         let mut storage = self.storage();
@@ -436,15 +440,34 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
             Some(_) => false,
             None => true,
         };
-        storage.with_doc(doc, create, |d| {
-            let value = f(d.automerge_mut());
-            if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
-                return Err(DocAccessError::Forbidden(format!(
-                    "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
-                )));
+        let mut discarded = None;
+        let result = storage.with_doc(doc, create, |d| match f(d.automerge_mut()) {
+            DocOutcome::Keep { value, signatures } => {
+                if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
+                    return Err(DocAccessError::Forbidden(format!(
+                        "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
+                    )));
+                }
+                Ok((value, signatures))
             }
-            Ok(value)
-        })
+            DocOutcome::Discard(value) => {
+                discarded = Some(value);
+                Err(DocAccessError::Discarded)
+            }
+        });
+        match discarded {
+            Some(value) => Ok(Some(value)),
+            None => result,
+        }
+    }
+
+    fn signatures(
+        &mut self,
+        _doc: &DocId,
+        changes: &[(ChangeHash, ActorId)],
+    ) -> Result<Vec<SignedChange>, DocAccessError> {
+        let hashes: Vec<ChangeHash> = changes.iter().map(|(hash, _)| *hash).collect();
+        Ok(self.storage().signatures(&hashes)?)
     }
 }
 

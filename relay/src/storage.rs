@@ -12,6 +12,7 @@ use automerge::ChangeHash;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
+use samverkan_shared::sync::SignedChange;
 use samverkan_store::{DocSummary, Store, StoreError};
 
 /// One stored document as the index knows it, without loading it.
@@ -42,15 +43,19 @@ pub trait RelayStorage: Send + 'static {
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError>;
 
     /// Runs `f` on a document (an empty one if missing and `create`), and durably
-    /// stores whatever changes it made. `Ok(None)` if missing and not `create`.
-    /// If `f` fails, or the document does not follow the schema afterwards,
-    /// nothing is stored and the in-memory copy is discarded.
+    /// stores whatever changes it made, with the authors' signatures `f` returns,
+    /// in one transaction. `Ok(None)` if missing and not `create`. If `f` fails,
+    /// or the document does not follow the schema afterwards, nothing is stored
+    /// and the in-memory copy is discarded.
     fn with_doc<R, E: From<StoreError>>(
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut Document) -> Result<R, E>,
+        f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>), E>,
     ) -> Result<Option<R>, E>;
+
+    /// The stored authors' signatures of these changes (those known).
+    fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError>;
 
     /// Sync states persisted for a peer.
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError>;
@@ -122,13 +127,17 @@ impl RelayStorage for SqliteStorage {
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut Document) -> Result<R, E>,
+        f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>), E>,
     ) -> Result<Option<R>, E> {
         if !create && !self.store.contains(doc)? {
             return Ok(None);
         }
-        let (value, _) = self.store.update(doc, create, f)?;
+        let (value, _) = self.store.update_signed(doc, create, f)?;
         Ok(Some(value))
+    }
+
+    fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError> {
+        self.store.signatures(hashes)
     }
 
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {

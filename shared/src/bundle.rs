@@ -74,6 +74,8 @@ pub struct BundleDoc {
     pub id: DocId,
     /// Automerge bytes: a full save or the changes after the receiver's heads.
     pub data: Vec<u8>,
+    /// The authors' signatures of the changes in `data` (see [`crate::authorship`]).
+    pub signatures: Vec<(automerge::ChangeHash, crate::authorship::ChangeSignature)>,
 }
 
 /// A decoded bundle.
@@ -95,6 +97,9 @@ struct Header {
 struct HeaderDoc {
     id: DocId,
     len: u64,
+    /// Change hash (hex) → the author's signature (hex).
+    #[serde(default)]
+    signatures: BTreeMap<String, String>,
 }
 
 impl Bundle {
@@ -102,7 +107,15 @@ impl Bundle {
     pub fn encode(&self) -> Vec<u8> {
         let header = Header {
             origin: self.origin.clone(),
-            docs: self.docs.iter().map(|d| HeaderDoc { id: d.id.clone(), len: d.data.len() as u64 }).collect(),
+            docs: self
+                .docs
+                .iter()
+                .map(|d| HeaderDoc {
+                    id: d.id.clone(),
+                    len: d.data.len() as u64,
+                    signatures: d.signatures.iter().map(|(h, s)| (h.to_string(), hex::encode(s))).collect(),
+                })
+                .collect(),
         };
         let header = serde_json::to_vec(&header).unwrap_or_default();
         let mut out = Vec::with_capacity(
@@ -157,7 +170,15 @@ impl Bundle {
                 .and_then(|len| offset.checked_add(len))
                 .filter(|end| *end <= content.len())
                 .ok_or_else(|| BundleError::Truncated(format!("document {} runs past the end", d.id)))?;
-            docs.push(BundleDoc { id: d.id, data: content[offset..end].to_vec() });
+            let mut signatures = Vec::with_capacity(d.signatures.len());
+            for (hash, signature) in &d.signatures {
+                let bad = || BundleError::Header(format!("bad signature entry for change {hash:?} of {}", d.id));
+                let hash: automerge::ChangeHash = hash.parse().map_err(|_| bad())?;
+                let signature: crate::authorship::ChangeSignature =
+                    hex::decode(signature).ok().and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+                signatures.push((hash, signature));
+            }
+            docs.push(BundleDoc { id: d.id, data: content[offset..end].to_vec(), signatures });
             offset = end;
         }
         if offset != content.len() {
@@ -227,8 +248,12 @@ mod tests {
                 created: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             },
             docs: vec![
-                BundleDoc { id: DocId::random(), data: vec![1, 2, 3] },
-                BundleDoc { id: DocId::random(), data: Vec::new() },
+                BundleDoc {
+                    id: DocId::random(),
+                    data: vec![1, 2, 3],
+                    signatures: vec![(automerge::ChangeHash([9; 32]), [8; 64])],
+                },
+                BundleDoc { id: DocId::random(), data: Vec::new(), signatures: Vec::new() },
             ],
         }
     }

@@ -4,6 +4,7 @@
 //! - [`ids`]: typed ids of documents and list items.
 //! - [`org`]: organisations (parties) and the directory that names them.
 //! - [`identity`]: ed25519 node keys; a node's public key is its Automerge actor.
+//! - [`authorship`]: every change signed by its author, verified by whoever receives it.
 //! - [`directory`]: the enrollment directory (keys → organisation, name, role), signed by the relay; join codes.
 //! - [`model`]: the collaboration documents as typed Rust over Automerge.
 //! - [`markdown`]: Markdown import, export and human-readable rendering.
@@ -16,6 +17,7 @@
 
 #![warn(missing_docs)]
 
+pub mod authorship;
 pub mod bundle;
 pub mod directory;
 pub mod identity;

@@ -30,6 +30,7 @@
 //! | 0x07 | `Error`    | `code:u16be message:str`                             |
 //! | 0x08 | `Join`     | `protocol:u16be software:str secret:bytes`           |
 //! | 0x09 | `Directory`| `signed:bytes`                                       |
+//! | 0x0a | `Authors`  | `doc:[u8; 16] count:varint` × (`hash:[u8; 32] signature:[u8; 64]`) |
 
 use crate::ids::DocId;
 
@@ -59,6 +60,9 @@ const TYPE_SYNC: u8 = 0x06;
 const TYPE_ERROR: u8 = 0x07;
 const TYPE_JOIN: u8 = 0x08;
 const TYPE_DIRECTORY: u8 = 0x09;
+const TYPE_AUTHORS: u8 = 0x0a;
+/// Bytes of one `Authors` entry: a change hash and its author's signature.
+const AUTHOR_ENTRY_BYTES: usize = 32 + 64;
 
 /// Why bytes could not be read as frames.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -246,6 +250,14 @@ pub enum Frame {
         /// The signed directory's encoding.
         signed: Vec<u8>,
     },
+    /// The authors' signatures of changes the next `Sync` frames of this
+    /// document carry (see [`crate::authorship`]); sent just before them.
+    Authors {
+        /// The document.
+        doc: DocId,
+        /// (change hash, the author's signature over it).
+        entries: Vec<(automerge::ChangeHash, crate::authorship::ChangeSignature)>,
+    },
 }
 
 impl Frame {
@@ -261,6 +273,7 @@ impl Frame {
             Frame::Error { .. } => "Error",
             Frame::Join { .. } => "Join",
             Frame::Directory { .. } => "Directory",
+            Frame::Authors { .. } => "Authors",
         }
     }
 
@@ -275,6 +288,7 @@ impl Frame {
             Frame::Error { .. } => TYPE_ERROR,
             Frame::Join { .. } => TYPE_JOIN,
             Frame::Directory { .. } => TYPE_DIRECTORY,
+            Frame::Authors { .. } => TYPE_AUTHORS,
         }
     }
 
@@ -291,6 +305,9 @@ impl Frame {
             Frame::Error { message, .. } => 2 + str_len(message),
             Frame::Join { software, secret, .. } => 2 + str_len(software) + varint_len(secret.len()) + secret.len(),
             Frame::Directory { signed } => varint_len(signed.len()) + signed.len(),
+            Frame::Authors { entries, .. } => {
+                DOC_ID_BYTES + varint_len(entries.len()) + entries.len() * AUTHOR_ENTRY_BYTES
+            }
         }
     }
 
@@ -341,6 +358,14 @@ impl Frame {
                 put_bytes(&mut out, secret);
             }
             Frame::Directory { signed } => put_bytes(&mut out, signed),
+            Frame::Authors { doc, entries } => {
+                out.extend_from_slice(&doc_id_to_bytes(doc));
+                put_varint(&mut out, entries.len());
+                for (hash, signature) in entries {
+                    out.extend_from_slice(&hash.0);
+                    out.extend_from_slice(signature);
+                }
+            }
         }
         debug_assert_eq!(out.len(), LENGTH_PREFIX + payload_len);
         out
@@ -368,6 +393,7 @@ impl Frame {
             TYPE_ERROR => "Error",
             TYPE_JOIN => "Join",
             TYPE_DIRECTORY => "Directory",
+            TYPE_AUTHORS => "Authors",
             other => return Err(WireError::UnknownFrameType(other)),
         };
         let mut r = Reader { bytes: body, frame: frame_name };
@@ -399,6 +425,19 @@ impl Frame {
                 secret: r.bytes("secret")?.to_vec(),
             },
             TYPE_DIRECTORY => Frame::Directory { signed: r.bytes("signed")?.to_vec() },
+            TYPE_AUTHORS => {
+                let doc = r.doc_id("doc id")?;
+                let count = r.varint("entry count")?;
+                if count > r.remaining() / AUTHOR_ENTRY_BYTES {
+                    return Err(WireError::BadLength { frame: frame_name, field: "entry count" });
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    let hash = automerge::ChangeHash(r.array("change hash")?);
+                    entries.push((hash, r.array("signature")?));
+                }
+                Frame::Authors { doc, entries }
+            }
             _ => Frame::Error { code: ErrorCode::from_u16(r.u16("code")?), message: r.string("message")? },
         };
         if !r.bytes.is_empty() {
@@ -660,6 +699,8 @@ mod tests {
             Frame::Error { code: ErrorCode::Other(999), message: String::new() },
             Frame::Join { protocol: PROTOCOL_VERSION, software: "n".into(), secret: vec![1; 16] },
             Frame::Directory { signed: b"{}".to_vec() },
+            Frame::Authors { doc: doc(3), entries: vec![] },
+            Frame::Authors { doc: doc(4), entries: vec![(automerge::ChangeHash([5; 32]), [6; 64])] },
         ]
     }
 

@@ -43,7 +43,7 @@ use serde::Serialize;
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 2;
+pub const SCHEMA_VERSION: i32 = 3;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
 /// Documents kept in the in-memory cache by default.
@@ -83,6 +83,11 @@ const MIGRATIONS: &[&str] = &[
     // 1 → 2: each document's parties (space-separated organisation ids), for
     // access control without loading documents; filled in by `backfill_parties`.
     "ALTER TABLE documents ADD COLUMN parties TEXT NOT NULL DEFAULT '';",
+    // 2 → 3: the authors' signatures of changes received from other nodes.
+    "CREATE TABLE change_signatures (
+         hash      BLOB PRIMARY KEY,
+         signature BLOB NOT NULL
+     ) WITHOUT ROWID;",
 ];
 
 /// Errors of the store.
@@ -497,6 +502,20 @@ impl Store {
     where
         E: From<StoreError>,
     {
+        self.update_signed(id, create_missing, |doc| f(doc).map(|value| (value, Vec::new())))
+    }
+
+    /// Like [`Store::update`], where `f` also returns the authors' signatures of
+    /// changes it received; they are stored in the same transaction.
+    pub fn update_signed<T, E>(
+        &mut self,
+        id: &DocId,
+        create_missing: bool,
+        f: impl FnOnce(&mut Document) -> Result<(T, Vec<(ChangeHash, [u8; 64])>), E>,
+    ) -> Result<(T, UpdateOutcome), E>
+    where
+        E: From<StoreError>,
+    {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
         let (mut doc, mut generation, mut last_seq, created) = match load_in(&tx, &self.cache, id, true)? {
             Some(loaded) => (loaded.doc, loaded.generation, loaded.last_seq, false),
@@ -506,7 +525,7 @@ impl Store {
             None => return Err(StoreError::NotFound(id.clone()).into()),
         };
         let before = doc.heads();
-        let value = f(&mut doc)?;
+        let (value, signatures) = f(&mut doc)?;
         let heads = doc.heads();
         if heads == before || doc.is_empty() {
             if !created {
@@ -547,9 +566,29 @@ impl Store {
             }
             data.len()
         };
+        for (hash, signature) in &signatures {
+            tx.execute(
+                "INSERT OR IGNORE INTO change_signatures (hash, signature) VALUES (?1, ?2)",
+                params![hash.0.as_slice(), signature.as_slice()],
+            )
+            .map_err(StoreError::from)?;
+        }
         tx.commit().map_err(StoreError::from)?;
         self.cache.borrow_mut().put(doc, generation, last_seq);
         Ok((value, UpdateOutcome { new_bytes, heads, created }))
+    }
+
+    /// The stored authors' signatures of these changes (those known).
+    pub fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<(ChangeHash, [u8; 64])>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT signature FROM change_signatures WHERE hash = ?1")?;
+        let mut out = Vec::new();
+        for hash in hashes {
+            let found: Option<Vec<u8>> = stmt.query_row([hash.0.as_slice()], |r| r.get(0)).optional()?;
+            if let Some(signature) = found.and_then(|b| <[u8; 64]>::try_from(b).ok()) {
+                out.push((*hash, signature));
+            }
+        }
+        Ok(out)
     }
 
     /// Folds a document's increments into one snapshot now.

@@ -12,13 +12,43 @@
 //! and calls [`SyncConnection::begin`]) → both send `Summary` → each answers
 //! `InSync` or `DocHeads` → `Sync` frames for the documents that differ.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
-use automerge::{AutoCommit, ChangeHash};
+use automerge::{ActorId, AutoCommit, ChangeHash};
 
 use super::{doc_heads_frame, plan, summary_digest, summary_frame, PeerSession, Role, SyncError};
+use crate::authorship::{self, AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
 use crate::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
+
+/// A change hash with its author's signature, to keep beside the change.
+pub type SignedChange = (ChangeHash, ChangeSignature);
+
+/// Signatures offered by the peer and not used yet, at most this many (a peer
+/// offering more before sending the changes is refused).
+const MAX_OFFERED_SIGNATURES: usize = 200_000;
+
+/// What a closure run on a document decided.
+#[derive(Debug)]
+pub enum DocOutcome<R> {
+    /// Keep what the closure did to the document (store it durably), together
+    /// with the verified signatures of the changes it added.
+    Keep {
+        /// The closure's result.
+        value: R,
+        /// Signatures of the new changes, to store in the same transaction.
+        signatures: Vec<SignedChange>,
+    },
+    /// Discard whatever the closure did to the document.
+    Discard(R),
+}
+
+impl<R> DocOutcome<R> {
+    /// Keeps the document as the closure left it, with no new signatures.
+    pub fn keep(value: R) -> Self {
+        Self::Keep { value, signatures: Vec::new() }
+    }
+}
 
 /// How a connection reaches the documents of its side.
 pub trait DocAccess {
@@ -31,14 +61,21 @@ pub trait DocAccess {
     /// Whether the peer may send us a document we do not hold yet.
     fn may_receive(&mut self, doc: &DocId) -> bool;
 
-    /// Runs `f` on a document and durably stores it if its heads changed.
-    /// `Ok(None)` when the document does not exist and `create` is false.
+    /// Runs `f` on a document; on [`DocOutcome::Keep`] durably stores the
+    /// document (if its heads changed) and the signatures in one transaction,
+    /// on [`DocOutcome::Discard`] forgets what `f` did. `Ok(None)` when the
+    /// document does not exist and `create` is false.
     fn with_doc<R>(
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> R,
+        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
     ) -> Result<Option<R>, Self::Error>;
+
+    /// The authors' signatures of these changes of `doc` (this side's own
+    /// changes are signed on the spot, others come from storage); changes
+    /// without a known signature are left out.
+    fn signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Self::Error>;
 }
 
 /// What happened on a connection that the driver should act on.
@@ -73,6 +110,14 @@ pub enum ConnectionError {
     /// Syncing one document failed (hostile or broken message).
     #[error(transparent)]
     Sync(#[from] SyncError),
+    /// The peer sent a change without a valid signature of its author.
+    #[error("refused document {doc}: {source}")]
+    Authorship {
+        /// The document.
+        doc: DocId,
+        /// Which change, and why.
+        source: AuthorshipError,
+    },
     /// The peer asked for a document it may not have.
     #[error("refused document {0}: not shared with this peer")]
     Forbidden(DocId),
@@ -133,6 +178,8 @@ pub struct SyncConnection {
     our_summary_answered: bool,
     pending: BTreeSet<DocId>,
     planned: usize,
+    /// Authors' signatures the peer sent ahead of its changes, by change hash.
+    offered: HashMap<ChangeHash, ChangeSignature>,
     stats: ConnectionStats,
 }
 
@@ -168,6 +215,7 @@ impl SyncConnection {
             our_summary_answered: false,
             pending: BTreeSet::new(),
             planned: 0,
+            offered: HashMap::new(),
             stats: ConnectionStats::default(),
         }
     }
@@ -310,12 +358,38 @@ impl SyncConnection {
                     }
                 }
             }
+            (Phase::Open, Frame::Authors { entries, .. }) => {
+                if self.offered.len() + entries.len() > MAX_OFFERED_SIGNATURES {
+                    let message =
+                        format!("more than {MAX_OFFERED_SIGNATURES} signatures offered ahead of their changes");
+                    self.push_error(ErrorCode::TooLarge, message.clone());
+                    return Err(ConnectionError::Protocol(message));
+                }
+                self.offered.extend(entries);
+            }
             (Phase::Open, Frame::Sync { doc, message }) => {
                 self.stats.sync_in += 1;
                 let create = docs.may_receive(&doc);
                 let session = &mut self.session;
+                let offered = &mut self.offered;
                 let outcome = docs
-                    .with_doc(&doc, create, |d| session.receive(&doc, d, &message))
+                    .with_doc(&doc, create, |d| {
+                        let before = d.get_heads();
+                        let outcome = match session.receive(&doc, d, &message) {
+                            Ok(outcome) => outcome,
+                            Err(e) => return DocOutcome::Discard(Err(ConnectionError::from(e))),
+                        };
+                        match authorship::verify_new_changes(d, &before, offered) {
+                            Ok(signatures) => {
+                                let unsigned = session.take_unsigned(&doc, d);
+                                DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures }
+                            }
+                            Err(source) => {
+                                session.disable(&doc, SyncError::Disabled { doc: doc.clone() });
+                                DocOutcome::Discard(Err(ConnectionError::Authorship { doc: doc.clone(), source }))
+                            }
+                        }
+                    })
                     .map_err(ConnectionError::storage)?;
                 match outcome {
                     None => {
@@ -323,11 +397,16 @@ impl SyncConnection {
                         return Err(ConnectionError::Forbidden(doc));
                     }
                     Some(Err(e)) => {
-                        self.push_error(e.error_code(), e.to_string());
-                        return Err(e.into());
+                        let code = match &e {
+                            ConnectionError::Sync(e) => e.error_code(),
+                            _ => ErrorCode::Forbidden,
+                        };
+                        self.push_error(code, e.to_string());
+                        return Err(e);
                     }
-                    Some(Ok(outcome)) => {
+                    Some(Ok((outcome, unsigned))) => {
                         if let Some(reply) = outcome.reply {
+                            self.push_authors(&doc, &unsigned, docs)?;
                             self.push(reply);
                         }
                         if outcome.changed {
@@ -357,18 +436,43 @@ impl SyncConnection {
 
     fn generate<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
         let session = &mut self.session;
-        match docs.with_doc(doc, false, |d| session.generate(doc, d)).map_err(ConnectionError::storage)? {
+        let generated = docs
+            .with_doc(doc, false, |d| {
+                let frame = session.generate(doc, d);
+                let unsigned = if matches!(frame, Ok(Some(_))) { session.take_unsigned(doc, d) } else { Vec::new() };
+                DocOutcome::keep((frame, unsigned))
+            })
+            .map_err(ConnectionError::storage)?;
+        match generated {
             None => Ok(()), // Not here (yet): nothing to offer.
-            Some(Ok(Some(frame))) => {
+            Some((Ok(Some(frame)), unsigned)) => {
+                self.push_authors(doc, &unsigned, docs)?;
                 self.push(frame);
                 Ok(())
             }
-            Some(Ok(None)) => Ok(()),
-            Some(Err(e)) => {
+            Some((Ok(None), _)) => Ok(()),
+            Some((Err(e), _)) => {
                 self.push_error(e.error_code(), e.to_string());
                 Err(e.into())
             }
         }
+    }
+
+    /// Queues the authors' signatures of changes about to be sent.
+    fn push_authors<D: DocAccess>(
+        &mut self,
+        doc: &DocId,
+        changes: &[(ChangeHash, ActorId)],
+        docs: &mut D,
+    ) -> Result<(), ConnectionError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let entries = docs.signatures(doc, changes).map_err(ConnectionError::storage)?;
+        if !entries.is_empty() {
+            self.push(Frame::Authors { doc: doc.clone(), entries });
+        }
+        Ok(())
     }
 
     /// Whether everything that differed at connect time is now in sync on both
@@ -380,7 +484,9 @@ impl SyncConnection {
         let pending: Vec<DocId> = self.pending.iter().cloned().collect();
         for doc in pending {
             let session = &self.session;
-            let in_sync = docs.with_doc(&doc, false, |d| session.in_sync(&doc, d)).map_err(ConnectionError::storage)?;
+            let in_sync = docs
+                .with_doc(&doc, false, |d| DocOutcome::keep(session.in_sync(&doc, d)))
+                .map_err(ConnectionError::storage)?;
             if in_sync == Some(true) {
                 self.pending.remove(&doc);
             } else {
@@ -406,9 +512,15 @@ mod tests {
 
     use super::*;
 
-    /// Documents in memory.
+    /// The key every test document is written with.
+    fn author() -> &'static crate::identity::NodeKey {
+        static KEY: std::sync::OnceLock<crate::identity::NodeKey> = std::sync::OnceLock::new();
+        KEY.get_or_init(crate::identity::NodeKey::generate)
+    }
+
+    /// Documents in memory, with the signatures received for them.
     #[derive(Default)]
-    struct Docs(BTreeMap<DocId, AutoCommit>);
+    struct Docs(BTreeMap<DocId, AutoCommit>, HashMap<ChangeHash, ChangeSignature>);
 
     impl DocAccess for Docs {
         type Error = Infallible;
@@ -422,12 +534,37 @@ mod tests {
             &mut self,
             doc: &DocId,
             create: bool,
-            f: impl FnOnce(&mut AutoCommit) -> R,
+            f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
         ) -> Result<Option<R>, Infallible> {
-            if create {
-                return Ok(Some(f(self.0.entry(doc.clone()).or_default())));
-            }
-            Ok(self.0.get_mut(doc).map(f))
+            let Some(current) =
+                (if create { Some(self.0.entry(doc.clone()).or_default()) } else { self.0.get_mut(doc) })
+            else {
+                return Ok(None);
+            };
+            let mut working = current.clone();
+            Ok(Some(match f(&mut working) {
+                DocOutcome::Keep { value, signatures } => {
+                    *current = working;
+                    self.1.extend(signatures);
+                    value
+                }
+                DocOutcome::Discard(value) => value,
+            }))
+        }
+        fn signatures(
+            &mut self,
+            _doc: &DocId,
+            changes: &[(ChangeHash, ActorId)],
+        ) -> Result<Vec<SignedChange>, Infallible> {
+            Ok(changes
+                .iter()
+                .filter_map(|(hash, actor)| match self.1.get(hash) {
+                    Some(signature) => Some((*hash, *signature)),
+                    None => {
+                        (*actor == author().node_id().actor_id()).then(|| (*hash, authorship::sign(author(), hash)))
+                    }
+                })
+                .collect())
         }
     }
 
@@ -463,7 +600,7 @@ mod tests {
     }
 
     fn doc_with(text: &str) -> AutoCommit {
-        let mut d = AutoCommit::new();
+        let mut d = AutoCommit::new().with_actor(author().node_id().actor_id());
         d.put(automerge::ROOT, "text", text).unwrap();
         d.commit();
         d
@@ -499,6 +636,47 @@ mod tests {
         assert_eq!(node.stats().sync_out + relay.stats().sync_out, 0);
         assert!(node.is_settled(&mut nd).unwrap());
         assert!(frames <= 6 && bytes < 300, "{frames} frames, {bytes} bytes");
+    }
+
+    #[test]
+    fn a_change_whose_author_did_not_sign_it_is_refused_and_not_kept() {
+        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let doc = DocId::random();
+        // Written under a key this side cannot sign for, and no signature is known.
+        let stranger = crate::identity::NodeKey::generate();
+        let mut forged = AutoCommit::new().with_actor(stranger.node_id().actor_id());
+        forged.put(automerge::ROOT, "text", "i någon annans namn").unwrap();
+        forged.commit();
+        nd.0.insert(doc.clone(), forged);
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        let mut refused = None;
+        for _ in 0..20 {
+            for f in node.take_outbox() {
+                match relay.on_frame(f, &mut rd) {
+                    Ok(events) => {
+                        if events.iter().any(|e| matches!(e, ConnectionEvent::Established { .. })) {
+                            relay.begin(&mut rd).unwrap();
+                        }
+                    }
+                    Err(e) => refused = Some(e),
+                }
+            }
+            if refused.is_some() {
+                break;
+            }
+            for f in relay.take_outbox() {
+                for e in node.on_frame(f, &mut nd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        node.begin(&mut nd).unwrap();
+                    }
+                }
+            }
+        }
+        assert!(matches!(refused, Some(ConnectionError::Authorship { .. })), "{refused:?}");
+        assert!(matches!(relay.take_outbox().as_slice(), [.., Frame::Error { code: ErrorCode::Forbidden, .. }]));
+        let kept = rd.0.get_mut(&doc).map(|d| d.get_heads()).unwrap_or_default();
+        assert!(kept.is_empty(), "nothing of the unsigned change was kept");
     }
 
     #[test]

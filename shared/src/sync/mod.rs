@@ -45,7 +45,9 @@ use automerge::sync::{DecodeStateError, Message, ReadMessageError, State, SyncDo
 use automerge::{AutoCommit, AutomergeError, ChangeHash};
 
 pub use check::{check_message, MessageCheckError, SyncLimits};
-pub use connection::{ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, SyncConnection};
+pub use connection::{
+    ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, SignedChange, SyncConnection,
+};
 pub use summary::{doc_heads_frame, heads_digest, plan, summary_digest, summary_frame, HeadsDigest, SyncPlan};
 
 use crate::ids::DocId;
@@ -176,6 +178,8 @@ pub struct PeerSession {
     limits: SyncLimits,
     states: BTreeMap<DocId, State>,
     disabled: BTreeSet<DocId>,
+    /// Changes whose authors' signatures were sent on this connection, per document.
+    signatures_sent: BTreeMap<DocId, BTreeSet<ChangeHash>>,
 }
 
 impl PeerSession {
@@ -186,7 +190,7 @@ impl PeerSession {
 
     /// A session with explicit limits.
     pub fn with_limits(role: Role, limits: SyncLimits) -> Self {
-        Self { role, limits, states: BTreeMap::new(), disabled: BTreeSet::new() }
+        Self { role, limits, states: BTreeMap::new(), disabled: BTreeSet::new(), signatures_sent: BTreeMap::new() }
     }
 
     /// This end's role.
@@ -232,6 +236,20 @@ impl PeerSession {
     /// Documents disabled by an error are left out: sync them from scratch next time.
     pub fn into_persisted(self) -> BTreeMap<DocId, Vec<u8>> {
         self.persisted_states()
+    }
+
+    /// The changes Automerge has sent the peer for `doc_id` on this connection
+    /// whose authors' signatures were not sent yet, with their actors; they
+    /// count as sent from now on. Call after every generate or receive.
+    pub fn take_unsigned(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Vec<(ChangeHash, automerge::ActorId)> {
+        let Some(state) = self.states.get(doc_id) else { return Vec::new() };
+        let done = self.signatures_sent.entry(doc_id.clone()).or_default();
+        let fresh: Vec<ChangeHash> = state.sent_hashes.iter().filter(|h| !done.contains(h)).copied().collect();
+        done.extend(fresh.iter().copied());
+        fresh
+            .into_iter()
+            .filter_map(|hash| doc.get_change_by_hash(&hash).map(|c| (hash, c.actor_id().clone())))
+            .collect()
     }
 
     /// Whether an error disabled this document for the rest of the connection.
