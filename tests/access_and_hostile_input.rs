@@ -363,3 +363,28 @@ async fn a_change_in_another_nodes_name_is_refused_by_the_relay() {
     assert!(honest.document(&planted).is_err(), "the forged document was neither stored nor forwarded");
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_cannot_hold_more_than_its_share_of_connections() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), root.path().join("relay"));
+    config.max_connections_per_key = 2;
+    let relay = server::spawn(config).await.unwrap();
+    let key = NodeKey::generate();
+    relay.enroll_node(key.node_id(), org("Gnesta"), "gnesta").unwrap();
+    let hello = || Frame::Hello { protocol: PROTOCOL_VERSION, software: "g".into(), node: key.node_id().to_string() };
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (conn, mut send, recv) = raw_client(&relay, &key).await;
+        send.send(&hello()).await.unwrap();
+        held.push((conn, send, recv));
+    }
+    eventually("two connections registered", || relay.connected().len() == 2).await;
+    let (_conn, mut send, mut recv) = raw_client(&relay, &key).await;
+    send.send(&hello()).await.unwrap();
+    let (code, message) = next_error(&mut recv).await.expect("refused");
+    assert_eq!(code, ErrorCode::Busy, "{message}");
+    assert!(message.contains("at most 2"), "{message}");
+    assert_eq!(relay.connected().len(), 2);
+    relay.shutdown().await;
+}

@@ -52,6 +52,8 @@ pub struct RelayConfig {
     pub cached_documents: usize,
     /// Connections served at once; more are refused.
     pub max_connections: usize,
+    /// Connections one node key may hold at once; more are refused.
+    pub max_connections_per_key: usize,
     /// How often the enrollment directory is re-read (to pick up the
     /// operator's `enroll` and `revoke` from another process).
     pub directory_poll: Duration,
@@ -68,6 +70,7 @@ impl RelayConfig {
             limits: Limits::default(),
             cached_documents: 256,
             max_connections: 4096,
+            max_connections_per_key: 4,
             directory_poll: Duration::from_secs(1),
             monitoring: MonitorConfig::default(),
         }
@@ -134,6 +137,7 @@ struct Shared<S> {
     relay_key: NodeKey,
     directory: RwLock<DirectoryCache>,
     monitor: Arc<Monitor>,
+    max_connections_per_key: usize,
 }
 
 impl<S: RelayStorage> Shared<S> {
@@ -321,6 +325,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
         relay_key,
         directory: RwLock::new(DirectoryCache { directory, signed }),
         monitor: monitor.clone(),
+        max_connections_per_key: config.max_connections_per_key,
     });
     if config.monitoring.resolver.is_none() && config.monitoring.names.is_empty() {
         // Nodes are named from the enrollment directory unless the caller names them.
@@ -639,6 +644,16 @@ async fn run<S: RelayStorage>(
                 for event in events {
                     match event {
                         ConnectionEvent::Established { software, .. } => {
+                            let peer = auth.key.to_string();
+                            let held = shared.hub.peers().iter().filter(|p| **p == peer).count();
+                            if held >= shared.max_connections_per_key {
+                                let message = format!(
+                                    "this node already holds {held} connections (at most {}); close the others first",
+                                    shared.max_connections_per_key
+                                );
+                                sync.push_error(ErrorCode::Busy, message.clone());
+                                return Err(ConnectionEnd::Refused(message));
+                            }
                             info!(%software, "node connected");
                             let states = shared.storage().sync_states(&auth.key.to_string())?;
                             sync.restore(states);
