@@ -12,6 +12,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::{AutoCommit, ChangeHash};
@@ -23,6 +24,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, SyncConnection};
 use samverkan_store::{Store, StoreError};
 use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use crate::node::Node;
@@ -141,8 +143,12 @@ impl Session {
         Ok(())
     }
 
-    /// Handles one received frame; returns the documents that changed here.
-    fn on_frame(&mut self, node: &mut Node, frame: samverkan_shared::wire::Frame) -> Result<Vec<DocId>, SyncFailure> {
+    /// Handles one received frame; returns the documents that changed here, with their new heads.
+    fn on_frame(
+        &mut self,
+        node: &mut Node,
+        frame: samverkan_shared::wire::Frame,
+    ) -> Result<Vec<(DocId, Vec<ChangeHash>)>, SyncFailure> {
         let mut docs = NodeDocs { store: node.store_mut() };
         let mut changed = Vec::new();
         for event in self.sync.on_frame(frame, &mut docs)? {
@@ -151,7 +157,7 @@ impl Session {
                     debug!(relay = %peer, "connected");
                     self.sync.begin(&mut docs)?;
                 }
-                ConnectionEvent::DocChanged { doc, .. } => changed.push(doc),
+                ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),
             }
         }
         Ok(changed)
@@ -222,6 +228,13 @@ pub struct DaemonOptions {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// Woken by an editor in the same process right after it committed an edit
+    /// to this data directory, so the edit is pushed at once instead of at the
+    /// next poll. Edits by other processes are still found by polling.
+    pub local_edits: Option<Arc<Notify>>,
+    /// Told the id of every document that received changes from the relay,
+    /// after they were stored (for a user interface, or to measure latency).
+    pub received: Option<mpsc::UnboundedSender<DocId>>,
 }
 
 impl Default for DaemonOptions {
@@ -230,6 +243,8 @@ impl Default for DaemonOptions {
             poll_interval: Duration::from_millis(100),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            local_edits: None,
+            received: None,
         }
     }
 }
@@ -281,26 +296,21 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
             tokio::select! {
                 frame = session.recv.recv() => {
                     let Some(frame) = frame? else { return Ok(()) };
-                    for doc in session.on_frame(node, frame)? {
-                        let heads = node.document(&doc).map(|mut d| d.heads()).unwrap_or_default();
+                    // The heads come with the event: loading (and copying) a long
+                    // document here would add milliseconds to every received edit.
+                    for (doc, heads) in session.on_frame(node, frame)? {
                         info!(%doc, "received changes");
-                        known.insert(doc, heads);
-                    }
-                }
-                _ = poll.tick() => {
-                    let now = node.store_mut().data_version()?;
-                    if now == version {
-                        continue;
-                    }
-                    version = now;
-                    for (doc, heads) in node.store_mut().heads()? {
-                        if known.get(&doc) != Some(&heads) {
-                            debug!(%doc, "local change; pushing");
-                            let mut docs = NodeDocs { store: node.store_mut() };
-                            session.sync.on_local_change(&doc, &mut docs)?;
-                            known.insert(doc, heads);
+                        known.insert(doc.clone(), heads);
+                        if let Some(received) = &options.received {
+                            let _ = received.send(doc);
                         }
                     }
+                }
+                () = local_edit(options.local_edits.as_deref()), if options.local_edits.is_some() => {
+                    push_local_changes(node, &mut session, &mut known, &mut version)?;
+                }
+                _ = poll.tick() => {
+                    push_local_changes(node, &mut session, &mut known, &mut version)?;
                 }
             }
         }
@@ -308,4 +318,35 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
     .await;
     session.close(node, if result.is_ok() { 0 } else { 1 }).await;
     result
+}
+
+async fn local_edit(notify: Option<&Notify>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// If another connection committed to the store since `version`, offers every
+/// document whose heads moved to the relay.
+fn push_local_changes(
+    node: &mut Node,
+    session: &mut Session,
+    known: &mut BTreeMap<DocId, Vec<ChangeHash>>,
+    version: &mut i64,
+) -> Result<(), SyncFailure> {
+    let now = node.store_mut().data_version()?;
+    if now == *version {
+        return Ok(());
+    }
+    *version = now;
+    for (doc, heads) in node.store_mut().heads()? {
+        if known.get(&doc) != Some(&heads) {
+            debug!(%doc, "local change; pushing");
+            let mut docs = NodeDocs { store: node.store_mut() };
+            session.sync.on_local_change(&doc, &mut docs)?;
+            known.insert(doc, heads);
+        }
+    }
+    Ok(())
 }

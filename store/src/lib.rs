@@ -372,7 +372,8 @@ impl Store {
 
     /// Loads a document.
     pub fn load(&self, id: &DocId) -> Result<Document, StoreError> {
-        let loaded = load_in(&self.conn, &self.cache, id, false)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        // Take the cached copy out and put it back: one copy for the caller, not two.
+        let loaded = load_in(&self.conn, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
         let doc = loaded.doc.clone();
         self.cache.borrow_mut().put(loaded.doc, loaded.generation, loaded.last_seq);
         Ok(doc)
