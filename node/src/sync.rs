@@ -112,6 +112,10 @@ impl DocAccess for NodeDocs<'_> {
         let (value, _) = self.store.update(doc, create, |d| Ok::<_, StoreError>(f(d.automerge_mut())))?;
         Ok(Some(value))
     }
+
+    fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
+        self.store.doc_heads(doc)
+    }
 }
 
 /// An open connection to the relay with the protocol state.

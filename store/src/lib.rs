@@ -504,6 +504,22 @@ impl Store {
         Ok(out)
     }
 
+    /// One document's heads, from the table (the document is not loaded);
+    /// `None` if it is not stored.
+    pub fn doc_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT heads FROM documents WHERE doc_id = ?1")?;
+        let Some(heads) = stmt.query_row([id.as_str()], |r| r.get::<_, String>(0)).optional()? else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+        let heads = heads
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| h.parse::<ChangeHash>().map_err(|e| corrupt(format!("bad head {h:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(heads))
+    }
+
     /// The persisted sync states shared with `peer`, by document.
     pub fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
         let mut stmt = self.conn.prepare_cached("SELECT doc_id, state FROM sync_states WHERE peer = ?1")?;
