@@ -102,7 +102,7 @@ impl Sizes {
                 catchup_docs: 100,
                 catchup_edits: 10_000,
                 cold_docs: 1_000,
-                scale: scale::Scale { nodes: 1_000, docs: 100, seconds: 20, rate: 10 },
+                scale: scale::Scale { nodes: 1_000, docs: 100, seconds: 20, rate: 2 },
                 store_edits: 2_048,
                 store_long: 10_000,
                 version_histories: vec![100, 10_000],

@@ -34,6 +34,11 @@ pub const META_RELAY_ADDRESS: &str = "relay.address";
 /// Metadata key of the pinned relay certificate fingerprint.
 pub const META_RELAY_FINGERPRINT: &str = "relay.fingerprint";
 
+/// Documents the node keeps loaded while syncing (as many as the relay does by
+/// default): with many documents in flight, a smaller cache reloads each one
+/// from disk for every message (found by the catch-up benchmark).
+pub const SYNC_CACHE_DOCUMENTS: usize = 256;
+
 /// Which relay to sync with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayTarget {
@@ -136,6 +141,7 @@ impl Session {
         let mut sync = SyncConnection::node(&node.node_id().to_string(), &software);
         // Sync states are kept per relay certificate: a different relay starts fresh.
         let peer_key = format!("relay:{}", target.fingerprint);
+        node.store_mut().set_cache_capacity(SYNC_CACHE_DOCUMENTS);
         sync.restore(node.store_mut().sync_states(&peer_key)?);
         Ok(Self { conn, send, recv, sync, peer_key })
     }
