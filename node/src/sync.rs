@@ -17,6 +17,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
@@ -35,9 +36,15 @@ use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, DocOut
 use samverkan_shared::wire::{Frame, PROTOCOL_VERSION};
 use samverkan_store::{Store, StoreError};
 use serde::Serialize;
+use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
 use crate::node::{Node, NodeError, META_RELAY_ADDRESS, META_RELAY_KEY};
+
+/// Documents the node keeps loaded while syncing (as many as the relay does by
+/// default): with many documents in flight, a smaller cache reloads each one
+/// from disk for every message (found by the catch-up benchmark).
+pub const SYNC_CACHE_DOCUMENTS: usize = 256;
 
 /// Which relay to sync with.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -165,6 +172,10 @@ impl DocAccess for NodeDocs<'_> {
         }
     }
 
+    fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
+        self.store.doc_heads(doc)
+    }
+
     fn signatures(&mut self, _doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, StoreError> {
         let own = self.key.node_id().actor_id();
         let (mine, theirs): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, actor)| *actor == own);
@@ -265,6 +276,7 @@ impl Session {
         let mut sync = SyncConnection::node(&node.node_id().to_string(), &software());
         // Sync states are kept per relay key: a different relay starts fresh.
         let peer_key = crate::status::relay_peer_key(&target.relay_key);
+        node.store_mut().set_cache_capacity(SYNC_CACHE_DOCUMENTS);
         sync.restore(node.store_mut().sync_states(&peer_key)?);
         Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key })
     }
@@ -276,8 +288,8 @@ impl Session {
         Ok(())
     }
 
-    /// Handles one received frame; returns the documents that changed here.
-    fn on_frame(&mut self, node: &mut Node, frame: Frame) -> Result<Vec<DocId>, SyncFailure> {
+    /// Handles one received frame; returns the documents that changed here, with their new heads.
+    fn on_frame(&mut self, node: &mut Node, frame: Frame) -> Result<Vec<(DocId, Vec<ChangeHash>)>, SyncFailure> {
         let mut changed = Vec::new();
         let events = self.sync.on_frame(frame, &mut NodeDocs::of(node))?;
         for event in events {
@@ -286,7 +298,7 @@ impl Session {
                     debug!(relay = %peer, "connected");
                     self.sync.begin(&mut NodeDocs::of(node))?;
                 }
-                ConnectionEvent::DocChanged { doc, .. } => changed.push(doc),
+                ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),
                 ConnectionEvent::Directory(signed) => {
                     let directory = node.store_enrollment(&signed, &self.relay_key)?;
                     debug!(version = directory.version, "enrollment directory received");
@@ -410,6 +422,13 @@ pub struct DaemonOptions {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// Woken by an editor in the same process right after it committed an edit
+    /// to this data directory, so the edit is pushed at once instead of at the
+    /// next poll. Edits by other processes are still found by polling.
+    pub local_edits: Option<Arc<Notify>>,
+    /// Told the id of every document that received changes from the relay,
+    /// after they were stored (for a user interface, or to measure latency).
+    pub received: Option<mpsc::UnboundedSender<DocId>>,
 }
 
 impl Default for DaemonOptions {
@@ -418,6 +437,8 @@ impl Default for DaemonOptions {
             poll_interval: Duration::from_millis(100),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
+            local_edits: None,
+            received: None,
         }
     }
 }
@@ -478,11 +499,18 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
             tokio::select! {
                 frame = session.recv.recv() => {
                     let Some(frame) = frame? else { return Ok(()) };
-                    for doc in session.on_frame(node, frame)? {
-                        let heads = node.document(&doc).map(|mut d| d.heads()).unwrap_or_default();
+                    // The heads come with the event: loading (and copying) a long
+                    // document here would add milliseconds to every received edit.
+                    for (doc, heads) in session.on_frame(node, frame)? {
                         info!(%doc, "received changes");
-                        known.insert(doc, heads);
+                        known.insert(doc.clone(), heads);
+                        if let Some(received) = &options.received {
+                            let _ = received.send(doc);
+                        }
                     }
+                }
+                () = local_edit(options.local_edits.as_deref()), if options.local_edits.is_some() => {
+                    push_local_changes(node, &mut session, &mut known, &mut version)?;
                 }
                 _ = poll.tick() => {
                     let frames = session.sync.stats().frames_in + session.sync.stats().frames_out;
@@ -496,19 +524,7 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
                             saved_at = Some(Instant::now());
                         }
                     }
-                    let now = node.store_mut().data_version()?;
-                    if now == version {
-                        continue;
-                    }
-                    version = now;
-                    for (doc, heads) in node.store_mut().heads()? {
-                        if known.get(&doc) != Some(&heads) {
-                            debug!(%doc, "local change; pushing");
-                            let mut docs = NodeDocs::of(node);
-                            session.sync.on_local_change(&doc, &mut docs)?;
-                            known.insert(doc, heads);
-                        }
-                    }
+                    push_local_changes(node, &mut session, &mut known, &mut version)?;
                 }
             }
         }
@@ -516,4 +532,35 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
     .await;
     session.close(node, if result.is_ok() { 0 } else { 1 }).await;
     result
+}
+
+async fn local_edit(notify: Option<&Notify>) {
+    match notify {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// If another connection committed to the store since `version`, offers every
+/// document whose heads moved to the relay.
+fn push_local_changes(
+    node: &mut Node,
+    session: &mut Session,
+    known: &mut BTreeMap<DocId, Vec<ChangeHash>>,
+    version: &mut i64,
+) -> Result<(), SyncFailure> {
+    let now = node.store_mut().data_version()?;
+    if now == *version {
+        return Ok(());
+    }
+    *version = now;
+    for (doc, heads) in node.store_mut().heads()? {
+        if known.get(&doc) != Some(&heads) {
+            debug!(%doc, "local change; pushing");
+            let mut docs = NodeDocs::of(node);
+            session.sync.on_local_change(&doc, &mut docs)?;
+            known.insert(doc, heads);
+        }
+    }
+    Ok(())
 }

@@ -93,6 +93,16 @@ pub fn enroll<S: RelayStorage>(storage: &mut S, member: Member) -> Result<(), En
     change(storage, |state| Ok(state.directory.enroll(member)?))
 }
 
+/// Enrolls several keys in one atomic change (all or none).
+pub fn enroll_all<S: RelayStorage>(storage: &mut S, members: Vec<Member>) -> Result<(), EnrollmentError> {
+    change(storage, |state| {
+        for member in members {
+            state.directory.enroll(member)?;
+        }
+        Ok(())
+    })
+}
+
 /// Revokes a key; returns its entry as revoked.
 pub fn revoke<S: RelayStorage>(storage: &mut S, key: &NodeId, at: DateTime<Utc>) -> Result<Member, EnrollmentError> {
     change(storage, |state| Ok(state.directory.revoke(key, at)?.clone()))

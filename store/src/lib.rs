@@ -447,14 +447,16 @@ impl Store {
     pub fn contains(&self, id: &DocId) -> Result<bool, StoreError> {
         Ok(self
             .conn
-            .query_row("SELECT 1 FROM documents WHERE doc_id = ?1", [id.as_str()], |_| Ok(()))
+            .prepare_cached("SELECT 1 FROM documents WHERE doc_id = ?1")?
+            .query_row([id.as_str()], |_| Ok(()))
             .optional()?
             .is_some())
     }
 
     /// Loads a document.
     pub fn load(&self, id: &DocId) -> Result<Document, StoreError> {
-        let loaded = load_in(&self.conn, &self.cache, id, false)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        // Take the cached copy out and put it back: one copy for the caller, not two.
+        let loaded = load_in(&self.conn, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
         let doc = loaded.doc.clone();
         self.cache.borrow_mut().put(loaded.doc, loaded.generation, loaded.last_seq);
         Ok(doc)
@@ -550,16 +552,16 @@ impl Store {
             data.len()
         } else {
             let data = doc.automerge_mut().save_after(&before);
-            tx.execute(
-                "INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)",
-                params![id.as_str(), data, sha256(&data)],
-            )
-            .map_err(StoreError::from)?;
+            tx.prepare_cached("INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)")
+                .and_then(|mut stmt| stmt.execute(params![id.as_str(), data, sha256(&data)]))
+                .map_err(StoreError::from)?;
             last_seq = tx.last_insert_rowid();
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5, parties = ?6 WHERE doc_id = ?1",
-                params![id.as_str(), kind.as_str(), title, join_heads(&heads), now, parties],
             )
+            .and_then(|mut stmt| {
+                stmt.execute(params![id.as_str(), kind.as_str(), title, join_heads(&heads), now, parties])
+            })
             .map_err(StoreError::from)?;
             if let Some(g) = compact_if_due(&tx, id, &mut doc)? {
                 generation = g;
@@ -615,6 +617,22 @@ impl Store {
                 Ok((summary.id, heads))
             })
             .collect()
+    }
+
+    /// One document's heads, from the table (the document is not loaded);
+    /// `None` if it is not stored.
+    pub fn doc_heads(&self, id: &DocId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
+        let mut stmt = self.conn.prepare_cached("SELECT heads FROM documents WHERE doc_id = ?1")?;
+        let Some(heads) = stmt.query_row([id.as_str()], |r| r.get::<_, String>(0)).optional()? else {
+            return Ok(None);
+        };
+        let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+        let heads = heads
+            .split(',')
+            .filter(|h| !h.is_empty())
+            .map(|h| h.parse::<ChangeHash>().map_err(|e| corrupt(format!("bad head {h:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Some(heads))
     }
 
     /// The persisted sync states shared with `peer`, by document.
@@ -717,7 +735,10 @@ fn backfill_parties(tx: &Transaction<'_>, cache: &RefCell<Cache>) -> Result<(), 
 /// cached copy is moved out (the caller is about to change it).
 fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) -> Result<Option<Loaded>, StoreError> {
     let generation: Option<i64> =
-        conn.query_row("SELECT generation FROM documents WHERE doc_id = ?1", [id.as_str()], |r| r.get(0)).optional()?;
+        // Cached statements: this runs for every sync message (parsing SQL was the relay's top cost).
+        conn.prepare_cached("SELECT generation FROM documents WHERE doc_id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))
+            .optional()?;
     let Some(generation) = generation else {
         cache.borrow_mut().entries.remove(id);
         return Ok(None);
@@ -781,7 +802,8 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 
 /// Compacts when enough increments have piled up; returns the new snapshot generation if it did.
 fn compact_if_due(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<Option<i64>, StoreError> {
-    let rows: i64 = tx.query_row("SELECT count(*) FROM changes WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))?;
+    let rows: i64 =
+        tx.prepare_cached("SELECT count(*) FROM changes WHERE doc_id = ?1")?.query_row([id.as_str()], |r| r.get(0))?;
     if rows >= COMPACT_AFTER_ROWS {
         return write_snapshot(tx, id, doc).map(Some);
     }

@@ -76,6 +76,13 @@ pub trait DocAccess {
     /// changes are signed on the spot, others come from storage); changes
     /// without a known signature are left out.
     fn signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Self::Error>;
+
+    /// A document's current heads, `Ok(None)` if it does not exist. The default
+    /// loads the document; a store that keeps heads beside it should answer
+    /// without loading ([`SyncConnection::is_settled`] asks after every frame).
+    fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, Self::Error> {
+        self.with_doc(doc, false, |d| DocOutcome::keep(d.get_heads()))
+    }
 }
 
 /// What happened on a connection that the driver should act on.
@@ -483,11 +490,8 @@ impl SyncConnection {
         }
         let pending: Vec<DocId> = self.pending.iter().cloned().collect();
         for doc in pending {
-            let session = &self.session;
-            let in_sync = docs
-                .with_doc(&doc, false, |d| DocOutcome::keep(session.in_sync(&doc, d)))
-                .map_err(ConnectionError::storage)?;
-            if in_sync == Some(true) {
+            let heads = docs.heads(&doc).map_err(ConnectionError::storage)?;
+            if heads.is_some_and(|h| self.session.in_sync_at(&doc, &h)) {
                 self.pending.remove(&doc);
             } else {
                 return Ok(false);

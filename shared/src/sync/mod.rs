@@ -357,6 +357,20 @@ impl PeerSession {
         doc.has_our_changes(state) && state.their_heads.as_deref() == Some(heads.as_slice())
     }
 
+    /// [`Self::in_sync`] given the document's current heads instead of the
+    /// document (`has_our_changes` is exactly "shared heads equal ours").
+    pub fn in_sync_at(&self, doc_id: &DocId, heads: &[ChangeHash]) -> bool {
+        let Some(state) = self.states.get(doc_id) else { return false };
+        let mut ours = heads.to_vec();
+        ours.sort_unstable();
+        let sorted = |h: &[ChangeHash]| {
+            let mut h = h.to_vec();
+            h.sort_unstable();
+            h
+        };
+        sorted(&state.shared_heads) == ours && state.their_heads.as_deref().map(sorted) == Some(ours)
+    }
+
     /// Drops the document's sync state, disables it and returns `error`.
     fn disable(&mut self, doc_id: &DocId, error: SyncError) -> SyncError {
         self.states.remove(doc_id);

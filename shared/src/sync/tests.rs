@@ -761,6 +761,8 @@ fn persisted_state_round_trips_and_cannot_replace_a_live_one() {
     }
     assert!(to_b.is_none());
     assert!(a.in_sync(&id, &mut doc) && b.in_sync(&id, &mut other));
+    assert!(a.in_sync_at(&id, &doc.get_heads()) && b.in_sync_at(&id, &other.get_heads()));
+    assert!(!a.in_sync_at(&id, &[]) && !a.in_sync_at(&doc_id(2), &doc.get_heads()));
     let saved = a.persisted_state(&id).unwrap();
     let mut restored = PeerSession::new(Role::Node);
     restored.restore_state(&id, &saved).unwrap();

@@ -1,0 +1,198 @@
+//! The one place where the benchmark starts relays and creates nodes.
+//!
+//! Keep every relay start and node creation here: when nodes must be enrolled
+//! at the relay before they may connect, this module is what changes. Figure 5
+//! runs the relay in a child process (this same binary, `relay-child`) so that
+//! its memory and CPU can be read from `/proc` apart from the simulated nodes.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use samverkan_node::node::Node;
+use samverkan_node::sync::RelayTarget;
+use samverkan_relay::enrollment;
+use samverkan_relay::server::{self, RelayConfig, RelayHandle};
+use samverkan_relay::storage::SqliteStorage;
+use samverkan_shared::directory::{Member, MemberKind};
+use samverkan_shared::identity::NodeId;
+use samverkan_shared::org::OrgId;
+
+/// Starts a relay in this process on a free loopback port with data in `dir`.
+pub async fn start_relay(dir: &Path) -> Result<RelayHandle> {
+    let listen: SocketAddr = "127.0.0.1:0".parse().context("loopback address")?;
+    server::spawn(RelayConfig::new(listen, dir.to_path_buf())).await.context("starting the relay")
+}
+
+/// Where nodes reach a relay started in this process.
+pub fn target(relay: &RelayHandle) -> RelayTarget {
+    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
+}
+
+/// Creates a node in `root/name` for organisation `org`, enrolled at the relay
+/// started in this process.
+pub fn new_node(relay: &RelayHandle, root: &Path, name: &str, org: &str) -> Result<Node> {
+    let node = Node::init(&root.join(name), org, Some(name)).with_context(|| format!("creating node {name}"))?;
+    relay.enroll_node(node.node_id(), node.org().clone(), name).context("enrolling the node")?;
+    crate::fixtures::register_key(node.key());
+    Ok(node)
+}
+
+/// Creates a node that never syncs (the store figures).
+pub fn offline_node(root: &Path, name: &str, org: &str) -> Result<Node> {
+    let node = Node::init(&root.join(name), org, Some(name)).with_context(|| format!("creating node {name}"))?;
+    crate::fixtures::register_key(node.key());
+    Ok(node)
+}
+
+/// A node entry of the enrollment directory.
+pub fn node_member(key: NodeId, org: OrgId, name: &str) -> Member {
+    Member {
+        key,
+        kind: MemberKind::Node,
+        org,
+        name: name.to_string(),
+        role: None,
+        enrolled_at: chrono::Utc::now(),
+        revoked_at: None,
+    }
+}
+
+/// Opens a second handle on an existing node's data directory (as another process would).
+pub fn open_node(dir: &Path) -> Result<Node> {
+    Node::open(dir).with_context(|| format!("opening node {}", dir.display()))
+}
+
+/// Name of a simulated node (figure 5) as it introduces itself to the relay.
+pub fn sim_node_name(i: usize) -> String {
+    format!("sim-{i:05}")
+}
+
+/// A relay running in a child process.
+pub struct RelayProcess {
+    child: Child,
+    stdout: BufReader<std::process::ChildStdout>,
+    /// Where it listens and its key.
+    pub target: RelayTarget,
+}
+
+impl RelayProcess {
+    /// Enrolls `members` in the relay's database at `dir`, then starts
+    /// `samverkan-bench relay-child --dir <dir>` and waits for its address.
+    pub fn start(dir: &Path, members: Vec<Member>) -> Result<Self> {
+        std::fs::create_dir_all(dir).context("creating the relay's directory")?;
+        let mut storage = SqliteStorage::open(&dir.join(server::DB_FILE), 4).context("opening the relay's database")?;
+        enrollment::enroll_all(&mut storage, members).context("enrolling the simulated nodes")?;
+        drop(storage);
+        let exe = std::env::current_exe().context("locating the benchmark binary")?;
+        let mut child = Command::new(exe)
+            .arg("relay-child")
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting the relay child process")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line).context("reading the relay's address")?;
+        let mut parts = line.split_whitespace();
+        let (Some(addr), Some(key)) = (parts.next(), parts.next()) else {
+            let _ = child.kill();
+            bail!("the relay child printed {line:?}");
+        };
+        let target =
+            RelayTarget { addr: addr.parse().context("relay address")?, relay_key: key.parse().context("relay key")? };
+        Ok(Self { child, stdout, target })
+    }
+
+    /// Creates a node in `root/name` for `org` and enrolls it at the child relay.
+    pub fn new_node(&mut self, root: &Path, name: &str, org: &str) -> Result<Node> {
+        use std::io::Write;
+        let node = Node::init(&root.join(name), org, Some(name)).with_context(|| format!("creating node {name}"))?;
+        let stdin = self.child.stdin.as_mut().context("child stdin")?;
+        writeln!(stdin, "enroll {} {} {name}", node.node_id(), node.org()).context("asking the relay to enroll")?;
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).context("reading the relay's answer")?;
+        if answer.trim() != "enrolled" {
+            bail!("the relay child answered {answer:?}");
+        }
+        crate::fixtures::register_key(node.key());
+        Ok(node)
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the child in bytes (`VmRSS`).
+    pub fn rss_bytes(&self) -> Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
+        let kb = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .context("no VmRSS in /proc/<pid>/status")?;
+        Ok(kb * 1024)
+    }
+
+    /// CPU time (user + system) the child has used, in seconds (clock ticks of 1/100 s).
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))?;
+        // Fields after the command name (which is in parentheses and may hold spaces).
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).context("malformed /proc/<pid>/stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).context("malformed /proc/<pid>/stat");
+        // utime and stime are fields 14 and 15 of the line; `rest` starts at field 3.
+        Ok((tick(11)? + tick(12)?) as f64 / 100.0)
+    }
+
+    /// Stops the child (closing its stdin asks it to shut down; it is killed if it lingers).
+    pub fn stop(mut self) {
+        drop(self.child.stdin.take());
+        for _ in 0..50 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Body of the `relay-child` subcommand: start a relay, print `ADDR RELAY_KEY`,
+/// enroll nodes named on standard input (`enroll KEY ORG NAME`, answered
+/// `enrolled`), and run until standard input closes.
+pub async fn relay_child(dir: &Path) -> Result<()> {
+    let relay = std::sync::Arc::new(start_relay(dir).await?);
+    println!("{} {}", relay.local_addr(), relay.relay_key());
+    let commands = relay.clone();
+    let stop = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        while std::io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            let mut parts = line.trim().splitn(4, ' ');
+            if let (Some("enroll"), Some(key), Some(org), Some(name)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            {
+                let enrolled = key
+                    .parse()
+                    .ok()
+                    .zip(OrgId::new(org))
+                    .map(|(key, org)| commands.enroll_node(key, org, name).is_ok())
+                    .unwrap_or(false);
+                println!("{}", if enrolled { "enrolled" } else { "refused" });
+            }
+            line.clear();
+        }
+    });
+    let _ = stop.await;
+    let Ok(relay) = std::sync::Arc::try_unwrap(relay) else { return Ok(()) };
+    // Persisting a thousand peers' sync states is not what is measured: do not wait long.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), relay.shutdown()).await;
+    Ok(())
+}

@@ -1,0 +1,176 @@
+//! The in-process baselines: nodes and a relay as sans-IO [`SyncConnection`]s
+//! over documents in memory, frames handed across directly (encoded only to
+//! count bytes). Real Automerge sync, no network, no disk.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::time::Instant;
+
+use anyhow::{anyhow, Result};
+use automerge::{ActorId, AutoCommit, ChangeHash};
+use samverkan_shared::ids::DocId;
+use samverkan_shared::model::Document;
+use samverkan_shared::sync::{ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
+
+/// Persisted sync states of one connection: the node's end, then the relay's end.
+pub type States = (Vec<(DocId, Vec<u8>)>, Vec<(DocId, Vec<u8>)>);
+
+/// Documents in memory.
+#[derive(Debug, Default, Clone)]
+pub struct MemDocs(pub BTreeMap<DocId, Document>);
+
+impl MemDocs {
+    /// Heads of one document (empty if missing).
+    pub fn heads(&mut self, doc: &DocId) -> Vec<ChangeHash> {
+        self.0.get_mut(doc).map(|d| d.heads()).unwrap_or_default()
+    }
+}
+
+impl DocAccess for MemDocs {
+    type Error = Infallible;
+
+    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Infallible> {
+        Ok(self.0.iter_mut().filter(|(_, d)| !d.is_empty()).map(|(id, d)| (id.clone(), d.heads())).collect())
+    }
+
+    fn may_receive(&mut self, _doc: &DocId) -> bool {
+        true
+    }
+
+    fn with_doc<R>(
+        &mut self,
+        doc: &DocId,
+        create: bool,
+        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
+    ) -> Result<Option<R>, Infallible> {
+        if create && !self.0.contains_key(doc) {
+            // An empty Automerge document always passes the header check.
+            if let Ok(empty) = Document::from_automerge(doc.clone(), AutoCommit::new()) {
+                self.0.insert(doc.clone(), empty);
+            }
+        }
+        let Some(d) = self.0.get_mut(doc) else { return Ok(None) };
+        let before = d.heads();
+        Ok(Some(match f(d.automerge_mut()) {
+            DocOutcome::Keep { value, .. } => value,
+            DocOutcome::Discard(value) => {
+                // Back to the state before `f` (rare: only refused input gets here).
+                let restored = d.automerge_mut().fork_at(&before).ok();
+                if let Some(restored) = restored.and_then(|a| Document::from_automerge(doc.clone(), a).ok()) {
+                    *d = restored;
+                }
+                value
+            }
+        }))
+    }
+
+    fn signatures(&mut self, _doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Infallible> {
+        // Every author here was made by the benchmark: signed on the spot, as a
+        // node signs its own changes.
+        Ok(changes.iter().filter_map(|(hash, actor)| crate::fixtures::sign(hash, actor).map(|s| (*hash, s))).collect())
+    }
+}
+
+/// One node connected to the in-process relay.
+pub struct Link {
+    /// The node's end.
+    pub node: SyncConnection,
+    /// The node's documents.
+    pub docs: MemDocs,
+    /// The relay's end of this node's connection.
+    pub relay: SyncConnection,
+}
+
+/// A relay and its nodes, all in memory.
+#[derive(Default)]
+pub struct Network {
+    /// The relay's documents.
+    pub relay_docs: MemDocs,
+    /// Connected nodes.
+    pub links: Vec<Link>,
+    /// Frames delivered.
+    pub frames: u64,
+    /// Bytes of the delivered frames, encoded.
+    pub bytes: u64,
+}
+
+impl Network {
+    /// Connects a node holding `docs`, restoring persisted sync states if given
+    /// (node side, relay side). Returns its index.
+    pub fn connect(&mut self, name: &str, docs: MemDocs, states: Option<States>) -> usize {
+        let mut node = SyncConnection::node(name, "bench");
+        let mut relay = SyncConnection::relay("bench-relay");
+        if let Some((n, r)) = states {
+            node.restore(n);
+            relay.restore(r);
+        }
+        self.links.push(Link { node, docs, relay });
+        self.links.len() - 1
+    }
+
+    /// Ends a connection, returning the node's documents and both ends' sync states.
+    pub fn disconnect(&mut self, i: usize) -> (MemDocs, States) {
+        let link = self.links.remove(i);
+        (link.docs, (link.node.into_persisted(), link.relay.into_persisted()))
+    }
+
+    /// Delivers frames (and forwards changed documents to the other nodes) until
+    /// nothing moves. Returns when `watch` (node index) first received a change.
+    pub fn pump(&mut self, watch: Option<usize>) -> Result<Option<Instant>> {
+        let mut seen = None;
+        let err = |e| anyhow!("in-process sync: {e}");
+        loop {
+            let mut moved = false;
+            let mut changed = Vec::new();
+            for (i, link) in self.links.iter_mut().enumerate() {
+                for frame in link.node.take_outbox() {
+                    moved = true;
+                    self.frames += 1;
+                    self.bytes += frame.encode().len() as u64;
+                    for event in link.relay.on_frame(frame, &mut self.relay_docs).map_err(err)? {
+                        match event {
+                            ConnectionEvent::Established { .. } => {
+                                link.relay.begin(&mut self.relay_docs).map_err(err)?
+                            }
+                            ConnectionEvent::DocChanged { doc, .. } => changed.push((i, doc)),
+                            ConnectionEvent::Directory(_) => {}
+                        }
+                    }
+                }
+                for frame in link.relay.take_outbox() {
+                    moved = true;
+                    self.frames += 1;
+                    self.bytes += frame.encode().len() as u64;
+                    for event in link.node.on_frame(frame, &mut link.docs).map_err(err)? {
+                        match event {
+                            ConnectionEvent::Established { .. } => link.node.begin(&mut link.docs).map_err(err)?,
+                            ConnectionEvent::DocChanged { .. } => {
+                                if watch == Some(i) && seen.is_none() {
+                                    seen = Some(Instant::now());
+                                }
+                            }
+                            ConnectionEvent::Directory(_) => {}
+                        }
+                    }
+                }
+            }
+            for (from, doc) in changed {
+                for (j, link) in self.links.iter_mut().enumerate() {
+                    if j != from {
+                        moved = true;
+                        link.relay.on_local_change(&doc, &mut self.relay_docs).map_err(err)?;
+                    }
+                }
+            }
+            if !moved {
+                return Ok(seen);
+            }
+        }
+    }
+
+    /// Offers a node's local change of `doc` to the relay.
+    pub fn local_change(&mut self, i: usize, doc: &DocId) -> Result<()> {
+        let link = &mut self.links[i];
+        link.node.on_local_change(doc, &mut link.docs).map_err(|e| anyhow!("in-process sync: {e}"))
+    }
+}

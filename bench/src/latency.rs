@@ -1,0 +1,213 @@
+//! Figure 1: an edit on node A visible on node B through the relay, both
+//! running the real daemon, against the same three-party exchange in process
+//! and a bare quinn round trip on the same loopback.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use samverkan_net::endpoint::{self, Limits};
+use samverkan_net::tls::TlsIdentity;
+use samverkan_node::node::Node;
+use samverkan_node::sync::{self, DaemonOptions, RelayTarget};
+use samverkan_shared::identity::NodeKey;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::fixtures::Author;
+use crate::harness;
+use crate::inproc::{MemDocs, Network};
+use crate::report::{ms, percentile, Figure};
+
+/// Runs figure 1 for each history length.
+pub async fn run(histories: &[usize], edits: usize) -> Result<Vec<Figure>> {
+    let mut out = Vec::new();
+    let rtt = quinn_round_trips(edits.max(200)).await?;
+    let rtt50 = ms(percentile(&rtt, 50.0));
+    out.push(Figure::info("quinn.rtt.p50", rtt50, "ms"));
+    out.push(Figure::info("quinn.rtt.p99", ms(percentile(&rtt, 99.0)), "ms"));
+    let commits = sqlite_commits(edits.max(200))?;
+    let commit50 = ms(percentile(&commits, 50.0));
+    out.push(Figure::info("sqlite.durable_commit.p50", commit50, "ms"));
+    for &history in histories {
+        let inproc = in_process(history, edits)?;
+        let real = through_daemons(history, edits).await?;
+        let (i50, i99) = (ms(percentile(&inproc, 50.0)), ms(percentile(&inproc, 99.0)));
+        let (r50, r99) = (ms(percentile(&real, 50.0)), ms(percentile(&real, 99.0)));
+        out.push(
+            Figure::info(format!("latency.h{history}.p50"), r50, "ms")
+                .baseline(i50, "in-process A→relay→B")
+                .target("≤ 1.2× in-process + 0.3 ms", r50 <= 1.2 * i50 + 0.3),
+        );
+        out.push(
+            Figure::info(format!("latency.h{history}.p99"), r99, "ms")
+                .baseline(i99, "in-process A→relay→B")
+                .target("≤ 2× in-process", r99 <= 2.0 * i99),
+        );
+        out.push(Figure::info(format!("latency.h{history}.p50.vs_rtt"), r50, "ms").baseline(rtt50, "quinn round trip"));
+        out.push(
+            Figure::info(format!("latency.h{history}.p50.vs_durable"), r50, "ms")
+                .baseline(i50 + 2.0 * rtt50 + 3.0 * commit50, "in-process + 2 round trips + 3 durable commits"),
+        );
+    }
+    Ok(out)
+}
+
+/// Request/response round trips of 300 bytes on one open quinn stream.
+async fn quinn_round_trips(samples: usize) -> Result<Vec<Duration>> {
+    let (server_key, client_key) = (NodeKey::generate(), NodeKey::generate());
+    let server_identity = TlsIdentity::new(server_key.signing_key(), samverkan_net::tls::SERVER_NAME)?;
+    let client_identity = TlsIdentity::new(client_key.signing_key(), "bench")?;
+    let limits = Limits::default();
+    let server = endpoint::server_endpoint("127.0.0.1:0".parse()?, &server_identity, &limits)?;
+    let addr = server.local_addr()?;
+    let echo = tokio::spawn(async move {
+        let conn = server.accept().await.context("no connection")?.await?;
+        let (mut send, mut recv) = conn.accept_bi().await?;
+        let mut buf = [0u8; 300];
+        while recv.read_exact(&mut buf).await.is_ok() {
+            send.write_all(&buf).await?;
+        }
+        anyhow::Ok(())
+    });
+    let client = endpoint::client_endpoint(addr)?;
+    let relay_key = server_identity.public_key();
+    let conn = endpoint::connect(&client, addr, &client_identity, relay_key, &limits).await?;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let mut buf = [7u8; 300];
+    let mut out = Vec::with_capacity(samples);
+    for i in 0..samples + 20 {
+        let started = Instant::now();
+        send.write_all(&buf).await?;
+        recv.read_exact(&mut buf).await?;
+        if i >= 20 {
+            out.push(started.elapsed());
+        }
+    }
+    conn.close(0u32.into(), b"done");
+    echo.abort();
+    Ok(out)
+}
+
+/// Durable commits of one small row (WAL, `synchronous=FULL`, as the store
+/// runs): what each of the three durable writes on the path costs at least.
+fn sqlite_commits(samples: usize) -> Result<Vec<Duration>> {
+    let dir = tempfile::tempdir()?;
+    let conn = rusqlite::Connection::open(dir.path().join("commit.db"))?;
+    conn.pragma_update_and_check(None, "journal_mode", "WAL", |_| Ok(()))?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, data BLOB NOT NULL)")?;
+    let row = [0u8; 200];
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let started = Instant::now();
+        conn.execute("INSERT INTO t (data) VALUES (?1)", [&row[..]])?;
+        out.push(started.elapsed());
+    }
+    Ok(out)
+}
+
+/// The same exchange with sans-IO connections and documents in memory.
+fn in_process(history: usize, edits: usize) -> Result<Vec<Duration>> {
+    let author = Author::new("Eskilstuna");
+    let doc = author.plan_with_history(history)?;
+    let id = doc.id().clone();
+    let mut net = Network::default();
+    let mut a_docs = MemDocs::default();
+    a_docs.0.insert(id.clone(), doc);
+    let a = net.connect("a", a_docs, None);
+    let b = net.connect("b", MemDocs::default(), None);
+    net.pump(None)?;
+    let mut out = Vec::with_capacity(edits);
+    for i in 0..edits + 5 {
+        let started = Instant::now();
+        let doc = net.links[a].docs.0.get_mut(&id).context("A lost its document")?;
+        author.small_edit(doc, history + i)?;
+        net.local_change(a, &id)?;
+        let seen = net.pump(Some(b))?.context("B never received the edit")?;
+        if i >= 5 {
+            out.push(seen - started);
+        }
+    }
+    if net.links[a].docs.heads(&id) != net.links[b].docs.heads(&id) {
+        bail!("in-process A and B differ after the run");
+    }
+    Ok(out)
+}
+
+/// Real relay and two daemons; edits made through a second handle on A's data
+/// directory, which notifies A's daemon; B's daemon reports what it stored.
+async fn through_daemons(history: usize, edits: usize) -> Result<Vec<Duration>> {
+    let root = tempfile::tempdir()?;
+    // The relay runs in its own process, as in production: its blocking SQLite
+    // commits then do not hold up the nodes' runtime threads.
+    let mut relay = harness::RelayProcess::start(&root.path().join("relay"), Vec::new())?;
+    let a = relay.new_node(root.path(), "a", "Eskilstuna")?;
+    let b = relay.new_node(root.path(), "b", "Polisen")?;
+    let result = with_relay(root.path(), &relay.target, (a, b), history, edits).await;
+    relay.stop();
+    result
+}
+
+async fn with_relay(
+    _root: &Path,
+    target: &RelayTarget,
+    (mut a, mut b): (Node, Node),
+    history: usize,
+    edits: usize,
+) -> Result<Vec<Duration>> {
+    let target = target.clone();
+    let a_dir = a.data_dir().to_path_buf();
+    let author = Author::of(&a);
+    let mut doc = author.plan_with_history(history)?;
+    let id = doc.id().clone();
+    a.store_mut().insert(&mut doc)?;
+    let limit = Duration::from_secs(120);
+    sync::sync_once(&mut a, &target, limit).await?;
+    sync::sync_once(&mut b, &target, limit).await?;
+
+    let notify = Arc::new(Notify::new());
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let a_options = DaemonOptions { local_edits: Some(notify.clone()), ..DaemonOptions::default() };
+    let b_options = DaemonOptions { received: Some(seen_tx), ..DaemonOptions::default() };
+    let mut daemons = Vec::new();
+    for (mut node, options) in [(a, a_options), (b, b_options)] {
+        let target = target.clone();
+        let mut stop = stop_rx.clone();
+        daemons.push(tokio::spawn(async move {
+            sync::daemon(&mut node, &target, &options, async move {
+                let _ = stop.changed().await;
+            })
+            .await
+        }));
+    }
+    // The first edits (not counted) also wait for both daemons to connect.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let mut editor = harness::open_node(&a_dir)?;
+    let mut out = Vec::with_capacity(edits);
+    for i in 0..edits + 5 {
+        while seen_rx.try_recv().is_ok() {}
+        let title = format!("Åtgärdsplan, version {}", history + i);
+        let started = Instant::now();
+        editor.edit(&id, "title", |e| e.set_title(&title))?;
+        notify.notify_one();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), seen_rx.recv()).await {
+                Ok(Some(doc)) if doc == id => break,
+                Ok(Some(_)) => {}
+                Ok(None) => bail!("B's daemon stopped"),
+                Err(_) => bail!("edit {i} did not reach B within 30 s"),
+            }
+        }
+        if i >= 5 {
+            out.push(started.elapsed());
+        }
+    }
+    let _ = stop_tx.send(true);
+    for d in daemons {
+        d.await??;
+    }
+    Ok(out)
+}

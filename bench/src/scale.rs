@@ -1,0 +1,331 @@
+//! Figure 5: relay scale. The relay runs in a child process (so `/proc` shows
+//! its memory and CPU alone); this process simulates many nodes, each with its
+//! own real QUIC connection driving the sans-IO [`SyncConnection`]. Idle nodes
+//! share one in-memory copy of the documents (their memory is not measured);
+//! one editor node and one observer node have their own copies.
+
+use std::collections::HashMap;
+use std::fmt::Display;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use automerge::{ActorId, AutoCommit, ChangeHash};
+use samverkan_net::endpoint::{self, Limits};
+use samverkan_net::framed::{self, FramedRecv, FramedSend};
+use samverkan_net::tls::TlsIdentity;
+use samverkan_node::sync::RelayTarget;
+use samverkan_shared::identity::NodeKey;
+use samverkan_shared::ids::DocId;
+use samverkan_shared::org::Directory;
+use samverkan_shared::sync::{ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
+use samverkan_shared::wire::Frame;
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::fixtures::Author;
+use crate::harness::{self, RelayProcess};
+use crate::inproc::MemDocs;
+use crate::report::{ms, percentile, Figure};
+
+/// Sizes of a scale run.
+#[derive(Debug, Clone, Copy)]
+pub struct Scale {
+    /// Simulated nodes (connections).
+    pub nodes: usize,
+    /// Documents every node shares.
+    pub docs: usize,
+    /// Length of the steady-edit phase.
+    pub seconds: u64,
+    /// Edits per second during it.
+    pub rate: u32,
+}
+
+/// Documents shared by several simulated nodes.
+#[derive(Clone)]
+struct Shared(Arc<Mutex<MemDocs>>);
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MemDocs> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl DocAccess for Shared {
+    type Error = std::convert::Infallible;
+
+    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Self::Error> {
+        self.lock().shared_heads()
+    }
+
+    fn may_receive(&mut self, doc: &DocId) -> bool {
+        self.lock().may_receive(doc)
+    }
+
+    fn with_doc<R>(
+        &mut self,
+        doc: &DocId,
+        create: bool,
+        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
+    ) -> Result<Option<R>, Self::Error> {
+        self.lock().with_doc(doc, create, f)
+    }
+
+    fn signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Self::Error> {
+        self.lock().signatures(doc, changes)
+    }
+}
+
+/// One simulated node's connection.
+struct Sim {
+    conn: quinn::Connection,
+    send: FramedSend,
+    recv: FramedRecv,
+    sync: SyncConnection,
+    docs: Shared,
+}
+
+fn proto(e: impl Display) -> anyhow::Error {
+    anyhow!("simulated node: {e}")
+}
+
+impl Sim {
+    /// Connects as the enrolled node whose TLS identity is `identity`.
+    async fn connect(
+        client: &quinn::Endpoint,
+        target: &RelayTarget,
+        identity: &TlsIdentity,
+        docs: Shared,
+    ) -> Result<Self> {
+        let limits = Limits::default();
+        let conn = endpoint::connect(client, target.addr, identity, *target.relay_key.as_bytes(), &limits).await?;
+        let (send, recv) = framed::open(&conn, &limits).await?;
+        let name = hex::encode(identity.public_key());
+        Ok(Self { conn, send, recv, sync: SyncConnection::node(&name, "samverkan-bench"), docs })
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        for frame in self.sync.take_outbox() {
+            self.send.send(&frame).await?;
+        }
+        Ok(())
+    }
+
+    /// Handles a frame; returns the documents that changed with their heads.
+    fn on_frame(&mut self, frame: Frame) -> Result<Vec<(DocId, Vec<ChangeHash>)>> {
+        let mut changed = Vec::new();
+        for event in self.sync.on_frame(frame, &mut self.docs).map_err(proto)? {
+            match event {
+                ConnectionEvent::Established { .. } => self.sync.begin(&mut self.docs).map_err(proto)?,
+                ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),
+                ConnectionEvent::Directory(_) => {}
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Exchanges frames until the connect-time sync is done.
+    async fn settle(&mut self) -> Result<()> {
+        loop {
+            self.flush().await?;
+            if self.sync.is_settled(&mut self.docs).map_err(proto)? {
+                return Ok(());
+            }
+            let frame = tokio::time::timeout(Duration::from_secs(60), self.recv.recv())
+                .await
+                .context("settling timed out")??
+                .context("relay closed")?;
+            self.on_frame(frame)?;
+        }
+    }
+
+    /// Stays connected: pushes documents named on `edits`, reports received changes.
+    async fn live(
+        mut self,
+        mut edits: mpsc::UnboundedReceiver<DocId>,
+        observed: Option<mpsc::UnboundedSender<(Vec<ChangeHash>, Instant)>>,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<()> {
+        loop {
+            self.flush().await?;
+            tokio::select! {
+                frame = self.recv.recv() => {
+                    let Some(frame) = frame? else { return Ok(()) };
+                    for (_, heads) in self.on_frame(frame)? {
+                        if let Some(o) = &observed {
+                            let _ = o.send((heads, Instant::now()));
+                        }
+                    }
+                }
+                Some(doc) = edits.recv() => self.sync.on_local_change(&doc, &mut self.docs).map_err(proto)?,
+                _ = stop.changed() => {
+                    self.conn.close(0u32.into(), b"bye");
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Runs figure 5.
+pub async fn run(s: Scale) -> Result<Vec<Figure>> {
+    let root = tempfile::tempdir()?;
+    // Every simulated node (and the seeder, last) is enrolled before the relay starts.
+    let keys: Vec<NodeKey> = (0..=s.nodes).map(|_| NodeKey::generate()).collect();
+    let org = Directory::sodermanland().resolve("Länsstyrelsen").context("Länsstyrelsen")?.id.clone();
+    let members = keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| harness::node_member(key.node_id(), org.clone(), &harness::sim_node_name(i)))
+        .collect();
+    let relay = RelayProcess::start(&root.path().join("relay"), members)?;
+    let identities =
+        keys.iter().map(|key| TlsIdentity::new(key.signing_key(), "samverkan-bench")).collect::<Result<Vec<_>, _>>()?;
+    let result = measure(&relay, s, identities).await;
+    relay.stop();
+    result
+}
+
+async fn measure(relay: &RelayProcess, s: Scale, mut identities: Vec<TlsIdentity>) -> Result<Vec<Figure>> {
+    let target = relay.target.clone();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_empty = relay.rss_bytes()?;
+    let author = Author::new("Länsstyrelsen");
+    let mut docs = MemDocs::default();
+    for n in 0..s.docs {
+        let doc = author.plan_with_history(20 + n % 5)?;
+        docs.0.insert(doc.id().clone(), doc);
+    }
+    let ids: Vec<DocId> = docs.0.keys().cloned().collect();
+    let clients: Vec<quinn::Endpoint> =
+        (0..4).map(|_| endpoint::client_endpoint(target.addr)).collect::<Result<_, _>>()?;
+
+    // The documents reach the relay from a seeding node, which then leaves.
+    let seeder_identity = identities.pop().context("the seeder's identity")?;
+    let mut seeder =
+        Sim::connect(&clients[0], &target, &seeder_identity, Shared(Arc::new(Mutex::new(docs.clone())))).await?;
+    seeder.settle().await?;
+    seeder.conn.close(0u32.into(), b"bye");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_docs = relay.rss_bytes()?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Result<()>>();
+    let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
+    let crowd = Shared(Arc::new(Mutex::new(docs.clone())));
+    let editor_docs = Shared(Arc::new(Mutex::new(docs.clone())));
+    let observer_docs = Shared(Arc::new(Mutex::new(docs)));
+    let limit = Arc::new(Semaphore::new(16));
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut editor_tx = None;
+    let mut rss_first = 0;
+    let connect_started = Instant::now();
+    for (i, identity) in identities.into_iter().enumerate() {
+        let (docs, observed) = match i {
+            0 => (editor_docs.clone(), None),
+            1 => (observer_docs.clone(), Some(observed_tx.clone())),
+            _ => (crowd.clone(), None),
+        };
+        let (tx, rx) = mpsc::unbounded_channel();
+        if i == 0 {
+            editor_tx = Some(tx);
+        } else {
+            drop(tx);
+        }
+        let client = clients[i % clients.len()].clone();
+        let (target, settled, stop, limit) = (target.clone(), settled_tx.clone(), stop_rx.clone(), limit.clone());
+        tasks.spawn(async move {
+            let sim = async {
+                let _permit = limit.acquire().await?;
+                let mut sim = Sim::connect(&client, &target, &identity, docs).await?;
+                sim.settle().await?;
+                anyhow::Ok(sim)
+            }
+            .await;
+            match sim {
+                Ok(sim) => {
+                    let _ = settled.send(Ok(()));
+                    sim.live(rx, observed, stop).await
+                }
+                Err(e) => {
+                    let _ = settled.send(Err(anyhow!("{e:#}")));
+                    Err(e)
+                }
+            }
+        });
+        if i == 1 {
+            for _ in 0..2 {
+                settled_rx.recv().await.context("settle channel")??;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            rss_first = relay.rss_bytes()?;
+        }
+    }
+    for _ in 2..s.nodes {
+        tokio::time::timeout(Duration::from_secs(300), settled_rx.recv())
+            .await
+            .context("nodes took over 300 s to connect")?
+            .context("settle channel")??;
+    }
+    let connect_time = connect_started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_connected = relay.rss_bytes()?;
+
+    // Steady edits on the editor node, observed at the observer node.
+    let editor_tx = editor_tx.context("no editor")?;
+    let cpu_before = relay.cpu_seconds()?;
+    let mut sent: HashMap<ChangeHash, Instant> = HashMap::new();
+    let interval = Duration::from_secs_f64(1.0 / f64::from(s.rate.max(1)));
+    let mut tick = tokio::time::interval(interval);
+    let steady_started = Instant::now();
+    let mut edits = 0usize;
+    while steady_started.elapsed() < Duration::from_secs(s.seconds) {
+        tick.tick().await;
+        let id = &ids[edits % ids.len()];
+        let hash = {
+            let mut docs = editor_docs.lock();
+            let doc = docs.0.get_mut(id).context("editor lost a document")?;
+            author.small_edit(doc, 1000 + edits)?
+        };
+        if let Some(hash) = hash {
+            sent.insert(hash, Instant::now());
+            editor_tx.send(id.clone()).map_err(|_| anyhow!("editor node stopped"))?;
+            edits += 1;
+        }
+    }
+    let mut latencies = Vec::new();
+    let drain_until = Instant::now() + Duration::from_secs(5);
+    while latencies.len() < edits {
+        let Ok(Some((heads, at))) = tokio::time::timeout_at(drain_until.into(), observed_rx.recv()).await else {
+            break;
+        };
+        for h in heads {
+            if let Some(t) = sent.remove(&h) {
+                latencies.push(at - t);
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let cpu = relay.cpu_seconds()? - cpu_before;
+    let _ = stop_tx.send(true);
+    while tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await.ok().flatten().is_some() {}
+    if latencies.is_empty() {
+        bail!("no edit reached the observer");
+    }
+
+    let forwarded = (edits * (s.nodes - 1)) as f64;
+    let per_conn = (rss_connected as f64 - rss_first as f64) / (s.nodes - 2) as f64 / 1024.0;
+    let per_doc = (rss_docs as f64 - rss_empty as f64) / s.docs as f64 / 1024.0;
+    let tag = format!("n{}.d{}", s.nodes, s.docs);
+    Ok(vec![
+        Figure::info(format!("scale.{tag}.connect_time"), ms(connect_time), "ms"),
+        Figure::info(format!("scale.{tag}.memory_per_idle_connection"), per_conn, "KB")
+            .target("≤ 100 KB", per_conn <= 100.0),
+        Figure::info(format!("scale.{tag}.memory_per_idle_document"), per_doc, "KB")
+            .target("none unless loaded", per_doc <= 1.0),
+        Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu * 1e6 / forwarded, "µs"),
+        Figure::info(format!("scale.{tag}.edits"), edits as f64, "edits"),
+        Figure::info(format!("scale.{tag}.observed"), latencies.len() as f64, "edits"),
+        Figure::info(format!("scale.{tag}.latency.p50"), ms(percentile(&latencies, 50.0)), "ms"),
+        Figure::info(format!("scale.{tag}.latency.p99"), ms(percentile(&latencies, 99.0)), "ms"),
+    ])
+}
