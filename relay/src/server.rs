@@ -20,6 +20,7 @@ use samverkan_net::endpoint::Limits;
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
 use samverkan_net::tls::{self, TlsIdentity};
 use samverkan_net::NetError;
+use samverkan_shared::approval;
 use samverkan_shared::directory::{EnrollmentDirectory, JoinCode, Member, MemberKind};
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
@@ -398,6 +399,8 @@ impl<S: RelayStorage> NameResolver for EnrolledNames<S> {
 struct RelayDocs<'a, S> {
     storage: &'a Mutex<S>,
     org: &'a OrgId,
+    /// For checking approval records a node sends (see [`samverkan_shared::approval`]).
+    directory: &'a RwLock<DirectoryCache>,
 }
 
 impl<S: RelayStorage> RelayDocs<'_, S> {
@@ -430,6 +433,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         f: impl FnOnce(&mut AutoCommit) -> R,
     ) -> Result<Option<R>, DocAccessError> {
         let org = self.org;
+        let directory_lock = self.directory;
         let mut storage = self.storage();
         let is_new = match storage.entry(doc)? {
             Some(entry) if !entry.parties.contains(org) => return Ok(None),
@@ -437,7 +441,15 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
             None => true,
         };
         storage.with_doc(doc, create, |d| {
+            let approvals_before = approval::record_keys(d);
             let value = f(d.automerge_mut());
+            // New approval or withdrawal records must verify against the enrollment directory.
+            let directory = directory_lock.read().unwrap_or_else(|e| e.into_inner());
+            if let Err(problem) = approval::check_new_records(d, &approvals_before, &directory.directory, Utc::now()) {
+                return Err(DocAccessError::Forbidden(format!(
+                    "an approval in document {doc} was refused: {problem}; nothing of this change was stored"
+                )));
+            }
             if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
                 return Err(DocAccessError::Forbidden(format!(
                     "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
@@ -609,7 +621,7 @@ async fn run<S: RelayStorage>(
                 _ = wait(mailbox.as_deref()) => None,
             },
         };
-        let mut docs = RelayDocs { storage: &shared.storage, org: &auth.member.org };
+        let mut docs = RelayDocs { storage: &shared.storage, org: &auth.member.org, directory: &shared.directory };
         match frame {
             Some(frame) => {
                 let events = sync.on_frame(frame, &mut docs).map_err(|e| refuse_forbidden(sync, e))?;
