@@ -167,9 +167,7 @@ fn store_record(node: &mut Node, id: &DocId, record: &ApprovalRecord) {
     let ctx = node.edit_context();
     let orgs = node.directory().clone();
     node.store_mut()
-        .update(id, false, |doc| -> Result<_, samverkan::node::node::NodeError> {
-            Ok(approval::append(doc, &ctx, &orgs, record)?)
-        })
+        .update(id, false, |doc| -> anyhow::Result<_> { Ok(approval::append(doc, &ctx, &orgs, record)?) })
         .unwrap();
 }
 
