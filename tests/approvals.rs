@@ -144,6 +144,19 @@ async fn the_seed_agreement_signed_offline_by_both_roles_is_approved_changed_and
     assert!(err.to_string().contains("document.md"), "{err}");
     let stranger = NodeKey::generate().node_id();
     assert!(signed_bundle::verify(&files, Some(&stranger)).is_err(), "another relay key is refused");
+
+    // A signer revoked after signing: the approval made while enrolled stays valid.
+    relay.revoke(&governor.key).unwrap();
+    sync(&mut lst, &relay).await;
+    let status = lst.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::ChangedSinceApproval, "{status:?}");
+    assert!(status.flagged.is_empty());
+    // A signer whose role the document does not require cannot sign it.
+    let err = polis.approve(&id, "Mattias Forssten");
+    assert!(err.is_ok(), "the police chief is a required signatory: {err:?}");
+    lst.create_signer("Anna Andersson", "Kommundirektör", None).unwrap();
+    let err = lst.approve(&id, "Anna Andersson").unwrap_err().to_string();
+    assert!(err.contains("requires no such signature"), "{err}");
     relay.shutdown().await;
 }
 

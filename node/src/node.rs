@@ -90,6 +90,16 @@ pub enum NodeError {
     /// A signer name that cannot be a file name.
     #[error("invalid signer name {0:?}: use letters, digits, spaces, '-' or '_'")]
     InvalidSignerName(String),
+    /// The signer's organisation and role are not among the document's required signatories.
+    #[error("{name} signs as {role} of {org}, but the document requires no such signature (see `samverkan-node show`; add one with `samverkan-node signatory add`)")]
+    NotASignatory {
+        /// The signer.
+        name: String,
+        /// The signer's role.
+        role: String,
+        /// The signer's organisation.
+        org: OrgId,
+    },
     /// Withdrawing with no approval to withdraw.
     #[error("{0} has no approval of this document to withdraw")]
     NothingToWithdraw(String),
@@ -562,6 +572,14 @@ impl Node {
     pub fn approve(&mut self, id: &DocId, signer: &str) -> Result<ApprovalRecord, NodeError> {
         let (key, profile) = self.signer(signer)?;
         self.sign_and_store(id, |doc| {
+            let required = doc.view()?.signatories;
+            if !required.iter().any(|s| s.org == profile.org && s.role.trim() == profile.role) {
+                return Err(NodeError::NotASignatory {
+                    name: profile.name.clone(),
+                    role: profile.role.clone(),
+                    org: profile.org.clone(),
+                });
+            }
             let heads = doc.heads();
             Ok(ApprovalRecord::sign(Action::Approve, id, &heads, &key, profile.org.clone(), &profile.role, Utc::now())?)
         })
