@@ -224,6 +224,10 @@ async fn forged_moved_revoked_and_wrong_role_approvals_are_refused_with_the_reas
     store_record(&mut node, &id, &record);
     let (local, remote) = refused(&mut node, &relay, &id).await;
     assert!(local.contains("does not verify") && remote.contains("does not verify"), "{local} / {remote}");
+    // Nothing of the refused change was stored: another party's node gets the document without it.
+    let mut other = self::node(root.path(), &relay, "other", "Polisområde Södermanland");
+    sync(&mut other, &relay).await;
+    assert!(approval::records(&other.document(&id).unwrap()).is_empty());
 
     // A signature moved from another document.
     let (mut node, id) = agreement_node(root.path(), &relay, "moved").await;

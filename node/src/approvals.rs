@@ -128,6 +128,11 @@ pub fn format_status(node: &Node, id: &DocId, status: &ApprovalStatus, has_direc
     }
     if let Some(v) = &status.pending {
         out.push_str(&format!("  awaiting signatures on version {}\n", short_heads(&v.heads)));
+        if !v.is_current {
+            out.push_str(
+                "    (the document has changed since these signatures: `approve` now signs the current version)\n",
+            );
+        }
         version_lines(node, &mut out, v);
     }
     for w in &status.withdrawn {

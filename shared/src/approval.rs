@@ -544,6 +544,8 @@ pub struct SignedVersion {
     pub signed: Vec<SignedBy>,
     /// Required signatories (of this version) who have not signed it.
     pub missing: Vec<Signatory>,
+    /// Whether the document's current content is this version's.
+    pub is_current: bool,
 }
 
 /// A record that is not valid, and why.
@@ -639,8 +641,15 @@ pub fn approval_status(doc: &mut Document, directory: &EnrollmentDirectory) -> R
         let view = &views[&a.heads];
         match versions.iter_mut().find(|(v, _)| v == view) {
             Some((_, version)) => version.signed.push(a),
-            None => versions
-                .push((view.clone(), SignedVersion { heads: a.heads.clone(), signed: vec![a], missing: Vec::new() })),
+            None => versions.push((
+                view.clone(),
+                SignedVersion {
+                    heads: a.heads.clone(),
+                    signed: vec![a],
+                    missing: Vec::new(),
+                    is_current: *view == current,
+                },
+            )),
         }
     }
     for (view, version) in &mut versions {

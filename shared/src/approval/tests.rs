@@ -184,6 +184,7 @@ fn two_signers_offline_then_merge_is_approved_and_an_edit_is_changed_since_appro
     assert_eq!(pending.signed[0].name, "Beatrice Ask");
     assert_eq!(pending.missing.len(), 1);
     assert_eq!(pending.missing[0].role, "Polisområdeschef");
+    assert!(pending.is_current);
 
     doc.automerge_mut().merge(other.automerge_mut()).unwrap();
     let status = approval_status(&mut doc, &f.directory).unwrap();
