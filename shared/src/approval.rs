@@ -143,6 +143,9 @@ pub enum RecordProblem {
     /// The relay refuses keys that are revoked when a record arrives.
     #[error("{0} is revoked now; the relay accepts no new records from this key")]
     RevokedNow(String),
+    /// Records are written once: a change removed or altered existing ones.
+    #[error("{0} existing approval record(s) were removed or altered; approvals are never deleted (withdraw instead)")]
+    Removed(usize),
     /// The relay refuses signing times in the future.
     #[error("the signing time {0} is in the future")]
     FutureTime(DateTime<Utc>),
@@ -442,14 +445,21 @@ pub fn record_keys(doc: &Document) -> BTreeSet<String> {
 }
 
 /// The relay's check of records added since `before` (as [`record_keys`]
-/// returned): each must be valid, from a key active `now`, and not signed in
-/// the future. Returns the first problem.
+/// returned): none of the earlier records may be gone (records are written
+/// once; an altered record counts as removed and added), and each new one must
+/// be valid, from a key active `now`, and not signed in the future. Returns
+/// the first problem.
 pub fn check_new_records(
     doc: &Document,
     before: &BTreeSet<String>,
     directory: &EnrollmentDirectory,
     now: DateTime<Utc>,
 ) -> Result<(), RecordProblem> {
+    let after = record_keys(doc);
+    let removed = before.iter().filter(|k| !k.starts_with("malformed#") && !after.contains(*k)).count();
+    if removed > 0 {
+        return Err(RecordProblem::Removed(removed));
+    }
     for (i, record) in records(doc) {
         let record = match record {
             Ok(r) if before.contains(&r.signature) => continue,

@@ -301,6 +301,16 @@ fn the_relay_check_refuses_only_new_bad_records() {
     assert!(matches!(check_new_records(&doc, &before, &f.directory, now), Err(RecordProblem::RevokedNow(_))));
     // Already stored records are not judged again.
     check_new_records(&doc, &record_keys(&doc), &f.directory, now).unwrap();
+
+    // Records are never deleted or altered.
+    let mut doc = agreement(&f);
+    approve_governor(&mut doc, &f, "2025-03-01T00:00:00Z");
+    let before = record_keys(&doc);
+    let am = doc.automerge_mut();
+    let (_, list) = am.get(ROOT, APPROVALS_KEY).unwrap().unwrap();
+    automerge::transaction::Transactable::delete(am, &list, 0).unwrap();
+    am.commit();
+    assert_eq!(check_new_records(&doc, &before, &f.directory, now), Err(RecordProblem::Removed(1)));
 }
 
 #[test]
