@@ -157,6 +157,9 @@ async fn the_seed_agreement_signed_offline_by_both_roles_is_approved_changed_and
     lst.create_signer("Anna Andersson", "Kommundirektör", None).unwrap();
     let err = lst.approve(&id, "Anna Andersson").unwrap_err().to_string();
     assert!(err.contains("requires no such signature"), "{err}");
+    // A revoked signer cannot sign at all (the record would block the document's sync).
+    let err = lst.approve(&id, "Beatrice Ask").unwrap_err().to_string();
+    assert!(err.contains("Beatrice Ask cannot sign") && err.contains("was not an enrolled signer"), "{err}");
     relay.shutdown().await;
 }
 

@@ -100,6 +100,14 @@ pub enum NodeError {
         /// The signer's organisation.
         org: OrgId,
     },
+    /// The signer would be refused: not (yet) an enrolled signer with that role.
+    #[error("{name} cannot sign: {problem}. This is checked against this node's copy of the relay's enrollment directory; if the operator enrolled the signer just now, run `samverkan-node sync` first")]
+    SignerNotEnrolled {
+        /// The signer.
+        name: String,
+        /// Why the record would be refused.
+        problem: approval::RecordProblem,
+    },
     /// Withdrawing with no approval to withdraw.
     #[error("{0} has no approval of this document to withdraw")]
     NothingToWithdraw(String),
@@ -568,7 +576,9 @@ impl Node {
 
     /// Signs the document's current version as `signer` and stores the
     /// approval in the document (one change; it syncs like any edit). The
-    /// signed heads are those before the record is added.
+    /// signed heads are those before the record is added. Refused unless the
+    /// enrollment directory this node holds shows the signer enrolled with
+    /// that organisation and role (the relay would refuse the record anyway).
     pub fn approve(&mut self, id: &DocId, signer: &str) -> Result<ApprovalRecord, NodeError> {
         let (key, profile) = self.signer(signer)?;
         self.sign_and_store(id, |doc| {
@@ -606,10 +616,19 @@ impl Node {
         id: &DocId,
         make: impl FnOnce(&mut Document) -> Result<ApprovalRecord, NodeError>,
     ) -> Result<ApprovalRecord, NodeError> {
+        // A record the relay would refuse would block this document's sync: check first.
+        let enrolled = self.enrollment()?.ok_or(NodeError::NoDirectory)?;
         let ctx = self.edit_context();
         let directory = &self.directory;
         let (record, _) = self.store.update(id, false, |doc| -> Result<_, NodeError> {
             let record = make(doc)?;
+            if let Err(problem) = record.verify(id, &enrolled) {
+                let name = enrolled.latest(&record.signer).map(|m| m.name.clone());
+                return Err(NodeError::SignerNotEnrolled {
+                    name: name.unwrap_or_else(|| record.signer.short()),
+                    problem,
+                });
+            }
             approval::append(doc, &ctx, directory, &record)?;
             Ok(record)
         })?;

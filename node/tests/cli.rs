@@ -312,9 +312,9 @@ fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
         let mode = std::fs::metadata(lst.data_dir.join("signers/beatrice-ask.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }
-    let text = lst.ok(&["approve", &id, "--as", "Beatrice Ask"]);
-    assert!(text.contains("Signed version"), "{text}");
     let err = lst.fails(&["verify", &id]);
+    assert!(err.contains("no enrollment directory"), "{err}");
+    let err = lst.fails(&["approve", &id, "--as", "Beatrice Ask"]);
     assert!(err.contains("no enrollment directory"), "{err}");
 
     let relay = samverkan_shared::identity::NodeKey::generate();
@@ -336,6 +336,8 @@ fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
             ),
         ],
     );
+    let text = lst.ok(&["approve", &id, "--as", "Beatrice Ask"]);
+    assert!(text.contains("Signed version"), "{text}");
     let text = lst.ok(&["status", &id]);
     assert!(text.contains("awaiting signatures"), "{text}");
     assert!(text.contains("missing: Polisområdeschef"), "{text}");
