@@ -119,6 +119,9 @@ async fn the_seed_agreement_signed_offline_by_both_roles_is_approved_changed_and
         assert!(status.flagged.is_empty());
     }
 
+    let err = lst.approve(&id, "Beatrice Ask").unwrap_err().to_string();
+    assert!(err.contains("already signed"), "{err}");
+
     // An edit after signing: changed since approval, the signed text still retrievable exactly.
     polis.edit(&id, "edit", |e| e.set_field("body", &format!("{SEED}\nTillägg efter undertecknandet.\n"))).unwrap();
     sync(&mut polis, &relay).await;

@@ -108,6 +108,9 @@ pub enum NodeError {
         /// Why the record would be refused.
         problem: approval::RecordProblem,
     },
+    /// The signer has signed the current content already.
+    #[error("{0} has already signed the current version")]
+    AlreadySigned(String),
     /// Withdrawing with no approval to withdraw.
     #[error("{0} has no approval of this document to withdraw")]
     NothingToWithdraw(String),
@@ -581,6 +584,14 @@ impl Node {
     /// that organisation and role (the relay would refuse the record anyway).
     pub fn approve(&mut self, id: &DocId, signer: &str) -> Result<ApprovalRecord, NodeError> {
         let (key, profile) = self.signer(signer)?;
+        let status = self.approval_status(id)?;
+        let signed_current = [&status.in_force, &status.pending]
+            .into_iter()
+            .flatten()
+            .any(|v| v.is_current && v.signed.iter().any(|s| s.signer == key.node_id()));
+        if signed_current {
+            return Err(NodeError::AlreadySigned(profile.name));
+        }
         self.sign_and_store(id, |doc| {
             let required = doc.view()?.signatories;
             if !required.iter().any(|s| s.org == profile.org && s.role.trim() == profile.role) {

@@ -650,6 +650,8 @@ pub fn approval_status(doc: &mut Document, directory: &EnrollmentDirectory) -> R
     for a in effective {
         let view = &views[&a.heads];
         match versions.iter_mut().find(|(v, _)| v == view) {
+            // A signer who signed the same content twice counts once, from the first time.
+            Some((_, version)) if version.signed.iter().any(|s| s.signer == a.signer) => {}
             Some((_, version)) => version.signed.push(a),
             None => versions.push((
                 view.clone(),
