@@ -61,13 +61,17 @@ pub enum Command {
         #[arg(long)]
         kind: Option<DocKind>,
     },
-    /// Export a document as Markdown with front matter.
+    /// Export a document as Markdown with front matter; with `--signed DIR`, the
+    /// approved version as a self-contained bundle verifiable with `verify-bundle`.
     Export {
         /// Document id or unique prefix.
         doc: String,
         /// Write to this file instead of standard output.
-        #[arg(long, short)]
+        #[arg(long, short, conflicts_with = "signed")]
         output: Option<PathBuf>,
+        /// Write the signed bundle of the version in force into this directory.
+        #[arg(long, value_name = "DIR")]
+        signed: Option<PathBuf>,
     },
     /// List the documents.
     List,
@@ -78,6 +82,9 @@ pub enum Command {
         /// Print the exportable Markdown instead of the readable rendering.
         #[arg(long)]
         markdown: bool,
+        /// Which version: `current` (default) or `signed` (the approved version in force).
+        #[arg(long, value_name = "VERSION", default_value = "current")]
+        version: String,
     },
     /// Set one field, e.g. `set <doc> period.end 2026-12-31` or `set <doc> activities.<id>.status done`.
     Set {
@@ -144,9 +151,49 @@ pub enum Command {
     Sync(RelayArgs),
     /// Stay connected to the relay: push local edits, receive remote ones, reconnect when cut off.
     Daemon(RelayArgs),
+    /// Signer keys of the people who approve documents on this machine.
+    #[command(subcommand)]
+    Signer(SignerCommand),
+    /// Sign the document's current version as a signer (stored in the document; syncs like an edit).
+    Approve {
+        /// Document id or unique prefix.
+        doc: String,
+        /// The signer (as named at `signer new`).
+        #[arg(long = "as", value_name = "SIGNER")]
+        signer: String,
+    },
+    /// Withdraw a signer's approval of a document (itself a signed act).
+    Withdraw {
+        /// Document id or unique prefix.
+        doc: String,
+        /// The signer (as named at `signer new`).
+        #[arg(long = "as", value_name = "SIGNER")]
+        signer: String,
+    },
+    /// Check a document's approvals offline: every signature, that each signer was an
+    /// enrolled signer with that role at signing time, and that the signed versions exist.
+    Verify {
+        /// Document id or unique prefix.
+        doc: String,
+    },
+    /// What changed since the approved version (a diff of the Markdown).
+    Diff {
+        /// Document id or unique prefix.
+        doc: String,
+    },
+    /// Verify a signed bundle (`export --signed`) with no database.
+    VerifyBundle {
+        /// The bundle directory.
+        dir: PathBuf,
+        /// The relay's public key to trust (64 hex); without it, the key in the manifest is used.
+        #[arg(long)]
+        relay_key: Option<String>,
+    },
     /// Sync status: relay reachable, last successful sync, local changes waiting,
-    /// remote changes received since the last look.
+    /// remote changes received since the last look. With a document: its approval state.
     Status {
+        /// A document: show its approval state instead.
+        doc: Option<String>,
         /// Do not try to reach the relay.
         #[arg(long)]
         offline: bool,
@@ -325,6 +372,26 @@ pub enum SignatoryCommand {
     },
 }
 
+/// `signer …`
+#[derive(Debug, Subcommand)]
+pub enum SignerCommand {
+    /// Create a signer key (kept in the data directory, mode 0600) and print its public key
+    /// for the relay operator to enroll.
+    New {
+        /// The person's name, e.g. "Beatrice Ask".
+        #[arg(long)]
+        name: String,
+        /// The role title signed as, e.g. "Landshövding".
+        #[arg(long)]
+        role: String,
+        /// The organisation signed for (default: this node's).
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// List the signers on this node.
+    List,
+}
+
 /// `bundle …`
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
@@ -380,9 +447,21 @@ pub fn run(cli: Cli) -> Result<()> {
             },
         );
     }
+    if let Command::VerifyBundle { dir: bundle, relay_key } = &cli.command {
+        return crate::approvals::verify_bundle(bundle, relay_key.as_deref(), json);
+    }
     let mut node = Node::open(&dir)?;
     match cli.command {
-        Command::Init { .. } => unreachable!("handled above"),
+        Command::Init { .. } | Command::VerifyBundle { .. } => unreachable!("handled above"),
+        Command::Signer(cmd) => crate::approvals::signer(&node, cmd, json),
+        Command::Approve { doc, signer } => crate::approvals::approve(&mut node, &doc, &signer, false, json),
+        Command::Withdraw { doc, signer } => crate::approvals::approve(&mut node, &doc, &signer, true, json),
+        Command::Verify { doc } => crate::approvals::verify(&node, &doc, json),
+        Command::Diff { doc } => crate::approvals::diff(&node, &doc, json),
+        Command::Status { doc: Some(doc), .. } => crate::approvals::status(&node, &doc, json),
+        Command::Export { doc, signed: Some(bundle), .. } => {
+            crate::approvals::export_signed(&node, &doc, &bundle, json)
+        }
         Command::Whoami => {
             let id = node.node_id();
             print(
@@ -418,7 +497,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 out
             })
         }
-        Command::Export { doc, output } => {
+        Command::Export { doc, output, signed: None } => {
             let id = node.resolve(&doc)?;
             let text = markdown::export(&node.document(&id)?.view()?, node.directory());
             match output {
@@ -452,9 +531,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     .join("\n")
             })
         }
-        Command::Show { doc, markdown: as_markdown } => {
+        Command::Show { doc, markdown: as_markdown, version } => {
             let id = node.resolve(&doc)?;
-            let mut document = node.document(&id)?;
+            let mut document = match version.as_str() {
+                "current" => node.document(&id)?,
+                "signed" => crate::approvals::signed_version(&node, &id)?,
+                other => bail!("unknown version {other:?}: use `current` or `signed`"),
+            };
             let view = document.view()?;
             let heads: Vec<String> = document.heads().iter().map(ToString::to_string).collect();
             if json {
@@ -646,7 +729,7 @@ pub fn run(cli: Cli) -> Result<()> {
             ))?;
             Ok(())
         }
-        Command::Status { offline, peek } => {
+        Command::Status { doc: None, offline, peek } => {
             let relay = match crate::status::remembered_relay(&node)? {
                 None => None,
                 Some((address, relay_key)) => {
@@ -907,7 +990,7 @@ fn report_edit(json: bool, id: &DocId, hash: Option<automerge::ChangeHash>, what
     })
 }
 
-fn print(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);
     } else {
@@ -929,7 +1012,7 @@ fn read_input(path: &Path) -> Result<String> {
 }
 
 /// Writes a file via a temporary file and rename, so a crash never leaves half a file.
-fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("samverkan")));

@@ -7,6 +7,7 @@
 //! - [`status`]: what `samverkan-node status` reports (relay reachable, last sync,
 //!   local changes waiting, remote changes since the last look).
 //! - [`progress`]: the progress display of long syncs (a bar on a terminal, lines otherwise).
+//! - [`approvals`]: the approval commands (signer keys, approve, withdraw, verify, signed bundles).
 //! - [`cli`]: the `samverkan-node` command line.
 //!
 //! The node works fully offline; documents reach other nodes through the relay
@@ -14,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod approvals;
 pub mod cli;
 pub mod node;
 pub mod progress;

@@ -5,12 +5,16 @@
 //!
 //! Data directory layout:
 //! - `node.db`: the SQLite store (documents, changes, metadata: organisation, name);
-//! - `node.key`: the node's ed25519 secret key, owner read/write only.
+//! - `node.key`: the node's ed25519 secret key, owner read/write only;
+//! - `signers/<name>.key` (0600) and `signers/<name>.json`: signer keys of the
+//!   people who approve documents on this machine, with their organisation and
+//!   role title (see [`Node::create_signer`]).
 
 use std::path::{Path, PathBuf};
 
 use automerge::ChangeHash;
 use chrono::Utc;
+use samverkan_shared::approval::{self, Action, ApprovalError, ApprovalRecord, ApprovalStatus};
 use samverkan_shared::authorship::{self, AuthorshipError};
 use samverkan_shared::bundle::{Bundle, BundleDoc, BundleError, BundleOrigin, HeadsSummary};
 use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, SignedDirectory};
@@ -35,6 +39,8 @@ pub const META_RELAY_ADDRESS: &str = "relay.address";
 pub const META_RELAY_KEY: &str = "relay.key";
 /// Metadata key of the last signed enrollment directory received from the relay.
 pub const META_DIRECTORY: &str = "relay.directory";
+/// Folder of signer keys inside the data directory.
+pub const SIGNERS_DIR: &str = "signers";
 
 /// Errors of node operations.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +81,80 @@ pub enum NodeError {
     /// The key file is missing, exposed or damaged.
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
+    /// An approval could not be made or read.
+    #[error(transparent)]
+    Approval(#[from] ApprovalError),
+    /// No signer key of that name on this node.
+    #[error(
+        "no signer {0:?} on this node (see `samverkan-node signer list`; create one with `samverkan-node signer new`)"
+    )]
+    NoSuchSigner(String),
+    /// A signer of that name exists already.
+    #[error("a signer named {0:?} exists already on this node")]
+    SignerExists(String),
+    /// A signer name that cannot be a file name.
+    #[error("invalid signer name {0:?}: use letters, digits, spaces, '-' or '_'")]
+    InvalidSignerName(String),
+    /// The signer's organisation and role are not among the document's required signatories.
+    #[error("{name} signs as {role} of {org}, but the document requires no such signature (see `samverkan-node show`; add one with `samverkan-node signatory add`)")]
+    NotASignatory {
+        /// The signer.
+        name: String,
+        /// The signer's role.
+        role: String,
+        /// The signer's organisation.
+        org: OrgId,
+    },
+    /// The signer would be refused: not (yet) an enrolled signer with that role.
+    #[error("{name} cannot sign: {problem}. This is checked against this node's copy of the relay's enrollment directory; if the operator enrolled the signer just now, run `samverkan-node sync` first")]
+    SignerNotEnrolled {
+        /// The signer.
+        name: String,
+        /// Why the record would be refused.
+        problem: approval::RecordProblem,
+    },
+    /// The signer has signed the current content already.
+    #[error("{0} has already signed the current version")]
+    AlreadySigned(String),
+    /// Withdrawing with no approval to withdraw.
+    #[error("{0} has no approval of this document to withdraw")]
+    NothingToWithdraw(String),
+    /// Exporting a signed bundle of a document no one approved.
+    #[error("document {0} has no approved version to export (see `samverkan-node status {0}`)")]
+    NotApproved(DocId),
+    /// No enrollment directory yet: signatures cannot be checked.
+    #[error("this node has no enrollment directory from the relay yet, so signers cannot be checked; run `samverkan-node sync` first")]
+    NoDirectory,
+    /// A file (signer profile, bundle) could not be read or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Who a signer key on this node belongs to: kept beside the key as JSON.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SignerProfile {
+    /// The person's name as given at creation (also the file name, slugged).
+    pub name: String,
+    /// The organisation signed for.
+    pub org: OrgId,
+    /// The role title signed as ("Landshövding").
+    pub role: String,
+    /// The public key (to give to the relay operator for enrollment).
+    pub key: NodeId,
+}
+
+/// The file stem of a signer's files: lowercase, spaces as '-'.
+fn signer_slug(name: &str) -> Result<String, NodeError> {
+    let slug: String = name.trim().to_lowercase().chars().map(|c| if c == ' ' { '-' } else { c }).collect();
+    if slug.is_empty() || slug.len() > 100 || !slug.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '_') {
+        return Err(NodeError::InvalidSignerName(name.to_string()));
+    }
+    Ok(slug)
 }
 
 /// What importing a bundle did to one document.
@@ -455,6 +535,182 @@ impl Node {
         }
     }
 
+    /// Creates a signer key for a person who approves documents, with the
+    /// organisation (default: this node's) and role title they sign as.
+    /// Returns the profile; its public key goes to the relay operator
+    /// (`samverkan-relay enroll --key <hex> --org <org> --name <name> --signer-role <role>`).
+    pub fn create_signer(&self, name: &str, role: &str, org: Option<&str>) -> Result<SignerProfile, NodeError> {
+        let slug = signer_slug(name)?;
+        let org = match org {
+            Some(o) => self
+                .directory
+                .resolve(o)
+                .ok_or_else(|| NodeError::Model(ModelError::UnknownOrganisation(o.to_string())))?
+                .id
+                .clone(),
+            None => self.org.clone(),
+        };
+        let role = role.trim();
+        if role.is_empty() || role.chars().any(char::is_control) {
+            return Err(
+                ApprovalError::Invalid { field: "role", reason: "empty or with control characters".into() }.into()
+            );
+        }
+        let dir = self.data_dir.join(SIGNERS_DIR);
+        keyfile::create_private_dir(&dir)?;
+        let key_path = dir.join(format!("{slug}.key"));
+        if key_path.exists() {
+            return Err(NodeError::SignerExists(name.to_string()));
+        }
+        let key = NodeKey::generate();
+        let profile = SignerProfile { name: name.trim().to_string(), org, role: role.to_string(), key: key.node_id() };
+        let profile_path = dir.join(format!("{slug}.json"));
+        let text = serde_json::to_string_pretty(&profile).unwrap_or_default();
+        std::fs::write(&profile_path, text)
+            .map_err(|e| NodeError::File { path: profile_path.clone(), reason: e.to_string() })?;
+        keyfile::create(&key_path, &key)?;
+        Ok(profile)
+    }
+
+    /// The signers on this node.
+    pub fn signers(&self) -> Result<Vec<SignerProfile>, NodeError> {
+        let dir = self.data_dir.join(SIGNERS_DIR);
+        let Ok(entries) = std::fs::read_dir(&dir) else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                out.push(read_profile(&path)?);
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(out)
+    }
+
+    /// A signer's key and profile, by name (or file name).
+    pub fn signer(&self, name: &str) -> Result<(NodeKey, SignerProfile), NodeError> {
+        let slug = signer_slug(name).map_err(|_| NodeError::NoSuchSigner(name.to_string()))?;
+        let dir = self.data_dir.join(SIGNERS_DIR);
+        let profile_path = dir.join(format!("{slug}.json"));
+        if !profile_path.exists() {
+            return Err(NodeError::NoSuchSigner(name.to_string()));
+        }
+        let profile = read_profile(&profile_path)?;
+        let key = keyfile::load(&dir.join(format!("{slug}.key")))?;
+        if key.node_id() != profile.key {
+            return Err(NodeError::File { path: profile_path, reason: "does not belong to the key beside it".into() });
+        }
+        Ok((key, profile))
+    }
+
+    /// Signs the document's current version as `signer` and stores the
+    /// approval in the document (one change; it syncs like any edit). The
+    /// signed heads are those before the record is added. Refused unless the
+    /// enrollment directory this node holds shows the signer enrolled with
+    /// that organisation and role (the relay would refuse the record anyway).
+    pub fn approve(&mut self, id: &DocId, signer: &str) -> Result<ApprovalRecord, NodeError> {
+        let (key, profile) = self.signer(signer)?;
+        let status = self.approval_status(id)?;
+        let signed_current = [&status.in_force, &status.pending]
+            .into_iter()
+            .flatten()
+            .any(|v| v.is_current && v.signed.iter().any(|s| s.signer == key.node_id()));
+        if signed_current {
+            return Err(NodeError::AlreadySigned(profile.name));
+        }
+        self.sign_and_store(id, |doc| {
+            let required = doc.view()?.signatories;
+            if !required.iter().any(|s| s.org == profile.org && s.role.trim() == profile.role) {
+                return Err(NodeError::NotASignatory {
+                    name: profile.name.clone(),
+                    role: profile.role.clone(),
+                    org: profile.org.clone(),
+                });
+            }
+            let heads = doc.heads();
+            Ok(ApprovalRecord::sign(Action::Approve, id, &heads, &key, profile.org.clone(), &profile.role, Utc::now())?)
+        })
+    }
+
+    /// Withdraws `signer`'s latest approval of the document: a signed record
+    /// over the heads that approval signed.
+    pub fn withdraw(&mut self, id: &DocId, signer: &str) -> Result<ApprovalRecord, NodeError> {
+        let (key, profile) = self.signer(signer)?;
+        self.sign_and_store(id, |doc| {
+            let latest = approval::records(doc)
+                .into_iter()
+                .filter_map(|(_, r)| r.ok())
+                .filter(|r| r.action == Action::Approve && r.signer == key.node_id())
+                .max_by_key(|r| r.signed_at)
+                .ok_or_else(|| NodeError::NothingToWithdraw(profile.name.clone()))?;
+            let at = Utc::now().max(latest.signed_at);
+            Ok(ApprovalRecord::sign(Action::Withdraw, id, &latest.heads, &key, profile.org.clone(), &profile.role, at)?)
+        })
+    }
+
+    fn sign_and_store(
+        &mut self,
+        id: &DocId,
+        make: impl FnOnce(&mut Document) -> Result<ApprovalRecord, NodeError>,
+    ) -> Result<ApprovalRecord, NodeError> {
+        // A record the relay would refuse would block this document's sync: check first.
+        let enrolled = self.enrollment()?.ok_or(NodeError::NoDirectory)?;
+        let ctx = self.edit_context();
+        let directory = &self.directory;
+        let (record, _) = self.store.update(id, false, |doc| -> Result<_, NodeError> {
+            let record = make(doc)?;
+            if let Err(problem) = record.verify(id, &enrolled) {
+                let name = enrolled.latest(&record.signer).map(|m| m.name.clone());
+                return Err(NodeError::SignerNotEnrolled {
+                    name: name.unwrap_or_else(|| record.signer.short()),
+                    problem,
+                });
+            }
+            approval::append(doc, &ctx, directory, &record)?;
+            Ok(record)
+        })?;
+        Ok(record)
+    }
+
+    /// The document's approval state, verified with the enrollment directory
+    /// this node holds (an empty one before the first sync: every record is then flagged).
+    pub fn approval_status(&self, id: &DocId) -> Result<ApprovalStatus, NodeError> {
+        let directory = self.enrollment()?.unwrap_or_default();
+        let mut doc = self.document(id)?;
+        Ok(approval::approval_status(&mut doc, &directory)?)
+    }
+
+    /// Writes the signed bundle of the version in force (see
+    /// [`samverkan_shared::signed_bundle`]) into `dir`, creating it.
+    pub fn export_signed(
+        &self,
+        id: &DocId,
+        dir: &Path,
+    ) -> Result<samverkan_shared::signed_bundle::BundleFiles, NodeError> {
+        use samverkan_shared::signed_bundle;
+        let (Some(relay), Some(text)) = (self.pinned_relay()?, self.store.meta(META_DIRECTORY)?) else {
+            return Err(NodeError::NoDirectory);
+        };
+        let signed = SignedDirectory::decode(text.as_bytes())?;
+        let directory = signed.verify(&relay)?;
+        let mut doc = self.document(id)?;
+        let status = approval::approval_status(&mut doc, &directory)?;
+        let version = status.in_force.ok_or_else(|| NodeError::NotApproved(id.clone()))?;
+        let records = approval::records_of(&doc, &version);
+        let files = signed_bundle::create(&mut doc, records, signed)?;
+        let io = |path: PathBuf| move |e: std::io::Error| NodeError::File { path, reason: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
+        for (name, bytes) in [
+            (signed_bundle::MARKDOWN_FILE, files.markdown.as_bytes()),
+            (signed_bundle::HISTORY_FILE, files.history.as_slice()),
+            (signed_bundle::MANIFEST_FILE, files.manifest.as_bytes()),
+        ] {
+            let path = dir.join(name);
+            std::fs::write(&path, bytes).map_err(io(path.clone()))?;
+        }
+        Ok(files)
+    }
+
     /// Integrity check of the store; returns the problems found.
     pub fn check(&self) -> Result<Vec<String>, NodeError> {
         Ok(self.store.check()?)
@@ -468,4 +724,10 @@ impl Node {
         })?;
         Ok(outcome)
     }
+}
+
+fn read_profile(path: &Path) -> Result<SignerProfile, NodeError> {
+    let bad = |reason: String| NodeError::File { path: path.to_path_buf(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| bad(format!("not a signer profile: {e}")))
 }

@@ -234,6 +234,12 @@ fn every_command_has_help() {
         vec!["conflicts", "--help"],
         vec!["bundle", "export", "--help"],
         vec!["bundle", "import", "--help"],
+        vec!["signer", "new", "--help"],
+        vec!["approve", "--help"],
+        vec!["withdraw", "--help"],
+        vec!["verify", "--help"],
+        vec!["diff", "--help"],
+        vec!["verify-bundle", "--help"],
     ] {
         let out = node.ok(&cmd);
         assert!(out.contains("Usage:"), "{cmd:?}: {out}");
@@ -254,4 +260,129 @@ fn status_without_a_relay_shows_waiting_changes_and_counts_a_look() {
     assert_eq!(status["docs"][0]["local_changes_waiting"], 1);
     assert_eq!(status["docs"][0]["remote_changes_since_last_look"], 0);
     assert_eq!(status["last_success"], Value::Null);
+}
+
+/// Gives the node in `data_dir` a relay-signed enrollment directory naming
+/// `signers` (as a sync would), signed by `relay`.
+fn give_directory(
+    data_dir: &Path,
+    relay: &samverkan_shared::identity::NodeKey,
+    signers: &[(String, &str, &str, &str)],
+) {
+    use samverkan_shared::directory::{EnrollmentDirectory, Member, MemberKind};
+    let mut directory = EnrollmentDirectory::default();
+    for (key, org, name, role) in signers {
+        directory
+            .enroll(Member {
+                key: key.parse().unwrap(),
+                kind: MemberKind::Signer,
+                org: samverkan_shared::org::OrgId::new(org).unwrap(),
+                name: name.to_string(),
+                role: Some(role.to_string()),
+                enrolled_at: chrono::Utc::now() - chrono::Duration::minutes(1),
+                revoked_at: None,
+            })
+            .unwrap();
+    }
+    let mut node = samverkan_node::node::Node::open(data_dir).unwrap();
+    node.store_mut().set_meta(samverkan_node::node::META_RELAY_KEY, &relay.node_id().to_string()).unwrap();
+    node.store_enrollment(&directory.sign(relay.signing_key()).encode(), &relay.node_id()).unwrap();
+}
+
+#[test]
+fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
+    let root = tempfile::tempdir().unwrap();
+    let lst = Cli::new(root.path(), "lst");
+    lst.ok(&["init", "--org", "Länsstyrelsen"]);
+    let id = lst.json(&["import", SEED])["id"].as_str().unwrap().to_string();
+    let governor = lst.json(&["signer", "new", "--name", "Beatrice Ask", "--role", "Landshövding"]);
+    let chief = lst.json(&[
+        "signer",
+        "new",
+        "--name",
+        "Mattias Forssten",
+        "--role",
+        "Polisområdeschef",
+        "--org",
+        "Polisområde Södermanland",
+    ]);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(lst.data_dir.join("signers/beatrice-ask.key")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let err = lst.fails(&["verify", &id]);
+    assert!(err.contains("no enrollment directory"), "{err}");
+    let err = lst.fails(&["approve", &id, "--as", "Beatrice Ask"]);
+    assert!(err.contains("no enrollment directory"), "{err}");
+
+    let relay = samverkan_shared::identity::NodeKey::generate();
+    give_directory(
+        &lst.data_dir,
+        &relay,
+        &[
+            (
+                governor["key"].as_str().unwrap().to_string(),
+                "lansstyrelsen-sodermanland",
+                "Beatrice Ask",
+                "Landshövding",
+            ),
+            (
+                chief["key"].as_str().unwrap().to_string(),
+                "polisomrade-sodermanland",
+                "Mattias Forssten",
+                "Polisområdeschef",
+            ),
+        ],
+    );
+    let text = lst.ok(&["approve", &id, "--as", "Beatrice Ask"]);
+    assert!(text.contains("Signed version"), "{text}");
+    let text = lst.ok(&["status", &id]);
+    assert!(text.contains("awaiting signatures"), "{text}");
+    assert!(text.contains("missing: Polisområdeschef"), "{text}");
+    lst.ok(&["approve", &id, "--as", "Mattias Forssten"]);
+    let status = lst.json(&["status", &id]);
+    assert_eq!(status["approval"]["state"], "approved", "{status}");
+    assert!(lst.ok(&["verify", &id]).contains("2 record(s), 0 invalid"));
+    assert!(
+        lst.ok(&["status", "--offline", "--peek"]).contains("1 document(s)"),
+        "status without a document is unchanged"
+    );
+
+    lst.ok(&["set", &id, "place", "Eskilstuna"]);
+    let text = lst.ok(&["status", &id]);
+    assert!(text.contains("changed since approval"), "{text}");
+    assert!(lst.ok(&["show", &id, "--version", "signed"]).contains("Nyköping/ Eskilstuna"));
+    let diff = lst.ok(&["diff", &id]);
+    assert!(diff.contains("-place = \"Nyköping/ Eskilstuna\"") && diff.contains("+place = \"Eskilstuna\""), "{diff}");
+
+    let bundle = root.path().join("bundle");
+    lst.ok(&["export", &id, "--signed", bundle.to_str().unwrap()]);
+    let nowhere = Cli::new(root.path(), "no-database-here");
+    let relay_key = relay.node_id().to_string();
+    let text = nowhere.ok(&["verify-bundle", bundle.to_str().unwrap(), "--relay-key", &relay_key]);
+    assert!(text.starts_with("VALID"), "{text}");
+    assert!(text.contains("Beatrice Ask") && text.contains("Mattias Forssten"), "{text}");
+    assert!(!nowhere.data_dir.exists(), "verify-bundle needs no data directory");
+
+    for file in ["manifest.json", "document.md", "history.automerge"] {
+        let path = bundle.join(file);
+        let original = std::fs::read(&path).unwrap();
+        let mut bytes = original.clone();
+        let at = bytes.len() / 3;
+        bytes[at] ^= 0x02;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = nowhere.fails(&["verify-bundle", bundle.to_str().unwrap(), "--relay-key", &relay_key]);
+        assert!(err.contains("does NOT verify") && err.contains(file), "{file}: {err}");
+        std::fs::write(&path, &original).unwrap();
+    }
+    let other = samverkan_shared::identity::NodeKey::generate().node_id().to_string();
+    let err = nowhere.fails(&["verify-bundle", bundle.to_str().unwrap(), "--relay-key", &other]);
+    assert!(err.contains("does NOT verify"), "{err}");
+
+    lst.ok(&["withdraw", &id, "--as", "Beatrice Ask"]);
+    let status = lst.json(&["status", &id]);
+    assert_eq!(status["approval"]["withdrawn"].as_array().unwrap().len(), 1, "{status}");
+    assert_ne!(status["approval"]["state"], "approved");
 }

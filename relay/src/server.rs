@@ -20,6 +20,7 @@ use samverkan_net::endpoint::Limits;
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
 use samverkan_net::tls::{self, TlsIdentity};
 use samverkan_net::NetError;
+use samverkan_shared::approval;
 use samverkan_shared::directory::{EnrollmentDirectory, JoinCode, Member, MemberKind};
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
@@ -407,6 +408,8 @@ impl<S: RelayStorage> NameResolver for EnrolledNames<S> {
 struct RelayDocs<'a, S> {
     storage: &'a Mutex<S>,
     org: &'a OrgId,
+    /// For checking approval records a node sends (see [`samverkan_shared::approval`]).
+    directory: &'a RwLock<DirectoryCache>,
 }
 
 impl<S: RelayStorage> RelayDocs<'_, S> {
@@ -439,6 +442,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
     ) -> Result<Option<R>, DocAccessError> {
         let org = self.org;
+        let directory_lock = self.directory;
         let mut storage = self.storage();
         let is_new = match storage.entry(doc)? {
             Some(entry) if !entry.parties.contains(org) => return Ok(None),
@@ -446,18 +450,30 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
             None => true,
         };
         let mut discarded = None;
-        let result = storage.with_doc(doc, create, |d| match f(d.automerge_mut()) {
-            DocOutcome::Keep { value, signatures } => {
-                if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
-                    return Err(DocAccessError::Forbidden(format!(
-                        "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
-                    )));
+        let result = storage.with_doc(doc, create, |d| {
+            let approvals_before = approval::record_keys(d);
+            match f(d.automerge_mut()) {
+                DocOutcome::Keep { value, signatures } => {
+                    // New approval or withdrawal records must verify against the enrollment directory.
+                    let directory = directory_lock.read().unwrap_or_else(|e| e.into_inner());
+                    if let Err(problem) =
+                        approval::check_new_records(d, &approvals_before, &directory.directory, Utc::now())
+                    {
+                        return Err(DocAccessError::Forbidden(format!(
+                            "an approval in document {doc} was refused: {problem}; nothing of this change was stored"
+                        )));
+                    }
+                    if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
+                        return Err(DocAccessError::Forbidden(format!(
+                            "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
+                        )));
+                    }
+                    Ok((value, signatures))
                 }
-                Ok((value, signatures))
-            }
-            DocOutcome::Discard(value) => {
-                discarded = Some(value);
-                Err(DocAccessError::Discarded)
+                DocOutcome::Discard(value) => {
+                    discarded = Some(value);
+                    Err(DocAccessError::Discarded)
+                }
             }
         });
         match discarded {
@@ -637,7 +653,7 @@ async fn run<S: RelayStorage>(
                 _ = wait(mailbox.as_deref()) => None,
             },
         };
-        let mut docs = RelayDocs { storage: &shared.storage, org: &auth.member.org };
+        let mut docs = RelayDocs { storage: &shared.storage, org: &auth.member.org, directory: &shared.directory };
         match frame {
             Some(frame) => {
                 let events = sync.on_frame(frame, &mut docs).map_err(|e| refuse_forbidden(sync, e))?;

@@ -1,6 +1,7 @@
 //! Samverkan's shared core, used by the node, the relay and the tests.
 //!
 //! Layout:
+//! - [`approval`]: signed approvals of document versions: signed message, records, verification, approval state, signed bundles.
 //! - [`ids`]: typed ids of documents and list items.
 //! - [`org`]: organisations (parties) and the directory that names them.
 //! - [`identity`]: ed25519 node keys; a node's public key is its Automerge actor.
@@ -9,6 +10,7 @@
 //! - [`model`]: the collaboration documents as typed Rust over Automerge.
 //! - [`markdown`]: Markdown import, export and human-readable rendering.
 //! - [`bundle`]: the offline exchange file (changes another node lacks).
+//! - [`signed_bundle`]: the self-contained bundle of an approved version, verifiable offline.
 //! - [`wire`]: frames of the node–relay protocol (length-prefixed, versioned).
 //! - [`sync`]: the sans-IO sync core that node and relay drive.
 //!
@@ -17,6 +19,7 @@
 
 #![warn(missing_docs)]
 
+pub mod approval;
 pub mod authorship;
 pub mod bundle;
 pub mod directory;
@@ -25,6 +28,7 @@ pub mod ids;
 pub mod markdown;
 pub mod model;
 pub mod org;
+pub mod signed_bundle;
 pub mod sync;
 pub mod wire;
 

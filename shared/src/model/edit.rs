@@ -186,6 +186,19 @@ impl<'a> Editor<'a> {
         Ok(())
     }
 
+    /// Appends an immutable record (a map of string fields) to the root list
+    /// `list`, creating the list if needed. Used for approval records, which
+    /// are written once and never edited.
+    pub(crate) fn append_record(&mut self, list: &str, fields: &[(&'static str, String)]) -> Result<(), ModelError> {
+        let list_id = self.child(&ROOT, list, ObjType::List)?;
+        let end = self.doc.length(&list_id);
+        let obj = self.doc.insert_object(&list_id, end, ObjType::Map)?;
+        for (key, value) in fields {
+            self.doc.put(&obj, *key, value.as_str())?;
+        }
+        Ok(())
+    }
+
     /// Brings root list `list` in line with `items` by id: deletes items that are
     /// gone, updates the ones that stay, inserts new ones where they stand.
     fn sync_list<T: ListItem>(

@@ -17,6 +17,7 @@
 //! | `place`, `date` | str | place and date as printed |
 //! | `signatories` | list of map `org`/`role`/`name` | required signatures |
 //! | `goals`, `activities`, `followups`, `meetings` | list of map with `id` | structured parts |
+//! | `approvals` | list of map of str | signed approval/withdrawal records, written once (see [`crate::approval`]) |
 //! | `contributors` | map actor hex → map `org`/`node` | who each actor is (self-declared) |
 //!
 //! Free text is Automerge text (two offline edits of one paragraph merge per

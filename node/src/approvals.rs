@@ -1,0 +1,293 @@
+//! The approval commands of `samverkan-node`: `signer new|list`, `approve`,
+//! `withdraw`, `status <doc>`, `verify`, `diff`, `show --version signed`,
+//! `export --signed` and `verify-bundle`. The logic is in
+//! [`samverkan_shared::approval`] and [`samverkan_shared::signed_bundle`];
+//! this module reads files, calls [`Node`] and prints.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use samverkan_shared::approval::{self, ApprovalStatus, SignedBy, SignedVersion};
+use samverkan_shared::ids::DocId;
+use samverkan_shared::markdown;
+use samverkan_shared::model::{Document, Signatory};
+use samverkan_shared::org::Directory;
+use samverkan_shared::signed_bundle::{self, BundleFiles};
+use serde_json::json;
+
+use crate::cli::{print, SignerCommand};
+use crate::node::Node;
+
+fn when(t: &chrono::DateTime<chrono::Utc>) -> String {
+    t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
+}
+
+fn short_heads(heads: &[automerge::ChangeHash]) -> String {
+    heads.iter().map(|h| h.to_string()[..8].to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// `signer new | list`.
+pub fn signer(node: &Node, cmd: SignerCommand, json: bool) -> Result<()> {
+    match cmd {
+        SignerCommand::New { name, role, org } => {
+            let profile = node.create_signer(&name, &role, org.as_deref())?;
+            print(json, json!(profile), || {
+                format!(
+                    "Created signer {} ({}, {}).\npublic key: {}\nGive it to the relay operator:\n  samverkan-relay enroll --key {} --org {} --name {:?} --signer-role {:?}",
+                    profile.name,
+                    profile.role,
+                    node.directory().name_of(&profile.org),
+                    profile.key,
+                    profile.key,
+                    profile.org,
+                    profile.name,
+                    profile.role
+                )
+            })
+        }
+        SignerCommand::List => {
+            let signers = node.signers()?;
+            print(json, json!(signers), || {
+                if signers.is_empty() {
+                    return "No signers on this node: `samverkan-node signer new --name <name> --role <role>`."
+                        .to_string();
+                }
+                signers
+                    .iter()
+                    .map(|s| format!("{:<24} {:<20} {:<28} {}", s.name, s.role, s.org.as_str(), s.key.short()))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+        }
+    }
+}
+
+/// `approve` (or, with `withdraw`, `withdraw`).
+pub fn approve(node: &mut Node, doc: &str, signer: &str, withdraw: bool, json: bool) -> Result<()> {
+    let id = node.resolve(doc)?;
+    let record = if withdraw { node.withdraw(&id, signer)? } else { node.approve(&id, signer)? };
+    let status = node.approval_status(&id)?;
+    print(json, json!({"id": id, "record": record, "status": status}), || {
+        let what = if withdraw { "Withdrew the approval of" } else { "Signed" };
+        format!(
+            "{what} version {} of {} as {} ({}).\n{}",
+            short_heads(&record.heads),
+            id.short(),
+            record.role,
+            node.directory().name_of(&record.org),
+            format_status(node, &id, &status, node.enrollment().ok().flatten().is_some()).trim_end()
+        )
+    })
+}
+
+fn signer_line(node: &Node, s: &SignedBy) -> String {
+    format!("{}, {} ({}), signed {}", s.name, s.role, node.directory().name_of(&s.org), when(&s.signed_at))
+}
+
+fn missing_line(node: &Node, s: &Signatory) -> String {
+    format!(
+        "{} ({}){}",
+        s.role,
+        node.directory().name_of(&s.org),
+        s.name.as_ref().map(|n| format!(", {n}")).unwrap_or_default()
+    )
+}
+
+fn version_lines(node: &Node, out: &mut String, v: &SignedVersion) {
+    for s in &v.signed {
+        out.push_str(&format!("    signed: {}\n", signer_line(node, s)));
+    }
+    for m in &v.missing {
+        out.push_str(&format!("    missing: {}\n", missing_line(node, m)));
+    }
+}
+
+/// The approval state for people.
+pub fn format_status(node: &Node, id: &DocId, status: &ApprovalStatus, has_directory: bool) -> String {
+    let mut out = format!("approval of {}: {}\n", id.short(), status.state.label());
+    if !has_directory {
+        out.push_str(
+            "  (no enrollment directory from the relay yet: signatures cannot be checked; run `samverkan-node sync`)\n",
+        );
+    }
+    if status.required.is_empty() {
+        out.push_str("  the document names no required signatories (`samverkan-node signatory add`)\n");
+    } else {
+        let required: Vec<String> = status.required.iter().map(|s| missing_line(node, s)).collect();
+        out.push_str(&format!("  required: {}\n", required.join("; ")));
+    }
+    if let Some(v) = &status.in_force {
+        out.push_str(&format!("  in force: version {}\n", short_heads(&v.heads)));
+        version_lines(node, &mut out, v);
+        if status.state == approval::ApprovalState::ChangedSinceApproval {
+            out.push_str(&format!(
+                "  changed since approval: the signed version stays in force (`samverkan-node show {0} --version signed`, `samverkan-node diff {0}`)\n",
+                id.short()
+            ));
+        }
+    }
+    if let Some(v) = &status.pending {
+        out.push_str(&format!("  awaiting signatures on version {}\n", short_heads(&v.heads)));
+        if !v.is_current {
+            out.push_str(
+                "    (the document has changed since these signatures: `approve` now signs the current version)\n",
+            );
+        }
+        version_lines(node, &mut out, v);
+    }
+    for w in &status.withdrawn {
+        out.push_str(&format!("  withdrawn: {}\n", signer_line(node, w)));
+    }
+    for f in &status.flagged {
+        out.push_str(&format!(
+            "  NOT VALID: record {} by {} ({}): {}\n",
+            f.index,
+            f.signer.map(|s| s.short()).unwrap_or_else(|| "?".into()),
+            f.role.as_deref().unwrap_or("?"),
+            f.problem
+        ));
+    }
+    out
+}
+
+/// `status <doc>`.
+pub fn status(node: &Node, doc: &str, json: bool) -> Result<()> {
+    let id = node.resolve(doc)?;
+    let status = node.approval_status(&id)?;
+    let has_directory = node.enrollment()?.is_some();
+    print(json, json!({"id": id, "approval": status, "directory": has_directory}), || {
+        format_status(node, &id, &status, has_directory).trim_end().to_string()
+    })
+}
+
+/// The approved version in force, as a document (`show --version signed`).
+pub fn signed_version(node: &Node, id: &DocId) -> Result<Document> {
+    let status = node.approval_status(id)?;
+    let Some(version) = status.in_force else {
+        bail!("document {} has no approved version ({})", id.short(), status.state.label());
+    };
+    Ok(node.document(id)?.at(&version.heads)?)
+}
+
+/// `verify <doc>`: every record checked; fails if any does not verify.
+pub fn verify(node: &Node, doc: &str, json: bool) -> Result<()> {
+    let id = node.resolve(doc)?;
+    let Some(directory) = node.enrollment()? else {
+        bail!("this node has no enrollment directory from the relay yet, so signers cannot be checked; run `samverkan-node sync` first");
+    };
+    let document = node.document(&id)?;
+    let mut results = Vec::new();
+    for (index, record) in approval::records(&document) {
+        let outcome =
+            record.clone().and_then(|r| approval::check_record(&document, &r, &directory).map(|m| m.name.clone()));
+        results.push((index, record.ok(), outcome));
+    }
+    let bad = results.iter().filter(|(_, _, o)| o.is_err()).count();
+    print(
+        json,
+        json!({"id": id, "ok": bad == 0, "records": results.iter().map(|(i, r, o)| json!({
+            "index": i,
+            "record": r,
+            "signer_name": o.as_ref().ok(),
+            "problem": o.as_ref().err().map(ToString::to_string),
+        })).collect::<Vec<_>>()}),
+        || {
+            if results.is_empty() {
+                return format!("{}: no approvals to verify", id.short());
+            }
+            let mut out = String::new();
+            for (i, r, o) in &results {
+                let what = r
+                    .as_ref()
+                    .map(|r| {
+                        format!("{} by {} ({}) at {}", r.action.as_str(), r.signer.short(), r.role, when(&r.signed_at))
+                    })
+                    .unwrap_or_else(|| "unreadable record".into());
+                match o {
+                    Ok(name) => out.push_str(&format!("ok      #{i} {what}: {name}, enrolled signer with that role\n")),
+                    Err(p) => out.push_str(&format!("INVALID #{i} {what}: {p}\n")),
+                }
+            }
+            out.push_str(&format!("{} record(s), {} invalid", results.len(), bad));
+            out
+        },
+    )?;
+    if bad > 0 {
+        bail!("{bad} approval record(s) of {} do not verify", id.short());
+    }
+    Ok(())
+}
+
+/// `diff <doc>`: the Markdown of the signed version against the current one.
+pub fn diff(node: &Node, doc: &str, json: bool) -> Result<()> {
+    let id = node.resolve(doc)?;
+    let signed = signed_version(node, &id)?.view()?;
+    let current = node.document(&id)?.view()?;
+    let (old, new) = (markdown::export(&signed, node.directory()), markdown::export(&current, node.directory()));
+    let text = similar::TextDiff::from_lines(&old, &new).unified_diff().header("signed", "current").to_string();
+    print(json, json!({"id": id, "changed": old != new, "diff": text}), || {
+        if old == new {
+            "No changes since the approved version.".to_string()
+        } else {
+            text.trim_end().to_string()
+        }
+    })
+}
+
+/// `export <doc> --signed <dir>`.
+pub fn export_signed(node: &Node, doc: &str, dir: &Path, json: bool) -> Result<()> {
+    let id = node.resolve(doc)?;
+    let files = node.export_signed(&id, dir)?;
+    let report = signed_bundle::verify(&files, node.pinned_relay()?.as_ref())
+        .context("the bundle just written does not verify")?;
+    print(json, json!({"id": id, "dir": dir, "report": report}), || {
+        format!(
+            "Wrote the approved version of {} ({} signature(s)) to {}; check it with `samverkan-node verify-bundle {}`",
+            id.short(),
+            report.signed.len(),
+            dir.display(),
+            dir.display()
+        )
+    })
+}
+
+/// `verify-bundle <dir>`: needs no data directory.
+pub fn verify_bundle(dir: &Path, relay_key: Option<&str>, json: bool) -> Result<()> {
+    let read =
+        |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()));
+    let text = |name: &str| -> Result<String> {
+        String::from_utf8(read(name)?).with_context(|| format!("{name} was altered: it is not UTF-8 text"))
+    };
+    let files = BundleFiles {
+        manifest: text(signed_bundle::MANIFEST_FILE)?,
+        markdown: text(signed_bundle::MARKDOWN_FILE)?,
+        history: read(signed_bundle::HISTORY_FILE)?,
+    };
+    let pinned = relay_key
+        .map(|k| k.trim().parse().with_context(|| format!("the relay key must be 64 hex digits, got {k:?}")))
+        .transpose()?;
+    let report = signed_bundle::verify(&files, pinned.as_ref())
+        .with_context(|| format!("the signed bundle in {} does NOT verify", dir.display()))?;
+    let orgs = Directory::sodermanland();
+    print(json, json!(report), || {
+        let mut out = format!("VALID: {} ({})\nversion {}\n", report.title, report.doc, short_heads(&report.heads));
+        for s in &report.signed {
+            out.push_str(&format!(
+                "  signed by {}, {} ({}), {}\n",
+                s.name,
+                s.role,
+                orgs.name_of(&s.org),
+                when(&s.signed_at)
+            ));
+        }
+        if report.relay_pinned {
+            out.push_str(&format!("enrollment verified with the pinned relay key {}", report.relay_key.short()));
+        } else {
+            out.push_str(&format!(
+                "enrollment verified with relay key {} from the manifest (not pinned: pass --relay-key to be sure)",
+                report.relay_key
+            ));
+        }
+        out
+    })
+}

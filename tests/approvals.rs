@@ -1,0 +1,272 @@
+//! Signed approvals end to end: a real relay and real nodes over QUIC on
+//! 127.0.0.1, SQLite in temporary directories, the seed agreement signed by
+//! both of its signatories offline, refusals of bad records by the relay, and
+//! the signed bundle verified without a database.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::Utc;
+use samverkan::node::node::Node;
+use samverkan::node::sync::{self, RelayTarget, SyncFailure, SyncReport};
+use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::shared::approval::{self, Action, ApprovalRecord, ApprovalState};
+use samverkan::shared::directory::{Member, MemberKind};
+use samverkan::shared::identity::NodeKey;
+use samverkan::shared::ids::DocId;
+use samverkan::shared::model::{DocKind, DocumentContent, Signatory};
+use samverkan::shared::org::OrgId;
+use samverkan::shared::signed_bundle::{self, BundleFiles};
+use samverkan::shared::sync::ConnectionError;
+use samverkan::shared::wire::ErrorCode;
+
+const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
+}
+
+async fn start_relay(dir: &Path) -> RelayHandle {
+    server::spawn(RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())).await.expect("relay starts")
+}
+
+fn target(relay: &RelayHandle) -> RelayTarget {
+    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
+}
+
+fn org(name: &str) -> OrgId {
+    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
+}
+
+fn node(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> Node {
+    let node = Node::init(&root.join(name), org_name, Some(name)).expect("init node");
+    relay.enroll_node(node.node_id(), node.org().clone(), name).expect("enroll node");
+    node
+}
+
+async fn try_sync(node: &mut Node, relay: &RelayHandle) -> Result<SyncReport, SyncFailure> {
+    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await
+}
+
+async fn sync(node: &mut Node, relay: &RelayHandle) {
+    try_sync(node, relay).await.expect("sync succeeds");
+}
+
+/// Enrolls a signer of `org_name` with `role` at the relay.
+fn enroll_signer(
+    relay: &RelayHandle,
+    key: samverkan::shared::identity::NodeId,
+    org_name: &str,
+    name: &str,
+    role: &str,
+) {
+    relay
+        .enroll(Member {
+            key,
+            kind: MemberKind::Signer,
+            org: org(org_name),
+            name: name.into(),
+            role: Some(role.into()),
+            enrolled_at: Utc::now() - chrono::Duration::seconds(1),
+            revoked_at: None,
+        })
+        .expect("enroll signer");
+}
+
+fn read_bundle(dir: &Path) -> BundleFiles {
+    BundleFiles {
+        manifest: std::fs::read_to_string(dir.join(signed_bundle::MANIFEST_FILE)).unwrap(),
+        markdown: std::fs::read_to_string(dir.join(signed_bundle::MARKDOWN_FILE)).unwrap(),
+        history: std::fs::read(dir.join(signed_bundle::HISTORY_FILE)).unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_agreement_signed_offline_by_both_roles_is_approved_changed_and_exported() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let mut lst = node(root.path(), &relay, "lst", "Länsstyrelsen");
+    let mut polis = node(root.path(), &relay, "polis", "Polisområde Södermanland");
+
+    let governor = lst.create_signer("Beatrice Ask", "Landshövding", None).unwrap();
+    let chief = polis.create_signer("Mattias Forssten", "Polisområdeschef", None).unwrap();
+    enroll_signer(&relay, governor.key, "Länsstyrelsen", "Beatrice Ask", "Landshövding");
+    enroll_signer(&relay, chief.key, "Polisområde Södermanland", "Mattias Forssten", "Polisområdeschef");
+
+    let (id, _) = lst.import_markdown(SEED, None).unwrap();
+    sync(&mut lst, &relay).await;
+    sync(&mut polis, &relay).await;
+    assert_eq!(lst.approval_status(&id).unwrap().state, ApprovalState::Draft);
+
+    // Both sign the same version while offline, on different nodes.
+    lst.approve(&id, "Beatrice Ask").unwrap();
+    polis.approve(&id, "Mattias Forssten").unwrap();
+    let status = lst.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures);
+    assert_eq!(status.pending.as_ref().unwrap().missing[0].role, "Polisområdeschef");
+
+    sync(&mut lst, &relay).await;
+    sync(&mut polis, &relay).await;
+    sync(&mut lst, &relay).await;
+    for node in [&lst, &polis] {
+        let status = node.approval_status(&id).unwrap();
+        assert_eq!(status.state, ApprovalState::Approved, "{status:?}");
+        let names: Vec<&str> = status.in_force.as_ref().unwrap().signed.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names.len(), 2);
+        assert!(names.contains(&"Beatrice Ask") && names.contains(&"Mattias Forssten"), "{names:?}");
+        assert!(status.flagged.is_empty());
+    }
+
+    let err = lst.approve(&id, "Beatrice Ask").unwrap_err().to_string();
+    assert!(err.contains("already signed"), "{err}");
+
+    // An edit after signing: changed since approval, the signed text still retrievable exactly.
+    polis.edit(&id, "edit", |e| e.set_field("body", &format!("{SEED}\nTillägg efter undertecknandet.\n"))).unwrap();
+    sync(&mut polis, &relay).await;
+    sync(&mut lst, &relay).await;
+    let status = lst.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::ChangedSinceApproval);
+    let heads = status.in_force.unwrap().heads;
+    let signed = lst.document(&id).unwrap().at(&heads).unwrap().view().unwrap();
+    assert_eq!(signed.body, SEED, "the signed body, byte for byte");
+    assert!(lst.document(&id).unwrap().view().unwrap().body.contains("Tillägg"));
+
+    // The bundle: verifiable with only the relay key; any tampering is found.
+    let dir = root.path().join("bundle");
+    lst.export_signed(&id, &dir).unwrap();
+    let files = read_bundle(&dir);
+    let report = signed_bundle::verify(&files, Some(&relay.relay_key())).expect("bundle verifies");
+    assert_eq!(report.signed.len(), 2);
+    assert_eq!(report.heads, heads);
+    assert!(!files.markdown.contains("Tillägg"), "the bundle holds the signed version");
+    let mut tampered = files.clone();
+    tampered.markdown = files.markdown.replacen("Södermanland", "Sörmland", 1);
+    let err = signed_bundle::verify(&tampered, Some(&relay.relay_key())).unwrap_err();
+    assert!(err.to_string().contains("document.md"), "{err}");
+    let stranger = NodeKey::generate().node_id();
+    assert!(signed_bundle::verify(&files, Some(&stranger)).is_err(), "another relay key is refused");
+
+    // A signer revoked after signing: the approval made while enrolled stays valid.
+    relay.revoke(&governor.key).unwrap();
+    sync(&mut lst, &relay).await;
+    let status = lst.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::ChangedSinceApproval, "{status:?}");
+    assert!(status.flagged.is_empty());
+    // A signer whose role the document does not require cannot sign it.
+    let err = polis.approve(&id, "Mattias Forssten");
+    assert!(err.is_ok(), "the police chief is a required signatory: {err:?}");
+    lst.create_signer("Anna Andersson", "Kommundirektör", None).unwrap();
+    let err = lst.approve(&id, "Anna Andersson").unwrap_err().to_string();
+    assert!(err.contains("requires no such signature"), "{err}");
+    // A revoked signer cannot sign at all (the record would block the document's sync).
+    let err = lst.approve(&id, "Beatrice Ask").unwrap_err().to_string();
+    assert!(err.contains("Beatrice Ask cannot sign") && err.contains("was not an enrolled signer"), "{err}");
+    relay.shutdown().await;
+}
+
+/// Makes a node with a fresh county agreement requiring a Landshövding and a
+/// Polisområdeschef, synced once (so the node holds the directory).
+async fn agreement_node(root: &Path, relay: &RelayHandle, name: &str) -> (Node, DocId) {
+    let mut node = node(root, relay, name, "Länsstyrelsen");
+    let mut content = DocumentContent::new(DocKind::Agreement, format!("Överenskommelse {name}"));
+    content.parties = vec![org("Länsstyrelsen"), org("Polisområde Södermanland")];
+    content.signatories = vec![
+        Signatory { org: org("Länsstyrelsen"), role: "Landshövding".into(), name: None },
+        Signatory { org: org("Polisområde Södermanland"), role: "Polisområdeschef".into(), name: None },
+    ];
+    let id = node.create(content).unwrap();
+    sync(&mut node, relay).await;
+    (node, id)
+}
+
+/// Stores `record` in the document on `node`, as a hostile or mistaken node could.
+fn store_record(node: &mut Node, id: &DocId, record: &ApprovalRecord) {
+    let ctx = node.edit_context();
+    let orgs = node.directory().clone();
+    node.store_mut()
+        .update(id, false, |doc| -> anyhow::Result<_> { Ok(approval::append(doc, &ctx, &orgs, record)?) })
+        .unwrap();
+}
+
+fn current_heads(node: &Node, id: &DocId) -> Vec<samverkan::shared::automerge::ChangeHash> {
+    node.document(id).unwrap().heads()
+}
+
+/// The relay's refusal of the next sync, after the node flagged the record itself.
+async fn refused(node: &mut Node, relay: &RelayHandle, id: &DocId) -> (String, String) {
+    let flagged = node.approval_status(id).unwrap().flagged;
+    assert_eq!(flagged.len(), 1, "the node flags the record itself: {flagged:?}");
+    match try_sync(node, relay).await {
+        Err(SyncFailure::Protocol(ConnectionError::Peer { code, message })) => {
+            assert_eq!(code, ErrorCode::Forbidden, "{message}");
+            (flagged[0].problem.clone(), message)
+        }
+        other => panic!("expected the relay to refuse the approval, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_moved_revoked_and_wrong_role_approvals_are_refused_with_the_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let governor = NodeKey::generate();
+    let chief = NodeKey::generate();
+    let retired = NodeKey::generate();
+    enroll_signer(&relay, governor.node_id(), "Länsstyrelsen", "Beatrice Ask", "Landshövding");
+    enroll_signer(&relay, chief.node_id(), "Polisområde Södermanland", "Mattias Forssten", "Polisområdeschef");
+    enroll_signer(&relay, retired.node_id(), "Länsstyrelsen", "Förra landshövdingen", "Landshövding");
+    relay.revoke(&retired.node_id()).unwrap();
+    let sign =
+        |key: &NodeKey, doc: &DocId, heads: &[samverkan::shared::automerge::ChangeHash], org_name: &str, role: &str| {
+            ApprovalRecord::sign(Action::Approve, doc, heads, key, org(org_name), role, Utc::now()).unwrap()
+        };
+
+    // A forged signature: a valid record altered after signing.
+    let (mut node, id) = agreement_node(root.path(), &relay, "forged").await;
+    let mut record = sign(&governor, &id, &current_heads(&node, &id), "Länsstyrelsen", "Landshövding");
+    record.signed_at -= chrono::Duration::hours(1);
+    store_record(&mut node, &id, &record);
+    let (local, remote) = refused(&mut node, &relay, &id).await;
+    assert!(local.contains("does not verify") && remote.contains("does not verify"), "{local} / {remote}");
+    // Nothing of the refused change was stored: another party's node gets the document without it.
+    let mut other = self::node(root.path(), &relay, "other", "Polisområde Södermanland");
+    sync(&mut other, &relay).await;
+    assert!(approval::records(&other.document(&id).unwrap()).is_empty());
+
+    // A signature moved from another document.
+    let (mut node, id) = agreement_node(root.path(), &relay, "moved").await;
+    let record = sign(&governor, &DocId::random(), &current_heads(&node, &id), "Länsstyrelsen", "Landshövding");
+    store_record(&mut node, &id, &record);
+    let (local, remote) = refused(&mut node, &relay, &id).await;
+    assert!(local.contains("does not verify") && remote.contains("does not verify"), "{local} / {remote}");
+
+    // A revoked signer.
+    let (mut node, id) = agreement_node(root.path(), &relay, "revoked").await;
+    let record = sign(&retired, &id, &current_heads(&node, &id), "Länsstyrelsen", "Landshövding");
+    store_record(&mut node, &id, &record);
+    let (local, remote) = refused(&mut node, &relay, &id).await;
+    assert!(local.contains("was not an enrolled signer at the signing time"), "{local}");
+    assert!(remote.contains("Förra landshövdingen was not an enrolled signer"), "{remote}");
+
+    // A signer signing as a role they do not hold.
+    let (mut node, id) = agreement_node(root.path(), &relay, "role").await;
+    let record = sign(&chief, &id, &current_heads(&node, &id), "Polisområde Södermanland", "Landshövding");
+    store_record(&mut node, &id, &record);
+    let (local, remote) = refused(&mut node, &relay, &id).await;
+    assert!(local.contains("enrolled as \"Polisområdeschef\""), "{local}");
+    assert!(remote.contains("enrolled as \"Polisområdeschef\", but signed as \"Landshövding\""), "{remote}");
+
+    // A good approval on the same relay is accepted, and verifies on another node.
+    let (mut node, id) = agreement_node(root.path(), &relay, "good").await;
+    let record = sign(&governor, &id, &current_heads(&node, &id), "Länsstyrelsen", "Landshövding");
+    store_record(&mut node, &id, &record);
+    sync(&mut node, &relay).await;
+    let mut police = self::node(root.path(), &relay, "police", "Polisområde Södermanland");
+    sync(&mut police, &relay).await;
+    let status = police.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures, "{status:?}");
+    assert!(status.flagged.is_empty());
+    relay.shutdown().await;
+}
