@@ -36,6 +36,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use samverkan_shared::identity::NodeId;
 use samverkan_shared::ids::DocId;
+use samverkan_shared::org::OrgId;
 use samverkan_shared::sync::SyncConnection;
 use samverkan_store::StoreError;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,9 @@ impl NodeName {
         Self { organisation: organisation.into(), name: name.into() }
     }
 }
+
+/// Finds the organisation of a node by its id (see [`Monitor::set_node_org`]).
+pub type NodeOrg = Arc<dyn Fn(&str) -> Option<OrgId> + Send + Sync>;
 
 /// The seam for naming nodes: maps a node id (the string a node sends in
 /// `Hello`, 64 hex digits today) to its organisation and name.
@@ -399,6 +403,9 @@ pub struct Monitor {
     stale_after: Duration,
     names: BTreeMap<String, NodeName>,
     resolver: RwLock<Option<Arc<dyn NameResolver>>>,
+    /// The organisation of a node (by node id), so that a node is judged only
+    /// on the documents it is a party to; without it every document counts.
+    node_org: RwLock<Option<NodeOrg>>,
     db_path: PathBuf,
     inner: Mutex<Inner>,
     metrics: Arc<RelayMetrics>,
@@ -438,6 +445,7 @@ impl Monitor {
             stale_after: config.stale_after,
             names: config.names.clone(),
             resolver: RwLock::new(config.resolver.clone()),
+            node_org: RwLock::new(None),
             db_path,
             inner: Mutex::new(Inner::default()),
             metrics,
@@ -447,6 +455,11 @@ impl Monitor {
 
     fn now(&self) -> DateTime<Utc> {
         (self.clock)()
+    }
+
+    /// Sets how to find a node's organisation (the relay uses its enrollment directory).
+    pub fn set_node_org(&self, node_org: Option<NodeOrg>) {
+        *self.node_org.write().unwrap_or_else(|e| e.into_inner()) = node_org;
     }
 
     /// Replaces the name resolver (e.g. when the enrollment directory changes).
@@ -521,12 +534,32 @@ impl Monitor {
 
     /// Takes a snapshot, counting lagging changes from `storage` where needed.
     pub fn snapshot<S: RelayStorage>(&self, storage: &Mutex<S>) -> RelayStatus {
+        // 0. Which documents each node is a party to.
+        let node_org = self.node_org.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let parties: BTreeMap<DocId, Vec<OrgId>> = match &node_org {
+            Some(_) => match storage.lock().unwrap_or_else(|e| e.into_inner()).index() {
+                Ok(index) => index.into_iter().map(|e| (e.id, e.parties)).collect(),
+                Err(e) => {
+                    warn!(error = %e, "could not read document parties for monitoring");
+                    BTreeMap::new()
+                }
+            },
+            None => BTreeMap::new(),
+        };
+        let org_of: BTreeMap<String, Option<OrgId>> = {
+            let inner = self.lock();
+            inner.nodes.keys().map(|id| (id.clone(), node_org.as_ref().and_then(|f| f(id)))).collect()
+        };
+        let concerns = |node_id: &str, doc: &DocId| match org_of.get(node_id) {
+            Some(Some(org)) => parties.get(doc).is_some_and(|p| p.contains(org)),
+            _ => node_org.is_none(),
+        };
         // 1. What needs counting (outside the storage lock).
         let mut wanted: BTreeMap<DocId, Vec<Vec<ChangeHash>>> = BTreeMap::new();
         {
             let inner = self.lock();
-            for entry in inner.nodes.values() {
-                for (doc, relay_heads) in &inner.docs {
+            for (node_id, entry) in &inner.nodes {
+                for (doc, relay_heads) in inner.docs.iter().filter(|(doc, _)| concerns(node_id, doc)) {
                     let node_heads = entry.docs.get(doc).map(|d| d.shared_heads.clone()).unwrap_or_default();
                     if &node_heads != relay_heads
                         && !inner.behind.contains_key(&(doc.clone(), relay_heads.clone(), node_heads.clone()))
@@ -582,7 +615,7 @@ impl Monitor {
             let mut docs = Vec::new();
             let (mut in_sync_count, mut behind_count, mut changes) = (0u64, 0u64, 0u64);
             let mut last_sync = None;
-            for (doc, relay_heads) in &inner.docs {
+            for (doc, relay_heads) in inner.docs.iter().filter(|(doc, _)| concerns(node_id, doc)) {
                 let nd = entry.docs.get(doc);
                 let node_heads = nd.map(|d| d.shared_heads.clone()).unwrap_or_default();
                 let in_sync = &node_heads == relay_heads;

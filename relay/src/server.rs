@@ -328,6 +328,14 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
         monitor: monitor.clone(),
         max_connections_per_key: config.max_connections_per_key,
     });
+    // A node is judged only on the documents it is a party to (its organisation from the directory).
+    let orgs = Arc::downgrade(&shared);
+    monitor.set_node_org(Some(Arc::new(move |node: &str| {
+        let shared = orgs.upgrade()?;
+        let key: NodeId = node.parse().ok()?;
+        let cache = shared.directory();
+        cache.directory.latest(&key).map(|m| m.org.clone())
+    })));
     if config.monitoring.resolver.is_none() && config.monitoring.names.is_empty() {
         // Nodes are named from the enrollment directory unless the caller names them.
         monitor.set_resolver(Some(Arc::new(EnrolledNames(Arc::downgrade(&shared)))));
