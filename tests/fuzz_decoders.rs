@@ -124,6 +124,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 .collect();
             vec![Bundle { origin: origin.clone(), docs }.encode(), Bundle { origin, docs: vec![] }.encode()]
         }
+        "bundle_docs" => (0..3).map(|n| a_document(n).automerge_mut().save()).collect(),
         "markdown_import" => {
             let directory = Directory::sodermanland();
             let exported = samverkan_shared::markdown::export(&a_document(0).view().unwrap(), &directory);

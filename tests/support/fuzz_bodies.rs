@@ -25,10 +25,11 @@ use samverkan_shared::wire::{Frame, FrameDecoder, PROTOCOL_VERSION};
 pub type Body = fn(&[u8]);
 
 /// The fuzz targets by name, as in `fuzz/fuzz_targets/<name>.rs`.
-pub const TARGETS: [(&str, Body); 5] = [
+pub const TARGETS: [(&str, Body); 6] = [
     ("wire_frame", wire_frame),
     ("relay_sync", relay_sync),
     ("bundle_import", bundle_import),
+    ("bundle_docs", bundle_docs),
     ("markdown_import", markdown_import),
     ("signed_directory", signed_directory),
 ];
@@ -169,6 +170,19 @@ pub fn bundle_import(data: &[u8]) {
             let _ = model.parties();
         }
     }
+}
+
+/// Bundle import past the checksum: the bytes are one document's Automerge
+/// data in an otherwise valid bundle (random bytes rarely pass the SHA-256).
+pub fn bundle_docs(data: &[u8]) {
+    let origin = samverkan_shared::bundle::BundleOrigin {
+        node: "ab".repeat(32),
+        org: "flen-kommun".into(),
+        name: "fuzz".into(),
+        created: chrono::DateTime::UNIX_EPOCH,
+    };
+    let doc = samverkan_shared::bundle::BundleDoc { id: fuzz_doc_ids()[0].clone(), data: data.to_vec() };
+    bundle_import(&Bundle { origin, docs: vec![doc] }.encode());
 }
 
 /// Markdown import (front matter or plain text) and, when it succeeds, export
