@@ -13,6 +13,10 @@ export RUSTC_BOOTSTRAP=1
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
     cargo install cargo-fuzz --locked
 fi
+# Start from valid inputs (written by the seeded tests) on the first run.
+if [ ! -d corpus ]; then
+    (cd .. && SAMVERKAN_WRITE_CORPUS="$PWD/fuzz/corpus" cargo test --test fuzz_decoders write_seed_corpus -q) || mkdir -p corpus
+fi
 for target in wire_frame relay_sync bundle_import bundle_docs markdown_import signed_directory; do
     mkdir -p "corpus/$target"
     echo "== fuzz $target for ${SECONDS_PER_TARGET}s"

@@ -254,6 +254,20 @@ fn every_decoder_survives_seeded_mutations() {
     );
 }
 
+/// With `SAMVERKAN_WRITE_CORPUS=<dir>`, writes the valid seed inputs to
+/// `<dir>/<target>/` as a starting corpus for `cargo fuzz` (`fuzz/run.sh` does).
+#[test]
+fn write_seed_corpus() {
+    let Ok(dir) = std::env::var("SAMVERKAN_WRITE_CORPUS") else { return };
+    for (name, _) in TARGETS {
+        let target = Path::new(&dir).join(name);
+        std::fs::create_dir_all(&target).unwrap();
+        for (i, input) in seeds(name).iter().enumerate() {
+            std::fs::write(target.join(format!("seed-{i}")), input).unwrap();
+        }
+    }
+}
+
 /// Every input a fuzzer ever crashed on stays fixed.
 #[test]
 fn fuzz_regressions_stay_fixed() {
