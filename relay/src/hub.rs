@@ -112,6 +112,25 @@ impl Hub {
         matching.len()
     }
 
+    /// Asks the oldest connections of `peer` to close until at most `keep`
+    /// remain (a node that restarted keeps its newest connection); returns how many.
+    pub fn close_oldest(&self, peer: &str, keep: usize, reason: &str) -> usize {
+        let members = self.lock();
+        let mut ids: Vec<ConnectionId> = members
+            .iter()
+            .filter(|(_, m)| m.peer == peer && m.mailbox.close_reason().is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.sort_unstable();
+        let excess = ids.len().saturating_sub(keep);
+        for id in &ids[..excess] {
+            if let Some(member) = members.get(id) {
+                member.mailbox.close(reason);
+            }
+        }
+        excess
+    }
+
     /// Tells every connection that the directory changed.
     pub fn directory_changed(&self) {
         for member in self.lock().values() {
@@ -148,7 +167,12 @@ mod tests {
         assert!(mail_a.take().is_empty(), "the sender is not told of its own change");
         hub.leave(a);
         assert_eq!(hub.peers(), vec!["b".to_string()]);
-        assert_eq!(hub.close_peer("b", "revoked"), 1);
-        assert_eq!(mail_b.close_reason().as_deref(), Some("revoked"));
+        let (_b2, mail_b2) = hub.join("b");
+        assert_eq!(hub.close_oldest("b", 1, "replaced"), 1);
+        assert_eq!(mail_b.close_reason().as_deref(), Some("replaced"));
+        assert!(mail_b2.close_reason().is_none(), "the newest connection stays");
+        assert_eq!(hub.close_peer("b", "revoked"), 2, "both connections still registered");
+        assert_eq!(mail_b.close_reason().as_deref(), Some("replaced"), "the first reason stays");
+        assert_eq!(mail_b2.close_reason().as_deref(), Some("revoked"));
     }
 }

@@ -668,15 +668,16 @@ async fn run<S: RelayStorage>(
                 for event in events {
                     match event {
                         ConnectionEvent::Established { software, .. } => {
+                            // A node that restarted may still hold connections the relay has not
+                            // seen die yet: the newest wins, the oldest beyond the limit are closed.
                             let peer = auth.key.to_string();
-                            let held = shared.hub.peers().iter().filter(|p| **p == peer).count();
-                            if held >= shared.max_connections_per_key {
-                                let message = format!(
-                                    "this node already holds {held} connections (at most {}); close the others first",
-                                    shared.max_connections_per_key
-                                );
-                                sync.push_error(ErrorCode::Busy, message.clone());
-                                return Err(ConnectionEnd::Refused(message));
+                            let replaced = shared.hub.close_oldest(
+                                &peer,
+                                shared.max_connections_per_key.saturating_sub(1),
+                                "replaced by a newer connection of this node",
+                            );
+                            if replaced > 0 {
+                                info!(replaced, "closing this node's oldest connections (per-key limit)");
                             }
                             info!(%software, "node connected");
                             let states = shared.storage().sync_states(&auth.key.to_string())?;

@@ -122,6 +122,9 @@ pub enum StoreError {
     /// The disk is full; nothing was written.
     #[error("the disk is full; the edit was not saved (nothing was lost): free space and try again")]
     DiskFull,
+    /// The data directory or database is read-only; nothing was written.
+    #[error("the data directory is read-only ({0}); nothing was written: make it writable and try again")]
+    ReadOnly(String),
     /// A stored document could not be read.
     #[error("document {id} is damaged in the store: {reason}")]
     CorruptDocument {
@@ -148,9 +151,45 @@ impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         match e.sqlite_error_code() {
             Some(ErrorCode::DiskFull) => StoreError::DiskFull,
+            Some(ErrorCode::ReadOnly) => StoreError::ReadOnly(e.to_string()),
+            // SQLite reports ENOSPC met while growing the WAL index or syncing as
+            // a generic I/O error; the failed system call's errno tells.
+            Some(ErrorCode::SystemIoFailure | ErrorCode::CannotOpen) => match last_os_error_kind() {
+                Some(std::io::ErrorKind::StorageFull) => StoreError::DiskFull,
+                Some(std::io::ErrorKind::ReadOnlyFilesystem) => StoreError::ReadOnly(e.to_string()),
+                _ => StoreError::Sqlite(e),
+            },
             _ => StoreError::Sqlite(e),
         }
     }
+}
+
+/// Whether the database file, or the directory it would be created in, is read-only.
+fn is_read_only(path: &Path) -> bool {
+    let read_only = |e: std::io::Error| {
+        matches!(e.kind(), std::io::ErrorKind::ReadOnlyFilesystem | std::io::ErrorKind::PermissionDenied)
+    };
+    match std::fs::OpenOptions::new().append(true).open(path) {
+        Ok(_) => {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            tempfile_probe(dir).is_err_and(read_only)
+        }
+        Err(e) => read_only(e),
+    }
+}
+
+/// Creates and removes a probe file in `dir`.
+fn tempfile_probe(dir: &Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".samverkan-write-probe-{}", std::process::id()));
+    std::fs::File::create(&probe)?;
+    std::fs::remove_file(&probe)
+}
+
+/// The kind of the calling thread's last OS error (SQLite's failed system call
+/// is the last one when its error is converted, right after the call returns).
+fn last_os_error_kind() -> Option<std::io::ErrorKind> {
+    let e = std::io::Error::last_os_error();
+    e.raw_os_error().filter(|&code| code != 0).map(|_| e.kind())
 }
 
 /// A document as listed, without loading it.
@@ -255,6 +294,11 @@ fn classify_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
     match e.sqlite_error_code() {
         Some(ErrorCode::NotADatabase) | Some(ErrorCode::DatabaseCorrupt) => {
             StoreError::NotADatabase { path: path.to_path_buf() }
+        }
+        // WAL mode must create its `-wal`/`-shm` files beside the database: on a
+        // read-only directory or filesystem SQLite only says it cannot open.
+        Some(ErrorCode::CannotOpen) | Some(ErrorCode::ReadOnly) if is_read_only(path) => {
+            StoreError::ReadOnly(path.display().to_string())
         }
         _ => StoreError::from(e),
     }

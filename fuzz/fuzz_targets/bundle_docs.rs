@@ -1,0 +1,7 @@
+#![no_main]
+//! `cargo fuzz run bundle_docs`: see `tests/support/fuzz_bodies.rs`.
+
+#[path = "../../tests/support/fuzz_bodies.rs"]
+mod fuzz_bodies;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| fuzz_bodies::bundle_docs(data));

@@ -1,0 +1,237 @@
+//! The bodies of the fuzz targets, shared by the libFuzzer targets in `fuzz/`
+//! (`cargo fuzz run <target>`) and the seeded mutation tests in
+//! `tests/fuzz_decoders.rs` that run in every `cargo test`.
+//!
+//! Each body takes arbitrary bytes and must never panic: hostile input is
+//! answered with an error. Where a value decodes, the body also checks that
+//! it encodes back to something that decodes to the same value.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+
+use automerge::{AutoCommit, ChangeHash};
+use samverkan_shared::bundle::Bundle;
+use samverkan_shared::directory::SignedDirectory;
+use samverkan_shared::identity::NodeId;
+use samverkan_shared::ids::DocId;
+use samverkan_shared::markdown;
+use samverkan_shared::model::Document;
+use samverkan_shared::org::Directory;
+use samverkan_shared::sync::{DocAccess, DocOutcome, SignedChange, SyncConnection};
+use samverkan_shared::wire::{Frame, FrameDecoder, PROTOCOL_VERSION};
+
+/// A fuzz target's body.
+pub type Body = fn(&[u8]);
+
+/// The fuzz targets by name, as in `fuzz/fuzz_targets/<name>.rs`.
+pub const TARGETS: [(&str, Body); 6] = [
+    ("wire_frame", wire_frame),
+    ("relay_sync", relay_sync),
+    ("bundle_import", bundle_import),
+    ("bundle_docs", bundle_docs),
+    ("markdown_import", markdown_import),
+    ("signed_directory", signed_directory),
+];
+
+/// Small frame limit so that length prefixes are often in range.
+const MAX_FRAME: usize = 1 << 16;
+
+/// The wire decoder: bytes pushed in chunks (sizes from the first byte), every
+/// frame decoded until an error; each decoded frame round-trips.
+pub fn wire_frame(data: &[u8]) {
+    let Some((&chunk, rest)) = data.split_first() else { return };
+    let chunk = usize::from(chunk % 32) + 1;
+    let mut decoder = FrameDecoder::with_max_frame(MAX_FRAME);
+    for piece in rest.chunks(chunk) {
+        decoder.push(piece);
+        loop {
+            match decoder.next_frame() {
+                Ok(Some(frame)) => {
+                    let bytes = frame.encode();
+                    let again = Frame::decode_payload(&bytes[4..]).expect("an encoded frame decodes");
+                    assert_eq!(again, frame, "frame round trip");
+                }
+                Ok(None) => break,
+                Err(_) => return,
+            }
+        }
+    }
+    let _ = Frame::decode_payload(rest);
+}
+
+/// Document ids the relay-sync target addresses.
+pub fn fuzz_doc_ids() -> [DocId; 3] {
+    ["00000000000000000000000000000001", "00000000000000000000000000000002", "0123456789abcdef0123456789abcdef"]
+        .map(|s| s.parse().expect("valid doc id"))
+}
+
+/// The relay's documents in memory, with the relay's rule that a new document
+/// must be readable (its parties are read through the model).
+#[derive(Default)]
+pub struct MemDocs {
+    /// The documents.
+    pub docs: BTreeMap<DocId, AutoCommit>,
+}
+
+impl DocAccess for MemDocs {
+    type Error = std::io::Error;
+
+    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Self::Error> {
+        Ok(self.docs.iter_mut().map(|(id, d)| (id.clone(), d.get_heads())).collect())
+    }
+
+    fn may_receive(&mut self, _doc: &DocId) -> bool {
+        true
+    }
+
+    fn with_doc<R>(
+        &mut self,
+        doc: &DocId,
+        create: bool,
+        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
+    ) -> Result<Option<R>, Self::Error> {
+        let is_new = !self.docs.contains_key(doc);
+        if is_new && !create {
+            return Ok(None);
+        }
+        let original = self.docs.get(doc).cloned();
+        let mut d = self.docs.remove(doc).unwrap_or_default();
+        let value = match f(&mut d) {
+            DocOutcome::Keep { value, .. } => value,
+            DocOutcome::Discard(value) => {
+                // Like the relay's store transaction: nothing of it stays.
+                if let Some(original) = original {
+                    self.docs.insert(doc.clone(), original);
+                }
+                return Ok(Some(value));
+            }
+        };
+        if is_new && d.get_heads().is_empty() {
+            return Ok(Some(value));
+        }
+        // Like the relay: read the (possibly hostile) document through the model.
+        if let Ok(model) = Document::from_automerge(doc.clone(), d.clone()) {
+            let _ = model.parties();
+            let _ = model.view();
+        }
+        self.docs.insert(doc.clone(), d);
+        Ok(Some(value))
+    }
+
+    fn signatures(
+        &mut self,
+        _doc: &DocId,
+        _changes: &[(ChangeHash, automerge::ActorId)],
+    ) -> Result<Vec<SignedChange>, Self::Error> {
+        // The relay would send stored signatures; none are kept here.
+        Ok(Vec::new())
+    }
+}
+
+/// Sync message handling on the relay: a handshake, then records
+/// `[tag][len: u16 le][bytes]`; tag % 3 = 0 is an Automerge sync message for one
+/// of three documents, 1 a frame payload through the decoder, 2 a local change
+/// notification. Stops at the first error, as the relay closes the connection.
+pub fn relay_sync(data: &[u8]) {
+    let ids = fuzz_doc_ids();
+    let mut docs = MemDocs::default();
+    let mut conn = SyncConnection::relay("fuzz-relay");
+    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "fuzz".into(), node: "ab".repeat(32) };
+    conn.on_frame(hello, &mut docs).expect("handshake");
+    conn.begin(&mut docs).expect("begin");
+    let mut rest = data;
+    while rest.len() >= 3 {
+        let tag = rest[0];
+        let len = usize::from(u16::from_le_bytes([rest[1], rest[2]])).min(rest.len() - 3);
+        let body = &rest[3..3 + len];
+        rest = &rest[3 + len..];
+        let doc = ids[usize::from(tag / 3) % ids.len()].clone();
+        let result = match tag % 3 {
+            0 => conn.on_frame(Frame::Sync { doc, message: body.to_vec() }, &mut docs).map(|_| ()),
+            1 => match Frame::decode_payload(body) {
+                Ok(frame) => conn.on_frame(frame, &mut docs).map(|_| ()),
+                Err(_) => continue,
+            },
+            _ => conn.on_local_change(&doc, &mut docs),
+        };
+        let _ = conn.take_outbox();
+        if result.is_err() {
+            return;
+        }
+        let _ = conn.is_settled(&mut docs);
+    }
+}
+
+/// One relay-sync record (see [`relay_sync`]).
+pub fn relay_record(tag: u8, body: &[u8]) -> Vec<u8> {
+    let len = u16::try_from(body.len()).expect("record fits");
+    let mut out = vec![tag];
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// Bundle import: decode (magic, version, header, SHA-256), then load every
+/// document's changes the way `Node::import_bundle` does, in memory.
+pub fn bundle_import(data: &[u8]) {
+    let Ok(bundle) = Bundle::decode(data) else { return };
+    let again = Bundle::decode(&bundle.encode()).expect("an encoded bundle decodes");
+    assert_eq!(again, bundle, "bundle round trip");
+    for item in &bundle.docs {
+        let mut doc = AutoCommit::new();
+        if doc.load_incremental(&item.data).is_err() {
+            continue;
+        }
+        if let Ok(model) = Document::from_automerge(item.id.clone(), doc) {
+            let _ = model.check_header();
+            let _ = model.view();
+            let _ = model.parties();
+        }
+    }
+}
+
+/// Bundle import past the checksum: the bytes are one document's Automerge
+/// data in an otherwise valid bundle (random bytes rarely pass the SHA-256).
+pub fn bundle_docs(data: &[u8]) {
+    let origin = samverkan_shared::bundle::BundleOrigin {
+        node: "ab".repeat(32),
+        org: "flen-kommun".into(),
+        name: "fuzz".into(),
+        created: chrono::DateTime::UNIX_EPOCH,
+    };
+    let doc = samverkan_shared::bundle::BundleDoc {
+        id: fuzz_doc_ids()[0].clone(),
+        data: data.to_vec(),
+        signatures: Vec::new(),
+    };
+    bundle_import(&Bundle { origin, docs: vec![doc] }.encode());
+}
+
+/// Markdown import (front matter or plain text) and, when it succeeds, export
+/// of the result and import again.
+pub fn markdown_import(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let directory = Directory::sodermanland();
+    let Ok(imported) = markdown::import(&text, &directory, None) else { return };
+    let _ = format!("{imported:?}");
+}
+
+/// The relay's key for the signed-directory target (a fixed test key).
+pub fn fuzz_relay_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7u8; 32])
+}
+
+/// Signature verification of the enrollment directory (as a node does with the
+/// pinned relay key) and join-code parsing.
+pub fn signed_directory(data: &[u8]) {
+    let key = fuzz_relay_key();
+    let relay = NodeId::from_bytes(&key.verifying_key().to_bytes()).expect("valid key");
+    if let Ok(signed) = SignedDirectory::decode(data) {
+        let _ = signed.verify(&relay);
+        let _ = signed.verify(&signed.relay);
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        let _ = text.parse::<samverkan_shared::directory::JoinCode>();
+    }
+}
