@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`storage`]: the narrow storage interface ([`storage::RelayStorage`]) and its
 //!   embedded SQLite implementation; a PostgreSQL one can follow.
+//! - [`config`]: the TOML configuration file of `samverkan-relay serve`.
 //! - [`enrollment`]: who may connect: the enrollment directory, join codes, the relay's key.
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
 //! - [`server`]: the QUIC accept loop and one sync task per node connection.
@@ -19,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod config;
 pub mod enrollment;
 pub mod hub;
 pub mod monitor;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use samverkan_relay::admin::{self, AdminConfig, DEFAULT_ADMIN, TOKEN_ENV};
+use samverkan_relay::config::RelayFile;
 use samverkan_relay::server::{self, RelayConfig};
 use samverkan_relay::storage::SqliteStorage;
 use samverkan_relay::{enrollment, monitor};
@@ -25,30 +26,33 @@ struct Cli {
 enum Command {
     /// Serve nodes over QUIC until interrupted (Ctrl-C or SIGTERM).
     Serve {
-        /// Address to listen on (UDP).
-        #[arg(long, default_value = "0.0.0.0:7878")]
-        listen: SocketAddr,
-        /// Where the relay keeps its database and certificate.
+        /// A TOML configuration file (keys and defaults: README, Configuration); flags win over it.
+        #[arg(long, env = "SAMVERKAN_RELAY_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address to listen on (UDP) [default: 0.0.0.0:7878].
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Where the relay keeps its database and key.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
-        data_dir: PathBuf,
-        /// Documents kept loaded in memory at most.
-        #[arg(long, default_value_t = 256)]
-        cached_documents: usize,
-        /// Connections served at once.
-        #[arg(long, default_value_t = 4096)]
-        max_connections: usize,
-        /// Address of the admin HTTP server (dashboard, /api/status, /metrics, /healthz).
-        #[arg(long, default_value = DEFAULT_ADMIN)]
-        admin: SocketAddr,
+        data_dir: Option<PathBuf>,
+        /// Documents kept loaded in memory at most [default: 256].
+        #[arg(long)]
+        cached_documents: Option<usize>,
+        /// Connections served at once [default: 4096].
+        #[arg(long)]
+        max_connections: Option<usize>,
+        /// Address of the admin HTTP server (dashboard, /api/status, /metrics, /healthz) [default: 127.0.0.1:7879].
+        #[arg(long)]
+        admin: Option<SocketAddr>,
         /// Do not run the admin HTTP server.
         #[arg(long, conflicts_with = "admin")]
         no_admin: bool,
         /// Token the admin API and metrics demand (required when --admin is not a loopback address).
         #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
         admin_token: Option<String>,
-        /// Flag a node as stale when it has not been seen for this many minutes.
-        #[arg(long, default_value_t = 24 * 60)]
-        stale_after_minutes: u64,
+        /// Flag a node as stale when it has not been seen for this many minutes [default: 1440].
+        #[arg(long)]
+        stale_after_minutes: Option<u64>,
     },
     /// Show the running relay's status: every node, in sync, behind or stale.
     Status {
@@ -236,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve {
+            config: config_file,
             listen,
             data_dir,
             cached_documents,
@@ -245,15 +250,42 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             admin_token,
             stale_after_minutes,
         } => {
+            // Defaults, then the file, then the flags.
+            let mut config = RelayConfig::new("0.0.0.0:7878".parse()?, PathBuf::new());
+            config.monitoring.admin = Some(AdminConfig::new(DEFAULT_ADMIN.parse()?));
+            if let Some(path) = &config_file {
+                RelayFile::load(path)?.apply(&mut config);
+            }
+            if let Some(listen) = listen {
+                config.listen = listen;
+            }
+            if let Some(dir) = data_dir {
+                config.data_dir = dir;
+            }
+            if config.data_dir.as_os_str().is_empty() {
+                bail!("no data directory: give --data-dir, SAMVERKAN_RELAY_DATA_DIR or data_dir in the config file");
+            }
+            if let Some(n) = cached_documents {
+                config.cached_documents = n;
+            }
+            if let Some(n) = max_connections {
+                config.max_connections = n;
+            }
+            if let Some(minutes) = stale_after_minutes {
+                config.monitoring.stale_after = std::time::Duration::from_secs(minutes.saturating_mul(60));
+            }
+            if no_admin {
+                config.monitoring.admin = None;
+            } else if let Some(admin_config) = config.monitoring.admin.as_mut() {
+                if let Some(addr) = admin {
+                    admin_config.listen = addr;
+                }
+                if admin_token.is_some() {
+                    admin_config.token = admin_token;
+                }
+            }
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
-                let mut config = RelayConfig::new(listen, data_dir);
-                config.cached_documents = cached_documents;
-                config.max_connections = max_connections;
-                config.monitoring.stale_after = std::time::Duration::from_secs(stale_after_minutes.saturating_mul(60));
-                if !no_admin {
-                    config.monitoring.admin = Some(AdminConfig { listen: admin, token: admin_token });
-                }
                 let relay = server::spawn(config).await?;
                 println!("samverkan-relay {} listening on {}", samverkan_relay::VERSION, relay.local_addr());
                 println!("relay key (nodes pin it): {}", relay.relay_key());

@@ -90,3 +90,39 @@ fn an_admin_server_beyond_loopback_needs_a_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("give an admin token"), "{out:?}");
 }
+
+#[test]
+fn serve_reads_its_configuration_file_and_flags_win_over_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("relay.toml");
+    // The file puts the admin server beyond loopback without a token: refused…
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n[admin]\nlisten = \"0.0.0.0:0\"\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .args(extra)
+            .env_remove("SAMVERKAN_ADMIN_TOKEN")
+            .env_remove("SAMVERKAN_RELAY_DATA_DIR")
+            .env("SAMVERKAN_LOG", "warn")
+            .output()
+            .expect("run samverkan-relay")
+    };
+    let out = run(&[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give an admin token"), "{out:?}");
+    assert!(dir.path().join("data").join("relay.key").exists(), "the file's data_dir was used");
+
+    // …a flag overrides the file's admin address; an unknown key is a clear error.
+    std::fs::write(&config, "listen = \"127.0.0.1:0\"\nmax_conections = 3\n").unwrap();
+    let out = run(&["--admin", "127.0.0.1:0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_conections"), "{out:?}");
+}

@@ -1,0 +1,221 @@
+//! The relay's configuration file (`samverkan-relay serve --config relay.toml`).
+//!
+//! Every key is optional; a missing key keeps its default, and a flag given
+//! on the command line wins over the file. Unknown keys are an error, so a
+//! typo never silently falls back to a default. The keys and their defaults:
+//!
+//! ```toml
+//! listen = "0.0.0.0:7878"            # UDP address of the QUIC endpoint
+//! data_dir = "/var/lib/samverkan"    # relay.db and relay.key (no default: required here or as a flag)
+//! cached_documents = 256             # documents kept loaded in memory at most
+//! max_connections = 4096             # connections served at once
+//! max_connections_per_key = 4        # per node key; the oldest are closed beyond it
+//! stale_after_minutes = 1440         # a node not seen for this long is flagged stale
+//!
+//! [admin]
+//! enabled = true                     # the admin HTTP server (dashboard, JSON, /metrics, /healthz)
+//! listen = "127.0.0.1:7879"          # a non-loopback address requires a token
+//! token = "…"                        # or SAMVERKAN_ADMIN_TOKEN
+//!
+//! [limits]
+//! max_frame_bytes = 67108864         # largest wire frame accepted or sent (64 MiB)
+//! idle_timeout_seconds = 30          # a silent connection is closed after this
+//! keep_alive_seconds = 5
+//! handshake_timeout_seconds = 10     # TLS handshake and the node's first frame
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::admin::AdminConfig;
+use crate::server::RelayConfig;
+
+/// Errors reading the configuration file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape (unknown keys included).
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, with the line.
+        message: String,
+    },
+}
+
+/// The `[admin]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Whether the admin HTTP server runs.
+    pub enabled: Option<bool>,
+    /// Its address.
+    pub listen: Option<SocketAddr>,
+    /// The bearer token it demands.
+    pub token: Option<String>,
+}
+
+/// The `[limits]` table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Largest wire frame, in bytes.
+    pub max_frame_bytes: Option<usize>,
+    /// Idle timeout, in seconds.
+    pub idle_timeout_seconds: Option<u64>,
+    /// Keep-alive interval, in seconds.
+    pub keep_alive_seconds: Option<u64>,
+    /// Handshake and first-frame timeout, in seconds.
+    pub handshake_timeout_seconds: Option<u64>,
+}
+
+/// The whole file: every key optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayFile {
+    /// QUIC address.
+    pub listen: Option<SocketAddr>,
+    /// Data directory.
+    pub data_dir: Option<PathBuf>,
+    /// Documents kept loaded at most.
+    pub cached_documents: Option<usize>,
+    /// Connections served at once.
+    pub max_connections: Option<usize>,
+    /// Connections per node key.
+    pub max_connections_per_key: Option<usize>,
+    /// Minutes after which an unseen node is stale.
+    pub stale_after_minutes: Option<u64>,
+    /// The admin server.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// Transport limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+impl RelayFile {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        Self::parse(&text).map_err(|message| ConfigError::Invalid { path: path.into(), message })
+    }
+
+    /// Parses configuration text.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Writes every key the file sets into `config` (keys it leaves out keep
+    /// what `config` had). The admin server is set up when the file enables it
+    /// or names an address or token.
+    pub fn apply(&self, config: &mut RelayConfig) {
+        if let Some(listen) = self.listen {
+            config.listen = listen;
+        }
+        if let Some(dir) = &self.data_dir {
+            config.data_dir = dir.clone();
+        }
+        if let Some(n) = self.cached_documents {
+            config.cached_documents = n;
+        }
+        if let Some(n) = self.max_connections {
+            config.max_connections = n;
+        }
+        if let Some(n) = self.max_connections_per_key {
+            config.max_connections_per_key = n.max(1);
+        }
+        if let Some(minutes) = self.stale_after_minutes {
+            config.monitoring.stale_after = Duration::from_secs(minutes.saturating_mul(60));
+        }
+        match self.admin.enabled {
+            Some(false) => config.monitoring.admin = None,
+            _ if self.admin.enabled == Some(true) || self.admin.listen.is_some() || self.admin.token.is_some() => {
+                let mut admin = config.monitoring.admin.clone().unwrap_or_else(|| {
+                    AdminConfig::new(crate::admin::DEFAULT_ADMIN.parse().expect("the default admin address parses"))
+                });
+                if let Some(listen) = self.admin.listen {
+                    admin.listen = listen;
+                }
+                if let Some(token) = &self.admin.token {
+                    admin.token = Some(token.clone());
+                }
+                config.monitoring.admin = Some(admin);
+            }
+            _ => {}
+        }
+        let limits = &mut config.limits;
+        if let Some(n) = self.limits.max_frame_bytes {
+            limits.max_frame = n;
+        }
+        if let Some(s) = self.limits.idle_timeout_seconds {
+            limits.idle_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = self.limits.keep_alive_seconds {
+            limits.keep_alive = Duration::from_secs(s);
+        }
+        if let Some(s) = self.limits.handshake_timeout_seconds {
+            limits.handshake_timeout = Duration::from_secs(s);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_key_is_read_and_applied() {
+        let text = r#"
+            listen = "127.0.0.1:9000"
+            data_dir = "/srv/relay"
+            cached_documents = 10
+            max_connections = 20
+            max_connections_per_key = 2
+            stale_after_minutes = 60
+            [admin]
+            listen = "0.0.0.0:9001"
+            token = "hemligt"
+            [limits]
+            max_frame_bytes = 1048576
+            idle_timeout_seconds = 12
+            keep_alive_seconds = 3
+            handshake_timeout_seconds = 4
+        "#;
+        let file = RelayFile::parse(text).unwrap();
+        let mut config = RelayConfig::new("0.0.0.0:7878".parse().unwrap(), PathBuf::from("/tmp/x"));
+        file.apply(&mut config);
+        assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(config.data_dir, PathBuf::from("/srv/relay"));
+        assert_eq!((config.cached_documents, config.max_connections, config.max_connections_per_key), (10, 20, 2));
+        assert_eq!(config.monitoring.stale_after, Duration::from_secs(3600));
+        let admin = config.monitoring.admin.unwrap();
+        assert_eq!((admin.listen, admin.token.as_deref()), ("0.0.0.0:9001".parse().unwrap(), Some("hemligt")));
+        assert_eq!(config.limits.max_frame, 1_048_576);
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(12));
+        assert_eq!(config.limits.handshake_timeout, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn an_empty_file_changes_nothing_and_a_typo_is_an_error() {
+        let mut config = RelayConfig::new("0.0.0.0:7878".parse().unwrap(), PathBuf::from("/tmp/x"));
+        let before = format!("{config:?}");
+        RelayFile::parse("").unwrap().apply(&mut config);
+        assert_eq!(format!("{config:?}"), before);
+        let err = RelayFile::parse("max_conections = 3").unwrap_err();
+        assert!(err.contains("max_conections"), "{err}");
+        assert!(RelayFile::parse("[admin]\nenabled = false").unwrap().admin.enabled == Some(false));
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(RelayFile::load(&dir.path().join("missing.toml")), Err(ConfigError::Io { .. })));
+    }
+}
