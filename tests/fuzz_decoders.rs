@@ -120,13 +120,17 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
             let origin =
                 BundleOrigin { node: "ab".repeat(32), org: "flen".into(), name: "Flen".into(), created: Utc::now() };
             let docs = (0..2)
-                .map(|n| BundleDoc {
-                    id: fuzz_doc_ids()[n].clone(),
-                    data: a_document(n).automerge_mut().save(),
-                    signatures: Vec::new(),
+                .map(|n| {
+                    let mut doc = a_document(n);
+                    BundleDoc {
+                        id: fuzz_doc_ids()[n].clone(),
+                        data: doc.automerge_mut().save(),
+                        signatures: sign_all(doc.automerge_mut()),
+                    }
                 })
                 .collect();
-            vec![Bundle { origin: origin.clone(), docs }.encode(), Bundle { origin, docs: vec![] }.encode()]
+            let bundle = |docs| Bundle { origin: origin.clone(), relay_key: None, directory: None, docs };
+            vec![bundle(docs).encode(), bundle(vec![]).encode()]
         }
         "bundle_docs" => (0..3).map(|n| a_document(n).automerge_mut().save()).collect(),
         "markdown_import" => {

@@ -9,6 +9,10 @@ use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::markdown;
 use samverkan::shared::model::{Activity, ActivityStatus};
 
+#[path = "support/paper_relay.rs"]
+mod paper_relay;
+use paper_relay::PaperRelay;
+
 const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
 
 struct TestNode {
@@ -17,9 +21,11 @@ struct TestNode {
 }
 
 impl TestNode {
-    fn init(root: &Path, name: &str, org: &str) -> Self {
+    /// A node of `org`, enrolled at `relay` (its directory decides whose changes count).
+    fn init(root: &Path, name: &str, org: &str, relay: &mut PaperRelay) -> Self {
         let dir = root.join(name);
-        let node = Node::init(&dir, org, Some(name)).expect("init node");
+        let mut node = Node::init(&dir, org, Some(name)).expect("init node");
+        relay.enroll(&mut node);
         Self { dir, node: Some(node) }
     }
 
@@ -57,7 +63,7 @@ impl TestNode {
 /// Sends what `to` lacks from `from`, through an encoded bundle file as a USB stick would carry it.
 fn carry(from: &mut TestNode, to: &mut TestNode, via: &Path) -> usize {
     let have = HeadsSummary::from_json(&to.node().heads_summary().unwrap().to_json()).unwrap();
-    let bundle = from.node().export_bundle(Some(&have)).unwrap();
+    let bundle = from.node().export_bundle(Some(&have), None).unwrap();
     std::fs::write(via, bundle.encode()).unwrap();
     let decoded = Bundle::decode(&std::fs::read(via).unwrap()).unwrap();
     let reports = to.node().import_bundle(&decoded).unwrap();
@@ -79,9 +85,10 @@ fn replace_once(text: &str, from: &str, to: &str) -> String {
 #[test]
 fn two_offline_nodes_converge_through_bundles_and_survive_restarts() {
     let root = tempfile::tempdir().unwrap();
+    let mut relay = PaperRelay::default();
     let stick = root.path().join("usb-stick.bundle");
-    let mut county = TestNode::init(root.path(), "lansstyrelsen", "Länsstyrelsen i Södermanlands län");
-    let mut police = TestNode::init(root.path(), "polisen", "Polisområde Södermanland");
+    let mut county = TestNode::init(root.path(), "lansstyrelsen", "Länsstyrelsen i Södermanlands län", &mut relay);
+    let mut police = TestNode::init(root.path(), "polisen", "Polisområde Södermanland", &mut relay);
 
     // The County Board imports the signed agreement and shares it by bundle.
     let (id, _) = county.node().import_markdown(SEED, None).unwrap();
@@ -161,14 +168,15 @@ fn two_offline_nodes_converge_through_bundles_and_survive_restarts() {
 
     // Nothing new: a bundle built from the receiver's heads carries no document.
     let have = police.node().heads_summary().unwrap();
-    assert!(county.node().export_bundle(Some(&have)).unwrap().docs.is_empty());
+    assert!(county.node().export_bundle(Some(&have), None).unwrap().docs.is_empty());
 }
 
 #[test]
 fn seed_import_round_trips_through_export_on_another_node() {
     let root = tempfile::tempdir().unwrap();
-    let mut a = TestNode::init(root.path(), "a", "Länsstyrelsen");
-    let mut b = TestNode::init(root.path(), "b", "Polisen");
+    let mut relay = PaperRelay::default();
+    let mut a = TestNode::init(root.path(), "a", "Länsstyrelsen", &mut relay);
+    let mut b = TestNode::init(root.path(), "b", "Polisen", &mut relay);
     let (id, recognised) = a.node().import_markdown(SEED, None).unwrap();
     assert!(recognised.iter().any(|r| r.contains("2023-10-18")), "{recognised:?}");
     let view = a.node().document(&id).unwrap().view().unwrap();
@@ -201,10 +209,12 @@ fn seed_import_round_trips_through_export_on_another_node() {
 #[test]
 fn a_damaged_bundle_is_refused_and_nothing_is_imported() {
     let root = tempfile::tempdir().unwrap();
-    let mut a = TestNode::init(root.path(), "a", "Flen");
-    let mut b = TestNode::init(root.path(), "b", "Polisen");
+    let mut relay = PaperRelay::default();
+    let mut a = TestNode::init(root.path(), "a", "Flen", &mut relay);
+    let mut b = TestNode::init(root.path(), "b", "Polisen", &mut relay);
     a.node().import_markdown(SEED, None).unwrap();
-    let mut bytes = a.node().export_bundle(None).unwrap().encode();
+    let polisen = b.node().org().clone();
+    let mut bytes = a.node().export_bundle(None, Some(&polisen)).unwrap().encode();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0xff;
     let err = Bundle::decode(&bytes).unwrap_err();
@@ -214,12 +224,12 @@ fn a_damaged_bundle_is_refused_and_nothing_is_imported() {
     // A bundle whose checksum is right but whose document bytes are not Automerge:
     // that document is refused with a reason, the store stays intact.
     let bundle = Bundle {
-        origin: a.node().export_bundle(None).unwrap().origin,
         docs: vec![samverkan::shared::bundle::BundleDoc {
             id: DocId::random(),
             data: b"not automerge".to_vec(),
             signatures: Vec::new(),
         }],
+        ..a.node().export_bundle(None, Some(&polisen)).unwrap()
     };
     let reports = b.node().import_bundle(&bundle).unwrap();
     assert!(reports[0].error.is_some());
@@ -230,9 +240,10 @@ fn a_damaged_bundle_is_refused_and_nothing_is_imported() {
 #[test]
 fn an_editor_session_does_not_undo_changes_that_arrived_meanwhile() {
     let root = tempfile::tempdir().unwrap();
+    let mut relay = PaperRelay::default();
     let stick = root.path().join("stick.bundle");
-    let mut county = TestNode::init(root.path(), "county", "Länsstyrelsen");
-    let mut police = TestNode::init(root.path(), "police", "Polisen");
+    let mut county = TestNode::init(root.path(), "county", "Länsstyrelsen", &mut relay);
+    let mut police = TestNode::init(root.path(), "police", "Polisen", &mut relay);
     let (id, _) = county.node().import_markdown(SEED, None).unwrap();
     carry(&mut county, &mut police, &stick);
 
@@ -261,9 +272,10 @@ fn an_editor_session_does_not_undo_changes_that_arrived_meanwhile() {
 #[test]
 fn a_change_carried_by_a_third_node_keeps_its_authors_proof_and_a_forged_one_is_refused() {
     let root = tempfile::tempdir().unwrap();
-    let mut a = TestNode::init(root.path(), "lansstyrelsen", "Länsstyrelsen");
-    let mut b = TestNode::init(root.path(), "polisen", "Polisen");
-    let mut c = TestNode::init(root.path(), "flen", "Flen");
+    let mut relay = PaperRelay::default();
+    let mut a = TestNode::init(root.path(), "lansstyrelsen", "Länsstyrelsen", &mut relay);
+    let mut b = TestNode::init(root.path(), "polisen", "Polisen", &mut relay);
+    let mut c = TestNode::init(root.path(), "lpo-katrineholm", "Polisen", &mut relay);
     let (id, _) = a.node().import_markdown(SEED, None).unwrap();
     let via = root.path().join("usb.bundle");
     // A's document travels A → B → C: C verifies A's signatures, carried by B.
@@ -276,7 +288,7 @@ fn a_change_carried_by_a_third_node_keeps_its_authors_proof_and_a_forged_one_is_
     let text = b.body(&id).replacen("Styrgruppen", "Styrgruppen (reviderad)", 1);
     b.node().edit(&id, "edit", |e| e.set_body(&text)).unwrap();
     let have = HeadsSummary::from_json(&a.node().heads_summary().unwrap().to_json()).unwrap();
-    let mut bundle = b.node().export_bundle(Some(&have)).unwrap();
+    let mut bundle = b.node().export_bundle(Some(&have), None).unwrap();
     assert!(!bundle.docs[0].signatures.is_empty(), "the bundle carries the authors' signatures");
     bundle.docs[0].signatures[0].1[0] ^= 0x01;
     let decoded = Bundle::decode(&bundle.encode()).unwrap();

@@ -37,6 +37,10 @@ impl DocAccess for MemDocs {
         true
     }
 
+    fn authors(&mut self) -> samverkan_shared::acceptance::AuthorPolicy {
+        samverkan_shared::acceptance::AuthorPolicy::any_signed_author()
+    }
+
     fn with_doc<R>(
         &mut self,
         doc: &DocId,

@@ -61,6 +61,10 @@ impl DocAccess for Shared {
         self.lock().may_receive(doc)
     }
 
+    fn authors(&mut self) -> samverkan_shared::acceptance::AuthorPolicy {
+        self.lock().authors()
+    }
+
     fn with_doc<R>(
         &mut self,
         doc: &DocId,

@@ -395,13 +395,18 @@ pub enum SignerCommand {
 /// `bundle …`
 #[derive(Debug, Subcommand)]
 pub enum BundleCommand {
-    /// Write the changes of every document to a file.
+    /// Write the changes of the documents the receiver's organisation is a party to.
     Export {
         /// The bundle file to write.
         file: PathBuf,
-        /// A heads file from the receiving node (`bundle heads`): include only what it lacks.
+        /// A heads file from the receiving node (`bundle heads`): include only what it
+        /// lacks, of the documents its organisation is a party to.
         #[arg(long)]
         have: Option<PathBuf>,
+        /// The receiving organisation (id, name or alias), when there is no heads file:
+        /// every document it is a party to, whole.
+        #[arg(long = "for", value_name = "ORGANISATION")]
+        receiver: Option<String>,
     },
     /// Merge a bundle file into this node.
     Import {
@@ -613,7 +618,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 .history()
                 .into_iter()
                 .map(|h| {
-                    let who = node.describe_actor(&document, &h.actor);
+                    let who = node.author(&h.actor);
                     (h, who)
                 })
                 .collect();
@@ -621,14 +626,14 @@ pub fn run(cli: Cli) -> Result<()> {
                 json,
                 json!(entries
                     .iter()
-                    .map(|(h, who)| json!({"hash": h.hash, "by": who, "seq": h.seq, "time": h.time, "message": h.message}))
+                    .map(|(h, who)| json!({"hash": h.hash, "by": who.label, "author": who.key, "author_status": who.status, "seq": h.seq, "time": h.time, "message": h.message}))
                     .collect::<Vec<_>>()),
                 || {
                     entries
                         .iter()
                         .map(|(h, who)| {
                             let time = h.time.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()).unwrap_or_else(|| "(ingen tid)".into());
-                            format!("{time}  {who}: {}  [{}]", h.message.as_deref().unwrap_or("(ändring)"), &h.hash[..8])
+                            format!("{time}  {}: {}  [{}]", who.label, h.message.as_deref().unwrap_or("(ändring)"), &h.hash[..8])
                         })
                         .collect::<Vec<_>>()
                         .join("\n")
@@ -647,7 +652,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let described: Vec<_> = conflicts
                 .iter()
                 .map(|c| {
-                    json!({"path": c.path, "values": c.values.iter().map(|v| json!({"value": v.value, "by": node.describe_actor(&document, &v.actor)})).collect::<Vec<_>>()})
+                    json!({"path": c.path, "values": c.values.iter().map(|v| json!({"value": v.value, "by": node.describe_actor(&v.actor)})).collect::<Vec<_>>()})
                 })
                 .collect();
             print(json, json!(described), || {
@@ -658,7 +663,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 for c in &conflicts {
                     out.push_str(&format!("{}:\n", c.path));
                     for v in &c.values {
-                        out.push_str(&format!("  {:?}  by {}\n", v.value, node.describe_actor(&document, &v.actor)));
+                        out.push_str(&format!("  {:?}  by {}\n", v.value, node.describe_actor(&v.actor)));
                     }
                 }
                 out.push_str(&format!(
@@ -928,12 +933,21 @@ fn cmd_edit(node: &mut Node, doc: &str, json: bool) -> Result<()> {
 
 fn cmd_bundle(node: &mut Node, cmd: BundleCommand, json: bool) -> Result<()> {
     match cmd {
-        BundleCommand::Export { file, have } => {
+        BundleCommand::Export { file, have, receiver } => {
             let have = match have {
                 Some(path) => Some(HeadsSummary::from_json(&read_input(&path)?)?),
                 None => None,
             };
-            let bundle = node.export_bundle(have.as_ref())?;
+            let receiver = match receiver {
+                Some(org) => Some(
+                    node.directory()
+                        .resolve(&org)
+                        .map(|o| o.id.clone())
+                        .ok_or_else(|| anyhow::anyhow!("unknown organisation {org:?}"))?,
+                ),
+                None => None,
+            };
+            let bundle = node.export_bundle(have.as_ref(), receiver.as_ref())?;
             let bytes = bundle.encode();
             write_file_atomically(&file, &bytes)?;
             print(json, json!({"file": file, "documents": bundle.docs.len(), "bytes": bytes.len()}), || {

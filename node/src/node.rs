@@ -11,19 +11,21 @@
 //!   role title (see [`Node::create_signer`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use automerge::ChangeHash;
 use chrono::Utc;
+use samverkan_shared::acceptance::{self, AuthorPolicy, AuthorRule};
 use samverkan_shared::approval::{self, Action, ApprovalError, ApprovalRecord, ApprovalStatus};
 use samverkan_shared::authorship::{self, AuthorshipError};
 use samverkan_shared::bundle::{Bundle, BundleDoc, BundleError, BundleOrigin, HeadsSummary};
-use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, SignedDirectory};
+use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, MemberKind, SignedDirectory};
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown::{self, MarkdownError};
 use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, Editor, ModelError};
 use samverkan_shared::org::{Directory, OrgId};
-use samverkan_shared::sync::SignedChange;
+use samverkan_shared::sync::{SignedChange, SyncLimits};
 use serde::Serialize;
 
 use crate::store::keyfile::{self, KeyFileError};
@@ -125,6 +127,26 @@ pub enum NodeError {
     /// No enrollment directory yet: signatures cannot be checked.
     #[error("this node has no enrollment directory from the relay yet, so signers cannot be checked; run `samverkan-node sync` first")]
     NoDirectory,
+    /// A bundle document was refused (see [`acceptance::apply_bundle_doc`]).
+    #[error("refused: {0}")]
+    BundleDoc(#[from] acceptance::BundleDocError),
+    /// The node has not joined a relay, so it cannot tell whose changes count.
+    #[error("this node has not joined a relay yet, so it cannot check who wrote a bundle's changes; run `samverkan-node join <code>` (or sync once with --relay and --relay-key) first")]
+    NotJoined,
+    /// A bundle made under another relay than the one this node pinned.
+    #[error("this bundle was made under relay {bundle}, but this node belongs to relay {pinned}; bundles are exchanged only between nodes of the same relay, whose enrollment directory says whose changes count")]
+    ForeignRelay {
+        /// The bundle's relay key.
+        bundle: NodeId,
+        /// This node's pinned relay key.
+        pinned: NodeId,
+    },
+    /// A bundle made by a node that had not joined any relay.
+    #[error("this bundle was made by {0:?}, a node that had not joined a relay; its changes cannot be checked and were not imported")]
+    BundleFromUnjoinedNode(String),
+    /// Export without saying who the bundle is for.
+    #[error("say who the bundle is for: `--have <the receiver's heads file>` or `--for <organisation>`; a bundle carries only the documents the receiver's organisation is a party to")]
+    BundleReceiverUnknown,
     /// A file (signer profile, bundle) could not be read or written.
     #[error("{path}: {reason}")]
     File {
@@ -157,6 +179,31 @@ fn signer_slug(name: &str) -> Result<String, NodeError> {
     Ok(slug)
 }
 
+/// Where an author's key stands in the relay's enrollment directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorStatus {
+    /// This node's own key.
+    ThisNode,
+    /// An enrolled, active node.
+    Enrolled,
+    /// An enrolled node whose key was revoked since.
+    Revoked,
+    /// Not an enrolled node (unknown, or a signer's key).
+    NotEnrolled,
+}
+
+/// The author of changes, as shown in `history` and `conflicts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Author {
+    /// The author's key (hex).
+    pub key: String,
+    /// Its standing at the relay.
+    pub status: AuthorStatus,
+    /// Organisation and node name, or why there is none.
+    pub label: String,
+}
+
 /// What importing a bundle did to one document.
 #[derive(Debug, Clone, Serialize)]
 pub struct BundleDocReport {
@@ -186,6 +233,8 @@ pub struct Node {
     org: OrgId,
     name: String,
     directory: Directory,
+    /// The verified enrollment directory, once read (see [`Node::enrollment`]).
+    enrolled: std::cell::RefCell<Option<Arc<EnrollmentDirectory>>>,
 }
 
 impl Node {
@@ -210,7 +259,15 @@ impl Node {
         store.set_meta("name", &name)?;
         store.set_meta("created", &Utc::now().to_rfc3339())?;
         tracing::info!(node = %key.node_id().short(), org = %org.id, "initialised node");
-        Ok(Self { data_dir: data_dir.to_path_buf(), store, key, org: org.id, name, directory })
+        Ok(Self {
+            data_dir: data_dir.to_path_buf(),
+            store,
+            key,
+            org: org.id,
+            name,
+            directory,
+            enrolled: Default::default(),
+        })
     }
 
     /// Opens the node in `data_dir`.
@@ -227,7 +284,15 @@ impl Node {
             .and_then(|o| OrgId::new(&o))
             .ok_or_else(|| NodeError::NotInitialised(data_dir.to_path_buf()))?;
         let name = store.meta("name")?.unwrap_or_else(|| org.to_string());
-        Ok(Self { data_dir: data_dir.to_path_buf(), store, key, org, name, directory: Directory::sodermanland() })
+        Ok(Self {
+            data_dir: data_dir.to_path_buf(),
+            store,
+            key,
+            org,
+            name,
+            directory: Directory::sodermanland(),
+            enrolled: Default::default(),
+        })
     }
 
     /// The data directory.
@@ -370,6 +435,7 @@ impl Node {
     /// Each document's heads, for another node to hand to `bundle export --have`.
     pub fn heads_summary(&self) -> Result<HeadsSummary, NodeError> {
         let mut summary = HeadsSummary::new();
+        summary.org = Some(self.org.clone());
         for mut doc in self.store.ids()?.into_iter().map(|id| self.store.load(&id)).collect::<Result<Vec<_>, _>>()? {
             let heads = doc.heads();
             summary.insert(doc.id().clone(), &heads);
@@ -377,10 +443,19 @@ impl Node {
         Ok(summary)
     }
 
-    /// A bundle of every document's changes; with `have`, only what that node lacks.
-    pub fn export_bundle(&self, have: Option<&HeadsSummary>) -> Result<Bundle, NodeError> {
+    /// A bundle for a node of `receiver` (or of the organisation named in
+    /// `have`) with the documents that organisation is a party to; with `have`,
+    /// only what that node lacks. It carries this node's pinned relay key and
+    /// its copy of the relay's signed directory.
+    pub fn export_bundle(&self, have: Option<&HeadsSummary>, receiver: Option<&OrgId>) -> Result<Bundle, NodeError> {
+        let relay_key = self.pinned_relay()?.ok_or(NodeError::NotJoined)?;
+        let receiver = receiver.or(have.and_then(|h| h.org.as_ref())).ok_or(NodeError::BundleReceiverUnknown)?;
         let mut docs = Vec::new();
-        for id in self.store.ids()? {
+        for summary in self.store.list()? {
+            if !summary.parties.contains(receiver) {
+                continue; // Not shared with the receiver: the relay's rule, on paper too.
+            }
+            let id = summary.id;
             let mut doc = self.store.load(&id)?;
             // What the receiver has of this document (none without a heads summary).
             let theirs = match have {
@@ -390,7 +465,7 @@ impl Node {
             let known: Vec<ChangeHash> =
                 theirs.iter().copied().filter(|h| doc.automerge_mut().get_change_by_hash(h).is_some()).collect();
             let new_changes = doc.automerge_mut().get_changes(&known);
-            if !theirs.is_empty() && known.len() == theirs.len() && new_changes.is_empty() {
+            if new_changes.is_empty() {
                 continue; // They have everything we have.
             }
             let data =
@@ -405,22 +480,37 @@ impl Node {
                 name: self.name.clone(),
                 created: Utc::now(),
             },
+            relay_key: Some(relay_key),
+            directory: self.store.meta(META_DIRECTORY)?.map(String::into_bytes),
             docs,
         })
     }
 
-    /// Imports a bundle: each document's changes are merged and stored durably.
-    /// A document that cannot be used is reported and skipped; the others still import.
+    /// Imports a bundle made under this node's relay: each document's changes
+    /// are checked as sync checks them ([`acceptance::apply_bundle_doc`]: sizes,
+    /// bounded inflation, authors enrolled at the relay, signatures, parties),
+    /// then stored durably. A document that cannot be used is reported and
+    /// nothing of it is stored; the others still import.
     pub fn import_bundle(&mut self, bundle: &Bundle) -> Result<Vec<BundleDocReport>, NodeError> {
+        let pinned = self.pinned_relay()?.ok_or(NodeError::NotJoined)?;
+        match bundle.relay_key {
+            Some(key) if key == pinned => {}
+            Some(key) => return Err(NodeError::ForeignRelay { bundle: key, pinned }),
+            None => return Err(NodeError::BundleFromUnjoinedNode(bundle.origin.name.clone())),
+        }
+        if let Some(signed) = &bundle.directory {
+            // Signed by our relay (checked): a newer copy tells of newly enrolled authors.
+            self.store_enrollment(signed, &pinned)?;
+        }
+        let authors = self.author_policy()?;
+        let limits = SyncLimits::for_content(&self.store.content_limits());
+        let org = self.org.clone();
         let mut reports = Vec::new();
         for item in &bundle.docs {
-            let mut offered: std::collections::HashMap<_, _> = item.signatures.iter().copied().collect();
             let result = self.store.update_signed(&item.id, true, |doc| -> Result<_, NodeError> {
-                let before = doc.heads();
-                doc.automerge_mut().load_incremental(&item.data).map_err(ModelError::from)?;
-                doc.check_header()?;
-                let verified = authorship::verify_new_changes(doc.automerge_mut(), &before, &mut offered)?;
-                Ok((doc.automerge_mut().get_missing_deps(&[]).len(), verified))
+                let applied =
+                    acceptance::apply_bundle_doc(doc, &item.data, &item.signatures, &authors, &limits, &org)?;
+                Ok((applied.missing_deps, applied.signatures))
             });
             let report = match result {
                 Ok((missing_deps, outcome)) => {
@@ -488,10 +578,28 @@ impl Node {
     /// The enrollment directory last received from the pinned relay, verified
     /// again with the pinned key (`None` before the first sync).
     pub fn enrollment(&self) -> Result<Option<EnrollmentDirectory>, NodeError> {
+        Ok(self.enrollment_shared()?.map(|d| (*d).clone()))
+    }
+
+    /// [`Self::enrollment`], read and verified once and then shared.
+    fn enrollment_shared(&self) -> Result<Option<Arc<EnrollmentDirectory>>, NodeError> {
+        if let Some(held) = self.enrolled.borrow().as_ref() {
+            return Ok(Some(held.clone()));
+        }
         let (Some(relay), Some(text)) = (self.pinned_relay()?, self.store.meta(META_DIRECTORY)?) else {
             return Ok(None);
         };
-        Ok(Some(SignedDirectory::decode(text.as_bytes())?.verify(&relay)?))
+        let directory = Arc::new(SignedDirectory::decode(text.as_bytes())?.verify(&relay)?);
+        *self.enrolled.borrow_mut() = Some(directory.clone());
+        Ok(Some(directory))
+    }
+
+    /// Whose changes this node accepts: nodes enrolled in its pinned relay's
+    /// directory (see [`samverkan_shared::acceptance`]). Before the first sync
+    /// the directory is empty and no one else's change is accepted.
+    pub fn author_policy(&self) -> Result<AuthorPolicy, NodeError> {
+        let directory = self.enrollment_shared()?.unwrap_or_default();
+        Ok(AuthorPolicy::new(directory, AuthorRule::EnrolledNode))
     }
 
     /// Verifies a signed directory with `relay`'s key without keeping it (for
@@ -512,27 +620,46 @@ impl Node {
         }
         let text = String::from_utf8_lossy(&received.encode()).into_owned();
         self.store.set_meta(META_DIRECTORY, &text)?;
+        *self.enrolled.borrow_mut() = Some(Arc::new(directory.clone()));
         Ok(directory)
     }
 
-    /// Name of the node and organisation behind a hex actor id, as far as this
-    /// node knows: from the relay's signed directory first, then from what the
-    /// document itself says (unverified), else the key's short form.
-    pub fn describe_actor(&self, doc: &Document, actor_hex: &str) -> String {
-        if actor_hex == self.node_id().actor_id().to_hex_string() {
-            return format!("{} ({})", self.directory.name_of(&self.org), self.name);
-        }
+    /// Who wrote changes under a hex actor id, as the relay's signed directory
+    /// says: a key that is not (or no longer) an enrolled node is never shown
+    /// under an organisation's name alone.
+    pub fn author(&self, actor_hex: &str) -> Author {
         let key = hex::decode(actor_hex).ok().and_then(|b| NodeId::from_actor(&automerge::ActorId::from(b)));
-        if let (Some(key), Ok(Some(enrolled))) = (key, self.enrollment()) {
-            if let Some(member) = enrolled.latest(&key) {
-                return format!("{} ({})", self.directory.name_of(&member.org), member.name);
+        let short = key.map(|k| k.short()).unwrap_or_else(|| actor_hex.chars().take(8).collect());
+        let unknown = |status| Author {
+            key: actor_hex.to_string(),
+            status,
+            label: format!("okänd författare {short} (inte registrerad hos reläet)"),
+        };
+        if actor_hex == self.node_id().actor_id().to_hex_string() {
+            let label = format!("{} ({})", self.directory.name_of(&self.org), self.name);
+            return Author { key: actor_hex.to_string(), status: AuthorStatus::ThisNode, label };
+        }
+        let Some(key) = key else { return unknown(AuthorStatus::NotEnrolled) };
+        let member = self.enrollment_shared().ok().flatten().and_then(|d| d.latest(&key).cloned());
+        match member {
+            Some(m) if m.kind == MemberKind::Node => {
+                let name = format!("{} ({})", self.directory.name_of(&m.org), m.name);
+                match m.revoked_at {
+                    None => Author { key: actor_hex.to_string(), status: AuthorStatus::Enrolled, label: name },
+                    Some(at) => Author {
+                        key: actor_hex.to_string(),
+                        status: AuthorStatus::Revoked,
+                        label: format!("{name}, nyckel {short} återkallad {}", at.format("%Y-%m-%d")),
+                    },
+                }
             }
+            _ => unknown(AuthorStatus::NotEnrolled),
         }
-        let contributors = doc.contributors().unwrap_or_default();
-        match contributors.get(actor_hex) {
-            Some(c) => format!("{} ({})", self.directory.name_of(&c.org), c.node),
-            None => format!("okänd nod {}", key.map(|n| n.short()).unwrap_or_else(|| "?".into())),
-        }
+    }
+
+    /// [`Self::author`]'s label.
+    pub fn describe_actor(&self, actor_hex: &str) -> String {
+        self.author(actor_hex).label
     }
 
     /// Creates a signer key for a person who approves documents, with the

@@ -26,6 +26,7 @@ use samverkan_net::endpoint::{self, Limits};
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
 use samverkan_net::tls::TlsIdentity;
 use samverkan_net::NetError;
+use samverkan_shared::acceptance::{AuthorPolicy, AuthorRule};
 use samverkan_shared::authorship;
 use samverkan_shared::directory::{JoinCode, Member};
 use samverkan_shared::identity::NodeId;
@@ -118,19 +119,40 @@ struct NodeDocs<'a> {
     store: &'a mut Store,
     org: &'a OrgId,
     key: &'a NodeKey,
+    authors: AuthorPolicy,
 }
 
 impl<'a> NodeDocs<'a> {
     fn of(node: &'a mut Node) -> Self {
+        let authors = node.author_policy().unwrap_or_else(|e| {
+            warn!(error = %e, "the stored enrollment directory does not verify; accepting no one's changes");
+            AuthorPolicy::new(Default::default(), AuthorRule::EnrolledNode)
+        });
         let (store, key, org) = node.parts();
-        Self { store, org, key }
+        Self { store, org, key, authors }
     }
 }
 
-impl DocAccess for NodeDocs<'_> {
-    type Error = StoreError;
+/// Why the node refused to store what the relay sent.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeDocsError {
+    /// The store failed (or refused the change, e.g. over the size limits).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A new document that does not name this node's organisation among its parties.
+    #[error("document {doc} does not name this node's organisation ({org}) among its parties; it was not stored")]
+    NotAParty {
+        /// The document.
+        doc: DocId,
+        /// This node's organisation.
+        org: OrgId,
+    },
+}
 
-    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, StoreError> {
+impl DocAccess for NodeDocs<'_> {
+    type Error = NodeDocsError;
+
+    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, NodeDocsError> {
         // Only documents this node's organisation is a party to: the relay
         // refuses the others, and offering them would only cost a refusal.
         self.store
@@ -148,18 +170,30 @@ impl DocAccess for NodeDocs<'_> {
         true
     }
 
+    fn authors(&mut self) -> AuthorPolicy {
+        self.authors.clone()
+    }
+
     fn with_doc<R>(
         &mut self,
         doc: &DocId,
         create: bool,
         f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
-    ) -> Result<Option<R>, StoreError> {
-        if !create && !self.store.contains(doc)? {
+    ) -> Result<Option<R>, NodeDocsError> {
+        let exists = self.store.contains(doc)?;
+        if !create && !exists {
             return Ok(None);
         }
+        let org = self.org;
         let mut discarded = None;
         let result = self.store.update_signed(doc, create, |d| match f(d.automerge_mut()) {
-            DocOutcome::Keep { value, signatures } => Ok((value, signatures)),
+            DocOutcome::Keep { value, signatures } => {
+                // The relay's rule, kept here too: a new document must name this node's organisation.
+                if !exists && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
+                    return Err(Discarded::NotAParty);
+                }
+                Ok((value, signatures))
+            }
             DocOutcome::Discard(value) => {
                 discarded = Some(value);
                 Err(Discarded::Yes)
@@ -167,16 +201,21 @@ impl DocAccess for NodeDocs<'_> {
         });
         match result {
             Ok((value, _)) => Ok(Some(value)),
-            Err(Discarded::Store(e)) => Err(e),
+            Err(Discarded::Store(e)) => Err(e.into()),
+            Err(Discarded::NotAParty) => Err(NodeDocsError::NotAParty { doc: doc.clone(), org: org.clone() }),
             Err(Discarded::Yes) => Ok(discarded),
         }
     }
 
-    fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, StoreError> {
-        self.store.doc_heads(doc)
+    fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, NodeDocsError> {
+        Ok(self.store.doc_heads(doc)?)
     }
 
-    fn signatures(&mut self, _doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, StoreError> {
+    fn signatures(
+        &mut self,
+        _doc: &DocId,
+        changes: &[(ChangeHash, ActorId)],
+    ) -> Result<Vec<SignedChange>, NodeDocsError> {
         let own = self.key.node_id().actor_id();
         let (mine, theirs): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, actor)| *actor == own);
         let mut out: Vec<SignedChange> =
@@ -191,6 +230,8 @@ impl DocAccess for NodeDocs<'_> {
 enum Discarded {
     /// Discarded on purpose (the transaction rolled back).
     Yes,
+    /// A new document that is not this node's organisation's (rolled back).
+    NotAParty,
     /// The store failed.
     Store(StoreError),
 }

@@ -22,6 +22,9 @@
 //! idle_timeout_seconds = 30          # a silent connection is closed after this
 //! keep_alive_seconds = 5
 //! handshake_timeout_seconds = 10     # TLS handshake and the node's first frame
+//! max_change_bytes = 4194304         # largest single change accepted (4 MiB)
+//! max_document_bytes = 33554432      # largest document, as the sum of its changes (32 MiB);
+//!                                    # with 1 MiB headroom it must fit max_frame_bytes
 //! ```
 
 use std::net::SocketAddr;
@@ -78,6 +81,10 @@ pub struct LimitsFile {
     pub keep_alive_seconds: Option<u64>,
     /// Handshake and first-frame timeout, in seconds.
     pub handshake_timeout_seconds: Option<u64>,
+    /// Largest single change, in bytes.
+    pub max_change_bytes: Option<u64>,
+    /// Largest document (the sum of its changes), in bytes.
+    pub max_document_bytes: Option<u64>,
 }
 
 /// The whole file: every key optional.
@@ -167,6 +174,12 @@ impl RelayFile {
         if let Some(s) = self.limits.handshake_timeout_seconds {
             limits.handshake_timeout = Duration::from_secs(s);
         }
+        if let Some(n) = self.limits.max_change_bytes {
+            config.content.max_change_bytes = n;
+        }
+        if let Some(n) = self.limits.max_document_bytes {
+            config.content.max_document_bytes = n;
+        }
     }
 }
 
@@ -191,6 +204,8 @@ mod tests {
             idle_timeout_seconds = 12
             keep_alive_seconds = 3
             handshake_timeout_seconds = 4
+            max_change_bytes = 1000
+            max_document_bytes = 5000
         "#;
         let file = RelayFile::parse(text).unwrap();
         let mut config = RelayConfig::new("0.0.0.0:7878".parse().unwrap(), PathBuf::from("/tmp/x"));
@@ -202,6 +217,7 @@ mod tests {
         let admin = config.monitoring.admin.unwrap();
         assert_eq!((admin.listen, admin.token.as_deref()), ("0.0.0.0:9001".parse().unwrap(), Some("hemligt")));
         assert_eq!(config.limits.max_frame, 1_048_576);
+        assert_eq!((config.content.max_change_bytes, config.content.max_document_bytes), (1000, 5000));
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(12));
         assert_eq!(config.limits.handshake_timeout, Duration::from_secs(4));
     }

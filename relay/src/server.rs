@@ -20,12 +20,15 @@ use samverkan_net::endpoint::Limits;
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
 use samverkan_net::tls::{self, TlsIdentity};
 use samverkan_net::NetError;
+use samverkan_shared::acceptance::{AuthorPolicy, AuthorRule, ContentLimits, LimitsError};
 use samverkan_shared::approval;
 use samverkan_shared::directory::{EnrollmentDirectory, JoinCode, Member, MemberKind};
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
-use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
+use samverkan_shared::sync::{
+    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection, SyncLimits,
+};
 use samverkan_shared::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
 use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
@@ -60,6 +63,8 @@ pub struct RelayConfig {
     pub directory_poll: Duration,
     /// Monitoring: stale threshold, node names, admin HTTP server (see [`crate::monitor`]).
     pub monitoring: MonitorConfig,
+    /// Largest change and document accepted (and so stored and forwarded).
+    pub content: ContentLimits,
 }
 
 impl RelayConfig {
@@ -74,6 +79,7 @@ impl RelayConfig {
             max_connections_per_key: 4,
             directory_poll: Duration::from_secs(1),
             monitoring: MonitorConfig::default(),
+            content: ContentLimits::default(),
         }
     }
 }
@@ -96,6 +102,9 @@ pub enum RelayError {
     /// The enrollment data could not be read.
     #[error(transparent)]
     Enrollment(#[from] EnrollmentError),
+    /// The configured size limits do not fit together.
+    #[error("invalid limits: {0}")]
+    Limits(#[from] LimitsError),
 }
 
 /// Why one connection ended.
@@ -126,7 +135,7 @@ enum DocAccessError {
 
 /// The directory as last read, and its signed form for nodes.
 struct DirectoryCache {
-    directory: EnrollmentDirectory,
+    directory: Arc<EnrollmentDirectory>,
     signed: Vec<u8>,
 }
 
@@ -139,6 +148,8 @@ struct Shared<S> {
     directory: RwLock<DirectoryCache>,
     monitor: Arc<Monitor>,
     max_connections_per_key: usize,
+    /// Limits on what a node's sync messages may carry.
+    sync_limits: SyncLimits,
 }
 
 impl<S: RelayStorage> Shared<S> {
@@ -159,7 +170,8 @@ impl<S: RelayStorage> Shared<S> {
         }
         let signed = directory.sign(self.relay_key.signing_key()).encode();
         let revoked: Vec<Member> = directory.members.iter().filter(|m| !m.is_active()).cloned().collect();
-        *self.directory.write().unwrap_or_else(|e| e.into_inner()) = DirectoryCache { directory, signed };
+        *self.directory.write().unwrap_or_else(|e| e.into_inner()) =
+            DirectoryCache { directory: Arc::new(directory), signed };
         for member in revoked {
             let reason = format!("this node ({}, {}) was revoked by the relay operator", member.name, member.org);
             if self.hub.close_peer(&member.key.to_string(), &reason) > 0 {
@@ -309,7 +321,12 @@ pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
 }
 
 /// Starts a relay on any storage implementation.
-pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S) -> Result<RelayHandle, RelayError> {
+pub async fn spawn_with_storage<S: RelayStorage>(
+    config: RelayConfig,
+    mut storage: S,
+) -> Result<RelayHandle, RelayError> {
+    config.content.validate(config.limits.max_frame as u64)?;
+    storage.set_content_limits(config.content);
     let relay_key = load_or_create_key(&config.data_dir)?;
     let identity = TlsIdentity::new(relay_key.signing_key(), tls::SERVER_NAME)?;
     let endpoint = samverkan_net::endpoint::server_endpoint(config.listen, &identity, &config.limits)?;
@@ -324,9 +341,10 @@ pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S
         hub: Hub::default(),
         software: format!("samverkan-relay {}", crate::VERSION),
         relay_key,
-        directory: RwLock::new(DirectoryCache { directory, signed }),
+        directory: RwLock::new(DirectoryCache { directory: Arc::new(directory), signed }),
         monitor: monitor.clone(),
         max_connections_per_key: config.max_connections_per_key,
+        sync_limits: SyncLimits { max_frame: config.limits.max_frame, ..SyncLimits::for_content(&config.content) },
     });
     // A node is judged only on the documents it is a party to (its organisation from the directory).
     let orgs = Arc::downgrade(&shared);
@@ -434,6 +452,12 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         Ok(index.into_iter().filter(|e| e.parties.contains(self.org)).map(|e| (e.id, e.heads)).collect())
     }
 
+    fn authors(&mut self) -> AuthorPolicy {
+        // New changes must come from nodes that are active now.
+        let cache = self.directory.read().unwrap_or_else(|e| e.into_inner());
+        AuthorPolicy::new(cache.directory.clone(), AuthorRule::ActiveNode)
+    }
+
     fn may_receive(&mut self, doc: &DocId) -> bool {
         match self.storage().entry(doc) {
             Ok(Some(entry)) => entry.parties.contains(self.org),
@@ -527,6 +551,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         }
     };
     let mut sync = SyncConnection::relay(&shared.software);
+    sync.set_limits(shared.sync_limits.clone());
     let mut state = ConnectionState { member: None, watch: shared.monitor.connection(conn.remote_address()) };
     let result = match tokio::time::timeout(limits.handshake_timeout, recv.recv()).await {
         Err(_) => Err(ConnectionEnd::Refused("no Hello within the handshake timeout".into())),
@@ -724,11 +749,15 @@ fn report_bad_frame(sync: &mut SyncConnection, error: NetError) -> ConnectionEnd
     error.into()
 }
 
-/// Turns an access refusal inside the sync core into a clear `Forbidden` frame.
+/// Turns a refusal inside the sync core (access, size) into a clear error frame.
 fn refuse_forbidden(sync: &mut SyncConnection, error: ConnectionError) -> ConnectionEnd {
     if let ConnectionError::Storage(inner) = &error {
-        if let Some(DocAccessError::Forbidden(message)) = inner.downcast_ref::<DocAccessError>() {
-            sync.push_error(ErrorCode::Forbidden, message.clone());
+        match inner.downcast_ref::<DocAccessError>() {
+            Some(DocAccessError::Forbidden(message)) => sync.push_error(ErrorCode::Forbidden, message.clone()),
+            Some(DocAccessError::Store(StoreError::TooLarge(limit))) => {
+                sync.push_error(ErrorCode::TooLarge, limit.to_string())
+            }
+            _ => {}
         }
     }
     error.into()

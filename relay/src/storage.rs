@@ -9,6 +9,7 @@
 //! durably before returning, and must not hold every document in memory.
 
 use automerge::ChangeHash;
+use samverkan_shared::acceptance::ContentLimits;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
@@ -38,6 +39,10 @@ impl TryFrom<DocSummary> for DocEntry {
 pub trait RelayStorage: Send + 'static {
     /// Every stored document with its heads and parties (without loading documents).
     fn index(&self) -> Result<Vec<DocEntry>, StoreError>;
+
+    /// Sets the size limits every stored change is checked against before it
+    /// is written (see [`samverkan_shared::acceptance::ContentLimits`]).
+    fn set_content_limits(&mut self, limits: ContentLimits);
 
     /// The index entry of one document, if stored.
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError>;
@@ -115,6 +120,10 @@ impl SqliteStorage {
 }
 
 impl RelayStorage for SqliteStorage {
+    fn set_content_limits(&mut self, limits: ContentLimits) {
+        self.store.set_content_limits(limits);
+    }
+
     fn index(&self) -> Result<Vec<DocEntry>, StoreError> {
         self.store.list()?.into_iter().map(DocEntry::try_from).collect()
     }

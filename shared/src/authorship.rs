@@ -49,6 +49,16 @@ pub enum AuthorshipError {
         /// The claimed author (short form).
         author: String,
     },
+    /// The signature is valid, but the receiver does not accept changes by this author.
+    #[error("change {hash} by {author} is not accepted: {reason}")]
+    NotAccepted {
+        /// The change.
+        hash: ChangeHash,
+        /// The author (short form).
+        author: String,
+        /// Why (not enrolled, revoked, a signer's key).
+        reason: String,
+    },
 }
 
 fn message(hash: &ChangeHash) -> Vec<u8> {

@@ -23,7 +23,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::identity::NodeId;
 use crate::ids::DocId;
+use crate::org::OrgId;
 
 const MAGIC: &[u8; 8] = b"SVKBNDL\0";
 const VERSION: u8 = 1;
@@ -83,6 +85,13 @@ pub struct BundleDoc {
 pub struct Bundle {
     /// Who made it.
     pub origin: BundleOrigin,
+    /// The relay the exporting node pinned: a node imports only bundles made
+    /// under its own relay, whose enrollment directory decides whose changes count.
+    pub relay_key: Option<NodeId>,
+    /// The exporting node's copy of that relay's signed enrollment directory
+    /// ([`crate::directory::SignedDirectory`] bytes), so a receiver whose copy is
+    /// older learns of newly enrolled authors (it verifies it with its pinned key).
+    pub directory: Option<Vec<u8>>,
     /// The documents.
     pub docs: Vec<BundleDoc>,
 }
@@ -90,6 +99,10 @@ pub struct Bundle {
 #[derive(Serialize, Deserialize)]
 struct Header {
     origin: BundleOrigin,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    relay_key: Option<NodeId>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    directory: Option<String>,
     docs: Vec<HeaderDoc>,
 }
 
@@ -107,6 +120,8 @@ impl Bundle {
     pub fn encode(&self) -> Vec<u8> {
         let header = Header {
             origin: self.origin.clone(),
+            relay_key: self.relay_key,
+            directory: self.directory.as_ref().map(|d| String::from_utf8_lossy(d).into_owned()),
             docs: self
                 .docs
                 .iter()
@@ -187,7 +202,12 @@ impl Bundle {
                 content.len() - offset
             )));
         }
-        Ok(Self { origin: header.origin, docs })
+        Ok(Self {
+            origin: header.origin,
+            relay_key: header.relay_key,
+            directory: header.directory.map(String::into_bytes),
+            docs,
+        })
     }
 }
 
@@ -197,6 +217,10 @@ impl Bundle {
 pub struct HeadsSummary {
     /// Format marker.
     pub samverkan_heads: u32,
+    /// The organisation of the node that wrote it: a bundle made for it carries
+    /// only documents that organisation is a party to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub org: Option<OrgId>,
     /// Document id → heads as hex change hashes.
     pub docs: BTreeMap<DocId, Vec<String>>,
 }
@@ -204,7 +228,7 @@ pub struct HeadsSummary {
 impl HeadsSummary {
     /// An empty summary.
     pub fn new() -> Self {
-        Self { samverkan_heads: 1, docs: BTreeMap::new() }
+        Self { samverkan_heads: 1, org: None, docs: BTreeMap::new() }
     }
 
     /// Records a document's heads.
@@ -247,6 +271,8 @@ mod tests {
                 name: "Flen BF-samordnare".into(),
                 created: DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
             },
+            relay_key: Some(crate::identity::NodeKey::generate().node_id()),
+            directory: Some(b"{\"signed\":1}".to_vec()),
             docs: vec![
                 BundleDoc {
                     id: DocId::random(),

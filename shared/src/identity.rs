@@ -137,6 +137,11 @@ impl NodeKey {
         format!("{}\n{}\n", Self::FILE_HEADER, hex::encode(self.0.to_bytes()))
     }
 
+    /// A node key from an ed25519 signing key (fixed keys in tests and fuzzing).
+    pub fn from_signing_key(key: SigningKey) -> Self {
+        Self(key)
+    }
+
     /// Parses what [`NodeKey::to_file_contents`] wrote.
     pub fn from_file_contents(text: &str) -> Result<Self, IdentityError> {
         let mut lines = text.lines();

@@ -1,6 +1,7 @@
 //! Samverkan's shared core, used by the node, the relay and the tests.
 //!
 //! Layout:
+//! - [`acceptance`]: what is accepted from others on every path: authors, signatures, sizes.
 //! - [`approval`]: signed approvals of document versions: signed message, records, verification, approval state, signed bundles.
 //! - [`ids`]: typed ids of documents and list items.
 //! - [`org`]: organisations (parties) and the directory that names them.
@@ -19,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod acceptance;
 pub mod approval;
 pub mod authorship;
 pub mod bundle;

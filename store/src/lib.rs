@@ -35,6 +35,7 @@ use std::time::Duration;
 use automerge::{AutoCommit, ChangeHash};
 use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
+use samverkan_shared::acceptance::{document_size, ContentLimits, LimitError};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::{DocKind, Document, ModelError};
 use samverkan_shared::org::OrgId;
@@ -43,7 +44,7 @@ use serde::Serialize;
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
 /// Documents kept in the in-memory cache by default.
@@ -88,6 +89,9 @@ const MIGRATIONS: &[&str] = &[
          hash      BLOB PRIMARY KEY,
          signature BLOB NOT NULL
      ) WITHOUT ROWID;",
+    // 3 → 4: each document's size as the content limits count it (the sum of its
+    // changes' uncompressed bytes); filled in by `backfill_sizes`.
+    "ALTER TABLE documents ADD COLUMN change_bytes INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// Errors of the store.
@@ -142,6 +146,9 @@ pub enum StoreError {
     /// The document does not follow the schema.
     #[error(transparent)]
     Model(#[from] ModelError),
+    /// A change or the document is larger than the content limits allow.
+    #[error(transparent)]
+    TooLarge(#[from] LimitError),
     /// Any other SQLite error.
     #[error("database error: {0}")]
     Sqlite(rusqlite::Error),
@@ -243,6 +250,7 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     cache: RefCell<Cache>,
+    limits: ContentLimits,
 }
 
 /// Documents kept loaded between calls; see the module docs for when they are trusted.
@@ -317,13 +325,29 @@ impl Store {
     pub fn open_or_create(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(|e| classify_open_error(path, e))?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(|e| classify_open_error(path, e))?;
-        let mut store =
-            Self { conn, path: path.to_path_buf(), cache: RefCell::new(Cache::new(DEFAULT_CACHE_CAPACITY)) };
+        let mut store = Self {
+            conn,
+            path: path.to_path_buf(),
+            cache: RefCell::new(Cache::new(DEFAULT_CACHE_CAPACITY)),
+            limits: ContentLimits::default(),
+        };
         store.prepare().map_err(|e| match e {
             StoreError::Sqlite(inner) => classify_open_error(path, inner),
             other => other,
         })?;
         Ok(store)
+    }
+
+    /// Sets the size limits every write is checked against (the defaults
+    /// otherwise): a change or document over them is refused before anything is
+    /// written, whether it was typed here or arrived from elsewhere.
+    pub fn set_content_limits(&mut self, limits: ContentLimits) {
+        self.limits = limits;
+    }
+
+    /// The size limits in force.
+    pub fn content_limits(&self) -> ContentLimits {
+        self.limits
     }
 
     /// Sets how many loaded documents stay cached in memory (0 turns the cache off).
@@ -376,6 +400,9 @@ impl Store {
             }
             if version < 2 {
                 backfill_parties(&tx, &self.cache)?;
+            }
+            if version < 4 {
+                backfill_sizes(&tx, &self.cache)?;
             }
             tx.pragma_update(None, "application_id", APPLICATION_ID)?;
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -512,21 +539,24 @@ impl Store {
         if load_in(&tx, &self.cache, doc.id(), false)?.is_some() {
             return Err(StoreError::AlreadyExists(doc.id().clone()));
         }
+        let id = doc.id().clone();
+        let size = self.limits.check_new_changes(&id, doc.automerge_mut(), &[], 0)?;
         let data = doc.automerge_mut().save();
         let heads = doc.heads();
         let now = Utc::now().to_rfc3339();
         tx.execute(
-            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
+            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties, change_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
             params![
-                doc.id().as_str(),
+                id.as_str(),
                 doc.kind()?.as_str(),
                 doc.title()?,
                 join_heads(&heads),
                 data,
                 sha256(&data),
                 now,
-                join_parties(&doc.parties()?)
+                join_parties(&doc.parties()?),
+                size as i64
             ],
         )?;
         tx.commit()?;
@@ -579,8 +609,19 @@ impl Store {
             }
             return Ok((value, UpdateOutcome { new_bytes: 0, heads, created: false }));
         }
-        // Whatever came in must still be a document we can read.
+        // Whatever came in must still be a document we can read, within the limits.
         doc.check_header().map_err(StoreError::from)?;
+        let size_before: i64 = if created {
+            0
+        } else {
+            tx.prepare_cached("SELECT change_bytes FROM documents WHERE doc_id = ?1")
+                .and_then(|mut stmt| stmt.query_row([id.as_str()], |r| r.get(0)))
+                .map_err(StoreError::from)?
+        };
+        let size = self
+            .limits
+            .check_new_changes(id, doc.automerge_mut(), &before, size_before.max(0) as u64)
+            .map_err(StoreError::from)?;
         let kind = doc.kind().map_err(StoreError::from)?;
         let title = doc.title().map_err(StoreError::from)?;
         let parties = join_parties(&doc.parties().map_err(StoreError::from)?);
@@ -588,9 +629,19 @@ impl Store {
         let new_bytes = if created {
             let data = doc.automerge_mut().save();
             tx.execute(
-                "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8)",
-                params![id.as_str(), kind.as_str(), title, join_heads(&heads), data, sha256(&data), now, parties],
+                "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties, change_bytes)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+                params![
+                    id.as_str(),
+                    kind.as_str(),
+                    title,
+                    join_heads(&heads),
+                    data,
+                    sha256(&data),
+                    now,
+                    parties,
+                    size as i64
+                ],
             )
             .map_err(StoreError::from)?;
             data.len()
@@ -601,10 +652,11 @@ impl Store {
                 .map_err(StoreError::from)?;
             last_seq = tx.last_insert_rowid();
             tx.prepare_cached(
-                "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5, parties = ?6 WHERE doc_id = ?1",
+                "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5, parties = ?6, change_bytes = ?7
+                 WHERE doc_id = ?1",
             )
             .and_then(|mut stmt| {
-                stmt.execute(params![id.as_str(), kind.as_str(), title, join_heads(&heads), now, parties])
+                stmt.execute(params![id.as_str(), kind.as_str(), title, join_heads(&heads), now, parties, size as i64])
             })
             .map_err(StoreError::from)?;
             if let Some(g) = compact_if_due(&tx, id, &mut doc)? {
@@ -770,6 +822,22 @@ fn backfill_parties(tx: &Transaction<'_>, cache: &RefCell<Cache>) -> Result<(), 
             _ => String::new(),
         };
         tx.execute("UPDATE documents SET parties = ?2 WHERE doc_id = ?1", params![id, parties])?;
+    }
+    Ok(())
+}
+
+/// Fills the `change_bytes` column of every stored document (migration to
+/// schema 4). A document that cannot be read keeps 0 and is reported by `check`.
+fn backfill_sizes(tx: &Transaction<'_>, cache: &RefCell<Cache>) -> Result<(), StoreError> {
+    let ids: Vec<String> =
+        tx.prepare("SELECT doc_id FROM documents")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    for id in ids {
+        let Ok(doc_id) = id.parse::<DocId>() else { continue };
+        let size = match load_in(tx, cache, &doc_id, false) {
+            Ok(Some(mut loaded)) => document_size(loaded.doc.automerge_mut()),
+            _ => 0,
+        };
+        tx.execute("UPDATE documents SET change_bytes = ?2 WHERE doc_id = ?1", params![id, size as i64])?;
     }
     Ok(())
 }

@@ -11,14 +11,16 @@
 use std::collections::BTreeMap;
 
 use automerge::{AutoCommit, ChangeHash};
+use samverkan_shared::acceptance::{self, AuthorPolicy, AuthorRule};
+use samverkan_shared::authorship;
 use samverkan_shared::bundle::Bundle;
-use samverkan_shared::directory::SignedDirectory;
-use samverkan_shared::identity::NodeId;
+use samverkan_shared::directory::{EnrollmentDirectory, Member, MemberKind, SignedDirectory};
+use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown;
 use samverkan_shared::model::Document;
-use samverkan_shared::org::Directory;
-use samverkan_shared::sync::{DocAccess, DocOutcome, SignedChange, SyncConnection};
+use samverkan_shared::org::{Directory, OrgId};
+use samverkan_shared::sync::{DocAccess, DocOutcome, SignedChange, SyncConnection, SyncLimits};
 use samverkan_shared::wire::{Frame, FrameDecoder, PROTOCOL_VERSION};
 
 /// A fuzz target's body.
@@ -83,6 +85,10 @@ impl DocAccess for MemDocs {
 
     fn may_receive(&mut self, _doc: &DocId) -> bool {
         true
+    }
+
+    fn authors(&mut self) -> samverkan_shared::acceptance::AuthorPolicy {
+        samverkan_shared::acceptance::AuthorPolicy::any_signed_author()
     }
 
     fn with_doc<R>(
@@ -172,27 +178,48 @@ pub fn relay_record(tag: u8, body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Bundle import: decode (magic, version, header, SHA-256), then load every
-/// document's changes the way `Node::import_bundle` does, in memory.
+/// The enrollment directory the bundle targets check authors against: the
+/// fuzz key ([`fuzz_relay_key`]) enrolled as a node of Flen.
+pub fn fuzz_directory() -> EnrollmentDirectory {
+    let key = fuzz_relay_key();
+    let mut directory = EnrollmentDirectory::default();
+    directory
+        .enroll(Member {
+            key: NodeId::from_bytes(&key.verifying_key().to_bytes()).expect("valid key"),
+            kind: MemberKind::Node,
+            org: OrgId::new("flen-kommun").expect("valid org"),
+            name: "fuzz".into(),
+            role: None,
+            enrolled_at: chrono::DateTime::UNIX_EPOCH,
+            revoked_at: None,
+        })
+        .expect("enrolls");
+    directory
+}
+
+/// Bundle import: decode (magic, version, header, SHA-256), then apply every
+/// document through the node's acceptance path ([`acceptance::apply_bundle_doc`]:
+/// chunk checks, bounded inflation, Automerge under panic isolation, schema,
+/// parties, authors and signatures), in memory.
 pub fn bundle_import(data: &[u8]) {
     let Ok(bundle) = Bundle::decode(data) else { return };
     let again = Bundle::decode(&bundle.encode()).expect("an encoded bundle decodes");
     assert_eq!(again, bundle, "bundle round trip");
+    let authors = AuthorPolicy::new(std::sync::Arc::new(fuzz_directory()), AuthorRule::EnrolledNode);
+    let limits = SyncLimits { max_inflated_bytes: 1 << 24, max_change_bytes: 1 << 22, ..SyncLimits::default() };
+    let org = OrgId::new("flen-kommun").expect("valid org");
     for item in &bundle.docs {
-        let mut doc = AutoCommit::new();
-        if doc.load_incremental(&item.data).is_err() {
-            continue;
-        }
-        if let Ok(model) = Document::from_automerge(item.id.clone(), doc) {
-            let _ = model.check_header();
-            let _ = model.view();
-            let _ = model.parties();
+        let Ok(mut doc) = Document::from_automerge(item.id.clone(), AutoCommit::new()) else { continue };
+        if acceptance::apply_bundle_doc(&mut doc, &item.data, &item.signatures, &authors, &limits, &org).is_ok() {
+            let _ = doc.view();
+            let _ = doc.parties();
         }
     }
 }
 
 /// Bundle import past the checksum: the bytes are one document's Automerge
-/// data in an otherwise valid bundle (random bytes rarely pass the SHA-256).
+/// data in an otherwise valid bundle (random bytes rarely pass the SHA-256),
+/// with the signatures of the seed documents' changes.
 pub fn bundle_docs(data: &[u8]) {
     let origin = samverkan_shared::bundle::BundleOrigin {
         node: "ab".repeat(32),
@@ -200,12 +227,19 @@ pub fn bundle_docs(data: &[u8]) {
         name: "fuzz".into(),
         created: chrono::DateTime::UNIX_EPOCH,
     };
-    let doc = samverkan_shared::bundle::BundleDoc {
-        id: fuzz_doc_ids()[0].clone(),
-        data: data.to_vec(),
-        signatures: Vec::new(),
+    let mut doc = AutoCommit::new();
+    let signatures = match doc.load_incremental(data) {
+        Ok(_) => sign_all(&mut doc),
+        Err(_) => Vec::new(),
     };
-    bundle_import(&Bundle { origin, docs: vec![doc] }.encode());
+    let doc = samverkan_shared::bundle::BundleDoc { id: fuzz_doc_ids()[0].clone(), data: data.to_vec(), signatures };
+    bundle_import(&Bundle { origin, relay_key: None, directory: None, docs: vec![doc] }.encode());
+}
+
+/// The fuzz key's signatures of every change of `doc` (as its author would send them).
+pub fn sign_all(doc: &mut AutoCommit) -> Vec<SignedChange> {
+    let key = NodeKey::from_signing_key(fuzz_relay_key());
+    doc.get_changes(&[]).iter().map(|c| (c.hash(), authorship::sign(&key, &c.hash()))).collect()
 }
 
 /// Markdown import (front matter or plain text) and, when it succeeds, export

@@ -33,6 +33,7 @@ use automerge::sync::{Have, Message};
 use automerge::ChangeHash;
 use sha2::{Digest, Sha256};
 
+use crate::acceptance::{ContentLimits, DEFAULT_MAX_CHANGE_BYTES, DEFAULT_MAX_DOCUMENT_BYTES};
 use crate::wire::DEFAULT_MAX_FRAME;
 
 /// Limits on what a peer may send and what we generate, per sync message.
@@ -51,6 +52,20 @@ pub struct SyncLimits {
     pub max_bloom_bits_per_entry: u32,
     /// Largest total size that the compressed data in one message may inflate to.
     pub max_inflated_bytes: u64,
+    /// Largest single change chunk (inflated), as [`ContentLimits::max_change_bytes`];
+    /// a larger change is refused before Automerge parses it.
+    pub max_change_bytes: u64,
+}
+
+impl SyncLimits {
+    /// The default limits, with the change and inflation bounds of `content`.
+    pub fn for_content(content: &ContentLimits) -> Self {
+        Self {
+            max_inflated_bytes: content.max_document_bytes,
+            max_change_bytes: content.max_change_bytes,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for SyncLimits {
@@ -61,7 +76,8 @@ impl Default for SyncLimits {
             max_haves: 8,
             max_bloom_probes: 64,
             max_bloom_bits_per_entry: 64,
-            max_inflated_bytes: 256 * 1024 * 1024,
+            max_inflated_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
+            max_change_bytes: DEFAULT_MAX_CHANGE_BYTES,
         }
     }
 }
@@ -120,6 +136,17 @@ pub enum MessageCheckError {
         /// The limit.
         max: u64,
     },
+    /// One change is larger than allowed.
+    #[error("a change of {size} bytes exceeds the limit of {max} bytes per change")]
+    ChangeTooLarge {
+        /// Its size (inflated).
+        size: u64,
+        /// The limit.
+        max: u64,
+    },
+    /// Bytes that hold no Automerge data at all.
+    #[error("no Automerge data")]
+    Empty,
 }
 
 /// Checks a decoded sync message against `limits` (see the module docs).
@@ -134,10 +161,26 @@ pub fn check_message(message: &Message, limits: &SyncLimits) -> Result<(), Messa
     }
     let mut budget = limits.max_inflated_bytes;
     for entry in message.changes.iter() {
-        let mut rest = entry;
-        while !rest.is_empty() {
-            rest = check_chunk(rest, &mut budget, limits.max_inflated_bytes)?;
-        }
+        check_chunks_within(entry, &mut budget, limits)?;
+    }
+    Ok(())
+}
+
+/// Checks Automerge bytes from a file (a bundle's document data: a saved
+/// document or concatenated changes) exactly as the changes of a sync message
+/// are checked, before `load_incremental` sees them. Empty input is refused.
+pub fn check_chunks(data: &[u8], limits: &SyncLimits) -> Result<(), MessageCheckError> {
+    if data.is_empty() {
+        return Err(MessageCheckError::Empty);
+    }
+    let mut budget = limits.max_inflated_bytes;
+    check_chunks_within(data, &mut budget, limits)
+}
+
+fn check_chunks_within(data: &[u8], budget: &mut u64, limits: &SyncLimits) -> Result<(), MessageCheckError> {
+    let mut rest = data;
+    while !rest.is_empty() {
+        rest = check_chunk(rest, budget, limits)?;
     }
     Ok(())
 }
@@ -188,8 +231,10 @@ const CHUNK_COMPRESSED: u8 = 2;
 const COLUMN_DEFLATE: u32 = 0b1000;
 
 /// Checks one chunk at the start of `input`; returns the bytes after it.
-fn check_chunk<'a>(input: &'a [u8], budget: &mut u64, max: u64) -> Result<&'a [u8], MessageCheckError> {
+fn check_chunk<'a>(input: &'a [u8], budget: &mut u64, limits: &SyncLimits) -> Result<&'a [u8], MessageCheckError> {
+    let max = limits.max_inflated_bytes;
     let bad = |reason| MessageCheckError::BadChunk { reason };
+    let too_large = |size: u64| MessageCheckError::ChangeTooLarge { size, max: limits.max_change_bytes };
     let mut r = Bytes(input);
     if r.take(4).map_err(|_| bad("header"))? != MAGIC {
         return Err(bad("magic bytes"));
@@ -203,10 +248,23 @@ fn check_chunk<'a>(input: &'a [u8], budget: &mut u64, max: u64) -> Result<&'a [u
             verify_checksum(checksum, CHUNK_DOCUMENT, data.len() as u64, |h| h.update(data))?;
             check_document_columns(data, budget, max)?;
         }
-        CHUNK_CHANGE => verify_checksum(checksum, CHUNK_CHANGE, data.len() as u64, |h| h.update(data))?,
+        CHUNK_CHANGE => {
+            let size = (input.len() - r.0.len()) as u64;
+            if size > limits.max_change_bytes {
+                return Err(too_large(size));
+            }
+            verify_checksum(checksum, CHUNK_CHANGE, data.len() as u64, |h| h.update(data))?
+        }
         CHUNK_COMPRESSED => {
             // The checksum covers the inflated change: count first, then hash while inflating again.
-            let inflated = inflate_counted(data, budget, max)?;
+            // At most one byte past the change limit is inflated before refusing.
+            let change_cap = limits.max_change_bytes;
+            let mut change_budget = (*budget).min(change_cap);
+            let inflated = inflate_counted(data, &mut change_budget, max).map_err(|e| match e {
+                MessageCheckError::InflatedTooLarge { .. } if change_cap < *budget => too_large(change_cap + 1),
+                other => other,
+            })?;
+            *budget -= inflated;
             let mut result = Ok(());
             verify_checksum(checksum, CHUNK_CHANGE, inflated, |hasher| {
                 let mut inflater = flate2::bufread::DeflateDecoder::new(data).take(inflated);

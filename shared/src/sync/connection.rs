@@ -17,7 +17,8 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use automerge::{ActorId, AutoCommit, ChangeHash};
 
 use super::{doc_heads_frame, plan, summary_digest, summary_frame, PeerSession, Role, SyncError};
-use crate::authorship::{self, AuthorshipError, ChangeSignature};
+use crate::acceptance::{self, AuthorPolicy};
+use crate::authorship::{AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
 use crate::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
 
@@ -60,6 +61,9 @@ pub trait DocAccess {
 
     /// Whether the peer may send us a document we do not hold yet.
     fn may_receive(&mut self, doc: &DocId) -> bool;
+
+    /// Whose changes this side accepts (see [`crate::acceptance`]).
+    fn authors(&mut self) -> AuthorPolicy;
 
     /// Runs `f` on a document; on [`DocOutcome::Keep`] durably stores the
     /// document (if its heads changed) and the signatures in one transaction,
@@ -227,6 +231,12 @@ impl SyncConnection {
         }
     }
 
+    /// Sets the limits on the peer's sync messages (the defaults otherwise);
+    /// call before the first frame and before restoring sync states.
+    pub fn set_limits(&mut self, limits: super::SyncLimits) {
+        self.session = PeerSession::with_limits(self.role, limits);
+    }
+
     /// The peer, once the handshake is done.
     pub fn peer(&self) -> Option<&str> {
         self.peer.as_deref()
@@ -377,6 +387,7 @@ impl SyncConnection {
             (Phase::Open, Frame::Sync { doc, message }) => {
                 self.stats.sync_in += 1;
                 let create = docs.may_receive(&doc);
+                let authors = docs.authors();
                 let session = &mut self.session;
                 let offered = &mut self.offered;
                 let outcome = docs
@@ -386,7 +397,7 @@ impl SyncConnection {
                             Ok(outcome) => outcome,
                             Err(e) => return DocOutcome::Discard(Err(ConnectionError::from(e))),
                         };
-                        match authorship::verify_new_changes(d, &before, offered) {
+                        match acceptance::accept_new_changes(d, &before, offered, &authors) {
                             Ok(signatures) => {
                                 let unsigned = session.take_unsigned(&doc, d);
                                 DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures }
@@ -515,6 +526,7 @@ mod tests {
     use automerge::ReadDoc;
 
     use super::*;
+    use crate::authorship;
 
     /// The key every test document is written with.
     fn author() -> &'static crate::identity::NodeKey {
@@ -533,6 +545,9 @@ mod tests {
         }
         fn may_receive(&mut self, _doc: &DocId) -> bool {
             true
+        }
+        fn authors(&mut self) -> AuthorPolicy {
+            AuthorPolicy::any_signed_author()
         }
         fn with_doc<R>(
             &mut self,

@@ -44,7 +44,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use automerge::sync::{DecodeStateError, Message, ReadMessageError, State, SyncDoc};
 use automerge::{AutoCommit, AutomergeError, ChangeHash};
 
-pub use check::{check_message, MessageCheckError, SyncLimits};
+pub use check::{check_chunks, check_message, MessageCheckError, SyncLimits};
 pub use connection::{
     ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, SignedChange, SyncConnection,
 };
