@@ -56,6 +56,36 @@ impl Cli {
     }
 }
 
+/// Enrolls these nodes at a relay on paper: a relay key and its signed
+/// directory, as `join` and a first sync leave them, so that their bundles are
+/// accepted by each other without a network.
+fn enroll_on_paper(nodes: &[&Cli]) {
+    use samverkan_node::node::{Node, META_RELAY_KEY};
+    use samverkan_shared::directory::{EnrollmentDirectory, Member, MemberKind};
+    let relay = samverkan_shared::identity::NodeKey::generate();
+    let mut directory = EnrollmentDirectory::default();
+    let mut opened = Vec::new();
+    for cli in nodes {
+        let node = Node::open(&cli.data_dir).expect("open node");
+        let member = Member {
+            key: node.node_id(),
+            kind: MemberKind::Node,
+            org: node.org().clone(),
+            name: node.name().to_string(),
+            role: None,
+            enrolled_at: chrono::Utc::now(),
+            revoked_at: None,
+        };
+        directory.enroll(member).expect("enroll");
+        opened.push(node);
+    }
+    let signed = directory.sign(relay.signing_key()).encode();
+    for mut node in opened {
+        node.store_mut().set_meta(META_RELAY_KEY, &relay.node_id().to_string()).expect("pin");
+        node.store_enrollment(&signed, &relay.node_id()).expect("directory verifies");
+    }
+}
+
 #[test]
 fn a_coordinator_works_offline_and_hands_changes_over_on_a_stick() {
     let root = tempfile::tempdir().unwrap();
@@ -125,6 +155,10 @@ fn a_coordinator_works_offline_and_hands_changes_over_on_a_stick() {
         .contains("unknown organisation \"Uppsala\""));
     assert!(county.fails(&["show", "ffff"]).contains("no document matches"));
     assert_eq!(county.json(&["show", short])["document"], *doc);
+
+    // Flen joins the work: a bundle carries only documents the receiver's organisation is a party to.
+    county.ok(&["set", short, "parties", "Länsstyrelsen, Polisen, Flen"]);
+    enroll_on_paper(&[&county, &flen]);
 
     // Hand everything to Flen on a stick; Flen edits offline and hands back only what is new.
     let stick = root.path().join("stick.bundle");

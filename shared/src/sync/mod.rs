@@ -148,6 +148,10 @@ impl SyncError {
     /// The code to send in [`Frame::Error`] before closing the connection.
     pub fn error_code(&self) -> ErrorCode {
         match self {
+            SyncError::Refused {
+                source: MessageCheckError::ChangeTooLarge { .. } | MessageCheckError::InflatedTooLarge { .. },
+                ..
+            } => ErrorCode::TooLarge,
             SyncError::Decode { .. } | SyncError::Refused { .. } | SyncError::Automerge { .. } => ErrorCode::Malformed,
             SyncError::Panicked { during, .. } if *during == "receiving" => ErrorCode::Malformed,
             SyncError::MessageTooLarge { .. } => ErrorCode::TooLarge,
