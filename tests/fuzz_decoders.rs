@@ -73,7 +73,12 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 Frame::InSync,
                 Frame::Sync { doc: fuzz_doc_ids()[0].clone(), message: vec![0x42, 1, 2, 3] },
                 Frame::Error { code: ErrorCode::from_u16(3), message: "nope".into() },
-                Frame::Join { protocol: PROTOCOL_VERSION, software: "x".into(), secret: vec![5; 16] },
+                Frame::Join {
+                    protocol: PROTOCOL_VERSION,
+                    software: "x".into(),
+                    secret: vec![5; 16],
+                    org: "flen-kommun".into(),
+                },
                 Frame::Directory { signed: b"{}".to_vec() },
             ];
             let mut all = vec![7u8];

@@ -63,6 +63,7 @@ async fn quinn_round_trips(samples: usize) -> Result<Vec<Duration>> {
     let addr = server.local_addr()?;
     let echo = tokio::spawn(async move {
         let conn = server.accept().await.context("no connection")?.await?;
+        endpoint::admit(&conn, &Limits::default());
         let (mut send, mut recv) = conn.accept_bi().await?;
         let mut buf = [0u8; 300];
         while recv.read_exact(&mut buf).await.is_ok() {

@@ -45,8 +45,21 @@ impl Default for Limits {
     }
 }
 
+/// The relay's connection-level flow-control window until it admits the peer
+/// (see [`admit`]): a peer the relay does not know yet can have at most this
+/// many stream bytes in flight, whatever `Limits::connection_window` says.
+pub const PREAUTH_RECEIVE_WINDOW: u32 = 64 * 1024;
+
 impl Limits {
     fn transport(&self, accept_bidi_streams: u32) -> Result<Arc<TransportConfig>, NetError> {
+        self.transport_with_window(accept_bidi_streams, self.connection_window)
+    }
+
+    fn transport_with_window(
+        &self,
+        accept_bidi_streams: u32,
+        receive_window: u32,
+    ) -> Result<Arc<TransportConfig>, NetError> {
         let mut transport = TransportConfig::default();
         let idle = IdleTimeout::try_from(self.idle_timeout)
             .map_err(|_| NetError::Io(format!("idle timeout {:?} is out of range", self.idle_timeout)))?;
@@ -56,7 +69,7 @@ impl Limits {
             .max_concurrent_bidi_streams(VarInt::from_u32(accept_bidi_streams))
             .max_concurrent_uni_streams(VarInt::from_u32(0))
             .stream_receive_window(VarInt::from_u32(self.stream_window))
-            .receive_window(VarInt::from_u32(self.connection_window))
+            .receive_window(VarInt::from_u32(receive_window))
             .send_window(u64::from(self.connection_window));
         Ok(Arc::new(transport))
     }
@@ -64,6 +77,9 @@ impl Limits {
 
 /// A relay endpoint listening on `listen` with the relay's identity; every
 /// client must prove an ed25519 key (read it with [`tls::peer_key`]).
+///
+/// Connections start with a receive window of [`PREAUTH_RECEIVE_WINDOW`]; call
+/// [`admit`] once the peer is authenticated to open it to `limits.connection_window`.
 pub fn server_endpoint(
     listen: SocketAddr,
     identity: &TlsIdentity,
@@ -80,8 +96,13 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(crypto).map_err(|e| NetError::Certificate(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     // A node opens exactly one stream for the sync protocol.
-    config.transport_config(limits.transport(1)?);
+    config.transport_config(limits.transport_with_window(1, limits.connection_window.min(PREAUTH_RECEIVE_WINDOW))?);
     quinn::Endpoint::server(config, listen).map_err(|e| NetError::Io(format!("listening on {listen}: {e}")))
+}
+
+/// Opens an authenticated peer's connection to the full flow-control window of `limits`.
+pub fn admit(conn: &quinn::Connection, limits: &Limits) {
+    conn.set_receive_window(VarInt::from_u32(limits.connection_window));
 }
 
 /// A client endpoint suitable for reaching `target` (IPv4 or IPv6).

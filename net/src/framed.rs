@@ -4,6 +4,12 @@
 //! Sending refuses frames above the limit before writing anything; receiving
 //! feeds the sans-IO [`FrameDecoder`], which refuses an oversized length prefix
 //! before buffering its payload. Both halves count the bytes they move.
+//!
+//! [`FramedRecv::recv_with_limit`] reads one frame with a smaller limit: the
+//! relay reads a connection's first frame (`Hello` or `Join`) with
+//! [`MAX_PREAUTH_FRAME`], so a peer it does not know yet can make it hold a few
+//! kilobytes, not the configured maximum frame. The decoder's buffer grows only
+//! with bytes that arrived, at most [`READ_CHUNK`] at a time beyond the frame.
 
 use samverkan_shared::wire::{Frame, FrameDecoder};
 
@@ -11,7 +17,11 @@ use crate::endpoint::Limits;
 use crate::NetError;
 
 /// Bytes read from the stream at a time.
-const READ_CHUNK: usize = 64 * 1024;
+pub const READ_CHUNK: usize = 64 * 1024;
+/// Largest first frame (`Hello` or `Join`) the relay reads before it knows the
+/// peer is enrolled: 4 KiB, far above what those frames need (about 200 bytes)
+/// and far below the 64 MiB a sync frame may have.
+pub const MAX_PREAUTH_FRAME: usize = 4 * 1024;
 /// How long `finish` waits for the peer to acknowledge the last bytes.
 const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -86,6 +96,21 @@ pub struct FramedRecv {
 }
 
 impl FramedRecv {
+    /// The next frame, refusing one whose payload is larger than `max` bytes
+    /// (or than the stream's maximum) as soon as its length prefix arrives,
+    /// with [`NetError::Wire`] (`FrameTooLarge`); the frames after it are held
+    /// to the stream's maximum again. If the call is cancelled before the frame
+    /// arrived, the limit still applies to it.
+    pub async fn recv_with_limit(&mut self, max: usize) -> Result<Option<Frame>, NetError> {
+        self.decoder.limit_next_frame(max);
+        self.recv().await
+    }
+
+    /// Bytes the frame decoder holds allocated now (see [`FrameDecoder::allocated`]).
+    pub fn buffer_allocated(&self) -> usize {
+        self.decoder.allocated()
+    }
+
     /// The next frame; `Ok(None)` when the peer ended the stream (or closed the
     /// connection normally) between frames.
     pub async fn recv(&mut self) -> Result<Option<Frame>, NetError> {
@@ -120,5 +145,96 @@ impl FramedRecv {
     /// Bytes read so far.
     pub fn bytes(&self) -> u64 {
         self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ed25519_dalek::SigningKey;
+    use samverkan_shared::wire::{WireError, LENGTH_PREFIX};
+
+    use super::*;
+    use crate::endpoint;
+    use crate::tls::{self, TlsIdentity};
+
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+    /// A server and a client endpoint connected over QUIC on loopback:
+    /// (server endpoint, server's connection, client endpoint, client's connection).
+    async fn connected(limits: &Limits) -> (quinn::Endpoint, quinn::Connection, quinn::Endpoint, quinn::Connection) {
+        let server_key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let server_identity = TlsIdentity::new(&server_key, tls::SERVER_NAME).unwrap();
+        let server = endpoint::server_endpoint("127.0.0.1:0".parse().unwrap(), &server_identity, limits).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client_key = SigningKey::generate(&mut rand::rngs::OsRng);
+        let client_identity = TlsIdentity::new(&client_key, "test-client").unwrap();
+        let client = endpoint::client_endpoint(addr).unwrap();
+        let connecting =
+            endpoint::connect(&client, addr, &client_identity, server_key.verifying_key().to_bytes(), limits);
+        let accepting = async { server.accept().await.unwrap().await.unwrap() };
+        let (server_conn, client_conn) = tokio::join!(accepting, connecting);
+        (server, server_conn, client, client_conn.unwrap())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_frame_above_the_preauth_limit_is_refused_without_buffering() {
+        let limits = Limits::default();
+        tokio::time::timeout(LIMIT, async {
+            let (_server, server_conn, _client, client_conn) = connected(&limits).await;
+            let (mut send, _client_recv) = open(&client_conn, &limits).await.unwrap();
+            // Announce 64 MiB and send the first megabyte of it.
+            let announced = 64u32 << 20;
+            let mut bytes = announced.to_be_bytes().to_vec();
+            bytes.extend(vec![0x06; 1 << 20]);
+            let writer = tokio::spawn(async move {
+                let _ = send.stream.write_all(&bytes).await;
+                send
+            });
+            let (_server_send, mut recv) = accept(&server_conn, &limits).await.unwrap();
+            let error = recv.recv_with_limit(MAX_PREAUTH_FRAME).await.unwrap_err();
+            assert!(
+                matches!(
+                    &error,
+                    NetError::Wire(WireError::FrameTooLarge { len, max })
+                        if *len == u64::from(announced) && *max == MAX_PREAUTH_FRAME
+                ),
+                "{error}"
+            );
+            assert!(recv.bytes() <= (READ_CHUNK + LENGTH_PREFIX) as u64, "read {} bytes", recv.bytes());
+            assert!(recv.buffer_allocated() <= READ_CHUNK, "allocated {}", recv.buffer_allocated());
+            server_conn.close(0u32.into(), b"bye");
+            let _ = writer.await;
+        })
+        .await
+        .expect("finished in time");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_small_first_frame_the_stream_takes_frames_up_to_its_maximum() {
+        let limits = Limits::default();
+        tokio::time::timeout(LIMIT, async {
+            let (_server, server_conn, _client, client_conn) = connected(&limits).await;
+            let (mut send, _client_recv) = open(&client_conn, &limits).await.unwrap();
+            let first = Frame::InSync;
+            let doc = "00112233445566778899aabbccddeeff".parse().unwrap();
+            let big = Frame::Sync { doc, message: vec![9; 3 << 20] };
+            // Sent back to back: the large frame's prefix may arrive with the first frame.
+            let frames = vec![first.clone(), big.clone()];
+            let writer = tokio::spawn(async move {
+                for frame in &frames {
+                    send.send(frame).await.unwrap();
+                }
+                send
+            });
+            let (_server_send, mut recv) = accept(&server_conn, &limits).await.unwrap();
+            assert_eq!(recv.recv_with_limit(MAX_PREAUTH_FRAME).await.unwrap(), Some(first));
+            // Admitted (as the relay does after authentication): the full window, frames up to the maximum.
+            endpoint::admit(&server_conn, &limits);
+            assert_eq!(recv.recv().await.unwrap(), Some(big));
+            let _send = writer.await.unwrap();
+            server_conn.close(0u32.into(), b"bye");
+        })
+        .await
+        .expect("finished in time");
     }
 }

@@ -278,10 +278,12 @@ pub async fn join(node: &mut Node, code: &JoinCode, timeout: Duration) -> Result
         .ok_or_else(|| NetError::Io(format!("{} resolves to no address", code.relay_address)))?;
     let target = RelayTarget { addr, relay_key: code.relay_key };
     let identity = TlsIdentity::new(node.key().signing_key(), "samverkan-node")?;
+    // The relay refuses, enrolling nothing, a code issued for another organisation.
+    let org = node.org().to_string();
     let exchange = async {
         let (conn, mut send, mut recv) = connect(&identity, &target, &Limits::default()).await?;
-        send.send(&Frame::Join { protocol: PROTOCOL_VERSION, software: software(), secret: code.secret.to_vec() })
-            .await?;
+        let join = Frame::Join { protocol: PROTOCOL_VERSION, software: software(), secret: code.secret.to_vec(), org };
+        send.send(&join).await?;
         let answer = recv.recv().await?;
         let _ = send.finish().await;
         conn.close(0u32.into(), b"joined");
@@ -300,9 +302,12 @@ pub async fn join(node: &mut Node, code: &JoinCode, timeout: Duration) -> Result
     let member = directory.active(&node.node_id()).cloned().ok_or_else(|| {
         ConnectionError::Protocol("the relay's directory does not list this node after the join".into())
     })?;
+    // Defence in depth (the relay checks this before it enrolls anything): nothing
+    // is written to this node unless the directory lists it for its own organisation.
     if &member.org != node.org() {
         return Err(SyncFailure::WrongOrganisation { code_org: member.org, node_org: node.org().clone() });
     }
+    // Only now, with everything verified, is the relay pinned.
     let store = node.store_mut();
     store.set_meta(META_RELAY_ADDRESS, &code.relay_address)?;
     store.set_meta(META_RELAY_KEY, &code.relay_key.to_string())?;

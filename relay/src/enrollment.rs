@@ -10,7 +10,7 @@ use chrono::{DateTime, Duration, Utc};
 use rand::RngCore;
 use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, Member, MemberKind};
 use samverkan_shared::identity::NodeId;
-use samverkan_shared::org::OrgId;
+use samverkan_shared::org::{Directory, OrgId};
 use samverkan_store::StoreError;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -40,6 +40,36 @@ pub enum EnrollmentError {
     /// The join code expired.
     #[error("the join code expired at {0}; ask the operator for a new one")]
     ExpiredJoinCode(DateTime<Utc>),
+    /// The node claims an organisation that is not a valid organisation id.
+    #[error("the node names its organisation {0:?}, which is not an organisation id; nothing was enrolled")]
+    InvalidOrganisation(String),
+    /// The join code was issued for another organisation than the node's.
+    #[error(
+        "this join code was issued for {code_org_name} ({code_org}), but this node belongs to {node_org}; \
+         nothing was enrolled and the code is still valid; ask the operator for a code for your organisation"
+    )]
+    WrongOrganisation {
+        /// The organisation the code was issued for.
+        code_org: OrgId,
+        /// Its name, for people.
+        code_org_name: String,
+        /// The organisation the node says it belongs to.
+        node_org: OrgId,
+    },
+    /// The key joining is already enrolled (and not revoked).
+    #[error(
+        "this node's key {key} is already enrolled at this relay as {name} ({org}); the join code was not used. \
+         Sync with `samverkan-node sync --relay <address> --relay-key <relay key>`, \
+         or ask the operator to revoke the key first"
+    )]
+    AlreadyEnrolled {
+        /// The key, shortened.
+        key: String,
+        /// The organisation it is enrolled for.
+        org: OrgId,
+        /// The name it is enrolled under.
+        name: String,
+    },
 }
 
 /// A join code waiting to be used.
@@ -132,19 +162,42 @@ pub fn issue_join<S: RelayStorage>(
 }
 
 /// Uses a join code: enrolls `key` as the node the code was issued for.
+///
+/// `node_org` is the organisation the joining node says it belongs to. Every
+/// check comes before any change, in the same storage transaction: the code
+/// exists and has not expired, it was issued for `node_org`, and `key` is not
+/// enrolled already (under any organisation). On any failure nothing changes:
+/// the code stays usable and no member is added.
 pub fn consume_join<S: RelayStorage>(
     storage: &mut S,
     secret: &[u8],
     key: NodeId,
+    node_org: &str,
     now: DateTime<Utc>,
 ) -> Result<Member, EnrollmentError> {
     let hash = hex::encode(Sha256::digest(secret));
+    let node_org = OrgId::new(node_org.trim()).ok_or_else(|| EnrollmentError::InvalidOrganisation(node_org.into()))?;
     change(storage, |state| {
         let index = state.joins.iter().position(|j| j.secret_sha256 == hash).ok_or(EnrollmentError::UnknownJoinCode)?;
-        let join = state.joins.remove(index);
-        if join.expires_at <= now {
-            return Err(EnrollmentError::ExpiredJoinCode(join.expires_at));
+        let pending = &state.joins[index];
+        if pending.expires_at <= now {
+            return Err(EnrollmentError::ExpiredJoinCode(pending.expires_at));
         }
+        if pending.org != node_org {
+            return Err(EnrollmentError::WrongOrganisation {
+                code_org_name: Directory::sodermanland().name_of(&pending.org).to_string(),
+                code_org: pending.org.clone(),
+                node_org,
+            });
+        }
+        if let Some(member) = state.directory.active(&key) {
+            return Err(EnrollmentError::AlreadyEnrolled {
+                key: key.short(),
+                org: member.org.clone(),
+                name: member.name.clone(),
+            });
+        }
+        let join = state.joins.remove(index);
         let member = Member {
             key,
             kind: MemberKind::Node,
@@ -171,25 +224,91 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut storage = SqliteStorage::open(&dir.path().join("relay.db"), 4).unwrap();
         let now = Utc::now();
-        let flen = OrgId::new("flen").unwrap();
+        let flen = OrgId::new("flen-kommun").unwrap();
         let secret = issue_join(&mut storage, flen.clone(), "Flen", Duration::hours(1), now).unwrap();
         let key = NodeKey::generate().node_id();
-        let member = consume_join(&mut storage, &secret, key, now).unwrap();
+        let member = consume_join(&mut storage, &secret, key, "flen-kommun", now).unwrap();
         assert_eq!((member.org, member.name.as_str()), (flen.clone(), "Flen"));
         assert!(directory(&storage).unwrap().active(&key).is_some());
         assert!(matches!(
-            consume_join(&mut storage, &secret, NodeKey::generate().node_id(), now),
+            consume_join(&mut storage, &secret, NodeKey::generate().node_id(), "flen-kommun", now),
             Err(EnrollmentError::UnknownJoinCode)
         ));
 
         let secret = issue_join(&mut storage, flen, "Flen 2", Duration::minutes(5), now).unwrap();
         let later = now + Duration::minutes(6);
         assert!(matches!(
-            consume_join(&mut storage, &secret, NodeKey::generate().node_id(), later),
+            consume_join(&mut storage, &secret, NodeKey::generate().node_id(), "flen-kommun", later),
             Err(EnrollmentError::ExpiredJoinCode(_))
         ));
 
         revoke(&mut storage, &key, now).unwrap();
         assert!(directory(&storage).unwrap().active(&key).is_none());
+    }
+
+    /// The stored enrollment state, as text (to compare before and after).
+    fn state(storage: &SqliteStorage) -> String {
+        storage.meta(META_ENROLLMENT).unwrap().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_refused_join_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = SqliteStorage::open(&dir.path().join("relay.db"), 4).unwrap();
+        let now = Utc::now();
+        let gnesta = OrgId::new("gnesta-kommun").unwrap();
+        let secret = issue_join(&mut storage, gnesta.clone(), "Gnesta", Duration::hours(1), now).unwrap();
+        let before = state(&storage);
+
+        // A code for Gnesta, used by a node of Trosa.
+        let trosa_key = NodeKey::generate().node_id();
+        let error = consume_join(&mut storage, &secret, trosa_key, "trosa-kommun", now).unwrap_err();
+        assert!(
+            matches!(&error, EnrollmentError::WrongOrganisation { code_org, node_org, .. }
+                if code_org == &gnesta && node_org.as_str() == "trosa-kommun"),
+            "{error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.contains("Gnesta kommun (gnesta-kommun)") && message.contains("trosa-kommun"), "{message}");
+        assert!(matches!(
+            consume_join(&mut storage, &secret, trosa_key, "Not An Id!", now),
+            Err(EnrollmentError::InvalidOrganisation(_))
+        ));
+        assert_eq!(state(&storage), before, "nothing changed");
+
+        // A key enrolled already (here for Trosa) joining with a code for its own organisation.
+        let trosa = OrgId::new("trosa-kommun").unwrap();
+        enroll(
+            &mut storage,
+            Member {
+                key: trosa_key,
+                kind: MemberKind::Node,
+                org: trosa.clone(),
+                name: "Trosa".into(),
+                role: None,
+                enrolled_at: now,
+                revoked_at: None,
+            },
+        )
+        .unwrap();
+        let trosa_secret = issue_join(&mut storage, trosa.clone(), "Trosa 2", Duration::hours(1), now).unwrap();
+        let before = state(&storage);
+        let error = consume_join(&mut storage, &trosa_secret, trosa_key, "trosa-kommun", now).unwrap_err();
+        assert!(
+            matches!(&error, EnrollmentError::AlreadyEnrolled { org, name, .. } if org == &trosa && name == "Trosa")
+        );
+        assert_eq!(state(&storage), before, "nothing changed");
+
+        // Both codes still work for the nodes they were meant for.
+        let gnesta_key = NodeKey::generate().node_id();
+        assert_eq!(consume_join(&mut storage, &secret, gnesta_key, "gnesta-kommun", now).unwrap().org, gnesta);
+        let second_trosa = NodeKey::generate().node_id();
+        assert_eq!(
+            consume_join(&mut storage, &trosa_secret, second_trosa, "trosa-kommun", now).unwrap().name,
+            "Trosa 2"
+        );
+        let directory = directory(&storage).unwrap();
+        assert_eq!(directory.active(&trosa_key).unwrap().name, "Trosa");
+        assert_eq!(directory.members.len(), 3);
     }
 }

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use chrono::Utc;
-use samverkan_net::endpoint::Limits;
+use samverkan_net::endpoint::{self, Limits};
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
 use samverkan_net::tls::{self, TlsIdentity};
 use samverkan_net::NetError;
@@ -29,7 +29,7 @@ use samverkan_shared::org::OrgId;
 use samverkan_shared::sync::{
     ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection, SyncLimits,
 };
-use samverkan_shared::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
+use samverkan_shared::wire::{ErrorCode, Frame, WireError, PROTOCOL_VERSION};
 use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -118,6 +118,11 @@ enum ConnectionEnd {
     Storage(#[from] StoreError),
     #[error("refused: {0}")]
     Refused(String),
+    /// Refused before authentication (not enrolled, revoked, a bad first frame,
+    /// a refused join): `reason` is a short phrase for the log, the peer got the
+    /// full explanation in an `Error` frame.
+    #[error("not admitted: {reason}")]
+    NotAdmitted { reason: &'static str },
 }
 
 /// Why the relay refused to touch a document for a connection.
@@ -189,6 +194,7 @@ trait Admin: Send + Sync {
     fn enroll(&self, member: Member) -> Result<(), EnrollmentError>;
     fn revoke(&self, key: &NodeId) -> Result<Member, EnrollmentError>;
     fn issue_join(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<[u8; 16], EnrollmentError>;
+    fn directory(&self) -> Result<EnrollmentDirectory, EnrollmentError>;
 }
 
 impl<S: RelayStorage> Admin for Shared<S> {
@@ -209,6 +215,10 @@ impl<S: RelayStorage> Admin for Shared<S> {
 
     fn issue_join(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<[u8; 16], EnrollmentError> {
         enrollment::issue_join(&mut *self.storage(), org, name, ttl, Utc::now())
+    }
+
+    fn directory(&self) -> Result<EnrollmentDirectory, EnrollmentError> {
+        enrollment::directory(&*self.storage())
     }
 }
 
@@ -273,6 +283,11 @@ impl RelayHandle {
     pub fn join_code(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<JoinCode, EnrollmentError> {
         let secret = self.admin.issue_join(org, name, ttl)?;
         Ok(JoinCode { secret, relay_key: self.relay_key, relay_address: self.local_addr.to_string() })
+    }
+
+    /// The enrollment directory as stored now (what `samverkan-relay list` shows).
+    pub fn directory(&self) -> Result<EnrollmentDirectory, EnrollmentError> {
+        self.admin.directory()
     }
 
     /// The address of the admin HTTP server, if one runs.
@@ -537,6 +552,26 @@ struct Authenticated {
     member: Member,
 }
 
+/// Why a connection was not admitted: a short phrase for the relay's log and
+/// the full explanation the peer gets in an `Error` frame.
+struct Refusal {
+    reason: &'static str,
+    code: ErrorCode,
+    message: String,
+}
+
+impl Refusal {
+    fn new(reason: &'static str, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self { reason, code, message: message.into() }
+    }
+
+    /// Queues the `Error` frame for the peer and gives the connection's end.
+    fn send(self, sync: &mut SyncConnection) -> ConnectionEnd {
+        sync.push_error(self.code, self.message);
+        ConnectionEnd::NotAdmitted { reason: self.reason }
+    }
+}
+
 /// Serves one node connection until it ends.
 async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>, limits: Limits) {
     let Some(key) = tls::peer_key(&conn).and_then(|k| NodeId::from_bytes(&k).ok()) else {
@@ -546,27 +581,54 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     let (mut send, mut recv) = match framed::accept(&conn, &limits).await {
         Ok(halves) => halves,
         Err(e) => {
-            debug!(error = %e, "no stream opened");
+            // No stream to send an Error frame on: the reason goes in the close.
+            debug!(node = %key.short(), error = %e, "no stream opened");
+            conn.close(1u32.into(), b"no sync stream opened within the handshake timeout");
             return;
         }
     };
     let mut sync = SyncConnection::relay(&shared.software);
     sync.set_limits(shared.sync_limits.clone());
     let mut state = ConnectionState { member: None, watch: shared.monitor.connection(conn.remote_address()) };
-    let result = match tokio::time::timeout(limits.handshake_timeout, recv.recv()).await {
-        Err(_) => Err(ConnectionEnd::Refused("no Hello within the handshake timeout".into())),
-        Ok(Err(e)) => Err(report_bad_frame(&mut sync, e)),
+    // Before the peer is known to be enrolled, its first frame may have at most
+    // MAX_PREAUTH_FRAME bytes: an unknown peer makes the relay hold kilobytes, not megabytes.
+    let first = tokio::time::timeout(limits.handshake_timeout, recv.recv_with_limit(framed::MAX_PREAUTH_FRAME)).await;
+    let result = match first {
+        Err(_) => Err(Refusal::new(
+            "no first frame in time",
+            ErrorCode::Unauthenticated,
+            format!("no Hello or Join within the handshake timeout ({:?})", limits.handshake_timeout),
+        )
+        .send(&mut sync)),
+        Ok(Err(NetError::Wire(WireError::FrameTooLarge { len, max }))) => Err(Refusal::new(
+            "first frame too large",
+            ErrorCode::TooLarge,
+            format!(
+                "the first frame (Hello or Join) may have at most {max} bytes before authentication; this one announced {len}"
+            ),
+        )
+        .send(&mut sync)),
+        Ok(Err(NetError::Wire(wire))) => Err(Refusal::new(
+            "bad first frame",
+            wire.error_code(),
+            format!("bad frame: {wire}"),
+        )
+        .send(&mut sync)),
+        Ok(Err(_)) => Err(ConnectionEnd::NotAdmitted { reason: "connection lost before the first frame" }),
         Ok(Ok(None)) => Ok(()),
-        Ok(Ok(Some(Frame::Join { protocol, secret, .. }))) => join(&mut sync, &shared, key, protocol, &secret),
+        Ok(Ok(Some(Frame::Join { protocol, secret, org, .. }))) => {
+            join(&shared, key, protocol, &secret, &org).map_err(|refusal| refusal.send(&mut sync)).map(|signed| {
+                sync.push_directory(signed);
+            })
+        }
         Ok(Ok(Some(first))) => match authenticate(&shared, key, &first) {
             Ok(auth) => {
+                // Admitted: from here frames up to the configured maximum, and the full flow-control window.
+                endpoint::admit(&conn, &limits);
                 let span = info_span!("node", node = %auth.key.short(), org = %auth.member.org);
                 run(&mut sync, first, &mut send, &mut recv, &shared, &auth, &mut state).instrument(span).await
             }
-            Err(message) => {
-                sync.push_error(ErrorCode::Unauthenticated, message.clone());
-                Err(ConnectionEnd::Refused(message))
-            }
+            Err(refusal) => Err(refusal.send(&mut sync)),
         },
     };
     // Flush a final error frame if the protocol left one, then close.
@@ -577,6 +639,10 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     }
     match &result {
         Ok(()) => info!(node = %key.short(), "node disconnected"),
+        // Anyone can knock: one short line, not a warning, per refused attempt.
+        Err(ConnectionEnd::NotAdmitted { reason }) => {
+            info!(node = %key.short(), remote = %conn.remote_address(), reason, "connection not admitted")
+        }
         Err(e) => warn!(node = %key.short(), error = %e, "connection closed"),
     }
     if let Some((id, _)) = state.member {
@@ -597,64 +663,98 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
 
 /// Checks that the connection's key is an enrolled, unrevoked node and that
 /// its first frame is a `Hello` naming that key.
-fn authenticate<S: RelayStorage>(shared: &Shared<S>, key: NodeId, first: &Frame) -> Result<Authenticated, String> {
+fn authenticate<S: RelayStorage>(shared: &Shared<S>, key: NodeId, first: &Frame) -> Result<Authenticated, Refusal> {
     let Frame::Hello { node, .. } = first else {
-        return Err(format!("expected Hello or Join first, got {}", first.name()));
+        return Err(Refusal::new(
+            "wrong first frame",
+            ErrorCode::Unauthenticated,
+            format!("expected Hello or Join first, got {}", first.name()),
+        ));
     };
     if node.trim() != key.to_string() {
-        return Err(format!("Hello names node {node}, but the connection proved key {key}"));
+        return Err(Refusal::new(
+            "Hello names another key",
+            ErrorCode::Unauthenticated,
+            format!("Hello names node {node}, but the connection proved key {key}"),
+        ));
     }
     let cache = shared.directory();
     match cache.directory.active(&key) {
         Some(member) if member.kind == MemberKind::Node => Ok(Authenticated { key, member: member.clone() }),
-        Some(member) => Err(format!("key {} is enrolled as a signer ({}), not as a node", key.short(), member.name)),
+        Some(member) => Err(Refusal::new(
+            "a signer key",
+            ErrorCode::Unauthenticated,
+            format!("key {} is enrolled as a signer ({}), not as a node", key.short(), member.name),
+        )),
         None => Err(match cache.directory.latest(&key) {
-            Some(m) => format!(
-                "this node ({}, {}) was revoked by the relay operator at {}",
-                m.name,
-                m.org,
-                m.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            Some(m) => Refusal::new(
+                "revoked",
+                ErrorCode::Unauthenticated,
+                format!(
+                    "this node ({}, {}) was revoked by the relay operator at {}",
+                    m.name,
+                    m.org,
+                    m.revoked_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+                ),
             ),
-            None => format!(
-                "this node's key {key} is not enrolled at this relay; ask the operator to run `samverkan-relay enroll --key {key} --org <organisation> --name <name>` or for a join code"
+            None => Refusal::new(
+                "not enrolled",
+                ErrorCode::Unauthenticated,
+                format!(
+                    "this node's key {key} is not enrolled at this relay; ask the operator to run `samverkan-relay enroll --key {key} --org <organisation> --name <name>` or for a join code"
+                ),
             ),
         }),
     }
 }
 
-/// Handles a `Join`: enrolls the key with the code and answers with the directory.
+/// Handles a `Join`: enrolls the key with the code if it was issued for the
+/// organisation the node names and the key is not enrolled yet (checked in the
+/// same storage transaction, before anything changes), and returns the signed
+/// directory to answer with. A refused join changes nothing.
 fn join<S: RelayStorage>(
-    sync: &mut SyncConnection,
     shared: &Shared<S>,
     key: NodeId,
     protocol: u16,
     secret: &[u8],
-) -> Result<(), ConnectionEnd> {
+    org: &str,
+) -> Result<Vec<u8>, Refusal> {
     if protocol != PROTOCOL_VERSION {
-        let message = format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}");
-        sync.push_error(ErrorCode::ProtocolVersion, message.clone());
-        return Err(ConnectionEnd::Refused(message));
+        return Err(Refusal::new(
+            "join: protocol version",
+            ErrorCode::ProtocolVersion,
+            format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}: upgrade the older side"),
+        ));
     }
-    let joined = enrollment::consume_join(&mut *shared.storage(), secret, key, Utc::now());
+    let joined = enrollment::consume_join(&mut *shared.storage(), secret, key, org, Utc::now());
     match joined {
         Ok(member) => {
             info!(node = %key.short(), org = %member.org, name = %member.name, "node joined with a join code");
             if let Err(e) = shared.refresh_directory() {
                 warn!(error = %e, "could not re-read the enrollment directory");
             }
-            sync.push_directory(shared.directory().signed.clone());
-            Ok(())
-        }
-        Err(
-            e
-            @ (EnrollmentError::UnknownJoinCode | EnrollmentError::ExpiredJoinCode(_) | EnrollmentError::Directory(_)),
-        ) => {
-            sync.push_error(ErrorCode::Unauthenticated, e.to_string());
-            Err(ConnectionEnd::Refused(e.to_string()))
+            Ok(shared.directory().signed.clone())
         }
         Err(e) => {
-            sync.push_error(ErrorCode::Internal, "the relay could not record the join; try again later");
-            Err(ConnectionEnd::Refused(e.to_string()))
+            let (reason, code) = match &e {
+                EnrollmentError::UnknownJoinCode => ("join: unknown code", ErrorCode::Unauthenticated),
+                EnrollmentError::ExpiredJoinCode(_) => ("join: expired code", ErrorCode::Unauthenticated),
+                EnrollmentError::WrongOrganisation { .. } => {
+                    ("join: code for another organisation", ErrorCode::Forbidden)
+                }
+                EnrollmentError::InvalidOrganisation(_) => ("join: bad organisation", ErrorCode::Malformed),
+                EnrollmentError::AlreadyEnrolled { .. } => ("join: key already enrolled", ErrorCode::Forbidden),
+                EnrollmentError::Directory(_) => ("join: refused by the directory", ErrorCode::Unauthenticated),
+                EnrollmentError::Store(_) | EnrollmentError::Corrupt(_) => {
+                    warn!(node = %key.short(), error = %e, "could not record a join");
+                    return Err(Refusal::new(
+                        "join: storage failed",
+                        ErrorCode::Internal,
+                        "the relay could not record the join; nothing was enrolled; try again later",
+                    ));
+                }
+            };
+            Err(Refusal::new(reason, code, e.to_string()))
         }
     }
 }

@@ -28,14 +28,18 @@
 //! | 0x05 | `InSync`   | (empty)                                              |
 //! | 0x06 | `Sync`     | `doc:[u8; 16] message:bytes`                         |
 //! | 0x07 | `Error`    | `code:u16be message:str`                             |
-//! | 0x08 | `Join`     | `protocol:u16be software:str secret:bytes`           |
+//! | 0x08 | `Join`     | `protocol:u16be software:str secret:bytes org:str`   |
 //! | 0x09 | `Directory`| `signed:bytes`                                       |
 //! | 0x0a | `Authors`  | `doc:[u8; 16] count:varint` × (`hash:[u8; 32] signature:[u8; 64]`) |
 
 use crate::ids::DocId;
 
-/// Version of the protocol spoken by this build, sent in `Hello` and `Welcome`.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the protocol spoken by this build, sent in `Hello`, `Welcome` and `Join`.
+///
+/// History: 1 — first release; 2 — `Join` carries the organisation the node
+/// belongs to (`org`), so the relay can refuse a code issued for another
+/// organisation before it enrolls anything.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default largest payload accepted in one frame: 64 MiB.
 ///
@@ -243,6 +247,9 @@ pub enum Frame {
         software: String,
         /// The secret part of the join code.
         secret: Vec<u8>,
+        /// The organisation this node belongs to (its `OrgId`, e.g. `gnesta-kommun`):
+        /// the relay refuses the join, changing nothing, unless the code was issued for it.
+        org: String,
     },
     /// Relay → node: the enrollment directory, signed by the relay's key
     /// (see [`crate::directory::SignedDirectory`]).
@@ -303,7 +310,9 @@ impl Frame {
             Frame::InSync => 0,
             Frame::Sync { message, .. } => DOC_ID_BYTES + varint_len(message.len()) + message.len(),
             Frame::Error { message, .. } => 2 + str_len(message),
-            Frame::Join { software, secret, .. } => 2 + str_len(software) + varint_len(secret.len()) + secret.len(),
+            Frame::Join { software, secret, org, .. } => {
+                2 + str_len(software) + varint_len(secret.len()) + secret.len() + str_len(org)
+            }
             Frame::Directory { signed } => varint_len(signed.len()) + signed.len(),
             Frame::Authors { entries, .. } => {
                 DOC_ID_BYTES + varint_len(entries.len()) + entries.len() * AUTHOR_ENTRY_BYTES
@@ -352,10 +361,11 @@ impl Frame {
                 out.extend_from_slice(&code.to_u16().to_be_bytes());
                 put_bytes(&mut out, message.as_bytes());
             }
-            Frame::Join { protocol, software, secret } => {
+            Frame::Join { protocol, software, secret, org } => {
                 out.extend_from_slice(&protocol.to_be_bytes());
                 put_bytes(&mut out, software.as_bytes());
                 put_bytes(&mut out, secret);
+                put_bytes(&mut out, org.as_bytes());
             }
             Frame::Directory { signed } => put_bytes(&mut out, signed),
             Frame::Authors { doc, entries } => {
@@ -423,6 +433,7 @@ impl Frame {
                 protocol: r.u16("protocol")?,
                 software: r.string("software")?,
                 secret: r.bytes("secret")?.to_vec(),
+                org: r.string("org")?,
             },
             TYPE_DIRECTORY => Frame::Directory { signed: r.bytes("signed")?.to_vec() },
             TYPE_AUTHORS => {
@@ -455,6 +466,11 @@ impl Frame {
 /// decoder stops accepting input, and every later call returns the same error.
 /// A frame with a bad body is consumed and reported; the next call goes on with
 /// the following frame (the protocol still expects the caller to close).
+///
+/// [`FrameDecoder::limit_next_frame`] sets a smaller limit for the next frame
+/// only (the relay reads a connection's first frame, before it knows who is
+/// asking, with a few kilobytes). The buffer grows only as bytes arrive; it is
+/// never sized from an announced length.
 #[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
@@ -463,6 +479,8 @@ pub struct FrameDecoder {
     /// Offset in `buf` of the next length prefix not yet checked against the maximum.
     scan: usize,
     max_frame: usize,
+    /// A smaller limit for the frame at `start` only; cleared once that frame is returned.
+    next_limit: Option<usize>,
     /// Set once a length prefix was refused; the stream is unusable from there.
     fatal: Option<WireError>,
 }
@@ -481,7 +499,32 @@ impl FrameDecoder {
 
     /// A decoder refusing payloads above `max_frame` bytes.
     pub fn with_max_frame(max_frame: usize) -> Self {
-        Self { buf: Vec::new(), start: 0, scan: 0, max_frame, fatal: None }
+        Self { buf: Vec::new(), start: 0, scan: 0, max_frame, next_limit: None, fatal: None }
+    }
+
+    /// Accepts the next frame only if its payload is at most `max` bytes (and
+    /// at most the decoder's maximum); the frames after it are held to the
+    /// decoder's maximum again. A larger announced length is refused as soon as
+    /// its four bytes are seen, like one above the maximum: nothing of it is
+    /// buffered and the decoder fails for good. If that length prefix is already
+    /// buffered, it is checked at once.
+    pub fn limit_next_frame(&mut self, max: usize) {
+        self.next_limit = Some(max);
+        if self.fatal.is_some() || self.scan <= self.start {
+            return;
+        }
+        // The prefix at `start` was checked against the maximum only: check it again.
+        let prefix = &self.buf[self.start..self.start + LENGTH_PREFIX];
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+        if len as usize > max.min(self.max_frame) {
+            self.refuse(self.start, WireError::FrameTooLarge { len: u64::from(len), max: max.min(self.max_frame) });
+        }
+    }
+
+    /// Bytes allocated for buffering now (capacity, not content): grows with
+    /// the bytes that arrived, never with a length a peer announced.
+    pub fn allocated(&self) -> usize {
+        self.buf.capacity()
     }
 
     /// The largest payload this decoder accepts.
@@ -513,21 +556,31 @@ impl FrameDecoder {
     fn check_prefixes(&mut self) {
         while let Some(prefix) = self.buf.get(self.scan..self.scan + LENGTH_PREFIX) {
             let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+            let max = match self.next_limit {
+                Some(limit) if self.scan == self.start => limit.min(self.max_frame),
+                _ => self.max_frame,
+            };
             let error = if len == 0 {
                 Some(WireError::EmptyFrame)
-            } else if len as usize > self.max_frame {
-                Some(WireError::FrameTooLarge { len: u64::from(len), max: self.max_frame })
+            } else if len as usize > max {
+                Some(WireError::FrameTooLarge { len: u64::from(len), max })
             } else {
                 None
             };
             if let Some(error) = error {
-                self.buf.truncate(self.scan);
-                self.buf.shrink_to_fit();
-                self.fatal = Some(error);
+                self.refuse(self.scan, error);
                 return;
             }
             self.scan += LENGTH_PREFIX + len as usize;
         }
+    }
+
+    /// Drops the refused frame at `at` and everything after it, and fails for good.
+    fn refuse(&mut self, at: usize, error: WireError) {
+        self.buf.truncate(at);
+        self.buf.shrink_to_fit();
+        self.scan = at;
+        self.fatal = Some(error);
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed, or the
@@ -542,6 +595,7 @@ impl FrameDecoder {
                 if let Some(payload) = available.get(LENGTH_PREFIX..LENGTH_PREFIX + len) {
                     let frame = Frame::decode_payload(payload);
                     self.start += LENGTH_PREFIX + len;
+                    self.next_limit = None;
                     if self.start == self.buf.len() {
                         self.buf.clear();
                         self.start = 0;
@@ -697,7 +751,13 @@ mod tests {
             Frame::Sync { doc: doc(9), message: vec![5; 300] },
             Frame::Error { code: ErrorCode::ProtocolVersion, message: "speak v1".into() },
             Frame::Error { code: ErrorCode::Other(999), message: String::new() },
-            Frame::Join { protocol: PROTOCOL_VERSION, software: "n".into(), secret: vec![1; 16] },
+            Frame::Join {
+                protocol: PROTOCOL_VERSION,
+                software: "n".into(),
+                secret: vec![1; 16],
+                org: "gnesta-kommun".into(),
+            },
+            Frame::Join { protocol: PROTOCOL_VERSION, software: String::new(), secret: vec![], org: String::new() },
             Frame::Directory { signed: b"{}".to_vec() },
             Frame::Authors { doc: doc(3), entries: vec![] },
             Frame::Authors { doc: doc(4), entries: vec![(automerge::ChangeHash([5; 32]), [6; 64])] },
@@ -788,6 +848,63 @@ mod tests {
         let mut decoder = FrameDecoder::new();
         decoder.push(&u32::MAX.to_be_bytes());
         assert!(matches!(decoder.next_frame(), Err(WireError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn a_limit_on_the_next_frame_applies_to_that_frame_only() {
+        let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "n".into(), node: "ab".repeat(32) };
+        let big = Frame::Sync { doc: doc(1), message: vec![7; 10_000] };
+
+        // Within the limit: the frame passes, and the frames after it may be larger.
+        let mut decoder = FrameDecoder::with_max_frame(1 << 20);
+        decoder.limit_next_frame(4096);
+        let mut bytes = hello.encode();
+        bytes.extend(big.encode());
+        decoder.push(&bytes);
+        assert_eq!(decoder.next_frame().unwrap(), Some(hello.clone()));
+        assert_eq!(decoder.next_frame().unwrap(), Some(big.clone()));
+
+        // Above the limit: refused after the four prefix bytes, nothing of it buffered.
+        let mut decoder = FrameDecoder::with_max_frame(64 << 20);
+        decoder.limit_next_frame(4096);
+        decoder.push(&(64u32 << 20).to_be_bytes());
+        decoder.push(&[0; 8192]);
+        assert_eq!(decoder.buffered(), 0);
+        assert!(decoder.allocated() <= 8192, "allocated {}", decoder.allocated());
+        assert_eq!(decoder.next_frame().unwrap_err(), WireError::FrameTooLarge { len: 64 << 20, max: 4096 });
+        assert_eq!(decoder.next_frame().unwrap_err().error_code(), ErrorCode::TooLarge);
+
+        // The limit set after the prefix was already buffered is checked at once.
+        let mut decoder = FrameDecoder::with_max_frame(1 << 20);
+        decoder.push(&big.encode()[..100]);
+        decoder.limit_next_frame(4096);
+        assert_eq!(decoder.buffered(), 0);
+        assert!(matches!(decoder.next_frame(), Err(WireError::FrameTooLarge { max: 4096, .. })));
+
+        // A limit above the decoder's maximum does not raise it.
+        let mut decoder = FrameDecoder::with_max_frame(1000);
+        decoder.limit_next_frame(1 << 20);
+        decoder.push(&big.encode());
+        assert!(matches!(decoder.next_frame(), Err(WireError::FrameTooLarge { max: 1000, .. })));
+    }
+
+    #[test]
+    fn the_buffer_grows_with_arriving_bytes_not_with_the_announced_length() {
+        let mut decoder = FrameDecoder::with_max_frame(DEFAULT_MAX_FRAME);
+        let mut bytes = (60u32 << 20).to_be_bytes().to_vec();
+        bytes.extend_from_slice(&[TYPE_SYNC; 100]);
+        decoder.push(&bytes);
+        assert_eq!(decoder.next_frame().unwrap(), None);
+        assert_eq!(decoder.buffered(), 104);
+        assert!(decoder.allocated() < 64 * 1024, "allocated {} for 104 bytes", decoder.allocated());
+    }
+
+    #[test]
+    fn a_join_without_the_organisation_is_refused() {
+        // The protocol 1 layout: protocol, software, secret.
+        let mut payload = vec![TYPE_JOIN, 0, 1, 1, b'n', 16];
+        payload.extend_from_slice(&[1; 16]);
+        assert_eq!(Frame::decode_payload(&payload), Err(WireError::Truncated { frame: "Join", field: "org" }));
     }
 
     #[test]
