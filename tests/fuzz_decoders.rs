@@ -75,6 +75,14 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                 Frame::Error { code: ErrorCode::from_u16(3), message: "nope".into() },
                 Frame::Join { protocol: PROTOCOL_VERSION, software: "x".into(), secret: vec![5; 16] },
                 Frame::Directory { signed: b"{}".to_vec() },
+                Frame::Receipts {
+                    doc: fuzz_doc_ids()[1].clone(),
+                    entries: vec![samverkan_shared::wire::ReceiptEntry {
+                        record: [4; 64],
+                        received_at_ms: 1_700_000_000_000,
+                        relay_signature: [6; 64],
+                    }],
+                },
             ];
             let mut all = vec![7u8];
             for f in &frames {
@@ -126,7 +134,10 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     signatures: Vec::new(),
                 })
                 .collect();
-            vec![Bundle { origin: origin.clone(), docs }.encode(), Bundle { origin, docs: vec![] }.encode()]
+            vec![
+                Bundle { origin: origin.clone(), docs, receipts: vec![] }.encode(),
+                Bundle { origin, docs: vec![], receipts: vec![] }.encode(),
+            ]
         }
         "bundle_docs" => (0..3).map(|n| a_document(n).automerge_mut().save()).collect(),
         "markdown_import" => {

@@ -220,6 +220,7 @@ fn a_damaged_bundle_is_refused_and_nothing_is_imported() {
             data: b"not automerge".to_vec(),
             signatures: Vec::new(),
         }],
+        receipts: Vec::new(),
     };
     let reports = b.node().import_bundle(&bundle).unwrap();
     assert!(reports[0].error.is_some());

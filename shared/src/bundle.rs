@@ -85,12 +85,18 @@ pub struct Bundle {
     pub origin: BundleOrigin,
     /// The documents.
     pub docs: Vec<BundleDoc>,
+    /// The relay's receipts of the approval records of these documents (see
+    /// [`crate::receipt`]); the importer verifies them with its pinned relay key.
+    pub receipts: Vec<crate::receipt::ApprovalReceipt>,
 }
 
 #[derive(Serialize, Deserialize)]
 struct Header {
     origin: BundleOrigin,
     docs: Vec<HeaderDoc>,
+    /// Absent in bundles made before receipts existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    receipts: Vec<crate::receipt::ApprovalReceipt>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -116,6 +122,7 @@ impl Bundle {
                     signatures: d.signatures.iter().map(|(h, s)| (h.to_string(), hex::encode(s))).collect(),
                 })
                 .collect(),
+            receipts: self.receipts.clone(),
         };
         let header = serde_json::to_vec(&header).unwrap_or_default();
         let mut out = Vec::with_capacity(
@@ -187,7 +194,7 @@ impl Bundle {
                 content.len() - offset
             )));
         }
-        Ok(Self { origin: header.origin, docs })
+        Ok(Self { origin: header.origin, docs, receipts: header.receipts })
     }
 }
 
@@ -255,6 +262,13 @@ mod tests {
                 },
                 BundleDoc { id: DocId::random(), data: Vec::new(), signatures: Vec::new() },
             ],
+            receipts: vec![crate::receipt::ApprovalReceipt::issue(
+                &crate::identity::NodeKey::generate(),
+                &DocId::random(),
+                &"ab".repeat(64),
+                DateTime::from_timestamp(1_700_000_100, 0).unwrap(),
+            )
+            .unwrap()],
         }
     }
 
@@ -262,6 +276,15 @@ mod tests {
     fn round_trips() {
         let b = sample();
         assert_eq!(Bundle::decode(&b.encode()).unwrap(), b);
+    }
+
+    #[test]
+    fn a_bundle_without_receipts_still_decodes() {
+        let mut b = sample();
+        b.receipts.clear();
+        let bytes = b.encode();
+        assert!(!String::from_utf8_lossy(&bytes).contains("receipts"), "older readers see the old header");
+        assert_eq!(Bundle::decode(&bytes).unwrap(), b);
     }
 
     #[test]

@@ -205,7 +205,7 @@ pub fn bundle_docs(data: &[u8]) {
         data: data.to_vec(),
         signatures: Vec::new(),
     };
-    bundle_import(&Bundle { origin, docs: vec![doc] }.encode());
+    bundle_import(&Bundle { origin, docs: vec![doc], receipts: vec![] }.encode());
 }
 
 /// Markdown import (front matter or plain text) and, when it succeeds, export
