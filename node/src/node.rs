@@ -625,13 +625,18 @@ impl Node {
             .into_iter()
             .flatten()
             .any(|v| v.is_current && v.signed.iter().any(|s| s.signer == key.node_id()));
-        // An approval made here and not yet received by the relay counts too.
+        // An approval made here and not yet received by the relay counts too,
+        // unless a withdrawal of it also awaits the relay.
         let awaiting_current = {
             let mut doc = self.document(id)?;
             let current = doc.view()?;
             let mut found = false;
-            for a in status.awaiting_receipt.iter().filter(|a| a.action == Action::Approve && a.signer == key.node_id())
-            {
+            let me = key.node_id();
+            let mine = |action| status.awaiting_receipt.iter().filter(move |a| a.action == action && a.signer == me);
+            for a in mine(Action::Approve) {
+                if mine(Action::Withdraw).any(|w| w.heads == a.heads && w.signed_at >= a.signed_at) {
+                    continue;
+                }
                 if doc.at(&a.heads)?.view()? == current {
                     found = true;
                     break;
