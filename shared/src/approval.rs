@@ -334,7 +334,9 @@ impl ApprovalRecord {
     /// Checks the signature (strict ed25519) as made for document `doc`.
     pub fn verify_signature(&self, doc: &DocId) -> Result<(), RecordProblem> {
         let bad = || RecordProblem::BadSignature { signer: self.signer.short() };
-        if self.heads != canonical_heads(&self.heads) || check_role(&self.role).is_err() {
+        // The signature names the record (and its receipt): only its canonical lowercase hex.
+        let canonical_hex = self.signature.len() == 128 && !self.signature.bytes().any(|b| b.is_ascii_uppercase());
+        if self.heads != canonical_heads(&self.heads) || check_role(&self.role).is_err() || !canonical_hex {
             return Err(bad());
         }
         let bytes: [u8; 64] = hex::decode(&self.signature).ok().and_then(|b| b.try_into().ok()).ok_or_else(bad)?;

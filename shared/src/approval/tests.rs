@@ -151,6 +151,9 @@ fn the_signed_message_is_canonical_and_domain_separated() {
     let mut r = record.clone();
     r.signature = "00".repeat(64);
     assert!(r.verify_signature(doc.id()).is_err());
+    let mut r = record.clone();
+    r.signature = r.signature.to_uppercase();
+    assert!(r.verify_signature(doc.id()).is_err(), "only the canonical lowercase hex names the record");
     assert!(ApprovalRecord::sign(Action::Approve, doc.id(), &heads, &f.governor, org("x"), "a\nb", Utc::now()).is_err());
     assert!(ApprovalRecord::sign(Action::Approve, doc.id(), &[], &f.governor, org("x"), "a", Utc::now()).is_err());
 }
