@@ -504,7 +504,10 @@ fn has_heads(doc: &Document, heads: &[ChangeHash]) -> Result<(), RecordProblem> 
     Ok(())
 }
 
-/// Full check of a stored record: signature, enrollment at signing time, heads in history.
+/// Check of a record at its *claimed* signing time: signature, enrollment at
+/// that time, heads in history. The relay's check of new records (with
+/// "active now" on top, see [`check_new_records`]); whether a stored record
+/// counts is [`check_receipted`].
 pub fn check_record<'d>(
     doc: &Document,
     record: &ApprovalRecord,
