@@ -1,14 +1,17 @@
 //! Signed approvals end to end: a real relay and real nodes over QUIC on
 //! 127.0.0.1, SQLite in temporary directories, the seed agreement signed by
-//! both of its signatories offline, refusals of bad records by the relay, and
-//! the signed bundle verified without a database.
+//! both of its signatories offline, refusals of bad records by the relay, the
+//! relay's receipts (an approval counts from when the relay received it, so a
+//! stolen, revoked key cannot backdate one), and the signed bundle verified
+//! without a database.
 
 use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::Utc;
-use samverkan::node::node::Node;
+use samverkan::node::approvals;
+use samverkan::node::node::{Node, NodeError};
 use samverkan::node::sync::{self, RelayTarget, SyncFailure, SyncReport};
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
 use samverkan::shared::approval::{self, Action, ApprovalRecord, ApprovalState};
@@ -17,6 +20,7 @@ use samverkan::shared::identity::NodeKey;
 use samverkan::shared::ids::DocId;
 use samverkan::shared::model::{DocKind, DocumentContent, Signatory};
 use samverkan::shared::org::OrgId;
+use samverkan::shared::receipt::ApprovalReceipt;
 use samverkan::shared::signed_bundle::{self, BundleFiles};
 use samverkan::shared::sync::ConnectionError;
 use samverkan::shared::wire::ErrorCode;
@@ -100,14 +104,25 @@ async fn the_seed_agreement_signed_offline_by_both_roles_is_approved_changed_and
     sync(&mut polis, &relay).await;
     assert_eq!(lst.approval_status(&id).unwrap().state, ApprovalState::Draft);
 
-    // Both sign the same version while offline, on different nodes.
+    // Both sign the same version while offline, on different nodes: not counted
+    // until the relay has received them (no receipt yet), and not signable twice.
     lst.approve(&id, "Beatrice Ask").unwrap();
     polis.approve(&id, "Mattias Forssten").unwrap();
     let status = lst.approval_status(&id).unwrap();
-    assert_eq!(status.state, ApprovalState::AwaitingSignatures);
-    assert_eq!(status.pending.as_ref().unwrap().missing[0].role, "Polisområdeschef");
+    assert_eq!(status.state, ApprovalState::Draft, "{status:?}");
+    assert_eq!(status.awaiting_receipt.len(), 1);
+    assert!(status.flagged.is_empty());
+    let err = lst.approve(&id, "Beatrice Ask").unwrap_err().to_string();
+    assert!(err.contains("already signed"), "{err}");
+    let err = approvals::verify(&lst, id.as_str(), true).unwrap_err().to_string();
+    assert!(err.contains("no receipt from the relay yet"), "{err}");
 
     sync(&mut lst, &relay).await;
+    let status = lst.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures, "the receipt came back with the sync: {status:?}");
+    assert!(status.awaiting_receipt.is_empty());
+    assert_eq!(status.pending.as_ref().unwrap().missing[0].role, "Polisområdeschef");
+
     sync(&mut polis, &relay).await;
     sync(&mut lst, &relay).await;
     for node in [&lst, &polis] {
@@ -117,6 +132,8 @@ async fn the_seed_agreement_signed_offline_by_both_roles_is_approved_changed_and
         assert_eq!(names.len(), 2);
         assert!(names.contains(&"Beatrice Ask") && names.contains(&"Mattias Forssten"), "{names:?}");
         assert!(status.flagged.is_empty());
+        assert!(status.awaiting_receipt.is_empty());
+        approvals::verify(node, id.as_str(), true).expect("every record verifies, with its receipt");
     }
 
     let err = lst.approve(&id, "Beatrice Ask").unwrap_err().to_string();
@@ -147,6 +164,22 @@ async fn the_seed_agreement_signed_offline_by_both_roles_is_approved_changed_and
     assert!(err.to_string().contains("document.md"), "{err}");
     let stranger = NodeKey::generate().node_id();
     assert!(signed_bundle::verify(&files, Some(&stranger)).is_err(), "another relay key is refused");
+    // One flipped byte of a relay receipt (still canonical JSON): refused, naming the receipt.
+    let manifest: signed_bundle::Manifest = serde_json::from_str(&files.manifest).unwrap();
+    assert_eq!(manifest.receipts.len(), 2);
+    let signature = &manifest.receipts[0].relay_signature;
+    let flipped = format!("{}{}", if signature.starts_with('0') { "1" } else { "0" }, &signature[1..]);
+    let mut tampered = files.clone();
+    tampered.manifest = files.manifest.replacen(signature.as_str(), &flipped, 1);
+    let err = signed_bundle::verify(&tampered, Some(&relay.relay_key())).unwrap_err().to_string();
+    assert!(err.contains("receipt does not verify"), "{err}");
+    // A receipt dated earlier than the relay issued it: refused as well.
+    let received = manifest.receipts[0].received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let earlier = (manifest.receipts[0].received_at - chrono::Duration::days(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut tampered = files.clone();
+    tampered.manifest = files.manifest.replacen(&received, &earlier, 1);
+    assert!(signed_bundle::verify(&tampered, Some(&relay.relay_key())).is_err());
 
     // A signer revoked after signing: the approval made while enrolled stays valid.
     relay.revoke(&governor.key).unwrap();
@@ -268,5 +301,100 @@ async fn forged_moved_revoked_and_wrong_role_approvals_are_refused_with_the_reas
     let status = police.approval_status(&id).unwrap();
     assert_eq!(status.state, ApprovalState::AwaitingSignatures, "{status:?}");
     assert!(status.flagged.is_empty());
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backdated_approval_by_a_revoked_signer_is_not_counted() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    // The governor's key is enrolled an hour ago, then revoked (stolen); the chief signs properly.
+    let stolen = NodeKey::generate();
+    relay
+        .enroll(Member {
+            key: stolen.node_id(),
+            kind: MemberKind::Signer,
+            org: org("Länsstyrelsen"),
+            name: "Beatrice Ask".into(),
+            role: Some("Landshövding".into()),
+            enrolled_at: Utc::now() - chrono::Duration::hours(1),
+            revoked_at: None,
+        })
+        .unwrap();
+    let chief = NodeKey::generate();
+    enroll_signer(&relay, chief.node_id(), "Polisområde Södermanland", "Mattias Forssten", "Polisområdeschef");
+    let revoked = relay.revoke(&stolen.node_id()).unwrap().revoked_at.unwrap();
+
+    let (mut lst, id) = agreement_node(root.path(), &relay, "lst").await;
+    let mut polis = node(root.path(), &relay, "polis", "Polisområde Södermanland");
+    sync(&mut polis, &relay).await;
+    let heads = current_heads(&polis, &id);
+    let good = ApprovalRecord::sign(
+        Action::Approve,
+        &id,
+        &heads,
+        &chief,
+        org("Polisområde Södermanland"),
+        "Polisområdeschef",
+        Utc::now(),
+    )
+    .unwrap();
+    store_record(&mut polis, &id, &good);
+    sync(&mut polis, &relay).await;
+    sync(&mut lst, &relay).await;
+    let status = polis.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures, "{status:?}");
+    assert_eq!(status.pending.as_ref().unwrap().missing[0].role, "Landshövding");
+
+    // The attacker, with the stolen key and the Länsstyrelsen node, signs after the
+    // revocation claiming a time before it, and stores it directly in the document.
+    let backdated = ApprovalRecord::sign(
+        Action::Approve,
+        &id,
+        &current_heads(&lst, &id),
+        &stolen,
+        org("Länsstyrelsen"),
+        "Landshövding",
+        revoked - chrono::Duration::minutes(10),
+    )
+    .unwrap();
+    store_record(&mut lst, &id, &backdated);
+
+    // It reaches the police node by offline bundle, with a receipt forged by the attacker.
+    let mut bundle = lst.export_bundle(Some(&polis.heads_summary().unwrap()), None).unwrap();
+    let forged =
+        ApprovalReceipt::issue(&stolen, &id, &backdated.signature, revoked - chrono::Duration::minutes(9)).unwrap();
+    bundle.receipts.push(forged);
+    let reports = polis.import_bundle(&bundle).unwrap();
+    assert!(reports.iter().all(|r| r.error.is_none()), "{reports:?}");
+    assert_eq!(approval::records(&polis.document(&id).unwrap()).len(), 2, "the record arrived");
+
+    // Not counted: no receipt from the relay (the forged one was refused).
+    let status = polis.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures, "{status:?}");
+    assert!(status.in_force.is_none());
+    assert_eq!(status.pending.as_ref().unwrap().signed.len(), 1);
+    assert_eq!(status.awaiting_receipt.len(), 1);
+    assert_eq!(status.awaiting_receipt[0].signer, stolen.node_id());
+    let text = approvals::format_status(&polis, &id, &status, true);
+    assert!(text.contains("AWAITING RELAY RECEIPT (not counted yet)"), "{text}");
+    // `verify` flags it; `export --signed` has no approved version to export.
+    let err = approvals::verify(&polis, id.as_str(), true).unwrap_err().to_string();
+    assert!(err.contains("no receipt from the relay yet"), "{err}");
+    let err = polis.export_signed(&id, &root.path().join("signed")).unwrap_err();
+    assert!(matches!(err, NodeError::NotApproved(_)), "{err}");
+
+    // The relay refuses it when synced, from either node: the key is revoked now.
+    for node in [&mut lst, &mut polis] {
+        match try_sync(node, &relay).await {
+            Err(SyncFailure::Protocol(ConnectionError::Peer { code, message })) => {
+                assert_eq!(code, ErrorCode::Forbidden, "{message}");
+                assert!(message.contains("Beatrice Ask is revoked now"), "{message}");
+            }
+            other => panic!("expected the relay to refuse the backdated approval, got {other:?}"),
+        }
+    }
+    let status = polis.approval_status(&id).unwrap();
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures, "still not counted: {status:?}");
     relay.shutdown().await;
 }

@@ -80,6 +80,14 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     org: "flen-kommun".into(),
                 },
                 Frame::Directory { signed: b"{}".to_vec() },
+                Frame::Receipts {
+                    doc: fuzz_doc_ids()[1].clone(),
+                    entries: vec![samverkan_shared::wire::ReceiptEntry {
+                        record: [4; 64],
+                        received_at_ms: 1_700_000_000_000,
+                        relay_signature: [6; 64],
+                    }],
+                },
             ];
             let mut all = vec![7u8];
             for f in &frames {
@@ -134,7 +142,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     }
                 })
                 .collect();
-            let bundle = |docs| Bundle { origin: origin.clone(), relay_key: None, directory: None, docs };
+            let bundle = |docs| Bundle { origin: origin.clone(), relay_key: None, directory: None, docs, receipts: vec![] };
             vec![bundle(docs).encode(), bundle(vec![]).encode()]
         }
         "bundle_docs" => (0..3).map(|n| a_document(n).automerge_mut().save()).collect(),

@@ -137,7 +137,7 @@ impl Network {
                                 link.relay.begin(&mut self.relay_docs).map_err(err)?
                             }
                             ConnectionEvent::DocChanged { doc, .. } => changed.push((i, doc)),
-                            ConnectionEvent::Directory(_) => {}
+                            ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
                         }
                     }
                 }
@@ -153,7 +153,7 @@ impl Network {
                                     seen = Some(Instant::now());
                                 }
                             }
-                            ConnectionEvent::Directory(_) => {}
+                            ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
                         }
                     }
                 }

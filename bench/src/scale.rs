@@ -121,7 +121,7 @@ impl Sim {
             match event {
                 ConnectionEvent::Established { .. } => self.sync.begin(&mut self.docs).map_err(proto)?,
                 ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),
-                ConnectionEvent::Directory(_) => {}
+                ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
             }
         }
         Ok(changed)

@@ -81,7 +81,14 @@ pub fn approve(node: &mut Node, doc: &str, signer: &str, withdraw: bool, json: b
 }
 
 fn signer_line(node: &Node, s: &SignedBy) -> String {
-    format!("{}, {} ({}), signed {}", s.name, s.role, node.directory().name_of(&s.org), when(&s.signed_at))
+    format!(
+        "{}, {} ({}), signed {}, received by the relay {}",
+        s.name,
+        s.role,
+        node.directory().name_of(&s.org),
+        when(&s.signed_at),
+        when(&s.received_at)
+    )
 }
 
 fn missing_line(node: &Node, s: &Signatory) -> String {
@@ -138,6 +145,16 @@ pub fn format_status(node: &Node, id: &DocId, status: &ApprovalStatus, has_direc
     for w in &status.withdrawn {
         out.push_str(&format!("  withdrawn: {}\n", signer_line(node, w)));
     }
+    for a in &status.awaiting_receipt {
+        out.push_str(&format!(
+            "  AWAITING RELAY RECEIPT (not counted yet): record {} ({}) by {} ({}), signed {}: sync so that the relay receives it\n",
+            a.index,
+            a.action.as_str(),
+            a.signer.short(),
+            a.role,
+            when(&a.signed_at)
+        ));
+    }
     for f in &status.flagged {
         out.push_str(&format!(
             "  NOT VALID: record {} by {} ({}): {}\n",
@@ -176,19 +193,25 @@ pub fn verify(node: &Node, doc: &str, json: bool) -> Result<()> {
         bail!("this node has no enrollment directory from the relay yet, so signers cannot be checked; run `samverkan-node sync` first");
     };
     let document = node.document(&id)?;
+    let receipts = node.receipts(&id)?;
     let mut results = Vec::new();
     for (index, record) in approval::records(&document) {
-        let outcome =
-            record.clone().and_then(|r| approval::check_record(&document, &r, &directory).map(|m| m.name.clone()));
+        let outcome = record.clone().and_then(|r| {
+            approval::check_receipted(&document, &r, &directory, &receipts).map(|(m, at)| (m.name.clone(), at))
+        });
         results.push((index, record.ok(), outcome));
     }
-    let bad = results.iter().filter(|(_, _, o)| o.is_err()).count();
+    let awaiting =
+        results.iter().filter(|(_, _, o)| matches!(o, Err(approval::RecordProblem::AwaitingReceipt))).count();
+    let bad = results.iter().filter(|(_, _, o)| o.is_err()).count() - awaiting;
     print(
         json,
         json!({"id": id, "ok": bad == 0, "records": results.iter().map(|(i, r, o)| json!({
             "index": i,
             "record": r,
-            "signer_name": o.as_ref().ok(),
+            "signer_name": o.as_ref().ok().map(|(name, _)| name),
+            "received_at": o.as_ref().ok().map(|(_, at)| at),
+            "awaiting_receipt": matches!(o, Err(approval::RecordProblem::AwaitingReceipt)),
             "problem": o.as_ref().err().map(ToString::to_string),
         })).collect::<Vec<_>>()}),
         || {
@@ -204,16 +227,33 @@ pub fn verify(node: &Node, doc: &str, json: bool) -> Result<()> {
                     })
                     .unwrap_or_else(|| "unreadable record".into());
                 match o {
-                    Ok(name) => out.push_str(&format!("ok      #{i} {what}: {name}, enrolled signer with that role\n")),
+                    Ok((name, at)) => out.push_str(&format!(
+                        "ok      #{i} {what}: {name}, enrolled signer with that role when the relay received it {}\n",
+                        when(at)
+                    )),
+                    Err(approval::RecordProblem::AwaitingReceipt) => out.push_str(&format!(
+                        "AWAITING RELAY RECEIPT #{i} {what}: not counted until the relay has received it (sync)\n"
+                    )),
                     Err(p) => out.push_str(&format!("INVALID #{i} {what}: {p}\n")),
                 }
             }
-            out.push_str(&format!("{} record(s), {} invalid", results.len(), bad));
+            out.push_str(&format!(
+                "{} record(s), {} invalid, {} awaiting the relay's receipt",
+                results.len(),
+                bad,
+                awaiting
+            ));
             out
         },
     )?;
     if bad > 0 {
         bail!("{bad} approval record(s) of {} do not verify", id.short());
+    }
+    if awaiting > 0 {
+        bail!(
+            "{awaiting} approval record(s) of {} have no receipt from the relay yet and do not count; run `samverkan-node sync`",
+            id.short()
+        );
     }
     Ok(())
 }
@@ -273,15 +313,19 @@ pub fn verify_bundle(dir: &Path, relay_key: Option<&str>, json: bool) -> Result<
         let mut out = format!("VALID: {} ({})\nversion {}\n", report.title, report.doc, short_heads(&report.heads));
         for s in &report.signed {
             out.push_str(&format!(
-                "  signed by {}, {} ({}), {}\n",
+                "  signed by {}, {} ({}), {}; received by the relay {}\n",
                 s.name,
                 s.role,
                 orgs.name_of(&s.org),
-                when(&s.signed_at)
+                when(&s.signed_at),
+                when(&s.received_at)
             ));
         }
         if report.relay_pinned {
-            out.push_str(&format!("enrollment verified with the pinned relay key {}", report.relay_key.short()));
+            out.push_str(&format!(
+                "enrollment and the relay's receipts verified with the pinned relay key {}",
+                report.relay_key.short()
+            ));
         } else {
             out.push_str(&format!(
                 "enrollment verified with relay key {} from the manifest (not pinned: pass --relay-key to be sure)",

@@ -25,6 +25,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown::{self, MarkdownError};
 use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, Editor, ModelError};
 use samverkan_shared::org::{Directory, OrgId};
+use samverkan_shared::receipt::{ApprovalReceipt, ReceiptProblem, Receipts};
 use samverkan_shared::sync::{SignedChange, SyncLimits};
 use serde::Serialize;
 
@@ -451,12 +452,14 @@ impl Node {
         let relay_key = self.pinned_relay()?.ok_or(NodeError::NotJoined)?;
         let receiver = receiver.or(have.and_then(|h| h.org.as_ref())).ok_or(NodeError::BundleReceiverUnknown)?;
         let mut docs = Vec::new();
+        let mut receipts = Vec::new();
         for summary in self.store.list()? {
             if !summary.parties.contains(receiver) {
                 continue; // Not shared with the receiver: the relay's rule, on paper too.
             }
             let id = summary.id;
             let mut doc = self.store.load(&id)?;
+            receipts.extend(self.store.receipts(&id)?);
             // What the receiver has of this document (none without a heads summary).
             let theirs = match have {
                 Some(have) => have.heads(&id)?,
@@ -474,6 +477,7 @@ impl Node {
             docs.push(BundleDoc { id, data, signatures });
         }
         Ok(Bundle {
+            receipts,
             origin: BundleOrigin {
                 node: self.node_id().to_string(),
                 org: self.org.to_string(),
@@ -539,6 +543,12 @@ impl Node {
                 }
             };
             reports.push(report);
+        }
+        // The relay's approval receipts: kept only if they verify with the pinned relay key.
+        if let (Some(relay), false) = (self.pinned_relay()?, bundle.receipts.is_empty()) {
+            for problem in self.store_receipts(bundle.receipts.clone(), &relay)?.1 {
+                tracing::warn!(%problem, "refused an approval receipt from the bundle");
+            }
         }
         Ok(reports)
     }
@@ -742,7 +752,26 @@ impl Node {
             .into_iter()
             .flatten()
             .any(|v| v.is_current && v.signed.iter().any(|s| s.signer == key.node_id()));
-        if signed_current {
+        // An approval made here and not yet received by the relay counts too,
+        // unless a withdrawal of it also awaits the relay.
+        let awaiting_current = {
+            let mut doc = self.document(id)?;
+            let current = doc.view()?;
+            let mut found = false;
+            let me = key.node_id();
+            let mine = |action| status.awaiting_receipt.iter().filter(move |a| a.action == action && a.signer == me);
+            for a in mine(Action::Approve) {
+                if mine(Action::Withdraw).any(|w| w.heads == a.heads && w.signed_at >= a.signed_at) {
+                    continue;
+                }
+                if doc.at(&a.heads)?.view()? == current {
+                    found = true;
+                    break;
+                }
+            }
+            found
+        };
+        if signed_current || awaiting_current {
             return Err(NodeError::AlreadySigned(profile.name));
         }
         self.sign_and_store(id, |doc| {
@@ -800,11 +829,43 @@ impl Node {
     }
 
     /// The document's approval state, verified with the enrollment directory
-    /// this node holds (an empty one before the first sync: every record is then flagged).
+    /// this node holds (an empty one before the first sync: every record is
+    /// then flagged) and the relay's receipts it holds (a record counts only
+    /// once the relay has received it).
     pub fn approval_status(&self, id: &DocId) -> Result<ApprovalStatus, NodeError> {
         let directory = self.enrollment()?.unwrap_or_default();
         let mut doc = self.document(id)?;
-        Ok(approval::approval_status(&mut doc, &directory)?)
+        Ok(approval::approval_status(&mut doc, &directory, &self.receipts(id)?)?)
+    }
+
+    /// The relay's receipts of a document's approval records held here that
+    /// verify with the pinned relay key (none before a relay is pinned).
+    pub fn receipts(&self, id: &DocId) -> Result<Receipts, NodeError> {
+        let Some(relay) = self.pinned_relay()? else { return Ok(Receipts::none()) };
+        let mut book = Receipts::new(relay);
+        for problem in book.extend(self.store.receipts(id)?) {
+            tracing::warn!(doc = %id, %problem, "a stored approval receipt does not verify with the pinned relay key");
+        }
+        Ok(book)
+    }
+
+    /// Keeps the receipts that verify with `relay`'s key (received from the
+    /// relay, or in a bundle); returns how many were new and the problems of
+    /// those refused.
+    pub fn store_receipts(
+        &mut self,
+        receipts: Vec<ApprovalReceipt>,
+        relay: &NodeId,
+    ) -> Result<(usize, Vec<ReceiptProblem>), NodeError> {
+        let mut problems = Vec::new();
+        let mut valid = Vec::new();
+        for receipt in receipts {
+            match receipt.verify(relay) {
+                Ok(()) => valid.push(receipt),
+                Err(problem) => problems.push(problem),
+            }
+        }
+        Ok((self.store.add_receipts(&valid)?, problems))
     }
 
     /// Writes the signed bundle of the version in force (see
@@ -821,10 +882,12 @@ impl Node {
         let signed = SignedDirectory::decode(text.as_bytes())?;
         let directory = signed.verify(&relay)?;
         let mut doc = self.document(id)?;
-        let status = approval::approval_status(&mut doc, &directory)?;
+        let book = self.receipts(id)?;
+        let status = approval::approval_status(&mut doc, &directory, &book)?;
         let version = status.in_force.ok_or_else(|| NodeError::NotApproved(id.clone()))?;
         let records = approval::records_of(&doc, &version);
-        let files = signed_bundle::create(&mut doc, records, signed)?;
+        let receipts = records.iter().filter_map(|r| book.get(id, &r.signature).cloned()).collect();
+        let files = signed_bundle::create(&mut doc, records, receipts, signed)?;
         let io = |path: PathBuf| move |e: std::io::Error| NodeError::File { path, reason: e.to_string() };
         std::fs::create_dir_all(dir).map_err(io(dir.to_path_buf()))?;
         for (name, bytes) in [

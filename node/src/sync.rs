@@ -33,6 +33,7 @@ use samverkan_shared::identity::NodeId;
 use samverkan_shared::identity::NodeKey;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
+use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
 use samverkan_shared::wire::{Frame, PROTOCOL_VERSION};
 use samverkan_store::{Store, StoreError};
@@ -348,6 +349,23 @@ impl Session {
                 ConnectionEvent::Directory(signed) => {
                     let directory = node.store_enrollment(&signed, &self.relay_key)?;
                     debug!(version = directory.version, "enrollment directory received");
+                }
+                ConnectionEvent::Receipts { doc, entries } => {
+                    let (mut receipts, mut refused) = (Vec::new(), 0usize);
+                    for entry in &entries {
+                        match ApprovalReceipt::from_wire(&doc, entry) {
+                            Ok(receipt) => receipts.push(receipt),
+                            Err(_) => refused += 1,
+                        }
+                    }
+                    let (added, problems) = node.store_receipts(receipts, &self.relay_key)?;
+                    for problem in &problems {
+                        warn!(%doc, %problem, "refused an approval receipt that does not verify with the pinned relay key");
+                    }
+                    if refused > 0 {
+                        warn!(%doc, refused, "refused malformed approval receipts");
+                    }
+                    debug!(%doc, added, "approval receipts received");
                 }
             }
         }

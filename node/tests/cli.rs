@@ -323,6 +323,23 @@ fn give_directory(
     node.store_enrollment(&directory.sign(relay.signing_key()).encode(), &relay.node_id()).unwrap();
 }
 
+/// Gives the node in `data_dir` the relay's receipts of every approval record
+/// it holds, received now (as a sync would after the relay accepted them).
+fn give_receipts(data_dir: &Path, relay: &samverkan_shared::identity::NodeKey) {
+    use samverkan_shared::receipt::ApprovalReceipt;
+    let mut node = samverkan_node::node::Node::open(data_dir).unwrap();
+    let mut receipts = Vec::new();
+    for summary in node.list().unwrap() {
+        let doc = node.document(&summary.id).unwrap();
+        for (_, record) in samverkan_shared::approval::records(&doc) {
+            let record = record.unwrap();
+            receipts.push(ApprovalReceipt::issue(relay, &summary.id, &record.signature, chrono::Utc::now()).unwrap());
+        }
+    }
+    let (_, refused) = node.store_receipts(receipts, &relay.node_id()).unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+}
+
 #[test]
 fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
     let root = tempfile::tempdir().unwrap();
@@ -372,13 +389,20 @@ fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
     );
     let text = lst.ok(&["approve", &id, "--as", "Beatrice Ask"]);
     assert!(text.contains("Signed version"), "{text}");
+    // Not counted until the relay has received it.
+    let text = lst.ok(&["status", &id]);
+    assert!(text.contains("draft") && text.contains("AWAITING RELAY RECEIPT (not counted yet)"), "{text}");
+    let err = lst.fails(&["verify", &id]);
+    assert!(err.contains("no receipt from the relay yet"), "{err}");
+    give_receipts(&lst.data_dir, &relay);
     let text = lst.ok(&["status", &id]);
     assert!(text.contains("awaiting signatures"), "{text}");
     assert!(text.contains("missing: Polisområdeschef"), "{text}");
     lst.ok(&["approve", &id, "--as", "Mattias Forssten"]);
+    give_receipts(&lst.data_dir, &relay);
     let status = lst.json(&["status", &id]);
     assert_eq!(status["approval"]["state"], "approved", "{status}");
-    assert!(lst.ok(&["verify", &id]).contains("2 record(s), 0 invalid"));
+    assert!(lst.ok(&["verify", &id]).contains("2 record(s), 0 invalid, 0 awaiting the relay's receipt"));
     assert!(
         lst.ok(&["status", "--offline", "--peek"]).contains("1 document(s)"),
         "status without a document is unchanged"
@@ -416,6 +440,7 @@ fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
     assert!(err.contains("does NOT verify"), "{err}");
 
     lst.ok(&["withdraw", &id, "--as", "Beatrice Ask"]);
+    give_receipts(&lst.data_dir, &relay);
     let status = lst.json(&["status", &id]);
     assert_eq!(status["approval"]["withdrawn"].as_array().unwrap().len(), 1, "{status}");
     assert_ne!(status["approval"]["state"], "approved");

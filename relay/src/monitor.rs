@@ -586,7 +586,7 @@ impl Monitor {
                             (have, n)
                         })
                         .collect();
-                    Ok::<_, StoreError>(((relay_heads, counts), Vec::new()))
+                    Ok::<_, StoreError>(((relay_heads, counts), Vec::new(), Vec::new()))
                 });
                 match result {
                     Ok(Some((relay_heads, counts))) => {

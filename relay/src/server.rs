@@ -8,6 +8,14 @@
 //! document it sends must name its organisation among the parties. One task per
 //! connection; a connection's failure (a broken or hostile peer) closes that
 //! connection only. Storage is reached through [`RelayStorage`].
+//!
+//! Approval receipts: when a change adds approval or withdrawal records and
+//! they pass [`approval::check_new_records`], the relay signs a receipt of each
+//! ([`ApprovalReceipt`]: the record, received now) and stores it in the same
+//! transaction as the change. Connections send a document's receipts before
+//! its `Sync` frames (see [`samverkan_shared::sync`]). Records stored before
+//! receipts existed get one, dated when the relay first notices them, at the
+//! first start of this version ([`backfill_receipts`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -26,10 +34,11 @@ use samverkan_shared::directory::{EnrollmentDirectory, JoinCode, Member, MemberK
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
+use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
     ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection, SyncLimits,
 };
-use samverkan_shared::wire::{ErrorCode, Frame, WireError, PROTOCOL_VERSION};
+use samverkan_shared::wire::{ErrorCode, Frame, ReceiptEntry, WireError, PROTOCOL_VERSION};
 use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -343,6 +352,8 @@ pub async fn spawn_with_storage<S: RelayStorage>(
     config.content.validate(config.limits.max_frame as u64)?;
     storage.set_content_limits(config.content);
     let relay_key = load_or_create_key(&config.data_dir)?;
+    let mut storage = storage;
+    backfill_receipts(&mut storage, &relay_key)?;
     let identity = TlsIdentity::new(relay_key.signing_key(), tls::SERVER_NAME)?;
     let endpoint = samverkan_net::endpoint::server_endpoint(config.listen, &identity, &config.limits)?;
     let local_addr = endpoint.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
@@ -430,6 +441,45 @@ pub async fn spawn_with_storage<S: RelayStorage>(
     Ok(RelayHandle { local_addr, relay_key: relay_id, shutdown, task, admin: shared, monitor, status, admin_addr })
 }
 
+/// Metadata key set once every record stored before receipts existed has one.
+const META_RECEIPTS_BACKFILLED: &str = "approval_receipts.backfilled";
+
+/// Gives every approval record the relay holds without a receipt one dated
+/// now (never earlier than the relay first noticed it). Runs once, at the
+/// first start of a relay version with receipts; records stored later get
+/// theirs in the transaction that stores them.
+pub fn backfill_receipts<S: RelayStorage>(storage: &mut S, relay_key: &NodeKey) -> Result<usize, StoreError> {
+    if storage.meta(META_RECEIPTS_BACKFILLED)?.is_some() {
+        return Ok(0);
+    }
+    let mut issued = 0;
+    for entry in storage.index()? {
+        let held: std::collections::BTreeSet<String> =
+            storage.receipts(&entry.id)?.into_iter().map(|r| r.record_signature).collect();
+        let found = storage.with_doc(&entry.id, false, |d| {
+            let records: Vec<String> = approval::records(d)
+                .into_iter()
+                .filter_map(|(_, r)| r.ok())
+                .filter(|r| r.verify_signature(d.id()).is_ok() && !held.contains(&r.signature))
+                .map(|r| r.signature)
+                .collect();
+            Ok::<_, StoreError>((records, Vec::new(), Vec::new()))
+        })?;
+        let now = Utc::now();
+        let receipts: Vec<ApprovalReceipt> = found
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|record| ApprovalReceipt::issue(relay_key, &entry.id, record, now).ok())
+            .collect();
+        issued += storage.add_receipts(&receipts)?;
+    }
+    storage.update_meta(META_RECEIPTS_BACKFILLED, |_| Ok::<_, StoreError>(Some(Utc::now().to_rfc3339())))?;
+    if issued > 0 {
+        info!(issued, "issued receipts for approval records stored before receipts existed");
+    }
+    Ok(issued)
+}
+
 /// Names nodes for monitoring from the enrollment directory.
 struct EnrolledNames<S>(std::sync::Weak<Shared<S>>);
 
@@ -451,6 +501,8 @@ struct RelayDocs<'a, S> {
     org: &'a OrgId,
     /// For checking approval records a node sends (see [`samverkan_shared::approval`]).
     directory: &'a RwLock<DirectoryCache>,
+    /// Signs the receipts of new approval records.
+    relay_key: &'a NodeKey,
 }
 
 impl<S: RelayStorage> RelayDocs<'_, S> {
@@ -490,6 +542,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
     ) -> Result<Option<R>, DocAccessError> {
         let org = self.org;
         let directory_lock = self.directory;
+        let relay_key = self.relay_key;
         let mut storage = self.storage();
         let is_new = match storage.entry(doc)? {
             Some(entry) if !entry.parties.contains(org) => return Ok(None),
@@ -503,19 +556,25 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
                 DocOutcome::Keep { value, signatures } => {
                     // New approval or withdrawal records must verify against the enrollment directory.
                     let directory = directory_lock.read().unwrap_or_else(|e| e.into_inner());
-                    if let Err(problem) =
-                        approval::check_new_records(d, &approvals_before, &directory.directory, Utc::now())
+                    let now = Utc::now();
+                    if let Err(problem) = approval::check_new_records(d, &approvals_before, &directory.directory, now)
                     {
                         return Err(DocAccessError::Forbidden(format!(
                             "an approval in document {doc} was refused: {problem}; nothing of this change was stored"
                         )));
                     }
+                    // Each accepted record gets the relay's receipt, stored in this transaction.
+                    let receipts = approval::new_records(d, &approvals_before)
+                        .iter()
+                        .map(|r| ApprovalReceipt::issue(relay_key, doc, &r.signature, now))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(|e| DocAccessError::Forbidden(format!("an approval in document {doc}: {e}")))?;
                     if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
                         return Err(DocAccessError::Forbidden(format!(
                             "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
                         )));
                     }
-                    Ok((value, signatures))
+                    Ok((value, signatures, receipts))
                 }
                 DocOutcome::Discard(value) => {
                     discarded = Some(value);
@@ -536,6 +595,16 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
     ) -> Result<Vec<SignedChange>, DocAccessError> {
         let hashes: Vec<ChangeHash> = changes.iter().map(|(hash, _)| *hash).collect();
         Ok(self.storage().signatures(&hashes)?)
+    }
+
+    fn receipts(&mut self, doc: &DocId) -> Result<Vec<ReceiptEntry>, DocAccessError> {
+        let storage = self.storage();
+        match storage.entry(doc)? {
+            Some(entry) if entry.parties.contains(self.org) => {
+                Ok(storage.receipts(doc)?.iter().filter_map(ApprovalReceipt::to_wire).collect())
+            }
+            _ => Ok(Vec::new()),
+        }
     }
 }
 
@@ -786,7 +855,12 @@ async fn run<S: RelayStorage>(
                 _ = wait(mailbox.as_deref()) => None,
             },
         };
-        let mut docs = RelayDocs { storage: &shared.storage, org: &auth.member.org, directory: &shared.directory };
+        let mut docs = RelayDocs {
+            storage: &shared.storage,
+            org: &auth.member.org,
+            directory: &shared.directory,
+            relay_key: &shared.relay_key,
+        };
         match frame {
             Some(frame) => {
                 let events = sync.on_frame(frame, &mut docs).map_err(|e| refuse_forbidden(sync, e))?;
@@ -819,7 +893,7 @@ async fn run<S: RelayStorage>(
                                 shared.hub.changed(*id, &doc);
                             }
                         }
-                        ConnectionEvent::Directory(_) => {}
+                        ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
                     }
                 }
             }
@@ -867,5 +941,50 @@ async fn wait(mailbox: Option<&Mailbox>) {
     match mailbox {
         Some(m) => m.changed().await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use samverkan_shared::approval::{Action, ApprovalRecord};
+    use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext};
+    use samverkan_shared::org::Directory;
+
+    #[test]
+    fn records_stored_before_receipts_existed_get_one_dated_when_first_noticed_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut storage = SqliteStorage::open(&dir.path().join(DB_FILE), 8).unwrap();
+        let relay = NodeKey::generate();
+        let author = NodeKey::generate();
+        let signer = NodeKey::generate();
+        let org = OrgId::new("lansstyrelsen-sodermanland").unwrap();
+        let ctx = EditContext { author: author.node_id(), org: org.clone(), node_name: "Lst".into(), time: Utc::now() };
+        let orgs = Directory::sodermanland();
+        let mut content = DocumentContent::new(DocKind::Agreement, "Överenskommelse");
+        content.parties = vec![org.clone()];
+        let mut doc = Document::create(DocId::random(), content, &ctx, &orgs).unwrap();
+        let id = doc.id().clone();
+        let heads = doc.heads();
+        let record =
+            ApprovalRecord::sign(Action::Approve, &id, &heads, &signer, org, "Landshövding", Utc::now()).unwrap();
+        approval::append(&mut doc, &ctx, &orgs, &record).unwrap();
+        let bytes = doc.automerge_mut().save();
+        // Stored as an older relay did: no receipt.
+        storage
+            .with_doc(&id, true, |d| {
+                d.automerge_mut().load_incremental(&bytes).map_err(|e| StoreError::Model(e.into()))?;
+                Ok::<_, StoreError>(((), Vec::new(), Vec::new()))
+            })
+            .unwrap();
+        assert!(storage.receipts(&id).unwrap().is_empty());
+        let before = Utc::now() - chrono::Duration::milliseconds(1);
+        assert_eq!(backfill_receipts(&mut storage, &relay).unwrap(), 1);
+        let receipts = storage.receipts(&id).unwrap();
+        assert_eq!(receipts.len(), 1);
+        receipts[0].verify(&relay.node_id()).unwrap();
+        assert_eq!(receipts[0].record_signature, record.signature);
+        assert!(receipts[0].received_at >= before, "dated when first noticed, never earlier");
+        assert_eq!(backfill_receipts(&mut storage, &relay).unwrap(), 0, "runs once");
     }
 }

@@ -13,6 +13,7 @@ use samverkan_shared::acceptance::ContentLimits;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
+use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::SignedChange;
 use samverkan_store::{DocSummary, Store, StoreError};
 
@@ -48,19 +49,26 @@ pub trait RelayStorage: Send + 'static {
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError>;
 
     /// Runs `f` on a document (an empty one if missing and `create`), and durably
-    /// stores whatever changes it made, with the authors' signatures `f` returns,
-    /// in one transaction. `Ok(None)` if missing and not `create`. If `f` fails,
-    /// or the document does not follow the schema afterwards, nothing is stored
-    /// and the in-memory copy is discarded.
+    /// stores whatever changes it made, with the authors' signatures and the
+    /// approval receipts `f` returns, in one transaction. `Ok(None)` if missing
+    /// and not `create`. If `f` fails, or the document does not follow the
+    /// schema afterwards, nothing is stored and the in-memory copy is discarded.
+    #[allow(clippy::type_complexity)]
     fn with_doc<R, E: From<StoreError>>(
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>), E>,
+        f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>, Vec<ApprovalReceipt>), E>,
     ) -> Result<Option<R>, E>;
 
     /// The stored authors' signatures of these changes (those known).
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError>;
+
+    /// The relay's approval receipts of a document's records.
+    fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError>;
+
+    /// Stores receipts (keeping the first of each record); returns how many were new.
+    fn add_receipts(&mut self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError>;
 
     /// Sync states persisted for a peer.
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError>;
@@ -136,17 +144,25 @@ impl RelayStorage for SqliteStorage {
         &mut self,
         doc: &DocId,
         create: bool,
-        f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>), E>,
+        f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>, Vec<ApprovalReceipt>), E>,
     ) -> Result<Option<R>, E> {
         if !create && !self.store.contains(doc)? {
             return Ok(None);
         }
-        let (value, _) = self.store.update_signed(doc, create, f)?;
+        let (value, _) = self.store.update_receipted(doc, create, f)?;
         Ok(Some(value))
     }
 
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError> {
         self.store.signatures(hashes)
+    }
+
+    fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {
+        self.store.receipts(doc)
+    }
+
+    fn add_receipts(&mut self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
+        self.store.add_receipts(receipts)
     }
 
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {

@@ -43,13 +43,33 @@
 //!
 //! # Verification
 //!
-//! A record is valid when its signature verifies, its signer was, at the
-//! signing time, an active (not revoked) entry of kind signer in the relay's
-//! enrollment directory with the same organisation and role title, and its
-//! heads exist in the document's history. The signing time is the signer's
-//! claim; the relay additionally refuses new records from keys that are not
-//! active when it receives them, or that claim a time in the future, so a
-//! revoked key cannot get back-dated approvals accepted.
+//! **An approval counts from the time the relay received it.** The signing
+//! time in a record is only the signer's claim: a stolen key, after its
+//! revocation, could sign records dated before the revocation. So the relay,
+//! when it accepts a new record ([`check_new_records`]: valid, from a key
+//! active *now*, not claiming a future time), issues a signed
+//! [`ApprovalReceipt`](crate::receipt::ApprovalReceipt) stating when it first
+//! received the record, and stores it in the same transaction as the record.
+//! The receipts travel to nodes (the `Receipts` frame), in offline bundles and
+//! in signed bundles.
+//!
+//! A record counts ([`check_receipted`], used by [`approval_status`], the
+//! node's `verify`, `export --signed` and `verify-bundle`) when:
+//! - its signature verifies for this document ([`ApprovalRecord::verify_signature`]);
+//! - its heads exist in the document's history;
+//! - it has a receipt that verifies with the pinned relay key
+//!   ([`Receipts`] holds only such receipts);
+//! - its signing time is no later than the receipt's `received_at` plus
+//!   [`MAX_CLOCK_SKEW`];
+//! - its signer was, **at `received_at`**, an active (not revoked) entry of
+//!   kind signer in the relay's enrollment directory with the same
+//!   organisation and role title.
+//!
+//! A record that has no receipt yet (approved offline, not yet synced) is
+//! listed as *awaiting the relay's receipt* ([`ApprovalStatus::awaiting_receipt`])
+//! and does not count; if it would not verify even at its claimed time, it is
+//! flagged with that reason instead. Which approval completed a version last
+//! is judged by `received_at` too.
 //!
 //! This module does no I/O: keys, times and directories are passed in.
 
@@ -65,6 +85,7 @@ use crate::identity::{NodeId, NodeKey};
 use crate::ids::DocId;
 use crate::model::{Document, DocumentView, ModelError, Signatory};
 use crate::org::OrgId;
+use crate::receipt::{ApprovalReceipt, Receipts};
 
 /// Root key of the list of approval and withdrawal records.
 pub const APPROVALS_KEY: &str = "approvals";
@@ -149,6 +170,30 @@ pub enum RecordProblem {
     /// The relay refuses signing times in the future.
     #[error("the signing time {0} is in the future")]
     FutureTime(DateTime<Utc>),
+    /// No receipt from the relay yet: the record does not count until the relay has received it.
+    #[error("awaiting the relay's receipt (not counted until the relay has received it: sync)")]
+    AwaitingReceipt,
+    /// The signer was not active when the relay received the record.
+    #[error(
+        "{name} was not an enrolled signer when the relay received the record at {at} (revoked or not yet enrolled)"
+    )]
+    NotActiveWhenReceived {
+        /// The member's name.
+        name: String,
+        /// When the relay received the record.
+        at: DateTime<Utc>,
+    },
+    /// The record claims a signing time after the relay received it.
+    #[error("the signing time {signed_at} is later than when the relay received the record ({received_at})")]
+    SignedAfterReceipt {
+        /// The claimed signing time.
+        signed_at: DateTime<Utc>,
+        /// When the relay received it.
+        received_at: DateTime<Utc>,
+    },
+    /// The receipt is of another record or document.
+    #[error("the relay's receipt is of another record or document")]
+    ReceiptMismatch,
 }
 
 /// What a record does.
@@ -289,7 +334,9 @@ impl ApprovalRecord {
     /// Checks the signature (strict ed25519) as made for document `doc`.
     pub fn verify_signature(&self, doc: &DocId) -> Result<(), RecordProblem> {
         let bad = || RecordProblem::BadSignature { signer: self.signer.short() };
-        if self.heads != canonical_heads(&self.heads) || check_role(&self.role).is_err() {
+        // The signature names the record (and its receipt): only its canonical lowercase hex.
+        let canonical_hex = self.signature.len() == 128 && !self.signature.bytes().any(|b| b.is_ascii_uppercase());
+        if self.heads != canonical_heads(&self.heads) || check_role(&self.role).is_err() || !canonical_hex {
             return Err(bad());
         }
         let bytes: [u8; 64] = hex::decode(&self.signature).ok().and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
@@ -297,15 +344,50 @@ impl ApprovalRecord {
     }
 
     /// Checks the signature and that the signer was an enrolled signer of the
-    /// record's organisation and role at the signing time; returns the entry.
+    /// record's organisation and role at the (claimed) signing time; returns
+    /// the entry. This is the check before the relay has received the record
+    /// (`approve` refuses records it would refuse); a record *counts* only
+    /// through [`ApprovalRecord::verify_received`].
     pub fn verify<'d>(&self, doc: &DocId, directory: &'d EnrollmentDirectory) -> Result<&'d Member, RecordProblem> {
         self.verify_signature(doc)?;
+        self.member_at(directory, self.signed_at, |name, at| RecordProblem::NotActiveAt { name, at })
+    }
+
+    /// Checks the signature, that `receipt` is this record's (its relay
+    /// signature must have been verified by the caller, e.g. through
+    /// [`Receipts`]), that the signing time is not after `received_at` plus
+    /// [`MAX_CLOCK_SKEW`], and that the signer was an enrolled signer of the
+    /// record's organisation and role **when the relay received the record**.
+    pub fn verify_received<'d>(
+        &self,
+        doc: &DocId,
+        directory: &'d EnrollmentDirectory,
+        receipt: &ApprovalReceipt,
+    ) -> Result<&'d Member, RecordProblem> {
+        self.verify_signature(doc)?;
+        if receipt.doc != *doc || receipt.record_signature != self.signature {
+            return Err(RecordProblem::ReceiptMismatch);
+        }
+        if self.signed_at > receipt.received_at + MAX_CLOCK_SKEW {
+            return Err(RecordProblem::SignedAfterReceipt {
+                signed_at: self.signed_at,
+                received_at: receipt.received_at,
+            });
+        }
+        self.member_at(directory, receipt.received_at, |name, at| RecordProblem::NotActiveWhenReceived { name, at })
+    }
+
+    /// The signer's entry active at `at`, of kind signer, with the record's organisation and role.
+    fn member_at<'d>(
+        &self,
+        directory: &'d EnrollmentDirectory,
+        at: DateTime<Utc>,
+        not_active: impl FnOnce(String, DateTime<Utc>) -> RecordProblem,
+    ) -> Result<&'d Member, RecordProblem> {
         let Some(latest) = directory.latest(&self.signer) else {
             return Err(RecordProblem::UnknownSigner(self.signer.to_string()));
         };
-        let member = directory
-            .active_at(&self.signer, self.signed_at)
-            .ok_or_else(|| RecordProblem::NotActiveAt { name: latest.name.clone(), at: self.signed_at })?;
+        let member = directory.active_at(&self.signer, at).ok_or_else(|| not_active(latest.name.clone(), at))?;
         if member.kind != MemberKind::Signer {
             return Err(RecordProblem::NotASigner(member.name.clone()));
         }
@@ -422,7 +504,10 @@ fn has_heads(doc: &Document, heads: &[ChangeHash]) -> Result<(), RecordProblem> 
     Ok(())
 }
 
-/// Full check of a stored record: signature, enrollment at signing time, heads in history.
+/// Check of a record at its *claimed* signing time: signature, enrollment at
+/// that time, heads in history. The relay's check of new records (with
+/// "active now" on top, see [`check_new_records`]); whether a stored record
+/// counts is [`check_receipted`].
 pub fn check_record<'d>(
     doc: &Document,
     record: &ApprovalRecord,
@@ -431,6 +516,35 @@ pub fn check_record<'d>(
     let member = record.verify(doc.id(), directory)?;
     has_heads(doc, &record.heads)?;
     Ok(member)
+}
+
+/// The check that decides whether a stored record counts (see the module
+/// docs): signature, heads in history, a receipt in `receipts`, signing time
+/// not after the receipt (plus skew), signer active with that organisation and
+/// role when the relay received it. Returns the entry and `received_at`.
+/// Without a receipt: the record's problem at its claimed time if it has one,
+/// else [`RecordProblem::AwaitingReceipt`].
+pub fn check_receipted<'d>(
+    doc: &Document,
+    record: &ApprovalRecord,
+    directory: &'d EnrollmentDirectory,
+    receipts: &Receipts,
+) -> Result<(&'d Member, DateTime<Utc>), RecordProblem> {
+    record.verify_signature(doc.id())?;
+    has_heads(doc, &record.heads)?;
+    let Some(receipt) = receipts.get(doc.id(), &record.signature) else {
+        record.verify(doc.id(), directory)?;
+        return Err(RecordProblem::AwaitingReceipt);
+    };
+    let member = record.verify_received(doc.id(), directory, receipt)?;
+    Ok((member, receipt.received_at))
+}
+
+/// The records a change added: those whose key is not in `before` (as
+/// [`record_keys`] returned) and that read as records. The relay issues a
+/// receipt for each after [`check_new_records`] passed.
+pub fn new_records(doc: &Document, before: &BTreeSet<String>) -> Vec<ApprovalRecord> {
+    records(doc).into_iter().filter_map(|(_, r)| r.ok()).filter(|r| !before.contains(&r.signature)).collect()
 }
 
 /// The keys of the records in a document (to tell which ones a change added).
@@ -537,9 +651,30 @@ pub struct SignedBy {
     pub org: OrgId,
     /// The role signed as.
     pub role: String,
-    /// When.
+    /// When, as the signer claims.
     pub signed_at: DateTime<Utc>,
+    /// When the relay received the record (from its receipt): the time that counts.
+    pub received_at: DateTime<Utc>,
     /// The heads the signer signed.
+    #[serde(serialize_with = "heads_hex::serialize")]
+    pub heads: Vec<ChangeHash>,
+}
+
+/// A record that verifies at its claimed time but has no receipt from the
+/// relay yet (approved offline, not synced): shown, not counted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AwaitingReceipt {
+    /// Position in the document's record list.
+    pub index: usize,
+    /// Approve or withdraw.
+    pub action: Action,
+    /// The signer's key.
+    pub signer: NodeId,
+    /// The role signed as.
+    pub role: String,
+    /// The claimed signing time.
+    pub signed_at: DateTime<Utc>,
+    /// The heads signed.
     #[serde(serialize_with = "heads_hex::serialize")]
     pub heads: Vec<ChangeHash>,
 }
@@ -586,37 +721,61 @@ pub struct ApprovalStatus {
     pub withdrawn: Vec<SignedBy>,
     /// Records that do not count, with the reason.
     pub flagged: Vec<Flagged>,
+    /// Records that do not count yet: no receipt from the relay (sync first).
+    pub awaiting_receipt: Vec<AwaitingReceipt>,
 }
 
 fn covers(signed: &SignedBy, required: &Signatory) -> bool {
     signed.org == required.org && signed.role.trim() == required.role.trim()
 }
 
-/// Derives the approval state of `doc` from its records, verified with `directory`.
+/// Derives the approval state of `doc` from its records, verified with
+/// `directory` and the relay's `receipts` (see [`check_receipted`]).
 ///
-/// Pure: a function of the document and the directory. Valid approvals not
+/// Pure: a function of the document, the directory and the receipts. Valid approvals not
 /// withdrawn (a withdrawal cancels the same signer's approvals of the same
 /// heads made at or before it) are grouped into versions by equal content
 /// (see the module docs); a version is approved when every signatory it
 /// requires (the organisation and role of each entry of its `signatories`)
 /// has a valid approval on it. The version in force is the approved version
-/// completed last.
-pub fn approval_status(doc: &mut Document, directory: &EnrollmentDirectory) -> Result<ApprovalStatus, ApprovalError> {
+/// completed last (by the relay's receipt times).
+pub fn approval_status(
+    doc: &mut Document,
+    directory: &EnrollmentDirectory,
+    receipts: &Receipts,
+) -> Result<ApprovalStatus, ApprovalError> {
     let current = doc.view()?;
     let mut approvals: Vec<SignedBy> = Vec::new();
     let mut withdrawals: Vec<SignedBy> = Vec::new();
     let mut flagged = Vec::new();
+    let mut awaiting_receipt = Vec::new();
     for (index, record) in records(doc) {
         let claimed = record.as_ref().ok().map(|r| (r.signer, r.role.clone()));
-        let checked = record.and_then(|r| check_record(doc, &r, directory).map(|m| (m.name.clone(), r)));
+        let checked = record.and_then(|r| match check_receipted(doc, &r, directory, receipts) {
+            Ok((m, received_at)) => Ok((m.name.clone(), received_at, r)),
+            Err(RecordProblem::AwaitingReceipt) => {
+                awaiting_receipt.push(AwaitingReceipt {
+                    index,
+                    action: r.action,
+                    signer: r.signer,
+                    role: r.role,
+                    signed_at: r.signed_at,
+                    heads: r.heads,
+                });
+                Err(RecordProblem::AwaitingReceipt)
+            }
+            Err(e) => Err(e),
+        });
         match checked {
-            Ok((name, r)) => {
+            Err(RecordProblem::AwaitingReceipt) => {}
+            Ok((name, received_at, r)) => {
                 let signed = SignedBy {
                     signer: r.signer,
                     name,
                     org: r.org,
                     role: r.role,
                     signed_at: r.signed_at,
+                    received_at,
                     heads: r.heads,
                 };
                 match r.action {
@@ -637,7 +796,7 @@ pub fn approval_status(doc: &mut Document, directory: &EnrollmentDirectory) -> R
     let (withdrawn, mut effective): (Vec<SignedBy>, Vec<SignedBy>) = approvals.into_iter().partition(|a| {
         withdrawals.iter().any(|w| w.signer == a.signer && w.heads == a.heads && w.signed_at >= a.signed_at)
     });
-    effective.sort_by_key(|a| a.signed_at);
+    effective.sort_by_key(|a| (a.received_at, a.signed_at));
 
     // Group by content: the view at each distinct set of heads.
     let mut views: BTreeMap<Vec<ChangeHash>, DocumentView> = BTreeMap::new();
@@ -668,7 +827,7 @@ pub fn approval_status(doc: &mut Document, directory: &EnrollmentDirectory) -> R
         version.missing =
             view.signatories.iter().filter(|s| !version.signed.iter().any(|a| covers(a, s))).cloned().collect();
     }
-    let completed_at = |v: &SignedVersion| v.signed.iter().map(|a| a.signed_at).max();
+    let completed_at = |v: &SignedVersion| v.signed.iter().map(|a| a.received_at).max();
     let in_force = versions
         .iter()
         .filter(|(view, v)| v.missing.is_empty() && !view.signatories.is_empty())
@@ -694,6 +853,7 @@ pub fn approval_status(doc: &mut Document, directory: &EnrollmentDirectory) -> R
         pending,
         withdrawn,
         flagged,
+        awaiting_receipt,
     })
 }
 

@@ -94,6 +94,9 @@ pub struct Bundle {
     pub directory: Option<Vec<u8>>,
     /// The documents.
     pub docs: Vec<BundleDoc>,
+    /// The relay's receipts of the approval records of these documents (see
+    /// [`crate::receipt`]); the importer verifies them with its pinned relay key.
+    pub receipts: Vec<crate::receipt::ApprovalReceipt>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,6 +107,9 @@ struct Header {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     directory: Option<String>,
     docs: Vec<HeaderDoc>,
+    /// Absent in bundles made before receipts existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    receipts: Vec<crate::receipt::ApprovalReceipt>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -131,6 +137,7 @@ impl Bundle {
                     signatures: d.signatures.iter().map(|(h, s)| (h.to_string(), hex::encode(s))).collect(),
                 })
                 .collect(),
+            receipts: self.receipts.clone(),
         };
         let header = serde_json::to_vec(&header).unwrap_or_default();
         let mut out = Vec::with_capacity(
@@ -207,6 +214,7 @@ impl Bundle {
             relay_key: header.relay_key,
             directory: header.directory.map(String::into_bytes),
             docs,
+            receipts: header.receipts,
         })
     }
 }
@@ -281,6 +289,13 @@ mod tests {
                 },
                 BundleDoc { id: DocId::random(), data: Vec::new(), signatures: Vec::new() },
             ],
+            receipts: vec![crate::receipt::ApprovalReceipt::issue(
+                &crate::identity::NodeKey::generate(),
+                &DocId::random(),
+                &"ab".repeat(64),
+                DateTime::from_timestamp(1_700_000_100, 0).unwrap(),
+            )
+            .unwrap()],
         }
     }
 
@@ -288,6 +303,15 @@ mod tests {
     fn round_trips() {
         let b = sample();
         assert_eq!(Bundle::decode(&b.encode()).unwrap(), b);
+    }
+
+    #[test]
+    fn a_bundle_without_receipts_still_decodes() {
+        let mut b = sample();
+        b.receipts.clear();
+        let bytes = b.encode();
+        assert!(!String::from_utf8_lossy(&bytes).contains("receipts"), "older readers see the old header");
+        assert_eq!(Bundle::decode(&bytes).unwrap(), b);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! - [`authorship`]: every change signed by its author, verified by whoever receives it.
 //! - [`directory`]: the enrollment directory (keys → organisation, name, role), signed by the relay; join codes.
 //! - [`model`]: the collaboration documents as typed Rust over Automerge.
+//! - [`receipt`]: the relay's signed receipts of approval records (when it first received each).
 //! - [`markdown`]: Markdown import, export and human-readable rendering.
 //! - [`bundle`]: the offline exchange file (changes another node lacks).
 //! - [`signed_bundle`]: the self-contained bundle of an approved version, verifiable offline.
@@ -30,6 +31,7 @@ pub mod ids;
 pub mod markdown;
 pub mod model;
 pub mod org;
+pub mod receipt;
 pub mod signed_bundle;
 pub mod sync;
 pub mod wire;

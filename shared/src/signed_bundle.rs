@@ -7,9 +7,10 @@
 //! - [`HISTORY_FILE`]: the document's Automerge history up to the signed heads;
 //! - [`MANIFEST_FILE`]: JSON ([`Manifest`]): document id, title, signed heads,
 //!   SHA-256 of the two other files, every approval record (signer key,
-//!   organisation, role, time, signature), the relay's key and the enrollment
-//!   directory exactly as the relay signed it (names, roles and enrollment
-//!   times of the signers).
+//!   organisation, role, time, signature) with the relay's receipt of each
+//!   (when the relay received it, signed by the relay; see [`crate::receipt`]),
+//!   the relay's key and the enrollment directory exactly as the relay signed
+//!   it (names, roles and enrollment times of the signers).
 //!
 //! # What a verifier trusts
 //!
@@ -19,8 +20,10 @@
 //! name one exact history) and this program's Markdown rendering. From those,
 //! [`verify`] establishes: the directory was signed by that relay; each
 //! approval's signature verifies for this document id and its heads; each
-//! signer was, at signing time, an enrolled signer of the claimed organisation
-//! and role; each signed version exists in the carried history and has the
+//! approval has a receipt signed by that relay for that record and document;
+//! each signer was, **when the relay received the record**, an enrolled signer
+//! of the claimed organisation and role (and the claimed signing time is not
+//! later than that, plus the clock skew allowed); each signed version exists in the carried history and has the
 //! same content as the bundle's version; the Markdown file is exactly that
 //! version rendered; and every signatory the version requires has signed.
 //! The manifest must be byte for byte in its canonical form, so a changed byte
@@ -37,6 +40,7 @@ use crate::ids::DocId;
 use crate::markdown;
 use crate::model::Document;
 use crate::org::Directory;
+use crate::receipt::ApprovalReceipt;
 
 /// The Markdown of the signed version.
 pub const MARKDOWN_FILE: &str = "document.md";
@@ -44,8 +48,9 @@ pub const MARKDOWN_FILE: &str = "document.md";
 pub const HISTORY_FILE: &str = "history.automerge";
 /// The manifest.
 pub const MANIFEST_FILE: &str = "manifest.json";
-/// The manifest's format tag.
-pub const FORMAT: &str = "samverkan-signed-bundle-v1";
+/// The manifest's format tag (v2 added the relay's receipts; v1 bundles
+/// carry none and no longer verify: export them again).
+pub const FORMAT: &str = "samverkan-signed-bundle-v2";
 
 /// Why a bundle does not verify; each message names the part at fault.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -103,6 +108,8 @@ pub struct Manifest {
     pub directory: SignedDirectory,
     /// The approvals of the version.
     pub approvals: Vec<ApprovalRecord>,
+    /// The relay's receipt of each approval, in the same order.
+    pub receipts: Vec<ApprovalReceipt>,
 }
 
 /// The three files of a bundle, in memory.
@@ -132,7 +139,7 @@ pub struct BundleReport {
     pub relay_pinned: bool,
     /// Who signed, when.
     pub signed: Vec<SignedBy>,
-    /// When the bundle's version was approved (the last signature).
+    /// When the bundle's version was approved (the relay's receipt of the last signature).
     pub approved_at: Option<DateTime<Utc>>,
 }
 
@@ -146,12 +153,22 @@ fn canonical_manifest(manifest: &Manifest) -> String {
 }
 
 /// Builds the bundle of the version signed by `approvals` (all on versions
-/// with the same content; the first one's heads name the version).
+/// with the same content; the first one's heads name the version), with the
+/// relay's receipt of each (same order).
 pub fn create(
     doc: &mut Document,
     approvals: Vec<ApprovalRecord>,
+    receipts: Vec<ApprovalReceipt>,
     directory: SignedDirectory,
 ) -> Result<BundleFiles, crate::approval::ApprovalError> {
+    if receipts.len() != approvals.len()
+        || approvals.iter().zip(&receipts).any(|(a, r)| a.signature != r.record_signature)
+    {
+        return Err(crate::approval::ApprovalError::Invalid {
+            field: "receipts",
+            reason: "every approval in a signed bundle needs the relay's receipt, in the same order".into(),
+        });
+    }
     let heads = approvals.first().map(|a| a.heads.clone()).unwrap_or_default();
     let all_heads: Vec<automerge::ChangeHash> = approvals.iter().flat_map(|a| a.heads.iter().copied()).collect();
     let mut history_doc = doc.at(&crate::approval::canonical_heads(&all_heads))?;
@@ -168,6 +185,7 @@ pub fn create(
         relay_key: directory.relay,
         directory,
         approvals,
+        receipts,
     };
     Ok(BundleFiles { manifest: canonical_manifest(&manifest), markdown, history })
 }
@@ -213,13 +231,21 @@ pub fn verify(files: &BundleFiles, pinned: Option<&NodeId>) -> Result<BundleRepo
     if markdown::export(&view, &Directory::sodermanland()) != files.markdown || view.title != manifest.title {
         return Err(BundleVerifyError::Markdown);
     }
+    if manifest.receipts.len() != manifest.approvals.len() {
+        return Err(BundleVerifyError::Manifest(format!(
+            "{} approval(s) but {} relay receipt(s): every approval needs the relay's receipt",
+            manifest.approvals.len(),
+            manifest.receipts.len()
+        )));
+    }
     let mut signed = Vec::new();
-    for (index, record) in manifest.approvals.iter().enumerate() {
+    for (index, (record, receipt)) in manifest.approvals.iter().zip(&manifest.receipts).enumerate() {
         let fail = |problem: String| BundleVerifyError::Approval { index, role: record.role.clone(), problem };
         if record.action != Action::Approve {
             return Err(fail("not an approval".into()));
         }
-        let member = record.verify(&manifest.doc, &directory).map_err(|e| fail(e.to_string()))?;
+        receipt.verify(&relay_key).map_err(|e| fail(format!("the relay's receipt does not verify: {e}")))?;
+        let member = record.verify_received(&manifest.doc, &directory, receipt).map_err(|e| fail(e.to_string()))?;
         if view_at(&mut doc, &record.heads)? != view {
             return Err(fail("signs a version with other content".into()));
         }
@@ -229,6 +255,7 @@ pub fn verify(files: &BundleFiles, pinned: Option<&NodeId>) -> Result<BundleRepo
             org: record.org.clone(),
             role: record.role.clone(),
             signed_at: record.signed_at,
+            received_at: receipt.received_at,
             heads: record.heads.clone(),
         });
     }
@@ -251,7 +278,7 @@ pub fn verify(files: &BundleFiles, pinned: Option<&NodeId>) -> Result<BundleRepo
         heads: manifest.heads,
         relay_key,
         relay_pinned: pinned.is_some(),
-        approved_at: signed.iter().map(|s| s.signed_at).max(),
+        approved_at: signed.iter().map(|s| s.received_at).max(),
         signed,
     })
 }

@@ -31,6 +31,10 @@
 //! | 0x08 | `Join`     | `protocol:u16be software:str secret:bytes org:str`   |
 //! | 0x09 | `Directory`| `signed:bytes`                                       |
 //! | 0x0a | `Authors`  | `doc:[u8; 16] count:varint` × (`hash:[u8; 32] signature:[u8; 64]`) |
+//! | 0x0b | `Receipts` | `doc:[u8; 16] count:varint` × (`record:[u8; 64] received_at_ms:i64be relay_signature:[u8; 64]`) |
+//!
+//! Protocol 2 added `Receipts` (relay → node, see [`crate::receipt`]); a
+//! protocol 1 peer could not decode it, so the version was bumped.
 
 use crate::ids::DocId;
 
@@ -38,8 +42,9 @@ use crate::ids::DocId;
 ///
 /// History: 1 — first release; 2 — `Join` carries the organisation the node
 /// belongs to (`org`), so the relay can refuse a code issued for another
-/// organisation before it enrolls anything.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// organisation before it enrolls anything; 3 — the relay sends `Receipts`
+/// (its countersignatures of approval records).
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Default largest payload accepted in one frame: 64 MiB.
 ///
@@ -65,8 +70,22 @@ const TYPE_ERROR: u8 = 0x07;
 const TYPE_JOIN: u8 = 0x08;
 const TYPE_DIRECTORY: u8 = 0x09;
 const TYPE_AUTHORS: u8 = 0x0a;
+const TYPE_RECEIPTS: u8 = 0x0b;
 /// Bytes of one `Authors` entry: a change hash and its author's signature.
 const AUTHOR_ENTRY_BYTES: usize = 32 + 64;
+/// Bytes of one `Receipts` entry: record signature, time, relay signature.
+const RECEIPT_ENTRY_BYTES: usize = 64 + 8 + 64;
+
+/// One approval receipt on the wire (see [`crate::receipt::ApprovalReceipt`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiptEntry {
+    /// The record's signature: names the record.
+    pub record: [u8; 64],
+    /// When the relay first received it, milliseconds since the Unix epoch (UTC).
+    pub received_at_ms: i64,
+    /// The relay's signature over the receipt.
+    pub relay_signature: [u8; 64],
+}
 
 /// Why bytes could not be read as frames.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -265,6 +284,15 @@ pub enum Frame {
         /// (change hash, the author's signature over it).
         entries: Vec<(automerge::ChangeHash, crate::authorship::ChangeSignature)>,
     },
+    /// Relay → node: the relay's receipts of approval records of a document
+    /// (when it first received each), sent before the `Sync` frames of that
+    /// document and whenever new ones are issued.
+    Receipts {
+        /// The document.
+        doc: DocId,
+        /// The receipts.
+        entries: Vec<ReceiptEntry>,
+    },
 }
 
 impl Frame {
@@ -281,6 +309,7 @@ impl Frame {
             Frame::Join { .. } => "Join",
             Frame::Directory { .. } => "Directory",
             Frame::Authors { .. } => "Authors",
+            Frame::Receipts { .. } => "Receipts",
         }
     }
 
@@ -296,6 +325,7 @@ impl Frame {
             Frame::Join { .. } => TYPE_JOIN,
             Frame::Directory { .. } => TYPE_DIRECTORY,
             Frame::Authors { .. } => TYPE_AUTHORS,
+            Frame::Receipts { .. } => TYPE_RECEIPTS,
         }
     }
 
@@ -316,6 +346,9 @@ impl Frame {
             Frame::Directory { signed } => varint_len(signed.len()) + signed.len(),
             Frame::Authors { entries, .. } => {
                 DOC_ID_BYTES + varint_len(entries.len()) + entries.len() * AUTHOR_ENTRY_BYTES
+            }
+            Frame::Receipts { entries, .. } => {
+                DOC_ID_BYTES + varint_len(entries.len()) + entries.len() * RECEIPT_ENTRY_BYTES
             }
         }
     }
@@ -376,6 +409,15 @@ impl Frame {
                     out.extend_from_slice(signature);
                 }
             }
+            Frame::Receipts { doc, entries } => {
+                out.extend_from_slice(&doc_id_to_bytes(doc));
+                put_varint(&mut out, entries.len());
+                for entry in entries {
+                    out.extend_from_slice(&entry.record);
+                    out.extend_from_slice(&entry.received_at_ms.to_be_bytes());
+                    out.extend_from_slice(&entry.relay_signature);
+                }
+            }
         }
         debug_assert_eq!(out.len(), LENGTH_PREFIX + payload_len);
         out
@@ -404,6 +446,7 @@ impl Frame {
             TYPE_JOIN => "Join",
             TYPE_DIRECTORY => "Directory",
             TYPE_AUTHORS => "Authors",
+            TYPE_RECEIPTS => "Receipts",
             other => return Err(WireError::UnknownFrameType(other)),
         };
         let mut r = Reader { bytes: body, frame: frame_name };
@@ -448,6 +491,22 @@ impl Frame {
                     entries.push((hash, r.array("signature")?));
                 }
                 Frame::Authors { doc, entries }
+            }
+            TYPE_RECEIPTS => {
+                let doc = r.doc_id("doc id")?;
+                let count = r.varint("entry count")?;
+                if count > r.remaining() / RECEIPT_ENTRY_BYTES {
+                    return Err(WireError::BadLength { frame: frame_name, field: "entry count" });
+                }
+                let mut entries = Vec::with_capacity(count);
+                for _ in 0..count {
+                    entries.push(ReceiptEntry {
+                        record: r.array("record signature")?,
+                        received_at_ms: i64::from_be_bytes(r.array("received at")?),
+                        relay_signature: r.array("relay signature")?,
+                    });
+                }
+                Frame::Receipts { doc, entries }
             }
             _ => Frame::Error { code: ErrorCode::from_u16(r.u16("code")?), message: r.string("message")? },
         };
@@ -761,6 +820,14 @@ mod tests {
             Frame::Directory { signed: b"{}".to_vec() },
             Frame::Authors { doc: doc(3), entries: vec![] },
             Frame::Authors { doc: doc(4), entries: vec![(automerge::ChangeHash([5; 32]), [6; 64])] },
+            Frame::Receipts { doc: doc(5), entries: vec![] },
+            Frame::Receipts {
+                doc: doc(6),
+                entries: vec![
+                    ReceiptEntry { record: [7; 64], received_at_ms: 1_740_823_200_123, relay_signature: [8; 64] },
+                    ReceiptEntry { record: [9; 64], received_at_ms: -1, relay_signature: [10; 64] },
+                ],
+            },
         ]
     }
 
@@ -942,6 +1009,12 @@ mod tests {
             Frame::decode_payload(&[TYPE_DOC_HEADS, 0xff, 0xff, 0xff, 0xff, 0x0f]),
             Err(WireError::BadLength { .. })
         ));
+        // A Receipts count larger than the entries that follow (one entry present, two announced).
+        let mut receipts = vec![TYPE_RECEIPTS];
+        receipts.extend_from_slice(&[0; DOC_ID_BYTES]);
+        receipts.push(2);
+        receipts.extend_from_slice(&[0; RECEIPT_ENTRY_BYTES]);
+        assert!(matches!(Frame::decode_payload(&receipts), Err(WireError::BadLength { .. })));
         // Varint above u32::MAX.
         assert!(matches!(
             Frame::decode_payload(&[

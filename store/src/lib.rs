@@ -39,12 +39,13 @@ use samverkan_shared::acceptance::{document_size, ContentLimits, LimitError};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::{DocKind, Document, ModelError};
 use samverkan_shared::org::OrgId;
+use samverkan_shared::receipt::ApprovalReceipt;
 use serde::Serialize;
 
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 4;
+pub const SCHEMA_VERSION: i32 = 5;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
 /// Documents kept in the in-memory cache by default.
@@ -92,6 +93,16 @@ const MIGRATIONS: &[&str] = &[
     // 3 → 4: each document's size as the content limits count it (the sum of its
     // changes' uncompressed bytes); filled in by `backfill_sizes`.
     "ALTER TABLE documents ADD COLUMN change_bytes INTEGER NOT NULL DEFAULT 0;",
+    // 4 → 5: the relay's receipts of approval records (when it first received
+    // each, signed by the relay): issued by the relay in the transaction that
+    // stores the record, kept by nodes after verifying them.
+    "CREATE TABLE approval_receipts (
+         doc_id          TEXT NOT NULL,
+         record          TEXT NOT NULL,
+         received_at     TEXT NOT NULL,
+         relay_signature TEXT NOT NULL,
+         PRIMARY KEY (doc_id, record)
+     ) WITHOUT ROWID;",
 ];
 
 /// Errors of the store.
@@ -592,6 +603,24 @@ impl Store {
     where
         E: From<StoreError>,
     {
+        self.update_receipted(id, create_missing, |doc| {
+            f(doc).map(|(value, signatures)| (value, signatures, Vec::new()))
+        })
+    }
+
+    /// Like [`Store::update_signed`], where `f` also returns approval receipts
+    /// (the relay's, for the records the change added); they are stored in
+    /// the same transaction, the first receipt of a record kept.
+    #[allow(clippy::type_complexity)]
+    pub fn update_receipted<T, E>(
+        &mut self,
+        id: &DocId,
+        create_missing: bool,
+        f: impl FnOnce(&mut Document) -> Result<(T, Vec<(ChangeHash, [u8; 64])>, Vec<ApprovalReceipt>), E>,
+    ) -> Result<(T, UpdateOutcome), E>
+    where
+        E: From<StoreError>,
+    {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
         let (mut doc, mut generation, mut last_seq, created) = match load_in(&tx, &self.cache, id, true)? {
             Some(loaded) => (loaded.doc, loaded.generation, loaded.last_seq, false),
@@ -601,7 +630,7 @@ impl Store {
             None => return Err(StoreError::NotFound(id.clone()).into()),
         };
         let before = doc.heads();
-        let (value, signatures) = f(&mut doc)?;
+        let (value, signatures, receipts) = f(&mut doc)?;
         let heads = doc.heads();
         if heads == before || doc.is_empty() {
             if !created {
@@ -671,6 +700,7 @@ impl Store {
             )
             .map_err(StoreError::from)?;
         }
+        insert_receipts(&tx, &receipts)?;
         tx.commit().map_err(StoreError::from)?;
         self.cache.borrow_mut().put(doc, generation, last_seq);
         Ok((value, UpdateOutcome { new_bytes, heads, created }))
@@ -685,6 +715,35 @@ impl Store {
             if let Some(signature) = found.and_then(|b| <[u8; 64]>::try_from(b).ok()) {
                 out.push((*hash, signature));
             }
+        }
+        Ok(out)
+    }
+
+    /// Stores approval receipts (the caller verified them), keeping the first
+    /// one held of each record; returns how many were new.
+    pub fn add_receipts(&mut self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let added = insert_receipts(&tx, receipts)?;
+        tx.commit()?;
+        Ok(added)
+    }
+
+    /// The stored approval receipts of a document (unverified: check them with the relay key).
+    pub fn receipts(&self, id: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT record, received_at, relay_signature FROM approval_receipts WHERE doc_id = ?1 ORDER BY record",
+        )?;
+        let rows = stmt.query_map([id.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (record_signature, received_at, relay_signature) = row?;
+            let received_at = parse_time(&received_at).map_err(|reason| StoreError::CorruptDocument {
+                id: id.clone(),
+                reason: format!("receipt: {reason}"),
+            })?;
+            out.push(ApprovalReceipt { doc: id.clone(), record_signature, received_at, relay_signature });
         }
         Ok(out)
     }
@@ -800,6 +859,19 @@ impl Store {
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| format!("bad timestamp {s:?}: {e}"))
+}
+
+/// Inserts receipts, keeping the first one held of each record; returns how many were new.
+fn insert_receipts(tx: &Transaction<'_>, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO approval_receipts (doc_id, record, received_at, relay_signature) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    let mut added = 0;
+    for r in receipts {
+        let at = r.received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        added += stmt.execute(params![r.doc.as_str(), r.record_signature, at, r.relay_signature])?;
+    }
+    Ok(added)
 }
 
 fn join_heads(heads: &[ChangeHash]) -> String {
@@ -1021,6 +1093,48 @@ mod tests {
         let fresh = Store::open(&path).unwrap().load(&id).unwrap().view().unwrap();
         assert_eq!(fresh.body, expected);
         assert_eq!(fresh.place.as_deref(), Some("Trosa"));
+    }
+
+    #[test]
+    fn receipts_are_stored_with_the_change_kept_first_and_survive_migration_from_schema_3() {
+        use samverkan_shared::receipt::ApprovalReceipt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let ctx = ctx();
+        let directory = Directory::sodermanland();
+        let relay = NodeKey::generate();
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        let first = ApprovalReceipt::issue(&relay, &id, &"ab".repeat(64), at("2025-03-01T00:00:00Z")).unwrap();
+        let later = ApprovalReceipt::issue(&relay, &id, &"ab".repeat(64), at("2025-03-02T00:00:00Z")).unwrap();
+        {
+            let mut store = Store::open_or_create(&path).unwrap();
+            store.insert(&mut doc).unwrap();
+            // A failed update stores no receipt.
+            let failed: Result<((), _), StoreError> = store.update_receipted(&id, false, |d| {
+                d.edit(&ctx, &directory, "x", |e| e.set_place(Some("Trosa"))).map_err(StoreError::from)?;
+                Err(StoreError::NotFound(id.clone()))
+            });
+            assert!(failed.is_err());
+            assert!(store.receipts(&id).unwrap().is_empty());
+            store
+                .update_receipted(&id, false, |d| {
+                    d.edit(&ctx, &directory, "x", |e| e.set_place(Some("Trosa"))).map_err(StoreError::from)?;
+                    Ok::<_, StoreError>(((), Vec::new(), vec![first.clone()]))
+                })
+                .unwrap();
+            assert_eq!(store.add_receipts(&[later]).unwrap(), 0, "the first receipt of a record is kept");
+            assert_eq!(store.receipts(&id).unwrap(), vec![first.clone()]);
+        }
+        // A schema 3 database (before receipts) is migrated and keeps its documents.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch("DROP TABLE approval_receipts; PRAGMA user_version = 3;").unwrap();
+        drop(old);
+        let mut store = Store::open(&path).unwrap();
+        assert!(store.receipts(&id).unwrap().is_empty());
+        assert_eq!(store.add_receipts(std::slice::from_ref(&first)).unwrap(), 1);
+        assert_eq!(store.load(&id).unwrap().view().unwrap().place.as_deref(), Some("Trosa"));
     }
 
     #[test]

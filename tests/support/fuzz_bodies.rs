@@ -233,7 +233,7 @@ pub fn bundle_docs(data: &[u8]) {
         Err(_) => Vec::new(),
     };
     let doc = samverkan_shared::bundle::BundleDoc { id: fuzz_doc_ids()[0].clone(), data: data.to_vec(), signatures };
-    bundle_import(&Bundle { origin, relay_key: None, directory: None, docs: vec![doc] }.encode());
+    bundle_import(&Bundle { origin, relay_key: None, directory: None, docs: vec![doc], receipts: vec![] }.encode());
 }
 
 /// The fuzz key's signatures of every change of `doc` (as its author would send them).

@@ -3,6 +3,7 @@ use crate::directory::{EnrollmentDirectory, Member, MemberKind};
 use crate::identity::NodeKey;
 use crate::model::{DocKind, DocumentContent, EditContext};
 use crate::org::Directory;
+use crate::receipt::{ApprovalReceipt, Receipts};
 use crate::signed_bundle::{self, BundleVerifyError};
 use sha2::Digest;
 
@@ -19,6 +20,9 @@ struct Fixture {
     governor: NodeKey,
     police: NodeKey,
     directory: EnrollmentDirectory,
+    /// The relay that receipts records, and the receipts it issued.
+    relay: NodeKey,
+    receipts: std::cell::RefCell<Receipts>,
 }
 
 fn signer(key: &NodeKey, org_id: &str, name: &str, role: &str) -> Member {
@@ -49,7 +53,9 @@ fn fixture() -> Fixture {
         .unwrap();
     directory.enroll(signer(&governor, "lansstyrelsen-sodermanland", "Beatrice Ask", "Landshövding")).unwrap();
     directory.enroll(signer(&police, "polisomrade-sodermanland", "Mattias Forssten", "Polisområdeschef")).unwrap();
-    Fixture { node, governor, police, directory }
+    let relay = NodeKey::generate();
+    let receipts = std::cell::RefCell::new(Receipts::new(relay.node_id()));
+    Fixture { node, governor, police, directory, relay, receipts }
 }
 
 fn ctx(key: &NodeKey, at: &str) -> EditContext {
@@ -78,8 +84,21 @@ fn sign(doc: &mut Document, key: &NodeKey, org_id: &str, role: &str, at: &str) -
     ApprovalRecord::sign(Action::Approve, doc.id(), &heads, key, org(org_id), role, time(at)).unwrap()
 }
 
+/// Stores the record, and the relay receipts it at its signing time.
 fn store(doc: &mut Document, f: &Fixture, record: &ApprovalRecord) {
     append(doc, &ctx(&f.node, "2025-03-01T00:00:00Z"), &Directory::sodermanland(), record).unwrap();
+    receipt(doc.id(), f, record, record.signed_at);
+}
+
+/// The relay's receipt of `record`, received at `at`, kept in the fixture's book.
+fn receipt(doc: &DocId, f: &Fixture, record: &ApprovalRecord, at: DateTime<Utc>) -> ApprovalReceipt {
+    let receipt = ApprovalReceipt::issue(&f.relay, doc, &record.signature, at).unwrap();
+    f.receipts.borrow_mut().insert(receipt.clone()).unwrap();
+    receipt
+}
+
+fn status_of(doc: &mut Document, f: &Fixture) -> ApprovalStatus {
+    approval_status(doc, &f.directory, &f.receipts.borrow()).unwrap()
 }
 
 fn approve_governor(doc: &mut Document, f: &Fixture, at: &str) -> ApprovalRecord {
@@ -132,6 +151,9 @@ fn the_signed_message_is_canonical_and_domain_separated() {
     let mut r = record.clone();
     r.signature = "00".repeat(64);
     assert!(r.verify_signature(doc.id()).is_err());
+    let mut r = record.clone();
+    r.signature = r.signature.to_uppercase();
+    assert!(r.verify_signature(doc.id()).is_err(), "only the canonical lowercase hex names the record");
     assert!(ApprovalRecord::sign(Action::Approve, doc.id(), &heads, &f.governor, org("x"), "a\nb", Utc::now()).is_err());
     assert!(ApprovalRecord::sign(Action::Approve, doc.id(), &[], &f.governor, org("x"), "a", Utc::now()).is_err());
 }
@@ -166,7 +188,7 @@ fn verification_names_wrong_role_wrong_org_node_keys_unknown_and_revoked_signers
 fn two_signers_offline_then_merge_is_approved_and_an_edit_is_changed_since_approval() {
     let f = fixture();
     let mut doc = agreement(&f);
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.state, ApprovalState::Draft);
     assert_eq!(status.required.len(), 2);
 
@@ -177,8 +199,9 @@ fn two_signers_offline_then_merge_is_approved_and_an_edit_is_changed_since_appro
     let police_key = NodeKey::generate();
     let record = sign(&mut other, &f.police, "polisomrade-sodermanland", "Polisområdeschef", "2025-03-01T11:00:00Z");
     append(&mut other, &ctx(&police_key, "2025-03-01T11:00:00Z"), &Directory::sodermanland(), &record).unwrap();
+    receipt(other.id(), &f, &record, time("2025-03-01T12:00:00Z"));
 
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.state, ApprovalState::AwaitingSignatures);
     let pending = status.pending.unwrap();
     assert_eq!(pending.signed[0].name, "Beatrice Ask");
@@ -187,7 +210,7 @@ fn two_signers_offline_then_merge_is_approved_and_an_edit_is_changed_since_appro
     assert!(pending.is_current);
 
     doc.automerge_mut().merge(other.automerge_mut()).unwrap();
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.state, ApprovalState::Approved, "{status:?}");
     let in_force = status.in_force.unwrap();
     assert_eq!(in_force.heads, canonical_heads(&signed_heads));
@@ -200,7 +223,7 @@ fn two_signers_offline_then_merge_is_approved_and_an_edit_is_changed_since_appro
         e.set_field("body", "## Bakgrund\n\nVi samverkar mer.\n")
     })
     .unwrap();
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.state, ApprovalState::ChangedSinceApproval);
     let in_force = status.in_force.unwrap();
     assert_eq!(doc.at(&in_force.heads).unwrap().view().unwrap(), signed_view);
@@ -214,7 +237,7 @@ fn signing_after_another_signers_record_counts_for_the_same_version() {
     approve_governor(&mut doc, &f, "2025-03-01T10:00:00Z");
     // The police chief signs later: the heads now include the governor's record.
     approve_police(&mut doc, &f, "2025-03-02T10:00:00Z");
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.state, ApprovalState::Approved, "{status:?}");
     assert_eq!(status.in_force.unwrap().signed.len(), 2);
 }
@@ -225,7 +248,7 @@ fn a_withdrawal_is_a_signed_act_that_cancels_the_approval() {
     let mut doc = agreement(&f);
     let approval = approve_governor(&mut doc, &f, "2025-03-01T10:00:00Z");
     approve_police(&mut doc, &f, "2025-03-01T11:00:00Z");
-    assert_eq!(approval_status(&mut doc, &f.directory).unwrap().state, ApprovalState::Approved);
+    assert_eq!(status_of(&mut doc, &f).state, ApprovalState::Approved);
     let withdrawal = ApprovalRecord::sign(
         Action::Withdraw,
         doc.id(),
@@ -237,7 +260,7 @@ fn a_withdrawal_is_a_signed_act_that_cancels_the_approval() {
     )
     .unwrap();
     store(&mut doc, &f, &withdrawal);
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.state, ApprovalState::AwaitingSignatures, "{status:?}");
     assert_eq!(status.withdrawn.len(), 1);
     assert_eq!(status.pending.unwrap().missing[0].role, "Landshövding");
@@ -248,7 +271,7 @@ fn a_withdrawal_is_a_signed_act_that_cancels_the_approval() {
     forged.org = org("polisomrade-sodermanland");
     forged.role = "Polisområdeschef".into();
     store(&mut doc, &f, &forged);
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.flagged.len(), 1);
     assert!(status.flagged[0].problem.contains("does not verify"), "{:?}", status.flagged);
 }
@@ -265,7 +288,7 @@ fn forged_moved_and_wrong_role_records_are_flagged_with_the_reason() {
     for record in [&moved, &forged, &wrong_role] {
         store(&mut doc, &f, record);
     }
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     assert_eq!(status.state, ApprovalState::Draft);
     let problems: Vec<&str> = status.flagged.iter().map(|p| p.problem.as_str()).collect();
     assert_eq!(problems.len(), 3, "{problems:?}");
@@ -316,7 +339,7 @@ fn the_relay_check_refuses_only_new_bad_records() {
 #[test]
 fn a_signed_bundle_round_trips_and_any_changed_byte_fails() {
     let f = fixture();
-    let relay = NodeKey::generate();
+    let relay = &f.relay;
     let mut doc = agreement(&f);
     approve_governor(&mut doc, &f, "2025-03-01T10:00:00Z");
     approve_police(&mut doc, &f, "2025-03-02T10:00:00Z");
@@ -324,11 +347,12 @@ fn a_signed_bundle_round_trips_and_any_changed_byte_fails() {
         e.set_field("title", "Ändrad titel")
     })
     .unwrap();
-    let status = approval_status(&mut doc, &f.directory).unwrap();
+    let status = status_of(&mut doc, &f);
     let version = status.in_force.unwrap();
     let records = records_of(&doc, &version);
     assert_eq!(records.len(), 2);
-    let files = signed_bundle::create(&mut doc, records, f.directory.sign(relay.signing_key())).unwrap();
+    let receipts = records.iter().map(|r| f.receipts.borrow().get(doc.id(), &r.signature).cloned().unwrap()).collect();
+    let files = signed_bundle::create(&mut doc, records, receipts, f.directory.sign(relay.signing_key())).unwrap();
     assert!(files.markdown.contains("Länsövergripande samverkansöverenskommelse"), "the signed version, not the edit");
 
     let report = signed_bundle::verify(&files, Some(&relay.node_id())).unwrap();
@@ -369,4 +393,75 @@ fn a_signed_bundle_round_trips_and_any_changed_byte_fails() {
     manifest.markdown_sha256 = hex::encode(sha2::Sha256::digest(tampered.markdown.as_bytes()));
     tampered.manifest = serde_json::to_string_pretty(&manifest).unwrap() + "\n";
     assert_eq!(signed_bundle::verify(&tampered, None), Err(BundleVerifyError::Markdown));
+}
+
+#[test]
+fn a_backdated_record_by_a_revoked_key_awaits_a_receipt_and_never_counts_with_a_late_one() {
+    let mut f = fixture();
+    let mut doc = agreement(&f);
+    f.directory.revoke(&f.governor.node_id(), time("2025-06-01T00:00:00Z")).unwrap();
+    // Signed with the stolen key after the revocation, claiming a time before it.
+    let backdated = sign(&mut doc, &f.governor, "lansstyrelsen-sodermanland", "Landshövding", "2025-05-01T00:00:00Z");
+    backdated.verify(doc.id(), &f.directory).expect("the claimed time alone would pass");
+    append(&mut doc, &ctx(&f.node, "2025-07-01T00:00:00Z"), &Directory::sodermanland(), &backdated).unwrap();
+    approve_police(&mut doc, &f, "2025-05-02T00:00:00Z");
+
+    // No receipt: awaiting, not counted, not flagged as invalid.
+    let status = status_of(&mut doc, &f);
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures, "{status:?}");
+    assert_eq!(status.awaiting_receipt.len(), 1);
+    assert_eq!(status.awaiting_receipt[0].signer, f.governor.node_id());
+    assert!(status.flagged.is_empty());
+    assert_eq!(
+        check_receipted(&doc, &backdated, &f.directory, &f.receipts.borrow()).unwrap_err(),
+        RecordProblem::AwaitingReceipt
+    );
+
+    // A receipt from the time the relay got it (after the revocation): flagged, never counted.
+    receipt(doc.id(), &f, &backdated, time("2025-07-01T00:00:00Z"));
+    let status = status_of(&mut doc, &f);
+    assert_eq!(status.state, ApprovalState::AwaitingSignatures);
+    assert!(status.awaiting_receipt.is_empty());
+    assert_eq!(status.flagged.len(), 1);
+    assert!(status.flagged[0].problem.contains("when the relay received the record"), "{:?}", status.flagged);
+
+    // A receipt from another relay is not taken at all.
+    let elsewhere =
+        ApprovalReceipt::issue(&NodeKey::generate(), doc.id(), &backdated.signature, time("2025-05-01T00:00:00Z"))
+            .unwrap();
+    assert!(f.receipts.borrow_mut().insert(elsewhere.clone()).is_err());
+    // And a receipt of another record proves nothing for this one.
+    assert_eq!(
+        backdated.verify_received(
+            doc.id(),
+            &f.directory,
+            &ApprovalReceipt { record_signature: "00".repeat(64), ..elsewhere }
+        ),
+        Err(RecordProblem::ReceiptMismatch)
+    );
+}
+
+#[test]
+fn a_record_counts_from_its_receipt_and_a_signing_time_after_it_is_refused() {
+    let mut f = fixture();
+    let mut doc = agreement(&f);
+    // Signed and received while enrolled: it stays valid after a later revocation.
+    let approval = sign(&mut doc, &f.governor, "lansstyrelsen-sodermanland", "Landshövding", "2025-05-01T00:00:00Z");
+    append(&mut doc, &ctx(&f.node, "2025-05-01T00:00:00Z"), &Directory::sodermanland(), &approval).unwrap();
+    let received = receipt(doc.id(), &f, &approval, time("2025-05-01T00:00:01Z"));
+    f.directory.revoke(&f.governor.node_id(), time("2025-06-01T00:00:00Z")).unwrap();
+    let (member, at) = check_receipted(&doc, &approval, &f.directory, &f.receipts.borrow()).unwrap();
+    assert_eq!((member.name.as_str(), at), ("Beatrice Ask", received.received_at));
+    let status = status_of(&mut doc, &f);
+    assert_eq!(status.pending.unwrap().signed[0].received_at, received.received_at);
+
+    // A signing time more than the allowed skew after the relay received it.
+    let mut doc = agreement(&f);
+    let late = sign(&mut doc, &f.police, "polisomrade-sodermanland", "Polisområdeschef", "2025-05-01T01:00:00Z");
+    append(&mut doc, &ctx(&f.node, "2025-05-01T00:00:00Z"), &Directory::sodermanland(), &late).unwrap();
+    receipt(doc.id(), &f, &late, time("2025-05-01T00:00:00Z"));
+    assert!(matches!(
+        check_receipted(&doc, &late, &f.directory, &f.receipts.borrow()),
+        Err(RecordProblem::SignedAfterReceipt { .. })
+    ));
 }

@@ -11,6 +11,12 @@
 //! [`ConnectionEvent::Established`]; the driver restores persisted sync states
 //! and calls [`SyncConnection::begin`]) → both send `Summary` → each answers
 //! `InSync` or `DocHeads` → `Sync` frames for the documents that differ.
+//!
+//! On the relay's end, every `Sync` frame of a document (sent, or answered)
+//! is preceded by a `Receipts` frame with the relay's approval receipts of
+//! that document the node has not been sent on this connection yet
+//! ([`DocAccess::receipts`]), so a node has the receipts of the records it
+//! holds before it considers a one-shot sync settled.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
@@ -20,7 +26,7 @@ use super::{doc_heads_frame, plan, summary_digest, summary_frame, PeerSession, R
 use crate::acceptance::{self, AuthorPolicy};
 use crate::authorship::{AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
-use crate::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
+use crate::wire::{ErrorCode, Frame, ReceiptEntry, PROTOCOL_VERSION};
 
 /// A change hash with its author's signature, to keep beside the change.
 pub type SignedChange = (ChangeHash, ChangeSignature);
@@ -87,6 +93,12 @@ pub trait DocAccess {
     fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, Self::Error> {
         self.with_doc(doc, false, |d| DocOutcome::keep(d.get_heads()))
     }
+
+    /// (Relay only.) The approval receipts of `doc` to give the peer (none
+    /// if the peer may not see the document). The default has none.
+    fn receipts(&mut self, _doc: &DocId) -> Result<Vec<ReceiptEntry>, Self::Error> {
+        Ok(Vec::new())
+    }
 }
 
 /// What happened on a connection that the driver should act on.
@@ -110,6 +122,14 @@ pub enum ConnectionEvent {
     /// (Node only.) The relay sent its signed enrollment directory: verify it
     /// with the pinned relay key and keep it.
     Directory(Vec<u8>),
+    /// (Node only.) The relay sent approval receipts of a document: verify
+    /// them with the pinned relay key and keep them.
+    Receipts {
+        /// The document.
+        doc: DocId,
+        /// The receipts, unverified.
+        entries: Vec<ReceiptEntry>,
+    },
 }
 
 /// Why a connection must close.
@@ -191,6 +211,8 @@ pub struct SyncConnection {
     planned: usize,
     /// Authors' signatures the peer sent ahead of its changes, by change hash.
     offered: HashMap<ChangeHash, ChangeSignature>,
+    /// (Relay.) Receipts sent on this connection, by document (record signatures).
+    receipts_sent: HashMap<DocId, BTreeSet<[u8; 64]>>,
     stats: ConnectionStats,
 }
 
@@ -227,6 +249,7 @@ impl SyncConnection {
             pending: BTreeSet::new(),
             planned: 0,
             offered: HashMap::new(),
+            receipts_sent: HashMap::new(),
             stats: ConnectionStats::default(),
         }
     }
@@ -358,6 +381,9 @@ impl SyncConnection {
             (Phase::Established | Phase::Open, Frame::Directory { signed }) if self.role == Role::Node => {
                 events.push(ConnectionEvent::Directory(signed));
             }
+            (Phase::Open, Frame::Receipts { doc, entries }) if self.role == Role::Node => {
+                events.push(ConnectionEvent::Receipts { doc, entries });
+            }
             (Phase::Open, Frame::InSync) => self.our_summary_answered = true,
             (Phase::Open, Frame::DocHeads { entries }) => {
                 self.our_summary_answered = true;
@@ -423,6 +449,7 @@ impl SyncConnection {
                         return Err(e);
                     }
                     Some(Ok((outcome, unsigned))) => {
+                        self.push_receipts(&doc, docs)?;
                         if let Some(reply) = outcome.reply {
                             self.push_authors(&doc, &unsigned, docs)?;
                             self.push(reply);
@@ -449,7 +476,22 @@ impl SyncConnection {
         if self.phase != Phase::Open {
             return Ok(()); // The summary will cover it.
         }
+        self.push_receipts(doc, docs)?;
         self.generate(doc, docs)
+    }
+
+    /// (Relay.) Queues the receipts of `doc` not yet sent on this connection.
+    fn push_receipts<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
+        if self.role != Role::Relay {
+            return Ok(());
+        }
+        let all = docs.receipts(doc).map_err(ConnectionError::storage)?;
+        let sent = self.receipts_sent.entry(doc.clone()).or_default();
+        let entries: Vec<ReceiptEntry> = all.into_iter().filter(|e| sent.insert(e.record)).collect();
+        if !entries.is_empty() {
+            self.push(Frame::Receipts { doc: doc.clone(), entries });
+        }
+        Ok(())
     }
 
     fn generate<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
@@ -464,6 +506,7 @@ impl SyncConnection {
         match generated {
             None => Ok(()), // Not here (yet): nothing to offer.
             Some((Ok(Some(frame)), unsigned)) => {
+                self.push_receipts(doc, docs)?;
                 self.push_authors(doc, &unsigned, docs)?;
                 self.push(frame);
                 Ok(())
@@ -534,9 +577,9 @@ mod tests {
         KEY.get_or_init(crate::identity::NodeKey::generate)
     }
 
-    /// Documents in memory, with the signatures received for them.
+    /// Documents in memory, with the signatures received for them and (on the relay) receipts.
     #[derive(Default)]
-    struct Docs(BTreeMap<DocId, AutoCommit>, HashMap<ChangeHash, ChangeSignature>);
+    struct Docs(BTreeMap<DocId, AutoCommit>, HashMap<ChangeHash, ChangeSignature>, BTreeMap<DocId, Vec<ReceiptEntry>>);
 
     impl DocAccess for Docs {
         type Error = Infallible;
@@ -584,6 +627,9 @@ mod tests {
                     }
                 })
                 .collect())
+        }
+        fn receipts(&mut self, doc: &DocId) -> Result<Vec<ReceiptEntry>, Infallible> {
+            Ok(self.2.get(doc).cloned().unwrap_or_default())
         }
     }
 
@@ -655,6 +701,64 @@ mod tests {
         assert_eq!(node.stats().sync_out + relay.stats().sync_out, 0);
         assert!(node.is_settled(&mut nd).unwrap());
         assert!(frames <= 6 && bytes < 300, "{frames} frames, {bytes} bytes");
+    }
+
+    #[test]
+    fn the_relay_sends_a_documents_receipts_once_before_its_sync_frames() {
+        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let doc = DocId::random();
+        rd.0.insert(doc.clone(), doc_with("med godkännande"));
+        let entry =
+            |n: u8| ReceiptEntry { record: [n; 64], received_at_ms: 1_700_000_000_000, relay_signature: [n; 64] };
+        rd.2.insert(doc.clone(), vec![entry(1)]);
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        let deliver = |node: &mut SyncConnection, relay: &mut SyncConnection, nd: &mut Docs, rd: &mut Docs| {
+            let mut received = Vec::new();
+            for _ in 0..100 {
+                let to_relay = node.take_outbox();
+                let to_node = relay.take_outbox();
+                if to_relay.is_empty() && to_node.is_empty() {
+                    return received;
+                }
+                for f in to_relay {
+                    for e in relay.on_frame(f, rd).unwrap() {
+                        if let ConnectionEvent::Established { .. } = e {
+                            relay.begin(rd).unwrap();
+                        }
+                    }
+                }
+                for f in to_node {
+                    let name = f.name();
+                    for e in node.on_frame(f, nd).unwrap() {
+                        match e {
+                            ConnectionEvent::Established { .. } => node.begin(nd).unwrap(),
+                            ConnectionEvent::Receipts { entries, .. } => received.push(("receipts", entries)),
+                            _ => {}
+                        }
+                    }
+                    if name == "Sync" {
+                        received.push(("sync", Vec::new()));
+                    }
+                }
+            }
+            panic!("did not settle");
+        };
+        let received = deliver(&mut node, &mut relay, &mut nd, &mut rd);
+        assert_eq!(received.first(), Some(&("receipts", vec![entry(1)])), "before the first Sync: {received:?}");
+        assert_eq!(received.iter().filter(|(what, _)| *what == "receipts").count(), 1, "sent once");
+
+        // A new receipt (the relay received a new record): only that one is sent, with the change.
+        rd.2.get_mut(&doc).unwrap().push(entry(2));
+        rd.0.get_mut(&doc).unwrap().put(automerge::ROOT, "text", "ändrad").unwrap();
+        rd.0.get_mut(&doc).unwrap().commit();
+        relay.on_local_change(&doc, &mut rd).unwrap();
+        let received = deliver(&mut node, &mut relay, &mut nd, &mut rd);
+        assert_eq!(received.first(), Some(&("receipts", vec![entry(2)])), "{received:?}");
+
+        // A node may not send receipts.
+        let err = relay.on_frame(Frame::Receipts { doc, entries: vec![entry(3)] }, &mut rd);
+        assert!(matches!(err, Err(ConnectionError::Protocol(_))), "{err:?}");
     }
 
     #[test]

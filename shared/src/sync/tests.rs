@@ -229,7 +229,11 @@ impl Net {
                 self.send(l, end, Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "R".into() });
                 self.open_sync(l, end);
             }
-            Frame::Welcome { .. } | Frame::InSync | Frame::Directory { .. } | Frame::Authors { .. } => {}
+            Frame::Welcome { .. }
+            | Frame::InSync
+            | Frame::Directory { .. }
+            | Frame::Authors { .. }
+            | Frame::Receipts { .. } => {}
             Frame::Join { .. } => panic!("this harness never joins"),
             Frame::Summary { digest, .. } => {
                 let heads = self.heads_of(peer);
