@@ -142,7 +142,8 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     }
                 })
                 .collect();
-            let bundle = |docs| Bundle { origin: origin.clone(), relay_key: None, directory: None, docs, receipts: vec![] };
+            let bundle =
+                |docs| Bundle { origin: origin.clone(), relay_key: None, directory: None, docs, receipts: vec![] };
             vec![bundle(docs).encode(), bundle(vec![]).encode()]
         }
         "bundle_docs" => (0..3).map(|n| a_document(n).automerge_mut().save()).collect(),

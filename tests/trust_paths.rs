@@ -303,8 +303,13 @@ async fn hostile_copy(root: &Path, relay: &RelayHandle, name: &str) -> Node {
 }
 
 /// A document of `org` written entirely by `author`, as one sync message, with the author's signatures.
-fn document_by(author: &NodeKey, party: &OrgId, text: &str) -> (DocId, Vec<u8>, Vec<(automerge::ChangeHash, [u8; 64])>) {
-    let ctx = EditContext { author: author.node_id(), org: party.clone(), node_name: "x".into(), time: chrono::Utc::now() };
+fn document_by(
+    author: &NodeKey,
+    party: &OrgId,
+    text: &str,
+) -> (DocId, Vec<u8>, Vec<(automerge::ChangeHash, [u8; 64])>) {
+    let ctx =
+        EditContext { author: author.node_id(), org: party.clone(), node_name: "x".into(), time: chrono::Utc::now() };
     let mut content = DocumentContent::new(DocKind::CitizenPromise, "Främmande löfte");
     content.parties = vec![party.clone()];
     content.body = text.into();

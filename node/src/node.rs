@@ -512,8 +512,7 @@ impl Node {
         let mut reports = Vec::new();
         for item in &bundle.docs {
             let result = self.store.update_signed(&item.id, true, |doc| -> Result<_, NodeError> {
-                let applied =
-                    acceptance::apply_bundle_doc(doc, &item.data, &item.signatures, &authors, &limits, &org)?;
+                let applied = acceptance::apply_bundle_doc(doc, &item.data, &item.signatures, &authors, &limits, &org)?;
                 Ok((applied.missing_deps, applied.signatures))
             });
             let report = match result {
