@@ -24,7 +24,7 @@ use samverkan::shared::identity::NodeKey;
 use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::model::{Activity, ActivityStatus, DocKind, Document, DocumentContent, EditContext};
 use samverkan::shared::org::{Directory, OrgId};
-use samverkan::shared::sync::ConnectionError;
+use samverkan::shared::sync::{ConnectionError, SignedChange};
 use samverkan::shared::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
 use samverkan::store::StoreError;
 
@@ -303,11 +303,7 @@ async fn hostile_copy(root: &Path, relay: &RelayHandle, name: &str) -> Node {
 }
 
 /// A document of `org` written entirely by `author`, as one sync message, with the author's signatures.
-fn document_by(
-    author: &NodeKey,
-    party: &OrgId,
-    text: &str,
-) -> (DocId, Vec<u8>, Vec<(automerge::ChangeHash, [u8; 64])>) {
+fn document_by(author: &NodeKey, party: &OrgId, text: &str) -> (DocId, Vec<u8>, Vec<SignedChange>) {
     let ctx =
         EditContext { author: author.node_id(), org: party.clone(), node_name: "x".into(), time: chrono::Utc::now() };
     let mut content = DocumentContent::new(DocKind::CitizenPromise, "Främmande löfte");
@@ -346,7 +342,7 @@ async fn push_raw(
     relay: &RelayHandle,
     key: &NodeKey,
     doc: DocId,
-    entries: Vec<(automerge::ChangeHash, [u8; 64])>,
+    entries: Vec<SignedChange>,
     message: Vec<u8>,
 ) -> (ErrorCode, String) {
     let identity = TlsIdentity::new(key.signing_key(), "test-client").unwrap();

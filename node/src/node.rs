@@ -137,10 +137,10 @@ pub enum NodeError {
     /// A bundle made under another relay than the one this node pinned.
     #[error("this bundle was made under relay {bundle}, but this node belongs to relay {pinned}; bundles are exchanged only between nodes of the same relay, whose enrollment directory says whose changes count")]
     ForeignRelay {
-        /// The bundle's relay key.
-        bundle: NodeId,
-        /// This node's pinned relay key.
-        pinned: NodeId,
+        /// The bundle's relay key (hex).
+        bundle: String,
+        /// This node's pinned relay key (hex).
+        pinned: String,
     },
     /// A bundle made by a node that had not joined any relay.
     #[error("this bundle was made by {0:?}, a node that had not joined a relay; its changes cannot be checked and were not imported")]
@@ -499,7 +499,7 @@ impl Node {
         let pinned = self.pinned_relay()?.ok_or(NodeError::NotJoined)?;
         match bundle.relay_key {
             Some(key) if key == pinned => {}
-            Some(key) => return Err(NodeError::ForeignRelay { bundle: key, pinned }),
+            Some(key) => return Err(NodeError::ForeignRelay { bundle: key.to_string(), pinned: pinned.to_string() }),
             None => return Err(NodeError::BundleFromUnjoinedNode(bundle.origin.name.clone())),
         }
         if let Some(signed) = &bundle.directory {
