@@ -131,7 +131,7 @@ pub enum MessageCheckError {
     #[error("compressed data does not inflate")]
     BadDeflate,
     /// Compressed data inflates to more than allowed.
-    #[error("compressed data inflates to more than {max} bytes")]
+    #[error("compressed data inflates to more than {max} bytes, the limit per document")]
     InflatedTooLarge {
         /// The limit.
         max: u64,
