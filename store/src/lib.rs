@@ -1096,7 +1096,7 @@ mod tests {
     }
 
     #[test]
-    fn receipts_are_stored_with_the_change_kept_first_and_survive_migration_from_schema_3() {
+    fn receipts_are_stored_with_the_change_kept_first_and_survive_migration_from_schema_4() {
         use samverkan_shared::receipt::ApprovalReceipt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.db");
@@ -1127,14 +1127,40 @@ mod tests {
             assert_eq!(store.add_receipts(&[later]).unwrap(), 0, "the first receipt of a record is kept");
             assert_eq!(store.receipts(&id).unwrap(), vec![first.clone()]);
         }
-        // A schema 3 database (before receipts) is migrated and keeps its documents.
+        // A schema 4 database (before receipts) is migrated and keeps its documents.
         let old = Connection::open(&path).unwrap();
-        old.execute_batch("DROP TABLE approval_receipts; PRAGMA user_version = 3;").unwrap();
+        old.execute_batch("DROP TABLE approval_receipts; PRAGMA user_version = 4;").unwrap();
         drop(old);
         let mut store = Store::open(&path).unwrap();
         assert!(store.receipts(&id).unwrap().is_empty());
         assert_eq!(store.add_receipts(std::slice::from_ref(&first)).unwrap(), 1);
         assert_eq!(store.load(&id).unwrap().view().unwrap().place.as_deref(), Some("Trosa"));
+    }
+
+    #[test]
+    fn a_schema_3_database_gets_each_documents_size_and_the_limits_hold_after_migration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let ctx = ctx();
+        let directory = Directory::sodermanland();
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        Store::open_or_create(&path).unwrap().insert(&mut doc).unwrap();
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(
+            "DROP TABLE approval_receipts; ALTER TABLE documents DROP COLUMN change_bytes; PRAGMA user_version = 3;",
+        )
+        .unwrap();
+        drop(old);
+        let mut store = Store::open(&path).unwrap();
+        let size: i64 = store.conn.query_row("SELECT change_bytes FROM documents", [], |r| r.get(0)).unwrap();
+        assert_eq!(size as u64, document_size(store.load(&id).unwrap().automerge_mut()));
+        // The backfilled size counts: a document at its limit takes no more changes.
+        store.set_content_limits(ContentLimits { max_change_bytes: 1024, max_document_bytes: size as u64 });
+        let refused = store.update(&id, false, |d| {
+            d.edit(&ctx, &directory, "x", |e| e.set_place(Some("Flen"))).map_err(StoreError::from)
+        });
+        assert!(matches!(refused, Err(StoreError::TooLarge(LimitError::DocumentTooLarge { .. }))), "{refused:?}");
     }
 
     #[test]
