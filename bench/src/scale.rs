@@ -176,24 +176,31 @@ pub async fn run(s: Scale) -> Result<Vec<Figure>> {
     // Every simulated node (and the seeder, last) is enrolled before the relay starts.
     let keys: Vec<NodeKey> = (0..=s.nodes).map(|_| NodeKey::generate()).collect();
     let org = Directory::sodermanland().resolve("Länsstyrelsen").context("Länsstyrelsen")?.id.clone();
-    let members = keys
+    // The author of the seeded documents is an enrolled node too: the relay accepts no one else's changes.
+    let author = Author::new("Länsstyrelsen");
+    let mut members: Vec<_> = keys
         .iter()
         .enumerate()
         .map(|(i, key)| harness::node_member(key.node_id(), org.clone(), &harness::sim_node_name(i)))
         .collect();
+    members.push(harness::node_member(author.ctx.author, org.clone(), "bench author"));
     let relay = RelayProcess::start(&root.path().join("relay"), members)?;
     let identities =
         keys.iter().map(|key| TlsIdentity::new(key.signing_key(), "samverkan-bench")).collect::<Result<Vec<_>, _>>()?;
-    let result = measure(&relay, s, identities).await;
+    let result = measure(&relay, s, identities, &author).await;
     relay.stop();
     result
 }
 
-async fn measure(relay: &RelayProcess, s: Scale, mut identities: Vec<TlsIdentity>) -> Result<Vec<Figure>> {
+async fn measure(
+    relay: &RelayProcess,
+    s: Scale,
+    mut identities: Vec<TlsIdentity>,
+    author: &Author,
+) -> Result<Vec<Figure>> {
     let target = relay.target.clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_empty = relay.rss_bytes()?;
-    let author = Author::new("Länsstyrelsen");
     let mut docs = MemDocs::default();
     for n in 0..s.docs {
         let doc = author.plan_with_history(20 + n % 5)?;
