@@ -25,6 +25,8 @@
 //! max_change_bytes = 4194304         # largest single change accepted (4 MiB)
 //! max_document_bytes = 33554432      # largest document, as the sum of its changes (32 MiB);
 //!                                    # with 1 MiB headroom it must fit max_frame_bytes
+//! receive_bytes_per_second_per_key = 8388608  # what one node key may make the relay read on average (8 MiB/s)
+//! receive_burst_bytes_per_key = 16777216      # and at once (16 MiB); every frame counts at least 4 KiB
 //! ```
 
 use std::net::SocketAddr;
@@ -85,6 +87,10 @@ pub struct LimitsFile {
     pub max_change_bytes: Option<u64>,
     /// Largest document (the sum of its changes), in bytes.
     pub max_document_bytes: Option<u64>,
+    /// Bytes per second one node key may make the relay read, on average.
+    pub receive_bytes_per_second_per_key: Option<u64>,
+    /// Bytes one node key may make the relay read at once.
+    pub receive_burst_bytes_per_key: Option<u64>,
 }
 
 /// The whole file: every key optional.
@@ -180,6 +186,12 @@ impl RelayFile {
         if let Some(n) = self.limits.max_document_bytes {
             config.content.max_document_bytes = n;
         }
+        if let Some(n) = self.limits.receive_bytes_per_second_per_key {
+            config.receive_rate_per_key = n.max(1);
+        }
+        if let Some(n) = self.limits.receive_burst_bytes_per_key {
+            config.receive_burst_per_key = n.max(1);
+        }
     }
 }
 
@@ -206,6 +218,8 @@ mod tests {
             handshake_timeout_seconds = 4
             max_change_bytes = 1000
             max_document_bytes = 5000
+            receive_bytes_per_second_per_key = 100000
+            receive_burst_bytes_per_key = 200000
         "#;
         let file = RelayFile::parse(text).unwrap();
         let mut config = RelayConfig::new("0.0.0.0:7878".parse().unwrap(), PathBuf::from("/tmp/x"));
@@ -220,6 +234,7 @@ mod tests {
         assert_eq!((config.content.max_change_bytes, config.content.max_document_bytes), (1000, 5000));
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(12));
         assert_eq!(config.limits.handshake_timeout, Duration::from_secs(4));
+        assert_eq!((config.receive_rate_per_key, config.receive_burst_per_key), (100_000, 200_000));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! - [`config`]: the TOML configuration file of `samverkan-relay serve`.
 //! - [`enrollment`]: who may connect: the enrollment directory, join codes, the relay's key.
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
+//! - [`budget`]: what one node key may make the relay read (bytes per second, shared by its connections).
 //! - [`server`]: the QUIC accept loop and one sync task per node connection.
 //! - [`monitor`]: the operator's view (per-node and per-document status, metrics),
 //!   fed by the connection tasks; node names through a [`monitor::NameResolver`].
@@ -20,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod budget;
 pub mod config;
 pub mod enrollment;
 pub mod hub;

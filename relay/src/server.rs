@@ -20,7 +20,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use chrono::Utc;
@@ -44,6 +44,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::budget::ReceiveBudget;
 use crate::enrollment::{self, EnrollmentError};
 use crate::hub::{Hub, Mailbox};
 use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayStatus};
@@ -74,6 +75,10 @@ pub struct RelayConfig {
     pub monitoring: MonitorConfig,
     /// Largest change and document accepted (and so stored and forwarded).
     pub content: ContentLimits,
+    /// Bytes per second one node key may make the relay read on average (see [`crate::budget`]).
+    pub receive_rate_per_key: u64,
+    /// Bytes one node key may make the relay read at once.
+    pub receive_burst_per_key: u64,
 }
 
 impl RelayConfig {
@@ -89,6 +94,8 @@ impl RelayConfig {
             directory_poll: Duration::from_secs(1),
             monitoring: MonitorConfig::default(),
             content: ContentLimits::default(),
+            receive_rate_per_key: crate::budget::DEFAULT_RATE,
+            receive_burst_per_key: crate::budget::DEFAULT_BURST,
         }
     }
 }
@@ -187,6 +194,8 @@ struct Shared<S> {
     max_connections_per_key: usize,
     /// Limits on what a node's sync messages may carry.
     sync_limits: SyncLimits,
+    /// What each node key may make the relay read.
+    budget: ReceiveBudget,
 }
 
 impl<S: RelayStorage> Shared<S> {
@@ -394,6 +403,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
         monitor: monitor.clone(),
         max_connections_per_key: config.max_connections_per_key,
         sync_limits: SyncLimits { max_frame: config.limits.max_frame, ..SyncLimits::for_content(&config.content) },
+        budget: ReceiveBudget::new(config.receive_rate_per_key, config.receive_burst_per_key),
     });
     // A node is judged only on the documents it is a party to (its organisation from the directory).
     let orgs = Arc::downgrade(&shared);
@@ -743,6 +753,12 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         }
         Ok(Ok(Some(first))) => match authenticate(&shared, key, &first) {
             Ok(auth) => {
+                // A key that made the relay read more than its share waits (with the small
+                // pre-authentication window) until it has regained it: reconnecting does not help.
+                let pause = shared.budget.wait(&key, Instant::now());
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
                 // Admitted: from here frames up to the configured maximum, and the full flow-control window.
                 endpoint::admit(&conn, &limits);
                 let span = info_span!("node", node = %auth.key.short(), org = %auth.member.org);
@@ -939,19 +955,32 @@ async fn run<S: RelayStorage>(
 ) -> Result<(), ConnectionEnd> {
     let ConnectionState { member, watch, persist } = state;
     let mut next = Some(hello);
+    let mut charged = recv.bytes();
     loop {
         for frame in sync.take_outbox() {
             send.send(&frame).await?;
         }
         watch.update(sync, recv.bytes(), send.bytes());
+        // Frames already buffered are handled without waiting: take turns with the
+        // other connections after each, so that a peer sending back to back never
+        // holds a worker (or the storage) for longer than one frame.
+        tokio::task::yield_now().await;
         let mailbox = member.as_ref().map(|(_, m)| m.clone());
+        // Past its share of reading (see `crate::budget`), the key is not read from for a
+        // while; changes of others are still passed on to it meanwhile.
+        let pause = shared.budget.wait(&auth.key, Instant::now());
         let frame = match next.take() {
             Some(frame) => Some(frame),
             None => tokio::select! {
-                frame = recv.recv() => match frame.map_err(|e| report_bad_frame(sync, e))? {
-                    Some(frame) => Some(frame),
+                frame = recv.recv(), if pause.is_zero() => match frame.map_err(|e| report_bad_frame(sync, e))? {
+                    Some(frame) => {
+                        shared.budget.charge(&auth.key, recv.bytes() - charged, Instant::now());
+                        charged = recv.bytes();
+                        Some(frame)
+                    }
                     None => return Ok(()),
                 },
+                () = tokio::time::sleep(pause), if !pause.is_zero() => continue,
                 _ = wait(mailbox.as_deref()) => None,
             },
         };
