@@ -302,3 +302,50 @@ async fn sync_frames_for_unknown_documents_leave_no_sync_state_and_the_next_conn
     assert_eq!(node.docs.iter().map(|d| d.doc.clone()).collect::<Vec<_>>(), vec![doc], "monitoring holds no phantom");
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_key_is_read_at_its_budget_while_other_nodes_sync_as_usual() {
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tempfile::tempdir().unwrap();
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), root.path().join("relay"));
+    // 100 small frames a second, 100 at once (every frame costs at least budget::FRAME_COST).
+    let frame_cost = samverkan::relay::budget::FRAME_COST;
+    config.receive_rate_per_key = 100 * frame_cost;
+    config.receive_burst_per_key = 100 * frame_cost;
+    let relay = server::spawn(config).await.expect("relay starts");
+    let (mut honest, doc) = honest_node_with_a_document(root.path(), &relay).await;
+    let attacker = enrolled_attacker(&relay);
+
+    let (conn, mut send, _reader) = attacker_connection(&relay, &attacker).await;
+    let mut flood = Vec::new();
+    for _ in 0..5_000 {
+        flood.extend(Frame::Sync { doc: DocId::random(), message: phantom_sync_message() }.encode());
+    }
+    let started = Instant::now();
+    // The relay stops reading once the budget is spent: flow control holds the rest back.
+    let writer = tokio::spawn(async move {
+        let _ = send.write_all(&flood).await;
+        send
+    });
+    // Meanwhile the honest node edits and syncs, at its own budget.
+    for i in 0..3 {
+        honest.edit(&doc, "edit", |e| e.set_body(&format!("Version {i}"))).unwrap();
+        let synced = Instant::now();
+        bounded("sync", sync::sync_once(&mut honest, &target(&relay), LIMIT)).await.expect("the honest node syncs");
+        println!("honest sync {i} during the flood: {:.0} ms", synced.elapsed().as_secs_f64() * 1000.0);
+    }
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let status = relay.status();
+    let node = status.nodes.iter().find(|n| n.node_id == attacker.node_id().to_string()).expect("attacker known");
+    let allowed = 100.0 + 100.0 * elapsed;
+    println!(
+        "after {elapsed:.1} s the relay had read {} of 5000 flood frames (budget: {allowed:.0})",
+        node.messages_in
+    );
+    assert!((node.messages_in as f64) <= allowed + 5.0, "read {} frames, budget {allowed:.0}", node.messages_in);
+    assert!(node.messages_in >= 100, "the burst was read at once: {}", node.messages_in);
+    writer.abort();
+    conn.close(0u32.into(), b"done");
+    relay.shutdown().await;
+}
