@@ -9,6 +9,7 @@
 //! asserted: `--quick` is run by CI so the benchmark keeps building and running.
 
 mod fixtures;
+mod flood;
 mod harness;
 mod inproc;
 mod latency;
@@ -57,6 +58,8 @@ enum What {
     Store,
     /// 7: the relay and receive paths on the pinned Automerge and on 0.6.1.
     Versions,
+    /// 8: edit-to-visible latency idle and during a flood from an enrolled node.
+    Flood,
     /// Internal: the relay child process of `scale`.
     #[command(hide = true)]
     RelayChild {
@@ -78,6 +81,7 @@ struct Sizes {
     store_long: usize,
     version_histories: Vec<usize>,
     version_iterations: usize,
+    flood: flood::Flood,
 }
 
 impl Sizes {
@@ -94,6 +98,7 @@ impl Sizes {
                 store_long: 10_000,
                 version_histories: vec![100, 10_000],
                 version_iterations: 30,
+                flood: flood::Flood { edits: 30, doc_heads_entries: 1_000_000, syncs_per_connection: 20_000 },
             }
         } else {
             Self {
@@ -107,6 +112,7 @@ impl Sizes {
                 store_long: 10_000,
                 version_histories: vec![100, 10_000],
                 version_iterations: 200,
+                flood: flood::Flood { edits: 300, doc_heads_entries: 1_000_000, syncs_per_connection: 20_000 },
             }
         }
     }
@@ -147,6 +153,9 @@ fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::Versions) {
         print(versions::run(&sizes.version_histories, sizes.version_iterations)?);
+    }
+    if all || matches!(cli.what, What::Flood) {
+        print(runtime.block_on(flood::run(sizes.flood))?);
     }
     println!("# done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
