@@ -181,7 +181,7 @@ pub struct PeerSession {
     role: Role,
     limits: SyncLimits,
     states: BTreeMap<DocId, State>,
-    disabled: BTreeSet<DocId>,
+    pub(crate) disabled: BTreeSet<DocId>,
     /// Changes whose authors' signatures were sent on this connection, per document.
     signatures_sent: BTreeMap<DocId, BTreeSet<ChangeHash>>,
 }
@@ -373,6 +373,30 @@ impl PeerSession {
             h
         };
         sorted(&state.shared_heads) == ours && state.their_heads.as_deref().map(sorted) == Some(ours)
+    }
+
+    /// Stops syncing a document on this connection after a refusal (ours or
+    /// the peer's): its state is dropped, so nothing is persisted for it; with
+    /// `remember`, it is also disabled until [`Self::restart`] (pass `false`
+    /// for documents this side does not hold, so that refusals naming unknown
+    /// documents grow no set).
+    pub fn stop(&mut self, doc_id: &DocId, remember: bool) {
+        self.states.remove(doc_id);
+        self.signatures_sent.remove(doc_id);
+        if remember {
+            self.disabled.insert(doc_id.clone());
+        } else {
+            self.disabled.remove(doc_id);
+        }
+    }
+
+    /// The peer sent a new message for a document stopped on this connection:
+    /// start it again from a fresh state.
+    pub fn restart(&mut self, doc_id: &DocId) {
+        if self.disabled.remove(doc_id) {
+            self.states.remove(doc_id);
+            self.signatures_sent.remove(doc_id);
+        }
     }
 
     /// Drops the document's sync state, disables it and returns `error`.
