@@ -723,8 +723,18 @@ pub fn run(cli: Cli) -> Result<()> {
             ));
             display.finish();
             let report = result.with_context(|| format!("sync with {} failed", target.addr))?;
-            print(json, json!(report), || {
-                format!(
+            // Documents left out of the sync, and why (not a party; refused now or earlier).
+            let mut left_out = Vec::new();
+            for summary in node.list()? {
+                if let Some(note) = node.sharing_note(&summary.id)? {
+                    left_out.push((summary.id, summary.title, note));
+                }
+            }
+            let listed: Vec<_> = left_out.iter().map(|(id, title, note)| json!({"id": id, "title": title, "why": note})).collect();
+            let mut value = json!(report);
+            value["not_synced"] = json!(listed);
+            print(json, value, || {
+                let mut out = format!(
                     "Synced with {} in {} ms: sent changes of {} document(s), received changes of {} document(s); {} sync messages out, {} in; {} bytes out, {} bytes in.",
                     target.addr,
                     report.millis,
@@ -734,8 +744,23 @@ pub fn run(cli: Cli) -> Result<()> {
                     report.messages_received,
                     report.bytes_sent,
                     report.bytes_received
-                )
-            })
+                );
+                if !left_out.is_empty() {
+                    out.push_str(&format!("\n{} document(s) not synced:", left_out.len()));
+                    for (id, title, note) in &left_out {
+                        out.push_str(&format!("\n  {}  {title}: {note}", id.short()));
+                    }
+                }
+                out
+            })?;
+            if !report.refused.is_empty() {
+                bail!(
+                    "the relay refused {} document(s) during this sync (the others synced): {}",
+                    report.refused.len(),
+                    report.refused.iter().map(|r| format!("{} ({})", r.doc.short(), r.reason)).collect::<Vec<_>>().join("; ")
+                );
+            }
+            Ok(())
         }
         Command::Daemon(args) => {
             let target = relay_target(&mut node, &args)?;

@@ -113,6 +113,20 @@ pub struct SyncReport {
     pub bytes_received: u64,
     /// Wall time in milliseconds.
     pub millis: u64,
+    /// Documents the relay refused during this sync (the others synced on);
+    /// each is recorded (see `samverkan-node status`) and held back.
+    pub refused: Vec<RefusedDocument>,
+}
+
+/// One document the relay refused during a sync.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RefusedDocument {
+    /// The document.
+    pub doc: DocId,
+    /// Why, machine-readable (`not_shared`, `changes_refused`, `too_large`, …).
+    pub kind: &'static str,
+    /// Why, in the relay's words.
+    pub reason: String,
 }
 
 /// The node's documents as the sync protocol sees them.
@@ -318,6 +332,8 @@ struct Session {
     sync: SyncConnection,
     peer_key: String,
     relay_key: NodeId,
+    /// Documents the relay refused on this connection.
+    refused: Vec<RefusedDocument>,
 }
 
 fn software() -> String {
@@ -392,7 +408,7 @@ impl Session {
         let peer_key = crate::status::relay_peer_key(&target.relay_key);
         node.store_mut().set_cache_capacity(SYNC_CACHE_DOCUMENTS);
         sync.restore(node.store_mut().sync_states(&peer_key)?);
-        Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key })
+        Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key, refused: Vec::new() })
     }
 
     async fn flush(&mut self) -> Result<(), SyncFailure> {
@@ -414,6 +430,7 @@ impl Session {
                 }
                 ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),
                 ConnectionEvent::RefusedByPeer { doc, kind, reason, heads, your_seq } => {
+                    self.refused.push(RefusedDocument { doc: doc.clone(), kind: kind.label(), reason: reason.clone() });
                     record_refusal(node, doc, kind, reason, heads, your_seq)?;
                 }
                 ConnectionEvent::Refused { doc, kind, reason } => match kind {
@@ -457,6 +474,7 @@ impl Session {
             bytes_sent: self.send.bytes(),
             bytes_received: self.recv.bytes(),
             millis: started.elapsed().as_millis() as u64,
+            refused: self.refused.clone(),
         }
     }
 
