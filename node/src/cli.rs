@@ -519,8 +519,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::List => {
             let docs = node.list()?;
-            let problems =
-                docs.iter().map(|d| node.sync_problem(&d.id).map(|p| p.map(|p| p.short()))).collect::<Result<Vec<_>, _>>()?;
+            let problems = docs
+                .iter()
+                .map(|d| node.sync_problem(&d.id).map(|p| p.map(|p| p.short())))
+                .collect::<Result<Vec<_>, _>>()?;
             let listed: Vec<_> = docs
                 .iter()
                 .zip(&problems)
@@ -730,7 +732,8 @@ pub fn run(cli: Cli) -> Result<()> {
                     left_out.push((summary.id, summary.title, note));
                 }
             }
-            let listed: Vec<_> = left_out.iter().map(|(id, title, note)| json!({"id": id, "title": title, "why": note})).collect();
+            let listed: Vec<_> =
+                left_out.iter().map(|(id, title, note)| json!({"id": id, "title": title, "why": note})).collect();
             let mut value = json!(report);
             value["not_synced"] = json!(listed);
             print(json, value, || {
@@ -757,7 +760,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 bail!(
                     "the relay refused {} document(s) during this sync (the others synced): {}",
                     report.refused.len(),
-                    report.refused.iter().map(|r| format!("{} ({})", r.doc.short(), r.reason)).collect::<Vec<_>>().join("; ")
+                    report
+                        .refused
+                        .iter()
+                        .map(|r| format!("{} ({})", r.doc.short(), r.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 );
             }
             Ok(())
@@ -916,12 +924,12 @@ fn cmd_activity(node: &mut Node, cmd: ActivityCommand, json: bool) -> Result<()>
                 }
                 Ok(())
             })?;
-            report_edit(&node, json, &id, hash, &format!("changed activity {item}"))
+            report_edit(node, json, &id, hash, &format!("changed activity {item}"))
         }
         ActivityCommand::Remove { doc, activity } => {
             let id = node.resolve(&doc)?;
             let (_, hash) = node.edit(&id, "remove activity", |e| e.remove_item("activities", &activity))?;
-            report_edit(&node, json, &id, hash, "removed activity")
+            report_edit(node, json, &id, hash, "removed activity")
         }
     }
 }
@@ -967,7 +975,7 @@ fn cmd_edit(node: &mut Node, doc: &str, json: bool) -> Result<()> {
     match node.apply_edited_markdown(&id, &base, &edited, &path) {
         Ok(hash) => {
             let _ = std::fs::remove_file(&path);
-            report_edit(&node, json, &id, hash, "edited")
+            report_edit(node, json, &id, hash, "edited")
         }
         Err(e) => Err(anyhow::Error::new(e)
             .context(format!("your edit was not applied; your text is kept in {}", path.display()))),

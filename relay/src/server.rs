@@ -964,7 +964,7 @@ impl RefusalLog {
         *count += 1;
         if *count == 1 {
             log();
-        } else if *count % Self::EVERY == 0 {
+        } else if count.is_multiple_of(Self::EVERY) {
             info!(kind = kind.label(), refused = *count, "documents refused on this connection so far");
         }
     }

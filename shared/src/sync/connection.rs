@@ -1005,7 +1005,10 @@ mod tests {
         let node_key = author().node_id();
         let mut relay = SyncConnection::relay("relay");
         relay
-            .on_frame(Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: node_key.to_string() }, &mut rd)
+            .on_frame(
+                Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: node_key.to_string() },
+                &mut rd,
+            )
             .unwrap();
         relay.begin(&mut rd).unwrap();
         relay.take_outbox();
@@ -1025,9 +1028,10 @@ mod tests {
         // A document this side does not share with the peer: refused as not shared, without heads.
         rd.3.insert(doc.clone());
         let mut fresh = AutoCommit::new();
-        let message = automerge::sync::SyncDoc::generate_sync_message(&fresh.sync(), &mut automerge::sync::State::new())
-            .unwrap()
-            .encode();
+        let message =
+            automerge::sync::SyncDoc::generate_sync_message(&fresh.sync(), &mut automerge::sync::State::new())
+                .unwrap()
+                .encode();
         let events = relay.on_frame(Frame::Sync { doc: doc.clone(), message }, &mut rd).unwrap();
         assert!(matches!(events.as_slice(), [ConnectionEvent::Refused { kind: RefusalKind::NotShared, .. }]));
         assert!(matches!(relay.take_outbox().as_slice(),

@@ -27,9 +27,10 @@
 //!    store the result. Never keep a live session across connections: a sync
 //!    state that saw a broken connection can stop changes from being re-sent.
 //!
-//! Any [`SyncError`] disables that document for the rest of the connection;
-//! the caller should send [`Frame::Error`] with [`SyncError::error_code`] and
-//! close, so both sides restart from persisted states.
+//! Any [`SyncError`] drops that document's sync state. [`SyncConnection`]
+//! then refuses that document alone ([`Frame::DocRefused`]) and goes on with
+//! the others; both sides leave it alone on this connection until the peer
+//! sends a new `Sync` for it, which starts it again from a fresh state.
 
 mod check;
 mod connection;
