@@ -216,6 +216,11 @@ pub struct RelayArgs {
     /// Give up a one-shot sync after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Offer again the documents whose changes the relay refused earlier (e.g.
+    /// after the operator raised a limit or enrolled a key); by default they
+    /// are held back until recovered (`samverkan-node recover`).
+    #[arg(long)]
+    pub retry_refused: bool,
 }
 
 /// Arguments of `new`.
@@ -715,6 +720,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sync(args) => {
             let target = relay_target(&mut node, &args)?;
+            if args.retry_refused {
+                let retried = node.retry_refused()?;
+                eprintln!("offering {retried} refused document(s) again");
+            }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let mut display = crate::progress::ProgressDisplay::stderr();
             let result = runtime.block_on(crate::sync::sync_once_with_progress(
@@ -772,6 +781,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Daemon(args) => {
             let target = relay_target(&mut node, &args)?;
+            if args.retry_refused {
+                let retried = node.retry_refused()?;
+                eprintln!("offering {retried} refused document(s) again");
+            }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             eprintln!("syncing with {} until interrupted (Ctrl-C)", target.addr);
             runtime.block_on(crate::sync::daemon(

@@ -437,6 +437,20 @@ impl Node {
         Ok(self.store.refusal(id)?.map(SyncProblem::Refused))
     }
 
+    /// Forgets the refusals of documents whose changes the relay refused, so
+    /// that the next sync offers them again; documents no longer shared stay
+    /// as they are (the relay offers them again itself when they are shared
+    /// again). Returns how many will be offered again.
+    pub fn retry_refused(&mut self) -> Result<usize, NodeError> {
+        let mut retried = 0;
+        for refusal in self.store.refusals()? {
+            if refusal.kind != RefusalKind::NotShared && self.store.clear_refusal(&refusal.doc)? {
+                retried += 1;
+            }
+        }
+        Ok(retried)
+    }
+
     /// [`Self::sync_problem`] as a sentence for people, said when a document
     /// is created or edited and shown by `status`.
     pub fn sharing_note(&self, id: &DocId) -> Result<Option<String>, NodeError> {
