@@ -42,7 +42,7 @@ use automerge::{ActorId, ChangeHash};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::acceptance::{document_size, ContentLimits};
+use crate::acceptance::{document_size, ContentLimits, LimitError};
 use crate::approval;
 use crate::identity::NodeId;
 use crate::ids::DocId;
@@ -127,9 +127,9 @@ pub enum Outcome {
     /// Made again as a new change.
     Reapplied {
         /// The new change.
-        change: ChangeHash,
+        new_change: ChangeHash,
         /// Its sequence number (this node's).
-        seq: u64,
+        new_seq: u64,
         /// Parts that had nowhere to go (see [`merge::Merged::lost`]).
         lost: Vec<String>,
     },
@@ -270,27 +270,48 @@ fn heads_key(heads: &[ChangeHash]) -> Vec<ChangeHash> {
     key
 }
 
-/// The snapshot of `source` at `heads`, through the cursor.
+/// The snapshot of `source` at `heads`, through the cursor: moved forward
+/// when `heads` is a later version, forked afresh otherwise.
 fn snapshot_at(
     source: &mut Document,
     graph: &Graph,
     cursor: &mut Option<Cursor>,
     heads: &[ChangeHash],
 ) -> Result<Snapshot, ModelError> {
-    let target = graph.closure(heads);
     let current = match cursor.take() {
-        Some(mut c) if c.have.is_subset(&target) => {
-            let mut missing = Vec::new();
-            for m in graph.changes.iter().filter(|m| target.contains(&m.hash) && !c.have.contains(&m.hash)) {
-                if let Some(change) = source.automerge_mut().get_change_by_hash(&m.hash) {
-                    missing.push(change);
+        Some(mut c) => {
+            let deps = |h: &ChangeHash| graph.index.get(h).map(|&i| graph.changes[i].deps.as_slice());
+            let new: Vec<ChangeHash> = heads.iter().filter(|h| !c.have.contains(h)).copied().collect();
+            let cursor_heads = c.doc.heads();
+            // One step: each new head builds only on what the cursor has, and the
+            // cursor's heads are all below `heads` (the usual case: the next change of a chain).
+            let one_step = new.iter().all(|h| deps(h).is_some_and(|d| d.iter().all(|d| c.have.contains(d))))
+                && cursor_heads
+                    .iter()
+                    .all(|ch| heads.contains(ch) || new.iter().any(|h| deps(h).is_some_and(|d| d.contains(ch))));
+            if one_step {
+                let changes: Vec<_> = new.iter().filter_map(|h| source.automerge_mut().get_change_by_hash(h)).collect();
+                c.doc.automerge_mut().apply_changes(changes)?;
+                c.have.extend(new);
+                c
+            } else {
+                let target = graph.closure(heads);
+                if c.have.is_subset(&target) {
+                    let mut missing = Vec::new();
+                    for m in graph.changes.iter().filter(|m| target.contains(&m.hash) && !c.have.contains(&m.hash)) {
+                        if let Some(change) = source.automerge_mut().get_change_by_hash(&m.hash) {
+                            missing.push(change);
+                        }
+                    }
+                    c.doc.automerge_mut().apply_changes(missing)?;
+                    c.have = target;
+                    c
+                } else {
+                    Cursor { doc: source.at(heads)?, have: target }
                 }
             }
-            c.doc.automerge_mut().apply_changes(missing)?;
-            c.have = target;
-            c
         }
-        _ => Cursor { doc: source.at(heads)?, have: target },
+        None => Cursor { doc: source.at(heads)?, have: graph.closure(heads) },
     };
     let snapshot = Snapshot { view: current.doc.view().ok(), records: approval::record_keys(&current.doc) };
     *cursor = Some(current);
@@ -455,14 +476,23 @@ impl Recovery {
             Err(e) => not(&e.to_string()),
             Ok((None, lost)) => Ok(Outcome::Unchanged { lost }),
             Ok((Some(change), lost)) => {
-                let id = fork.id().clone();
-                match limits.check_new_changes(&id, fork.automerge_mut(), &previous, *size) {
-                    Ok(new_size) => {
-                        *size = new_size;
-                        let seq = fork.automerge_mut().get_change_by_hash(&change).map_or(0, |c| c.seq());
-                        Ok(Outcome::Reapplied { change, seq, lost })
+                // The one new change against the limits, as the store will check it.
+                let made = fork.automerge_mut().get_change_by_hash(&change);
+                let (bytes, new_seq) = made.map_or((0, 0), |c| (c.raw_bytes().len() as u64, c.seq()));
+                let doc = fork.id().clone();
+                let over = if bytes > limits.max_change_bytes {
+                    Some(LimitError::ChangeTooLarge { doc, hash: change, size: bytes, max: limits.max_change_bytes })
+                } else if *size + bytes > limits.max_document_bytes {
+                    Some(LimitError::DocumentTooLarge { doc, size: *size + bytes, max: limits.max_document_bytes })
+                } else {
+                    None
+                };
+                match over {
+                    None => {
+                        *size += bytes;
+                        Ok(Outcome::Reapplied { new_change: change, new_seq, lost })
                     }
-                    Err(e) => {
+                    Some(e) => {
                         *fork = fork.at(&previous)?;
                         not(&e.to_string())
                     }

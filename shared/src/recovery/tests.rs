@@ -157,9 +157,9 @@ fn recovery_skips_an_offline_approval_and_reapplies_later_own_edits_after_your_s
         .outcomes
         .iter()
         .filter_map(|o| match o {
-            Outcome::Reapplied { seq, lost, .. } => {
+            Outcome::Reapplied { new_seq, lost, .. } => {
                 assert!(lost.is_empty());
-                Some(*seq)
+                Some(*new_seq)
             }
             _ => None,
         })
@@ -223,7 +223,7 @@ fn recovery_reports_a_change_over_the_limits_as_not_reapplied_and_goes_on() {
         "{:?}",
         rebuilt.outcomes
     );
-    assert!(matches!(rebuilt.outcomes[1], Outcome::Reapplied { seq, .. } if seq == your_seq + 1));
+    assert!(matches!(rebuilt.outcomes[1], Outcome::Reapplied { new_seq, .. } if new_seq == your_seq + 1));
     let view = rebuilt.doc.view().unwrap();
     assert_eq!(view.place.as_deref(), Some("Flen"));
     assert_eq!(view.body, "## Lägesbild\n\nInbrotten i centrum ökar.\n");
@@ -247,4 +247,37 @@ fn recovery_leaves_other_nodes_changes_the_relay_does_not_hold_and_refuses_reuse
     // The relay holds more of Flen's changes than Flen has.
     let err = Recovery::plan(&mut s.doc, &s.flen.node_id(), your_seq + 5, &relay_heads).unwrap_err();
     assert!(matches!(err, RecoveryError::OwnChangesMissing { .. }), "{err}");
+}
+
+/// Prints what planning and rebuilding cost on a long history.
+/// `cargo test --release -p samverkan-shared --lib -- --ignored --nocapture recovery_cost`
+#[test]
+#[ignore = "measurement; run explicitly"]
+fn recovery_cost_on_a_long_history() {
+    for (history, offline) in [(1_000, 20), (10_000, 20), (10_000, 200)] {
+        let mut s = story();
+        let mut body = s.doc.view().unwrap().body;
+        for i in 0..history {
+            body.push_str(if i % 50 == 49 { "\n" } else { "x" });
+            s.doc.edit(&s.flen_ctx, &s.directory, "type", |e| e.set_body(&body)).unwrap();
+        }
+        let relay_heads = s.doc.heads();
+        let your_seq = *own_seqs(&mut s.doc, &s.flen).last().unwrap();
+        for i in 0..offline {
+            body.push_str(if i % 50 == 49 { "\n" } else { "y" });
+            s.doc.edit(&s.flen_ctx, &s.directory, "offline", |e| e.set_body(&body)).unwrap();
+        }
+        let started = std::time::Instant::now();
+        let plan = Recovery::plan(&mut s.doc, &s.flen.node_id(), your_seq, &relay_heads).unwrap();
+        let planned = started.elapsed();
+        let started = std::time::Instant::now();
+        let rebuilt = plan.rebuild(&mut s.doc, &s.flen_ctx, &s.directory, &ContentLimits::default()).unwrap();
+        let rebuilt_in = started.elapsed();
+        assert_eq!(rebuilt.doc.view().unwrap().body, body);
+        println!(
+            "history {history} changes, {offline} offline edits: plan {:.0} ms, rebuild {:.0} ms",
+            planned.as_secs_f64() * 1000.0,
+            rebuilt_in.as_secs_f64() * 1000.0
+        );
+    }
 }
