@@ -35,6 +35,7 @@ use samverkan_shared::wire::RefusalKind;
 use serde::Serialize;
 
 use crate::node::{Author, Node, NodeError};
+use crate::status::META_SEEN_PREFIX;
 use crate::store::keyfile;
 use crate::store::{DocRefusal, StoreError};
 
@@ -252,14 +253,26 @@ pub fn recover(node: &mut Node, id: &DocId) -> Result<RecoveryReport, RecoverErr
     let own = node.node_id();
     let backups = node.data_dir().join(RECOVERED_DIR);
     let limits = node.store().content_limits();
-    let ((recovery, outcomes, (backup, backup_markdown)), outcome) =
+    let seen_key = format!("{META_SEEN_PREFIX}{id}");
+    let seen = node.store().meta(&seen_key)?;
+    let ((recovery, outcomes, (backup, backup_markdown), seen), outcome) =
         node.store_mut().replace_document(id, |doc| -> Result<_, RecoverError> {
             // Read inside the store's write transaction: nothing can be added meanwhile.
             let files = write_backup(&backups, doc, &directory, ctx.time)?;
             let recovery = Recovery::plan(doc, &own, refusal.your_seq, &heads)?;
             let rebuilt = recovery.rebuild(doc, &ctx, &directory, &limits)?;
-            Ok((rebuilt.doc, (recovery, rebuilt.outcomes, files)))
+            // `status`'s last look, moved onto the recovered history (its count of
+            // changes received since then would otherwise start from nothing).
+            let seen = seen.map(|value| {
+                let old: Vec<ChangeHash> = value.split(',').filter_map(|h| h.parse().ok()).collect();
+                let kept = recovery.kept_heads(doc, &old);
+                kept.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+            });
+            Ok((rebuilt.doc, (recovery, rebuilt.outcomes, files, seen)))
         })?;
+    if let Some(seen) = seen {
+        node.store_mut().set_meta(&seen_key, &seen)?;
+    }
     let title = node.store().summary(id)?.map(|s| s.title).unwrap_or_default();
     let changes = recovery
         .dropped

@@ -438,6 +438,22 @@ impl Recovery {
         Ok(Rebuilt { doc: fork, outcomes })
     }
 
+    /// Where a version of the old history `doc` (the one planned on) stands in
+    /// the recovered one: the heads of what of it is kept (heads not in `doc`
+    /// are ignored). For carrying bookmarks over, such as the heads `status`
+    /// saw at the user's last look.
+    pub fn kept_heads(&self, doc: &mut Document, heads: &[ChangeHash]) -> Vec<ChangeHash> {
+        let graph = Graph::of(doc);
+        let dropped: HashSet<ChangeHash> = self.dropped.iter().map(|d| d.hash).collect();
+        let kept: HashSet<ChangeHash> = graph.closure(heads).into_iter().filter(|h| !dropped.contains(h)).collect();
+        let below: HashSet<ChangeHash> = kept
+            .iter()
+            .filter_map(|h| graph.index.get(h))
+            .flat_map(|&i| graph.changes[i].deps.iter().copied())
+            .collect();
+        heads_key(&kept.into_iter().filter(|h| !below.contains(h)).collect::<Vec<_>>())
+    }
+
     fn reapply(
         &self,
         fork: &mut Document,

@@ -2,7 +2,7 @@
 //! changes nothing, `recover` keeps every typed edit, drops the offline
 //! approval, writes a backup that loads, clears the refusal and the sync state.
 
-use automerge::{AutoCommit, ReadDoc};
+use automerge::AutoCommit;
 use samverkan_shared::approval::{self, Action as RecordAction, ApprovalRecord};
 use samverkan_shared::authorship;
 use samverkan_shared::identity::NodeKey;
@@ -178,8 +178,13 @@ fn recovery_keeps_every_typed_edit_drops_the_offline_approval_and_backs_up_the_o
     let mut old = f.flen.document(&f.id).unwrap();
     let (old_heads, old_view) = (old.heads(), old.view().unwrap());
     assert_eq!(approval::records(&old).len(), 1);
+    let seen_key = format!("{META_SEEN_PREFIX}{}", f.id);
+    let joined = |heads: &[ChangeHash]| heads.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    f.flen.store_mut().set_meta(&seen_key, &joined(&old_heads)).unwrap();
 
     let report = recover(&mut f.flen, &f.id).unwrap();
+    // `status`'s last look now names the kept part of what was seen.
+    assert_eq!(f.flen.store().meta(&seen_key).unwrap().unwrap(), joined(&report.accepted_heads));
 
     // Every typed edit is there, and Gnesta's; the approval record is not.
     let mut doc = f.flen.document(&f.id).unwrap();
