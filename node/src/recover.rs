@@ -67,20 +67,26 @@ pub enum RecoverError {
         /// Why.
         reason: String,
     },
-    /// Any other node error.
+    /// Any other node error (boxed: it is large).
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(Box<NodeError>),
+}
+
+impl From<NodeError> for RecoverError {
+    fn from(e: NodeError) -> Self {
+        RecoverError::Node(Box::new(e))
+    }
 }
 
 impl From<StoreError> for RecoverError {
     fn from(e: StoreError) -> Self {
-        RecoverError::Node(NodeError::Store(e))
+        NodeError::Store(e).into()
     }
 }
 
 impl From<ModelError> for RecoverError {
     fn from(e: ModelError) -> Self {
-        RecoverError::Node(NodeError::Model(e))
+        NodeError::Model(e).into()
     }
 }
 

@@ -36,6 +36,7 @@
 
 pub mod merge;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use automerge::{ActorId, ChangeHash};
@@ -398,9 +399,9 @@ impl Recovery {
         let mut cursor = None;
         for d in dropped.iter_mut().filter(|d| d.own) {
             for heads in [heads_key(&d.deps), vec![d.hash]] {
-                if !snapshots.contains_key(&heads) {
-                    let snapshot = snapshot_at(doc, &graph, &mut cursor, &heads)?;
-                    snapshots.insert(heads, snapshot);
+                if let Entry::Vacant(slot) = snapshots.entry(heads) {
+                    let snapshot = snapshot_at(doc, &graph, &mut cursor, slot.key())?;
+                    slot.insert(snapshot);
                 }
             }
             let before = &snapshots[&heads_key(&d.deps)].records;

@@ -34,7 +34,7 @@ pub fn merge_views(base: &DocumentView, theirs: &DocumentView, ours: &DocumentVi
         kind: ours.kind,
         scope: pick(&base.scope, &theirs.scope, &ours.scope),
         title: merge_text(&base.title, &theirs.title, &ours.title),
-        parties: merge_keyed(&base.parties, &theirs.parties, &ours.parties, Clone::clone, |b, t, o| pick(b, t, o)),
+        parties: merge_keyed(&base.parties, &theirs.parties, &ours.parties, Clone::clone, pick),
         period: Period {
             start: pick(&base.period.start, &theirs.period.start, &ours.period.start),
             end: pick(&base.period.end, &theirs.period.end, &ours.period.end),
