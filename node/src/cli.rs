@@ -201,6 +201,17 @@ pub enum Command {
         #[arg(long)]
         peek: bool,
     },
+    /// A document the relay refused: list the local changes it does not hold and what
+    /// recovery does with each; with `--apply`, save the whole document under
+    /// `recovered/` in the data directory, then rebuild it on what the relay holds
+    /// (this node's edits made again, approvals not) so it syncs again.
+    Recover {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Do it (without: only show what would be done; nothing changes).
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 /// Which relay to use; remembered after the first use.
@@ -822,6 +833,16 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let status = crate::status::node_status(&mut node, relay, !peek)?;
             print(json, json!(status), || crate::status::format_status(&status).trim_end().to_string())
+        }
+        Command::Recover { doc, apply } => {
+            let id = node.resolve(&doc)?;
+            if apply {
+                let report = crate::recover::recover(&mut node, &id)?;
+                print(json, json!(report), || crate::recover::format_report(&report))
+            } else {
+                let plan = crate::recover::plan(&node, &id)?;
+                print(json, json!(plan), || crate::recover::format_plan(&plan))
+            }
         }
         Command::Check => {
             let problems = node.check()?;

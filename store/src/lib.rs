@@ -27,6 +27,7 @@
 
 pub mod keyfile;
 mod refusals;
+mod replace;
 
 pub use refusals::DocRefusal;
 
