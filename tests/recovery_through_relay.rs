@@ -108,6 +108,8 @@ async fn an_offline_approval_by_a_revoked_signer_is_recovered_and_the_edits_afte
     let report = sync(&mut lst, &relay).await;
     assert_eq!(report.refused.len(), 1, "{:?}", report.refused);
     assert!(lst.store().refusal(&id).unwrap().is_some());
+    // Held back until recovered: the next sync does not offer the refused changes again.
+    assert!(sync(&mut lst, &relay).await.refused.is_empty());
 
     let plan = recover::plan(&lst, &id).unwrap();
     let actions: Vec<Action> = plan.changes.iter().map(|c| c.action).collect();

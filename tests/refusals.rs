@@ -71,6 +71,18 @@ fn body(node: &Node, id: &DocId) -> String {
     node.document(id).unwrap().view().unwrap().body
 }
 
+/// Whether `text` becomes the document's body on `node` within a few seconds of syncs.
+async fn reaches(node: &mut Node, relay: &RelayHandle, id: &DocId, text: &str) -> bool {
+    for _ in 0..200 {
+        sync(node, relay).await;
+        if node.document(id).is_ok_and(|d| d.view().is_ok_and(|v| v.body == text)) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
 /// Runs a node's daemon in a task until the returned sender says stop.
 fn daemon(dir: &Path, relay: &RelayHandle) -> (watch::Sender<bool>, JoinHandle<()>) {
     let mut node = Node::open(dir).unwrap();
@@ -124,16 +136,7 @@ async fn a_node_removed_from_a_documents_parties_keeps_a_read_only_copy_and_sync
     assert!(refusal.peer_heads.is_empty() && refusal.your_seq == 0, "nothing about a document it may not see");
 
     // The other document still syncs, on the same connection.
-    let mut seen = false;
-    for _ in 0..200 {
-        sync(&mut police, &relay).await;
-        if body(&police, &other) == "Vi vandrar varannan torsdag.\n" {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(seen, "the other document's edit reached the police");
+    assert!(reaches(&mut police, &relay, &other, "Vi vandrar varannan torsdag.\n").await);
     assert_ne!(body(&police, &shared), "Katrineholms text som inte längre delas.\n");
     let (connections, last_error) = relay_view(&relay, &k_cli);
     assert_eq!((connections, last_error), (1, None), "the daemon's connection was never closed");
@@ -187,16 +190,7 @@ async fn the_daemon_keeps_a_document_its_organisation_is_not_party_to_and_says_s
     let note = k_cli.sharing_note(&foreign).unwrap().expect("creating it says it will not sync");
     assert!(note.contains("not a party"), "{note}");
     k_cli.edit(&ours, "edit", |e| e.set_body("Vi lovar fler vandringar.\n")).unwrap();
-    let mut seen = false;
-    for _ in 0..200 {
-        sync(&mut police, &relay).await;
-        if body(&police, &ours) == "Vi lovar fler vandringar.\n" {
-            seen = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(seen, "the node's own document syncs");
+    assert!(reaches(&mut police, &relay, &ours, "Vi lovar fler vandringar.\n").await, "its own document syncs");
     assert!(police.document(&foreign).is_err(), "the other document never left the node");
     let (connections, last_error) = relay_view(&relay, &k_cli);
     assert_eq!((connections, last_error), (1, None), "the daemon's connection was never closed");
@@ -212,5 +206,62 @@ async fn the_daemon_keeps_a_document_its_organisation_is_not_party_to_and_says_s
     assert!(text.contains("NOT SYNCED"), "{text}");
     let report = sync(&mut k_cli, &relay).await;
     assert!(report.refused.is_empty(), "never offered, so never refused: {report:?}");
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_daemon_pauses_a_refused_document_and_pushes_it_once_recovered() {
+    use samverkan::node::recover;
+    use samverkan::shared::directory::{Member, MemberKind};
+    use samverkan::shared::model::Signatory;
+
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let (lst_dir, mut lst) = node(root.path(), &relay, "lansstyrelsen", "Länsstyrelsen");
+    let (_, mut police) = node(root.path(), &relay, "polisen", "Polisen");
+    let mut content = DocumentContent::new(DocKind::Agreement, "Samverkansöverenskommelse 2027");
+    content.parties = vec![org("Länsstyrelsen"), org("Polisen")];
+    content.signatories = vec![Signatory { org: org("Länsstyrelsen"), role: "Landshövding".into(), name: None }];
+    let agreement = lst.create(content).unwrap();
+    let other = promise(&mut lst, "Regional nätverksträff", &["Länsstyrelsen", "Polisen"]);
+    let governor = lst.create_signer("Landshövdingen", "Landshövding", None).unwrap();
+    relay
+        .enroll(Member {
+            key: governor.key,
+            kind: MemberKind::Signer,
+            org: org("Länsstyrelsen"),
+            name: governor.name.clone(),
+            role: Some(governor.role.clone()),
+            enrolled_at: chrono::Utc::now() - chrono::Duration::seconds(1),
+            revoked_at: None,
+        })
+        .unwrap();
+    sync(&mut lst, &relay).await;
+    sync(&mut police, &relay).await;
+
+    // Offline: approved, then typed on; the signer is revoked before the node is back online.
+    lst.approve(&agreement, "Landshövdingen").unwrap();
+    let typed = "Parterna ses fyra gånger om året.\n";
+    lst.edit(&agreement, "edit", |e| e.set_body(typed)).unwrap();
+    relay.revoke(&governor.key).unwrap();
+    drop(lst);
+
+    // The daemon connects: that document is refused and paused, the other syncs on.
+    let (stop, task) = daemon(&lst_dir, &relay);
+    let mut cli = Node::open(&lst_dir).unwrap();
+    eventually("the refusal is recorded", || cli.store().refusal(&agreement).unwrap().is_some()).await;
+    cli.edit(&other, "edit", |e| e.set_body("Träff i Eskilstuna i mars.\n")).unwrap();
+    assert!(reaches(&mut police, &relay, &other, "Träff i Eskilstuna i mars.\n").await);
+
+    // Recovered from the command line while the daemon runs: the daemon pushes the
+    // recovered history on the connection it has, and the relay takes it.
+    let report = recover::recover(&mut cli, &agreement).unwrap();
+    println!("{}", recover::format_report(&report));
+    assert!(reaches(&mut police, &relay, &agreement, typed).await, "the typed text reached the police");
+    let (connections, last_error) = relay_view(&relay, &cli);
+    assert_eq!((connections, last_error), (1, None), "one connection throughout, never closed with an error");
+    assert_eq!(cli.store().refusal(&agreement).unwrap(), None);
+    stop.send(true).unwrap();
+    bounded("daemon stops", task).await.unwrap();
     relay.shutdown().await;
 }

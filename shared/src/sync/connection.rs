@@ -606,6 +606,12 @@ impl SyncConnection {
         if self.phase != Phase::Open {
             return Ok(()); // The summary will cover it.
         }
+        if self.role == Role::Node {
+            // Something changed here (an edit, a recovery): a document refused on
+            // this connection is offered again, if the node offers it at all. The
+            // relay never restarts on its own: the node's next message does.
+            self.session.restart(doc);
+        }
         self.push_receipts(doc, docs)?;
         self.generate(doc, docs)
     }
