@@ -281,3 +281,60 @@ async fn a_first_frame_that_is_late_wrong_or_too_long_gets_a_reason_before_the_c
     assert!(message.contains("not enrolled"), "{message}");
     relay.shutdown().await;
 }
+
+/// The reason a connection was closed with, as the peer sees it.
+async fn close_reason(conn: &quinn::Connection) -> String {
+    match bounded("the close", conn.closed()).await {
+        quinn::ConnectionError::ApplicationClosed(close) => String::from_utf8_lossy(&close.reason).into_owned(),
+        other => panic!("expected the relay to close the connection, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_close_carries_its_reason_and_refusals_are_counted_by_reason() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), root.path().join("relay"));
+    config.limits.handshake_timeout = Duration::from_millis(500);
+    config.monitoring.admin = Some(samverkan::relay::admin::AdminConfig::new("127.0.0.1:0".parse().unwrap()));
+    let relay = server::spawn(config).await.expect("relay starts");
+
+    // A peer that opens the stream and ends it without a word: an Error frame, then a close that says why.
+    let (conn, mut send, mut recv) = raw_stream(&relay, &NodeKey::generate()).await;
+    send.finish().unwrap();
+    let (code, message) = error_frame(&mut recv).await.expect("a reason before the close");
+    assert_eq!(code, ErrorCode::Unauthenticated, "{message}");
+    assert!(message.contains("without a Hello or Join"), "{message}");
+    let reason = close_reason(&conn).await;
+    assert!(reason.contains("stream ended before the first frame"), "{reason}");
+
+    // A peer that never opens a stream: no Error frame possible, the close says it.
+    let identity = TlsIdentity::new(NodeKey::generate().signing_key(), "test-client").unwrap();
+    let client = endpoint::client_endpoint(relay.local_addr()).unwrap();
+    let limits = Limits::default();
+    let connecting = endpoint::connect(&client, relay.local_addr(), &identity, *relay.relay_key().as_bytes(), &limits);
+    let idle = bounded("connect", connecting).await.unwrap();
+    let reason = close_reason(&idle).await;
+    assert!(reason.contains("no sync stream opened"), "{reason}");
+
+    // Fifty unenrolled keys knock: each is told, and counted under one reason.
+    for _ in 0..50 {
+        let stranger = NodeKey::generate();
+        let hello =
+            Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: stranger.node_id().to_string() };
+        let (conn, mut send, mut recv) = raw_stream(&relay, &stranger).await;
+        send.write_all(&hello.encode()).await.unwrap();
+        let (code, _) = error_frame(&mut recv).await.expect("a reason for the refusal");
+        assert_eq!(code, ErrorCode::Unauthenticated);
+        assert!(close_reason(&conn).await.contains("not enrolled"));
+    }
+    let admin = relay.admin_addr().expect("admin server runs");
+    let metrics = bounded("metrics", samverkan::relay::admin::get_path(admin, "/metrics", None, LIMIT)).await.unwrap();
+    for line in [
+        "samverkan_relay_refused_connections_total{reason=\"not enrolled\"} 50",
+        "samverkan_relay_refused_connections_total{reason=\"stream ended before the first frame\"} 1",
+        "samverkan_relay_refused_connections_total{reason=\"no sync stream\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no line {line:?} in\n{metrics}");
+    }
+    relay.shutdown().await;
+}

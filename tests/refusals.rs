@@ -250,6 +250,18 @@ async fn a_running_daemon_pauses_a_refused_document_and_pushes_it_once_recovered
     let (stop, task) = daemon(&lst_dir, &relay);
     let mut cli = Node::open(&lst_dir).unwrap();
     eventually("the refusal is recorded", || cli.store().refusal(&agreement).unwrap().is_some()).await;
+    // The operator sees it on the dashboard: which document, refused by whom and why.
+    let refused_on_relay = |relay: &RelayHandle, node: &Node| {
+        let key = node.node_id().to_string();
+        let status = relay.status();
+        let entry = status.nodes.into_iter().find(|n| n.node_id == key).expect("the relay knows the node");
+        entry.docs.into_iter().filter_map(|d| d.refused.map(|r| (d.doc, r))).collect::<Vec<_>>()
+    };
+    let refused = refused_on_relay(&relay, &cli);
+    assert!(
+        matches!(refused.as_slice(), [(doc, r)] if *doc == agreement && r.by == "relay" && r.kind == "changes_refused"),
+        "{refused:?}"
+    );
     cli.edit(&other, "edit", |e| e.set_body("Träff i Eskilstuna i mars.\n")).unwrap();
     assert!(reaches(&mut police, &relay, &other, "Träff i Eskilstuna i mars.\n").await);
 
@@ -261,6 +273,7 @@ async fn a_running_daemon_pauses_a_refused_document_and_pushes_it_once_recovered
     let (connections, last_error) = relay_view(&relay, &cli);
     assert_eq!((connections, last_error), (1, None), "one connection throughout, never closed with an error");
     assert_eq!(cli.store().refusal(&agreement).unwrap(), None);
+    eventually("the dashboard no longer shows the refusal", || refused_on_relay(&relay, &cli).is_empty()).await;
     stop.send(true).unwrap();
     bounded("daemon stops", task).await.unwrap();
     relay.shutdown().await;

@@ -12,6 +12,7 @@ use samverkan_net::tls::TlsIdentity;
 use samverkan_node::node::Node;
 use samverkan_node::sync::{self, DaemonOptions, RelayTarget};
 use samverkan_shared::identity::NodeKey;
+use samverkan_shared::ids::DocId;
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::fixtures::Author;
@@ -153,62 +154,98 @@ async fn through_daemons(history: usize, edits: usize) -> Result<Vec<Duration>> 
 async fn with_relay(
     _root: &Path,
     target: &RelayTarget,
-    (mut a, mut b): (Node, Node),
+    nodes: (Node, Node),
     history: usize,
     edits: usize,
 ) -> Result<Vec<Duration>> {
-    let target = target.clone();
-    let a_dir = a.data_dir().to_path_buf();
-    let author = Author::of(&a);
-    let mut doc = author.plan_with_history(history)?;
-    let id = doc.id().clone();
-    a.store_mut().insert(&mut doc)?;
-    let limit = Duration::from_secs(120);
-    sync::sync_once(&mut a, &target, limit).await?;
-    sync::sync_once(&mut b, &target, limit).await?;
+    let mut daemons = EditToVisible::start(target, nodes, history).await?;
+    let measured = daemons.measure(edits).await;
+    daemons.stop().await?;
+    measured
+}
 
-    let notify = Arc::new(Notify::new());
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let a_options = DaemonOptions { local_edits: Some(notify.clone()), ..DaemonOptions::default() };
-    let b_options = DaemonOptions { received: Some(seen_tx), ..DaemonOptions::default() };
-    let mut daemons = Vec::new();
-    for (mut node, options) in [(a, a_options), (b, b_options)] {
+/// Two nodes running the real daemon on one shared document: edits are made
+/// through a second handle on A's data directory, which notifies A's daemon;
+/// B's daemon reports what it stored. Shared by figures 1 and 8.
+pub struct EditToVisible {
+    editor: Node,
+    id: DocId,
+    history: usize,
+    next: usize,
+    notify: Arc<Notify>,
+    seen: mpsc::UnboundedReceiver<DocId>,
+    stop: watch::Sender<bool>,
+    daemons: Vec<tokio::task::JoinHandle<Result<(), samverkan_node::sync::SyncFailure>>>,
+}
+
+impl EditToVisible {
+    /// Gives A a document with `history` changes, syncs both nodes once, starts
+    /// both daemons and makes five edits (not counted) while they connect.
+    pub async fn start(target: &RelayTarget, (mut a, mut b): (Node, Node), history: usize) -> Result<Self> {
         let target = target.clone();
-        let mut stop = stop_rx.clone();
-        daemons.push(tokio::spawn(async move {
-            sync::daemon(&mut node, &target, &options, async move {
-                let _ = stop.changed().await;
-            })
-            .await
-        }));
-    }
-    // The first edits (not counted) also wait for both daemons to connect.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+        let a_dir = a.data_dir().to_path_buf();
+        let author = Author::of(&a);
+        let mut doc = author.plan_with_history(history)?;
+        let id = doc.id().clone();
+        a.store_mut().insert(&mut doc)?;
+        let limit = Duration::from_secs(120);
+        sync::sync_once(&mut a, &target, limit).await?;
+        sync::sync_once(&mut b, &target, limit).await?;
 
-    let mut editor = harness::open_node(&a_dir)?;
-    let mut out = Vec::with_capacity(edits);
-    for i in 0..edits + 5 {
-        while seen_rx.try_recv().is_ok() {}
-        let title = format!("Åtgärdsplan, version {}", history + i);
-        let started = Instant::now();
-        editor.edit(&id, "title", |e| e.set_title(&title))?;
-        notify.notify_one();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(30), seen_rx.recv()).await {
-                Ok(Some(doc)) if doc == id => break,
-                Ok(Some(_)) => {}
-                Ok(None) => bail!("B's daemon stopped"),
-                Err(_) => bail!("edit {i} did not reach B within 30 s"),
-            }
+        let notify = Arc::new(Notify::new());
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let (stop, stop_rx) = watch::channel(false);
+        let a_options = DaemonOptions { local_edits: Some(notify.clone()), ..DaemonOptions::default() };
+        let b_options = DaemonOptions { received: Some(seen_tx), ..DaemonOptions::default() };
+        let mut daemons = Vec::new();
+        for (mut node, options) in [(a, a_options), (b, b_options)] {
+            let target = target.clone();
+            let mut stop = stop_rx.clone();
+            daemons.push(tokio::spawn(async move {
+                sync::daemon(&mut node, &target, &options, async move {
+                    let _ = stop.changed().await;
+                })
+                .await
+            }));
         }
-        if i >= 5 {
+        // The first edits (not counted) also wait for both daemons to connect.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let editor = harness::open_node(&a_dir)?;
+        let mut this = Self { editor, id, history, next: 0, notify, seen, stop, daemons };
+        this.measure(5).await?;
+        Ok(this)
+    }
+
+    /// Makes `edits` edits on A, one at a time, each timed until B stored it.
+    pub async fn measure(&mut self, edits: usize) -> Result<Vec<Duration>> {
+        let mut out = Vec::with_capacity(edits);
+        for _ in 0..edits {
+            while self.seen.try_recv().is_ok() {}
+            let i = self.next;
+            self.next += 1;
+            let title = format!("Åtgärdsplan, version {}", self.history + i);
+            let started = Instant::now();
+            self.editor.edit(&self.id, "title", |e| e.set_title(&title))?;
+            self.notify.notify_one();
+            loop {
+                match tokio::time::timeout(Duration::from_secs(30), self.seen.recv()).await {
+                    Ok(Some(doc)) if doc == self.id => break,
+                    Ok(Some(_)) => {}
+                    Ok(None) => bail!("B's daemon stopped"),
+                    Err(_) => bail!("edit {i} did not reach B within 30 s"),
+                }
+            }
             out.push(started.elapsed());
         }
+        Ok(out)
     }
-    let _ = stop_tx.send(true);
-    for d in daemons {
-        d.await??;
+
+    /// Stops both daemons.
+    pub async fn stop(self) -> Result<()> {
+        let _ = self.stop.send(true);
+        for d in self.daemons {
+            d.await??;
+        }
+        Ok(())
     }
-    Ok(out)
 }

@@ -14,6 +14,16 @@
 //! the storage ([`RelayStorage::save_node_record`]) when its connection ends, so
 //! a restarted relay still knows when each node was last there.
 //!
+//! The cost of following a connection does not grow with the documents it
+//! names: after each frame [`ConnectionWatch::update`] touches only the
+//! documents whose shared heads changed ([`SyncConnection::take_changed_shared_heads`]),
+//! and only documents the relay holds are kept per node.
+//!
+//! Refused connections and documents are counted per reason
+//! ([`Monitor::connection_refused`], [`Monitor::document_refused`]; reasons are
+//! fixed short labels) and logged at most once per reason every
+//! [`REFUSAL_LOG_INTERVAL`], with the number of refusals not logged since.
+//!
 //! It never holds or reports document contents: only document ids, heads
 //! counts and transfer counters. Nodes are shown by a display name from a
 //! [`NameResolver`] (the seam for the enrollment directory), falling back to a
@@ -25,7 +35,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
 use chrono::{DateTime, Utc};
@@ -38,6 +48,7 @@ use samverkan_shared::identity::NodeId;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::sync::SyncConnection;
+use samverkan_shared::wire::RefusalKind;
 use samverkan_store::StoreError;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -130,6 +141,13 @@ pub struct NodeLabels {
     pub name: String,
 }
 
+/// Labels of the refusal counters: a fixed short reason (bounded cardinality).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why, e.g. `not enrolled` or `first frame too large`.
+    pub reason: &'static str,
+}
+
 /// Labels of the node count by state.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct StateLabels {
@@ -150,6 +168,11 @@ pub struct RelayMetrics {
     pub connections_open: Gauge,
     /// Connections that ended with an error.
     pub connection_errors: Counter,
+    /// Connections refused before or at authentication (not enrolled, revoked,
+    /// a bad first frame, a refused join, too many connections, …), by reason.
+    pub refused_connections: Family<ReasonLabels, Counter>,
+    /// Documents the relay refused to a connection without closing it, by reason.
+    pub refused_documents: Family<ReasonLabels, Counter>,
     /// Documents stored.
     pub documents: Gauge,
     /// Documents loaded in memory.
@@ -186,6 +209,16 @@ impl RelayMetrics {
         registry.register("connections", "Connections accepted since start", m.connections.clone());
         registry.register("connections_open", "Connections open now", m.connections_open.clone());
         registry.register("connection_errors", "Connections that ended with an error", m.connection_errors.clone());
+        registry.register(
+            "refused_connections",
+            "Connections refused before or at authentication, by reason",
+            m.refused_connections.clone(),
+        );
+        registry.register(
+            "refused_documents",
+            "Documents refused to a connection without closing it, by reason",
+            m.refused_documents.clone(),
+        );
         registry.register("documents", "Documents stored", m.documents.clone());
         registry.register("documents_loaded", "Documents loaded in memory", m.documents_loaded.clone());
         registry.register("store_bytes", "Size of the relay database files in bytes", m.store_bytes.clone());
@@ -290,6 +323,23 @@ pub struct DocStatus {
     pub changes_behind: Option<u64>,
     /// When the relay last saw the node in sync on this document (since the relay started).
     pub last_sync: Option<DateTime<Utc>>,
+    /// Set while the document is refused on this node's connection (by the
+    /// relay, or held back by the node), until it syncs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<DocRefusalStatus>,
+}
+
+/// A document refused between the relay and one node, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocRefusalStatus {
+    /// Who refused: `relay` (the node's changes or access) or `node` (the node holds it back).
+    pub by: String,
+    /// Why, machine-readable (`not_shared`, `changes_refused`, `too_large`, `malformed`, `paused`, …).
+    pub kind: String,
+    /// Why, in words (never document contents: reasons name ids, keys, sizes and rules).
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
 }
 
 /// One node, in a [`RelayStatus`].
@@ -341,6 +391,9 @@ pub struct NodeStatus {
     pub docs_behind: u64,
     /// Changes lacking, summed over documents.
     pub changes_behind: u64,
+    /// Documents refused on its connection (see [`DocStatus::refused`]).
+    #[serde(default)]
+    pub docs_refused: u64,
     /// Every document, in id order.
     pub docs: Vec<DocStatus>,
 }
@@ -384,6 +437,7 @@ struct NodeRecord {
 struct NodeDoc {
     shared_heads: Vec<ChangeHash>,
     last_sync: Option<DateTime<Utc>>,
+    refused: Option<DocRefusalStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -393,6 +447,36 @@ struct Inner {
     docs: BTreeMap<DocId, Vec<ChangeHash>>,
     /// Changes behind, by (document, relay heads, node heads).
     behind: HashMap<(DocId, Vec<ChangeHash>, Vec<ChangeHash>), u64>,
+}
+
+/// How often a refusal of one reason is logged at most (the rest are counted).
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Decides when a refusal is logged: the first of each (kind, reason), then at
+/// most one line per [`REFUSAL_LOG_INTERVAL`] carrying the number not logged.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    /// By kind and reason: when the last line was due, refusals since.
+    last: HashMap<(&'static str, &'static str), (Instant, u64)>,
+}
+
+impl RefusalLog {
+    fn due(&mut self, kind: &'static str, reason: &'static str, now: Instant) -> Option<u64> {
+        match self.last.get_mut(&(kind, reason)) {
+            Some((at, suppressed)) if now.duration_since(*at) < REFUSAL_LOG_INTERVAL => {
+                *suppressed += 1;
+                None
+            }
+            Some((at, suppressed)) => {
+                *at = now;
+                Some(std::mem::take(suppressed))
+            }
+            None => {
+                self.last.insert((kind, reason), (now, 0));
+                Some(0)
+            }
+        }
+    }
 }
 
 /// The monitoring registry of one relay. Cheap calls from connection tasks;
@@ -410,6 +494,7 @@ pub struct Monitor {
     inner: Mutex<Inner>,
     metrics: Arc<RelayMetrics>,
     registry: Registry,
+    refusals: Mutex<RefusalLog>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -450,6 +535,7 @@ impl Monitor {
             inner: Mutex::new(Inner::default()),
             metrics,
             registry,
+            refusals: Mutex::new(RefusalLog::default()),
         }
     }
 
@@ -497,14 +583,35 @@ impl Monitor {
             entry.last_error = record.last_error;
         }
         for (peer, states) in nodes {
-            let entry = inner.nodes.entry(peer).or_default();
-            for (doc, bytes) in states {
+            let Inner { nodes, docs, .. } = &mut *inner;
+            let entry = nodes.entry(peer).or_default();
+            for (doc, bytes) in states.into_iter().filter(|(doc, _)| docs.contains_key(doc)) {
                 if let Ok(state) = automerge::sync::State::decode(&bytes) {
-                    entry.docs.insert(doc, NodeDoc { shared_heads: sorted(&state.shared_heads), last_sync: None });
+                    entry.docs.insert(
+                        doc,
+                        NodeDoc { shared_heads: sorted(&state.shared_heads), last_sync: None, refused: None },
+                    );
                 }
             }
         }
         Ok(())
+    }
+
+    /// Counts a connection refused for `reason` (a fixed short label: it is a
+    /// metric label). Returns `Some(n)` when a log line is due, `n` being the
+    /// refusals of this reason not logged since the last line; `None` when the
+    /// caller should stay quiet (see [`REFUSAL_LOG_INTERVAL`]).
+    pub fn connection_refused(&self, reason: &'static str) -> Option<u64> {
+        self.metrics.refused_connections.get_or_create(&ReasonLabels { reason }).inc();
+        self.refusals.lock().unwrap_or_else(|e| e.into_inner()).due("connection", reason, Instant::now())
+    }
+
+    /// Counts one document refused to a connection for `reason` (a fixed
+    /// short label), the connection staying open. Returns when to log, as
+    /// [`Self::connection_refused`].
+    pub fn document_refused(&self, reason: &'static str) -> Option<u64> {
+        self.metrics.refused_documents.get_or_create(&ReasonLabels { reason }).inc();
+        self.refusals.lock().unwrap_or_else(|e| e.into_inner()).due("document", reason, Instant::now())
     }
 
     /// A document changed on the relay (received through some connection).
@@ -613,8 +720,9 @@ impl Monitor {
         let mut nodes = Vec::new();
         for (node_id, entry) in &inner.nodes {
             let mut docs = Vec::new();
-            let (mut in_sync_count, mut behind_count, mut changes) = (0u64, 0u64, 0u64);
+            let (mut in_sync_count, mut behind_count, mut changes, mut refused_count) = (0u64, 0u64, 0u64, 0u64);
             let mut last_sync = None;
+            let connected = entry.connections > 0;
             for (doc, relay_heads) in inner.docs.iter().filter(|(doc, _)| concerns(node_id, doc)) {
                 let nd = entry.docs.get(doc);
                 let node_heads = nd.map(|d| d.shared_heads.clone()).unwrap_or_default();
@@ -624,7 +732,8 @@ impl Monitor {
                 } else {
                     inner.behind.get(&(doc.clone(), relay_heads.clone(), node_heads)).copied()
                 };
-                let doc_last_sync = nd.and_then(|d| d.last_sync);
+                // Connected and sharing the relay's heads: in sync now.
+                let doc_last_sync = if connected && in_sync { Some(now) } else { nd.and_then(|d| d.last_sync) };
                 last_sync = last_sync.max(doc_last_sync);
                 if in_sync {
                     in_sync_count += 1;
@@ -632,9 +741,10 @@ impl Monitor {
                     behind_count += 1;
                     changes += changes_behind.unwrap_or(0);
                 }
-                docs.push(DocStatus { doc: doc.clone(), in_sync, changes_behind, last_sync: doc_last_sync });
+                let refused = nd.and_then(|d| d.refused.clone());
+                refused_count += u64::from(refused.is_some());
+                docs.push(DocStatus { doc: doc.clone(), in_sync, changes_behind, last_sync: doc_last_sync, refused });
             }
-            let connected = entry.connections > 0;
             let stale = !connected
                 && match entry.last_seen {
                     Some(seen) => (now - seen).to_std().unwrap_or_default() > self.stale_after,
@@ -672,6 +782,7 @@ impl Monitor {
                 docs_in_sync: in_sync_count,
                 docs_behind: behind_count,
                 changes_behind: changes,
+                docs_refused: refused_count,
                 docs,
             });
         }
@@ -770,24 +881,33 @@ pub struct ConnectionWatch {
 }
 
 impl ConnectionWatch {
-    /// The node said Hello (call after restoring its sync states).
-    pub fn established(&mut self, peer: &str, software: &str, sync: &SyncConnection) {
+    /// The node said Hello (call after restoring its sync states): records the
+    /// shared heads of every restored state, once.
+    pub fn established(&mut self, peer: &str, software: &str, sync: &mut SyncConnection) {
         self.peer = Some(peer.to_string());
         self.labels = Some(self.monitor.labels(peer));
+        let now = self.monitor.now();
         {
             let mut inner = self.monitor.lock();
-            let entry = inner.nodes.entry(peer.to_string()).or_default();
+            let Inner { nodes, docs, .. } = &mut *inner;
+            let entry = nodes.entry(peer.to_string()).or_default();
             entry.connections += 1;
-            entry.last_seen = Some(self.monitor.now());
+            entry.last_seen = Some(now);
             entry.remote = Some(self.remote);
             entry.software = Some(software.to_string());
+            for (doc, shared) in sync.shared_heads() {
+                record_shared(entry, docs, doc, shared, now);
+            }
         }
+        sync.take_changed_shared_heads(); // Recorded above.
         self.update(sync, 0, 0);
     }
 
-    /// Copies the connection's counters and shared heads into the registry.
+    /// Copies the connection's counters, and the shared heads of the documents
+    /// whose heads changed since the last call, into the registry: the cost
+    /// follows what changed, not the number of documents.
     /// `bytes_in`/`bytes_out` are the connection's totals so far.
-    pub fn update(&mut self, sync: &SyncConnection, bytes_in: u64, bytes_out: u64) {
+    pub fn update(&mut self, sync: &mut SyncConnection, bytes_in: u64, bytes_out: u64) {
         let (Some(peer), Some(labels)) = (&self.peer, &self.labels) else { return };
         let stats = sync.stats();
         let now_seen = Seen {
@@ -824,15 +944,40 @@ impl ConnectionWatch {
         entry.messages_out += delta.messages_out;
         entry.frames_in += delta.frames_in;
         entry.frames_out += delta.frames_out;
-        for (doc, shared) in sync.shared_heads() {
-            let node_doc = entry.docs.entry(doc.clone()).or_default();
-            if node_doc.shared_heads.as_slice() != shared {
-                node_doc.shared_heads = sorted(shared);
-            }
-            if docs.get(doc) == Some(&node_doc.shared_heads) {
-                node_doc.last_sync = Some(now);
+        // A dropped state (`None`) leaves what was known: the node still has what it had.
+        for (doc, shared) in sync.take_changed_shared_heads() {
+            if let Some(shared) = shared {
+                record_shared(entry, docs, &doc, &shared, now);
             }
         }
+    }
+
+    /// A document was refused on this connection: `by_node` when the node
+    /// refused or held it back, else the relay refused it. Counted per kind
+    /// (Prometheus); shown per node and document while it lasts, for documents
+    /// the relay holds only (a refusal naming unknown documents is counted,
+    /// never stored). Returns when to log, as [`Monitor::document_refused`].
+    pub fn doc_refused(&mut self, doc: &DocId, kind: RefusalKind, reason: &str, by_node: bool) -> Option<u64> {
+        let due = self.monitor.document_refused(if by_node { "held_back_by_node" } else { kind.label() });
+        let Some(peer) = &self.peer else { return due };
+        let now = self.monitor.now();
+        let mut inner = self.monitor.lock();
+        let Inner { nodes, docs, .. } = &mut *inner;
+        if docs.contains_key(doc) {
+            let entry = nodes.entry(peer.clone()).or_default();
+            let node_doc = entry.docs.entry(doc.clone()).or_default();
+            // A node holding back what the relay refused: the relay's reason says more.
+            if by_node && node_doc.refused.as_ref().is_some_and(|r| r.by == "relay") {
+                return due;
+            }
+            node_doc.refused = Some(DocRefusalStatus {
+                by: if by_node { "node" } else { "relay" }.to_string(),
+                kind: kind.label().to_string(),
+                reason: reason.chars().take(300).collect(),
+                at: now,
+            });
+        }
+        due
     }
 
     /// The connection ended; `error` says why if it failed. The node's record
@@ -844,10 +989,17 @@ impl ConnectionWatch {
         let Some(peer) = &self.peer else { return };
         let record = {
             let mut inner = self.monitor.lock();
-            let entry = inner.nodes.entry(peer.clone()).or_default();
+            let Inner { nodes, docs, .. } = &mut *inner;
+            let entry = nodes.entry(peer.clone()).or_default();
             entry.connections = entry.connections.saturating_sub(1);
             let now = self.monitor.now();
             entry.last_seen = Some(now);
+            // In sync until now on the documents whose shared heads equal the relay's (once per connection).
+            for (doc, node_doc) in entry.docs.iter_mut() {
+                if docs.get(doc) == Some(&node_doc.shared_heads) {
+                    node_doc.last_sync = Some(now);
+                }
+            }
             if let Some(error) = error {
                 entry.last_error = Some((now, error));
             }
@@ -864,6 +1016,27 @@ impl ConnectionWatch {
         if let Err(e) = saved {
             warn!(%peer, error = %e, "could not keep the node's monitoring record");
         }
+    }
+}
+
+/// Records a node's shared heads of one document, if the relay holds it (a
+/// node cannot make the monitor remember documents that do not exist).
+fn record_shared(
+    entry: &mut NodeEntry,
+    docs: &BTreeMap<DocId, Vec<ChangeHash>>,
+    doc: &DocId,
+    shared: &[ChangeHash],
+    now: DateTime<Utc>,
+) {
+    let Some(relay_heads) = docs.get(doc) else { return };
+    let node_doc = entry.docs.entry(doc.clone()).or_default();
+    if node_doc.shared_heads.as_slice() != shared {
+        node_doc.shared_heads = sorted(shared);
+    }
+    if *relay_heads == node_doc.shared_heads {
+        node_doc.last_sync = Some(now);
+        // In sync again: whatever was refused is settled.
+        node_doc.refused = None;
     }
 }
 
@@ -919,10 +1092,12 @@ pub fn format_table(status: &RelayStatus) -> String {
             if n.connected { "yes".into() } else { "no".into() },
             if n.connected { "now".into() } else { ago(n.last_seen) },
             ago(n.last_sync),
-            if n.docs_behind == 0 {
-                "—".into()
-            } else {
-                format!("{} doc(s), {} change(s)", n.docs_behind, n.changes_behind)
+            match (n.docs_behind, n.docs_refused) {
+                (0, 0) => "—".into(),
+                (behind, 0) => format!("{behind} doc(s), {} change(s)", n.changes_behind),
+                (behind, refused) => {
+                    format!("{behind} doc(s), {} change(s), {refused} REFUSED", n.changes_behind)
+                }
             },
             format!("{}/{}", human_bytes(n.bytes_in), human_bytes(n.bytes_out)),
             n.last_error.clone().unwrap_or_default(),
@@ -990,6 +1165,7 @@ mod tests {
             docs_in_sync: 0,
             docs_behind: u64::from(state == NodeState::Behind) * 2,
             changes_behind: u64::from(state == NodeState::Behind) * 7,
+            docs_refused: 0,
             docs: Vec::new(),
         }
     }
@@ -1030,6 +1206,31 @@ mod tests {
         assert!(lines[6].contains("in sync") && lines[6].contains("now") && lines[6].contains("2048 B/20 MiB"));
         let state_column = lines[3].find("STATE").unwrap();
         assert_eq!(lines[4].char_indices().nth(state_column).map(|(_, c)| c), Some('S'), "{table}");
+    }
+
+    #[test]
+    fn refusals_are_counted_by_reason_and_logged_at_most_once_per_interval() {
+        let mut log = RefusalLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.due("connection", "not enrolled", t0), Some(0), "the first is logged");
+        for _ in 0..2999 {
+            assert_eq!(log.due("connection", "not enrolled", t0 + Duration::from_secs(1)), None);
+        }
+        assert_eq!(log.due("connection", "revoked", t0), Some(0), "each reason has its own line");
+        assert_eq!(log.due("document", "not enrolled", t0), Some(0), "and each kind");
+        assert_eq!(log.due("connection", "not enrolled", t0 + REFUSAL_LOG_INTERVAL), Some(2999));
+        assert_eq!(log.due("connection", "not enrolled", t0 + REFUSAL_LOG_INTERVAL), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let storage = crate::storage::SqliteStorage::open(&dir.path().join("relay.db"), 4).unwrap();
+        let monitor = Monitor::new(&MonitorConfig::default(), dir.path().join("relay.db"));
+        assert_eq!(monitor.connection_refused("not enrolled"), Some(0));
+        assert_eq!(monitor.connection_refused("not enrolled"), None);
+        assert_eq!(monitor.document_refused("not a party"), Some(0));
+        let status = monitor.snapshot(&Mutex::new(storage));
+        let metrics = monitor.render_metrics(&status);
+        assert!(metrics.contains("samverkan_relay_refused_connections_total{reason=\"not enrolled\"} 2"), "{metrics}");
+        assert!(metrics.contains("samverkan_relay_refused_documents_total{reason=\"not a party\"} 1"), "{metrics}");
     }
 
     #[test]

@@ -134,6 +134,29 @@ enum ConnectionEnd {
     NotAdmitted { reason: &'static str },
 }
 
+impl ConnectionEnd {
+    /// The `Error` frame telling the peer why, when the end did not queue one itself.
+    fn error_frame(&self) -> Frame {
+        let internal = || Frame::Error {
+            code: ErrorCode::Internal,
+            message: "the relay's storage failed; nothing of the failed step was kept; try again later".into(),
+        };
+        let (code, message) = match self {
+            ConnectionEnd::Net(NetError::Wire(wire)) => (wire.error_code(), format!("bad frame: {wire}")),
+            ConnectionEnd::Net(e) => (ErrorCode::Internal, e.to_string()),
+            ConnectionEnd::Storage(_) | ConnectionEnd::Protocol(ConnectionError::Storage(_)) => return internal(),
+            ConnectionEnd::Protocol(ConnectionError::Sync(e)) => (e.error_code(), e.to_string()),
+            ConnectionEnd::Protocol(e @ (ConnectionError::Authorship { .. } | ConnectionError::Forbidden(_))) => {
+                (ErrorCode::Forbidden, e.to_string())
+            }
+            ConnectionEnd::Protocol(e) => (ErrorCode::Malformed, e.to_string()),
+            ConnectionEnd::Refused(reason) => (ErrorCode::Busy, reason.clone()),
+            ConnectionEnd::NotAdmitted { reason } => (ErrorCode::Unauthenticated, format!("not admitted: {reason}")),
+        };
+        Frame::Error { code, message }
+    }
+}
+
 /// Why the relay refused to touch a document for a connection.
 #[derive(Debug, thiserror::Error)]
 enum DocAccessError {
@@ -414,7 +437,10 @@ pub async fn spawn_with_storage<S: RelayStorage>(
                     incoming = endpoint.accept() => {
                         let Some(incoming) = incoming else { break };
                         if connections.len() >= max_connections {
-                            warn!("refusing connection: {max_connections} connections already");
+                            // Counted, and logged at most every few seconds however fast they come.
+                            if let Some(suppressed) = accept_shared.monitor.connection_refused("too many connections") {
+                                warn!(max_connections, suppressed, "refusing connections: the limit is reached");
+                            }
                             incoming.refuse();
                             continue;
                         }
@@ -425,7 +451,10 @@ pub async fn spawn_with_storage<S: RelayStorage>(
                             async move {
                                 match incoming.await {
                                     Ok(conn) => serve(conn, shared, limits).await,
-                                    Err(e) => debug!(error = %e, "handshake failed"),
+                                    Err(e) => {
+                                        let _ = shared.monitor.connection_refused("handshake failed");
+                                        debug!(error = %e, "handshake failed");
+                                    }
                                 }
                             }
                             .instrument(info_span!("connection", %remote)),
@@ -627,10 +656,12 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
 }
 
 /// What serving one connection keeps beside the protocol state: its place in
-/// the hub (once the handshake is done) and its monitoring watch.
+/// the hub (once the handshake is done), its monitoring watch, and once its
+/// sync states were restored, the organisation whose states to persist.
 struct ConnectionState {
     member: Option<(u64, Arc<Mailbox>)>,
     watch: ConnectionWatch,
+    persist: Option<OrgId>,
 }
 
 /// The node a connection proved to be, as enrolled.
@@ -660,9 +691,14 @@ impl Refusal {
 }
 
 /// Serves one node connection until it ends.
+///
+/// Every close carries its reason: an `Error` frame on the stream when there
+/// is one (whatever ended the connection, unless the peer reported the error
+/// itself), and the reason in the QUIC close in any case.
 async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>, limits: Limits) {
     let Some(key) = tls::peer_key(&conn).and_then(|k| NodeId::from_bytes(&k).ok()) else {
-        conn.close(1u32.into(), b"no usable client key");
+        refused(&shared.monitor, "no usable client key", None);
+        conn.close(1u32.into(), b"no usable client key: an ed25519 client certificate is required");
         return;
     };
     let (mut send, mut recv) = match framed::accept(&conn, &limits).await {
@@ -670,13 +706,18 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         Err(e) => {
             // No stream to send an Error frame on: the reason goes in the close.
             debug!(node = %key.short(), error = %e, "no stream opened");
+            // A peer that hung up after the handshake (`samverkan-node status` probes so) was not refused.
+            if matches!(e, NetError::NoStream(_)) {
+                refused(&shared.monitor, "no sync stream", Some(&key));
+            }
             conn.close(1u32.into(), b"no sync stream opened within the handshake timeout");
             return;
         }
     };
     let mut sync = SyncConnection::relay(&shared.software);
     sync.set_limits(shared.sync_limits.clone());
-    let mut state = ConnectionState { member: None, watch: shared.monitor.connection(conn.remote_address()) };
+    let mut state =
+        ConnectionState { member: None, watch: shared.monitor.connection(conn.remote_address()), persist: None };
     // Before the peer is known to be enrolled, its first frame may have at most
     // MAX_PREAUTH_FRAME bytes: an unknown peer makes the relay hold kilobytes, not megabytes.
     let first = tokio::time::timeout(limits.handshake_timeout, recv.recv_with_limit(framed::MAX_PREAUTH_FRAME)).await;
@@ -701,8 +742,18 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
             format!("bad frame: {wire}"),
         )
         .send(&mut sync)),
-        Ok(Err(_)) => Err(ConnectionEnd::NotAdmitted { reason: "connection lost before the first frame" }),
-        Ok(Ok(None)) => Ok(()),
+        Ok(Err(_)) => Err(Refusal::new(
+            "connection lost before the first frame",
+            ErrorCode::Unauthenticated,
+            "the stream failed before a Hello or Join arrived",
+        )
+        .send(&mut sync)),
+        Ok(Ok(None)) => Err(Refusal::new(
+            "stream ended before the first frame",
+            ErrorCode::Unauthenticated,
+            "the stream ended without a Hello or Join",
+        )
+        .send(&mut sync)),
         Ok(Ok(Some(Frame::Join { protocol, secret, org, .. }))) => {
             join(&shared, key, protocol, &secret, &org).map_err(|refusal| refusal.send(&mut sync)).map(|signed| {
                 sync.push_directory(signed);
@@ -718,34 +769,83 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
             Err(refusal) => Err(refusal.send(&mut sync)),
         },
     };
-    // Flush a final error frame if the protocol left one, then close.
-    for frame in sync.take_outbox() {
-        if send.send(&frame).await.is_err() {
+    // Whatever ended the connection, the peer gets the reason in an Error frame
+    // (unless one is queued already, or the peer reported the error itself).
+    let mut outbox = sync.take_outbox();
+    if let Err(end) = &result {
+        let reported = outbox.iter().any(|f| matches!(f, Frame::Error { .. }))
+            || matches!(end, ConnectionEnd::Protocol(ConnectionError::Peer { .. }));
+        if !reported {
+            outbox.push(end.error_frame());
+        }
+    }
+    for frame in &outbox {
+        if send.send(frame).await.is_err() {
             break;
         }
     }
     match &result {
         Ok(()) => info!(node = %key.short(), "node disconnected"),
-        // Anyone can knock: one short line, not a warning, per refused attempt.
-        Err(ConnectionEnd::NotAdmitted { reason }) => {
-            info!(node = %key.short(), remote = %conn.remote_address(), reason, "connection not admitted")
-        }
+        // Anyone can knock: counted per reason, and a short line at most every few seconds per reason.
+        Err(ConnectionEnd::NotAdmitted { reason }) => refused(&shared.monitor, reason, Some(&key)),
         Err(e) => warn!(node = %key.short(), error = %e, "connection closed"),
     }
     if let Some((id, _)) = state.member {
         shared.hub.leave(id);
     }
     let mut watch = state.watch;
-    watch.update(&sync, recv.bytes(), send.bytes());
+    watch.update(&mut sync, recv.bytes(), send.bytes());
     watch.closed(result.as_ref().err().map(ToString::to_string), &shared.storage);
-    if sync.peer().is_some() {
+    if let Some(org) = &state.persist {
         let states = sync.into_persisted();
-        if let Err(e) = shared.storage().save_sync_states(&key.to_string(), states) {
+        let mut storage = shared.storage();
+        let saved =
+            shared_states(&*storage, org, states).and_then(|states| storage.save_sync_states(&key.to_string(), states));
+        if let Err(e) = saved {
             warn!(node = %key.short(), error = %e, "could not persist sync states");
         }
     }
     let _ = send.finish().await;
-    conn.close(if result.is_ok() { 0u32 } else { 1u32 }.into(), b"bye");
+    let (code, reason) = match &result {
+        Ok(()) => (0u32, "the node ended the sync stream".to_string()),
+        Err(e) => (1u32, e.to_string()),
+    };
+    conn.close(code.into(), close_reason(&reason));
+}
+
+/// Counts a refused connection and logs it if a line is due (see [`Monitor::connection_refused`]).
+fn refused(monitor: &Monitor, reason: &'static str, key: Option<&NodeId>) {
+    if let Some(suppressed) = monitor.connection_refused(reason) {
+        let node = key.map(NodeId::short).unwrap_or_default();
+        info!(reason, %node, suppressed, "connection not admitted");
+    }
+}
+
+/// A QUIC close reason: the text, cut at a character boundary to fit in one packet.
+fn close_reason(text: &str) -> &[u8] {
+    const MAX: usize = 200;
+    let mut end = text.len().min(MAX);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text.as_bytes()[..end]
+}
+
+/// The sync states worth keeping for a node of `org`: those of documents the
+/// relay holds and shares with that organisation (a state for anything else is
+/// of no use, and a node could name any number of such documents).
+fn shared_states<S: RelayStorage>(
+    storage: &S,
+    org: &OrgId,
+    states: Vec<(DocId, Vec<u8>)>,
+) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
+    let mut kept = Vec::with_capacity(states.len());
+    for (doc, state) in states {
+        if storage.entry(&doc)?.is_some_and(|entry| entry.parties.contains(org)) {
+            kept.push((doc, state));
+        }
+    }
+    Ok(kept)
 }
 
 /// Checks that the connection's key is an enrolled, unrevoked node and that
@@ -855,9 +955,8 @@ async fn run<S: RelayStorage>(
     auth: &Authenticated,
     state: &mut ConnectionState,
 ) -> Result<(), ConnectionEnd> {
-    let ConnectionState { member, watch } = state;
+    let ConnectionState { member, watch, persist } = state;
     let mut next = Some(hello);
-    let mut refusals = RefusalLog::default();
     loop {
         for frame in sync.take_outbox() {
             send.send(&frame).await?;
@@ -898,8 +997,13 @@ async fn run<S: RelayStorage>(
                                 info!(replaced, "closing this node's oldest connections (per-key limit)");
                             }
                             info!(%software, "node connected");
-                            let states = shared.storage().sync_states(&auth.key.to_string())?;
+                            let states = {
+                                let storage = shared.storage();
+                                let stored = storage.sync_states(&auth.key.to_string())?;
+                                shared_states(&*storage, &auth.member.org, stored)?
+                            };
                             sync.restore(states);
+                            *persist = Some(auth.member.org.clone());
                             watch.established(&auth.key.to_string(), &software, sync);
                             *member = Some(shared.hub.join(&auth.key.to_string()));
                             sync.push_directory(shared.directory().signed.clone());
@@ -914,10 +1018,14 @@ async fn run<S: RelayStorage>(
                         }
                         ConnectionEvent::Refused { doc, kind, reason } => {
                             // The node got a DocRefused frame; its other documents go on.
-                            refusals.note(kind, || info!(%doc, kind = kind.label(), %reason, "refused a document"));
+                            if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, false) {
+                                info!(%doc, kind = kind.label(), %reason, suppressed, "refused a document");
+                            }
                         }
                         ConnectionEvent::RefusedByPeer { doc, kind, reason, .. } => {
-                            debug!(%doc, kind = kind.label(), %reason, "the node refused or paused a document");
+                            if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, true) {
+                                info!(%doc, kind = kind.label(), %reason, suppressed, "the node holds a document back");
+                            }
                         }
                         ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
                     }
@@ -947,27 +1055,6 @@ fn report_bad_frame(sync: &mut SyncConnection, error: NetError) -> ConnectionEnd
         sync.push_error(wire.error_code(), format!("bad frame: {wire}"));
     }
     error.into()
-}
-
-/// Logs a connection's document refusals without flooding the log: the first
-/// of each kind, then one line per [`RefusalLog::EVERY`] with the count.
-#[derive(Default)]
-struct RefusalLog {
-    counts: std::collections::HashMap<&'static str, u64>,
-}
-
-impl RefusalLog {
-    const EVERY: u64 = 1000;
-
-    fn note(&mut self, kind: RefusalKind, log: impl FnOnce()) {
-        let count = self.counts.entry(kind.label()).or_default();
-        *count += 1;
-        if *count == 1 {
-            log();
-        } else if count.is_multiple_of(Self::EVERY) {
-            info!(kind = kind.label(), refused = *count, "documents refused on this connection so far");
-        }
-    }
 }
 
 async fn wait(mailbox: Option<&Mailbox>) {

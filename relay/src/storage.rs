@@ -89,7 +89,8 @@ pub trait RelayStorage: Send + 'static {
         Ok(())
     }
 
-    /// Persists sync states for a peer.
+    /// Persists a peer's sync states, replacing all stored for it before
+    /// (states of documents not given are deleted).
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
 
     /// A metadata value.
@@ -186,7 +187,7 @@ impl RelayStorage for SqliteStorage {
     }
 
     fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {
-        self.store.save_sync_states(peer, states)
+        self.store.replace_sync_states(peer, states)
     }
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {

@@ -220,6 +220,11 @@ impl AuthorPolicy {
 /// author (taking the used signatures out of `offered`) and written by an
 /// author `authors` accepts. Returns the verified signatures to keep; the
 /// caller must discard the document's new state if this fails.
+///
+/// The signatures left in `offered` are then dropped too, unless Automerge
+/// holds changes of `doc` back until their dependencies arrive (a sync
+/// message may carry a change without a parent it wrongly believed the
+/// receiver had): those changes are applied later and need theirs then.
 pub fn accept_new_changes(
     doc: &mut AutoCommit,
     before: &[ChangeHash],
@@ -233,6 +238,9 @@ pub fn accept_new_changes(
             .and_then(|c| NodeId::from_actor(c.actor_id()))
             .ok_or_else(|| AuthorshipError::NotAKey { hash: *hash, actor: String::new() })?;
         authors.check(hash, &author)?;
+    }
+    if !offered.is_empty() && doc.get_missing_deps(&[]).is_empty() {
+        offered.clear();
     }
     Ok(verified)
 }

@@ -780,6 +780,10 @@ impl FrameDecoder {
                         self.buf.clear();
                         self.start = 0;
                         self.scan = 0;
+                        // After a large frame, give its room back rather than hold it for the stream's life.
+                        if self.buf.capacity() > RETAINED_BUFFER {
+                            self.buf = Vec::new();
+                        }
                     }
                     return frame.map(Some);
                 }
@@ -791,6 +795,9 @@ impl FrameDecoder {
         }
     }
 }
+
+/// Buffer room a [`FrameDecoder`] keeps once it holds no bytes; more is freed.
+const RETAINED_BUFFER: usize = 1024 * 1024;
 
 /// Bounds-checked reader over a frame body.
 struct Reader<'a> {
@@ -856,8 +863,7 @@ impl<'a> Reader<'a> {
 
     fn doc_id(&mut self, field: &'static str) -> Result<DocId, WireError> {
         let raw: [u8; DOC_ID_BYTES] = self.array(field)?;
-        // 16 bytes always give 32 lowercase hex digits, so this cannot fail; map anyway.
-        hex::encode(raw).parse().map_err(|_| WireError::BadLength { frame: self.frame, field })
+        Ok(DocId::from_bytes(raw))
     }
 }
 
@@ -1099,6 +1105,16 @@ mod tests {
         assert_eq!(decoder.next_frame().unwrap(), None);
         assert_eq!(decoder.buffered(), 104);
         assert!(decoder.allocated() < 64 * 1024, "allocated {} for 104 bytes", decoder.allocated());
+
+        // Once a large frame has been returned, its room is given back.
+        let big = Frame::Sync { doc: doc(1), message: vec![7; 4 << 20] }.encode();
+        let mut decoder = FrameDecoder::new();
+        for chunk in big.chunks(64 * 1024) {
+            decoder.push(chunk);
+        }
+        assert!(decoder.allocated() >= 4 << 20);
+        assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Sync { .. }))));
+        assert!(decoder.allocated() <= RETAINED_BUFFER, "still holds {} bytes", decoder.allocated());
     }
 
     #[test]

@@ -847,6 +847,25 @@ impl Store {
         Ok(())
     }
 
+    /// Replaces every sync state shared with `peer` by `states`, in one
+    /// transaction: states stored before for documents not among `states` are deleted.
+    pub fn replace_sync_states(
+        &mut self,
+        peer: &str,
+        states: impl IntoIterator<Item = (DocId, Vec<u8>)>,
+    ) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute("DELETE FROM sync_states WHERE peer = ?1", [peer])?;
+        {
+            let mut stmt = tx.prepare_cached("INSERT INTO sync_states (peer, doc_id, state) VALUES (?1, ?2, ?3)")?;
+            for (doc, state) in states {
+                stmt.execute(params![peer, doc.as_str(), state])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
     /// A number that changes whenever another connection (another process) commits
     /// to the database: cheap polling for edits made by other CLI invocations.
     pub fn data_version(&self) -> Result<i64, StoreError> {
@@ -1043,6 +1062,24 @@ mod tests {
     fn new_doc(ctx: &EditContext) -> Document {
         let content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa 2025");
         Document::create(DocId::random(), content, ctx, &Directory::sodermanland()).unwrap()
+    }
+
+    #[test]
+    fn replacing_sync_states_deletes_the_peers_others_and_leaves_other_peers_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("relay.db")).unwrap();
+        let (a, b, c) = (DocId::random(), DocId::random(), DocId::random());
+        store.save_sync_states("p", [(a.clone(), vec![1]), (b.clone(), vec![2])]).unwrap();
+        store.save_sync_states("q", [(a.clone(), vec![3])]).unwrap();
+        store.replace_sync_states("p", [(c.clone(), vec![4]), (a.clone(), vec![5])]).unwrap();
+        let mut p = store.sync_states("p").unwrap();
+        p.sort();
+        let mut want = vec![(a.clone(), vec![5]), (c, vec![4])];
+        want.sort();
+        assert_eq!(p, want);
+        assert_eq!(store.sync_states("q").unwrap(), vec![(a, vec![3])]);
+        store.replace_sync_states("p", []).unwrap();
+        assert!(store.sync_states("p").unwrap().is_empty());
     }
 
     #[test]

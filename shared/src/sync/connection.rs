@@ -12,6 +12,14 @@
 //! and calls [`SyncConnection::begin`]) → both send `Summary` → each answers
 //! `InSync` or `DocHeads` → `Sync` frames for the documents that differ.
 //!
+//! Nothing a peer sends grows a per-connection set without bound: a second
+//! `Summary`, or a second answer to ours, is a protocol error; the relay keeps
+//! nothing of the documents a node's `DocHeads` names that it does not hold;
+//! a document nobody holds keeps no sync state ([`PeerSession::receive`]);
+//! offered signatures are held per document until its `Sync` frame, at most
+//! [`MAX_OFFERED_SIGNATURES`]; and the relay's document sets (`docs_sent`,
+//! receipts sent) hold only documents it has.
+//!
 //! On the relay's end, every `Sync` frame of a document (sent, or answered)
 //! is preceded by a `Receipts` frame with the relay's approval receipts of
 //! that document the node has not been sent on this connection yet
@@ -31,7 +39,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 
-use super::{doc_heads_frame, plan, summary_digest, summary_frame, PeerSession, Role, SyncError};
+use super::{doc_heads_frame, plan_keeping, summary_digest, summary_frame, PeerSession, Role, SyncError};
 use crate::acceptance::{self, AuthorPolicy};
 use crate::authorship::{AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
@@ -40,9 +48,60 @@ use crate::wire::{ErrorCode, Frame, ReceiptEntry, RefusalKind, PROTOCOL_VERSION}
 /// A change hash with its author's signature, to keep beside the change.
 pub type SignedChange = (ChangeHash, ChangeSignature);
 
-/// Signatures offered by the peer and not used yet, at most this many (a peer
-/// offering more before sending the changes is refused).
-const MAX_OFFERED_SIGNATURES: usize = 200_000;
+/// Signatures offered by the peer and not used yet, at most this many at once
+/// (a peer offering more is refused). An honest peer sends one `Authors` frame
+/// just before the `Sync` frame whose changes it signs, and a document's
+/// signatures are consumed or dropped when that frame is processed (see
+/// [`OfferedSignatures`]), so this bounds one frame's worth: the changes of one
+/// sync message (a whole document of the largest size, at about 300 bytes per
+/// change), about 10 MB held at most.
+pub const MAX_OFFERED_SIGNATURES: usize = 100_000;
+
+/// Authors' signatures the peer sent ahead of its changes (`Authors` frames),
+/// by document, at most [`MAX_OFFERED_SIGNATURES`] in all.
+///
+/// A document's `Sync` frame takes its signatures ([`Self::take`]); what the
+/// frame's changes did not use is dropped when the frame has been processed
+/// ([`acceptance::accept_new_changes`]), except while Automerge holds changes
+/// of the document back until their dependencies arrive: those are applied
+/// with a later frame and still need their signatures ([`Self::put_back`]).
+#[derive(Debug, Default)]
+struct OfferedSignatures {
+    by_doc: HashMap<DocId, HashMap<ChangeHash, ChangeSignature>>,
+    /// Entries in `by_doc`, over every document.
+    count: usize,
+}
+
+impl OfferedSignatures {
+    /// Keeps `entries` for `doc`; `Err` (nothing kept) if that would hold more than the maximum.
+    fn offer(&mut self, doc: DocId, entries: Vec<SignedChange>) -> Result<(), ()> {
+        if self.count.saturating_add(entries.len()) > MAX_OFFERED_SIGNATURES {
+            return Err(());
+        }
+        let kept = self.by_doc.entry(doc).or_default();
+        for (hash, signature) in entries {
+            if kept.insert(hash, signature).is_none() {
+                self.count += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// The document's signatures, no longer held here.
+    fn take(&mut self, doc: &DocId) -> HashMap<ChangeHash, ChangeSignature> {
+        let taken = self.by_doc.remove(doc).unwrap_or_default();
+        self.count -= taken.len();
+        taken
+    }
+
+    /// Holds again what a frame left of the document's signatures (nothing, unless changes wait).
+    fn put_back(&mut self, doc: &DocId, rest: HashMap<ChangeHash, ChangeSignature>) {
+        if !rest.is_empty() {
+            self.count += rest.len();
+            self.by_doc.insert(doc.clone(), rest);
+        }
+    }
+}
 
 /// What a closure run on a document decided.
 #[derive(Debug)]
@@ -239,7 +298,8 @@ pub struct ConnectionStats {
     pub sync_out: u64,
     /// Documents that changed here through this connection.
     pub docs_received: BTreeSet<DocId>,
-    /// Documents for which we sent at least one sync message.
+    /// (Node only: the relay answers any document a peer names, and keeps no
+    /// set that a peer could grow.) Documents for which we sent at least one sync message.
     pub docs_sent: BTreeSet<DocId>,
 }
 
@@ -262,10 +322,12 @@ pub struct SyncConnection {
     outbox: VecDeque<Frame>,
     their_summary_seen: bool,
     our_summary_answered: bool,
+    /// (Node.) Documents that differed at connect time and are not in sync yet
+    /// (for [`Self::is_settled`]): ours, and on a node the relay's that it may receive.
     pending: BTreeSet<DocId>,
     planned: usize,
-    /// Authors' signatures the peer sent ahead of its changes, by change hash.
-    offered: HashMap<ChangeHash, ChangeSignature>,
+    /// Authors' signatures the peer sent ahead of its changes.
+    offered: OfferedSignatures,
     /// (Relay.) Receipts sent on this connection, by document (record signatures).
     receipts_sent: HashMap<DocId, BTreeSet<[u8; 64]>>,
     stats: ConnectionStats,
@@ -303,7 +365,7 @@ impl SyncConnection {
             our_summary_answered: false,
             pending: BTreeSet::new(),
             planned: 0,
-            offered: HashMap::new(),
+            offered: OfferedSignatures::default(),
             receipts_sent: HashMap::new(),
             stats: ConnectionStats::default(),
         }
@@ -331,6 +393,13 @@ impl SyncConnection {
         self.session.shared_heads()
     }
 
+    /// The documents whose shared heads changed (or whose sync state was
+    /// created or dropped: `None`) since the last call, for monitoring: the
+    /// cost follows what changed, not the number of documents.
+    pub fn take_changed_shared_heads(&mut self) -> Vec<(DocId, Option<Vec<ChangeHash>>)> {
+        self.session.take_changed_shared_heads()
+    }
+
     /// Progress of the documents that differed at connect time: `(done, planned)`.
     /// `done` advances as [`Self::is_settled`] finds documents in sync.
     pub fn progress(&self) -> (usize, usize) {
@@ -346,7 +415,9 @@ impl SyncConnection {
         if matches!(frame, Frame::Sync { .. }) {
             self.stats.sync_out += 1;
             if let Frame::Sync { doc, .. } = &frame {
-                self.stats.docs_sent.insert(doc.clone());
+                if self.role == Role::Node {
+                    self.stats.docs_sent.insert(doc.clone());
+                }
             }
         }
         self.stats.frames_out += 1;
@@ -356,6 +427,13 @@ impl SyncConnection {
     /// Queues an error frame for the peer (before the driver closes).
     pub fn push_error(&mut self, code: ErrorCode, message: impl Into<String>) {
         self.push(Frame::Error { code, message: message.into() });
+    }
+
+    /// Refuses a frame the peer may send once per connection and sent again.
+    fn refuse_repeat(&mut self, what: &str) -> ConnectionError {
+        let message = format!("a second {what} on this connection: it is sent once per connection");
+        self.push_error(ErrorCode::Malformed, message.clone());
+        ConnectionError::Protocol(message)
     }
 
     /// (Relay only.) Queues the signed enrollment directory for the node.
@@ -439,6 +517,10 @@ impl SyncConnection {
                 events.push(ConnectionEvent::Established { peer: relay.clone(), software: relay });
             }
             (Phase::Open, Frame::Summary { digest, .. }) => {
+                // Each side sends one Summary per connection: a second would make us list every document again.
+                if self.their_summary_seen {
+                    return Err(self.refuse_repeat("Summary"));
+                }
                 self.their_summary_seen = true;
                 let heads = docs.shared_heads().map_err(ConnectionError::storage)?;
                 if summary_digest(heads.iter().map(|(d, h)| (d, h.as_slice()))) == digest {
@@ -453,11 +535,20 @@ impl SyncConnection {
             (Phase::Open, Frame::Receipts { doc, entries }) if self.role == Role::Node => {
                 events.push(ConnectionEvent::Receipts { doc, entries });
             }
+            // Our Summary is answered once, by InSync or DocHeads.
+            (Phase::Open, Frame::InSync | Frame::DocHeads { .. }) if self.our_summary_answered => {
+                return Err(self.refuse_repeat("answer to our Summary (InSync or DocHeads)"));
+            }
             (Phase::Open, Frame::InSync) => self.our_summary_answered = true,
             (Phase::Open, Frame::DocHeads { entries }) => {
                 self.our_summary_answered = true;
                 let heads = docs.shared_heads().map_err(ConnectionError::storage)?;
-                let planned = plan(heads.iter().map(|(d, h)| (d, h.as_slice())), &entries);
+                // Only a node waits for the peer's documents (`pending`, for a one-shot sync);
+                // the relay keeps nothing of the documents a node names and it does not hold.
+                let node = self.role == Role::Node;
+                let ours = heads.iter().map(|(d, h)| (d, h.as_slice()));
+                let planned = plan_keeping(ours, &entries, |doc| node && docs.may_receive(doc));
+                drop(entries);
                 for doc in planned.to_start() {
                     if self.pending.insert(doc.clone()) {
                         self.planned += 1;
@@ -465,19 +556,22 @@ impl SyncConnection {
                     self.generate(doc, docs)?;
                 }
                 for doc in &planned.only_theirs {
-                    if docs.may_receive(doc) && self.pending.insert(doc.clone()) {
+                    if self.pending.insert(doc.clone()) {
                         self.planned += 1;
                     }
                 }
             }
-            (Phase::Open, Frame::Authors { entries, .. }) => {
-                if self.offered.len() + entries.len() > MAX_OFFERED_SIGNATURES {
-                    let message =
-                        format!("more than {MAX_OFFERED_SIGNATURES} signatures offered ahead of their changes");
+            (Phase::Open, Frame::Authors { doc, entries }) => {
+                let offered = entries.len();
+                if self.offered.offer(doc.clone(), entries).is_err() {
+                    let message = format!(
+                        "{offered} signatures offered for document {doc} would make more than \
+                         {MAX_OFFERED_SIGNATURES} held ahead of their changes; send each Authors frame \
+                         just before the Sync frame of its changes"
+                    );
                     self.push_error(ErrorCode::TooLarge, message.clone());
                     return Err(ConnectionError::Protocol(message));
                 }
-                self.offered.extend(entries);
             }
             (Phase::Open, Frame::Sync { doc, message }) => self.on_sync(doc, &message, docs, &mut events)?,
             (Phase::Open, Frame::DocRefused { doc, kind, reason, heads, your_seq }) => {
@@ -515,14 +609,14 @@ impl SyncConnection {
         let create = docs.may_receive(&doc);
         let authors = docs.authors();
         let session = &mut self.session;
-        let offered = &mut self.offered;
+        let mut offered = self.offered.take(&doc);
         let outcome = docs.with_doc(&doc, create, |d| {
             let before = d.get_heads();
             let outcome = match session.receive(&doc, d, message) {
                 Ok(outcome) => outcome,
                 Err(e) => return DocOutcome::Discard(Err(ConnectionError::from(e))),
             };
-            match acceptance::accept_new_changes(d, &before, offered, &authors) {
+            match acceptance::accept_new_changes(d, &before, &mut offered, &authors) {
                 Ok(signatures) => {
                     let unsigned = session.take_unsigned(&doc, d);
                     DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures }
@@ -530,6 +624,10 @@ impl SyncConnection {
                 Err(source) => DocOutcome::Discard(Err(ConnectionError::Authorship { doc: doc.clone(), source })),
             }
         });
+        if matches!(outcome, Ok(Some(Ok(_)))) {
+            // Signatures of changes Automerge holds back until their dependencies arrive.
+            self.offered.put_back(&doc, offered);
+        }
         let (outcome, unsigned) = match outcome {
             Err(e) => {
                 return match docs.refusal(&e) {
@@ -622,6 +720,9 @@ impl SyncConnection {
             return Ok(());
         }
         let all = docs.receipts(doc).map_err(ConnectionError::storage)?;
+        if all.is_empty() {
+            return Ok(()); // No entry for documents without receipts (or that do not exist).
+        }
         let sent = self.receipts_sent.entry(doc.clone()).or_default();
         let entries: Vec<ReceiptEntry> = all.into_iter().filter(|e| sent.insert(e.record)).collect();
         if !entries.is_empty() {
@@ -1050,5 +1151,194 @@ mod tests {
         relay.take_outbox();
         assert!(relay.session.disabled.is_empty(), "no refused document the peer may not see is remembered");
         assert!(relay.persisted().is_empty());
+    }
+
+    /// A relay connection past the handshake and its own Summary.
+    fn open_relay(rd: &mut Docs) -> SyncConnection {
+        let mut relay = SyncConnection::relay("relay");
+        let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: "n".into() };
+        relay.on_frame(hello, rd).unwrap();
+        relay.begin(rd).unwrap();
+        relay.take_outbox();
+        relay
+    }
+
+    /// A sync message naming a document the receiver does not hold (heads only, no changes).
+    fn phantom_message() -> Vec<u8> {
+        let mut doc = doc_with("finns inte hos mottagaren");
+        let mut state = automerge::sync::State::new();
+        let message = automerge::sync::SyncDoc::generate_sync_message(&doc.sync(), &mut state).unwrap();
+        message.encode()
+    }
+
+    fn refused_as_malformed(result: Result<Vec<ConnectionEvent>, ConnectionError>, conn: &mut SyncConnection) {
+        assert!(matches!(result, Err(ConnectionError::Protocol(_))), "{result:?}");
+        match conn.take_outbox().as_slice() {
+            [Frame::Error { code: ErrorCode::Malformed, message }] => {
+                assert!(message.contains("once per connection"), "{message}")
+            }
+            other => panic!("expected one Error frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_second_summary_or_a_second_answer_to_ours_is_refused_with_an_error_frame() {
+        let mut rd = Docs::default();
+        rd.0.insert(DocId::random(), doc_with("reläets"));
+        let summary = Frame::Summary { docs: 0, digest: [0; 32] };
+
+        let mut relay = open_relay(&mut rd);
+        relay.on_frame(summary.clone(), &mut rd).unwrap();
+        assert!(matches!(relay.take_outbox().as_slice(), [Frame::DocHeads { .. }]));
+        let second = relay.on_frame(summary, &mut rd);
+        refused_as_malformed(second, &mut relay);
+
+        let mut relay = open_relay(&mut rd);
+        relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
+        relay.take_outbox();
+        let second = relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd);
+        refused_as_malformed(second, &mut relay);
+
+        let mut relay = open_relay(&mut rd);
+        relay.on_frame(Frame::InSync, &mut rd).unwrap();
+        let second = relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd);
+        refused_as_malformed(second, &mut relay);
+    }
+
+    #[test]
+    fn the_relay_keeps_nothing_of_the_documents_a_node_names_and_it_does_not_hold() {
+        let mut rd = Docs::default();
+        let ours = DocId::random();
+        rd.0.insert(ours.clone(), doc_with("reläets"));
+        let unknown: Vec<(DocId, [u8; 8])> = (0..10_000).map(|_| (DocId::random(), [7; 8])).collect();
+
+        let mut relay = open_relay(&mut rd);
+        relay.on_frame(Frame::DocHeads { entries: unknown.clone() }, &mut rd).unwrap();
+        assert_eq!(relay.pending.iter().collect::<Vec<_>>(), vec![&ours], "only the relay's own document");
+        assert_eq!(relay.progress(), (0, 1));
+
+        // A node waits for the relay's documents it may receive (all, here).
+        let mut nd = Docs::default();
+        let mut node = SyncConnection::node("n", "test");
+        node.on_frame(Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "r".into() }, &mut nd).unwrap();
+        node.begin(&mut nd).unwrap();
+        node.on_frame(Frame::DocHeads { entries: unknown[..3].to_vec() }, &mut nd).unwrap();
+        assert_eq!(node.pending.len(), 3);
+    }
+
+    #[test]
+    fn sync_frames_for_documents_nobody_holds_leave_no_state_and_no_growing_set() {
+        let mut rd = Docs::default();
+        let mut relay = open_relay(&mut rd);
+        relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
+        let message = phantom_message();
+        for _ in 0..200 {
+            let doc = DocId::random();
+            relay.on_frame(Frame::Sync { doc: doc.clone(), message: message.clone() }, &mut rd).unwrap();
+            assert!(matches!(relay.take_outbox().as_slice(), [Frame::Sync { .. }]), "answered");
+            assert!(rd.0.get_mut(&doc).is_none_or(|d| d.get_heads().is_empty()));
+        }
+        assert_eq!(relay.session.docs().count(), 0, "no sync state kept");
+        assert_eq!(relay.shared_heads().count(), 0);
+        assert!(relay.into_persisted().is_empty());
+        let relay = open_relay(&mut rd);
+        assert!(relay.stats().docs_sent.is_empty() && relay.receipts_sent.is_empty());
+    }
+
+    #[test]
+    fn offered_signatures_are_held_per_document_until_its_sync_frame_and_capped() {
+        let mut rd = Docs::default();
+        let mut relay = open_relay(&mut rd);
+        relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
+        let junk = |n: usize, salt: u8| -> Vec<SignedChange> {
+            (0..n)
+                .map(|i| {
+                    let mut hash = [salt; 32];
+                    hash[..8].copy_from_slice(&(i as u64).to_be_bytes());
+                    (ChangeHash(hash), [0; 64])
+                })
+                .collect()
+        };
+        let doc = DocId::random();
+        // Many frames' worth over the connection, one frame's worth at a time: each Sync drops what it left.
+        for round in 0..5u8 {
+            relay.on_frame(Frame::Authors { doc: doc.clone(), entries: junk(60_000, round) }, &mut rd).unwrap();
+            assert_eq!(relay.offered.count, 60_000);
+            relay.on_frame(Frame::Sync { doc: doc.clone(), message: phantom_message() }, &mut rd).unwrap();
+            assert_eq!(relay.offered.count, 0, "unused signatures dropped with the frame");
+            relay.take_outbox();
+        }
+        // Held for two documents at once, past the maximum: refused with a clear reason.
+        relay.on_frame(Frame::Authors { doc: DocId::random(), entries: junk(60_000, 1) }, &mut rd).unwrap();
+        let err = relay.on_frame(Frame::Authors { doc: DocId::random(), entries: junk(60_000, 2) }, &mut rd);
+        assert!(matches!(err, Err(ConnectionError::Protocol(_))), "{err:?}");
+        match relay.take_outbox().as_slice() {
+            [Frame::Error { code: ErrorCode::TooLarge, message }] => {
+                assert!(message.contains(&MAX_OFFERED_SIGNATURES.to_string()), "{message}")
+            }
+            other => panic!("expected a TooLarge error frame, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn signatures_of_changes_waiting_for_their_parents_are_kept_until_those_arrive() {
+        // The node's two changes, the second depending on the first.
+        let mut node_doc = doc_with("först");
+        let first = node_doc.get_heads()[0];
+        node_doc.put(automerge::ROOT, "text", "sedan").unwrap();
+        node_doc.commit();
+        let second = node_doc.get_heads()[0];
+        let (c1, c2) = (node_doc.get_change_by_hash(&first).unwrap(), node_doc.get_change_by_hash(&second).unwrap());
+        let message = |mut changes: Vec<automerge::Change>, heads: Vec<ChangeHash>| {
+            let chunks: Vec<Vec<u8>> = changes.iter_mut().map(|c| c.bytes().to_vec()).collect();
+            automerge::sync::Message {
+                heads,
+                need: Vec::new(),
+                have: Vec::new(),
+                changes: chunks.into(),
+                flags: None,
+                version: automerge::sync::MessageVersion::V1,
+            }
+            .encode()
+        };
+        let sign = |hash: &ChangeHash| (*hash, authorship::sign(author(), hash));
+        let mut rd = Docs::default();
+        let doc = DocId::random();
+        let mut relay = open_relay(&mut rd);
+        relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
+        // The second change arrives first (as after a bloom filter false positive), with both signatures.
+        let entries = vec![sign(&first), sign(&second)];
+        relay.on_frame(Frame::Authors { doc: doc.clone(), entries }, &mut rd).unwrap();
+        relay.on_frame(Frame::Sync { doc: doc.clone(), message: message(vec![c2], vec![second]) }, &mut rd).unwrap();
+        assert_eq!(relay.offered.count, 2, "kept while the change waits for its parent");
+        // Then the parent, without signatures (already sent): both changes apply, both verified.
+        relay.on_frame(Frame::Sync { doc: doc.clone(), message: message(vec![c1], vec![second]) }, &mut rd).unwrap();
+        assert_eq!(rd.0.get_mut(&doc).unwrap().get_heads(), vec![second]);
+        assert_eq!(relay.offered.count, 0);
+    }
+
+    #[test]
+    fn only_documents_whose_shared_heads_changed_are_reported_to_monitoring() {
+        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let docs: Vec<DocId> = (0..20).map(|_| DocId::random()).collect();
+        for d in &docs {
+            rd.0.insert(d.clone(), doc_with("reläets"));
+        }
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        pump(&mut node, &mut nd, &mut relay, &mut rd);
+        let first = relay.session.take_changed_shared_heads();
+        assert_eq!(first.len(), 20, "every document synced");
+        assert!(relay.session.take_changed_shared_heads().is_empty(), "nothing since");
+
+        // One edit: one document reported.
+        rd.0.get_mut(&docs[3]).unwrap().put(automerge::ROOT, "text", "ändrad").unwrap();
+        rd.0.get_mut(&docs[3]).unwrap().commit();
+        relay.on_local_change(&docs[3], &mut rd).unwrap();
+        pump(&mut node, &mut nd, &mut relay, &mut rd);
+        let changed = relay.session.take_changed_shared_heads();
+        assert_eq!(changed.len(), 1);
+        assert_eq!(changed[0].0, docs[3]);
+        assert_eq!(changed[0].1.as_deref(), Some(rd.0.get_mut(&docs[3]).unwrap().get_heads().as_slice()));
     }
 }

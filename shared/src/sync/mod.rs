@@ -48,8 +48,11 @@ use automerge::{AutoCommit, AutomergeError, ChangeHash};
 pub use check::{check_chunks, check_message, MessageCheckError, SyncLimits};
 pub use connection::{
     ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, SignedChange, SyncConnection,
+    MAX_OFFERED_SIGNATURES,
 };
-pub use summary::{doc_heads_frame, heads_digest, plan, summary_digest, summary_frame, HeadsDigest, SyncPlan};
+pub use summary::{
+    doc_heads_frame, heads_digest, plan, plan_keeping, summary_digest, summary_frame, HeadsDigest, SyncPlan,
+};
 
 use crate::ids::DocId;
 use crate::wire::{ErrorCode, Frame};
@@ -185,6 +188,10 @@ pub struct PeerSession {
     pub(crate) disabled: BTreeSet<DocId>,
     /// Changes whose authors' signatures were sent on this connection, per document.
     signatures_sent: BTreeMap<DocId, BTreeSet<ChangeHash>>,
+    /// Documents whose sync state was created, dropped, or had its shared
+    /// heads changed since [`Self::take_changed_shared_heads`] (so that
+    /// monitoring touches only those, never every state after every frame).
+    changed: BTreeSet<DocId>,
 }
 
 impl PeerSession {
@@ -195,7 +202,14 @@ impl PeerSession {
 
     /// A session with explicit limits.
     pub fn with_limits(role: Role, limits: SyncLimits) -> Self {
-        Self { role, limits, states: BTreeMap::new(), disabled: BTreeSet::new(), signatures_sent: BTreeMap::new() }
+        Self {
+            role,
+            limits,
+            states: BTreeMap::new(),
+            disabled: BTreeSet::new(),
+            signatures_sent: BTreeMap::new(),
+            changed: BTreeSet::new(),
+        }
     }
 
     /// This end's role.
@@ -222,6 +236,7 @@ impl PeerSession {
         state.shared_heads.sort_unstable();
         state.shared_heads.dedup();
         self.states.insert(doc_id.clone(), state);
+        self.changed.insert(doc_id.clone());
         Ok(())
     }
 
@@ -273,6 +288,29 @@ impl PeerSession {
         self.states.keys()
     }
 
+    /// The documents whose sync state was created, dropped, or had its shared
+    /// heads changed since the last call, with their shared heads now (`None`:
+    /// the state was dropped). The cost is proportional to what changed, not
+    /// to the number of states: call it after every frame.
+    pub fn take_changed_shared_heads(&mut self) -> Vec<(DocId, Option<Vec<ChangeHash>>)> {
+        let changed = std::mem::take(&mut self.changed);
+        changed
+            .into_iter()
+            .map(|doc| {
+                let heads = self.states.get(&doc).map(|state| state.shared_heads.clone());
+                (doc, heads)
+            })
+            .collect()
+    }
+
+    /// The document's sync state, created (and noted as changed) if missing.
+    fn state_mut(&mut self, doc_id: &DocId) -> &mut State {
+        if !self.states.contains_key(doc_id) {
+            self.changed.insert(doc_id.clone());
+        }
+        self.states.entry(doc_id.clone()).or_default()
+    }
+
     /// The next sync message for `doc_id` as a [`Frame::Sync`], or `None` when
     /// there is nothing to send (the peer is up to date, or a message is in flight).
     ///
@@ -282,7 +320,7 @@ impl PeerSession {
         if self.disabled.contains(doc_id) {
             return Err(SyncError::Disabled { doc: doc_id.clone() });
         }
-        let state = self.states.entry(doc_id.clone()).or_default();
+        let state = self.state_mut(doc_id);
         let generated = catch_unwind(AssertUnwindSafe(|| doc.sync().generate_sync_message(state).map(Message::encode)));
         let message = match generated {
             Ok(message) => message,
@@ -331,8 +369,16 @@ impl PeerSession {
     }
 
     /// Hands an already checked message to Automerge and generates the reply.
+    ///
+    /// A document still empty afterwards (one neither side holds: the peer
+    /// named a document that does not exist) keeps no sync state: the reply
+    /// is generated, then the state is dropped, so that naming any number of
+    /// documents costs no memory. The next message for it starts from a fresh
+    /// state, which is always safe.
     fn apply(&mut self, doc_id: &DocId, doc: &mut AutoCommit, message: Message) -> Result<ReceiveOutcome, SyncError> {
-        let state = self.states.entry(doc_id.clone()).or_default();
+        let created = !self.states.contains_key(doc_id);
+        let state = self.state_mut(doc_id);
+        let shared_before = state.shared_heads.clone();
         let applied = catch_unwind(AssertUnwindSafe(|| {
             let before = doc.get_heads();
             doc.sync().receive_sync_message(state, message)?;
@@ -348,7 +394,19 @@ impl PeerSession {
             }
         };
         let changed = before != heads;
-        match self.generate(doc_id, doc) {
+        let reply = self.generate(doc_id, doc);
+        if heads.is_empty() {
+            self.states.remove(doc_id);
+            self.signatures_sent.remove(doc_id);
+            if created {
+                self.changed.remove(doc_id); // Nothing to report: it came and went.
+            } else {
+                self.changed.insert(doc_id.clone());
+            }
+        } else if self.states.get(doc_id).map(|s| &s.shared_heads) != Some(&shared_before) {
+            self.changed.insert(doc_id.clone());
+        }
+        match reply {
             Ok(reply) => Ok(ReceiveOutcome { changed, heads, reply }),
             Err(source) => Err(SyncError::ReplyFailed { changed, source: Box::new(source) }),
         }
@@ -402,7 +460,9 @@ impl PeerSession {
 
     /// Drops the document's sync state, disables it and returns `error`.
     fn disable(&mut self, doc_id: &DocId, error: SyncError) -> SyncError {
-        self.states.remove(doc_id);
+        if self.states.remove(doc_id).is_some() {
+            self.changed.insert(doc_id.clone());
+        }
         self.disabled.insert(doc_id.clone());
         error
     }

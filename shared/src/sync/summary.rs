@@ -124,16 +124,42 @@ pub fn plan<'a>(
     ours: impl IntoIterator<Item = (&'a DocId, &'a [ChangeHash])>,
     theirs: &[(DocId, HeadsDigest)],
 ) -> SyncPlan {
-    let theirs: BTreeMap<&DocId, &HeadsDigest> = theirs.iter().map(|(doc, digest)| (doc, digest)).collect();
+    plan_keeping(ours, theirs, |_| true)
+}
+
+/// [`plan`], keeping in [`SyncPlan::only_theirs`] only the documents for
+/// which `keep_theirs` says yes (the relay keeps none: a node's own documents
+/// arrive with its `Sync` frames). Memory is proportional to our documents
+/// and the kept ones, never to the length of the peer's list: a peer naming
+/// millions of documents costs one pass over them.
+pub fn plan_keeping<'a>(
+    ours: impl IntoIterator<Item = (&'a DocId, &'a [ChangeHash])>,
+    theirs: &[(DocId, HeadsDigest)],
+    mut keep_theirs: impl FnMut(&DocId) -> bool,
+) -> SyncPlan {
     let ours: BTreeMap<&DocId, HeadsDigest> = ours.into_iter().map(|(doc, heads)| (doc, heads_digest(heads))).collect();
+    // Their last digest of each of our documents.
+    let mut matched: BTreeMap<&DocId, &HeadsDigest> = BTreeMap::new();
+    let mut only_theirs = Vec::new();
+    for (doc, digest) in theirs {
+        match ours.get_key_value(doc) {
+            Some((ours_doc, _)) => {
+                matched.insert(ours_doc, digest);
+            }
+            None if keep_theirs(doc) => only_theirs.push(doc.clone()),
+            None => {}
+        }
+    }
     let mut plan = SyncPlan::default();
     for (doc, digest) in &ours {
-        match theirs.get(doc) {
+        match matched.get(doc) {
             Some(their_digest) if *their_digest == digest => {}
             Some(_) => plan.differ.push((*doc).clone()),
             None => plan.only_ours.push((*doc).clone()),
         }
     }
-    plan.only_theirs = theirs.keys().filter(|doc| !ours.contains_key(*doc)).map(|doc| (*doc).clone()).collect();
+    only_theirs.sort_unstable();
+    only_theirs.dedup();
+    plan.only_theirs = only_theirs;
     plan
 }

@@ -752,6 +752,58 @@ fn summary_digests_ignore_order_and_plan_finds_every_difference() {
     assert_eq!(plan, SyncPlan { differ: vec![d2.clone()], only_ours: vec![d3.clone()], only_theirs: vec![d4] });
     assert_eq!(plan.to_start().cloned().collect::<Vec<_>>(), vec![d2.clone(), d3.clone()]);
     assert!(super::plan(ours, &[]).only_ours.len() == 3);
+
+    // Their list repeats d2 (the last entry counts) and names d5 and d6: only the wanted ones are kept.
+    let (d5, d6) = (doc_id(5), doc_id(6));
+    let theirs = vec![
+        (d2.clone(), heads_digest(&[h(9)])),
+        (d6.clone(), heads_digest(&[h(6)])),
+        (d5.clone(), heads_digest(&[h(5)])),
+        (d2.clone(), heads_digest(&[h(2)])),
+        (d5.clone(), heads_digest(&[h(5)])),
+    ];
+    let kept = plan_keeping(ours, &theirs, |d| *d != d6);
+    assert_eq!(kept, SyncPlan { differ: vec![], only_ours: vec![d1.clone(), d3.clone()], only_theirs: vec![d5] });
+    assert!(plan_keeping(ours, &theirs, |_| false).only_theirs.is_empty());
+}
+
+#[test]
+fn a_phantom_document_leaves_no_sync_state_and_changes_are_reported_once() {
+    let (mut a, mut b) = (PeerSession::new(Role::Node), PeerSession::new(Role::Relay));
+    let id = doc_id(1);
+    let mut doc = seeded_doc(A, "bara hos A");
+    let message = match a.generate(&id, &mut doc).unwrap() {
+        Some(Frame::Sync { message, .. }) => message,
+        other => panic!("{other:?}"),
+    };
+    // B does not hold the document: it answers, and keeps no state for it.
+    let mut empty = new_doc(B);
+    let outcome = b.receive(&id, &mut empty, &message).unwrap();
+    assert!(outcome.reply.is_some() && outcome.heads.is_empty());
+    assert_eq!(b.docs().count(), 0);
+    assert!(b.take_changed_shared_heads().is_empty(), "nothing came of it");
+    // A's state was created: reported once, with its (empty) shared heads.
+    assert_eq!(a.take_changed_shared_heads(), vec![(id.clone(), Some(Vec::new()))]);
+    assert!(a.take_changed_shared_heads().is_empty());
+    // The exchange still completes from fresh states on B's side.
+    let mut to_b = outcome.reply;
+    let mut to_a;
+    for _ in 0..10 {
+        to_a = match to_b.take() {
+            Some(Frame::Sync { message, .. }) => a.receive(&id, &mut doc, &message).unwrap().reply,
+            _ => None,
+        };
+        to_b = match to_a.take() {
+            Some(Frame::Sync { message, .. }) => b.receive(&id, &mut empty, &message).unwrap().reply,
+            _ => None,
+        };
+        if to_b.is_none() {
+            break;
+        }
+    }
+    assert_eq!(empty.get_heads(), doc.get_heads());
+    let changed = b.take_changed_shared_heads();
+    assert_eq!(changed, vec![(id.clone(), Some(doc.get_heads()))], "B now shares A's heads");
 }
 
 #[test]
