@@ -18,7 +18,7 @@ use samverkan::shared::ids::DocId;
 use samverkan::shared::model::{DocKind, DocumentContent};
 use samverkan::shared::org::OrgId;
 use samverkan::shared::sync::ConnectionError;
-use samverkan::shared::wire::{ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
+use samverkan::shared::wire::{ErrorCode, Frame, FrameDecoder, RefusalKind, PROTOCOL_VERSION};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -92,6 +92,22 @@ async fn next_error(recv: &mut FramedRecv) -> Option<(ErrorCode, String)> {
                 Ok(Some(Frame::Error { code, message })) => return Some((code, message)),
                 Ok(Some(_)) => continue,
                 Ok(None) | Err(_) => return None,
+            }
+        }
+    })
+    .await
+}
+
+/// Reads frames until a `DocRefused` frame (returned: the connection goes on);
+/// an `Error` frame or the end of the stream fails the test.
+async fn next_refusal(recv: &mut FramedRecv) -> (DocId, RefusalKind, String) {
+    bounded("a document refusal", async {
+        loop {
+            match recv.recv().await {
+                Ok(Some(Frame::DocRefused { doc, kind, reason, .. })) => return (doc, kind, reason),
+                Ok(Some(Frame::Error { code, message })) => panic!("the connection was closed: {code:?} {message}"),
+                Ok(Some(_)) => continue,
+                other => panic!("the connection ended without a refusal: {other:?}"),
             }
         }
     })
@@ -206,10 +222,10 @@ async fn documents_reach_only_their_parties_and_the_relay_refuses_the_rest() {
     let ask = automerge::sync::SyncDoc::generate_sync_message(&asking.sync(), &mut state).unwrap().encode();
     send.send(&Frame::Sync { doc: promise.clone(), message: ask }).await.unwrap();
     let mut received_promise = false;
-    let error = bounded("refusal", async {
+    let refusal = bounded("refusal", async {
         loop {
             match recv.recv().await {
-                Ok(Some(Frame::Error { code, message })) => return Some((code, message)),
+                Ok(Some(Frame::DocRefused { doc, kind, heads, .. })) => return Some((doc, kind, heads)),
                 Ok(Some(Frame::Sync { doc, .. })) if doc == promise => received_promise = true,
                 Ok(Some(_)) => {}
                 _ => return None,
@@ -217,13 +233,12 @@ async fn documents_reach_only_their_parties_and_the_relay_refuses_the_rest() {
         }
     })
     .await;
-    let (code, message) = error.expect("an error frame");
-    assert_eq!(code, ErrorCode::Forbidden, "{message}");
+    let (doc, kind, heads) = refusal.expect("a document refusal");
+    assert_eq!((doc, kind), (promise.clone(), RefusalKind::NotShared));
+    assert!(heads.is_empty(), "nothing about a document it may not see");
     assert!(!received_promise);
 
-    // A hostile client pushes a new document that does not name its organisation: refused, not stored.
-    let (_conn, mut send, mut recv) = raw_client(&relay, &trosa_key).await;
-    send.send(&hello).await.unwrap();
+    // On the same connection (it goes on), a new document that does not name its organisation: refused, not stored.
     let mut content = DocumentContent::new(DocKind::CitizenPromise, "Planterat dokument");
     content.parties = vec![org("Flen")];
     let planted = DocId::random();
@@ -242,9 +257,9 @@ async fn documents_reach_only_their_parties_and_the_relay_refuses_the_rest() {
     let entries = vec![(hash, samverkan::shared::authorship::sign(&trosa_key, &hash))];
     send.send(&Frame::Authors { doc: planted.clone(), entries }).await.unwrap();
     send.send(&Frame::Sync { doc: planted.clone(), message: sync_message_for(&mut doc) }).await.unwrap();
-    let (code, message) = next_error(&mut recv).await.expect("an error frame");
-    assert_eq!(code, ErrorCode::Forbidden, "{message}");
-    assert!(message.contains("does not name your organisation"), "{message}");
+    let (doc, kind, reason) = next_refusal(&mut recv).await;
+    assert_eq!((doc, kind), (planted.clone(), RefusalKind::NotShared), "{reason}");
+    assert!(reason.contains("does not name your organisation"), "{reason}");
     try_sync(&mut flen, &relay).await.unwrap();
     assert!(flen.document(&planted).is_err(), "the planted document was not stored or forwarded");
     relay.shutdown().await;
@@ -287,12 +302,12 @@ async fn hostile_input_closes_only_its_own_connection_while_honest_nodes_keep_sy
         .unwrap();
     let (code, message) = next_error(&mut recv).await.expect("refused");
     assert_eq!(code, ErrorCode::Unauthenticated, "{message}");
-    // 4. A garbage Automerge sync message for a document it is party to.
+    // 4. A garbage Automerge sync message for a document it is party to: that document is refused.
     let (_c, mut send, mut recv) = raw_client(&relay, &hostile).await;
     send.send(&hello()).await.unwrap();
     send.send(&Frame::Sync { doc: id.clone(), message: vec![0x42, 0xff, 0x00, 0x13, 0x37] }).await.unwrap();
-    let (code, message) = next_error(&mut recv).await.expect("refused");
-    assert_eq!(code, ErrorCode::Malformed, "{message}");
+    let (doc, kind, reason) = next_refusal(&mut recv).await;
+    assert_eq!((doc, kind), (id.clone(), RefusalKind::Malformed), "{reason}");
     // 5. A frame out of order.
     let (_c, mut send, mut recv) = raw_client(&relay, &hostile).await;
     send.send(&Frame::InSync).await.unwrap();
@@ -346,18 +361,19 @@ async fn a_change_in_another_nodes_name_is_refused_by_the_relay() {
     let hash = doc.get_heads()[0];
     let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "f".into(), node: forger.node_id().to_string() };
 
-    // Without a signature, and with the forger's own signature over the change.
+    // Without a signature, and with the forger's own signature over the change,
+    // on one connection: each message is refused, the connection goes on.
     let signed_by_forger = samverkan::shared::authorship::sign(&forger, &hash);
+    let (_conn, mut send, mut recv) = raw_client(&relay, &forger).await;
+    send.send(&hello).await.unwrap();
     for authors in [None, Some(signed_by_forger)] {
-        let (_conn, mut send, mut recv) = raw_client(&relay, &forger).await;
-        send.send(&hello).await.unwrap();
         if let Some(signature) = authors {
             send.send(&Frame::Authors { doc: planted.clone(), entries: vec![(hash, signature)] }).await.unwrap();
         }
         send.send(&Frame::Sync { doc: planted.clone(), message: sync_message_for(&mut doc) }).await.unwrap();
-        let (code, message) = next_error(&mut recv).await.expect("refused");
-        assert_eq!(code, ErrorCode::Forbidden, "{message}");
-        assert!(message.contains("signature"), "{message}");
+        let (doc, kind, reason) = next_refusal(&mut recv).await;
+        assert_eq!((doc, kind), (planted.clone(), RefusalKind::ChangesRefused), "{reason}");
+        assert!(reason.contains("signature"), "{reason}");
     }
     try_sync(&mut honest, &relay).await.unwrap();
     assert!(honest.document(&planted).is_err(), "the forged document was neither stored nor forwarded");

@@ -22,8 +22,6 @@ use samverkan::shared::model::{DocKind, DocumentContent, Signatory};
 use samverkan::shared::org::OrgId;
 use samverkan::shared::receipt::ApprovalReceipt;
 use samverkan::shared::signed_bundle::{self, BundleFiles};
-use samverkan::shared::sync::ConnectionError;
-use samverkan::shared::wire::ErrorCode;
 
 const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
 const LIMIT: Duration = Duration::from_secs(60);
@@ -231,10 +229,10 @@ fn current_heads(node: &Node, id: &DocId) -> Vec<samverkan::shared::automerge::C
 async fn refused(node: &mut Node, relay: &RelayHandle, id: &DocId) -> (String, String) {
     let flagged = node.approval_status(id).unwrap().flagged;
     assert_eq!(flagged.len(), 1, "the node flags the record itself: {flagged:?}");
-    match try_sync(node, relay).await {
-        Err(SyncFailure::Protocol(ConnectionError::Peer { code, message })) => {
-            assert_eq!(code, ErrorCode::Forbidden, "{message}");
-            (flagged[0].problem.clone(), message)
+    let report = try_sync(node, relay).await.expect("the sync goes on; the relay refuses that document only");
+    match report.refused.as_slice() {
+        [refused] if refused.doc == *id && refused.kind == "changes_refused" => {
+            (flagged[0].problem.clone(), refused.reason.clone())
         }
         other => panic!("expected the relay to refuse the approval, got {other:?}"),
     }
@@ -386,10 +384,10 @@ async fn a_backdated_approval_by_a_revoked_signer_is_not_counted() {
 
     // The relay refuses it when synced, from either node: the key is revoked now.
     for node in [&mut lst, &mut polis] {
-        match try_sync(node, &relay).await {
-            Err(SyncFailure::Protocol(ConnectionError::Peer { code, message })) => {
-                assert_eq!(code, ErrorCode::Forbidden, "{message}");
-                assert!(message.contains("Beatrice Ask is revoked now"), "{message}");
+        let report = try_sync(node, &relay).await.expect("the sync goes on; the relay refuses that document only");
+        match report.refused.as_slice() {
+            [refused] if refused.doc == id && refused.kind == "changes_refused" => {
+                assert!(refused.reason.contains("Beatrice Ask is revoked now"), "{}", refused.reason);
             }
             other => panic!("expected the relay to refuse the backdated approval, got {other:?}"),
         }

@@ -7,7 +7,6 @@
 
 use std::future::Future;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use samverkan::net::endpoint::{self, Limits};
@@ -27,7 +26,7 @@ use samverkan::store::Store;
 const LIMIT: Duration = Duration::from_secs(30);
 
 /// One flood at a time: memory is read for the whole process.
-static TURN: Mutex<()> = Mutex::new(());
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
@@ -168,7 +167,7 @@ async fn write_doc_heads(send: &mut quinn::SendStream, entries: usize) -> Result
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_doc_heads_flood_is_refused_after_the_first_frame_and_relay_memory_stays_bounded() {
-    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = TURN.lock().await;
     let root = tempfile::tempdir().unwrap();
     let relay = start_relay(&root.path().join("relay")).await;
     let (mut honest, doc) = honest_node_with_a_document(root.path(), &relay).await;
@@ -238,7 +237,7 @@ fn stored_states(relay_dir: &Path, peer: &NodeKey) -> Vec<DocId> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_frames_for_unknown_documents_leave_no_sync_state_and_the_next_connection_is_cheap() {
-    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = TURN.lock().await;
     let root = tempfile::tempdir().unwrap();
     let relay_dir = root.path().join("relay");
     let relay = start_relay(&relay_dir).await;

@@ -24,8 +24,8 @@ use samverkan::shared::identity::NodeKey;
 use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::model::{Activity, ActivityStatus, DocKind, Document, DocumentContent, EditContext};
 use samverkan::shared::org::{Directory, OrgId};
-use samverkan::shared::sync::{ConnectionError, SignedChange};
-use samverkan::shared::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
+use samverkan::shared::sync::SignedChange;
+use samverkan::shared::wire::{Frame, RefusalKind, PROTOCOL_VERSION};
 use samverkan::store::StoreError;
 
 #[path = "support/paper_relay.rs"]
@@ -87,10 +87,11 @@ fn bundle_for(from: &Node, to: &Node, file: &Path) -> Bundle {
     Bundle::decode(&std::fs::read(file).unwrap()).unwrap()
 }
 
-fn refusal(result: Result<sync::SyncReport, SyncFailure>) -> (ErrorCode, String) {
+/// The relay's refusal of the one document a sync offered (the sync itself goes on).
+fn refusal(result: Result<sync::SyncReport, SyncFailure>) -> (&'static str, String) {
     match result {
-        Err(SyncFailure::Protocol(ConnectionError::Peer { code, message })) => (code, message),
-        other => panic!("expected a refusal from the relay, got {other:?}"),
+        Ok(report) if report.refused.len() == 1 => (report.refused[0].kind, report.refused[0].reason.clone()),
+        other => panic!("expected the relay to refuse one document, got {other:?}"),
     }
 }
 
@@ -138,8 +139,8 @@ async fn a_change_by_an_unenrolled_author_is_refused_on_every_path() {
     // key (as a node without these checks would) is refused, nothing is stored.
     let stranger = NodeKey::generate();
     let (doc_id, message, authors) = document_by(&stranger, &org("Katrineholm"), "x");
-    let (code, message) = push_raw(&relay, &enroll_raw(&relay, "Katrineholm"), doc_id.clone(), authors, message).await;
-    assert_eq!(code, ErrorCode::Forbidden, "{message}");
+    let (kind, message) = push_raw(&relay, &enroll_raw(&relay, "Katrineholm"), doc_id.clone(), authors, message).await;
+    assert_eq!(kind, RefusalKind::ChangesRefused, "{message}");
     assert!(message.contains("not enrolled"), "{message}");
     assert!(!relay_holds(&relay, &doc_id, &mut katrineholm).await);
 
@@ -183,8 +184,8 @@ async fn an_oversized_change_is_refused_before_it_is_stored_on_every_path() {
     hostile.store_mut().set_content_limits(ContentLimits::default());
     sync(&mut hostile, &relay).await.unwrap();
     hostile.edit(&id, "paste", |e| e.set_body(&huge)).unwrap();
-    let (code, message) = refusal(sync(&mut hostile, &relay).await);
-    assert_eq!(code, ErrorCode::TooLarge, "{message}");
+    let (kind, message) = refusal(sync(&mut hostile, &relay).await);
+    assert_eq!(kind, "too_large", "{message}");
     let mut grown = hostile_copy(root.path(), &relay, "Katrineholm 3").await;
     // Appended, not replaced, so each change stays under the change limit and the diff stays cheap.
     let mut text = body(&grown, &id);
@@ -192,8 +193,8 @@ async fn an_oversized_change_is_refused_before_it_is_stored_on_every_path() {
         text.push_str(&noise(40 * 1024));
         grown.edit(&id, "grow", |e| e.set_body(&text)).unwrap();
     }
-    let (code, message) = refusal(sync(&mut grown, &relay).await);
-    assert_eq!(code, ErrorCode::TooLarge, "{message}");
+    let (kind, message) = refusal(sync(&mut grown, &relay).await);
+    assert_eq!(kind, "too_large", "{message}");
     assert!(message.contains("per document"), "{message}");
 
     // Nothing of it was stored: honest nodes keep syncing the document as it was.
@@ -346,7 +347,7 @@ async fn push_raw(
     doc: DocId,
     entries: Vec<SignedChange>,
     message: Vec<u8>,
-) -> (ErrorCode, String) {
+) -> (RefusalKind, String) {
     let identity = TlsIdentity::new(key.signing_key(), "test-client").unwrap();
     let client = endpoint::client_endpoint(relay.local_addr()).unwrap();
     let limits = Limits::default();
@@ -357,12 +358,12 @@ async fn push_raw(
     send.send(&hello).await.unwrap();
     send.send(&Frame::Authors { doc: doc.clone(), entries }).await.unwrap();
     send.send(&Frame::Sync { doc, message }).await.unwrap();
-    bounded("an error frame", async {
+    bounded("a document refusal", async {
         loop {
             match recv.recv().await {
-                Ok(Some(Frame::Error { code, message })) => return (code, message),
+                Ok(Some(Frame::DocRefused { kind, reason, .. })) => return (kind, reason),
                 Ok(Some(_)) => continue,
-                other => panic!("the relay closed without an error frame: {other:?}"),
+                other => panic!("the relay closed without refusing the document: {other:?}"),
             }
         }
     })

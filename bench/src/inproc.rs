@@ -137,7 +137,12 @@ impl Network {
                                 link.relay.begin(&mut self.relay_docs).map_err(err)?
                             }
                             ConnectionEvent::DocChanged { doc, .. } => changed.push((i, doc)),
-                            ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
+                            ConnectionEvent::Refused { doc, reason, .. } => {
+                                return Err(anyhow!("in-process sync: the relay refused {doc}: {reason}"))
+                            }
+                            ConnectionEvent::Directory(_)
+                            | ConnectionEvent::Receipts { .. }
+                            | ConnectionEvent::RefusedByPeer { .. } => {}
                         }
                     }
                 }
@@ -153,7 +158,12 @@ impl Network {
                                     seen = Some(Instant::now());
                                 }
                             }
-                            ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
+                            ConnectionEvent::Refused { doc, reason, .. } => {
+                                return Err(anyhow!("in-process sync: a node refused {doc}: {reason}"))
+                            }
+                            ConnectionEvent::Directory(_)
+                            | ConnectionEvent::Receipts { .. }
+                            | ConnectionEvent::RefusedByPeer { .. } => {}
                         }
                     }
                 }

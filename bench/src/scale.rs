@@ -121,7 +121,10 @@ impl Sim {
             match event {
                 ConnectionEvent::Established { .. } => self.sync.begin(&mut self.docs).map_err(proto)?,
                 ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),
-                ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
+                ConnectionEvent::RefusedByPeer { doc, reason, .. } => {
+                    anyhow::bail!("the relay refused document {doc}: {reason}")
+                }
+                ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } | ConnectionEvent::Refused { .. } => {}
             }
         }
         Ok(changed)

@@ -201,6 +201,17 @@ pub enum Command {
         #[arg(long)]
         peek: bool,
     },
+    /// A document the relay refused: list the local changes it does not hold and what
+    /// recovery does with each; with `--apply`, save the whole document under
+    /// `recovered/` in the data directory, then rebuild it on what the relay holds
+    /// (this node's edits made again, approvals not) so it syncs again.
+    Recover {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Do it (without: only show what would be done; nothing changes).
+        #[arg(long)]
+        apply: bool,
+    },
 }
 
 /// Which relay to use; remembered after the first use.
@@ -216,6 +227,11 @@ pub struct RelayArgs {
     /// Give up a one-shot sync after this many seconds.
     #[arg(long, default_value_t = 120)]
     pub timeout: u64,
+    /// Offer again the documents whose changes the relay refused earlier (e.g.
+    /// after the operator raised a limit or enrolled a key); by default they
+    /// are held back until recovered (`samverkan-node recover`).
+    #[arg(long)]
+    pub retry_refused: bool,
 }
 
 /// Arguments of `new`.
@@ -494,6 +510,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Import { file, kind } => {
             let text = read_input(&file)?;
             let (id, recognised) = node.import_markdown(&text, kind)?;
+            note_sync_problem(&node, &id);
             print(json, json!({"id": id, "recognised": recognised}), || {
                 let mut out = format!("Imported {id}");
                 for r in &recognised {
@@ -518,19 +535,37 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::List => {
             let docs = node.list()?;
-            print(json, json!(docs), || {
+            let problems = docs
+                .iter()
+                .map(|d| node.sync_problem(&d.id).map(|p| p.map(|p| p.short())))
+                .collect::<Result<Vec<_>, _>>()?;
+            let listed: Vec<_> = docs
+                .iter()
+                .zip(&problems)
+                .map(|(d, problem)| {
+                    let mut entry = json!(d);
+                    entry["not_synced"] = json!(problem);
+                    entry
+                })
+                .collect();
+            print(json, json!(listed), || {
                 if docs.is_empty() {
                     return "No documents yet: `samverkan-node new` or `samverkan-node import`.".to_string();
                 }
                 docs.iter()
-                    .map(|d| {
-                        format!(
+                    .zip(&problems)
+                    .map(|(d, problem)| {
+                        let line = format!(
                             "{}  {:<26} {}  {}",
                             d.id.short(),
                             d.kind.label(),
                             d.updated_at.format("%Y-%m-%d %H:%M"),
                             d.title
-                        )
+                        );
+                        match problem {
+                            Some(problem) => format!("{line}  [{problem}]"),
+                            None => line,
+                        }
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
@@ -559,7 +594,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let id = node.resolve(&doc)?;
             let value = if value == "-" { read_input(Path::new("-"))? } else { value };
             let (_, hash) = node.edit(&id, &format!("set {field}"), |e| e.set_field(&field, &value))?;
-            report_edit(json, &id, hash, &format!("set {field}"))
+            report_edit(&node, json, &id, hash, &format!("set {field}"))
         }
         Command::Edit { doc } => cmd_edit(&mut node, &doc, json),
         Command::Activity(cmd) => cmd_activity(&mut node, cmd, json),
@@ -573,7 +608,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Goal(GoalCommand::Remove { doc, goal }) => {
             let id = node.resolve(&doc)?;
             let (_, hash) = node.edit(&id, "remove goal", |e| e.remove_item("goals", &goal))?;
-            report_edit(json, &id, hash, "removed goal")
+            report_edit(&node, json, &id, hash, "removed goal")
         }
         Command::Followup(FollowupCommand::Add { doc, text, date, author, activity }) => {
             let id = node.resolve(&doc)?;
@@ -604,12 +639,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 let org = e.resolve_org(&org)?;
                 e.add_signatory(&Signatory { org, role, name })
             })?;
-            report_edit(json, &id, hash, "added signatory")
+            report_edit(&node, json, &id, hash, "added signatory")
         }
         Command::Signatory(SignatoryCommand::Remove { doc, n }) => {
             let id = node.resolve(&doc)?;
             let (_, hash) = node.edit(&id, "remove signatory", |e| e.remove_signatory(n))?;
-            report_edit(json, &id, hash, "removed signatory")
+            report_edit(&node, json, &id, hash, "removed signatory")
         }
         Command::History { doc } => {
             let id = node.resolve(&doc)?;
@@ -645,7 +680,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if let (Some(path), Some(value)) = (resolve, value) {
                 let (_, hash) =
                     node.edit(&id, &format!("resolve conflict on {path}"), |e| e.set_field(&path, &value))?;
-                return report_edit(json, &id, hash, &format!("resolved {path}"));
+                return report_edit(&node, json, &id, hash, &format!("resolved {path}"));
             }
             let document = node.document(&id)?;
             let conflicts = document.conflicts()?;
@@ -696,6 +731,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sync(args) => {
             let target = relay_target(&mut node, &args)?;
+            if args.retry_refused {
+                let retried = node.retry_refused()?;
+                eprintln!("offering {retried} refused document(s) again");
+            }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let mut display = crate::progress::ProgressDisplay::stderr();
             let result = runtime.block_on(crate::sync::sync_once_with_progress(
@@ -706,8 +745,19 @@ pub fn run(cli: Cli) -> Result<()> {
             ));
             display.finish();
             let report = result.with_context(|| format!("sync with {} failed", target.addr))?;
-            print(json, json!(report), || {
-                format!(
+            // Documents left out of the sync, and why (not a party; refused now or earlier).
+            let mut left_out = Vec::new();
+            for summary in node.list()? {
+                if let Some(note) = node.sharing_note(&summary.id)? {
+                    left_out.push((summary.id, summary.title, note));
+                }
+            }
+            let listed: Vec<_> =
+                left_out.iter().map(|(id, title, note)| json!({"id": id, "title": title, "why": note})).collect();
+            let mut value = json!(report);
+            value["not_synced"] = json!(listed);
+            print(json, value, || {
+                let mut out = format!(
                     "Synced with {} in {} ms: sent changes of {} document(s), received changes of {} document(s); {} sync messages out, {} in; {} bytes out, {} bytes in.",
                     target.addr,
                     report.millis,
@@ -717,11 +767,35 @@ pub fn run(cli: Cli) -> Result<()> {
                     report.messages_received,
                     report.bytes_sent,
                     report.bytes_received
-                )
-            })
+                );
+                if !left_out.is_empty() {
+                    out.push_str(&format!("\n{} document(s) not synced:", left_out.len()));
+                    for (id, title, note) in &left_out {
+                        out.push_str(&format!("\n  {}  {title}: {note}", id.short()));
+                    }
+                }
+                out
+            })?;
+            if !report.refused.is_empty() {
+                bail!(
+                    "the relay refused {} document(s) during this sync (the others synced): {}",
+                    report.refused.len(),
+                    report
+                        .refused
+                        .iter()
+                        .map(|r| format!("{} ({})", r.doc.short(), r.reason))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+            }
+            Ok(())
         }
         Command::Daemon(args) => {
             let target = relay_target(&mut node, &args)?;
+            if args.retry_refused {
+                let retried = node.retry_refused()?;
+                eprintln!("offering {retried} refused document(s) again");
+            }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             eprintln!("syncing with {} until interrupted (Ctrl-C)", target.addr);
             runtime.block_on(crate::sync::daemon(
@@ -759,6 +833,16 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let status = crate::status::node_status(&mut node, relay, !peek)?;
             print(json, json!(status), || crate::status::format_status(&status).trim_end().to_string())
+        }
+        Command::Recover { doc, apply } => {
+            let id = node.resolve(&doc)?;
+            if apply {
+                let report = crate::recover::recover(&mut node, &id)?;
+                print(json, json!(report), || crate::recover::format_report(&report))
+            } else {
+                let plan = crate::recover::plan(&node, &id)?;
+                print(json, json!(plan), || crate::recover::format_plan(&plan))
+            }
         }
         Command::Check => {
             let problems = node.check()?;
@@ -822,6 +906,7 @@ fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {
     content.period = Period { start: args.start, end: args.end };
     content.body = template(args.kind).to_string();
     let id = node.create(content)?;
+    note_sync_problem(node, &id);
     print(json, json!({"id": id}), || format!("Created {id}"))
 }
 
@@ -873,12 +958,12 @@ fn cmd_activity(node: &mut Node, cmd: ActivityCommand, json: bool) -> Result<()>
                 }
                 Ok(())
             })?;
-            report_edit(json, &id, hash, &format!("changed activity {item}"))
+            report_edit(node, json, &id, hash, &format!("changed activity {item}"))
         }
         ActivityCommand::Remove { doc, activity } => {
             let id = node.resolve(&doc)?;
             let (_, hash) = node.edit(&id, "remove activity", |e| e.remove_item("activities", &activity))?;
-            report_edit(json, &id, hash, "removed activity")
+            report_edit(node, json, &id, hash, "removed activity")
         }
     }
 }
@@ -924,7 +1009,7 @@ fn cmd_edit(node: &mut Node, doc: &str, json: bool) -> Result<()> {
     match node.apply_edited_markdown(&id, &base, &edited, &path) {
         Ok(hash) => {
             let _ = std::fs::remove_file(&path);
-            report_edit(json, &id, hash, "edited")
+            report_edit(node, json, &id, hash, "edited")
         }
         Err(e) => Err(anyhow::Error::new(e)
             .context(format!("your edit was not applied; your text is kept in {}", path.display()))),
@@ -997,11 +1082,22 @@ fn cmd_bundle(node: &mut Node, cmd: BundleCommand, json: bool) -> Result<()> {
     }
 }
 
-fn report_edit(json: bool, id: &DocId, hash: Option<automerge::ChangeHash>, what: &str) -> Result<()> {
+fn report_edit(node: &Node, json: bool, id: &DocId, hash: Option<automerge::ChangeHash>, what: &str) -> Result<()> {
+    note_sync_problem(node, id);
     print(json, json!({"id": id, "changed": hash.is_some(), "change": hash.map(|h| h.to_string())}), || match hash {
         Some(h) => format!("Saved: {what} ({})", &h.to_string()[..8]),
         None => "No change: the document already says that.".to_string(),
     })
+}
+
+/// Says at once, on stderr, when a document just created or edited will not
+/// sync through the relay from this node (and why).
+fn note_sync_problem(node: &Node, id: &DocId) {
+    match node.sharing_note(id) {
+        Ok(Some(note)) => eprintln!("note: {note}"),
+        Ok(None) => {}
+        Err(e) => eprintln!("note: could not check whether document {} syncs: {e}", id.short()),
+    }
 }
 
 pub(crate) fn print(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {

@@ -7,6 +7,7 @@
 //! - [`status`]: what `samverkan-node status` reports (relay reachable, last sync,
 //!   local changes waiting, remote changes since the last look).
 //! - [`progress`]: the progress display of long syncs (a bar on a terminal, lines otherwise).
+//! - [`recover`]: `samverkan-node recover`: a document the relay refused, rebuilt on what the relay holds (backup first).
 //! - [`approvals`]: the approval commands (signer keys, approve, withdraw, verify, signed bundles).
 //! - [`cli`]: the `samverkan-node` command line.
 //!
@@ -19,6 +20,7 @@ pub mod approvals;
 pub mod cli;
 pub mod node;
 pub mod progress;
+pub mod recover;
 pub mod status;
 pub mod sync;
 

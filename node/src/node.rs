@@ -27,10 +27,11 @@ use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, E
 use samverkan_shared::org::{Directory, OrgId};
 use samverkan_shared::receipt::{ApprovalReceipt, ReceiptProblem, Receipts};
 use samverkan_shared::sync::{SignedChange, SyncLimits};
+use samverkan_shared::wire::RefusalKind;
 use serde::Serialize;
 
 use crate::store::keyfile::{self, KeyFileError};
-use crate::store::{DocSummary, Store, StoreError, UpdateOutcome};
+use crate::store::{DocRefusal, DocSummary, Store, StoreError, UpdateOutcome};
 
 /// File name of the store inside the data directory.
 pub const DB_FILE: &str = "node.db";
@@ -63,6 +64,15 @@ pub enum NodeError {
     /// The document changed on this node while it was being edited in an editor.
     #[error("document {0} was changed on this node while you edited it; your version is kept in {1}: run `samverkan-node edit` again and copy your changes over")]
     ChangedDuringEdit(DocId, PathBuf),
+    /// The document is no longer shared with this node's organisation: the
+    /// relay refused it, and the local copy is kept read-only.
+    #[error("document {doc} is no longer shared with your organisation ({reason}); this node keeps its copy read-only: read or export it, ask a party to add your organisation again to resume")]
+    NoLongerShared {
+        /// The document.
+        doc: DocId,
+        /// The relay's words.
+        reason: String,
+    },
     /// A store error.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -396,12 +406,66 @@ impl Node {
         message: &str,
         f: impl FnOnce(&mut Editor<'_>) -> Result<T, ModelError>,
     ) -> Result<(T, Option<ChangeHash>), NodeError> {
+        self.writable(id)?;
         let ctx = self.edit_context();
         let directory = &self.directory;
         let (result, _) = self
             .store
             .update(id, false, |doc| -> Result<_, NodeError> { Ok(doc.edit(&ctx, directory, message, f)?) })?;
         Ok(result)
+    }
+
+    /// Refuses edits of a document the relay no longer shares with this node
+    /// ([`NodeError::NoLongerShared`]): its copy stays as it was.
+    pub fn writable(&self, id: &DocId) -> Result<(), NodeError> {
+        match self.store.refusal(id)? {
+            Some(refusal) if refusal.kind == RefusalKind::NotShared => {
+                Err(NodeError::NoLongerShared { doc: id.clone(), reason: refusal.reason })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Why a document does not sync through the relay from this node, if it
+    /// does not: this node's organisation is not among its parties (the relay
+    /// shares a document with its parties only), or the relay refused it.
+    pub fn sync_problem(&self, id: &DocId) -> Result<Option<SyncProblem>, NodeError> {
+        let Some(summary) = self.store.summary(id)? else { return Ok(None) };
+        if !summary.parties.contains(&self.org) {
+            return Ok(Some(SyncProblem::NotAParty));
+        }
+        Ok(self.store.refusal(id)?.map(SyncProblem::Refused))
+    }
+
+    /// Forgets the refusals of documents whose changes the relay refused, so
+    /// that the next sync offers them again; documents no longer shared stay
+    /// as they are (the relay offers them again itself when they are shared
+    /// again). Returns how many will be offered again.
+    pub fn retry_refused(&mut self) -> Result<usize, NodeError> {
+        let mut retried = 0;
+        for refusal in self.store.refusals()? {
+            if refusal.kind != RefusalKind::NotShared && self.store.clear_refusal(&refusal.doc)? {
+                retried += 1;
+            }
+        }
+        Ok(retried)
+    }
+
+    /// [`Self::sync_problem`] as a sentence for people, said when a document
+    /// is created or edited and shown by `status`.
+    pub fn sharing_note(&self, id: &DocId) -> Result<Option<String>, NodeError> {
+        Ok(self.sync_problem(id)?.map(|problem| match problem {
+            SyncProblem::NotAParty => {
+                let name = self.directory.name_of(&self.org);
+                format!(
+                    "{name} is not a party to document {}, so it stays on this node and is not synced through the relay \
+                     (the relay shares a document with its parties only). Add {name} as a party to sync it, or give it \
+                     to a party with `samverkan-node bundle export --for <organisation>`.",
+                    id.short()
+                )
+            }
+            SyncProblem::Refused(refusal) => refusal_note(&refusal),
+        }))
     }
 
     /// Applies the Markdown a user edited, starting from the version at `base`:
@@ -414,6 +478,7 @@ impl Node {
         edited: &str,
         keep_file: &Path,
     ) -> Result<Option<ChangeHash>, NodeError> {
+        self.writable(id)?;
         let imported = markdown::import(edited, &self.directory, None)?;
         let view = imported.content.into_view(id.clone());
         let ctx = self.edit_context();
@@ -808,6 +873,7 @@ impl Node {
         id: &DocId,
         make: impl FnOnce(&mut Document) -> Result<ApprovalRecord, NodeError>,
     ) -> Result<ApprovalRecord, NodeError> {
+        self.writable(id)?;
         // A record the relay would refuse would block this document's sync: check first.
         let enrolled = self.enrollment()?.ok_or(NodeError::NoDirectory)?;
         let ctx = self.edit_context();
@@ -919,4 +985,39 @@ fn read_profile(path: &Path) -> Result<SignerProfile, NodeError> {
     let bad = |reason: String| NodeError::File { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| bad(format!("not a signer profile: {e}")))
+}
+
+/// Why a document does not sync through the relay from this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncProblem {
+    /// This node's organisation is not among the document's parties.
+    NotAParty,
+    /// The relay refused the document (no longer shared, or its changes).
+    Refused(DocRefusal),
+}
+
+impl SyncProblem {
+    /// A few words for lists (`samverkan-node list`).
+    pub fn short(&self) -> &'static str {
+        match self {
+            SyncProblem::NotAParty => "not synced: your organisation is not a party",
+            SyncProblem::Refused(r) if r.kind == RefusalKind::NotShared => "no longer shared with you (read-only)",
+            SyncProblem::Refused(_) => "refused by the relay: see `samverkan-node recover`",
+        }
+    }
+}
+
+/// One line saying what a recorded refusal means for the user and what to do.
+pub fn refusal_note(refusal: &DocRefusal) -> String {
+    let doc = refusal.doc.short();
+    match refusal.kind {
+        RefusalKind::NotShared => format!(
+            "no longer shared with your organisation: the relay refused document {doc} ({}); this node keeps its copy read-only",
+            refusal.reason
+        ),
+        _ => format!(
+            "the relay refused this node's changes to document {doc} ({}); it is not synced until they are recovered: run `samverkan-node recover {doc}`",
+            refusal.reason
+        ),
+    }
 }

@@ -65,6 +65,11 @@ pub struct DocSyncStatus {
     pub local_changes_waiting: u64,
     /// Changes by other nodes since the last look.
     pub remote_changes_since_last_look: u64,
+    /// Why the document does not sync through the relay, if it does not: this
+    /// node's organisation is not a party, or the relay refused it (see
+    /// [`crate::node::Node::sharing_note`]). Its own changes are then not
+    /// counted as waiting: they would never be sent.
+    pub not_synced: Option<String>,
 }
 
 /// The node's sync status.
@@ -154,8 +159,12 @@ pub fn node_status(node: &mut Node, relay: Option<Reachability>, mark_seen: bool
         let mut document = node.document(&summary.id)?;
         let seen_key = format!("{META_SEEN_PREFIX}{}", summary.id);
         let seen = node.store().meta(&seen_key)?.map(|v| parse_heads(&v)).unwrap_or_default();
+        let not_synced = node.sharing_note(&summary.id)?;
         let doc = document.automerge_mut();
-        let waiting = count_changes(doc, shared.get(&summary.id).map(Vec::as_slice).unwrap_or(&[]), &actor, true);
+        let waiting = match not_synced {
+            Some(_) => 0,
+            None => count_changes(doc, shared.get(&summary.id).map(Vec::as_slice).unwrap_or(&[]), &actor, true),
+        };
         let received = count_changes(doc, &seen, &actor, false);
         let heads: Vec<String> = doc.get_heads().iter().map(ToString::to_string).collect();
         seen_now.push((seen_key, heads.join(",")));
@@ -164,6 +173,7 @@ pub fn node_status(node: &mut Node, relay: Option<Reachability>, mark_seen: bool
             title: summary.title,
             local_changes_waiting: waiting,
             remote_changes_since_last_look: received,
+            not_synced,
         });
     }
     if mark_seen {
@@ -200,11 +210,19 @@ pub fn format_status(status: &NodeSyncStatus) -> String {
     }
     let waiting: u64 = status.docs.iter().map(|d| d.local_changes_waiting).sum();
     let received: u64 = status.docs.iter().map(|d| d.remote_changes_since_last_look).sum();
+    let not_synced = status.docs.iter().filter(|d| d.not_synced.is_some()).count();
     out.push_str(&format!(
         "{} document(s); {waiting} local change(s) waiting to be sent; {received} remote change(s) received since last look\n",
         status.docs.len()
     ));
+    if not_synced > 0 {
+        out.push_str(&format!("{not_synced} document(s) not synced through the relay (see below)\n"));
+    }
     for d in &status.docs {
+        if let Some(why) = &d.not_synced {
+            out.push_str(&format!("  {}  {:<40}  NOT SYNCED: {why}\n", d.id.short(), d.title));
+            continue;
+        }
         let mut notes = Vec::new();
         if d.local_changes_waiting > 0 {
             notes.push(format!("{} local change(s) waiting", d.local_changes_waiting));

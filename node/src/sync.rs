@@ -35,8 +35,8 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
-use samverkan_shared::wire::{Frame, PROTOCOL_VERSION};
-use samverkan_store::{Store, StoreError};
+use samverkan_shared::wire::{Frame, RefusalKind, PROTOCOL_VERSION};
+use samverkan_store::{DocRefusal, Store, StoreError};
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
@@ -113,6 +113,20 @@ pub struct SyncReport {
     pub bytes_received: u64,
     /// Wall time in milliseconds.
     pub millis: u64,
+    /// Documents the relay refused during this sync (the others synced on);
+    /// each is recorded (see `samverkan-node status`) and held back.
+    pub refused: Vec<RefusedDocument>,
+}
+
+/// One document the relay refused during a sync.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct RefusedDocument {
+    /// The document.
+    pub doc: DocId,
+    /// Why, machine-readable (`not_shared`, `changes_refused`, `too_large`, …).
+    pub kind: &'static str,
+    /// Why, in the relay's words.
+    pub reason: String,
 }
 
 /// The node's documents as the sync protocol sees them.
@@ -121,17 +135,45 @@ struct NodeDocs<'a> {
     org: &'a OrgId,
     key: &'a NodeKey,
     authors: AuthorPolicy,
+    /// Documents the relay refused, as recorded (see [`held_back`]).
+    refusals: BTreeMap<DocId, DocRefusal>,
 }
 
 impl<'a> NodeDocs<'a> {
-    fn of(node: &'a mut Node) -> Self {
+    fn of(node: &'a mut Node) -> Result<Self, StoreError> {
         let authors = node.author_policy().unwrap_or_else(|e| {
             warn!(error = %e, "the stored enrollment directory does not verify; accepting no one's changes");
             AuthorPolicy::new(Default::default(), AuthorRule::EnrolledNode)
         });
         let (store, key, org) = node.parts();
-        Self { store, org, key, authors }
+        let refusals = store.refusals()?.into_iter().map(|r| (r.doc.clone(), r)).collect();
+        Ok(Self { store, org, key, authors, refusals })
     }
+
+    /// Whether the node holds `doc` back from the relay now (see [`held_back`]).
+    fn held(&self, doc: &DocId, heads: &[ChangeHash]) -> bool {
+        self.refusals.get(doc).is_some_and(|refusal| held_back(refusal, heads))
+    }
+}
+
+/// Whether a refused document stays out of sync at these heads: one no longer
+/// shared stays out until the relay offers it again; one whose changes were
+/// refused stays out until something changes here (its heads move, e.g. by a
+/// recovery), so the same refused changes are not offered again and again.
+pub fn held_back(refusal: &DocRefusal, heads: &[ChangeHash]) -> bool {
+    match refusal.kind {
+        RefusalKind::NotShared => true,
+        _ => same_heads(&refusal.local_heads, heads),
+    }
+}
+
+fn same_heads(a: &[ChangeHash], b: &[ChangeHash]) -> bool {
+    let sorted = |h: &[ChangeHash]| {
+        let mut h = h.to_vec();
+        h.sort_unstable();
+        h
+    };
+    sorted(a) == sorted(b)
 }
 
 /// Why the node refused to store what the relay sent.
@@ -154,17 +196,56 @@ impl DocAccess for NodeDocs<'_> {
     type Error = NodeDocsError;
 
     fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, NodeDocsError> {
-        // Only documents this node's organisation is a party to: the relay
-        // refuses the others, and offering them would only cost a refusal.
-        self.store
-            .list()?
-            .into_iter()
-            .filter(|summary| summary.parties.contains(self.org))
-            .map(|summary| {
-                let heads = summary.head_hashes()?;
-                Ok((summary.id, heads))
-            })
-            .collect()
+        // Only documents this node's organisation is a party to (the relay
+        // refuses the others) and that are not held back after a refusal.
+        let mut shared = Vec::new();
+        for summary in self.store.list()? {
+            if !summary.parties.contains(self.org) {
+                continue;
+            }
+            let heads = summary.head_hashes()?;
+            if !self.held(&summary.id, &heads) {
+                shared.push((summary.id, heads));
+            }
+        }
+        Ok(shared)
+    }
+
+    fn may_send(&mut self, doc: &DocId) -> bool {
+        match self.store.summary(doc) {
+            Ok(Some(summary)) if summary.parties.contains(self.org) => {
+                summary.head_hashes().is_ok_and(|heads| !self.held(doc, &heads))
+            }
+            _ => false,
+        }
+    }
+
+    fn hold_back(&mut self, doc: &DocId) -> Option<String> {
+        let refusal = self.refusals.get(doc)?;
+        if refusal.kind == RefusalKind::NotShared {
+            // The relay syncs it with us again: it is shared with us again.
+            info!(%doc, "the relay shares this document with this node again");
+            if let Err(e) = self.store.clear_refusal(doc) {
+                warn!(%doc, error = %e, "could not clear the document's refusal");
+            }
+            self.refusals.remove(doc);
+            return None;
+        }
+        let heads = self.store.doc_heads(doc).ok().flatten().unwrap_or_default();
+        held_back(refusal, &heads).then(|| {
+            format!(
+                "this node holds document {doc} back: the relay refused its changes ({}); they are to be recovered first",
+                refusal.reason
+            )
+        })
+    }
+
+    fn refusal(&self, error: &NodeDocsError) -> Option<(RefusalKind, String)> {
+        match error {
+            NodeDocsError::NotAParty { .. } => Some((RefusalKind::NotShared, error.to_string())),
+            NodeDocsError::Store(StoreError::TooLarge(limit)) => Some((RefusalKind::TooLarge, limit.to_string())),
+            NodeDocsError::Store(_) => None,
+        }
     }
 
     fn may_receive(&mut self, _doc: &DocId) -> bool {
@@ -251,6 +332,8 @@ struct Session {
     sync: SyncConnection,
     peer_key: String,
     relay_key: NodeId,
+    /// Documents the relay refused on this connection.
+    refused: Vec<RefusedDocument>,
 }
 
 fn software() -> String {
@@ -325,7 +408,7 @@ impl Session {
         let peer_key = crate::status::relay_peer_key(&target.relay_key);
         node.store_mut().set_cache_capacity(SYNC_CACHE_DOCUMENTS);
         sync.restore(node.store_mut().sync_states(&peer_key)?);
-        Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key })
+        Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key, refused: Vec::new() })
     }
 
     async fn flush(&mut self) -> Result<(), SyncFailure> {
@@ -338,14 +421,22 @@ impl Session {
     /// Handles one received frame; returns the documents that changed here, with their new heads.
     fn on_frame(&mut self, node: &mut Node, frame: Frame) -> Result<Vec<(DocId, Vec<ChangeHash>)>, SyncFailure> {
         let mut changed = Vec::new();
-        let events = self.sync.on_frame(frame, &mut NodeDocs::of(node))?;
+        let events = self.sync.on_frame(frame, &mut NodeDocs::of(node)?)?;
         for event in events {
             match event {
                 ConnectionEvent::Established { peer, .. } => {
                     debug!(relay = %peer, "connected");
-                    self.sync.begin(&mut NodeDocs::of(node))?;
+                    self.sync.begin(&mut NodeDocs::of(node)?)?;
                 }
                 ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),
+                ConnectionEvent::RefusedByPeer { doc, kind, reason, heads, your_seq } => {
+                    self.refused.push(RefusedDocument { doc: doc.clone(), kind: kind.label(), reason: reason.clone() });
+                    record_refusal(node, doc, kind, reason, heads, your_seq)?;
+                }
+                ConnectionEvent::Refused { doc, kind, reason } => match kind {
+                    RefusalKind::Paused => debug!(%doc, "held back a document whose changes the relay refused"),
+                    _ => warn!(%doc, kind = kind.label(), %reason, "refused a document the relay sent"),
+                },
                 ConnectionEvent::Directory(signed) => {
                     let directory = node.store_enrollment(&signed, &self.relay_key)?;
                     debug!(version = directory.version, "enrollment directory received");
@@ -383,6 +474,7 @@ impl Session {
             bytes_sent: self.send.bytes(),
             bytes_received: self.recv.bytes(),
             millis: started.elapsed().as_millis() as u64,
+            refused: self.refused.clone(),
         }
     }
 
@@ -390,12 +482,68 @@ impl Session {
     async fn close(mut self, node: &mut Node, code: u32) {
         let _ = self.flush().await;
         let states = self.sync.into_persisted();
+        if let Err(e) = clear_settled_refusals(node, &states) {
+            warn!(error = %e, "could not update the record of refused documents");
+        }
         if let Err(e) = node.store_mut().save_sync_states(&self.peer_key, states) {
             warn!(error = %e, "could not persist sync states");
         }
         let _ = self.send.finish().await;
         self.conn.close(code.into(), b"bye");
     }
+}
+
+/// Keeps the relay's refusal of one document, so that status and list show it,
+/// sync leaves the document alone and recovery knows what the relay holds. A
+/// transient refusal (the relay is busy) is only logged: the next sync offers
+/// the document again.
+fn record_refusal(
+    node: &mut Node,
+    doc: DocId,
+    kind: RefusalKind,
+    reason: String,
+    peer_heads: Vec<ChangeHash>,
+    your_seq: u64,
+) -> Result<(), SyncFailure> {
+    if matches!(kind, RefusalKind::Busy | RefusalKind::Paused) {
+        info!(%doc, kind = kind.label(), %reason, "the relay did not take a document now; it is offered again next time");
+        return Ok(());
+    }
+    let Some(local_heads) = node.store_mut().doc_heads(&doc)? else {
+        // Not a document of ours (a confused or hostile relay): nothing to record.
+        return Ok(());
+    };
+    warn!(%doc, kind = kind.label(), %reason, "the relay refused a document; its other documents sync on");
+    let refusal = DocRefusal { doc, kind, reason, local_heads, peer_heads, your_seq, refused_at: chrono::Utc::now() };
+    node.store_mut().set_refusal(&refusal)?;
+    Ok(())
+}
+
+/// Forgets refusals of documents that synced since (their heads moved and the
+/// relay is now known to hold them: the persisted sync state's shared heads
+/// equal ours). A document no longer shared stays recorded until the relay
+/// offers it again.
+fn clear_settled_refusals(node: &mut Node, states: &[(DocId, Vec<u8>)]) -> Result<(), StoreError> {
+    let store = node.store_mut();
+    for refusal in store.refusals()? {
+        if refusal.kind == RefusalKind::NotShared {
+            continue;
+        }
+        let Some(heads) = store.doc_heads(&refusal.doc)? else {
+            store.clear_refusal(&refusal.doc)?;
+            continue;
+        };
+        let relay_has_ours = states
+            .iter()
+            .find(|(doc, _)| *doc == refusal.doc)
+            .and_then(|(_, state)| automerge::sync::State::decode(state).ok())
+            .is_some_and(|state| same_heads(&state.shared_heads, &heads));
+        if relay_has_ours && !same_heads(&refusal.local_heads, &heads) {
+            info!(doc = %refusal.doc, "the relay accepted the document after an earlier refusal");
+            store.clear_refusal(&refusal.doc)?;
+        }
+    }
+    Ok(())
 }
 
 /// How far a one-shot sync is, for a progress display.
@@ -451,7 +599,7 @@ async fn sync_session(
         loop {
             session.flush().await?;
             {
-                let mut docs = NodeDocs::of(node);
+                let mut docs = NodeDocs::of(node)?;
                 let settled = session.sync.is_settled(&mut docs)?;
                 let (done, planned) = session.sync.progress();
                 progress(SyncProgress {
@@ -579,7 +727,7 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
                 _ = poll.tick() => {
                     let frames = session.sync.stats().frames_in + session.sync.stats().frames_out;
                     if frames != saved_at_frames && saved_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                        let mut docs = NodeDocs::of(node);
+                        let mut docs = NodeDocs::of(node)?;
                         if session.sync.is_settled(&mut docs)? {
                             let states = session.sync.persisted();
                             node.store_mut().save_sync_states(&session.peer_key, states)?;
@@ -621,7 +769,7 @@ fn push_local_changes(
     for (doc, heads) in node.store_mut().heads()? {
         if known.get(&doc) != Some(&heads) {
             debug!(%doc, "local change; pushing");
-            let mut docs = NodeDocs::of(node);
+            let mut docs = NodeDocs::of(node)?;
             session.sync.on_local_change(&doc, &mut docs)?;
             known.insert(doc, heads);
         }

@@ -274,6 +274,7 @@ fn every_command_has_help() {
         vec!["verify", "--help"],
         vec!["diff", "--help"],
         vec!["verify-bundle", "--help"],
+        vec!["recover", "--help"],
     ] {
         let out = node.ok(&cmd);
         assert!(out.contains("Usage:"), "{cmd:?}: {out}");
@@ -294,6 +295,58 @@ fn status_without_a_relay_shows_waiting_changes_and_counts_a_look() {
     assert_eq!(status["docs"][0]["local_changes_waiting"], 1);
     assert_eq!(status["docs"][0]["remote_changes_since_last_look"], 0);
     assert_eq!(status["last_success"], Value::Null);
+}
+
+#[test]
+fn recover_shows_the_plan_then_recovers_a_refused_document_with_a_backup() {
+    use samverkan_node::store::{DocRefusal, Store};
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    let id = flen.json(&["new", "operations_plan", "--title", "Verksamhetsplan Flen 2026"])["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let err = flen.fails(&["recover", &id]);
+    assert!(err.contains("nothing to recover: the relay has not refused"), "{err}");
+    flen.ok(&["set", &id, "place", "Flen"]);
+    let accepted: Vec<automerge::ChangeHash> = flen.json(&["show", &id])["heads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap().parse().unwrap())
+        .collect();
+    flen.ok(&["set", &id, "body", "## Lägesbild\n\nInbrotten ökar nattetid.\n"]);
+    // The sync client records the relay's refusal: Flen's changes up to number 2 are held.
+    let mut store = Store::open(&flen.data_dir.join("node.db")).unwrap();
+    let doc = id.parse().unwrap();
+    store
+        .set_refusal(&DocRefusal {
+            doc,
+            kind: samverkan_shared::wire::RefusalKind::TooLarge,
+            reason: "a change is larger than the relay allows".into(),
+            local_heads: Vec::new(),
+            peer_heads: accepted,
+            your_seq: 2,
+            refused_at: chrono::Utc::now(),
+        })
+        .unwrap();
+    drop(store);
+    let text = flen.ok(&["recover", &id[..8]]);
+    assert!(text.contains("a change is larger than the relay allows"), "{text}");
+    assert!(text.contains("set body") && text.contains("re-apply"), "{text}");
+    let plan = flen.json(&["recover", &id]);
+    assert_eq!(plan["changes"][0]["action"], "reapply");
+    let report = flen.json(&["recover", &id, "--apply"]);
+    assert_eq!(report["changes"][0]["outcome"], "reapplied");
+    assert_eq!(report["changes"][0]["new_seq"], 3);
+    let backup = PathBuf::from(report["backup"].as_str().unwrap());
+    assert!(backup.starts_with(flen.data_dir.join("recovered")) && backup.exists());
+    assert!(std::fs::read_to_string(report["backup_markdown"].as_str().unwrap()).unwrap().contains("nattetid"));
+    assert!(flen.ok(&["show", &id]).contains("Inbrotten ökar nattetid."));
+    assert!(flen.ok(&["history", &id]).contains("set body (återställd)"));
+    assert!(flen.fails(&["recover", &id, "--apply"]).contains("nothing to recover"));
+    flen.ok(&["check"]);
 }
 
 /// Gives the node in `data_dir` a relay-signed enrollment directory naming

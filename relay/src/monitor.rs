@@ -48,6 +48,7 @@ use samverkan_shared::identity::NodeId;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::sync::SyncConnection;
+use samverkan_shared::wire::RefusalKind;
 use samverkan_store::StoreError;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
@@ -322,6 +323,23 @@ pub struct DocStatus {
     pub changes_behind: Option<u64>,
     /// When the relay last saw the node in sync on this document (since the relay started).
     pub last_sync: Option<DateTime<Utc>>,
+    /// Set while the document is refused on this node's connection (by the
+    /// relay, or held back by the node), until it syncs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<DocRefusalStatus>,
+}
+
+/// A document refused between the relay and one node, as the operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DocRefusalStatus {
+    /// Who refused: `relay` (the node's changes or access) or `node` (the node holds it back).
+    pub by: String,
+    /// Why, machine-readable (`not_shared`, `changes_refused`, `too_large`, `malformed`, `paused`, …).
+    pub kind: String,
+    /// Why, in words (never document contents: reasons name ids, keys, sizes and rules).
+    pub reason: String,
+    /// When.
+    pub at: DateTime<Utc>,
 }
 
 /// One node, in a [`RelayStatus`].
@@ -373,6 +391,9 @@ pub struct NodeStatus {
     pub docs_behind: u64,
     /// Changes lacking, summed over documents.
     pub changes_behind: u64,
+    /// Documents refused on its connection (see [`DocStatus::refused`]).
+    #[serde(default)]
+    pub docs_refused: u64,
     /// Every document, in id order.
     pub docs: Vec<DocStatus>,
 }
@@ -416,6 +437,7 @@ struct NodeRecord {
 struct NodeDoc {
     shared_heads: Vec<ChangeHash>,
     last_sync: Option<DateTime<Utc>>,
+    refused: Option<DocRefusalStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -565,7 +587,10 @@ impl Monitor {
             let entry = nodes.entry(peer).or_default();
             for (doc, bytes) in states.into_iter().filter(|(doc, _)| docs.contains_key(doc)) {
                 if let Ok(state) = automerge::sync::State::decode(&bytes) {
-                    entry.docs.insert(doc, NodeDoc { shared_heads: sorted(&state.shared_heads), last_sync: None });
+                    entry.docs.insert(
+                        doc,
+                        NodeDoc { shared_heads: sorted(&state.shared_heads), last_sync: None, refused: None },
+                    );
                 }
             }
         }
@@ -695,7 +720,7 @@ impl Monitor {
         let mut nodes = Vec::new();
         for (node_id, entry) in &inner.nodes {
             let mut docs = Vec::new();
-            let (mut in_sync_count, mut behind_count, mut changes) = (0u64, 0u64, 0u64);
+            let (mut in_sync_count, mut behind_count, mut changes, mut refused_count) = (0u64, 0u64, 0u64, 0u64);
             let mut last_sync = None;
             let connected = entry.connections > 0;
             for (doc, relay_heads) in inner.docs.iter().filter(|(doc, _)| concerns(node_id, doc)) {
@@ -716,7 +741,9 @@ impl Monitor {
                     behind_count += 1;
                     changes += changes_behind.unwrap_or(0);
                 }
-                docs.push(DocStatus { doc: doc.clone(), in_sync, changes_behind, last_sync: doc_last_sync });
+                let refused = nd.and_then(|d| d.refused.clone());
+                refused_count += u64::from(refused.is_some());
+                docs.push(DocStatus { doc: doc.clone(), in_sync, changes_behind, last_sync: doc_last_sync, refused });
             }
             let stale = !connected
                 && match entry.last_seen {
@@ -755,6 +782,7 @@ impl Monitor {
                 docs_in_sync: in_sync_count,
                 docs_behind: behind_count,
                 changes_behind: changes,
+                docs_refused: refused_count,
                 docs,
             });
         }
@@ -924,6 +952,34 @@ impl ConnectionWatch {
         }
     }
 
+    /// A document was refused on this connection: `by_node` when the node
+    /// refused or held it back, else the relay refused it. Counted per kind
+    /// (Prometheus); shown per node and document while it lasts, for documents
+    /// the relay holds only (a refusal naming unknown documents is counted,
+    /// never stored). Returns when to log, as [`Monitor::document_refused`].
+    pub fn doc_refused(&mut self, doc: &DocId, kind: RefusalKind, reason: &str, by_node: bool) -> Option<u64> {
+        let due = self.monitor.document_refused(if by_node { "held_back_by_node" } else { kind.label() });
+        let Some(peer) = &self.peer else { return due };
+        let now = self.monitor.now();
+        let mut inner = self.monitor.lock();
+        let Inner { nodes, docs, .. } = &mut *inner;
+        if docs.contains_key(doc) {
+            let entry = nodes.entry(peer.clone()).or_default();
+            let node_doc = entry.docs.entry(doc.clone()).or_default();
+            // A node holding back what the relay refused: the relay's reason says more.
+            if by_node && node_doc.refused.as_ref().is_some_and(|r| r.by == "relay") {
+                return due;
+            }
+            node_doc.refused = Some(DocRefusalStatus {
+                by: if by_node { "node" } else { "relay" }.to_string(),
+                kind: kind.label().to_string(),
+                reason: reason.chars().take(300).collect(),
+                at: now,
+            });
+        }
+        due
+    }
+
     /// The connection ended; `error` says why if it failed. The node's record
     /// (last seen, address, software, last error) is kept in `storage`.
     pub fn closed<S: RelayStorage>(self, error: Option<String>, storage: &Mutex<S>) {
@@ -979,6 +1035,8 @@ fn record_shared(
     }
     if *relay_heads == node_doc.shared_heads {
         node_doc.last_sync = Some(now);
+        // In sync again: whatever was refused is settled.
+        node_doc.refused = None;
     }
 }
 
@@ -1034,10 +1092,12 @@ pub fn format_table(status: &RelayStatus) -> String {
             if n.connected { "yes".into() } else { "no".into() },
             if n.connected { "now".into() } else { ago(n.last_seen) },
             ago(n.last_sync),
-            if n.docs_behind == 0 {
-                "—".into()
-            } else {
-                format!("{} doc(s), {} change(s)", n.docs_behind, n.changes_behind)
+            match (n.docs_behind, n.docs_refused) {
+                (0, 0) => "—".into(),
+                (behind, 0) => format!("{behind} doc(s), {} change(s)", n.changes_behind),
+                (behind, refused) => {
+                    format!("{behind} doc(s), {} change(s), {refused} REFUSED", n.changes_behind)
+                }
             },
             format!("{}/{}", human_bytes(n.bytes_in), human_bytes(n.bytes_out)),
             n.last_error.clone().unwrap_or_default(),
@@ -1105,6 +1165,7 @@ mod tests {
             docs_in_sync: 0,
             docs_behind: u64::from(state == NodeState::Behind) * 2,
             changes_behind: u64::from(state == NodeState::Behind) * 7,
+            docs_refused: 0,
             docs: Vec::new(),
         }
     }

@@ -38,7 +38,7 @@ use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
     ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection, SyncLimits,
 };
-use samverkan_shared::wire::{ErrorCode, Frame, ReceiptEntry, WireError, PROTOCOL_VERSION};
+use samverkan_shared::wire::{ErrorCode, Frame, ReceiptEntry, RefusalKind, WireError, PROTOCOL_VERSION};
 use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -169,8 +169,12 @@ impl ConnectionEnd {
 enum DocAccessError {
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Changes (approval records) the relay does not accept: that document is refused.
     #[error("{0}")]
     Forbidden(String),
+    /// A new document that does not name the sender's organisation: refused.
+    #[error("{0}")]
+    NotAParty(String),
     /// Not an error: the sync core asked to discard what it did (returned
     /// inside the store transaction as an error so that it rolls back).
     #[error("discarded")]
@@ -609,7 +613,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
                         .collect::<Result<Vec<_>, _>>()
                         .map_err(|e| DocAccessError::Forbidden(format!("an approval in document {doc}: {e}")))?;
                     if is_new && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
-                        return Err(DocAccessError::Forbidden(format!(
+                        return Err(DocAccessError::NotAParty(format!(
                             "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
                         )));
                     }
@@ -643,6 +647,20 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
                 Ok(storage.receipts(doc)?.iter().filter_map(ApprovalReceipt::to_wire).collect())
             }
             _ => Ok(Vec::new()),
+        }
+    }
+
+    fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, DocAccessError> {
+        // From the index, without loading the document; only documents this node may see.
+        Ok(self.storage().entry(doc)?.filter(|entry| entry.parties.contains(self.org)).map(|entry| entry.heads))
+    }
+
+    fn refusal(&self, error: &DocAccessError) -> Option<(RefusalKind, String)> {
+        match error {
+            DocAccessError::Forbidden(reason) => Some((RefusalKind::ChangesRefused, reason.clone())),
+            DocAccessError::NotAParty(reason) => Some((RefusalKind::NotShared, reason.clone())),
+            DocAccessError::Store(StoreError::TooLarge(limit)) => Some((RefusalKind::TooLarge, limit.to_string())),
+            DocAccessError::Store(_) | DocAccessError::Discarded => None,
         }
     }
 }
@@ -992,7 +1010,7 @@ async fn run<S: RelayStorage>(
         };
         match frame {
             Some(frame) => {
-                let events = sync.on_frame(frame, &mut docs).map_err(|e| refuse_forbidden(sync, e))?;
+                let events = sync.on_frame(frame, &mut docs)?;
                 for event in events {
                     match event {
                         ConnectionEvent::Established { software, .. } => {
@@ -1018,13 +1036,24 @@ async fn run<S: RelayStorage>(
                             watch.established(&auth.key.to_string(), &software, sync);
                             *member = Some(shared.hub.join(&auth.key.to_string()));
                             sync.push_directory(shared.directory().signed.clone());
-                            sync.begin(&mut docs).map_err(|e| refuse_forbidden(sync, e))?;
+                            sync.begin(&mut docs)?;
                         }
                         ConnectionEvent::DocChanged { doc, heads } => {
                             debug!(%doc, "document changed; forwarding");
                             shared.monitor.doc_changed(&doc, &heads);
                             if let Some((id, _)) = member {
                                 shared.hub.changed(*id, &doc);
+                            }
+                        }
+                        ConnectionEvent::Refused { doc, kind, reason } => {
+                            // The node got a DocRefused frame; its other documents go on.
+                            if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, false) {
+                                info!(%doc, kind = kind.label(), %reason, suppressed, "refused a document");
+                            }
+                        }
+                        ConnectionEvent::RefusedByPeer { doc, kind, reason, .. } => {
+                            if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, true) {
+                                info!(%doc, kind = kind.label(), %reason, suppressed, "the node holds a document back");
                             }
                         }
                         ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
@@ -1042,7 +1071,7 @@ async fn run<S: RelayStorage>(
                     sync.push_directory(shared.directory().signed.clone());
                 }
                 for doc in mailbox.take() {
-                    sync.on_local_change(&doc, &mut docs).map_err(|e| refuse_forbidden(sync, e))?;
+                    sync.on_local_change(&doc, &mut docs)?;
                 }
             }
         }
@@ -1053,20 +1082,6 @@ async fn run<S: RelayStorage>(
 fn report_bad_frame(sync: &mut SyncConnection, error: NetError) -> ConnectionEnd {
     if let NetError::Wire(wire) = &error {
         sync.push_error(wire.error_code(), format!("bad frame: {wire}"));
-    }
-    error.into()
-}
-
-/// Turns a refusal inside the sync core (access, size) into a clear error frame.
-fn refuse_forbidden(sync: &mut SyncConnection, error: ConnectionError) -> ConnectionEnd {
-    if let ConnectionError::Storage(inner) = &error {
-        match inner.downcast_ref::<DocAccessError>() {
-            Some(DocAccessError::Forbidden(message)) => sync.push_error(ErrorCode::Forbidden, message.clone()),
-            Some(DocAccessError::Store(StoreError::TooLarge(limit))) => {
-                sync.push_error(ErrorCode::TooLarge, limit.to_string())
-            }
-            _ => {}
-        }
     }
     error.into()
 }

@@ -10,6 +10,7 @@
 //! - [`directory`]: the enrollment directory (keys → organisation, name, role), signed by the relay; join codes.
 //! - [`model`]: the collaboration documents as typed Rust over Automerge.
 //! - [`receipt`]: the relay's signed receipts of approval records (when it first received each).
+//! - [`recovery`]: recovering a document the relay refused: the accepted set, what happens to each dropped change, the rebuilt history.
 //! - [`markdown`]: Markdown import, export and human-readable rendering.
 //! - [`bundle`]: the offline exchange file (changes another node lacks).
 //! - [`signed_bundle`]: the self-contained bundle of an approved version, verifiable offline.
@@ -32,6 +33,7 @@ pub mod markdown;
 pub mod model;
 pub mod org;
 pub mod receipt;
+pub mod recovery;
 pub mod signed_bundle;
 pub mod sync;
 pub mod wire;

@@ -44,7 +44,7 @@ use crate::ids::DocId;
 /// belongs to (`org`), so the relay can refuse a code issued for another
 /// organisation before it enrolls anything; 3 — the relay sends `Receipts`
 /// (its countersignatures of approval records).
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Default largest payload accepted in one frame: 64 MiB.
 ///
@@ -71,6 +71,7 @@ const TYPE_JOIN: u8 = 0x08;
 const TYPE_DIRECTORY: u8 = 0x09;
 const TYPE_AUTHORS: u8 = 0x0a;
 const TYPE_RECEIPTS: u8 = 0x0b;
+const TYPE_DOC_REFUSED: u8 = 0x0c;
 /// Bytes of one `Authors` entry: a change hash and its author's signature.
 const AUTHOR_ENTRY_BYTES: usize = 32 + 64;
 /// Bytes of one `Receipts` entry: record signature, time, relay signature.
@@ -208,6 +209,77 @@ impl ErrorCode {
     }
 }
 
+/// Why one document was refused on a connection ([`Frame::DocRefused`]).
+/// Unlike an [`ErrorCode`], a refusal concerns that document only: the
+/// connection and every other document go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RefusalKind {
+    /// The document is not (or no longer) shared with the receiver's
+    /// organisation: it is not among the parties in the sender's copy (code 1).
+    NotShared,
+    /// Changes in the message were refused (unsigned, by an author or an
+    /// approval the sender does not accept): nothing of the message was kept (code 2).
+    ChangesRefused,
+    /// A change or the document exceeds the sender's size limits (code 3).
+    TooLarge,
+    /// The message did not decode or failed a sanity check (code 4).
+    Malformed,
+    /// The sender holds the document back for now (a node whose own changes
+    /// were refused pauses it until they are recovered) (code 5).
+    Paused,
+    /// The sender cannot take this document now (too many new documents at
+    /// once); the receiver may offer it again on a later connection (code 6).
+    Busy,
+    /// A kind this version does not know, kept as received.
+    Other(u8),
+}
+
+impl RefusalKind {
+    /// The kind as sent on the wire.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            RefusalKind::NotShared => 1,
+            RefusalKind::ChangesRefused => 2,
+            RefusalKind::TooLarge => 3,
+            RefusalKind::Malformed => 4,
+            RefusalKind::Paused => 5,
+            RefusalKind::Busy => 6,
+            RefusalKind::Other(kind) => kind,
+        }
+    }
+
+    /// The kind for a wire value; unknown values become [`RefusalKind::Other`].
+    pub fn from_u8(kind: u8) -> Self {
+        match kind {
+            1 => RefusalKind::NotShared,
+            2 => RefusalKind::ChangesRefused,
+            3 => RefusalKind::TooLarge,
+            4 => RefusalKind::Malformed,
+            5 => RefusalKind::Paused,
+            6 => RefusalKind::Busy,
+            other => RefusalKind::Other(other),
+        }
+    }
+
+    /// A short fixed label (logs, metrics, JSON).
+    pub fn label(self) -> &'static str {
+        match self {
+            RefusalKind::NotShared => "not_shared",
+            RefusalKind::ChangesRefused => "changes_refused",
+            RefusalKind::TooLarge => "too_large",
+            RefusalKind::Malformed => "malformed",
+            RefusalKind::Paused => "paused",
+            RefusalKind::Busy => "busy",
+            RefusalKind::Other(_) => "other",
+        }
+    }
+
+    /// The kind for a [`Self::label`] (unknown labels become `Other(0)`).
+    pub fn from_label(label: &str) -> Self {
+        (1..=6).map(Self::from_u8).find(|kind| kind.label() == label).unwrap_or(RefusalKind::Other(0))
+    }
+}
+
 /// One message of the node–relay protocol.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -293,6 +365,25 @@ pub enum Frame {
         /// The receipts.
         entries: Vec<ReceiptEntry>,
     },
+    /// Either way: the sender refuses one document on this connection and
+    /// will not sync it further on it (until the receiver sends a new `Sync`
+    /// for it). Nothing of the refused message was kept. The connection and
+    /// every other document go on.
+    DocRefused {
+        /// The document.
+        doc: DocId,
+        /// Why, machine-readable.
+        kind: RefusalKind,
+        /// Why, for people.
+        reason: String,
+        /// The sender's heads of the document (empty unless the receiver may
+        /// see the document): what the sender holds, for recovery.
+        heads: Vec<automerge::ChangeHash>,
+        /// The highest sequence number of the receiver's own changes the
+        /// sender holds (0: none, or unknown): every own change up to it was
+        /// accepted, every later one was not.
+        your_seq: u64,
+    },
 }
 
 impl Frame {
@@ -310,6 +401,7 @@ impl Frame {
             Frame::Directory { .. } => "Directory",
             Frame::Authors { .. } => "Authors",
             Frame::Receipts { .. } => "Receipts",
+            Frame::DocRefused { .. } => "DocRefused",
         }
     }
 
@@ -326,6 +418,7 @@ impl Frame {
             Frame::Directory { .. } => TYPE_DIRECTORY,
             Frame::Authors { .. } => TYPE_AUTHORS,
             Frame::Receipts { .. } => TYPE_RECEIPTS,
+            Frame::DocRefused { .. } => TYPE_DOC_REFUSED,
         }
     }
 
@@ -349,6 +442,9 @@ impl Frame {
             }
             Frame::Receipts { entries, .. } => {
                 DOC_ID_BYTES + varint_len(entries.len()) + entries.len() * RECEIPT_ENTRY_BYTES
+            }
+            Frame::DocRefused { reason, heads, .. } => {
+                DOC_ID_BYTES + 1 + str_len(reason) + varint_len(heads.len()) + heads.len() * 32 + 8
             }
         }
     }
@@ -418,6 +514,16 @@ impl Frame {
                     out.extend_from_slice(&entry.relay_signature);
                 }
             }
+            Frame::DocRefused { doc, kind, reason, heads, your_seq } => {
+                out.extend_from_slice(&doc_id_to_bytes(doc));
+                out.push(kind.to_u8());
+                put_bytes(&mut out, reason.as_bytes());
+                put_varint(&mut out, heads.len());
+                for head in heads {
+                    out.extend_from_slice(&head.0);
+                }
+                out.extend_from_slice(&your_seq.to_be_bytes());
+            }
         }
         debug_assert_eq!(out.len(), LENGTH_PREFIX + payload_len);
         out
@@ -447,6 +553,7 @@ impl Frame {
             TYPE_DIRECTORY => "Directory",
             TYPE_AUTHORS => "Authors",
             TYPE_RECEIPTS => "Receipts",
+            TYPE_DOC_REFUSED => "DocRefused",
             other => return Err(WireError::UnknownFrameType(other)),
         };
         let mut r = Reader { bytes: body, frame: frame_name };
@@ -507,6 +614,20 @@ impl Frame {
                     });
                 }
                 Frame::Receipts { doc, entries }
+            }
+            TYPE_DOC_REFUSED => {
+                let doc = r.doc_id("doc id")?;
+                let kind = RefusalKind::from_u8(r.array::<1>("kind")?[0]);
+                let reason = r.string("reason")?;
+                let count = r.varint("heads count")?;
+                if count > r.remaining() / 32 {
+                    return Err(WireError::BadLength { frame: frame_name, field: "heads count" });
+                }
+                let mut heads = Vec::with_capacity(count);
+                for _ in 0..count {
+                    heads.push(automerge::ChangeHash(r.array("head")?));
+                }
+                Frame::DocRefused { doc, kind, reason, heads, your_seq: u64::from_be_bytes(r.array("your seq")?) }
             }
             _ => Frame::Error { code: ErrorCode::from_u16(r.u16("code")?), message: r.string("message")? },
         };
@@ -833,6 +954,20 @@ mod tests {
                     ReceiptEntry { record: [7; 64], received_at_ms: 1_740_823_200_123, relay_signature: [8; 64] },
                     ReceiptEntry { record: [9; 64], received_at_ms: -1, relay_signature: [10; 64] },
                 ],
+            },
+            Frame::DocRefused {
+                doc: doc(7),
+                kind: RefusalKind::NotShared,
+                reason: "inte delad med er".into(),
+                heads: vec![],
+                your_seq: 0,
+            },
+            Frame::DocRefused {
+                doc: doc(8),
+                kind: RefusalKind::Other(200),
+                reason: String::new(),
+                heads: vec![automerge::ChangeHash([1; 32]), automerge::ChangeHash([2; 32])],
+                your_seq: u64::MAX,
             },
         ]
     }

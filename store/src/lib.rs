@@ -26,6 +26,10 @@
 #![warn(missing_docs)]
 
 pub mod keyfile;
+mod refusals;
+mod replace;
+
+pub use refusals::DocRefusal;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -45,7 +49,7 @@ use serde::Serialize;
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 5;
+pub const SCHEMA_VERSION: i32 = 6;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
 /// Documents kept in the in-memory cache by default.
@@ -102,6 +106,17 @@ const MIGRATIONS: &[&str] = &[
          received_at     TEXT NOT NULL,
          relay_signature TEXT NOT NULL,
          PRIMARY KEY (doc_id, record)
+     ) WITHOUT ROWID;",
+    // 5 → 6: (node) documents the relay refused, or this node holds back, with
+    // why and what the relay held then (see `refusals.rs`).
+    "CREATE TABLE doc_refusals (
+         doc_id      TEXT PRIMARY KEY,
+         kind        TEXT NOT NULL,
+         reason      TEXT NOT NULL,
+         local_heads TEXT NOT NULL,
+         peer_heads  TEXT NOT NULL,
+         your_seq    INTEGER NOT NULL,
+         refused_at  TEXT NOT NULL
      ) WITHOUT ROWID;",
 ];
 
@@ -1166,7 +1181,7 @@ mod tests {
         }
         // A schema 4 database (before receipts) is migrated and keeps its documents.
         let old = Connection::open(&path).unwrap();
-        old.execute_batch("DROP TABLE approval_receipts; PRAGMA user_version = 4;").unwrap();
+        old.execute_batch("DROP TABLE doc_refusals; DROP TABLE approval_receipts; PRAGMA user_version = 4;").unwrap();
         drop(old);
         let mut store = Store::open(&path).unwrap();
         assert!(store.receipts(&id).unwrap().is_empty());
@@ -1185,7 +1200,7 @@ mod tests {
         Store::open_or_create(&path).unwrap().insert(&mut doc).unwrap();
         let old = Connection::open(&path).unwrap();
         old.execute_batch(
-            "DROP TABLE approval_receipts; ALTER TABLE documents DROP COLUMN change_bytes; PRAGMA user_version = 3;",
+            "DROP TABLE doc_refusals; DROP TABLE approval_receipts; ALTER TABLE documents DROP COLUMN change_bytes; PRAGMA user_version = 3;",
         )
         .unwrap();
         drop(old);

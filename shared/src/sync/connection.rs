@@ -25,6 +25,15 @@
 //! that document the node has not been sent on this connection yet
 //! ([`DocAccess::receipts`]), so a node has the receipts of the records it
 //! holds before it considers a one-shot sync settled.
+//!
+//! One document's failure stays with that document: a message this side
+//! refuses (not shared with the peer, unsigned or unacceptable changes, over
+//! the size limits, malformed) is answered with [`Frame::DocRefused`], its
+//! sync state is dropped (so nothing a refused message advanced is ever
+//! persisted) and the connection goes on. Either side then leaves that
+//! document alone on this connection until the peer sends a new `Sync` for it.
+//! Only protocol violations and this side's own storage failures close the
+//! connection (with an `Error` frame).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
@@ -34,7 +43,7 @@ use super::{doc_heads_frame, plan_keeping, summary_digest, summary_frame, PeerSe
 use crate::acceptance::{self, AuthorPolicy};
 use crate::authorship::{AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
-use crate::wire::{ErrorCode, Frame, ReceiptEntry, PROTOCOL_VERSION};
+use crate::wire::{ErrorCode, Frame, ReceiptEntry, RefusalKind, PROTOCOL_VERSION};
 
 /// A change hash with its author's signature, to keep beside the change.
 pub type SignedChange = (ChangeHash, ChangeSignature);
@@ -158,6 +167,28 @@ pub trait DocAccess {
     fn receipts(&mut self, _doc: &DocId) -> Result<Vec<ReceiptEntry>, Self::Error> {
         Ok(Vec::new())
     }
+
+    /// Whether a storage error concerns this one document (refuse it with
+    /// this kind and reason, keep the connection) rather than the store as a
+    /// whole (close). The default treats every error as fatal.
+    fn refusal(&self, _error: &Self::Error) -> Option<(RefusalKind, String)> {
+        None
+    }
+
+    /// Whether this side offers `doc` on its own initiative (after the
+    /// summary, after a local change). The default offers everything
+    /// [`Self::with_doc`] reaches.
+    fn may_send(&mut self, _doc: &DocId) -> bool {
+        true
+    }
+
+    /// The peer sent a sync message for `doc`: `Some(reason)` holds the
+    /// document back (it is answered with a [`RefusalKind::Paused`] refusal
+    /// and not touched), `None` lets it through (and may forget that it was
+    /// held). The default lets everything through.
+    fn hold_back(&mut self, _doc: &DocId) -> Option<String> {
+        None
+    }
 }
 
 /// What happened on a connection that the driver should act on.
@@ -188,6 +219,30 @@ pub enum ConnectionEvent {
         doc: DocId,
         /// The receipts, unverified.
         entries: Vec<ReceiptEntry>,
+    },
+    /// This side refused a message of the peer about one document (and told
+    /// it with [`Frame::DocRefused`]); the connection goes on.
+    Refused {
+        /// The document.
+        doc: DocId,
+        /// Why.
+        kind: RefusalKind,
+        /// Why, for people.
+        reason: String,
+    },
+    /// The peer refused one of our documents ([`Frame::DocRefused`]): it is
+    /// left alone on this connection. A node records it for status and recovery.
+    RefusedByPeer {
+        /// The document.
+        doc: DocId,
+        /// Why.
+        kind: RefusalKind,
+        /// Why, for people.
+        reason: String,
+        /// The peer's heads of the document (empty unless we may see it).
+        heads: Vec<ChangeHash>,
+        /// The highest sequence number of our own changes the peer holds.
+        your_seq: u64,
     },
 }
 
@@ -414,8 +469,22 @@ impl SyncConnection {
         Ok(())
     }
 
-    /// Handles one frame from the peer.
+    /// Handles one frame from the peer. An `Err` means the connection must
+    /// close; the `Error` frame telling the peer why is already queued (except
+    /// when the peer itself sent one).
     pub fn on_frame<D: DocAccess>(
+        &mut self,
+        frame: Frame,
+        docs: &mut D,
+    ) -> Result<Vec<ConnectionEvent>, ConnectionError> {
+        let result = self.handle_frame(frame, docs);
+        if let Err(ConnectionError::Storage(e)) = &result {
+            self.push_error(ErrorCode::Internal, format!("storage failed: {e}; try again later"));
+        }
+        result
+    }
+
+    fn handle_frame<D: DocAccess>(
         &mut self,
         frame: Frame,
         docs: &mut D,
@@ -504,57 +573,14 @@ impl SyncConnection {
                     return Err(ConnectionError::Protocol(message));
                 }
             }
-            (Phase::Open, Frame::Sync { doc, message }) => {
-                self.stats.sync_in += 1;
-                let create = docs.may_receive(&doc);
-                let authors = docs.authors();
-                let session = &mut self.session;
-                let offered = &mut self.offered.take(&doc);
-                let outcome = docs
-                    .with_doc(&doc, create, |d| {
-                        let before = d.get_heads();
-                        let outcome = match session.receive(&doc, d, &message) {
-                            Ok(outcome) => outcome,
-                            Err(e) => return DocOutcome::Discard(Err(ConnectionError::from(e))),
-                        };
-                        match acceptance::accept_new_changes(d, &before, offered, &authors) {
-                            Ok(signatures) => {
-                                let unsigned = session.take_unsigned(&doc, d);
-                                DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures }
-                            }
-                            Err(source) => {
-                                session.disable(&doc, SyncError::Disabled { doc: doc.clone() });
-                                DocOutcome::Discard(Err(ConnectionError::Authorship { doc: doc.clone(), source }))
-                            }
-                        }
-                    })
-                    .map_err(ConnectionError::storage)?;
-                self.offered.put_back(&doc, std::mem::take(offered));
-                match outcome {
-                    None => {
-                        self.push_error(ErrorCode::Forbidden, format!("document {doc} is not shared with you"));
-                        return Err(ConnectionError::Forbidden(doc));
-                    }
-                    Some(Err(e)) => {
-                        let code = match &e {
-                            ConnectionError::Sync(e) => e.error_code(),
-                            _ => ErrorCode::Forbidden,
-                        };
-                        self.push_error(code, e.to_string());
-                        return Err(e);
-                    }
-                    Some(Ok((outcome, unsigned))) => {
-                        self.push_receipts(&doc, docs)?;
-                        if let Some(reply) = outcome.reply {
-                            self.push_authors(&doc, &unsigned, docs)?;
-                            self.push(reply);
-                        }
-                        if outcome.changed {
-                            self.stats.docs_received.insert(doc.clone());
-                            events.push(ConnectionEvent::DocChanged { doc, heads: outcome.heads });
-                        }
-                    }
-                }
+            (Phase::Open, Frame::Sync { doc, message }) => self.on_sync(doc, &message, docs, &mut events)?,
+            (Phase::Open, Frame::DocRefused { doc, kind, reason, heads, your_seq }) => {
+                // Left alone on this connection; remembered only for documents we hold
+                // (a refusal naming unknown documents must not grow any set).
+                self.pending.remove(&doc);
+                let held = docs.heads(&doc).map_err(ConnectionError::storage)?.is_some();
+                self.session.stop(&doc, held);
+                events.push(ConnectionEvent::RefusedByPeer { doc, kind, reason, heads, your_seq });
             }
             (phase, frame) => {
                 let message = format!("unexpected {} frame while {phase:?}", frame.name());
@@ -565,11 +591,124 @@ impl SyncConnection {
         Ok(events)
     }
 
+    /// Applies the peer's sync message for one document, or refuses that
+    /// document alone ([`Self::refuse`]).
+    fn on_sync<D: DocAccess>(
+        &mut self,
+        doc: DocId,
+        message: &[u8],
+        docs: &mut D,
+        events: &mut Vec<ConnectionEvent>,
+    ) -> Result<(), ConnectionError> {
+        self.stats.sync_in += 1;
+        // A new message restarts a document left alone after a refusal, from a fresh state.
+        self.session.restart(&doc);
+        if let Some(reason) = docs.hold_back(&doc) {
+            return self.refuse(&doc, RefusalKind::Paused, reason, docs, events);
+        }
+        let create = docs.may_receive(&doc);
+        let authors = docs.authors();
+        let session = &mut self.session;
+        let mut offered = self.offered.take(&doc);
+        let outcome = docs.with_doc(&doc, create, |d| {
+            let before = d.get_heads();
+            let outcome = match session.receive(&doc, d, message) {
+                Ok(outcome) => outcome,
+                Err(e) => return DocOutcome::Discard(Err(ConnectionError::from(e))),
+            };
+            match acceptance::accept_new_changes(d, &before, &mut offered, &authors) {
+                Ok(signatures) => {
+                    let unsigned = session.take_unsigned(&doc, d);
+                    DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures }
+                }
+                Err(source) => DocOutcome::Discard(Err(ConnectionError::Authorship { doc: doc.clone(), source })),
+            }
+        });
+        if matches!(outcome, Ok(Some(Ok(_)))) {
+            // Signatures of changes Automerge holds back until their dependencies arrive.
+            self.offered.put_back(&doc, offered);
+        }
+        let (outcome, unsigned) = match outcome {
+            Err(e) => {
+                return match docs.refusal(&e) {
+                    Some((kind, reason)) => self.refuse(&doc, kind, reason, docs, events),
+                    None => Err(ConnectionError::storage(e)),
+                }
+            }
+            Ok(None) => {
+                let reason = format!("document {doc} is not shared with your organisation");
+                return self.refuse(&doc, RefusalKind::NotShared, reason, docs, events);
+            }
+            Ok(Some(Err(e))) => {
+                let kind = match &e {
+                    ConnectionError::Sync(sync) if sync.error_code() == ErrorCode::TooLarge => RefusalKind::TooLarge,
+                    ConnectionError::Authorship { .. } => RefusalKind::ChangesRefused,
+                    _ => RefusalKind::Malformed,
+                };
+                return self.refuse(&doc, kind, e.to_string(), docs, events);
+            }
+            Ok(Some(Ok(done))) => done,
+        };
+        self.push_receipts(&doc, docs)?;
+        if let Some(reply) = outcome.reply {
+            self.push_authors(&doc, &unsigned, docs)?;
+            self.push(reply);
+        }
+        if outcome.changed {
+            self.stats.docs_received.insert(doc.clone());
+            events.push(ConnectionEvent::DocChanged { doc, heads: outcome.heads });
+        }
+        Ok(())
+    }
+
+    /// Refuses one document on this connection: its sync state is dropped
+    /// (nothing a refused message advanced is persisted), the peer gets a
+    /// [`Frame::DocRefused`] (from the relay with its heads and the highest
+    /// sequence number of the node's own changes it holds, for recovery), and
+    /// the connection goes on.
+    fn refuse<D: DocAccess>(
+        &mut self,
+        doc: &DocId,
+        kind: RefusalKind,
+        reason: String,
+        docs: &mut D,
+        events: &mut Vec<ConnectionEvent>,
+    ) -> Result<(), ConnectionError> {
+        self.pending.remove(doc);
+        let held = docs.heads(doc).map_err(ConnectionError::storage)?;
+        self.session.stop(doc, held.is_some());
+        let (heads, your_seq) = match held {
+            Some(heads) if self.role == Role::Relay && kind != RefusalKind::NotShared => {
+                let actor = self.peer.as_deref().and_then(|p| p.parse::<crate::identity::NodeId>().ok());
+                let seq = match actor {
+                    Some(node) => {
+                        let actor = node.actor_id();
+                        docs.with_doc(doc, false, |d| DocOutcome::keep(max_seq_of(d, &actor)))
+                            .map_err(ConnectionError::storage)?
+                            .unwrap_or(0)
+                    }
+                    None => 0,
+                };
+                (heads, seq)
+            }
+            _ => (Vec::new(), 0),
+        };
+        self.push(Frame::DocRefused { doc: doc.clone(), kind, reason: reason.clone(), heads, your_seq });
+        events.push(ConnectionEvent::Refused { doc: doc.clone(), kind, reason });
+        Ok(())
+    }
+
     /// A document changed on our side (a local edit, or through another
     /// connection on the relay): queue what the peer needs.
     pub fn on_local_change<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
         if self.phase != Phase::Open {
             return Ok(()); // The summary will cover it.
+        }
+        if self.role == Role::Node {
+            // Something changed here (an edit, a recovery): a document refused on
+            // this connection is offered again, if the node offers it at all. The
+            // relay never restarts on its own: the node's next message does.
+            self.session.restart(doc);
         }
         self.push_receipts(doc, docs)?;
         self.generate(doc, docs)
@@ -593,6 +732,11 @@ impl SyncConnection {
     }
 
     fn generate<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
+        if self.session.is_disabled(doc) || !docs.may_send(doc) {
+            // Refused on this connection, or not ours to offer: nothing to wait for either.
+            self.pending.remove(doc);
+            return Ok(());
+        }
         let session = &mut self.session;
         let generated = docs
             .with_doc(doc, false, |d| {
@@ -611,8 +755,12 @@ impl SyncConnection {
             }
             Some((Ok(None), _)) => Ok(()),
             Some((Err(e), _)) => {
-                self.push_error(e.error_code(), e.to_string());
-                Err(e.into())
+                // We cannot sync this document (e.g. our message would not fit a
+                // frame): tell the peer, so that it does not wait for it, and go on.
+                let kind =
+                    if e.error_code() == ErrorCode::TooLarge { RefusalKind::TooLarge } else { RefusalKind::Busy };
+                let mut events = Vec::new();
+                self.refuse(doc, kind, e.to_string(), docs, &mut events)
             }
         }
     }
@@ -658,6 +806,11 @@ impl SyncConnection {
     }
 }
 
+/// The highest sequence number of `actor`'s changes in `doc` (0: none).
+fn max_seq_of(doc: &mut AutoCommit, actor: &ActorId) -> u64 {
+    doc.get_changes(&[]).iter().filter(|c| c.actor_id() == actor).map(|c| c.seq()).max().unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -677,7 +830,13 @@ mod tests {
 
     /// Documents in memory, with the signatures received for them and (on the relay) receipts.
     #[derive(Default)]
-    struct Docs(BTreeMap<DocId, AutoCommit>, HashMap<ChangeHash, ChangeSignature>, BTreeMap<DocId, Vec<ReceiptEntry>>);
+    struct Docs(
+        BTreeMap<DocId, AutoCommit>,
+        HashMap<ChangeHash, ChangeSignature>,
+        BTreeMap<DocId, Vec<ReceiptEntry>>,
+        /// Documents held but not shared with the peer.
+        BTreeSet<DocId>,
+    );
 
     impl DocAccess for Docs {
         type Error = Infallible;
@@ -696,15 +855,18 @@ mod tests {
             create: bool,
             f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
         ) -> Result<Option<R>, Infallible> {
-            let Some(current) =
-                (if create { Some(self.0.entry(doc.clone()).or_default()) } else { self.0.get_mut(doc) })
-            else {
+            if self.3.contains(doc) {
                 return Ok(None);
+            }
+            // Like a store: a new document exists only once something was kept.
+            let mut working = match self.0.get(doc) {
+                Some(current) => current.clone(),
+                None if create => AutoCommit::new(),
+                None => return Ok(None),
             };
-            let mut working = current.clone();
             Ok(Some(match f(&mut working) {
                 DocOutcome::Keep { value, signatures } => {
-                    *current = working;
+                    self.0.insert(doc.clone(), working);
                     self.1.extend(signatures);
                     value
                 }
@@ -859,8 +1021,43 @@ mod tests {
         assert!(matches!(err, Err(ConnectionError::Protocol(_))), "{err:?}");
     }
 
+    /// Delivers frames both ways until both outboxes are empty, collecting the
+    /// events of each end (`Established` is acted on).
+    fn pump_events(
+        node: &mut SyncConnection,
+        nd: &mut Docs,
+        relay: &mut SyncConnection,
+        rd: &mut Docs,
+    ) -> (Vec<ConnectionEvent>, Vec<ConnectionEvent>) {
+        let (mut node_events, mut relay_events) = (Vec::new(), Vec::new());
+        for _ in 0..1000 {
+            let to_relay = node.take_outbox();
+            let to_node = relay.take_outbox();
+            if to_relay.is_empty() && to_node.is_empty() {
+                return (node_events, relay_events);
+            }
+            for f in to_relay {
+                for e in relay.on_frame(f, rd).expect("the connection goes on") {
+                    if let ConnectionEvent::Established { .. } = e {
+                        relay.begin(rd).unwrap();
+                    }
+                    relay_events.push(e);
+                }
+            }
+            for f in to_node {
+                for e in node.on_frame(f, nd).expect("the connection goes on") {
+                    if let ConnectionEvent::Established { .. } = e {
+                        node.begin(nd).unwrap();
+                    }
+                    node_events.push(e);
+                }
+            }
+        }
+        panic!("did not settle");
+    }
+
     #[test]
-    fn a_change_whose_author_did_not_sign_it_is_refused_and_not_kept() {
+    fn a_change_whose_author_did_not_sign_it_is_refused_for_that_document_only() {
         let (mut nd, mut rd) = (Docs::default(), Docs::default());
         let doc = DocId::random();
         // Written under a key this side cannot sign for, and no signature is known.
@@ -869,35 +1066,27 @@ mod tests {
         forged.put(automerge::ROOT, "text", "i någon annans namn").unwrap();
         forged.commit();
         nd.0.insert(doc.clone(), forged);
-        let mut node = SyncConnection::node("node-1", "test");
+        let honest = DocId::random();
+        nd.0.insert(honest.clone(), doc_with("ärligt"));
+        let mut node = SyncConnection::node(&author().node_id().to_string(), "test");
         let mut relay = SyncConnection::relay("relay");
-        let mut refused = None;
-        for _ in 0..20 {
-            for f in node.take_outbox() {
-                match relay.on_frame(f, &mut rd) {
-                    Ok(events) => {
-                        if events.iter().any(|e| matches!(e, ConnectionEvent::Established { .. })) {
-                            relay.begin(&mut rd).unwrap();
-                        }
-                    }
-                    Err(e) => refused = Some(e),
-                }
-            }
-            if refused.is_some() {
-                break;
-            }
-            for f in relay.take_outbox() {
-                for e in node.on_frame(f, &mut nd).unwrap() {
-                    if let ConnectionEvent::Established { .. } = e {
-                        node.begin(&mut nd).unwrap();
-                    }
-                }
-            }
-        }
-        assert!(matches!(refused, Some(ConnectionError::Authorship { .. })), "{refused:?}");
-        assert!(matches!(relay.take_outbox().as_slice(), [.., Frame::Error { code: ErrorCode::Forbidden, .. }]));
-        let kept = rd.0.get_mut(&doc).map(|d| d.get_heads()).unwrap_or_default();
-        assert!(kept.is_empty(), "nothing of the unsigned change was kept");
+        let (node_events, relay_events) = pump_events(&mut node, &mut nd, &mut relay, &mut rd);
+        assert!(
+            relay_events.iter().any(|e| matches!(e,
+                ConnectionEvent::Refused { doc: d, kind: RefusalKind::ChangesRefused, .. } if *d == doc)),
+            "{relay_events:?}"
+        );
+        assert!(
+            node_events.iter().any(|e| matches!(e,
+                ConnectionEvent::RefusedByPeer { doc: d, kind: RefusalKind::ChangesRefused, .. } if *d == doc)),
+            "{node_events:?}"
+        );
+        assert!(rd.0.get_mut(&doc).map(|d| d.get_heads()).unwrap_or_default().is_empty(), "nothing was kept");
+        // The other document synced on the same connection, and both ends settled.
+        assert_eq!(rd.0.get_mut(&honest).unwrap().get_heads(), nd.0.get_mut(&honest).unwrap().get_heads());
+        assert!(node.is_settled(&mut nd).unwrap());
+        // No sync state of the refused document is persisted (a refused receive advanced none).
+        assert!(relay.into_persisted().iter().all(|(d, _)| *d != doc));
     }
 
     #[test]
@@ -915,21 +1104,53 @@ mod tests {
     }
 
     #[test]
-    fn a_garbage_sync_message_closes_the_connection_and_leaves_documents_alone() {
+    fn a_garbage_or_unshared_message_is_refused_for_that_document_and_the_connection_goes_on() {
         let mut rd = Docs::default();
         let doc = DocId::random();
         rd.0.insert(doc.clone(), doc_with("orörd"));
         let before = rd.shared_heads().unwrap();
+        let node_key = author().node_id();
         let mut relay = SyncConnection::relay("relay");
         relay
-            .on_frame(Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: "n".into() }, &mut rd)
+            .on_frame(
+                Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: node_key.to_string() },
+                &mut rd,
+            )
             .unwrap();
         relay.begin(&mut rd).unwrap();
         relay.take_outbox();
-        let err = relay.on_frame(Frame::Sync { doc: doc.clone(), message: vec![0x42, 1, 2, 3] }, &mut rd);
-        assert!(matches!(err, Err(ConnectionError::Sync(_))), "{err:?}");
-        assert!(matches!(relay.take_outbox().as_slice(), [Frame::Error { .. }]));
+        let events = relay.on_frame(Frame::Sync { doc: doc.clone(), message: vec![0x42, 1, 2, 3] }, &mut rd).unwrap();
+        assert!(matches!(events.as_slice(), [ConnectionEvent::Refused { kind: RefusalKind::Malformed, .. }]));
+        let heads = rd.0.get_mut(&doc).unwrap().get_heads();
+        match relay.take_outbox().as_slice() {
+            [Frame::DocRefused { doc: d, kind: RefusalKind::Malformed, heads: h, your_seq, .. }] => {
+                assert_eq!(d, &doc);
+                assert_eq!(h, &heads, "the relay's heads, for recovery");
+                assert_eq!(*your_seq, 1, "the node's own change the relay holds");
+            }
+            other => panic!("{other:?}"),
+        }
         assert_eq!(rd.shared_heads().unwrap(), before);
+
+        // A document this side does not share with the peer: refused as not shared, without heads.
+        rd.3.insert(doc.clone());
+        let mut fresh = AutoCommit::new();
+        let message =
+            automerge::sync::SyncDoc::generate_sync_message(&fresh.sync(), &mut automerge::sync::State::new())
+                .unwrap()
+                .encode();
+        let events = relay.on_frame(Frame::Sync { doc: doc.clone(), message }, &mut rd).unwrap();
+        assert!(matches!(events.as_slice(), [ConnectionEvent::Refused { kind: RefusalKind::NotShared, .. }]));
+        assert!(matches!(relay.take_outbox().as_slice(),
+            [Frame::DocRefused { kind: RefusalKind::NotShared, heads, your_seq: 0, .. }] if heads.is_empty()));
+
+        // Thousands of refusals of unknown documents leave no per-document state behind.
+        for _ in 0..2000 {
+            relay.on_frame(Frame::Sync { doc: DocId::random(), message: vec![0x42] }, &mut rd).unwrap();
+        }
+        relay.take_outbox();
+        assert!(relay.session.disabled.is_empty(), "no refused document the peer may not see is remembered");
+        assert!(relay.persisted().is_empty());
     }
 
     /// A relay connection past the handshake and its own Summary.

@@ -27,9 +27,10 @@
 //!    store the result. Never keep a live session across connections: a sync
 //!    state that saw a broken connection can stop changes from being re-sent.
 //!
-//! Any [`SyncError`] disables that document for the rest of the connection;
-//! the caller should send [`Frame::Error`] with [`SyncError::error_code`] and
-//! close, so both sides restart from persisted states.
+//! Any [`SyncError`] drops that document's sync state. [`SyncConnection`]
+//! then refuses that document alone ([`Frame::DocRefused`]) and goes on with
+//! the others; both sides leave it alone on this connection until the peer
+//! sends a new `Sync` for it, which starts it again from a fresh state.
 
 mod check;
 mod connection;
@@ -184,7 +185,7 @@ pub struct PeerSession {
     role: Role,
     limits: SyncLimits,
     states: BTreeMap<DocId, State>,
-    disabled: BTreeSet<DocId>,
+    pub(crate) disabled: BTreeSet<DocId>,
     /// Changes whose authors' signatures were sent on this connection, per document.
     signatures_sent: BTreeMap<DocId, BTreeSet<ChangeHash>>,
     /// Documents whose sync state was created, dropped, or had its shared
@@ -431,6 +432,30 @@ impl PeerSession {
             h
         };
         sorted(&state.shared_heads) == ours && state.their_heads.as_deref().map(sorted) == Some(ours)
+    }
+
+    /// Stops syncing a document on this connection after a refusal (ours or
+    /// the peer's): its state is dropped, so nothing is persisted for it; with
+    /// `remember`, it is also disabled until [`Self::restart`] (pass `false`
+    /// for documents this side does not hold, so that refusals naming unknown
+    /// documents grow no set).
+    pub fn stop(&mut self, doc_id: &DocId, remember: bool) {
+        self.states.remove(doc_id);
+        self.signatures_sent.remove(doc_id);
+        if remember {
+            self.disabled.insert(doc_id.clone());
+        } else {
+            self.disabled.remove(doc_id);
+        }
+    }
+
+    /// The peer sent a new message for a document stopped on this connection:
+    /// start it again from a fresh state.
+    pub fn restart(&mut self, doc_id: &DocId) {
+        if self.disabled.remove(doc_id) {
+            self.states.remove(doc_id);
+            self.signatures_sent.remove(doc_id);
+        }
     }
 
     /// Drops the document's sync state, disables it and returns `error`.

@@ -271,6 +271,9 @@ impl Net {
                 }
             }
             Frame::Error { code, message } => self.errors.push(format!("{} got {code:?}: {message}", NAMES[peer])),
+            Frame::DocRefused { doc, reason, .. } => {
+                self.errors.push(format!("{} got a refusal of {doc}: {reason}", NAMES[peer]))
+            }
         }
     }
 
