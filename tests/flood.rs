@@ -304,7 +304,7 @@ async fn sync_frames_for_unknown_documents_leave_no_sync_state_and_the_next_conn
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_key_is_read_at_its_budget_while_other_nodes_sync_as_usual() {
-    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _turn = TURN.lock().await;
     let root = tempfile::tempdir().unwrap();
     let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), root.path().join("relay"));
     // 100 small frames a second, 100 at once (every frame costs at least budget::FRAME_COST).
