@@ -98,7 +98,7 @@ impl Sizes {
                 store_long: 10_000,
                 version_histories: vec![100, 10_000],
                 version_iterations: 30,
-                flood: flood::Flood { edits: 30, doc_heads_entries: 1_000_000, syncs_per_connection: 20_000 },
+                flood: flood::Flood { edits: 100, doc_heads_entries: 1_000_000, syncs_per_connection: 20_000 },
             }
         } else {
             Self {
