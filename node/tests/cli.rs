@@ -498,3 +498,27 @@ fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
     assert_eq!(status["approval"]["withdrawn"].as_array().unwrap().len(), 1, "{status}");
     assert_ne!(status["approval"]["state"], "approved");
 }
+
+#[test]
+fn a_garbled_join_code_says_what_is_wrong_with_it() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    let secret = "0".repeat(32);
+    let key = samverkan_shared::identity::NodeKey::generate().node_id().to_string();
+    for (code, expected) in [
+        ("svk1".to_string(), "it has 1 of the 4 parts"),
+        (format!("svk1.{secret}.{key}"), "it has 3 of the 4 parts"),
+        (format!("svk1.{}.{key}.relay.lst.se:7878", &secret[1..]), "secret (its second part) has 31 hex digits"),
+        (format!("svk1.{secret}.{}.relay.lst.se:7878", &key[..60]), "relay key (its third part) has 60 hex digits"),
+        (format!("svk1.{secret}.{key}.relay.lst.se"), "relay address (its fourth part) \"relay.lst.se\" has no port"),
+        (format!("join.{secret}.{key}.relay.lst.se:7878"), "it starts with \"join.0000000\""),
+    ] {
+        let err = flen.fails(&["join", &code]);
+        assert!(err.contains(expected), "{code}: {err}");
+        assert!(err.contains("ask the operator for a new one"), "says what to do: {err}");
+        assert!(!err.contains("signed directory"), "{err}");
+    }
+    // Nothing was pinned by a failed join.
+    assert!(flen.ok(&["status", "--offline"]).contains("relay: none configured yet"));
+}
