@@ -53,13 +53,18 @@ pub enum Command {
     Orgs,
     /// Create a new document.
     New(NewArgs),
-    /// Import a Markdown file as a document (or update one exported from a node).
+    /// Import a Markdown file as a document (or update the one here it was exported from).
+    /// A file whose content a document here has already is refused (see --new-copy).
     Import {
         /// The Markdown file ('-' for standard input).
         file: PathBuf,
         /// The document kind, if it cannot be recognised from the title.
         #[arg(long)]
         kind: Option<DocKind>,
+        /// Make a new document even if one here has this content already (the
+        /// same file imported before), or the file was exported from one here.
+        #[arg(long)]
+        new_copy: bool,
     },
     /// Export a document as Markdown with front matter; with `--signed DIR`, the
     /// approved version as a self-contained bundle verifiable with `verify-bundle`.
@@ -507,9 +512,13 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::New(args) => cmd_new(&mut node, args, json),
-        Command::Import { file, kind } => {
+        Command::Import { file, kind, new_copy } => {
             let text = read_input(&file)?;
-            let (id, recognised) = node.import_markdown(&text, kind)?;
+            let (id, recognised) =
+                node.import_markdown_with(&text, kind, new_copy).with_context(|| match file.to_str() {
+                    Some("-") => "standard input was not imported".to_string(),
+                    _ => format!("{} was not imported", file.display()),
+                })?;
             note_sync_problem(&node, &id);
             print(json, json!({"id": id, "recognised": recognised}), || {
                 let mut out = format!("Imported {id}");

@@ -522,3 +522,54 @@ fn a_garbled_join_code_says_what_is_wrong_with_it() {
     // Nothing was pinned by a failed join.
     assert!(flen.ok(&["status", "--offline"]).contains("relay: none configured yet"));
 }
+
+#[test]
+fn importing_the_same_file_twice_is_refused_unless_a_new_copy_is_asked_for() {
+    let root = tempfile::tempdir().unwrap();
+    let county = Cli::new(root.path(), "county");
+    county.ok(&["init", "--org", "Länsstyrelsen"]);
+    let id = county.json(&["import", SEED])["id"].as_str().unwrap().to_string();
+    let short = &id[..8];
+
+    let refused = county.fails(&["import", SEED]);
+    assert!(refused.contains(&format!("document {short} has this content already")), "{refused}");
+    assert!(refused.contains("--new-copy") && refused.contains("nothing was imported"), "{refused}");
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 1);
+
+    // Sharing it with more parties since does not hide it.
+    county.ok(&["set", short, "parties", "Länsstyrelsen, Polisen, Flen"]);
+    assert!(county.fails(&["import", SEED]).contains(short));
+
+    // A file exported from it is applied to it, as before.
+    let exported = root.path().join("avtal.md");
+    county.ok(&["export", short, "--output", exported.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&exported).unwrap().replace("Samverkan", "Samverkan (reviderad)");
+    std::fs::write(&exported, text).unwrap();
+    let updated = county.json(&["import", exported.to_str().unwrap()]);
+    assert_eq!(updated["id"], id.as_str());
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 1);
+
+    // --new-copy makes a second document: of the seed, and of an exported file.
+    let copy = county.json(&["import", "--new-copy", SEED])["id"].as_str().unwrap().to_string();
+    assert_ne!(copy, id);
+    let template =
+        county.json(&["import", "--new-copy", exported.to_str().unwrap()])["id"].as_str().unwrap().to_string();
+    assert!(template != id && template != copy);
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_front_matter_error_names_the_file_and_its_line() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    let file = root.path().join("löfte.md");
+    std::fs::write(
+        &file,
+        "+++\nsamverkan = 1\nkind = \"citizen_promise\"\ntitle = \"Medborgarlöfte Flen\"\nparties = [\"Flen\"]\n\n[period]\nstart = 2025-01-01x\n+++\n## Vi lovar\n",
+    )
+    .unwrap();
+    let err = flen.fails(&["import", file.to_str().unwrap()]);
+    assert!(err.contains("löfte.md was not imported"), "{err}");
+    assert!(err.contains("line 8") && err.contains("8 | start = 2025-01-01x"), "the file's line 8: {err}");
+}
