@@ -536,10 +536,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     write_file_atomically(&path, text.as_bytes())?;
                     print(json, json!({"id": id, "file": path}), || format!("Exported {id} to {}", path.display()))
                 }
-                None => {
-                    print!("{text}");
-                    Ok(())
-                }
+                None => crate::output::stdout(&text),
             }
         }
         Command::List => {
@@ -593,11 +590,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 return print(true, json!({"document": view, "heads": heads}), String::new);
             }
             if as_markdown {
-                print!("{}", markdown::export(&view, node.directory()));
+                crate::output::stdout(&markdown::export(&view, node.directory()))
             } else {
-                print!("{}", markdown::render(&view, node.directory()));
+                crate::output::stdout(&markdown::render(&view, node.directory()))
             }
-            Ok(())
         }
         Command::Set { doc, field, value } => {
             let id = node.resolve(&doc)?;
@@ -742,7 +738,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let target = relay_target(&mut node, &args)?;
             if args.retry_refused {
                 let retried = node.retry_refused()?;
-                eprintln!("offering {retried} refused document(s) again");
+                crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let mut display = crate::progress::ProgressDisplay::stderr();
@@ -803,10 +799,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let target = relay_target(&mut node, &args)?;
             if args.retry_refused {
                 let retried = node.retry_refused()?;
-                eprintln!("offering {retried} refused document(s) again");
+                crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            eprintln!("syncing with {} until interrupted (Ctrl-C)", target.addr);
+            crate::output::stderr(&format!("syncing with {} until interrupted (Ctrl-C)", target.addr));
             runtime.block_on(crate::sync::daemon(
                 &mut node,
                 &target,
@@ -1103,19 +1099,19 @@ fn report_edit(node: &Node, json: bool, id: &DocId, hash: Option<automerge::Chan
 /// sync through the relay from this node (and why).
 fn note_sync_problem(node: &Node, id: &DocId) {
     match node.sharing_note(id) {
-        Ok(Some(note)) => eprintln!("note: {note}"),
+        Ok(Some(note)) => crate::output::stderr(&format!("note: {note}")),
         Ok(None) => {}
-        Err(e) => eprintln!("note: could not check whether document {} syncs: {e}", id.short()),
+        Err(e) => crate::output::stderr(&format!("note: could not check whether document {} syncs: {e}", id.short())),
     }
 }
 
 pub(crate) fn print(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        crate::output::stdout_line(&serde_json::to_string_pretty(&value)?)?;
     } else {
         let text = text();
         if !text.is_empty() {
-            println!("{text}");
+            crate::output::stdout_line(&text)?;
         }
     }
     Ok(())

@@ -573,3 +573,53 @@ fn a_front_matter_error_names_the_file_and_its_line() {
     assert!(err.contains("löfte.md was not imported"), "{err}");
     assert!(err.contains("line 8") && err.contains("8 | start = 2025-01-01x"), "the file's line 8: {err}");
 }
+
+/// Runs `cmd` with standard output a pipe whose reader is gone already, as
+/// when `… | head -1` has read its line: every write to it fails.
+fn with_closed_stdout(cmd: &mut Command) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    cmd.stdout(writer).output().expect("run samverkan-node")
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let root = tempfile::tempdir().unwrap();
+    let county = Cli::new(root.path(), "county");
+    county.ok(&["init", "--org", "Länsstyrelsen"]);
+    let id = county.json(&["import", SEED])["id"].as_str().unwrap().to_string();
+    let short = &id[..8];
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["--help"],
+        vec!["list"],
+        vec!["--json", "list"],
+        vec!["show", short],
+        vec!["show", short, "--markdown"],
+        vec!["export", short],
+        vec!["history", short],
+        vec!["conflicts", short],
+        vec!["orgs"],
+        vec!["whoami"],
+        vec!["status", "--offline"],
+        vec!["status", short],
+        vec!["signer", "list"],
+        vec!["check"],
+        vec!["new", "operations_plan", "--title", "Verksamhetsplan 2026"],
+    ];
+    for args in &commands {
+        let out = with_closed_stdout(county.command(args).env("RUST_BACKTRACE", "1"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "samverkan-node {args:?} into a closed pipe: {:?}\n{stderr}", out.status);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert!(stderr.trim().is_empty(), "{args:?} says nothing more: {stderr}");
+    }
+    // The command did its work before it found nobody reading.
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 2);
+
+    // With standard error closed too, a failing command still fails with its
+    // own exit status, not a panic's (101).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = with_closed_stdout(county.command(&["show", "0000"]).stderr(writer));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
