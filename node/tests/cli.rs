@@ -623,3 +623,36 @@ fn output_into_a_closed_pipe_ends_quietly() {
     let out = with_closed_stdout(county.command(&["show", "0000"]).stderr(writer));
     assert_eq!(out.status.code(), Some(1), "{out:?}");
 }
+
+#[test]
+fn signer_new_prints_an_enroll_command_with_the_relays_data_directory_or_a_marked_placeholder() {
+    let root = tempfile::tempdir().unwrap();
+    let lst = Cli::new(root.path(), "lst");
+    lst.ok(&["init", "--org", "Länsstyrelsen"]);
+    let text = lst.ok(&["signer", "new", "--name", "Beatrice Ask", "--role", "Landshövding"]);
+    let key = lst.json(&["signer", "list"])[0]["key"].as_str().unwrap().to_string();
+    let command = text.lines().find(|l| l.trim_start().starts_with("samverkan-relay ")).expect("a command").trim();
+    assert_eq!(
+        command,
+        format!(
+            "samverkan-relay enroll --data-dir RELAY_DATA_DIR --key {key} --org lansstyrelsen-sodermanland \
+             --name 'Beatrice Ask' --signer-role Landshövding"
+        )
+    );
+    assert!(text.contains("replace RELAY_DATA_DIR with the relay's data directory"), "{text}");
+
+    // Where the relay's data directory is known here, it is filled in (quoted for the shell).
+    let out = lst
+        .command(&["--json", "signer", "new", "--name", "Anna Berg", "--role", "Polisområdeschef", "--org", "Polisen"])
+        .env("SAMVERKAN_RELAY_DATA_DIR", "/srv/samverkan relay")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let command = value["enroll_command"].as_str().unwrap();
+    assert!(command.starts_with("samverkan-relay enroll --data-dir '/srv/samverkan relay' --key "), "{command}");
+    assert!(
+        command.ends_with("--org polisomrade-sodermanland --name 'Anna Berg' --signer-role Polisområdeschef"),
+        "{command}"
+    );
+}

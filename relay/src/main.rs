@@ -79,7 +79,7 @@ enum Command {
     },
     /// Enroll a node key (or a signer's key), or issue a one-time join code for a node.
     Enroll {
-        /// Where the relay keeps its database.
+        /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
         /// The organisation (name or id, e.g. "Flen", "Länsstyrelsen", "polisen").
@@ -106,7 +106,7 @@ enum Command {
     },
     /// Revoke a key: its connections are closed and it can no longer connect.
     Revoke {
-        /// Where the relay keeps its database.
+        /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
         /// The public key, 64 hex digits.
@@ -115,7 +115,7 @@ enum Command {
     },
     /// List enrolled nodes and signers.
     List {
-        /// Where the relay keeps its database.
+        /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
         /// Print JSON.
@@ -178,6 +178,21 @@ fn open_storage(data_dir: &std::path::Path) -> anyhow::Result<SqliteStorage> {
     SqliteStorage::open(&path, 4).with_context(|| format!("opening the relay database {}", path.display()))
 }
 
+/// Refuses a data directory that holds no relay (no `relay.key`): a typo, or a
+/// placeholder left in a pasted command, must not set up a new, empty relay.
+fn existing_relay(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    if data_dir.join(enrollment::KEY_FILE).exists() {
+        return Ok(());
+    }
+    bail!(
+        "{dir} holds no relay (no {key}): give the data directory the relay serves from (as `samverkan-relay serve \
+         --data-dir` or SAMVERKAN_RELAY_DATA_DIR names it); to set up a new relay in {dir}, run \
+         `samverkan-relay key --data-dir {dir}` first",
+        dir = data_dir.display(),
+        key = enrollment::KEY_FILE
+    )
+}
+
 fn parse_key(text: &str) -> anyhow::Result<NodeId> {
     text.parse().with_context(|| format!("{text:?} is not a public key (64 hex digits)"))
 }
@@ -199,6 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Enroll { data_dir, org, name, key, join_code, address, valid_hours, signer_role } => {
+            existing_relay(&data_dir)?;
             let org = Organisations::sodermanland()
                 .resolve(&org)
                 .with_context(|| format!("unknown organisation {org:?}"))?
@@ -242,6 +258,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Revoke { data_dir, key } => {
+            existing_relay(&data_dir)?;
             let key = parse_key(&key)?;
             let member = enrollment::revoke(&mut open_storage(&data_dir)?, &key, chrono::Utc::now())?;
             say(format_args!(
@@ -251,6 +268,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::List { data_dir, json } => {
+            existing_relay(&data_dir)?;
             let directory = enrollment::directory(&open_storage(&data_dir)?)?;
             if json {
                 say(serde_json::to_string_pretty(&directory)?)?;

@@ -1,5 +1,5 @@
 //! The operator's `samverkan-relay` commands as real processes: output into a
-//! pipe closed early.
+//! pipe closed early, and the enroll command a node prints for a signer.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -95,4 +95,51 @@ fn a_serving_relay_keeps_serving_when_its_output_is_closed_and_stops_cleanly() {
     std::io::Read::read_to_string(&mut stderr, &mut log).unwrap();
     assert!(status.success(), "{status:?}: {log}");
     assert!(!log.contains("panicked"), "{log}");
+}
+
+/// Runs `command` in a POSIX shell as an operator pastes it, with this
+/// `samverkan-relay` first on the PATH.
+fn paste(command: &str) -> Output {
+    let bin_dir = Path::new(BIN).parent().unwrap();
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .env("PATH", path)
+        .env_remove("SAMVERKAN_RELAY_DATA_DIR")
+        .env("SAMVERKAN_LOG", "warn")
+        .output()
+        .expect("run sh")
+}
+
+#[test]
+fn the_enroll_command_a_node_prints_for_a_signer_works_pasted_once_the_data_directory_is_filled_in() {
+    let root = tempfile::tempdir().unwrap();
+    let relay_dir = root.path().join("relay data");
+    ok(&mut relay(&relay_dir, &["key"]));
+    let node = samverkan_node::node::Node::init(&root.path().join("lst"), "Länsstyrelsen", None).unwrap();
+    let profile = node.create_signer("Beatrice Ask", "Landshövding (t.f.) \"BA\" o'Neil", None).unwrap();
+    let printed = samverkan_node::approvals::enroll_command(&profile, None);
+    let placeholder = samverkan_node::approvals::RELAY_DATA_DIR_PLACEHOLDER;
+    assert!(printed.starts_with(&format!("samverkan-relay enroll --data-dir {placeholder} --key {} ", profile.key)));
+
+    // Left as printed, the placeholder is refused and sets up no relay.
+    let out = paste(&format!("cd {} && {printed}", root.path().display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(&format!("{placeholder} holds no relay")), "{stderr}");
+    assert!(!root.path().join(placeholder).exists());
+
+    // Filled in, it enrolls the signer with the name and role as given.
+    let filled = printed.replace(placeholder, &samverkan_node::approvals::shell_word(&relay_dir.to_string_lossy()));
+    let out = paste(&filled);
+    assert!(out.status.success(), "{filled}: {}", String::from_utf8_lossy(&out.stderr));
+    // As the node prints it when it knows the directory.
+    assert_eq!(filled, samverkan_node::approvals::enroll_command(&profile, Some(&relay_dir)));
+    let listed: serde_json::Value = serde_json::from_str(&ok(&mut relay(&relay_dir, &["list", "--json"]))).unwrap();
+    let member = &listed["members"][0];
+    assert_eq!(member["key"], profile.key.to_string());
+    assert_eq!(member["kind"], "signer");
+    assert_eq!(member["name"], "Beatrice Ask");
+    assert_eq!(member["role"], profile.role.as_str());
+    assert_eq!(member["org"], "lansstyrelsen-sodermanland");
 }
