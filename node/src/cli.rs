@@ -196,12 +196,19 @@ pub enum Command {
     },
     /// Sync status: relay reachable, last successful sync, local changes waiting,
     /// remote changes received since the last look. With a document: its approval state.
+    ///
+    /// Exit status: 0 when the relay answered (or was not tried: --offline, or
+    /// no relay configured yet), 3 when it is not reachable (the status is
+    /// printed all the same), 1 on other errors.
     Status {
         /// A document: show its approval state instead.
         doc: Option<String>,
-        /// Do not try to reach the relay.
+        /// Do not try to reach the relay (exit status 0 whatever its state).
         #[arg(long)]
         offline: bool,
+        /// Give the relay this many seconds to answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+        timeout: u64,
         /// Do not count this as a look (the "since last look" counts stay).
         #[arg(long)]
         peek: bool,
@@ -439,6 +446,26 @@ pub enum BundleCommand {
         /// The heads file to write.
         file: PathBuf,
     },
+}
+
+/// Exit status of `samverkan-node status` when the relay is not reachable.
+pub const EXIT_RELAY_UNREACHABLE: u8 = 3;
+
+/// A command's failure with its own exit status (instead of 1), said on
+/// standard error like any error.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The process's exit status.
+    pub code: u8,
+    /// What to tell the user.
+    pub message: String,
+}
+
+/// The exit status for a command's error: [`Exit::code`] if it is (or was
+/// caused by) an [`Exit`], else 1.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    error.chain().find_map(|cause| cause.downcast_ref::<Exit>()).map_or(1, |exit| exit.code)
 }
 
 /// The data directory: the flag, `$SAMVERKAN_DATA_DIR`, or `$XDG_DATA_HOME/samverkan`
@@ -813,7 +840,7 @@ pub fn run(cli: Cli) -> Result<()> {
             ))?;
             Ok(())
         }
-        Command::Status { doc: None, offline, peek } => {
+        Command::Status { doc: None, offline, peek, timeout } => {
             let relay = match crate::status::remembered_relay(&node)? {
                 None => None,
                 Some((address, relay_key)) => {
@@ -829,15 +856,33 @@ pub fn run(cli: Cli) -> Result<()> {
                             runtime.block_on(crate::status::probe(
                                 &target,
                                 &identity,
-                                std::time::Duration::from_secs(5),
+                                std::time::Duration::from_secs(timeout),
                             ))
                         }
                     };
-                    Some(crate::status::Reachability { address, reachable: outcome.is_ok(), error: outcome.err() })
+                    Some(crate::status::Reachability {
+                        address,
+                        checked: !offline,
+                        reachable: outcome.is_ok(),
+                        error: outcome.err(),
+                    })
                 }
             };
             let status = crate::status::node_status(&mut node, relay, !peek)?;
-            print(json, json!(status), || crate::status::format_status(&status).trim_end().to_string())
+            print(json, json!(status), || crate::status::format_status(&status).trim_end().to_string())?;
+            match &status.relay {
+                Some(relay) if relay.checked && !relay.reachable => Err(Exit {
+                    code: EXIT_RELAY_UNREACHABLE,
+                    message: format!(
+                        "the relay at {} is not reachable ({}); work here is kept and syncs once it answers \
+                         (`samverkan-node status --offline` skips this check)",
+                        relay.address,
+                        relay.error.as_deref().unwrap_or("no answer")
+                    ),
+                }
+                .into()),
+                _ => Ok(()),
+            }
         }
         Command::Recover { doc, apply } => {
             let id = node.resolve(&doc)?;

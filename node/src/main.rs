@@ -23,7 +23,7 @@ fn main() -> std::process::ExitCode {
         Err(e) if output::is_output_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             output::stderr(&format!("error: {e:#}"));
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(samverkan_node::cli::exit_code(&e))
         }
     }
 }

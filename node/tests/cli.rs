@@ -656,3 +656,55 @@ fn signer_new_prints_an_enroll_command_with_the_relays_data_directory_or_a_marke
         "{command}"
     );
 }
+
+/// Makes `cli`'s node remember a relay at `address` with `relay_key`, as a join does.
+fn remember_relay(cli: &Cli, address: &str, relay_key: &samverkan_shared::identity::NodeId) {
+    use samverkan_node::node::{Node, META_RELAY_ADDRESS, META_RELAY_KEY};
+    let mut node = Node::open(&cli.data_dir).expect("open node");
+    node.store_mut().set_meta(META_RELAY_ADDRESS, address).unwrap();
+    node.store_mut().set_meta(META_RELAY_KEY, &relay_key.to_string()).unwrap();
+}
+
+#[test]
+fn status_exits_3_when_the_relay_is_not_reachable_and_0_when_it_answers_or_is_not_asked() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    // A UDP port where nothing answers: the relay is down.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let down = silent.local_addr().unwrap().to_string();
+    remember_relay(&flen, &down, &samverkan_shared::identity::NodeKey::generate().node_id());
+
+    let out = flen.run(&["status", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains(&format!("relay: {down} NOT reachable")), "the status is printed all the same: {stdout}");
+    assert!(
+        stderr.contains(&format!("the relay at {down} is not reachable")) && stderr.contains("--offline"),
+        "{stderr}"
+    );
+    let out = flen.run(&["--json", "status", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(3));
+    let value: Value = serde_json::from_slice(&out.stdout).expect("JSON status");
+    assert_eq!(value["relay"]["reachable"], false);
+
+    // --offline does not try, and exits 0.
+    let text = flen.ok(&["status", "--offline"]);
+    assert!(text.contains(&format!("relay: {down} (not checked: --offline)")), "{text}");
+    let help = flen.ok(&["status", "--help"]).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(help.contains("3 when it is not reachable"), "{help}");
+
+    // A relay that answers: exit 0.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let relay = runtime
+        .block_on(samverkan_relay::server::spawn(samverkan_relay::server::RelayConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            root.path().join("relay"),
+        )))
+        .expect("relay starts");
+    remember_relay(&flen, &relay.local_addr().to_string(), &relay.relay_key());
+    let text = flen.ok(&["status"]);
+    assert!(text.contains(&format!("relay: {} reachable", relay.local_addr())), "{text}");
+    runtime.block_on(relay.shutdown());
+}
