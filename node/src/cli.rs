@@ -24,7 +24,7 @@ use crate::node::Node;
 #[derive(Debug, Parser)]
 #[command(name = "samverkan-node", version, about, long_about = None)]
 pub struct Cli {
-    /// The node's data directory.
+    /// The node's data directory [default: $XDG_DATA_HOME/samverkan, else ~/.local/share/samverkan].
     #[arg(long, global = true, env = "SAMVERKAN_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.

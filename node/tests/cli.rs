@@ -708,3 +708,25 @@ fn status_exits_3_when_the_relay_is_not_reachable_and_0_when_it_answers_or_is_no
     assert!(text.contains(&format!("relay: {} reachable", relay.local_addr())), "{text}");
     runtime.block_on(relay.shutdown());
 }
+
+#[test]
+fn the_default_data_directory_is_the_one_the_readme_names() {
+    let root = tempfile::tempdir().unwrap();
+    let home = root.path().join("home");
+    let run = |xdg: Option<&Path>, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_samverkan-node"));
+        cmd.args(args).env_remove("SAMVERKAN_DATA_DIR").env_remove("XDG_DATA_HOME").env("HOME", &home);
+        if let Some(xdg) = xdg {
+            cmd.env("XDG_DATA_HOME", xdg);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let made = run(None, &["--json", "init", "--org", "Flen"]);
+    assert_eq!(made["data_dir"], home.join(".local/share/samverkan").to_str().unwrap());
+    let xdg = root.path().join("xdg");
+    let made = run(Some(&xdg), &["--json", "init", "--org", "Flen"]);
+    assert_eq!(made["data_dir"], xdg.join("samverkan").to_str().unwrap());
+    assert_eq!(run(Some(&xdg), &["--json", "whoami"])["data_dir"], xdg.join("samverkan").to_str().unwrap());
+}
