@@ -940,7 +940,7 @@ fn authenticate<S: RelayStorage>(shared: &Shared<S>, key: NodeId, first: &Frame)
                 "not enrolled",
                 ErrorCode::Unauthenticated,
                 format!(
-                    "this node's key {key} is not enrolled at this relay; ask the operator to run `samverkan-relay enroll --key {key} --org <organisation> --name <name>` or for a join code"
+                    "this node's key {key} is not enrolled at this relay; ask the operator to run `samverkan-relay enroll --data-dir <relay data directory> --key {key} --org <organisation> --name <name>` or for a join code"
                 ),
             ),
         }),
