@@ -4,7 +4,7 @@
 //! [`samverkan_shared::approval`] and [`samverkan_shared::signed_bundle`];
 //! this module reads files, calls [`Node`] and prints.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use samverkan_shared::approval::{self, ApprovalStatus, SignedBy, SignedVersion};
@@ -16,7 +16,7 @@ use samverkan_shared::signed_bundle::{self, BundleFiles};
 use serde_json::json;
 
 use crate::cli::{print, SignerCommand};
-use crate::node::Node;
+use crate::node::{Node, SignerProfile};
 
 fn when(t: &chrono::DateTime<chrono::Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S UTC").to_string()
@@ -26,22 +26,68 @@ fn short_heads(heads: &[automerge::ChangeHash]) -> String {
     heads.iter().map(|h| h.to_string()[..8].to_string()).collect::<Vec<_>>().join(",")
 }
 
+/// The variable naming the relay's data directory, as `samverkan-relay` reads it.
+pub const RELAY_DATA_DIR_ENV: &str = "SAMVERKAN_RELAY_DATA_DIR";
+
+/// Stands for the relay's data directory in [`enroll_command`] when this node
+/// does not know it; the operator replaces it. (A relay refuses a data
+/// directory that holds no relay, so one left in place fails clearly.)
+pub const RELAY_DATA_DIR_PLACEHOLDER: &str = "RELAY_DATA_DIR";
+
+/// `text` as one word of a POSIX shell: as is when it is only letters,
+/// digits and `-_.,:/@%+=`; else in single quotes.
+pub fn shell_word(text: &str) -> String {
+    let plain = |c: char| c.is_alphanumeric() || "-_.,:/@%+=".contains(c);
+    if !text.is_empty() && text.chars().all(plain) {
+        text.to_string()
+    } else {
+        format!("'{}'", text.replace('\'', r"'\''"))
+    }
+}
+
+/// The command the relay operator runs to enroll a signer, ready for a shell:
+/// with the relay's data directory when known (`$SAMVERKAN_RELAY_DATA_DIR`
+/// here), else with [`RELAY_DATA_DIR_PLACEHOLDER`] in its place.
+pub fn enroll_command(profile: &SignerProfile, relay_data_dir: Option<&Path>) -> String {
+    let data_dir = match relay_data_dir {
+        Some(dir) => shell_word(&dir.to_string_lossy()),
+        None => RELAY_DATA_DIR_PLACEHOLDER.to_string(),
+    };
+    format!(
+        "samverkan-relay enroll --data-dir {data_dir} --key {} --org {} --name {} --signer-role {}",
+        profile.key,
+        shell_word(profile.org.as_str()),
+        shell_word(&profile.name),
+        shell_word(&profile.role)
+    )
+}
+
 /// `signer new | list`.
 pub fn signer(node: &Node, cmd: SignerCommand, json: bool) -> Result<()> {
     match cmd {
         SignerCommand::New { name, role, org } => {
             let profile = node.create_signer(&name, &role, org.as_deref())?;
-            print(json, json!(profile), || {
+            let relay_data_dir = std::env::var_os(RELAY_DATA_DIR_ENV).filter(|d| !d.is_empty()).map(PathBuf::from);
+            let command = enroll_command(&profile, relay_data_dir.as_deref());
+            let mut value = json!(profile);
+            value["enroll_command"] = json!(command);
+            print(json, value, || {
+                let fill_in = if relay_data_dir.is_none() {
+                    format!(
+                        " (replace {RELAY_DATA_DIR_PLACEHOLDER} with the relay's data directory, the one \
+                         `samverkan-relay serve --data-dir` uses)"
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "Created signer {} ({}, {}).\npublic key: {}\nGive it to the relay operator:\n  samverkan-relay enroll --key {} --org {} --name {:?} --signer-role {:?}",
+                    "Created signer {} ({}, {}).\npublic key: {}\nGive it to the relay operator, who runs{fill_in}:\n  {command}\n\
+                     Once it has run, `samverkan-node sync` brings the enrollment here; then `samverkan-node approve <doc> --as {}`.",
                     profile.name,
                     profile.role,
                     node.directory().name_of(&profile.org),
                     profile.key,
-                    profile.key,
-                    profile.org,
-                    profile.name,
-                    profile.role
+                    shell_word(&profile.name)
                 )
             })
         }

@@ -24,7 +24,7 @@ use crate::node::Node;
 #[derive(Debug, Parser)]
 #[command(name = "samverkan-node", version, about, long_about = None)]
 pub struct Cli {
-    /// The node's data directory.
+    /// The node's data directory [default: $XDG_DATA_HOME/samverkan, else ~/.local/share/samverkan].
     #[arg(long, global = true, env = "SAMVERKAN_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
@@ -53,13 +53,18 @@ pub enum Command {
     Orgs,
     /// Create a new document.
     New(NewArgs),
-    /// Import a Markdown file as a document (or update one exported from a node).
+    /// Import a Markdown file as a document (or update the one here it was exported from).
+    /// A file whose content a document here has already is refused (see --new-copy).
     Import {
         /// The Markdown file ('-' for standard input).
         file: PathBuf,
         /// The document kind, if it cannot be recognised from the title.
         #[arg(long)]
         kind: Option<DocKind>,
+        /// Make a new document even if one here has this content already (the
+        /// same file imported before), or the file was exported from one here.
+        #[arg(long)]
+        new_copy: bool,
     },
     /// Export a document as Markdown with front matter; with `--signed DIR`, the
     /// approved version as a self-contained bundle verifiable with `verify-bundle`.
@@ -191,12 +196,19 @@ pub enum Command {
     },
     /// Sync status: relay reachable, last successful sync, local changes waiting,
     /// remote changes received since the last look. With a document: its approval state.
+    ///
+    /// Exit status: 0 when the relay answered (or was not tried: --offline, or
+    /// no relay configured yet), 3 when it is not reachable (the status is
+    /// printed all the same), 1 on other errors.
     Status {
         /// A document: show its approval state instead.
         doc: Option<String>,
-        /// Do not try to reach the relay.
+        /// Do not try to reach the relay (exit status 0 whatever its state).
         #[arg(long)]
         offline: bool,
+        /// Give the relay this many seconds to answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+        timeout: u64,
         /// Do not count this as a look (the "since last look" counts stay).
         #[arg(long)]
         peek: bool,
@@ -436,6 +448,26 @@ pub enum BundleCommand {
     },
 }
 
+/// Exit status of `samverkan-node status` when the relay is not reachable.
+pub const EXIT_RELAY_UNREACHABLE: u8 = 3;
+
+/// A command's failure with its own exit status (instead of 1), said on
+/// standard error like any error.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Exit {
+    /// The process's exit status.
+    pub code: u8,
+    /// What to tell the user.
+    pub message: String,
+}
+
+/// The exit status for a command's error: [`Exit::code`] if it is (or was
+/// caused by) an [`Exit`], else 1.
+pub fn exit_code(error: &anyhow::Error) -> u8 {
+    error.chain().find_map(|cause| cause.downcast_ref::<Exit>()).map_or(1, |exit| exit.code)
+}
+
 /// The data directory: the flag, `$SAMVERKAN_DATA_DIR`, or `$XDG_DATA_HOME/samverkan`
 /// (`~/.local/share/samverkan`).
 fn data_dir(cli: &Cli) -> Result<PathBuf> {
@@ -507,9 +539,13 @@ pub fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::New(args) => cmd_new(&mut node, args, json),
-        Command::Import { file, kind } => {
+        Command::Import { file, kind, new_copy } => {
             let text = read_input(&file)?;
-            let (id, recognised) = node.import_markdown(&text, kind)?;
+            let (id, recognised) =
+                node.import_markdown_with(&text, kind, new_copy).with_context(|| match file.to_str() {
+                    Some("-") => "standard input was not imported".to_string(),
+                    _ => format!("{} was not imported", file.display()),
+                })?;
             note_sync_problem(&node, &id);
             print(json, json!({"id": id, "recognised": recognised}), || {
                 let mut out = format!("Imported {id}");
@@ -527,10 +563,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     write_file_atomically(&path, text.as_bytes())?;
                     print(json, json!({"id": id, "file": path}), || format!("Exported {id} to {}", path.display()))
                 }
-                None => {
-                    print!("{text}");
-                    Ok(())
-                }
+                None => crate::output::stdout(&text),
             }
         }
         Command::List => {
@@ -584,11 +617,10 @@ pub fn run(cli: Cli) -> Result<()> {
                 return print(true, json!({"document": view, "heads": heads}), String::new);
             }
             if as_markdown {
-                print!("{}", markdown::export(&view, node.directory()));
+                crate::output::stdout(&markdown::export(&view, node.directory()))
             } else {
-                print!("{}", markdown::render(&view, node.directory()));
+                crate::output::stdout(&markdown::render(&view, node.directory()))
             }
-            Ok(())
         }
         Command::Set { doc, field, value } => {
             let id = node.resolve(&doc)?;
@@ -733,7 +765,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let target = relay_target(&mut node, &args)?;
             if args.retry_refused {
                 let retried = node.retry_refused()?;
-                eprintln!("offering {retried} refused document(s) again");
+                crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let mut display = crate::progress::ProgressDisplay::stderr();
@@ -794,10 +826,10 @@ pub fn run(cli: Cli) -> Result<()> {
             let target = relay_target(&mut node, &args)?;
             if args.retry_refused {
                 let retried = node.retry_refused()?;
-                eprintln!("offering {retried} refused document(s) again");
+                crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-            eprintln!("syncing with {} until interrupted (Ctrl-C)", target.addr);
+            crate::output::stderr(&format!("syncing with {} until interrupted (Ctrl-C)", target.addr));
             runtime.block_on(crate::sync::daemon(
                 &mut node,
                 &target,
@@ -808,7 +840,7 @@ pub fn run(cli: Cli) -> Result<()> {
             ))?;
             Ok(())
         }
-        Command::Status { doc: None, offline, peek } => {
+        Command::Status { doc: None, offline, peek, timeout } => {
             let relay = match crate::status::remembered_relay(&node)? {
                 None => None,
                 Some((address, relay_key)) => {
@@ -824,15 +856,33 @@ pub fn run(cli: Cli) -> Result<()> {
                             runtime.block_on(crate::status::probe(
                                 &target,
                                 &identity,
-                                std::time::Duration::from_secs(5),
+                                std::time::Duration::from_secs(timeout),
                             ))
                         }
                     };
-                    Some(crate::status::Reachability { address, reachable: outcome.is_ok(), error: outcome.err() })
+                    Some(crate::status::Reachability {
+                        address,
+                        checked: !offline,
+                        reachable: outcome.is_ok(),
+                        error: outcome.err(),
+                    })
                 }
             };
             let status = crate::status::node_status(&mut node, relay, !peek)?;
-            print(json, json!(status), || crate::status::format_status(&status).trim_end().to_string())
+            print(json, json!(status), || crate::status::format_status(&status).trim_end().to_string())?;
+            match &status.relay {
+                Some(relay) if relay.checked && !relay.reachable => Err(Exit {
+                    code: EXIT_RELAY_UNREACHABLE,
+                    message: format!(
+                        "the relay at {} is not reachable ({}); work here is kept and syncs once it answers \
+                         (`samverkan-node status --offline` skips this check)",
+                        relay.address,
+                        relay.error.as_deref().unwrap_or("no answer")
+                    ),
+                }
+                .into()),
+                _ => Ok(()),
+            }
         }
         Command::Recover { doc, apply } => {
             let id = node.resolve(&doc)?;
@@ -1094,19 +1144,19 @@ fn report_edit(node: &Node, json: bool, id: &DocId, hash: Option<automerge::Chan
 /// sync through the relay from this node (and why).
 fn note_sync_problem(node: &Node, id: &DocId) {
     match node.sharing_note(id) {
-        Ok(Some(note)) => eprintln!("note: {note}"),
+        Ok(Some(note)) => crate::output::stderr(&format!("note: {note}")),
         Ok(None) => {}
-        Err(e) => eprintln!("note: could not check whether document {} syncs: {e}", id.short()),
+        Err(e) => crate::output::stderr(&format!("note: could not check whether document {} syncs: {e}", id.short())),
     }
 }
 
 pub(crate) fn print(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        crate::output::stdout_line(&serde_json::to_string_pretty(&value)?)?;
     } else {
         let text = text();
         if !text.is_empty() {
-            println!("{text}");
+            crate::output::stdout_line(&text)?;
         }
     }
     Ok(())

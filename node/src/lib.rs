@@ -10,15 +10,19 @@
 //! - [`recover`]: `samverkan-node recover`: a document the relay refused, rebuilt on what the relay holds (backup first).
 //! - [`approvals`]: the approval commands (signer keys, approve, withdraw, verify, signed bundles).
 //! - [`cli`]: the `samverkan-node` command line.
+//! - [`output`]: its standard output and error (a closed pipe ends the command quietly).
 //!
 //! The node works fully offline; documents reach other nodes through the relay
 //! whenever it is reachable, or through bundle files.
 
 #![warn(missing_docs)]
+// Output goes through `output`, which survives a closed pipe; these panic.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
 
 pub mod approvals;
 pub mod cli;
 pub mod node;
+pub mod output;
 pub mod progress;
 pub mod recover;
 pub mod status;

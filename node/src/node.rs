@@ -135,6 +135,21 @@ pub enum NodeError {
     /// Exporting a signed bundle of a document no one approved.
     #[error("document {0} has no approved version to export (see `samverkan-node status {0}`)")]
     NotApproved(DocId),
+    /// Importing a file whose content a document here has already (the same
+    /// file imported twice); `import --new-copy` makes a second document anyway.
+    #[error(
+        "document {} has this content already: the same kind, title ({title:?}) and text, and the file's parties; \
+         nothing was imported. To change that document use `samverkan-node edit {}` (or import a file exported \
+         from it); to make a second document anyway, import again with --new-copy",
+        .existing.short(),
+        .existing.short()
+    )]
+    AlreadyImported {
+        /// The document that has the content.
+        existing: DocId,
+        /// Its title.
+        title: String,
+    },
     /// No enrollment directory yet: signatures cannot be checked.
     #[error("this node has no enrollment directory from the relay yet, so signers cannot be checked; run `samverkan-node sync` first")]
     NoDirectory,
@@ -387,15 +402,53 @@ impl Node {
     /// here is applied as an edit of that document instead. Markdown carries content,
     /// not history, so on a node without that document it becomes a new document:
     /// reusing the id would create a second, unrelated history under one id.
+    ///
+    /// A file whose content is here already ([`Self::same_content`]: the same
+    /// file imported twice) is refused with [`NodeError::AlreadyImported`].
     pub fn import_markdown(&mut self, text: &str, kind: Option<DocKind>) -> Result<(DocId, Vec<String>), NodeError> {
+        self.import_markdown_with(text, kind, false)
+    }
+
+    /// [`Self::import_markdown`]; with `new_copy` (`import --new-copy`) the file
+    /// always becomes a new document, also one exported from a document here
+    /// (last year's plan as a template) or one whose content is here already.
+    pub fn import_markdown_with(
+        &mut self,
+        text: &str,
+        kind: Option<DocKind>,
+        new_copy: bool,
+    ) -> Result<(DocId, Vec<String>), NodeError> {
         let imported = markdown::import(text, &self.directory, kind)?;
-        if let Some(id) = imported.id.filter(|id| self.store.contains(id).unwrap_or(false)) {
+        if let Some(id) = imported.id.filter(|id| !new_copy && self.store.contains(id).unwrap_or(false)) {
             let view = imported.content.into_view(id.clone());
             self.edit(&id, "import Markdown", |e| e.apply(&view))?;
             return Ok((id, vec!["updated the existing document".to_string()]));
         }
+        if !new_copy {
+            if let Some(existing) = self.same_content(&imported.content)? {
+                return Err(NodeError::AlreadyImported { existing: existing.id, title: existing.title });
+            }
+        }
         let id = self.create(imported.content)?;
         Ok((id, imported.recognised))
+    }
+
+    /// A document here that an import of `content` would duplicate: of the same
+    /// kind, title and body (byte for byte), whose parties include every party
+    /// of `content` (parties added since the first import do not hide it).
+    pub fn same_content(&self, content: &DocumentContent) -> Result<Option<DocSummary>, NodeError> {
+        for summary in self.store.list()? {
+            if summary.kind != content.kind
+                || summary.title != content.title
+                || !content.parties.iter().all(|p| summary.parties.contains(p))
+            {
+                continue;
+            }
+            if self.document(&summary.id)?.view()?.body == content.body {
+                return Ok(Some(summary));
+            }
+        }
+        Ok(None)
     }
 
     /// Makes one edit of a document, durably; returns `f`'s result and the

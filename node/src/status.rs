@@ -48,6 +48,8 @@ pub fn relay_peer_key(relay_key: &NodeId) -> String {
 pub struct Reachability {
     /// The relay's address, as configured.
     pub address: String,
+    /// Whether the relay was tried (not with `--offline`).
+    pub checked: bool,
     /// Whether a QUIC handshake with the pinned relay key succeeded.
     pub reachable: bool,
     /// Why not, if not.
@@ -191,6 +193,7 @@ pub fn format_status(status: &NodeSyncStatus) -> String {
     let mut out = String::new();
     match &status.relay {
         None => out.push_str("relay: none configured yet (samverkan-node join <code>)\n"),
+        Some(r) if !r.checked => out.push_str(&format!("relay: {} (not checked: --offline)\n", r.address)),
         Some(r) if r.reachable => out.push_str(&format!("relay: {} reachable\n", r.address)),
         Some(r) => out.push_str(&format!(
             "relay: {} NOT reachable: {}\n",

@@ -498,3 +498,235 @@ fn signers_approve_the_seed_and_the_bundle_verifies_without_a_database() {
     assert_eq!(status["approval"]["withdrawn"].as_array().unwrap().len(), 1, "{status}");
     assert_ne!(status["approval"]["state"], "approved");
 }
+
+#[test]
+fn a_garbled_join_code_says_what_is_wrong_with_it() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    let secret = "0".repeat(32);
+    let key = samverkan_shared::identity::NodeKey::generate().node_id().to_string();
+    for (code, expected) in [
+        ("svk1".to_string(), "it has 1 of the 4 parts"),
+        (format!("svk1.{secret}.{key}"), "it has 3 of the 4 parts"),
+        (format!("svk1.{}.{key}.relay.lst.se:7878", &secret[1..]), "secret (its second part) has 31 hex digits"),
+        (format!("svk1.{secret}.{}.relay.lst.se:7878", &key[..60]), "relay key (its third part) has 60 hex digits"),
+        (format!("svk1.{secret}.{key}.relay.lst.se"), "relay address (its fourth part) \"relay.lst.se\" has no port"),
+        (format!("join.{secret}.{key}.relay.lst.se:7878"), "it starts with \"join.0000000\""),
+    ] {
+        let err = flen.fails(&["join", &code]);
+        assert!(err.contains(expected), "{code}: {err}");
+        assert!(err.contains("ask the operator for a new one"), "says what to do: {err}");
+        assert!(!err.contains("signed directory"), "{err}");
+    }
+    // Nothing was pinned by a failed join.
+    assert!(flen.ok(&["status", "--offline"]).contains("relay: none configured yet"));
+}
+
+#[test]
+fn importing_the_same_file_twice_is_refused_unless_a_new_copy_is_asked_for() {
+    let root = tempfile::tempdir().unwrap();
+    let county = Cli::new(root.path(), "county");
+    county.ok(&["init", "--org", "Länsstyrelsen"]);
+    let id = county.json(&["import", SEED])["id"].as_str().unwrap().to_string();
+    let short = &id[..8];
+
+    let refused = county.fails(&["import", SEED]);
+    assert!(refused.contains(&format!("document {short} has this content already")), "{refused}");
+    assert!(refused.contains("--new-copy") && refused.contains("nothing was imported"), "{refused}");
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 1);
+
+    // Sharing it with more parties since does not hide it.
+    county.ok(&["set", short, "parties", "Länsstyrelsen, Polisen, Flen"]);
+    assert!(county.fails(&["import", SEED]).contains(short));
+
+    // A file exported from it is applied to it, as before.
+    let exported = root.path().join("avtal.md");
+    county.ok(&["export", short, "--output", exported.to_str().unwrap()]);
+    let text = std::fs::read_to_string(&exported).unwrap().replace("Samverkan", "Samverkan (reviderad)");
+    std::fs::write(&exported, text).unwrap();
+    let updated = county.json(&["import", exported.to_str().unwrap()]);
+    assert_eq!(updated["id"], id.as_str());
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 1);
+
+    // --new-copy makes a second document: of the seed, and of an exported file.
+    let copy = county.json(&["import", "--new-copy", SEED])["id"].as_str().unwrap().to_string();
+    assert_ne!(copy, id);
+    let template =
+        county.json(&["import", "--new-copy", exported.to_str().unwrap()])["id"].as_str().unwrap().to_string();
+    assert!(template != id && template != copy);
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_front_matter_error_names_the_file_and_its_line() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    let file = root.path().join("löfte.md");
+    std::fs::write(
+        &file,
+        "+++\nsamverkan = 1\nkind = \"citizen_promise\"\ntitle = \"Medborgarlöfte Flen\"\nparties = [\"Flen\"]\n\n[period]\nstart = 2025-01-01x\n+++\n## Vi lovar\n",
+    )
+    .unwrap();
+    let err = flen.fails(&["import", file.to_str().unwrap()]);
+    assert!(err.contains("löfte.md was not imported"), "{err}");
+    assert!(err.contains("line 8") && err.contains("8 | start = 2025-01-01x"), "the file's line 8: {err}");
+}
+
+/// Runs `cmd` with standard output a pipe whose reader is gone already, as
+/// when `… | head -1` has read its line: every write to it fails.
+fn with_closed_stdout(cmd: &mut Command) -> Output {
+    let (reader, writer) = std::io::pipe().expect("a pipe");
+    drop(reader);
+    cmd.stdout(writer).output().expect("run samverkan-node")
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let root = tempfile::tempdir().unwrap();
+    let county = Cli::new(root.path(), "county");
+    county.ok(&["init", "--org", "Länsstyrelsen"]);
+    let id = county.json(&["import", SEED])["id"].as_str().unwrap().to_string();
+    let short = &id[..8];
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["--help"],
+        vec!["list"],
+        vec!["--json", "list"],
+        vec!["show", short],
+        vec!["show", short, "--markdown"],
+        vec!["export", short],
+        vec!["history", short],
+        vec!["conflicts", short],
+        vec!["orgs"],
+        vec!["whoami"],
+        vec!["status", "--offline"],
+        vec!["status", short],
+        vec!["signer", "list"],
+        vec!["check"],
+        vec!["new", "operations_plan", "--title", "Verksamhetsplan 2026"],
+    ];
+    for args in &commands {
+        let out = with_closed_stdout(county.command(args).env("RUST_BACKTRACE", "1"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "samverkan-node {args:?} into a closed pipe: {:?}\n{stderr}", out.status);
+        assert!(!stderr.contains("panicked") && !stderr.contains("Broken pipe"), "{args:?}: {stderr}");
+        assert!(stderr.trim().is_empty(), "{args:?} says nothing more: {stderr}");
+    }
+    // The command did its work before it found nobody reading.
+    assert_eq!(county.json(&["list"]).as_array().unwrap().len(), 2);
+
+    // With standard error closed too, a failing command still fails with its
+    // own exit status, not a panic's (101).
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = with_closed_stdout(county.command(&["show", "0000"]).stderr(writer));
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+#[test]
+fn signer_new_prints_an_enroll_command_with_the_relays_data_directory_or_a_marked_placeholder() {
+    let root = tempfile::tempdir().unwrap();
+    let lst = Cli::new(root.path(), "lst");
+    lst.ok(&["init", "--org", "Länsstyrelsen"]);
+    let text = lst.ok(&["signer", "new", "--name", "Beatrice Ask", "--role", "Landshövding"]);
+    let key = lst.json(&["signer", "list"])[0]["key"].as_str().unwrap().to_string();
+    let command = text.lines().find(|l| l.trim_start().starts_with("samverkan-relay ")).expect("a command").trim();
+    assert_eq!(
+        command,
+        format!(
+            "samverkan-relay enroll --data-dir RELAY_DATA_DIR --key {key} --org lansstyrelsen-sodermanland \
+             --name 'Beatrice Ask' --signer-role Landshövding"
+        )
+    );
+    assert!(text.contains("replace RELAY_DATA_DIR with the relay's data directory"), "{text}");
+
+    // Where the relay's data directory is known here, it is filled in (quoted for the shell).
+    let out = lst
+        .command(&["--json", "signer", "new", "--name", "Anna Berg", "--role", "Polisområdeschef", "--org", "Polisen"])
+        .env("SAMVERKAN_RELAY_DATA_DIR", "/srv/samverkan relay")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let value: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let command = value["enroll_command"].as_str().unwrap();
+    assert!(command.starts_with("samverkan-relay enroll --data-dir '/srv/samverkan relay' --key "), "{command}");
+    assert!(
+        command.ends_with("--org polisomrade-sodermanland --name 'Anna Berg' --signer-role Polisområdeschef"),
+        "{command}"
+    );
+}
+
+/// Makes `cli`'s node remember a relay at `address` with `relay_key`, as a join does.
+fn remember_relay(cli: &Cli, address: &str, relay_key: &samverkan_shared::identity::NodeId) {
+    use samverkan_node::node::{Node, META_RELAY_ADDRESS, META_RELAY_KEY};
+    let mut node = Node::open(&cli.data_dir).expect("open node");
+    node.store_mut().set_meta(META_RELAY_ADDRESS, address).unwrap();
+    node.store_mut().set_meta(META_RELAY_KEY, &relay_key.to_string()).unwrap();
+}
+
+#[test]
+fn status_exits_3_when_the_relay_is_not_reachable_and_0_when_it_answers_or_is_not_asked() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    // A UDP port where nothing answers: the relay is down.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let down = silent.local_addr().unwrap().to_string();
+    remember_relay(&flen, &down, &samverkan_shared::identity::NodeKey::generate().node_id());
+
+    let out = flen.run(&["status", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(3), "{out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stdout.contains(&format!("relay: {down} NOT reachable")), "the status is printed all the same: {stdout}");
+    assert!(
+        stderr.contains(&format!("the relay at {down} is not reachable")) && stderr.contains("--offline"),
+        "{stderr}"
+    );
+    let out = flen.run(&["--json", "status", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(3));
+    let value: Value = serde_json::from_slice(&out.stdout).expect("JSON status");
+    assert_eq!(value["relay"]["reachable"], false);
+
+    // --offline does not try, and exits 0.
+    let text = flen.ok(&["status", "--offline"]);
+    assert!(text.contains(&format!("relay: {down} (not checked: --offline)")), "{text}");
+    let help = flen.ok(&["status", "--help"]).split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(help.contains("3 when it is not reachable"), "{help}");
+
+    // A relay that answers: exit 0.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let relay = runtime
+        .block_on(samverkan_relay::server::spawn(samverkan_relay::server::RelayConfig::new(
+            "127.0.0.1:0".parse().unwrap(),
+            root.path().join("relay"),
+        )))
+        .expect("relay starts");
+    remember_relay(&flen, &relay.local_addr().to_string(), &relay.relay_key());
+    let text = flen.ok(&["status"]);
+    assert!(text.contains(&format!("relay: {} reachable", relay.local_addr())), "{text}");
+    runtime.block_on(relay.shutdown());
+}
+
+#[test]
+fn the_default_data_directory_is_the_one_the_readme_names() {
+    let root = tempfile::tempdir().unwrap();
+    let home = root.path().join("home");
+    let run = |xdg: Option<&Path>, args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_samverkan-node"));
+        cmd.args(args).env_remove("SAMVERKAN_DATA_DIR").env_remove("XDG_DATA_HOME").env("HOME", &home);
+        if let Some(xdg) = xdg {
+            cmd.env("XDG_DATA_HOME", xdg);
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        serde_json::from_slice::<Value>(&out.stdout).unwrap()
+    };
+    let made = run(None, &["--json", "init", "--org", "Flen"]);
+    assert_eq!(made["data_dir"], home.join(".local/share/samverkan").to_str().unwrap());
+    let xdg = root.path().join("xdg");
+    let made = run(Some(&xdg), &["--json", "init", "--org", "Flen"]);
+    assert_eq!(made["data_dir"], xdg.join("samverkan").to_str().unwrap());
+    assert_eq!(run(Some(&xdg), &["--json", "whoami"])["data_dir"], xdg.join("samverkan").to_str().unwrap());
+}

@@ -1,5 +1,16 @@
 //! `samverkan-relay`: parses flags, sets up logging and runs the relay.
+//!
+//! Everything it prints goes through [`say`] (or, while serving, [`say_best_effort`]);
+//! `println!` and `eprintln!` are denied here because they panic when the stream
+//! is closed. When the reader of standard output goes away early
+//! (`samverkan-relay list | head -1`), [`say`] returns [`OutputClosed`] and the
+//! command ends quietly with exit status 0; a serving relay keeps serving.
+//! (Restoring the default `SIGPIPE` action instead would need `unsafe`, and would
+//! let a vanished log reader kill `serve`, overriding a service manager's choice.)
 
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -68,7 +79,7 @@ enum Command {
     },
     /// Enroll a node key (or a signer's key), or issue a one-time join code for a node.
     Enroll {
-        /// Where the relay keeps its database.
+        /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
         /// The organisation (name or id, e.g. "Flen", "Länsstyrelsen", "polisen").
@@ -95,7 +106,7 @@ enum Command {
     },
     /// Revoke a key: its connections are closed and it can no longer connect.
     Revoke {
-        /// Where the relay keeps its database.
+        /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
         /// The public key, 64 hex digits.
@@ -104,7 +115,7 @@ enum Command {
     },
     /// List enrolled nodes and signers.
     List {
-        /// Where the relay keeps its database.
+        /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
         /// Print JSON.
@@ -126,19 +137,60 @@ fn main() -> std::process::ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // A closed standard error loses log lines; it must not panic (the default reports with `eprintln!`).
+        .log_internal_errors(false)
         .init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        // `samverkan-relay list | head -1`: the reader has what it wanted.
+        Err(e) if e.chain().any(|cause| cause.is::<OutputClosed>()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let _ = writeln!(std::io::stderr().lock(), "error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }
 }
 
+/// Standard output was closed by its reader: the command stops printing and
+/// the process exits quietly with status 0.
+#[derive(Debug, thiserror::Error)]
+#[error("standard output was closed by its reader")]
+struct OutputClosed;
+
+/// Writes `text` and a newline to standard output and flushes. A closed stream
+/// is [`OutputClosed`]; any other failure is an error naming standard output.
+fn say(text: impl std::fmt::Display) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(OutputClosed.into()),
+        Err(e) => Err(anyhow::Error::new(e).context("writing to standard output")),
+    }
+}
+
+/// [`say`] for `serve`: a relay keeps serving when nobody reads what it prints.
+fn say_best_effort(text: impl std::fmt::Display) {
+    let _ = say(text);
+}
+
 fn open_storage(data_dir: &std::path::Path) -> anyhow::Result<SqliteStorage> {
     let path = data_dir.join(server::DB_FILE);
     SqliteStorage::open(&path, 4).with_context(|| format!("opening the relay database {}", path.display()))
+}
+
+/// Refuses a data directory that holds no relay (no `relay.key`): a typo, or a
+/// placeholder left in a pasted command, must not set up a new, empty relay.
+fn existing_relay(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    if data_dir.join(enrollment::KEY_FILE).exists() {
+        return Ok(());
+    }
+    bail!(
+        "{dir} holds no relay (no {key}): give the data directory the relay serves from (as `samverkan-relay serve \
+         --data-dir` or SAMVERKAN_RELAY_DATA_DIR names it); to set up a new relay in {dir}, run \
+         `samverkan-relay key --data-dir {dir}` first",
+        dir = data_dir.display(),
+        key = enrollment::KEY_FILE
+    )
 }
 
 fn parse_key(text: &str) -> anyhow::Result<NodeId> {
@@ -154,14 +206,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     format!("cannot read the relay's status from {admin} (is it running with --admin {admin}?)")
                 })?;
                 if json {
-                    println!("{}", serde_json::to_string_pretty(&status)?);
+                    say(serde_json::to_string_pretty(&status)?)?;
                 } else {
-                    print!("{}", monitor::format_table(&status));
+                    say(monitor::format_table(&status).trim_end())?;
                 }
                 Ok(())
             })
         }
         Command::Enroll { data_dir, org, name, key, join_code, address, valid_hours, signer_role } => {
+            existing_relay(&data_dir)?;
             let org = Organisations::sodermanland()
                 .resolve(&org)
                 .with_context(|| format!("unknown organisation {org:?}"))?
@@ -181,8 +234,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     chrono::Utc::now(),
                 )?;
                 let code = JoinCode { secret, relay_key, relay_address: address };
-                println!("join code for {name} ({org}), valid {valid_hours} h, usable once:\n{code}");
-                println!("on the node: samverkan-node join {code}");
+                say(format_args!("join code for {name} ({org}), valid {valid_hours} h, usable once:\n{code}"))?;
+                say(format_args!("on the node: samverkan-node join {code}"))?;
                 return Ok(());
             }
             let Some(key) = key else { bail!("give --key <node key> or --join-code") };
@@ -200,30 +253,35 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     revoked_at: None,
                 },
             )?;
-            println!("enrolled {name} ({org}) with key {key}");
-            println!("relay key for the node to pin: {relay_key}");
+            say(format_args!("enrolled {name} ({org}) with key {key}"))?;
+            say(format_args!("relay key for the node to pin: {relay_key}"))?;
             Ok(())
         }
         Command::Revoke { data_dir, key } => {
+            existing_relay(&data_dir)?;
             let key = parse_key(&key)?;
             let member = enrollment::revoke(&mut open_storage(&data_dir)?, &key, chrono::Utc::now())?;
-            println!("revoked {} ({}); a running relay disconnects it within seconds", member.name, member.org);
+            say(format_args!(
+                "revoked {} ({}); a running relay disconnects it within seconds",
+                member.name, member.org
+            ))?;
             Ok(())
         }
         Command::List { data_dir, json } => {
+            existing_relay(&data_dir)?;
             let directory = enrollment::directory(&open_storage(&data_dir)?)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&directory)?);
+                say(serde_json::to_string_pretty(&directory)?)?;
                 return Ok(());
             }
-            println!("{:<8} {:<14} {:<32} {:<20} {:<10} ROLE", "KIND", "ORG", "NAME", "KEY", "STATE");
+            say(format_args!("{:<8} {:<14} {:<32} {:<20} {:<10} ROLE", "KIND", "ORG", "NAME", "KEY", "STATE"))?;
             for m in &directory.members {
                 let state = match m.revoked_at {
                     Some(t) => format!("revoked {}", t.format("%Y-%m-%d")),
                     None => "enrolled".to_string(),
                 };
                 let kind = if m.kind == MemberKind::Node { "node" } else { "signer" };
-                println!(
+                say(format_args!(
                     "{:<8} {:<14} {:<32} {:<20} {:<10} {}",
                     kind,
                     m.org,
@@ -231,14 +289,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     m.key.short(),
                     state,
                     m.role.as_deref().unwrap_or("")
-                );
+                ))?;
             }
             Ok(())
         }
-        Command::Key { data_dir } => {
-            println!("{}", server::load_or_create_key(&data_dir)?.node_id());
-            Ok(())
-        }
+        Command::Key { data_dir } => say(server::load_or_create_key(&data_dir)?.node_id()),
         Command::Serve {
             config: config_file,
             listen,
@@ -287,10 +342,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
                 let relay = server::spawn(config).await?;
-                println!("samverkan-relay {} listening on {}", samverkan_relay::VERSION, relay.local_addr());
-                println!("relay key (nodes pin it): {}", relay.relay_key());
+                say_best_effort(format_args!(
+                    "samverkan-relay {} listening on {}",
+                    samverkan_relay::VERSION,
+                    relay.local_addr()
+                ));
+                say_best_effort(format_args!("relay key (nodes pin it): {}", relay.relay_key()));
                 if let Some(addr) = relay.admin_addr() {
-                    println!("admin dashboard: http://{addr}/  (status: samverkan-relay status --admin {addr})");
+                    say_best_effort(format_args!(
+                        "admin dashboard: http://{addr}/  (status: samverkan-relay status --admin {addr})"
+                    ));
                 }
                 let stop = relay.shutdown_signal();
                 tokio::spawn(async move {
@@ -298,7 +359,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     let _ = stop.send(true);
                 });
                 relay.wait().await;
-                println!("relay stopped");
+                say_best_effort("relay stopped");
                 Ok(())
             })
         }

@@ -9,6 +9,13 @@
 //! connection; a connection's failure (a broken or hostile peer) closes that
 //! connection only. Storage is reached through [`RelayStorage`].
 //!
+//! The enrollment directory is cached. The operator changes it from another
+//! process (`samverkan-relay enroll | revoke`); the relay notices such a
+//! commit with one cheap look at the storage ([`RelayStorage::external_changes`])
+//! whenever a node connects, before it checks the key and sends the
+//! `Directory` frame, and every [`RelayConfig::directory_poll`] (to cut off
+//! revoked nodes that stay connected).
+//!
 //! Approval receipts: when a change adds approval or withdrawal records and
 //! they pass [`approval::check_new_records`], the relay signs a receipt of each
 //! ([`ApprovalReceipt`]: the record, received now) and stores it in the same
@@ -68,8 +75,10 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// Connections one node key may hold at once; more are refused.
     pub max_connections_per_key: usize,
-    /// How often the enrollment directory is re-read (to pick up the
-    /// operator's `enroll` and `revoke` from another process).
+    /// How often the relay looks whether the operator changed the enrollment
+    /// directory from another process (`enroll`, `revoke`): revoked nodes
+    /// still connected are cut off, connected nodes get the new directory. A
+    /// connecting node always gets the directory as stored, poll or not.
     pub directory_poll: Duration,
     /// Monitoring: stale threshold, node names, admin HTTP server (see [`crate::monitor`]).
     pub monitoring: MonitorConfig,
@@ -194,6 +203,9 @@ struct Shared<S> {
     software: String,
     relay_key: NodeKey,
     directory: RwLock<DirectoryCache>,
+    /// The storage's [`RelayStorage::external_changes`] when the directory was
+    /// last read; held while re-reading, so re-reads happen one at a time.
+    directory_read_at: Mutex<Option<i64>>,
     monitor: Arc<Monitor>,
     max_connections_per_key: usize,
     /// Limits on what a node's sync messages may carry.
@@ -211,11 +223,36 @@ impl<S: RelayStorage> Shared<S> {
         self.directory.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Re-reads the directory; if it changed, tells connections and cuts off
+    /// Re-reads the directory; if it is newer, tells connections and cuts off
     /// the revoked ones. Returns whether it changed.
     fn refresh_directory(&self) -> Result<bool, EnrollmentError> {
-        let directory = enrollment::directory(&*self.storage())?;
-        if directory.version == self.directory().directory.version {
+        let mut read_at = self.directory_read_at.lock().unwrap_or_else(|e| e.into_inner());
+        self.reread_directory(&mut read_at)
+    }
+
+    /// [`Self::refresh_directory`] if another process may have changed the
+    /// directory since it was last read (`samverkan-relay enroll` or `revoke`
+    /// while the relay runs); otherwise one cheap look (SQLite's
+    /// `data_version`) and nothing else. Called when a node connects, so a
+    /// key enrolled or revoked a moment ago counts for that connection and its
+    /// `Directory` frame carries the enrollment (the poll may not have run yet).
+    fn refresh_directory_if_changed(&self) -> Result<bool, EnrollmentError> {
+        let mut read_at = self.directory_read_at.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.storage().external_changes()?;
+        if now.is_some() && now == *read_at {
+            return Ok(false);
+        }
+        self.reread_directory(&mut read_at)
+    }
+
+    fn reread_directory(&self, read_at: &mut Option<i64>) -> Result<bool, EnrollmentError> {
+        let (changes, directory) = {
+            let storage = self.storage();
+            (storage.external_changes()?, enrollment::directory(&*storage)?)
+        };
+        *read_at = changes;
+        // Versions only grow: an older read (racing a newer one) changes nothing.
+        if directory.version <= self.directory().directory.version {
             return Ok(false);
         }
         let signed = directory.sign(self.relay_key.signing_key()).encode();
@@ -393,6 +430,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
     let identity = TlsIdentity::new(relay_key.signing_key(), tls::SERVER_NAME)?;
     let endpoint = samverkan_net::endpoint::server_endpoint(config.listen, &identity, &config.limits)?;
     let local_addr = endpoint.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
+    let directory_read_at = storage.external_changes()?;
     let directory = enrollment::directory(&storage)?;
     let signed = directory.sign(relay_key.signing_key()).encode();
     let relay_id = relay_key.node_id();
@@ -404,6 +442,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
         software: format!("samverkan-relay {}", crate::VERSION),
         relay_key,
         directory: RwLock::new(DirectoryCache { directory: Arc::new(directory), signed }),
+        directory_read_at: Mutex::new(directory_read_at),
         monitor: monitor.clone(),
         max_connections_per_key: config.max_connections_per_key,
         sync_limits: SyncLimits { max_frame: config.limits.max_frame, ..SyncLimits::for_content(&config.content) },
@@ -440,7 +479,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
                 tokio::select! {
                     _ = stop.changed() => break,
                     _ = directory_poll.tick() => {
-                        if let Err(e) = accept_shared.refresh_directory() {
+                        if let Err(e) = accept_shared.refresh_directory_if_changed() {
                             warn!(error = %e, "could not re-read the enrollment directory");
                         }
                     }
@@ -769,7 +808,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
                 sync.push_directory(signed);
             })
         }
-        Ok(Ok(Some(first))) => match authenticate(&shared, key, &first) {
+        Ok(Ok(Some(first))) => match refresh_then_authenticate(&shared, key, &first) {
             Ok(auth) => {
                 // A key that made the relay read more than its share waits (with the small
                 // pre-authentication window) until it has regained it: reconnecting does not help.
@@ -864,6 +903,19 @@ fn shared_states<S: RelayStorage>(
     Ok(kept)
 }
 
+/// [`authenticate`] against the directory as stored now: the operator may have
+/// enrolled or revoked the key from another process a moment ago.
+fn refresh_then_authenticate<S: RelayStorage>(
+    shared: &Shared<S>,
+    key: NodeId,
+    first: &Frame,
+) -> Result<Authenticated, Refusal> {
+    if let Err(e) = shared.refresh_directory_if_changed() {
+        warn!(error = %e, "could not re-read the enrollment directory");
+    }
+    authenticate(shared, key, first)
+}
+
 /// Checks that the connection's key is an enrolled, unrevoked node and that
 /// its first frame is a `Hello` naming that key.
 fn authenticate<S: RelayStorage>(shared: &Shared<S>, key: NodeId, first: &Frame) -> Result<Authenticated, Refusal> {
@@ -904,7 +956,7 @@ fn authenticate<S: RelayStorage>(shared: &Shared<S>, key: NodeId, first: &Frame)
                 "not enrolled",
                 ErrorCode::Unauthenticated,
                 format!(
-                    "this node's key {key} is not enrolled at this relay; ask the operator to run `samverkan-relay enroll --key {key} --org <organisation> --name <name>` or for a join code"
+                    "this node's key {key} is not enrolled at this relay; ask the operator to run `samverkan-relay enroll --data-dir <relay data directory> --key {key} --org <organisation> --name <name>` or for a join code"
                 ),
             ),
         }),

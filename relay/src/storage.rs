@@ -106,6 +106,14 @@ pub trait RelayStorage: Send + 'static {
     /// Drops a document from memory (it stays stored).
     fn evict(&mut self, doc: &DocId);
 
+    /// A number that changes whenever another process commits to the storage
+    /// (the operator's `samverkan-relay enroll` while the relay runs), read
+    /// cheaply; `None` if the implementation cannot tell, and the relay then
+    /// re-reads the enrollment directory every time it would look.
+    fn external_changes(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
+
     /// Number of documents held in memory.
     fn loaded(&self) -> usize;
 }
@@ -204,6 +212,12 @@ impl RelayStorage for SqliteStorage {
 
     fn evict(&mut self, doc: &DocId) {
         self.store.evict(doc);
+    }
+
+    /// SQLite's `data_version` of the relay's connection: changed by every
+    /// commit of another connection (process), not by the relay's own.
+    fn external_changes(&self) -> Result<Option<i64>, StoreError> {
+        self.store.data_version().map(Some)
     }
 
     fn loaded(&self) -> usize {

@@ -235,27 +235,108 @@ impl std::fmt::Display for JoinCode {
     }
 }
 
-impl std::str::FromStr for JoinCode {
-    type Err = DirectoryError;
+/// What a join code looks like, and what to do with a bad one (the end of every [`JoinCodeError`]).
+const JOIN_CODE_HELP: &str = "A join code is one line, svk1.<secret: 32 hex digits>.<relay key: 64 hex digits>.<relay address: host:port>, \
+     as `samverkan-relay enroll --join-code` prints it: copy it again, whole, from the operator's message, or ask the operator for a new one";
 
-    fn from_str(text: &str) -> Result<Self, DirectoryError> {
-        let bad = |why: &str| {
-            DirectoryError::Malformed(format!(
-                "not a join code ({why}); it looks like svk1.<32 hex>.<64 hex>.<host:port>"
-            ))
-        };
-        let mut parts = text.trim().splitn(4, '.');
-        if parts.next() != Some("svk1") {
-            return Err(bad("wrong prefix"));
+/// Why a text is not a join code, said so that the person who pasted it can fix it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JoinCodeError {
+    /// Nothing was given.
+    #[error("not a join code: it is empty. {JOIN_CODE_HELP}")]
+    Empty,
+    /// It does not start with `svk1.`.
+    #[error("not a join code: it starts with {found:?}, not \"svk1.\". {JOIN_CODE_HELP}")]
+    Prefix {
+        /// The first characters given (at most 12).
+        found: String,
+    },
+    /// Fewer than the four dot-separated parts.
+    #[error(
+        "not a whole join code: it has {found} of the 4 parts separated by dots (svk1, secret, relay key, relay address); \
+         the rest was probably cut off when it was copied. {JOIN_CODE_HELP}"
+    )]
+    MissingParts {
+        /// How many parts there are.
+        found: usize,
+    },
+    /// The secret (second part) is not 32 hex digits.
+    #[error("the join code's secret (its second part) {0}. {JOIN_CODE_HELP}")]
+    Secret(String),
+    /// The relay key (third part) is not a relay's public key.
+    #[error("the join code's relay key (its third part) {0}. {JOIN_CODE_HELP}")]
+    RelayKey(String),
+    /// The relay address (fourth part) is not `host:port`.
+    #[error("the join code's relay address (its fourth part) {0}. {JOIN_CODE_HELP}")]
+    Address(String),
+}
+
+/// Checks that `part` is exactly `digits` hex digits; says what is wrong if not.
+fn hex_part(part: &str, digits: usize) -> Result<Vec<u8>, String> {
+    if part.is_empty() {
+        return Err(format!("is empty; it must be {digits} hex digits"));
+    }
+    if let Some(c) = part.chars().find(|c| !c.is_ascii_hexdigit()) {
+        return Err(format!("contains {c:?}, which is not a hex digit (0-9, a-f)"));
+    }
+    if part.len() != digits {
+        return Err(format!(
+            "has {} hex digits instead of {digits}: a digit is {} (a typo or a copying mistake)",
+            part.len(),
+            if part.len() < digits { "missing" } else { "too many" }
+        ));
+    }
+    hex::decode(part).map_err(|e| format!("is not hex: {e}"))
+}
+
+/// Checks that `address` is `host:port`; says what is wrong if not.
+fn check_address(address: &str) -> Result<(), String> {
+    if address.is_empty() {
+        return Err("is missing; it must be the relay's host:port, e.g. relay.example.se:7878".to_string());
+    }
+    let Some((host, port)) = address.rsplit_once(':') else {
+        return Err(format!("{address:?} has no port; it must be host:port, e.g. relay.example.se:7878"));
+    };
+    if host.is_empty() || host == "[]" {
+        return Err(format!("{address:?} has no host name; it must be host:port, e.g. relay.example.se:7878"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(format!("{address:?} has the port {port:?}, which is not a number from 1 to 65535")),
+    }
+}
+
+impl std::str::FromStr for JoinCode {
+    type Err = JoinCodeError;
+
+    /// Parses the text form. White space anywhere is ignored (a code wrapped
+    /// over two lines by an e-mail program still reads); anything else wrong
+    /// is named ([`JoinCodeError`]).
+    fn from_str(text: &str) -> Result<Self, JoinCodeError> {
+        let text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+        if text.is_empty() {
+            return Err(JoinCodeError::Empty);
         }
-        let secret = parts
-            .next()
-            .and_then(|s| hex::decode(s).ok())
-            .and_then(|b| <[u8; 16]>::try_from(b).ok())
-            .ok_or_else(|| bad("bad secret"))?;
-        let relay_key = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| bad("bad relay key"))?;
-        let relay_address = parts.next().filter(|a| !a.is_empty()).ok_or_else(|| bad("no relay address"))?.to_string();
-        Ok(Self { secret, relay_key, relay_address })
+        let parts: Vec<&str> = text.splitn(4, '.').collect();
+        if parts[0] != "svk1" {
+            let found: String = text.chars().take(12).collect();
+            return Err(JoinCodeError::Prefix { found });
+        }
+        let [_, secret, relay_key, relay_address] = parts[..] else {
+            return Err(JoinCodeError::MissingParts { found: parts.len() });
+        };
+        let secret: [u8; 16] = hex_part(secret, 32)
+            .map_err(JoinCodeError::Secret)?
+            .try_into()
+            .map_err(|_| JoinCodeError::Secret("is not 16 bytes".to_string()))?;
+        let key: [u8; 32] = hex_part(relay_key, 64)
+            .map_err(JoinCodeError::RelayKey)?
+            .try_into()
+            .map_err(|_| JoinCodeError::RelayKey("is not 32 bytes".to_string()))?;
+        let relay_key = NodeId::from_bytes(&key)
+            .map_err(|_| JoinCodeError::RelayKey("is not a valid relay key (not an ed25519 public key)".to_string()))?;
+        check_address(relay_address).map_err(JoinCodeError::Address)?;
+        Ok(Self { secret, relay_key, relay_address: relay_address.to_string() })
     }
 }
 
@@ -326,5 +407,46 @@ mod tests {
             assert!(bad.parse::<JoinCode>().is_err(), "{bad}");
         }
         assert!(!format!("{code:?}").contains("0707"), "the secret stays out of logs");
+        // Wrapped over two lines by an e-mail program: still the same code.
+        let text = code.to_string();
+        assert_eq!(format!("  {}\n{}  ", &text[..60], &text[60..]).parse::<JoinCode>().unwrap(), code);
+    }
+
+    #[test]
+    fn a_garbled_join_code_says_which_part_is_wrong_and_what_to_do() {
+        let secret = hex::encode([7; 16]);
+        let key = NodeKey::generate().node_id().to_string();
+        // 64 hex digits that are no ed25519 public key.
+        let not_a_key = (0..=255u8)
+            .map(|b| hex::encode([b; 32]))
+            .find(|k| NodeId::from_bytes(&[u8::from_str_radix(&k[..2], 16).unwrap(); 32]).is_err())
+            .expect("some byte pattern is not a curve point");
+        let cases: [(String, &str); 13] = [
+            (String::new(), "it is empty"),
+            (format!("svk2.{secret}.{key}.relay.lst.se:7878"), "starts with \"svk2.0707070\""),
+            (format!("https://relay.lst.se/{secret}"), "not \"svk1.\""),
+            ("svk1".to_string(), "1 of the 4 parts"),
+            (format!("svk1.{secret}.{key}"), "3 of the 4 parts"),
+            (
+                format!("svk1.{}.{key}.relay.lst.se:7878", &secret[..31]),
+                "secret (its second part) has 31 hex digits instead of 32: a digit is missing",
+            ),
+            (format!("svk1.{secret}x.{key}.relay.lst.se:7878"), "secret (its second part) contains 'x'"),
+            (
+                format!("svk1.{secret}.{}.relay.lst.se:7878", &key[..63]),
+                "relay key (its third part) has 63 hex digits instead of 64",
+            ),
+            (format!("svk1.{secret}.{not_a_key}.relay.lst.se:7878"), "not a valid relay key"),
+            (format!("svk1.{secret}.{key}."), "relay address (its fourth part) is missing"),
+            (format!("svk1.{secret}.{key}.relay.lst.se"), "\"relay.lst.se\" has no port"),
+            (format!("svk1.{secret}.{key}.relay.lst.se:78x8"), "port \"78x8\", which is not a number"),
+            (format!("svk1.{secret}.{key}.:7878"), "has no host name"),
+        ];
+        for (text, expected) in cases {
+            let message = text.parse::<JoinCode>().unwrap_err().to_string();
+            assert!(message.contains(expected), "{text:?}: {message}");
+            assert!(message.contains("copy it again, whole"), "every message says what to do: {message}");
+            assert!(!message.contains("signed directory"), "{message}");
+        }
     }
 }

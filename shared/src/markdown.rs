@@ -382,12 +382,23 @@ fn split_front_matter(text: &str) -> Result<(Option<&str>, &str), MarkdownError>
 
 // ---- import ----------------------------------------------------------------------------------
 
+/// Parses the front matter `front` of `text` with errors located by the
+/// file's line numbers: the opening `+++` line is parsed as blanks of the
+/// same length, so TOML's lines and offsets are the file's.
+fn parse_front_matter(text: &str, front: &str) -> Result<FrontMatter, MarkdownError> {
+    let opening = if text.trim_start_matches('\u{feff}').starts_with("+++\r\n") { "+++\r\n" } else { "+++\n" };
+    toml::from_str(&format!("{}{front}", opening.replace('+', " "))).map_err(|mut e| {
+        e.set_input(Some(&format!("{opening}{front}")));
+        MarkdownError::FrontMatter(e.to_string())
+    })
+}
+
 /// Imports Markdown: with front matter exactly, without it by recognising the
 /// fields from the text. `kind` overrides the recognised kind of a plain file.
 pub fn import(text: &str, directory: &Directory, kind: Option<DocKind>) -> Result<Imported, MarkdownError> {
     match split_front_matter(text)? {
         (Some(front), body) => {
-            let front: FrontMatter = toml::from_str(front).map_err(|e| MarkdownError::FrontMatter(e.to_string()))?;
+            let front = parse_front_matter(text, front)?;
             let (id, content) = front.into_content(body.to_string(), directory)?;
             Ok(Imported { id, content, recognised: Vec::new() })
         }

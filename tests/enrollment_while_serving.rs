@@ -1,0 +1,113 @@
+//! The operator enrolls and revokes from another process
+//! (`samverkan-relay enroll | revoke` open the relay's database beside the
+//! running relay): the very next connection sees it, over real QUIC, however
+//! long the relay's directory poll is.
+
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::Utc;
+use samverkan::node::node::{Node, NodeError};
+use samverkan::node::sync::{self, RelayTarget, SyncFailure, SyncReport};
+use samverkan::relay::enrollment;
+use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::relay::storage::SqliteStorage;
+use samverkan::shared::directory::{Member, MemberKind};
+use samverkan::shared::identity::NodeId;
+use samverkan::shared::org::OrgId;
+
+const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
+const LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
+}
+
+/// A relay whose directory poll never comes round during the test: only what
+/// happens at connection time can pick up the operator's changes.
+async fn start_relay(dir: &Path) -> RelayHandle {
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
+    config.directory_poll = Duration::from_secs(3600);
+    server::spawn(config).await.expect("relay starts")
+}
+
+async fn try_sync(node: &mut Node, relay: &RelayHandle) -> Result<SyncReport, SyncFailure> {
+    let target = RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() };
+    bounded("sync", sync::sync_once(node, &target, LIMIT)).await
+}
+
+fn org(name: &str) -> OrgId {
+    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
+}
+
+/// What `samverkan-relay enroll` does: its own connection to the relay's database.
+fn operator_enrolls(relay_dir: &Path, key: NodeId, kind: MemberKind, org_name: &str, name: &str, role: Option<&str>) {
+    let mut storage = SqliteStorage::open(&relay_dir.join(server::DB_FILE), 4).expect("open the relay database");
+    let member = Member {
+        key,
+        kind,
+        org: org(org_name),
+        name: name.into(),
+        role: role.map(Into::into),
+        enrolled_at: Utc::now(),
+        revoked_at: None,
+    };
+    enrollment::enroll(&mut storage, member).expect("enrolled");
+}
+
+/// What `samverkan-relay revoke` does.
+fn operator_revokes(relay_dir: &Path, key: &NodeId) {
+    let mut storage = SqliteStorage::open(&relay_dir.join(server::DB_FILE), 4).expect("open the relay database");
+    enrollment::revoke(&mut storage, key, Utc::now()).expect("revoked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_right_after_the_operator_enrolled_a_signer_carries_it_and_approve_works() {
+    let root = tempfile::tempdir().unwrap();
+    let relay_dir = root.path().join("relay");
+    let relay = start_relay(&relay_dir).await;
+    let mut lst = Node::init(&root.path().join("lst"), "Länsstyrelsen", Some("lst")).unwrap();
+    relay.enroll_node(lst.node_id(), lst.org().clone(), "lst").unwrap();
+    let (id, _) = lst.import_markdown(SEED, None).unwrap();
+    try_sync(&mut lst, &relay).await.expect("first sync");
+
+    // As the README says: `signer new`, the operator enrolls, `sync`, `approve`.
+    let governor = lst.create_signer("Beatrice Ask", "Landshövding", None).unwrap();
+    let refused = lst.approve(&id, "Beatrice Ask").unwrap_err();
+    assert!(matches!(refused, NodeError::SignerNotEnrolled { .. }), "not enrolled yet: {refused}");
+    operator_enrolls(
+        &relay_dir,
+        governor.key,
+        MemberKind::Signer,
+        "Länsstyrelsen",
+        "Beatrice Ask",
+        Some("Landshövding"),
+    );
+    try_sync(&mut lst, &relay).await.expect("sync after the enrollment");
+    let directory = lst.enrollment().unwrap().expect("a directory");
+    assert!(directory.active(&governor.key).is_some(), "the sync carried the new signer");
+    lst.approve(&id, "Beatrice Ask").expect("approve works right after that sync");
+    try_sync(&mut lst, &relay)
+        .await
+        .expect("the approval reaches the relay, which checks it against the same directory");
+    assert!(lst.approval_status(&id).unwrap().awaiting_receipt.is_empty(), "the relay received and receipted it");
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_enrolled_or_revoked_by_the_operator_a_moment_ago_is_judged_by_that_at_once() {
+    let root = tempfile::tempdir().unwrap();
+    let relay_dir = root.path().join("relay");
+    let relay = start_relay(&relay_dir).await;
+    let mut flen = Node::init(&root.path().join("flen"), "Flen", Some("flen")).unwrap();
+
+    operator_enrolls(&relay_dir, flen.node_id(), MemberKind::Node, "Flen", "Flen BF", None);
+    try_sync(&mut flen, &relay).await.expect("enrolled a moment ago: admitted");
+    assert!(flen.enrollment().unwrap().expect("directory").active(&flen.node_id()).is_some());
+
+    operator_revokes(&relay_dir, &flen.node_id());
+    let refused = try_sync(&mut flen, &relay).await.expect_err("revoked a moment ago: refused");
+    assert!(format!("{refused:#}").contains("revoked"), "{refused:#}");
+    relay.shutdown().await;
+}
