@@ -341,6 +341,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(async {
+                // Handlers first: a SIGTERM right after the relay says it listens must stop it cleanly.
+                let stop_requested = shutdown_requested()?;
                 let relay = server::spawn(config).await?;
                 say_best_effort(format_args!(
                     "samverkan-relay {} listening on {}",
@@ -355,7 +357,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 }
                 let stop = relay.shutdown_signal();
                 tokio::spawn(async move {
-                    shutdown_requested().await;
+                    stop_requested.await;
                     let _ = stop.send(true);
                 });
                 relay.wait().await;
@@ -366,18 +368,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn shutdown_requested() {
+/// Installs the Ctrl-C and SIGTERM handlers now and returns a future that
+/// completes when either arrives.
+fn shutdown_requested() -> anyhow::Result<impl std::future::Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => return std::future::pending().await,
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        let mut interrupt = signal(SignalKind::interrupt()).context("installing the Ctrl-C handler")?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = term.recv() => {}
+            }
+        })
     }
     #[cfg(not(unix))]
-    let _ = tokio::signal::ctrl_c().await;
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
