@@ -23,8 +23,9 @@
 //! received both at once report the same overlaps, numbered the same.
 //!
 //! **What is reported.** One [`Overlap`] per field and paragraph of the common
-//! base: the base paragraph, each side's version of it (as the side's change
-//! left it), the merged paragraph as it stands now, and both changes with
+//! base: the base paragraph, each side's version of it (as that side had it
+//! when the two sides met: the colliding change and the side's later
+//! changes), the merged paragraph as it stands now, and both changes with
 //! their authors. When one side made several overlapping changes while apart
 //! from the other, the pair of latest changes stands for them (the earlier
 //! pairs are folded into it); overlaps of two separate rounds (the sides met
@@ -90,7 +91,8 @@ pub struct Overlap {
     base_heads: Vec<ChangeHash>,
 }
 
-/// One side of an [`Overlap`].
+/// One side of an [`Overlap`]: the change that collided, and the paragraph as
+/// that side had it when the two sides met (with the side's later changes).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct OverlapSide {
     /// The change (hex hash).
@@ -101,7 +103,7 @@ pub struct OverlapSide {
     pub time: Option<DateTime<Utc>>,
     /// The change's message.
     pub message: Option<String>,
-    /// This side's version of the paragraph, as the change left it.
+    /// This side's version of the paragraph, as the side had it when the sides met.
     pub text: String,
 }
 
@@ -557,8 +559,8 @@ fn find(
             let paras = paragraphs::split(&text);
             (text, paras)
         };
-        let (a_text, a_paras) = version(&[graph.hashes[hit.a]]);
-        let (b_text, b_paras) = version(&[graph.hashes[hit.b]]);
+        let (a_text, a_paras) = version(&side_heads(graph, hit.a, hit.b));
+        let (b_text, b_paras) = version(&side_heads(graph, hit.b, hit.a));
         let merged_text = am.text(obj).unwrap_or_default();
         let merged_paras = paragraphs::split(&merged_text);
         let carried = |text: &str, paras: &[String], p: usize| {
@@ -596,6 +598,20 @@ fn find(
         ))
     });
     Ok(out.into_iter().map(|(_, o)| o).collect())
+}
+
+/// One side as it stood when the sides met: change `a` and every later
+/// change of its side (descendants of `a` still made without knowing `b`).
+fn side_heads(graph: &ChangeGraph, a: usize, b: usize) -> Vec<ChangeHash> {
+    let mut clock = graph.clock(a).to_vec();
+    for x in a + 1..graph.len() {
+        if graph.is_ancestor_or_self(a, x) && graph.concurrent(x, b) {
+            for (slot, v) in clock.iter_mut().zip(graph.clock(x)) {
+                *slot = (*slot).max(*v);
+            }
+        }
+    }
+    graph.heads_of(&clock)
 }
 
 fn hex_index(graph: &ChangeGraph, hex: &str) -> Option<usize> {

@@ -98,12 +98,30 @@ pub(crate) fn carry(old: &[String], new: &[String], index: usize) -> Range<usize
             DiffOp::Replace { old_index, old_len, new_index, new_len }
                 if (old_index..old_index + old_len).contains(&index) =>
             {
-                return new_index..new_index + new_len;
+                // Changed in place (as many paragraphs before as after): each
+                // to its counterpart. Otherwise the most similar one, or, if
+                // none is much alike (a paragraph split or rewritten), all.
+                if old_len == new_len {
+                    let at = new_index + index - old_index;
+                    return at..at + 1;
+                }
+                let best = (new_index..new_index + new_len)
+                    .map(|i| (similarity(&old[index], &new[i]), i))
+                    .max_by(|a, b| a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)));
+                return match best {
+                    Some((ratio, i)) if ratio >= 0.5 => i..i + 1,
+                    _ => new_index..new_index + new_len,
+                };
             }
             _ => {}
         }
     }
     new.len()..new.len()
+}
+
+/// How alike two paragraphs are, from 0 to 1 (by characters).
+fn similarity(a: &str, b: &str) -> f32 {
+    similar::TextDiff::configure().timeout(std::time::Duration::from_millis(50)).diff_chars(a, b).ratio()
 }
 
 /// The text of paragraphs `range` of `text` (with the separators between them).
@@ -170,6 +188,13 @@ mod tests {
         assert_eq!(carry(&old, &new, 2), 3..4);
         let gone = split("A\n\nC");
         assert_eq!(carry(&old, &gone, 1), 1..1);
+        // Neighbours changed too: each paragraph still goes to its own counterpart.
+        let both = split("A\n\nB ändrad\n\nC ändrad");
+        assert_eq!(carry(&old, &both, 1), 1..2);
+        assert_eq!(carry(&old, &both, 2), 2..3);
+        let old = split("A\n\nStyrgruppen träffas två gånger per år.\n\nC");
+        let grown = split("A\n\nStyrgruppen träffas två gånger per år, vår och höst.\n\nNytt om annat.\n\nC ändrad");
+        assert_eq!(carry(&old, &grown, 1), 1..2, "the most similar of several");
     }
 
     #[test]

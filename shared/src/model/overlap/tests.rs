@@ -239,3 +239,29 @@ fn two_rounds_of_overlapping_edits_are_two_overlaps_settled_one_by_one() {
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].key(), found[0].key());
 }
+
+#[test]
+fn a_sides_version_has_its_later_edits_and_resolving_keeps_every_other_paragraph() {
+    let flen = ctx("flen-kommun", "Flen");
+    let police = ctx("polisomrade-sodermanland", "Polisen");
+    let mut a = agreement(&flen);
+    let mut b = fork(&mut a, &police);
+    set_body(&mut a, &flen, "två gånger per år", "två gånger per månad");
+    set_body(&mut b, &police, "två gånger per år", "två gånger per vecka");
+    set_body(&mut b, &police, "bör träffas", "ska träffas");
+    set_body(&mut a, &flen, "länsråd", "landshövding");
+    set_body(&mut b, &police, "följs upp årligen", "följs upp varje halvår");
+    merge(&mut a, &mut b);
+    let found = a.overlaps().unwrap();
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let police_side = found[0].sides.iter().position(|s| s.actor == police.author.actor_id().to_hex_string()).unwrap();
+    assert_eq!(found[0].sides[police_side].text, "Styrgruppen ska träffas **minst två gånger per vecka**.");
+    let take = if police_side == 0 { Take::First } else { Take::Second };
+    a.resolve_overlap(&flen, &dir(), &found[0], &take).unwrap();
+    assert_eq!(
+        a.view().unwrap().body,
+        BODY.replace("länsråd", "landshövding")
+            .replace("bör träffas **minst två gånger per år**", "ska träffas **minst två gånger per vecka**")
+            .replace("följs upp årligen", "följs upp varje halvår")
+    );
+}
