@@ -42,20 +42,26 @@ pub enum ReviewError {
     /// Neither `--take` nor `--text`.
     #[error("say what to keep: --take ours|theirs|first|second|merged, or --text \"…\"")]
     NothingChosen,
-    /// A node error.
+    /// Any other node error (boxed: it is large).
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(Box<NodeError>),
+}
+
+impl From<NodeError> for ReviewError {
+    fn from(e: NodeError) -> Self {
+        ReviewError::Node(Box::new(e))
+    }
 }
 
 impl From<ModelError> for ReviewError {
     fn from(e: ModelError) -> Self {
-        ReviewError::Node(e.into())
+        NodeError::Model(e).into()
     }
 }
 
 impl From<crate::store::StoreError> for ReviewError {
     fn from(e: crate::store::StoreError) -> Self {
-        ReviewError::Node(e.into())
+        NodeError::Store(e).into()
     }
 }
 

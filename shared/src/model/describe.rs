@@ -186,8 +186,7 @@ pub fn describe_settled(
 /// The value at a field path (`period.end`, `activities.<id>.due`, `signatories.<n>.role`) of a view's JSON.
 fn value_at<'a>(json: &'a Value, path: &str) -> Option<&'a Value> {
     let mut at = json;
-    let mut parts = path.split('.');
-    while let Some(part) = parts.next() {
+    for part in path.split('.') {
         at = match at {
             Value::Object(map) => map.get(part)?,
             Value::Array(items) => match items.iter().find(|i| i.get("id").and_then(Value::as_str) == Some(part)) {
@@ -558,13 +557,13 @@ impl Describer<'_> {
             match op {
                 DiffOp::Equal { .. } => {}
                 DiffOp::Delete { old_index, old_len, .. } => {
-                    for i in old_index..old_index + old_len {
-                        push(i + 1, false, Some(&old[i]), None);
+                    for (i, paragraph) in old.iter().enumerate().skip(old_index).take(old_len) {
+                        push(i + 1, false, Some(paragraph), None);
                     }
                 }
                 DiffOp::Insert { new_index, new_len, .. } => {
-                    for i in new_index..new_index + new_len {
-                        push(i + 1, true, None, Some(&new[i]));
+                    for (i, paragraph) in new.iter().enumerate().skip(new_index).take(new_len) {
+                        push(i + 1, true, None, Some(paragraph));
                     }
                 }
                 DiffOp::Replace { old_index, old_len, new_index, new_len } => {

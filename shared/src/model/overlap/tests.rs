@@ -80,7 +80,7 @@ fn the_same_phrase_edited_differently_is_one_overlap_the_same_on_every_node() {
     assert_eq!(o.base, "Styrgruppen bör träffas **minst två gånger per år**.");
     let mut versions: Vec<(&str, &str)> = o.sides.iter().map(|s| (s.actor.as_str(), s.text.as_str())).collect();
     versions.sort();
-    let mut expected = vec![
+    let mut expected = [
         (flen.author.actor_id().to_hex_string(), "Styrgruppen bör träffas **minst två gånger per månad**."),
         (police.author.actor_id().to_hex_string(), "Styrgruppen bör träffas **minst två gånger per vecka**."),
     ];
