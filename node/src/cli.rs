@@ -560,7 +560,16 @@ pub fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|d| node.sync_problem(&d.id).map(|p| p.map(|p| p.short())))
                 .collect::<Result<Vec<_>, _>>()?;
-            let review = docs.iter().map(|d| crate::review::flags(&node, &d.id)).collect::<Result<Vec<_>, _>>()?;
+            // A document that cannot be read is listed anyway (`check` says why).
+            let review: Vec<_> = docs
+                .iter()
+                .map(|d| {
+                    crate::review::flags(&node, &d.id).unwrap_or_else(|e| {
+                        tracing::warn!(doc = %d.id, error = %e, "could not count what needs review");
+                        Default::default()
+                    })
+                })
+                .collect();
             let listed: Vec<_> = docs
                 .iter()
                 .zip(&problems)
