@@ -128,6 +128,21 @@ pub enum Command {
         /// Document id or unique prefix.
         doc: String,
     },
+    /// Overlapping concurrent edits of one text (both sides changed the same words;
+    /// the merge mixed them): list them, or settle one with `--resolve <n>`.
+    Review {
+        /// Document id or unique prefix.
+        doc: String,
+        /// Settle overlap <n> (as listed) and mark it reviewed for every party.
+        #[arg(long, value_name = "N")]
+        resolve: Option<usize>,
+        /// Which version of the paragraph to keep.
+        #[arg(long, requires = "resolve", conflicts_with = "text")]
+        take: Option<crate::review::TakeArg>,
+        /// Write the paragraph instead ('-' reads standard input).
+        #[arg(long, requires = "resolve")]
+        text: Option<String>,
+    },
     /// Fields where concurrent edits left more than one value.
     Conflicts {
         /// Document id or unique prefix.
@@ -557,7 +572,13 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Export { doc, output, signed: None } => {
             let id = node.resolve(&doc)?;
-            let text = markdown::export(&node.document(&id)?.view()?, node.directory());
+            let mut document = node.document(&id)?;
+            let flags = crate::review::ReviewFlags::of(&mut document)?;
+            let text = markdown::export(&document.view()?, node.directory());
+            let text = crate::review::annotate_export(&text, &id, &flags);
+            if let Some(note) = flags.note(&id) {
+                crate::output::stderr(&format!("note: {note}"));
+            }
             match output {
                 Some(path) => {
                     write_file_atomically(&path, text.as_bytes())?;
@@ -572,12 +593,24 @@ pub fn run(cli: Cli) -> Result<()> {
                 .iter()
                 .map(|d| node.sync_problem(&d.id).map(|p| p.map(|p| p.short())))
                 .collect::<Result<Vec<_>, _>>()?;
+            // A document that cannot be read is listed anyway (`check` says why).
+            let review: Vec<_> = docs
+                .iter()
+                .map(|d| {
+                    crate::review::flags(&node, &d.id).unwrap_or_else(|e| {
+                        tracing::warn!(doc = %d.id, error = %e, "could not count what needs review");
+                        Default::default()
+                    })
+                })
+                .collect();
             let listed: Vec<_> = docs
                 .iter()
                 .zip(&problems)
-                .map(|(d, problem)| {
+                .zip(&review)
+                .map(|((d, problem), review)| {
                     let mut entry = json!(d);
                     entry["not_synced"] = json!(problem);
+                    entry["review"] = json!(review);
                     entry
                 })
                 .collect();
@@ -587,18 +620,22 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 docs.iter()
                     .zip(&problems)
-                    .map(|(d, problem)| {
-                        let line = format!(
+                    .zip(&review)
+                    .map(|((d, problem), review)| {
+                        let mut line = format!(
                             "{}  {:<26} {}  {}",
                             d.id.short(),
                             d.kind.label(),
                             d.updated_at.format("%Y-%m-%d %H:%M"),
                             d.title
                         );
-                        match problem {
-                            Some(problem) => format!("{line}  [{problem}]"),
-                            None => line,
+                        if let Some(problem) = problem {
+                            line.push_str(&format!("  [{problem}]"));
                         }
+                        if let Some(note) = review.note(&d.id) {
+                            line.push_str(&format!("  [{note}]"));
+                        }
+                        line
                     })
                     .collect::<Vec<_>>()
                     .join("\n")
@@ -613,12 +650,22 @@ pub fn run(cli: Cli) -> Result<()> {
             };
             let view = document.view()?;
             let heads: Vec<String> = document.heads().iter().map(ToString::to_string).collect();
+            let review = match version.as_str() {
+                "current" => crate::review::ReviewFlags::of(&mut document)?,
+                _ => Default::default(),
+            };
             if json {
-                return print(true, json!({"document": view, "heads": heads}), String::new);
+                return print(true, json!({"document": view, "heads": heads, "review": review}), String::new);
             }
             if as_markdown {
+                if let Some(note) = review.note(&id) {
+                    crate::output::stderr(&format!("note: {note}"));
+                }
                 crate::output::stdout(&markdown::export(&view, node.directory()))
             } else {
+                if let Some(note) = review.note(&id) {
+                    crate::output::stdout(&format!("OBS: {note}\n\n"))?;
+                }
                 crate::output::stdout(&markdown::render(&view, node.directory()))
             }
         }
@@ -680,32 +727,35 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::History { doc } => {
             let id = node.resolve(&doc)?;
-            let mut document = node.document(&id)?;
-            let entries: Vec<_> = document
-                .history()
-                .into_iter()
-                .map(|h| {
-                    let who = node.author(&h.actor);
-                    (h, who)
-                })
-                .collect();
-            print(
-                json,
-                json!(entries
-                    .iter()
-                    .map(|(h, who)| json!({"hash": h.hash, "by": who.label, "author": who.key, "author_status": who.status, "seq": h.seq, "time": h.time, "message": h.message}))
-                    .collect::<Vec<_>>()),
-                || {
-                    entries
-                        .iter()
-                        .map(|(h, who)| {
-                            let time = h.time.map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()).unwrap_or_else(|| "(ingen tid)".into());
-                            format!("{time}  {}: {}  [{}]", who.label, h.message.as_deref().unwrap_or("(ändring)"), &h.hash[..8])
-                        })
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                },
-            )
+            let lines = crate::review::history(&node, &id)?;
+            print(json, json!(lines), || crate::review::format_history(&lines))
+        }
+        Command::Review { doc, resolve, take, text } => {
+            let id = node.resolve(&doc)?;
+            let Some(n) = resolve else {
+                let items = crate::review::open(&node, &id)?;
+                return print(json, json!(items), || crate::review::format_open(&id, &items));
+            };
+            let text = match text {
+                Some(t) if t == "-" => Some(read_input(Path::new("-"))?),
+                other => other,
+            };
+            let done = crate::review::resolve(&mut node, &id, n, take, text)?;
+            note_sync_problem(&node, &id);
+            print(json, json!(done), || {
+                format!(
+                    "Reviewed overlap {n} ({}, stycke {}): kept {}{}",
+                    done.overlap.label,
+                    done.overlap.paragraph,
+                    match done.kept.as_str() {
+                        "first" => format!("the version by {}", done.overlap.sides[0].by),
+                        "second" => format!("the version by {}", done.overlap.sides[1].by),
+                        "merged" => "the merged text".to_string(),
+                        _ => "your text".to_string(),
+                    },
+                    done.change.as_deref().map(|c| format!(" ({})", &c[..8])).unwrap_or_default()
+                )
+            })
         }
         Command::Conflicts { doc, resolve, value } => {
             let id = node.resolve(&doc)?;
@@ -722,9 +772,17 @@ pub fn run(cli: Cli) -> Result<()> {
                     json!({"path": c.path, "values": c.values.iter().map(|v| json!({"value": v.value, "by": node.describe_actor(&v.actor)})).collect::<Vec<_>>()})
                 })
                 .collect();
+            let overlaps = crate::review::flags(&node, &id)?.overlaps;
+            let overlap_note = match overlaps {
+                0 => String::new(),
+                n => format!(
+                    "\n{n} overlapping text edit(s) to review (concurrent edits of the same words, merged per character): samverkan-node review {}",
+                    id.short()
+                ),
+            };
             print(json, json!(described), || {
                 if conflicts.is_empty() {
-                    return "No conflicts.".to_string();
+                    return format!("No field conflicts.{overlap_note}");
                 }
                 let mut out = String::new();
                 for c in &conflicts {
@@ -737,6 +795,7 @@ pub fn run(cli: Cli) -> Result<()> {
                     "Resolve with: samverkan-node conflicts {} --resolve <field> --value <value>",
                     id.short()
                 ));
+                out.push_str(&overlap_note);
                 out
             })
         }

@@ -8,6 +8,7 @@
 //!   local changes waiting, remote changes since the last look).
 //! - [`progress`]: the progress display of long syncs (a bar on a terminal, lines otherwise).
 //! - [`recover`]: `samverkan-node recover`: a document the relay refused, rebuilt on what the relay holds (backup first).
+//! - [`review`]: `samverkan-node review` (overlapping concurrent edits: list, settle, mark reviewed), `history` in words, and the review counts `show`, `export`, `list` and `status` flag.
 //! - [`approvals`]: the approval commands (signer keys, approve, withdraw, verify, signed bundles).
 //! - [`cli`]: the `samverkan-node` command line.
 //! - [`output`]: its standard output and error (a closed pipe ends the command quietly).
@@ -25,6 +26,7 @@ pub mod node;
 pub mod output;
 pub mod progress;
 pub mod recover;
+pub mod review;
 pub mod status;
 pub mod sync;
 

@@ -72,6 +72,10 @@ pub struct DocSyncStatus {
     /// [`crate::node::Node::sharing_note`]). Its own changes are then not
     /// counted as waiting: they would never be sent.
     pub not_synced: Option<String>,
+    /// Overlapping concurrent text edits not yet reviewed (`samverkan-node review`).
+    pub open_overlaps: usize,
+    /// Fields where concurrent edits left several values (`samverkan-node conflicts`).
+    pub open_conflicts: usize,
 }
 
 /// The node's sync status.
@@ -162,6 +166,7 @@ pub fn node_status(node: &mut Node, relay: Option<Reachability>, mark_seen: bool
         let seen_key = format!("{META_SEEN_PREFIX}{}", summary.id);
         let seen = node.store().meta(&seen_key)?.map(|v| parse_heads(&v)).unwrap_or_default();
         let not_synced = node.sharing_note(&summary.id)?;
+        let review = crate::review::ReviewFlags::of(&mut document)?;
         let doc = document.automerge_mut();
         let waiting = match not_synced {
             Some(_) => 0,
@@ -176,6 +181,8 @@ pub fn node_status(node: &mut Node, relay: Option<Reachability>, mark_seen: bool
             local_changes_waiting: waiting,
             remote_changes_since_last_look: received,
             not_synced,
+            open_overlaps: review.overlaps,
+            open_conflicts: review.conflicts,
         });
     }
     if mark_seen {
@@ -221,6 +228,10 @@ pub fn format_status(status: &NodeSyncStatus) -> String {
     if not_synced > 0 {
         out.push_str(&format!("{not_synced} document(s) not synced through the relay (see below)\n"));
     }
+    let to_review = status.docs.iter().filter(|d| d.open_overlaps + d.open_conflicts > 0).count();
+    if to_review > 0 {
+        out.push_str(&format!("{to_review} document(s) with concurrent edits to review (see below)\n"));
+    }
     for d in &status.docs {
         if let Some(why) = &d.not_synced {
             out.push_str(&format!("  {}  {:<40}  NOT SYNCED: {why}\n", d.id.short(), d.title));
@@ -232,6 +243,10 @@ pub fn format_status(status: &NodeSyncStatus) -> String {
         }
         if d.remote_changes_since_last_look > 0 {
             notes.push(format!("{} new from others", d.remote_changes_since_last_look));
+        }
+        let review = crate::review::ReviewFlags { overlaps: d.open_overlaps, conflicts: d.open_conflicts };
+        if let Some(note) = review.note(&d.id) {
+            notes.push(note);
         }
         let notes = if notes.is_empty() { "up to date".to_string() } else { notes.join(", ") };
         out.push_str(&format!("  {}  {:<40}  {notes}\n", d.id.short(), d.title));

@@ -730,3 +730,116 @@ fn the_default_data_directory_is_the_one_the_readme_names() {
     assert_eq!(made["data_dir"], xdg.join("samverkan").to_str().unwrap());
     assert_eq!(run(Some(&xdg), &["--json", "whoami"])["data_dir"], xdg.join("samverkan").to_str().unwrap());
 }
+
+/// Hands `from`'s changes to `to` on a stick (bundle export with `to`'s heads, import).
+fn hand_over(from: &Cli, to: &Cli, dir: &Path) {
+    let heads = dir.join("heads.json");
+    let stick = dir.join("stick.bundle");
+    to.ok(&["bundle", "heads", heads.to_str().unwrap()]);
+    from.ok(&["bundle", "export", stick.to_str().unwrap(), "--have", heads.to_str().unwrap()]);
+    to.ok(&["bundle", "import", stick.to_str().unwrap()]);
+}
+
+#[test]
+fn overlapping_edits_and_field_conflicts_are_flagged_reviewed_and_described() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    let police = Cli::new(root.path(), "polisen");
+    flen.ok(&["init", "--org", "Flen", "--name", "Flen BF-samordnare"]);
+    police.ok(&["init", "--org", "Polisen", "--name", "Kommunpolis Flen"]);
+    enroll_on_paper(&[&flen, &police]);
+    let created = flen.json(&[
+        "new",
+        "citizen_promise",
+        "--title",
+        "Medborgarlöfte Flen 2026",
+        "--party",
+        "Flen",
+        "--party",
+        "Polisen",
+    ]);
+    let id = created["id"].as_str().unwrap().to_string();
+    let short = &id[..8];
+    let body = "## Vi lovar\n\nVi genomför trygghetsvandringar **två gånger per år**.\n\n## Så följer vi upp\n\nPolisen och kommunen följer upp varje kvartal.\n";
+    flen.ok(&["set", short, "body", body]);
+    let activity =
+        flen.json(&["activity", "add", short, "Trygghetsvandring", "--owner", "Flen", "--due", "2026-05-01"])
+            ["activity"]
+            .as_str()
+            .unwrap()
+            .to_string();
+    hand_over(&flen, &police, root.path());
+
+    // Offline, both change the same phrase, and the same activity's date.
+    flen.ok(&["set", short, "body", &body.replace("två gånger per år", "två gånger per månad")]);
+    police.ok(&["set", short, "body", &body.replace("två gånger per år", "två gånger per vecka")]);
+    flen.ok(&["activity", "set", short, &activity, "--due", "2026-06-01"]);
+    police.ok(&["activity", "set", short, &activity, "--due", "2026-09-01"]);
+    hand_over(&flen, &police, root.path());
+    hand_over(&police, &flen, root.path());
+    assert_eq!(flen.json(&["show", short])["document"], police.json(&["show", short])["document"]);
+
+    // Every view of the document says there is something to review, and how.
+    let note = format!(
+        "1 overlapping edit, 1 field conflict to review: samverkan-node review {short} and samverkan-node conflicts {short}"
+    );
+    for cli in [&flen, &police] {
+        assert!(cli.ok(&["list"]).contains(&format!("[{note}]")), "{}", cli.ok(&["list"]));
+        assert!(cli.ok(&["show", short]).starts_with(&format!("OBS: {note}")));
+        assert!(cli.ok(&["status", "--offline", "--peek"]).contains(&note));
+        assert!(cli.ok(&["conflicts", short]).contains(&format!("samverkan-node review {short}")));
+    }
+    assert_eq!(flen.json(&["list"])[0]["review"], serde_json::json!({"overlaps": 1, "conflicts": 1}));
+    assert_eq!(flen.json(&["show", short])["review"]["overlaps"], 1);
+    let status = flen.json(&["status", "--offline", "--peek"]);
+    assert_eq!(
+        (status["docs"][0]["open_overlaps"].clone(), status["docs"][0]["open_conflicts"].clone()),
+        (1.into(), 1.into())
+    );
+    let exported = flen.ok(&["export", short]);
+    assert!(exported.starts_with(&format!("+++\n# OBS: {note}\n")), "{exported}");
+    let body_now = flen.json(&["show", short])["document"]["body"].as_str().unwrap().to_string();
+    assert!(exported.ends_with(&body_now), "the note never touches the body");
+
+    // `review` shows the paragraph before, both versions with their verified authors, and the merge.
+    let listed = flen.ok(&["review", short]);
+    assert!(listed.contains("1. Brödtext, stycke 2"), "{listed}");
+    assert!(listed.contains("Vi genomför trygghetsvandringar **två gånger per år**."), "{listed}");
+    assert!(listed.contains("Flens kommun (Flen BF-samordnare)"), "{listed}");
+    assert!(listed.contains("Polisområde Södermanland (Kommunpolis Flen)"), "{listed}");
+    let items = flen.json(&["review", short]);
+    let police_side = items[0]["sides"].as_array().unwrap().iter().find(|s| s["ours"] == false).unwrap().clone();
+    assert_eq!(police_side["author_status"], "enrolled");
+    assert!(police_side["text"].as_str().unwrap().contains("två gånger per vecka"));
+    assert_eq!(items[0]["key"], police.json(&["review", short])[0]["key"], "the same overlap on both nodes");
+
+    // Flen keeps the police's version; once handed over, it is reviewed on both nodes.
+    assert!(flen.fails(&["review", short, "--resolve", "2", "--take", "ours"]).contains("no open overlap 2"));
+    assert!(flen.ok(&["review", short, "--resolve", "1", "--take", "theirs"]).contains("Reviewed overlap 1"));
+    let body_after = flen.json(&["show", short])["document"]["body"].as_str().unwrap().to_string();
+    assert!(body_after.contains("Vi genomför trygghetsvandringar **två gånger per vecka**."), "{body_after}");
+    assert!(flen.ok(&["review", short]).starts_with("No overlapping edits to review"));
+    hand_over(&flen, &police, root.path());
+    assert!(police.ok(&["review", short]).starts_with("No overlapping edits to review"));
+    let one_conflict = format!("1 field conflict to review: samverkan-node conflicts {short}");
+    assert!(police.ok(&["list"]).contains(&one_conflict), "{}", police.ok(&["list"]));
+    police.ok(&["conflicts", short, "--resolve", &format!("activities.{activity}.due"), "--value", "2026-09-01"]);
+    assert!(!police.ok(&["list"]).contains("to review"));
+    assert!(!police.ok(&["show", short]).starts_with("OBS"));
+
+    // History says what each change did, and who did it.
+    let history = police.ok(&["history", short]);
+    for line in [
+        "Flens kommun (Flen BF-samordnare): set body",
+        "    Brödtext, stycke 2: 'Vi genomför trygghetsvandringar **två gånger per år**.' → 'Vi genomför trygghetsvandringar **två gånger per vecka**.'",
+        "    Aktivitet 'Trygghetsvandring': förfallodag 2026-05-01 → 2026-09-01",
+        "    Aktivitet 'Trygghetsvandring': förfallodag 2026-05-01 → 2026-06-01",
+        "Polisområde Södermanland (Kommunpolis Flen): resolve conflict on activities.",
+    ] {
+        assert!(history.contains(line), "{line:?} not in\n{history}");
+    }
+    let entries = police.json(&["history", short]);
+    let last = entries.as_array().unwrap().last().unwrap();
+    assert_eq!(last["author_status"], "this_node");
+    assert_eq!(last["changes"][0]["field"], format!("activities.{activity}.due"));
+}

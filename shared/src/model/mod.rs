@@ -18,6 +18,7 @@
 //! | `signatories` | list of map `org`/`role`/`name` | required signatures |
 //! | `goals`, `activities`, `followups`, `meetings` | list of map with `id` | structured parts |
 //! | `approvals` | list of map of str | signed approval/withdrawal records, written once (see [`crate::approval`]) |
+//! | `reviews` | list of map of str | overlapping edits someone reviewed: change hashes `a`/`b`, `field`, `paragraph`, `how`, `at`; written once (see [`overlap`]) |
 //! | `contributors` | map actor hex → map `org`/`node` | who each actor is (self-declared) |
 //!
 //! Free text is Automerge text (two offline edits of one paragraph merge per
@@ -25,7 +26,13 @@
 //! everything else is a scalar, where concurrent puts leave a conflict that
 //! [`Document::conflicts`] reports until someone sets the field again.
 
+mod at;
+mod describe;
 mod edit;
+mod graph;
+mod history;
+pub mod overlap;
+mod paragraphs;
 mod read;
 mod types;
 
@@ -35,7 +42,10 @@ use automerge::{AutoCommit, ChangeHash, ReadDoc};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
+pub use describe::{describe, field_name, FieldChange};
 pub use edit::{parse_date, Editor};
+pub use history::DescribedChange;
+pub use overlap::{Overlap, OverlapSide, ReviewMark, Take};
 pub use types::*;
 
 use crate::identity::NodeId;
