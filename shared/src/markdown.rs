@@ -856,7 +856,8 @@ pub fn render(view: &DocumentView, directory: &Directory) -> String {
         ));
     }
     out.push('\n');
-    out.push_str(expanded_body(view, directory).trim_matches('\n'));
+    let ctx = PartyContext::new(directory, view.party_refs());
+    out.push_str(activities::expand_for_reading(&view.body, &view.activities, &ctx).trim_matches('\n'));
     out.push('\n');
     if !view.goals.is_empty() {
         out.push_str("\n## Mål\n\n");

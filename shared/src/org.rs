@@ -403,13 +403,23 @@ impl Directory {
     }
 
     /// A unit of `org` named `name`: the known unit's canonical name, or the name as
-    /// written (trimmed); `None` for an empty or over-long name.
+    /// written (trimmed); `None` for a name that is empty, over-long, has unbalanced
+    /// parentheses or a '/', or is a known unit of another organisation.
     pub fn unit_ref(&self, org: &OrgId, name: &str) -> Option<OrgRef> {
         let name = name.trim();
-        if name.is_empty() || name.chars().count() > MAX_UNIT_NAME || name.contains(['\n', '\r']) {
+        let usable = !name.is_empty()
+            && name.chars().count() <= MAX_UNIT_NAME
+            && !name.contains(['\n', '\r'])
+            && balanced(name)
+            && !name.contains('/');
+        if !usable {
             return None;
         }
         let known = self.get(org).and_then(|o| o.unit(name)).map(|u| u.name.clone());
+        if known.is_none() && self.resolve_unit(name).is_some() {
+            // A unit the directory knows under another organisation is not this one's.
+            return None;
+        }
         Some(OrgRef::unit(org.clone(), known.unwrap_or_else(|| name.to_string())))
     }
 
@@ -524,9 +534,37 @@ pub(crate) fn normalise(text: &str) -> String {
 /// opens after some text.
 pub(crate) fn split_parenthesis(text: &str) -> Option<(&str, &str)> {
     let inner_end = text.strip_suffix(')')?;
-    let open = inner_end.rfind('(')?;
+    // The parenthesis that the final one closes.
+    let mut depth = 0usize;
+    let mut open = None;
+    for (i, c) in inner_end.char_indices().rev() {
+        match c {
+            ')' => depth += 1,
+            '(' if depth == 0 => {
+                open = Some(i);
+                break;
+            }
+            '(' => depth -= 1,
+            _ => {}
+        }
+    }
+    let open = open?;
     let base = inner_end[..open].trim();
-    (!base.is_empty()).then(|| (base, inner_end[open + 1..].trim()))
+    (!base.is_empty() && balanced(base)).then(|| (base, inner_end[open + 1..].trim()))
+}
+
+/// Whether every parenthesis in a text is closed, in order.
+pub(crate) fn balanced(text: &str) -> bool {
+    let mut depth = 0usize;
+    for c in text.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' if depth == 0 => return false,
+            ')' => depth -= 1,
+            _ => {}
+        }
+    }
+    depth == 0
 }
 
 /// Byte offsets of every occurrence of `needle` in `haystack` that starts and

@@ -243,8 +243,17 @@ fn render_table(activities: &[Activity], columns: &[(String, Column)], ctx: &Par
 }
 
 /// The body as exported: every marker line followed by the generated table and
-/// the end marker. A region already there (a body set with one) is regenerated.
+/// the end marker.
 pub(crate) fn expand(body: &str, activities: &[Activity], ctx: &PartyContext<'_>) -> String {
+    expand_with(body, activities, ctx, true)
+}
+
+/// The body for reading (`show`): the generated table without the marker lines.
+pub(crate) fn expand_for_reading(body: &str, activities: &[Activity], ctx: &PartyContext<'_>) -> String {
+    expand_with(body, activities, ctx, false)
+}
+
+fn expand_with(body: &str, activities: &[Activity], ctx: &PartyContext<'_>, markers: bool) -> String {
     if !body.contains(START) {
         return body.to_string();
     }
@@ -261,21 +270,21 @@ pub(crate) fn expand(body: &str, activities: &[Activity], ctx: &PartyContext<'_>
         let eol = if line.ending().is_empty() { "\n" } else { line.ending() };
         let columns = marker_columns(&names);
         let table = render_table(activities, &columns, ctx, eol);
-        out.push_str(line.text);
-        out.push_str(eol);
-        out.push_str(eol);
-        out.push_str(&table);
-        out.push_str(eol);
-        out.push_str(&format!("{END} {} -->", table_hash(&table)));
-        match region_end(&lines, i) {
-            Some(end) => {
-                out.push_str(lines[end].ending());
-                i = end + 1;
-            }
-            None => {
-                out.push_str(line.ending());
-                i += 1;
-            }
+        // Whatever follows stays as it is, even an old region: import removes only
+        // the region that follows a marker, so every body comes back as it was.
+        let ending = line.ending();
+        i += 1;
+        if markers {
+            out.push_str(line.text);
+            out.push_str(eol);
+            out.push_str(eol);
+            out.push_str(&table);
+            out.push_str(eol);
+            out.push_str(&format!("{END} {} -->", table_hash(&table)));
+            out.push_str(ending);
+        } else {
+            out.push_str(table.strip_suffix(eol).unwrap_or(&table));
+            out.push_str(ending);
         }
     }
     out
@@ -315,7 +324,21 @@ pub(crate) fn collapse(
     while i < lines.len() {
         let line = &lines[i];
         let names = (!line.in_code).then(|| parse_start(line.text)).flatten();
-        let (Some(names), Some(end)) = (names, region_end(&lines, i)) else {
+        let Some(names) = names else {
+            out.push_str(line.raw);
+            i += 1;
+            continue;
+        };
+        let Some(end) = region_end(&lines, i) else {
+            // A marker without a table is one a person put in; one followed by a table
+            // lost its end marker, and the table would stay behind as text.
+            let next = (i + 1..lines.len()).find(|&k| !lines[k].is_blank());
+            if next.is_some_and(|k| scan::table_at(&lines, k).is_some()) {
+                return Err(MarkdownError::ActivitiesTable(format!(
+                    "the activities table after line {} has lost its end marker ({END} … -->); put it back after the table",
+                    i + 1
+                )));
+            }
             out.push_str(line.raw);
             i += 1;
             continue;
@@ -781,6 +804,17 @@ pub(crate) fn recognise(
             }
             c
         };
+        if parse_start(line.text).is_some() {
+            // An exported body without its front matter: the generated table is read back.
+            if let Some(s) = region_structure(&lines, i, ctx, year) {
+                i = s.lines.end;
+                structures.push(s);
+            } else {
+                i += 1;
+            }
+            pending = None;
+            continue;
+        }
         if let Some(table) = scan::table_at(&lines, i) {
             let (columns, unknown) = match classify(&table.header) {
                 TableKind::Activities(columns) => (columns.into_iter().map(Some).collect(), Vec::new()),
@@ -856,6 +890,25 @@ pub(crate) fn recognise(
         i += 1;
     }
     finish(body, &lines, structures)
+}
+
+/// A generated region (marker, table, end marker) in a plain text, as one structure.
+fn region_structure(lines: &[Line<'_>], start: usize, ctx: &PartyContext<'_>, year: Option<i32>) -> Option<Structure> {
+    let end = region_end(lines, start)?;
+    let region = &lines[start + 1..end];
+    let table = (0..region.len()).find_map(|k| scan::table_at(region, k))?;
+    let TableKind::Activities(columns) = classify(&table.header) else { return None };
+    let named: Vec<(String, Column)> = table.header.iter().map(|h| scan::unescape_cell(h)).zip(columns).collect();
+    let activities =
+        table.rows.iter().filter_map(|row| activity_from_row(row, &named, ctx, year, &Defaults::default())).collect();
+    Some(Structure {
+        lines: start..end + 1,
+        columns: named,
+        unknown: Vec::new(),
+        context_lines: Vec::new(),
+        activities,
+        label: format!("the generated table on line {}", start + 1),
+    })
 }
 
 /// Replaces the recognised structures by one marker line (see [`recognise`]).
@@ -997,7 +1050,7 @@ mod tests {
         );
         let exported = expand(&r.body, &r.activities, &ctx);
         assert!(exported.contains("| Vandringar | Kommunen och polisen | Löpande |\n"), "{exported}");
-        assert!(exported.contains("| Belysning | tekniska förvaltningen | 2025-09-30 |\n"), "{exported}");
+        assert!(exported.contains("| Belysning | Kommunen (tekniska förvaltningen) | 2025-09-30 |\n"), "{exported}");
         let mut back = r.activities.clone();
         assert_eq!(collapse(&exported, &mut back, &ctx, Some(2025)).unwrap(), r.body);
         assert_eq!(back, r.activities);

@@ -293,17 +293,16 @@ pub(crate) fn dates(line: &str) -> Vec<(std::ops::Range<usize>, NaiveDate)> {
         }
         let rest = &line[pos + day_len..];
         let Some(rest) = rest.strip_prefix(' ') else { continue };
-        let lower = rest.to_lowercase();
-        let Some((month, name)) = MONTHS.iter().enumerate().find(|(_, m)| lower.starts_with(**m)) else { continue };
-        let after = &rest[name.len()..];
-        let Some(year_text) = after.strip_prefix(' ') else { continue };
-        if year_text.len() < 4 || !year_text[..4].chars().all(|c| c.is_ascii_digit()) {
+        let month_of = |m: &&str| rest.get(..m.len()).is_some_and(|p| p.to_lowercase() == **m);
+        let Some((month, name)) = MONTHS.iter().enumerate().find(|(_, m)| month_of(m)) else { continue };
+        let Some(year_text) = rest[name.len()..].strip_prefix(' ') else { continue };
+        let Some(year_digits) = year_text.get(..4).filter(|y| y.chars().all(|c| c.is_ascii_digit())) else {
             continue;
-        }
+        };
         if year_text[4..].chars().next().is_some_and(|c| c.is_ascii_digit()) {
             continue;
         }
-        let (Ok(day), Ok(year)) = (line[pos..pos + day_len].parse::<u32>(), year_text[..4].parse::<i32>()) else {
+        let (Ok(day), Ok(year)) = (line[pos..pos + day_len].parse::<u32>(), year_digits.parse::<i32>()) else {
             continue;
         };
         if let Some(date) = NaiveDate::from_ymd_opt(year, month as u32 + 1, day) {

@@ -125,15 +125,15 @@ impl<'a> PartyContext<'a> {
         }
         let key = normalise(&text);
         let police_word = key.split(' ').next_back().is_some_and(|w| w.ends_with("polisen") || w.ends_with("poliser"));
-        if police_word {
-            if let Some(police) = self.only_party(OrgKind::Police) {
-                return self.directory.unit_ref(&police.org, &text).map(Owner::Org);
-            }
-        }
-        if looks_like_unit(&key) {
-            if let Some(municipality) = self.only_party(OrgKind::Municipality) {
-                return self.directory.unit_ref(&municipality.org, &text).map(Owner::Org);
-            }
+        let party = if police_word {
+            self.only_party(OrgKind::Police)
+        } else if looks_like_unit(&key) {
+            self.only_party(OrgKind::Municipality)
+        } else {
+            None
+        };
+        if let Some(unit) = party.and_then(|p| self.directory.unit_ref(&p.org, &text)) {
+            return Some(Owner::Org(unit));
         }
         Some(Owner::External(text))
     }
@@ -197,10 +197,10 @@ impl<'a> PartyContext<'a> {
                 match (&r.unit, generic) {
                     (None, Some(g)) => candidates.push(g.to_string()),
                     (Some(unit), g) if !self.directory.is_known_unit(&r.org, unit) => {
-                        candidates.push(unit.clone());
                         if let Some(g) = g {
                             candidates.push(format!("{g} ({unit})"));
                         }
+                        candidates.push(unit.clone());
                     }
                     (Some(_), Some(g)) => {
                         candidates.push(g.to_string());
@@ -374,7 +374,7 @@ mod tests {
         assert_eq!(ctx.resolve_owner("Fastighetsägare"), None, "typed input is strict");
         assert_eq!(ctx.resolve_owner("extern: Fastighetsägare"), Some(Owner::External("Fastighetsägare".into())));
         assert_eq!(ctx.labels(&[kommun, lpo]), "Kommunen och polisen");
-        assert_eq!(ctx.labels(&[technical]), "tekniska förvaltningen");
+        assert_eq!(ctx.labels(&[technical]), "Kommunen (tekniska förvaltningen)");
     }
 
     #[test]
