@@ -1095,7 +1095,8 @@ aliases = ["Västerås"]
         assert!(node.directory().resolve("Flen").is_some());
 
         std::fs::write(dir.join(ORGANISATIONS_FILE), "[[organisation]]\nid = 'x'\nname = 'X'\n").unwrap();
-        let err = Node::open(&dir).err().expect("a broken organisations.toml is refused").to_string();
+        let Err(err) = Node::open(&dir) else { panic!("a broken organisations.toml is refused") };
+        let err = err.to_string();
         assert!(err.contains("organisations.toml") && err.contains("kind"), "{err}");
     }
 }

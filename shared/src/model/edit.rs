@@ -582,7 +582,7 @@ impl<'a> Editor<'a> {
     fn write_owners(&mut self, obj: &ObjId, owners: &[Owner], force: bool) -> Result<(), ModelError> {
         let all = self.doc.get_all(obj, keys::OWNERS)?;
         let lists: Vec<ObjId> =
-            all.iter().filter_map(|(v, id)| matches!(v, Value::Object(ObjType::List)).then(|| id.clone())).collect();
+            all.iter().filter(|(v, _)| matches!(v, Value::Object(ObjType::List))).map(|(_, id)| id.clone()).collect();
         let wanted: Vec<String> = owners.iter().map(Owner::encode).collect();
         let list = match lists.as_slice() {
             [one] if all.len() == 1 => one.clone(),
