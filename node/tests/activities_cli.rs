@@ -147,7 +147,10 @@ fn activities_take_joint_owners_units_lopande_quarters_and_a_follow_up_method() 
         .fails(&["activity", "add", &id, "x", "--owner", "Uppsala"])
         .contains("unknown organisation \"Uppsala\""));
     let err = cli.fails(&["activity", "set", &id, &walks[..6], "--owner", "Flen (LPO Katrineholm)"]);
-    assert!(err.contains("unknown organisation"), "{err}");
+    assert!(
+        err.contains("Lokalpolisområde Katrineholm is a unit of Polisområde Södermanland, not of Flens kommun"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -155,7 +155,17 @@ impl<'a> Editor<'a> {
     /// a generic word for one of its parties ("kommunen", "polisen"), or
     /// `extern: name` for someone outside the directory.
     pub fn resolve_owner(&self, text: &str) -> Result<Owner, ModelError> {
-        self.party_context()?.resolve_owner(text).ok_or_else(|| ModelError::UnknownOwner(text.trim().to_string()))
+        let context = self.party_context()?;
+        if let Some(owner) = context.resolve_owner(text) {
+            return Ok(owner);
+        }
+        // "Flen (Lokalpolisområde Nyköping)": say whose unit it is.
+        if let Some((base, unit)) = crate::org::split_parenthesis(text.trim()) {
+            if let Some(base) = context.resolve_ref(base) {
+                self.validate_unit(&base.org, unit)?;
+            }
+        }
+        Err(ModelError::UnknownOwner(text.trim().to_string()))
     }
 
     /// Resolves owners a user typed in one text ("Kommunen och polisen",
@@ -354,9 +364,6 @@ impl<'a> Editor<'a> {
 
     /// A unit name must be usable, and a unit the directory knows must be under its own organisation.
     fn validate_unit(&self, org: &OrgId, unit: &str) -> Result<(), ModelError> {
-        if self.directory.unit_ref(org, unit).is_none() {
-            return Err(invalid("unit", unit, "a unit needs a name of one line (at most 200 characters)"));
-        }
         if let Some((owner, known)) = self.directory.resolve_unit(unit) {
             if &owner.id != org {
                 return Err(invalid(
@@ -365,6 +372,13 @@ impl<'a> Editor<'a> {
                     format!("{} is a unit of {}, not of {}", known.name, owner.name, self.directory.name_of(org)),
                 ));
             }
+        }
+        if self.directory.unit_ref(org, unit).is_none() {
+            return Err(invalid(
+                "unit",
+                unit,
+                "a unit needs a name of one line (at most 200 characters, parentheses closed, no '/')",
+            ));
         }
         Ok(())
     }
