@@ -22,7 +22,7 @@ use samverkan_shared::approval::ApprovalState;
 use samverkan_shared::directory::{Member, MemberKind};
 use samverkan_shared::ids::{DocId, ItemId};
 use samverkan_shared::markdown;
-use samverkan_shared::model::{Activity, ActivityStatus, DocKind, DocumentContent, Period, Scope};
+use samverkan_shared::model::{Activity, ActivityStatus, DocKind, DocumentContent, Due, Owner, Period, Scope};
 use samverkan_shared::org::{Directory, OrgKind};
 
 /// The signed county agreement of 2023, imported by the County Board.
@@ -145,8 +145,9 @@ pub async fn run(options: Options) -> Result<Outcome> {
             e.add_activity(&Activity {
                 id: ItemId::random(),
                 what,
-                owner: Some(org.clone()),
+                owners: vec![Owner::org(org.clone())],
                 due: None,
+                followup_method: None,
                 status: ActivityStatus::Planned,
             })
         })?;
@@ -317,8 +318,9 @@ fn operations_plan(county: &Party, everyone: &[samverkan_shared::org::OrgId]) ->
     plan.activities.push(Activity {
         id: ItemId::random(),
         what: "Gemensam utbildning om lagen (2023:196) för kommunernas BF-samordnare".into(),
-        owner: Some(county.node.org().clone()),
-        due: chrono::NaiveDate::from_ymd_opt(2025, 4, 30),
+        owners: vec![Owner::org(county.node.org().clone())],
+        due: chrono::NaiveDate::from_ymd_opt(2025, 4, 30).map(Due::Date),
+        followup_method: Some("Antal samordnare som deltagit".into()),
         status: ActivityStatus::Planned,
     });
     plan

@@ -268,7 +268,8 @@ async fn dashboard_in_chromium_redraws_live_with_names_and_states() {
             e.add_activity(&Activity {
                 id: ItemId::random(),
                 what: "Trygghetsvandring".into(),
-                owner: None,
+                owners: Vec::new(),
+                followup_method: None,
                 due: None,
                 status: ActivityStatus::Planned,
             })

@@ -48,7 +48,8 @@ fn a_document(n: usize) -> Document {
         e.add_activity(&Activity {
             id: samverkan_shared::ids::ItemId::random(),
             what: "Trygghetsvandring".into(),
-            owner: None,
+            owners: Vec::new(),
+            followup_method: None,
             due: None,
             status: ActivityStatus::Planned,
         })

@@ -78,7 +78,8 @@ fn add_activity(node: &mut Node, doc: &samverkan::shared::ids::DocId, what: &str
         e.add_activity(&Activity {
             id: ItemId::random(),
             what: what.to_string(),
-            owner: None,
+            owners: Vec::new(),
+            followup_method: None,
             due: None,
             status: ActivityStatus::Planned,
         })

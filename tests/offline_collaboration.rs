@@ -116,7 +116,8 @@ fn two_offline_nodes_converge_through_bundles_and_survive_restarts() {
     let activity = |what: &str| Activity {
         id: ItemId::random(),
         what: what.to_string(),
-        owner: None,
+        owners: Vec::new(),
+        followup_method: None,
         due: None,
         status: ActivityStatus::Planned,
     };

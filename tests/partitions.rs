@@ -226,7 +226,8 @@ async fn nodes_converge_with_every_edit_after_partitions_and_relay_restarts() {
                     e.add_activity(&Activity {
                         id: ItemId::random(),
                         what: what.clone(),
-                        owner: None,
+                        owners: Vec::new(),
+                        followup_method: None,
                         due: None,
                         status: ActivityStatus::Planned,
                     })

@@ -95,7 +95,8 @@ async fn an_offline_approval_by_a_revoked_signer_is_recovered_and_the_edits_afte
     let added = Activity {
         id: ItemId::random(),
         what: "Gemensam lägesbild varje månad".into(),
-        owner: None,
+        owners: Vec::new(),
+        followup_method: None,
         due: None,
         status: ActivityStatus::Planned,
     };

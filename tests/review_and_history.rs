@@ -122,8 +122,9 @@ async fn overlapping_offline_edits_are_reported_alike_everywhere_and_reviewed_on
             e.add_activity(&Activity {
                 id: ItemId::random(),
                 what: "Trygghetsvandring".into(),
-                owner: None,
-                due: chrono::NaiveDate::from_ymd_opt(2026, 5, 1),
+                owners: Vec::new(),
+                due: chrono::NaiveDate::from_ymd_opt(2026, 5, 1).map(samverkan::shared::model::Due::Date),
+                followup_method: None,
                 status: ActivityStatus::Planned,
             })
         })

@@ -150,7 +150,8 @@ async fn live_edits_are_pushed_between_daemons() {
                 e.add_activity(&Activity {
                     id: ItemId::random(),
                     what: what.clone(),
-                    owner: None,
+                    owners: Vec::new(),
+                    followup_method: None,
                     due: None,
                     status: ActivityStatus::Planned,
                 })

@@ -73,7 +73,14 @@ fn promise(node: &mut Node) -> DocId {
 }
 
 fn activity(what: &str) -> Activity {
-    Activity { id: ItemId::random(), what: what.into(), owner: None, due: None, status: ActivityStatus::Planned }
+    Activity {
+        id: ItemId::random(),
+        what: what.into(),
+        owners: Vec::new(),
+        due: None,
+        followup_method: None,
+        status: ActivityStatus::Planned,
+    }
 }
 
 fn body(node: &Node, id: &DocId) -> String {

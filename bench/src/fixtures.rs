@@ -93,7 +93,8 @@ impl Author {
             let activity = Activity {
                 id: ItemId::random(),
                 what: format!("Trygghetsvandring {i} i centrum"),
-                owner: None,
+                owners: Vec::new(),
+                followup_method: None,
                 due: None,
                 status: ActivityStatus::Planned,
             };

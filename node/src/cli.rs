@@ -13,7 +13,7 @@ use samverkan_shared::bundle::{Bundle, HeadsSummary};
 use samverkan_shared::ids::{DocId, ItemId};
 use samverkan_shared::markdown;
 use samverkan_shared::model::{
-    Activity, ActivityStatus, DocKind, DocumentContent, FollowUp, Meeting, MeetingBody, Period, Scope, Signatory,
+    Activity, ActivityStatus, DocKind, DocumentContent, Due, FollowUp, Meeting, MeetingBody, Period, Scope, Signatory,
 };
 use serde_json::json;
 
@@ -96,7 +96,7 @@ pub enum Command {
         /// Document id or unique prefix.
         doc: String,
         /// Field path: title, body, scope, parties, period.start, period.end, place, date,
-        /// activities.<id>.(what|owner|due|status), goals.<id>.text,
+        /// activities.<id>.(what|owners|due|followup_method|status), goals.<id>.text,
         /// followups.<id>.(date|author|text|activity), meetings.<id>.(date|body|notes),
         /// signatories.<n>.(org|role|name).
         field: String,
@@ -292,12 +292,17 @@ pub enum ActivityCommand {
         doc: String,
         /// What is to be done.
         what: String,
-        /// The responsible organisation.
+        /// Who is responsible (repeat for joint owners): an organisation, a unit
+        /// ("LPO Katrineholm", "Kommunen (tekniska förvaltningen)"), "kommunen" or
+        /// "polisen" for the document's party, or "extern: Fastighetsägarna".
+        #[arg(long = "owner")]
+        owners: Vec<String>,
+        /// Due: YYYY-MM-DD, löpande (ongoing), or a quarter (2025-Q2, "Q2 2025").
         #[arg(long)]
-        owner: Option<String>,
-        /// Due date (YYYY-MM-DD).
+        due: Option<String>,
+        /// How the activity is followed up, e.g. "Antal genomförda vandringar".
         #[arg(long)]
-        due: Option<NaiveDate>,
+        followup_method: Option<String>,
         /// Status (planned, ongoing, done, cancelled).
         #[arg(long, default_value = "planned")]
         status: ActivityStatus,
@@ -311,12 +316,15 @@ pub enum ActivityCommand {
         /// New description.
         #[arg(long)]
         what: Option<String>,
-        /// New owner ('' clears).
-        #[arg(long)]
-        owner: Option<String>,
-        /// New due date ('' clears).
+        /// New owners, replacing the old (repeat for joint owners; '' clears).
+        #[arg(long = "owner")]
+        owners: Vec<String>,
+        /// New due: YYYY-MM-DD, löpande, or a quarter such as 2025-Q2 ('' clears).
         #[arg(long)]
         due: Option<String>,
+        /// New follow-up method ('' clears).
+        #[arg(long)]
+        followup_method: Option<String>,
         /// New status.
         #[arg(long)]
         status: Option<ActivityStatus>,
@@ -1000,13 +1008,16 @@ fn relay_target(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::RelayT
 fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {
     let mut content = DocumentContent::new(args.kind, args.title);
     let parties = if args.parties.is_empty() { vec![node.org().to_string()] } else { args.parties };
+    let mut refs = Vec::new();
     for p in &parties {
-        let org = node
-            .directory()
-            .resolve(p)
-            .with_context(|| format!("unknown organisation {p:?} (see `samverkan-node orgs`)"))?;
-        content.parties.push(org.id.clone());
+        // An organisation, or a unit of one ("LPO Katrineholm"): the organisation is the party.
+        refs.push(
+            node.directory()
+                .resolve_ref(p)
+                .with_context(|| format!("unknown organisation {p:?} (see `samverkan-node orgs`)"))?,
+        );
     }
+    content.set_party_refs(&refs);
     let has_municipality = content
         .parties
         .iter()
@@ -1025,41 +1036,59 @@ fn template(kind: DocKind) -> &'static str {
         DocKind::Agreement => {
             "## Bakgrund\n\n## Definitioner\n\n## Övergripande mål\n\n## Fokusområden\n\n## Organisation\n"
         }
-        DocKind::CitizenPromise => "## Problembild\n\n## Vi lovar\n\n## Så följer vi upp\n",
-        DocKind::OperationsPlan => "## Lägesbild\n\n## Åtgärder\n\n## Uppföljning och utvärdering\n",
+        // The marker line is where the table of the activities appears when exported.
+        DocKind::CitizenPromise => {
+            "## Problembild\n\n## Vi lovar\n\n<!-- samverkan:aktiviteter | Aktivitet | Ansvarig | Klart | Uppföljning | -->\n\n## Så följer vi upp\n"
+        }
+        DocKind::OperationsPlan => {
+            "## Lägesbild\n\n## Åtgärder\n\n<!-- samverkan:aktiviteter | Aktivitet | Ansvarig | Klart | Uppföljning | Status | -->\n\n## Uppföljning och utvärdering\n"
+        }
     }
 }
 
 fn cmd_activity(node: &mut Node, cmd: ActivityCommand, json: bool) -> Result<()> {
     match cmd {
-        ActivityCommand::Add { doc, what, owner, due, status } => {
+        ActivityCommand::Add { doc, what, owners, due, followup_method, status } => {
             let id = node.resolve(&doc)?;
+            let due = due.as_deref().map(Due::parse_strict).transpose().map_err(|e| anyhow::anyhow!("--due: {e}"))?;
             let (item, hash) = node.edit(&id, "add activity", |e| {
-                let owner = owner.as_deref().map(|o| e.resolve_org(o)).transpose()?;
-                e.add_activity(&Activity { id: ItemId::random(), what, owner, due, status })
+                let mut activity = Activity::new(what);
+                for o in owners.iter().filter(|o| !o.trim().is_empty()) {
+                    activity.owners.extend(e.resolve_owners(o)?);
+                }
+                activity.due = due;
+                activity.followup_method = followup_method;
+                activity.status = status;
+                e.add_activity(&activity)
             })?;
             print(json, json!({"id": id, "activity": item, "change": hash.map(|h| h.to_string())}), || {
                 format!("Added activity {item}")
             })
         }
-        ActivityCommand::Set { doc, activity, what, owner, due, status } => {
+        ActivityCommand::Set { doc, activity, what, owners, due, followup_method, status } => {
             let id = node.resolve(&doc)?;
             let item = resolve_item(node, &id, "activities", &activity)?;
             let mut fields: Vec<(&str, String)> = Vec::new();
             if let Some(v) = what {
                 fields.push(("what", v));
             }
-            if let Some(v) = owner {
-                fields.push(("owner", v));
+            if !owners.is_empty() {
+                fields.push((
+                    "owners",
+                    owners.iter().map(|o| o.trim()).filter(|o| !o.is_empty()).collect::<Vec<_>>().join("; "),
+                ));
             }
             if let Some(v) = due {
                 fields.push(("due", v));
+            }
+            if let Some(v) = followup_method {
+                fields.push(("followup_method", v));
             }
             if let Some(v) = status {
                 fields.push(("status", v.as_str().to_string()));
             }
             if fields.is_empty() {
-                bail!("nothing to change: give --what, --owner, --due or --status");
+                bail!("nothing to change: give --what, --owner, --due, --followup-method or --status");
             }
             let (_, hash) = node.edit(&id, "change activity", |e| {
                 for (field, value) in &fields {

@@ -8,7 +8,9 @@
 //! - `node.key`: the node's ed25519 secret key, owner read/write only;
 //! - `signers/<name>.key` (0600) and `signers/<name>.json`: signer keys of the
 //!   people who approve documents on this machine, with their organisation and
-//!   role title (see [`Node::create_signer`]).
+//!   role title (see [`Node::create_signer`]);
+//! - `organisations.toml` (optional): organisations and units on top of the
+//!   built-in directory, in its format (see [`load_directory`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -46,6 +48,22 @@ pub const META_DIRECTORY: &str = "relay.directory";
 /// Folder of signer keys inside the data directory.
 pub const SIGNERS_DIR: &str = "signers";
 
+/// File name of the optional organisation directory inside the data directory:
+/// organisations and units added to (or replacing by id) the built-in directory.
+pub const ORGANISATIONS_FILE: &str = "organisations.toml";
+
+/// The organisation directory of the node in `data_dir`: the built-in one
+/// ([`Directory::sodermanland`]) with [`ORGANISATIONS_FILE`] on top, if there is one.
+pub fn load_directory(data_dir: &Path) -> Result<Directory, NodeError> {
+    let path = data_dir.join(ORGANISATIONS_FILE);
+    let error = |reason: String| NodeError::Organisations { path: path.clone(), reason };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Directory::sodermanland().with_overrides(&text).map_err(|e| error(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Directory::sodermanland()),
+        Err(e) => Err(error(e.to_string())),
+    }
+}
+
 /// Errors of node operations.
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -55,6 +73,14 @@ pub enum NodeError {
     /// `init` on a directory that already has a node.
     #[error("{0} already holds a Samverkan node")]
     AlreadyInitialised(PathBuf),
+    /// The data directory's `organisations.toml` cannot be read or used.
+    #[error("{}: {reason}", .path.display())]
+    Organisations {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// No document matches an id or prefix.
     #[error("no document matches {0:?} (see `samverkan-node list`)")]
     NoSuchDocument(String),
@@ -266,7 +292,7 @@ pub struct Node {
 impl Node {
     /// Creates a node in `data_dir` for organisation `org` (id, name or alias).
     pub fn init(data_dir: &Path, org: &str, name: Option<&str>) -> Result<Self, NodeError> {
-        let directory = Directory::sodermanland();
+        let directory = load_directory(data_dir)?;
         let org = directory
             .resolve(org)
             .ok_or_else(|| NodeError::Model(ModelError::UnknownOrganisation(org.to_string())))?
@@ -316,7 +342,7 @@ impl Node {
             key,
             org,
             name,
-            directory: Directory::sodermanland(),
+            directory: load_directory(data_dir)?,
             enrolled: Default::default(),
         })
     }
@@ -1072,5 +1098,58 @@ pub fn refusal_note(refusal: &DocRefusal) -> String {
             "the relay refused this node's changes to document {doc} ({}); it is not synced until they are recovered: run `samverkan-node recover {doc}`",
             refusal.reason
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VASTMANLAND: &str = r#"
+[[county]]
+id = "vastmanland"
+name = "Västmanlands län"
+
+[[organisation]]
+id = "polisomrade-vastmanland"
+county = "vastmanland"
+kind = "police"
+name = "Polisområde Västmanland"
+
+[[organisation.unit]]
+name = "Lokalpolisområde Västerås"
+kind = "local_police_area"
+covers = ["vasteras-stad"]
+
+[[organisation]]
+id = "vasteras-stad"
+county = "vastmanland"
+kind = "municipality"
+name = "Västerås stad"
+aliases = ["Västerås"]
+"#;
+
+    #[test]
+    fn a_data_directorys_organisations_file_adds_another_county_and_a_bad_one_is_named() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("node");
+        keyfile::create_private_dir(&dir).unwrap();
+        std::fs::write(dir.join(ORGANISATIONS_FILE), VASTMANLAND).unwrap();
+        let mut node = Node::init(&dir, "Västerås", None).unwrap();
+        assert_eq!(node.org().as_str(), "vasteras-stad");
+        let text = "# Medborgarlöfte 2025 för Västerås stad och Lokalpolisområde Västerås\n\n## Vi lovar\n\n- Trygghetsvandringar (ansvar: kommunen och polisen; klart: löpande)\n";
+        let (id, _) = node.import_markdown(text, None).unwrap();
+        let view = Node::open(&dir).unwrap().document(&id).unwrap().view().unwrap();
+        let police = OrgId::new("polisomrade-vastmanland").unwrap();
+        assert_eq!(view.parties, [OrgId::new("vasteras-stad").unwrap(), police.clone()]);
+        assert_eq!(view.party_units[&police], "Lokalpolisområde Västerås");
+        assert_eq!(view.activities[0].owners.len(), 2);
+        // Södermanland is still there.
+        assert!(node.directory().resolve("Flen").is_some());
+
+        std::fs::write(dir.join(ORGANISATIONS_FILE), "[[organisation]]\nid = 'x'\nname = 'X'\n").unwrap();
+        let Err(err) = Node::open(&dir) else { panic!("a broken organisations.toml is refused") };
+        let err = err.to_string();
+        assert!(err.contains("organisations.toml") && err.contains("kind"), "{err}");
     }
 }

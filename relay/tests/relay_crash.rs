@@ -56,7 +56,8 @@ fn add(node: &mut Node, id: &DocId, what: &str) {
         e.add_activity(&Activity {
             id: ItemId::random(),
             what: what.into(),
-            owner: None,
+            owners: Vec::new(),
+            followup_method: None,
             due: None,
             status: ActivityStatus::Planned,
         })

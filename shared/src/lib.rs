@@ -4,7 +4,7 @@
 //! - [`acceptance`]: what is accepted from others on every path: authors, signatures, sizes.
 //! - [`approval`]: signed approvals of document versions: signed message, records, verification, approval state, signed bundles.
 //! - [`ids`]: typed ids of documents and list items.
-//! - [`org`]: organisations (parties) and the directory that names them.
+//! - [`org`]: organisations (parties), the units within them (lokalpolisområden, förvaltningar), and the directory that names them (`organisations.toml`).
 //! - [`identity`]: ed25519 node keys; a node's public key is its Automerge actor.
 //! - [`authorship`]: every change signed by its author, verified by whoever receives it.
 //! - [`directory`]: the enrollment directory (keys → organisation, name, role), signed by the relay; join codes.

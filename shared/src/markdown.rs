@@ -12,15 +12,18 @@
 //! heading, the parties named in it, the place and date above the signatures,
 //! and each signatory (name, role title, organisation) between thematic breaks.
 
+mod activities;
+mod scan;
+
 use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{DocId, ItemId};
 use crate::model::{
-    Activity, ActivityStatus, DocKind, DocumentContent, DocumentView, FollowUp, Goal, Meeting, MeetingBody, ModelError,
-    Period, Scope, Signatory,
+    canonical_owner, parties_from_refs, party_refs, Activity, ActivityStatus, DocKind, DocumentContent, DocumentView,
+    Due, FollowUp, Goal, Meeting, MeetingBody, ModelError, PartyContext, Period, Scope, Signatory,
 };
-use crate::org::{Directory, OrgId, OrgKind};
+use crate::org::{Directory, OrgId, OrgKind, OrgRef, UnitKind};
 
 /// Version written in the `samverkan` key of the front matter.
 pub const FORMAT_VERSION: u32 = 1;
@@ -45,6 +48,9 @@ pub enum MarkdownError {
     /// No title: no front matter title and no heading.
     #[error("the document has no title: start it with a heading (# Title)")]
     NoTitle,
+    /// The generated activities table of an exported file cannot be read back.
+    #[error("{0}")]
+    ActivitiesTable(String),
     /// A field failed validation.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -125,10 +131,18 @@ struct ActivityFm {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     id: Option<String>,
     what: String,
+    /// Organisations, units ("Flens kommun (tekniska förvaltningen)",
+    /// "Lokalpolisområde Katrineholm") or `extern: name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    owners: Vec<String>,
+    /// One owner, as files written before `owners` have it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     owner: Option<String>,
+    /// `YYYY-MM-DD`, `löpande`, a quarter (`2025-Q2`) or words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     due: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    followup_method: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     status: Option<String>,
 }
@@ -172,11 +186,30 @@ fn parse_opt_date(field: &str, value: Option<&str>) -> Result<Option<NaiveDate>,
     value.filter(|v| !v.trim().is_empty()).map(|v| parse_date(field, v)).transpose()
 }
 
-fn resolve(directory: &Directory, name: &str) -> Result<OrgId, MarkdownError> {
-    directory
-        .resolve(name)
-        .map(|o| o.id.clone())
-        .ok_or_else(|| MarkdownError::Model(ModelError::UnknownOrganisation(name.to_string())))
+fn resolve_ref(directory: &Directory, name: &str) -> Result<OrgRef, MarkdownError> {
+    directory.resolve_ref(name).ok_or_else(|| MarkdownError::Model(ModelError::UnknownOrganisation(name.to_string())))
+}
+
+/// A deadline as the front matter writes it: `YYYY-MM-DD`, `löpande`, `2025-Q2`, or the words.
+fn front_matter_due(due: &Due) -> String {
+    match due {
+        Due::Ongoing => "löpande".to_string(),
+        other => other.encode(),
+    }
+}
+
+/// Reads [`front_matter_due`]'s form; a text shaped like a date must be one.
+fn parse_front_matter_due(text: &str, year: Option<i32>) -> Result<Option<Due>, MarkdownError> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let date_shaped = text.len() == 10
+        && text.bytes().enumerate().all(|(i, b)| if i == 4 || i == 7 { b == b'-' } else { b.is_ascii_digit() });
+    if date_shaped {
+        return parse_date("activities.due", text).map(|d| Some(Due::Date(d)));
+    }
+    Ok(Some(Due::parse_structured(text, year).unwrap_or_else(|| Due::Text(text.to_string()))))
 }
 
 fn item_id(field: &str, id: Option<&str>) -> Result<ItemId, MarkdownError> {
@@ -195,7 +228,8 @@ where
 
 impl FrontMatter {
     fn from_view(view: &DocumentView, directory: &Directory) -> Self {
-        let name = |org: &OrgId| directory.name_of(org).to_string();
+        let party =
+            |org: &OrgId| directory.describe(&OrgRef { org: org.clone(), unit: view.party_units.get(org).cloned() });
         let date = |d: NaiveDate| d.format("%Y-%m-%d").to_string();
         Self {
             samverkan: FORMAT_VERSION,
@@ -203,14 +237,14 @@ impl FrontMatter {
             kind: view.kind.as_str().to_string(),
             scope: Some(view.scope.as_str().to_string()),
             title: view.title.clone(),
-            parties: view.parties.iter().map(name).collect(),
+            parties: view.parties.iter().map(party).collect(),
             place: view.place.clone(),
             date: view.date.map(date),
             period: PeriodFm { start: view.period.start.map(date), end: view.period.end.map(date) },
             signatories: view
                 .signatories
                 .iter()
-                .map(|s| SignatoryFm { organisation: name(&s.org), role: s.role.clone(), name: s.name.clone() })
+                .map(|s| SignatoryFm { organisation: party(&s.org), role: s.role.clone(), name: s.name.clone() })
                 .collect(),
             goals: view.goals.iter().map(|g| GoalFm { id: Some(g.id.to_string()), text: g.text.clone() }).collect(),
             activities: view
@@ -219,8 +253,10 @@ impl FrontMatter {
                 .map(|a| ActivityFm {
                     id: Some(a.id.to_string()),
                     what: a.what.clone(),
-                    owner: a.owner.as_ref().map(name),
-                    due: a.due.map(date),
+                    owners: a.owners.iter().map(|o| canonical_owner(directory, o)).collect(),
+                    owner: None,
+                    due: a.due.as_ref().map(front_matter_due),
+                    followup_method: a.followup_method.clone(),
                     status: Some(a.status.as_str().to_string()),
                 })
                 .collect(),
@@ -261,7 +297,8 @@ impl FrontMatter {
         if self.title.trim().is_empty() {
             return Err(ModelError::EmptyTitle.into());
         }
-        let parties = self.parties.iter().map(|p| resolve(directory, p)).collect::<Result<Vec<_>, _>>()?;
+        let refs = self.parties.iter().map(|p| resolve_ref(directory, p)).collect::<Result<Vec<_>, _>>()?;
+        let (parties, party_units) = parties_from_refs(&refs);
         let scope = match self.scope.as_deref() {
             Some(s) => parse_enum("scope", s)?,
             None => default_scope(&self.title, &parties, directory),
@@ -278,26 +315,40 @@ impl FrontMatter {
         let signatories = self
             .signatories
             .into_iter()
-            .map(|s| Ok(Signatory { org: resolve(directory, &s.organisation)?, role: s.role, name: s.name }))
+            .map(|s| Ok(Signatory { org: resolve_ref(directory, &s.organisation)?.org, role: s.role, name: s.name }))
             .collect::<Result<Vec<_>, MarkdownError>>()?;
         let goals = self
             .goals
             .into_iter()
             .map(|g| Ok(Goal { id: item_id("goals.id", g.id.as_deref())?, text: g.text }))
             .collect::<Result<Vec<_>, MarkdownError>>()?;
-        let activities = self
+        let ctx = PartyContext::new(directory, party_refs(&parties, &party_units));
+        let year = activities::year_of(period.start, &self.title);
+        let mut activities = self
             .activities
             .into_iter()
             .map(|a| {
+                let owners = a
+                    .owner
+                    .iter()
+                    .chain(&a.owners)
+                    .filter(|o| !o.trim().is_empty())
+                    .map(|o| {
+                        ctx.resolve_owner(o)
+                            .ok_or_else(|| MarkdownError::Model(ModelError::UnknownOwner(o.trim().to_string())))
+                    })
+                    .collect::<Result<Vec<_>, MarkdownError>>()?;
+                let mut unique = Vec::new();
+                for o in owners {
+                    if !unique.contains(&o) {
+                        unique.push(o);
+                    }
+                }
                 Ok(Activity {
                     id: item_id("activities.id", a.id.as_deref())?,
-                    owner: a
-                        .owner
-                        .as_deref()
-                        .filter(|o| !o.trim().is_empty())
-                        .map(|o| resolve(directory, o))
-                        .transpose()?,
-                    due: parse_opt_date("activities.due", a.due.as_deref())?,
+                    owners: unique,
+                    due: a.due.as_deref().map(|d| parse_front_matter_due(d, year)).transpose()?.flatten(),
+                    followup_method: a.followup_method.filter(|m| !m.trim().is_empty()),
                     status: match a.status.as_deref() {
                         Some(s) => parse_enum("activities.status", s)?,
                         None => ActivityStatus::Planned,
@@ -306,6 +357,7 @@ impl FrontMatter {
                 })
             })
             .collect::<Result<Vec<_>, MarkdownError>>()?;
+        let body = activities::collapse(&body, &mut activities, &ctx, year)?;
         let followups = self
             .followups
             .into_iter()
@@ -341,6 +393,7 @@ impl FrontMatter {
             scope,
             title: self.title,
             parties,
+            party_units,
             period,
             place: self.place.filter(|p| !p.trim().is_empty()),
             date: parse_opt_date("date", self.date.as_deref())?,
@@ -358,10 +411,20 @@ impl FrontMatter {
 // ---- export ----------------------------------------------------------------------------------
 
 /// The document as Markdown with front matter: lossless, re-importable, what `edit` opens.
+///
+/// The body is as stored, except that each activities marker is followed by the
+/// table generated from the activities (see `activities`), which import reads
+/// back into the marker.
 pub fn export(view: &DocumentView, directory: &Directory) -> String {
     let front = toml::to_string(&FrontMatter::from_view(view, directory))
         .unwrap_or_else(|e| format!("# front matter could not be written: {e}\n"));
-    format!("{FENCE}\n{front}{FENCE}\n{}", view.body)
+    format!("{FENCE}\n{front}{FENCE}\n{}", expanded_body(view, directory))
+}
+
+/// The body with its generated activities table, as export and `show` print it.
+pub fn expanded_body(view: &DocumentView, directory: &Directory) -> String {
+    let ctx = PartyContext::new(directory, view.party_refs());
+    activities::expand(&view.body, &view.activities, &ctx)
 }
 
 /// Splits a text into front matter (if it starts with `+++`) and body.
@@ -406,55 +469,48 @@ pub fn import(text: &str, directory: &Directory, kind: Option<DocKind>) -> Resul
     }
 }
 
-/// Role titles of people who sign, and the kind of organisation each belongs to.
-const KNOWN_ROLES: [(&str, OrgKind); 9] = [
-    ("Landshövding", OrgKind::CountyBoard),
+/// Role titles of people who sign, and the kind of organisation each belongs to;
+/// longer titles first where one ends another ("Lokalpolisområdeschef").
+const KNOWN_ROLES: [(&str, OrgKind); 12] = [
+    ("Kommunstyrelsens ordförande", OrgKind::Municipality),
     ("Lokalpolisområdeschef", OrgKind::Police),
     ("Polisområdeschef", OrgKind::Police),
     ("Regionpolischef", OrgKind::Police),
     ("Kommunpolis", OrgKind::Police),
-    ("Kommunstyrelsens ordförande", OrgKind::Municipality),
+    ("Landshövding", OrgKind::CountyBoard),
+    ("Länsråd", OrgKind::CountyBoard),
     ("Kommundirektör", OrgKind::Municipality),
     ("Kommunchef", OrgKind::Municipality),
     ("Stadsdirektör", OrgKind::Municipality),
+    ("Kommunalråd", OrgKind::Municipality),
+    ("Socialchef", OrgKind::Municipality),
 ];
 
 /// The heading text of an ATX heading line, without markers and emphasis.
 fn heading_text(line: &str) -> Option<String> {
-    let trimmed = line.trim_start();
-    let hashes = trimmed.chars().take_while(|c| *c == '#').count();
-    if hashes == 0 || hashes > 6 || !trimmed[hashes..].starts_with([' ', '\t']) {
-        return None;
-    }
-    let text = trimmed[hashes..].trim().trim_end_matches('#').trim();
-    let text = text.trim_matches(['*', '_']).trim();
-    (!text.is_empty()).then(|| text.to_string())
+    scan::heading(line).map(|(_, text)| text)
 }
 
-fn is_thematic_break(line: &str) -> bool {
-    let compact: String = line.chars().filter(|c| !c.is_whitespace()).collect();
-    compact.len() >= 3 && ["-", "*", "_"].iter().any(|m| compact.chars().all(|c| c.to_string() == *m))
-}
-
-/// Finds a `YYYY-MM-DD` date in a short line, with the text before it (the place).
+/// A place-and-date line ("Nyköping/ Eskilstuna 2023-10-18", "Katrineholm den 20
+/// januari 2025"): one date, a short place before it, nothing but punctuation after.
 fn place_and_date(line: &str) -> Option<(Option<String>, NaiveDate)> {
     let line = line.trim();
-    if line.is_empty() || line.chars().count() > 100 || line.starts_with('#') {
+    if line.is_empty() || line.chars().count() > 100 || line.starts_with(['#', '|']) || scan::item_line(line).is_some()
+    {
         return None;
     }
-    for (pos, _) in line.char_indices() {
-        let Some(candidate) = line.get(pos..pos + 10) else { continue };
-        let boundary_before = line[..pos].chars().next_back().is_none_or(|c| !c.is_ascii_digit());
-        let boundary_after = line[pos + 10..].chars().next().is_none_or(|c| !c.is_ascii_digit());
-        if !(boundary_before && boundary_after) {
-            continue;
-        }
-        if let Ok(date) = NaiveDate::parse_from_str(candidate, "%Y-%m-%d") {
-            let place = line[..pos].trim().trim_end_matches([',', ' ']).trim().to_string();
-            return Some(((!place.is_empty()).then_some(place), date));
-        }
+    let found = scan::dates(line);
+    let [(range, date)] = found.as_slice() else { return None };
+    let after = line[range.end..].trim();
+    if !after.chars().all(|c| c.is_ascii_punctuation()) {
+        return None;
     }
-    None
+    let place = line[..range.start].trim().trim_end_matches([',', ' ']).trim();
+    let place = place.strip_suffix(" den").unwrap_or(place).trim().trim_end_matches(',').trim();
+    if place.contains(':') || place.chars().count() > 40 || place.split_whitespace().count() > 4 {
+        return None;
+    }
+    Some(((!place.is_empty()).then(|| place.to_string()), *date))
 }
 
 fn default_scope(title: &str, parties: &[OrgId], directory: &Directory) -> Scope {
@@ -483,20 +539,35 @@ fn recognise_kind(title: &str) -> Option<DocKind> {
     }
 }
 
-/// Recognises the structured fields of a plain Markdown document; the body is kept verbatim.
+/// Recognises the structured fields of a plain Markdown document. The body is
+/// kept verbatim, except that the activities it lists (tables and lists under
+/// "Våra löften", "Aktiviteter", "Åtgärder", …) become structured activities and
+/// one marker line where the generated table goes (see `activities`).
 fn recognise(body: &str, directory: &Directory, kind: Option<DocKind>) -> Result<Imported, MarkdownError> {
     let lines: Vec<&str> = body.lines().collect();
-    let title = lines.iter().find_map(|l| heading_text(l)).ok_or(MarkdownError::NoTitle)?;
+    let code = scan::lines(body);
+    let (title_line, title) = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !code.get(*i).is_some_and(|l| l.in_code))
+        .find_map(|(i, l)| heading_text(l).map(|t| (i, t)))
+        .ok_or(MarkdownError::NoTitle)?;
     let kind = kind.or_else(|| recognise_kind(&title)).ok_or(MarkdownError::UnknownKind)?;
     let mut recognised = vec![format!("title: {title}"), format!("kind: {}", kind.label())];
 
-    let mut parties = directory.mentioned_in(&title);
-    if parties.is_empty() {
-        parties = directory.mentioned_in(body);
+    // Parties: named in the title, else anywhere in the text.
+    let mut mentions = directory.mentions(&title);
+    if mentions.is_empty() {
+        mentions = directory.mentions(body);
     }
+    let explicit: Vec<OrgId> = mentions.iter().filter(|m| m.explicit).map(|m| m.target.org.clone()).collect();
+    let mut refs: Vec<OrgRef> = mentions.into_iter().map(|m| m.target).collect();
 
-    // Place and date: the last short line with a date, before the signature blocks.
-    let date_line = (0..lines.len()).rev().find_map(|i| place_and_date(lines[i]).map(|pd| (i, pd)));
+    // Place and date: the last short line with a date that signatures follow (else the last one).
+    let date_lines: Vec<(usize, (Option<String>, NaiveDate))> =
+        (0..lines.len()).filter_map(|i| place_and_date(lines[i]).map(|pd| (i, pd))).collect();
+    let signed_after = |i: usize| lines[i + 1..].iter().any(|l| role_in(l).is_some());
+    let date_line = date_lines.iter().rev().find(|(i, _)| signed_after(*i)).or(date_lines.last()).cloned();
     let (place, date, signature_start) = match date_line {
         Some((i, (place, date))) => (place, Some(date), i + 1),
         None => (None, None, lines.len()),
@@ -505,81 +576,253 @@ fn recognise(body: &str, directory: &Directory, kind: Option<DocKind>) -> Result
         recognised.push(format!("date: {date}{}", place.as_ref().map(|p| format!(" ({p})")).unwrap_or_default()));
     }
 
-    // Signature blocks: groups of lines after the date, split by thematic breaks.
     let mut signatories = Vec::new();
-    let mut blocks: Vec<Vec<&str>> = vec![Vec::new()];
-    for line in &lines[signature_start..] {
-        if is_thematic_break(line) {
-            blocks.push(Vec::new());
-        } else if !line.trim().is_empty() {
-            if let Some(block) = blocks.last_mut() {
-                block.push(line.trim());
-            }
+    for (signatory, target) in recognise_signatories(&lines[signature_start..], &refs, directory) {
+        match refs.iter_mut().find(|r| r.org == target.org) {
+            Some(party) if party.unit.is_none() => party.unit = target.unit.clone(),
+            Some(_) => {}
+            None => refs.push(target.clone()),
         }
+        recognised.push(format!(
+            "signatory: {} ({}){}",
+            signatory.role,
+            directory.describe(&target),
+            signatory.name.as_ref().map(|n| format!(", {n}")).unwrap_or_default()
+        ));
+        signatories.push(signatory);
     }
-    for block in blocks.into_iter().filter(|b| !b.is_empty()) {
-        if let Some(s) = recognise_signatory(&block, &parties, directory) {
-            recognised.push(format!(
-                "signatory: {} ({}){}",
-                s.role,
-                directory.name_of(&s.org),
-                s.name.as_ref().map(|n| format!(", {n}")).unwrap_or_default()
-            ));
-            if !parties.contains(&s.org) {
-                parties.push(s.org.clone());
-            }
-            signatories.push(s);
-        }
+    infer_local_police_area(&mut refs, &explicit, directory, &mut recognised);
+    let (parties, party_units) = parties_from_refs(&refs);
+    recognised.push(format!("parties: {}", refs.iter().map(|r| directory.describe(r)).collect::<Vec<_>>().join(", ")));
+
+    let period = recognise_period(&title, &lines, kind).unwrap_or(Period { start: date, end: None });
+    if period.start != date || period.end.is_some() {
+        let show = |d: Option<NaiveDate>| d.map(|d| d.to_string()).unwrap_or_else(|| "…".into());
+        recognised.push(format!("period: {} – {}", show(period.start), show(period.end)));
     }
-    recognised
-        .push(format!("parties: {}", parties.iter().map(|p| directory.name_of(p)).collect::<Vec<_>>().join(", ")));
 
     let scope = default_scope(&title, &parties, directory);
+    let ctx = PartyContext::new(directory, refs);
+    let found = activities::recognise(body, Some(title_line), &ctx, activities::year_of(period.start, &title));
+    recognised.extend(found.notes);
     let content = DocumentContent {
         kind,
         scope,
         title,
         parties,
-        period: Period { start: date, end: None },
+        party_units,
+        period,
         place,
         date,
         signatories,
-        body: body.to_string(),
+        body: found.body,
         goals: Vec::new(),
-        activities: Vec::new(),
+        activities: found.activities,
         followups: Vec::new(),
         meetings: Vec::new(),
     };
     Ok(Imported { id: None, content, recognised })
 }
 
-/// A signature block: an optional name line, then the role title and organisation.
-fn recognise_signatory(block: &[&str], parties: &[OrgId], directory: &Directory) -> Option<Signatory> {
-    let starts_with_role =
-        |line: &str| KNOWN_ROLES.iter().find(|(role, _)| line.to_lowercase().starts_with(&role.to_lowercase()));
-    let (name, rest) = match starts_with_role(block[0]) {
-        Some(_) => (None, block),
-        None => (Some(block[0].to_string()), &block[1..]),
-    };
-    let role_text = rest.join(" ");
-    let (role, kind) = starts_with_role(&role_text)?;
-    let after_role = role_text[role.len()..].trim();
-    let org = directory
-        .mentioned_in(after_role)
-        .into_iter()
-        .next()
-        .or_else(|| {
-            // "Landshövding Södermanlands län": the party of the role's kind.
-            parties.iter().find(|p| directory.get(p).is_some_and(|o| o.kind == *kind)).cloned()
-        })
-        .or_else(|| {
-            let mut of_kind = directory.organisations().iter().filter(|o| o.kind == *kind);
-            match (of_kind.next(), of_kind.next()) {
-                (Some(only), None) => Some(only.id.clone()),
-                _ => None,
+/// The role a signature line names: the name before it ("Anna Svensson,
+/// lokalpolisområdeschef") if any, the role, its kind, and the text after it.
+fn role_in(line: &str) -> Option<(Option<&str>, &'static str, OrgKind, &str)> {
+    let line = line.trim().trim_matches(['*', '_']).trim();
+    let lower = line.to_lowercase();
+    if lower.len() != line.len() {
+        return None;
+    }
+    for (role, kind) in KNOWN_ROLES {
+        let needle = role.to_lowercase();
+        if lower.starts_with(&needle) {
+            return Some((None, role, kind, &line[needle.len()..]));
+        }
+        if let Some(pos) = lower.find(&format!(", {needle}")) {
+            let name = line[..pos].trim();
+            let looks_like_name = !name.is_empty() && name.split_whitespace().count() <= 5;
+            if looks_like_name {
+                return Some((Some(name), role, kind, &line[pos + 2 + needle.len()..]));
             }
-        })?;
-    Some(Signatory { org, role: role.to_string(), name })
+        }
+    }
+    None
+}
+
+/// Signature blocks after the place and date: each an optional name line, then a
+/// role title and the organisation ("Landshövding Södermanlands län",
+/// "Lokalpolisområdeschef, Lokalpolisområde Katrineholm"), possibly over several
+/// lines; blocks split by thematic breaks or by the next name and role.
+fn recognise_signatories(lines: &[&str], parties: &[OrgRef], directory: &Directory) -> Vec<(Signatory, OrgRef)> {
+    struct Open {
+        name: Option<String>,
+        role: &'static str,
+        kind: OrgKind,
+        org_text: String,
+    }
+    let tokens: Vec<Option<&str>> = lines
+        .iter()
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| (!scan::is_thematic_break(l)).then_some(l))
+        .collect();
+    let mut out = Vec::new();
+    let finish = |open: Option<Open>, out: &mut Vec<(Signatory, OrgRef)>| {
+        if let Some(o) = open {
+            if let Some(target) = signatory_org(&o.org_text, o.role, o.kind, parties, directory) {
+                out.push((Signatory { org: target.org.clone(), role: o.role.to_string(), name: o.name }, target));
+            }
+        }
+    };
+    let mut pending_name: Option<String> = None;
+    let mut open: Option<Open> = None;
+    for (k, token) in tokens.iter().enumerate() {
+        let Some(text) = token else {
+            finish(open.take(), &mut out);
+            pending_name = None;
+            continue;
+        };
+        if let Some((name, role, kind, rest)) = role_in(text) {
+            finish(open.take(), &mut out);
+            let name = name.map(str::to_owned).or_else(|| pending_name.take());
+            open = Some(Open { name, role, kind, org_text: rest.to_string() });
+            continue;
+        }
+        let next_is_role = matches!(tokens.get(k + 1), Some(Some(t)) if role_in(t).is_some());
+        let is_name = text.split_whitespace().count() <= 5 && !text.chars().any(|c| c.is_ascii_digit());
+        match open.as_mut() {
+            Some(_) if next_is_role && is_name => {
+                finish(open.take(), &mut out);
+                pending_name = Some(text.to_string());
+            }
+            Some(o) => {
+                o.org_text.push(' ');
+                o.org_text.push_str(text);
+            }
+            None if is_name => pending_name = Some(text.to_string()),
+            None => pending_name = None,
+        }
+    }
+    finish(open.take(), &mut out);
+    out
+}
+
+/// The organisation (or unit) a signature's text names for a role of `kind`.
+fn signatory_org(text: &str, role: &str, kind: OrgKind, parties: &[OrgRef], directory: &Directory) -> Option<OrgRef> {
+    let kind_of = |r: &OrgRef| directory.get(&r.org).map(|o| o.kind);
+    let mentions = directory.mentions(text);
+    if let Some(m) = mentions.iter().find(|m| kind_of(&m.target) == Some(kind)) {
+        // "Polisområdeschef Polisområde Södermanland": a party's own unit is kept.
+        let party = parties.iter().find(|p| p.org == m.target.org && m.target.unit.is_none() && !m.explicit);
+        return Some(party.cloned().unwrap_or_else(|| m.target.clone()));
+    }
+    let party = parties.iter().find(|p| kind_of(p) == Some(kind)).cloned();
+    let police = party
+        .clone()
+        .map(|p| p.org)
+        .or_else(|| directory.organisations().iter().find(|o| o.kind == OrgKind::Police).map(|o| o.id.clone()));
+    if kind == OrgKind::Police && role == "Lokalpolisområdeschef" {
+        // "Lokalpolisområdeschef Katrineholm": the lokalpolisområde of that municipality.
+        if let (Some(police), Some(m)) =
+            (&police, mentions.iter().find(|m| kind_of(&m.target) == Some(OrgKind::Municipality)))
+        {
+            if let Some(unit) = directory.covering_unit(police, &m.target.org, UnitKind::LocalPoliceArea) {
+                return Some(OrgRef::unit(police.clone(), unit.name.clone()));
+            }
+        }
+    }
+    party.or_else(|| {
+        // "Landshövding Södermanlands län": the only organisation of the role's kind.
+        let mut of_kind = directory.organisations().iter().filter(|o| o.kind == kind);
+        match (of_kind.next(), of_kind.next()) {
+            (Some(only), None) => Some(OrgRef::org(only.id.clone())),
+            _ => None,
+        }
+    })
+}
+
+/// A local document's police party named only as "polisen" or through its chief
+/// acts through the lokalpolisområde covering its municipalities (when they all
+/// share one); a police area named explicitly stays the whole area.
+fn infer_local_police_area(refs: &mut [OrgRef], explicit: &[OrgId], directory: &Directory, notes: &mut Vec<String>) {
+    let municipalities: Vec<OrgId> = refs
+        .iter()
+        .filter(|r| directory.get(&r.org).is_some_and(|o| o.kind == OrgKind::Municipality))
+        .map(|r| r.org.clone())
+        .collect();
+    if municipalities.is_empty() {
+        return;
+    }
+    for r in refs.iter_mut() {
+        let police = directory.get(&r.org).is_some_and(|o| o.kind == OrgKind::Police);
+        if !police || r.unit.is_some() || explicit.contains(&r.org) {
+            continue;
+        }
+        let units: Vec<&str> = municipalities
+            .iter()
+            .filter_map(|m| directory.covering_unit(&r.org, m, UnitKind::LocalPoliceArea).map(|u| u.name.as_str()))
+            .collect();
+        if units.len() == municipalities.len() && units.windows(2).all(|w| w[0] == w[1]) {
+            r.unit = Some(units[0].to_string());
+            notes.push(format!(
+                "police party: {} (the lokalpolisområde of {})",
+                units[0],
+                municipalities.iter().map(|m| directory.name_of(m)).collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+}
+
+/// The validity period a document states: a line about its validity ("Löftet
+/// gäller 2025-01-01 – 2025-12-31", "gäller 2025–2027", "gäller till och med
+/// 2026-12-31"), else a year or years in the title (a promise or plan for 2025
+/// covers 2025; an agreement from a year starts then).
+fn recognise_period(title: &str, lines: &[&str], kind: DocKind) -> Option<Period> {
+    const WORDS: [&str; 6] = ["gäller", "giltig", "period", "löptid", "avser", "omfattar"];
+    let full_years = |from: i32, to: i32| Period {
+        start: NaiveDate::from_ymd_opt(from, 1, 1),
+        end: NaiveDate::from_ymd_opt(to, 12, 31),
+    };
+    let year_range = |text: &str| -> Option<(i32, i32)> {
+        let years = scan::years(text);
+        for pair in years.windows(2) {
+            let between = &text[pair[0].0 + 4..pair[1].0];
+            if ["–", "-", "—", " – ", " - ", " till ", " t.o.m. "].contains(&between) && pair[1].1 >= pair[0].1 {
+                return Some((pair[0].1, pair[1].1));
+            }
+        }
+        None
+    };
+    for line in lines.iter().filter(|l| !l.trim_start().starts_with('|')) {
+        let lower = line.to_lowercase();
+        if !WORDS.iter().any(|w| lower.contains(w)) {
+            continue;
+        }
+        let found = scan::dates(line);
+        match found.as_slice() {
+            [(_, a), (_, b), ..] if b >= a => return Some(Period { start: Some(*a), end: Some(*b) }),
+            [(range, d)] => {
+                let before = lower[..range.start.min(lower.len())].trim_end();
+                if ["till och med", "t.o.m.", "till", "tom"].iter().any(|w| before.ends_with(w)) {
+                    return Some(Period { start: None, end: Some(*d) });
+                }
+                if ["från och med", "fr.o.m.", "från", "fom"].iter().any(|w| before.ends_with(w)) {
+                    return Some(Period { start: Some(*d), end: None });
+                }
+            }
+            _ => {}
+        }
+        if let Some((from, to)) = year_range(line) {
+            return Some(full_years(from, to));
+        }
+    }
+    if let Some((from, to)) = year_range(title) {
+        return Some(full_years(from, to));
+    }
+    let year = scan::years(title).first().map(|(_, y)| *y)?;
+    match kind {
+        DocKind::Agreement => Some(Period { start: NaiveDate::from_ymd_opt(year, 1, 1), end: None }),
+        DocKind::CitizenPromise | DocKind::OperationsPlan => Some(full_years(year, year)),
+    }
 }
 
 // ---- rendering -------------------------------------------------------------------------------
@@ -588,11 +831,20 @@ fn recognise_signatory(block: &[&str], parties: &[OrgId], directory: &Directory)
 /// structured fields, the body, then goals, activities, follow-ups and meetings.
 pub fn render(view: &DocumentView, directory: &Directory) -> String {
     let mut out = String::new();
-    let names = |orgs: &[OrgId]| orgs.iter().map(|o| directory.name_of(o)).collect::<Vec<_>>().join(", ");
+    // A known unit with its organisation: "Lokalpolisområde Katrineholm (Polisområde Södermanland)".
+    let party = |org: &OrgId| {
+        let r = OrgRef { org: org.clone(), unit: view.party_units.get(org).cloned() };
+        match &r.unit {
+            Some(unit) if directory.is_known_unit(org, unit) => {
+                format!("{} ({})", directory.describe(&r), directory.name_of(org))
+            }
+            _ => directory.describe(&r),
+        }
+    };
     out.push_str(&format!("{}\n", view.title));
     out.push_str(&format!("{} · {} · {}\n", view.kind.label(), view.scope.label(), view.id));
     if !view.parties.is_empty() {
-        out.push_str(&format!("Parter: {}\n", names(&view.parties)));
+        out.push_str(&format!("Parter: {}\n", view.parties.iter().map(party).collect::<Vec<_>>().join(", ")));
     }
     if view.period.start.is_some() || view.period.end.is_some() {
         let show = |d: Option<NaiveDate>, open: &str| d.map(|d| d.to_string()).unwrap_or_else(|| open.to_string());
@@ -610,12 +862,13 @@ pub fn render(view: &DocumentView, directory: &Directory) -> String {
         out.push_str(&format!(
             "Undertecknas av: {}, {}{}\n",
             s.role,
-            directory.name_of(&s.org),
+            directory.describe(&OrgRef { org: s.org.clone(), unit: view.party_units.get(&s.org).cloned() }),
             s.name.as_ref().map(|n| format!(" ({n})")).unwrap_or_default()
         ));
     }
     out.push('\n');
-    out.push_str(view.body.trim_matches('\n'));
+    let ctx = PartyContext::new(directory, view.party_refs());
+    out.push_str(activities::expand_for_reading(&view.body, &view.activities, &ctx).trim_matches('\n'));
     out.push('\n');
     if !view.goals.is_empty() {
         out.push_str("\n## Mål\n\n");
@@ -627,11 +880,17 @@ pub fn render(view: &DocumentView, directory: &Directory) -> String {
         out.push_str("\n## Aktiviteter\n\n");
         for a in &view.activities {
             let mut details = vec![format!("status: {}", a.status.label())];
-            if let Some(owner) = &a.owner {
-                details.push(format!("ansvarig: {}", directory.name_of(owner)));
+            if !a.owners.is_empty() {
+                let owners: Vec<String> = a.owners.iter().map(|o| canonical_owner(directory, o)).collect();
+                details.push(format!("ansvarig: {}", owners.join(", ")));
             }
-            if let Some(due) = a.due {
-                details.push(format!("klart senast: {due}"));
+            match &a.due {
+                Some(Due::Date(d)) => details.push(format!("klart senast: {d}")),
+                Some(due) => details.push(format!("klart: {}", due.label())),
+                None => {}
+            }
+            if let Some(method) = &a.followup_method {
+                details.push(format!("uppföljning: {method}"));
             }
             out.push_str(&format!("- {} [{}] ({})\n", a.what, a.id, details.join("; ")));
         }
@@ -691,8 +950,9 @@ mod tests {
         content.activities.push(Activity {
             id: ItemId::random(),
             what: "Utbildning i lägesbild för kommunernas BF-samordnare".into(),
-            owner: Some(OrgId::new("lansstyrelsen-sodermanland").unwrap()),
-            due: NaiveDate::from_ymd_opt(2024, 3, 31),
+            owners: vec![crate::model::Owner::org(OrgId::new("lansstyrelsen-sodermanland").unwrap())],
+            due: NaiveDate::from_ymd_opt(2024, 3, 31).map(Due::Date),
+            followup_method: Some("Antal kommuner med lägesbild".into()),
             status: ActivityStatus::Ongoing,
         });
         let view = content.clone().into_view(DocId::random());

@@ -326,6 +326,7 @@ fn content_of(view: DocumentView) -> DocumentContent {
         scope: view.scope,
         title: view.title,
         parties: view.parties,
+        party_units: view.party_units,
         period: view.period,
         place: view.place,
         date: view.date,

@@ -19,7 +19,14 @@ fn org(id: &str) -> OrgId {
 }
 
 fn activity(what: &str) -> Activity {
-    Activity { id: ItemId::random(), what: what.into(), owner: None, due: None, status: ActivityStatus::Planned }
+    Activity {
+        id: ItemId::random(),
+        what: what.into(),
+        owners: Vec::new(),
+        due: None,
+        followup_method: None,
+        status: ActivityStatus::Planned,
+    }
 }
 
 fn own_seqs(node: &Node, id: &DocId) -> Vec<(u64, ChangeHash)> {

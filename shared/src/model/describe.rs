@@ -405,7 +405,7 @@ impl Describer<'_> {
         }
     }
 
-    /// " (ansvarig: Flens kommun, förfallodag: 2025-05-31)" for a new item.
+    /// " (ansvariga: Flens kommun, förfallodag: 2025-05-31)" for a new item.
     fn details(&self, root: &str, item: &Value) -> String {
         let Some(map) = item.as_object() else { return String::new() };
         let name_key =
@@ -681,8 +681,9 @@ mod tests {
         c.activities = vec![Activity {
             id: ItemId::random(),
             what: "Trygghetsvandring".into(),
-            owner: Some(OrgId::new("flen-kommun").unwrap()),
-            due: NaiveDate::from_ymd_opt(2026, 5, 1),
+            owners: vec![crate::model::Owner::Org(crate::org::OrgRef::org(OrgId::new("flen-kommun").unwrap()))],
+            due: NaiveDate::from_ymd_opt(2026, 5, 1).map(crate::model::Due::Date),
+            followup_method: None,
             status: ActivityStatus::Planned,
         }];
         c.into_view(DocId::random())
@@ -698,7 +699,7 @@ mod tests {
         let mut after = before.clone();
         after.title = "Medborgarlöfte Flen 2026".into();
         after.body = after.body.replace("två gånger per år", "fyra gånger per år");
-        after.activities[0].due = NaiveDate::from_ymd_opt(2026, 6, 1);
+        after.activities[0].due = NaiveDate::from_ymd_opt(2026, 6, 1).map(crate::model::Due::Date);
         after.activities[0].status = ActivityStatus::Ongoing;
         after.parties.push(OrgId::new("polisomrade-sodermanland").unwrap());
         assert_eq!(
@@ -727,7 +728,7 @@ mod tests {
         let back = texts(&after, &before);
         assert!(
             back.iter().any(|t| t.starts_with(
-                "Aktivitet tillagd: 'Trygghetsvandring' (ansvarig: Flens kommun, förfallodag: 2026-05-01"
+                "Aktivitet tillagd: 'Trygghetsvandring' (ansvariga: Flens kommun, förfallodag: 2026-05-01"
             )),
             "{back:?}"
         );

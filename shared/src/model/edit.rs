@@ -9,13 +9,16 @@ use automerge::transaction::Transactable;
 use automerge::{AutoCommit, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use chrono::NaiveDate;
 
+use std::collections::BTreeMap;
+
+use super::owners::{split_top_level, PartyContext};
 use super::read::{find_item, get_obj, get_str, keys};
 use super::{
-    Activity, ActivityStatus, DocumentView, EditContext, FollowUp, Goal, Meeting, MeetingBody, ModelError, Period,
-    Scope, Signatory, SCHEMA_VERSION,
+    Activity, ActivityStatus, DocumentView, Due, EditContext, FollowUp, Goal, Meeting, MeetingBody, ModelError, Owner,
+    Period, Scope, Signatory, SCHEMA_VERSION,
 };
 use crate::ids::ItemId;
-use crate::org::{Directory, OrgId};
+use crate::org::{Directory, OrgId, OrgRef};
 
 /// Makes the edits of one change; obtained from [`super::Document::edit`].
 pub struct Editor<'a> {
@@ -140,6 +143,44 @@ impl<'a> Editor<'a> {
             .ok_or_else(|| ModelError::UnknownOrganisation(text.trim().to_string()))
     }
 
+    /// The document's parties with their units, for reading owners in its words.
+    fn party_context(&self) -> Result<PartyContext<'a>, ModelError> {
+        let parties = super::read::parties(self.doc)?;
+        let units = super::read::party_units(self.doc, &parties)?;
+        Ok(PartyContext::new(self.directory, super::party_refs(&parties, &units)))
+    }
+
+    /// Resolves an owner a user typed, in this document's words: an organisation
+    /// or unit ("Lokalpolisområde Katrineholm", "Flen (tekniska förvaltningen)"),
+    /// a generic word for one of its parties ("kommunen", "polisen"), or
+    /// `extern: name` for someone outside the directory.
+    pub fn resolve_owner(&self, text: &str) -> Result<Owner, ModelError> {
+        let context = self.party_context()?;
+        if let Some(owner) = context.resolve_owner(text) {
+            return Ok(owner);
+        }
+        // "Flen (Lokalpolisområde Nyköping)": say whose unit it is.
+        if let Some((base, unit)) = crate::org::split_parenthesis(text.trim()) {
+            if let Some(base) = context.resolve_ref(base) {
+                self.validate_unit(&base.org, unit)?;
+            }
+        }
+        Err(ModelError::UnknownOwner(text.trim().to_string()))
+    }
+
+    /// Resolves owners a user typed in one text ("Kommunen och polisen",
+    /// "Flen (tekniska förvaltningen); extern: Fastighetsägarna"), each as
+    /// [`Editor::resolve_owner`] takes it.
+    pub fn resolve_owners(&self, text: &str) -> Result<Vec<Owner>, ModelError> {
+        split_top_level(text).into_iter().map(|o| self.resolve_owner(o)).collect()
+    }
+
+    /// Resolves a party a user typed: an organisation or a unit of one (the unit is
+    /// kept beside the party; the organisation is what access control matches).
+    pub fn resolve_party(&self, text: &str) -> Result<OrgRef, ModelError> {
+        self.directory.resolve_ref(text).ok_or_else(|| ModelError::UnknownOrganisation(text.trim().to_string()))
+    }
+
     // ---- whole-document ------------------------------------------------------------------
 
     /// Writes the header and all content of a new document.
@@ -169,6 +210,7 @@ impl<'a> Editor<'a> {
         self.set_body(&view.body)?;
         self.set_scope(view.scope)?;
         self.set_parties(&view.parties)?;
+        self.set_party_units(&view.party_units)?;
         self.set_period(view.period)?;
         self.set_place(view.place.as_deref())?;
         self.set_date(view.date)?;
@@ -284,6 +326,59 @@ impl<'a> Editor<'a> {
                 self.doc.insert(&list, end, p.as_str())?;
                 present.push(p.to_string());
             }
+        }
+        Ok(())
+    }
+
+    /// Sets the unit each party acts through (organisation id → unit name); a party
+    /// not in the map has none. Only entries that change are written.
+    pub fn set_party_units(&mut self, units: &BTreeMap<OrgId, String>) -> Result<(), ModelError> {
+        let parties = super::read::parties(self.doc)?;
+        for (org, unit) in units {
+            if !parties.contains(org) {
+                return Err(invalid("party_units", org.as_str(), "a unit can only be given for a party"));
+            }
+            self.validate_unit(org, unit)?;
+        }
+        let current = super::read::party_units(self.doc, &parties)?;
+        if current == *units
+            && get_obj(self.doc, &ROOT, keys::PARTY_UNITS, ObjType::Map)?
+                .is_none_or(|m| self.doc.keys(&m).count() == units.len())
+        {
+            return Ok(());
+        }
+        let map = self.child(&ROOT, keys::PARTY_UNITS, ObjType::Map)?;
+        let present: Vec<String> = self.doc.keys(&map).collect();
+        for key in present {
+            if !units.keys().any(|o| o.as_str() == key) {
+                self.doc.delete(&map, key.as_str())?;
+            }
+        }
+        for (org, unit) in units {
+            let unit =
+                self.directory.unit_ref(org, unit).and_then(|r| r.unit).unwrap_or_else(|| unit.trim().to_string());
+            self.put_scalar(&map, org.as_str(), Some(&unit), false)?;
+        }
+        Ok(())
+    }
+
+    /// A unit name must be usable, and a unit the directory knows must be under its own organisation.
+    fn validate_unit(&self, org: &OrgId, unit: &str) -> Result<(), ModelError> {
+        if let Some((owner, known)) = self.directory.resolve_unit(unit) {
+            if &owner.id != org {
+                return Err(invalid(
+                    "unit",
+                    unit,
+                    format!("{} is a unit of {}, not of {}", known.name, owner.name, self.directory.name_of(org)),
+                ));
+            }
+        }
+        if self.directory.unit_ref(org, unit).is_none() {
+            return Err(invalid(
+                "unit",
+                unit,
+                "a unit needs a name of one line (at most 200 characters, parentheses closed, no '/')",
+            ));
         }
         Ok(())
     }
@@ -424,8 +519,39 @@ impl<'a> Editor<'a> {
         if a.what.trim().is_empty() {
             return Err(invalid("activity", &a.what, "an activity needs a description of what is to be done"));
         }
-        if let Some(owner) = &a.owner {
-            self.check_org(owner)?;
+        self.validate_owners(&a.owners)?;
+        if let Some(Due::Text(text)) = &a.due {
+            if text.trim().is_empty() || text.chars().count() > 200 || text.contains(['\n', '\r']) {
+                return Err(invalid("activity due", text, "a deadline in words must be one line"));
+            }
+        }
+        if let Some(Due::Quarter { quarter, .. }) = &a.due {
+            if !(1..=4).contains(quarter) {
+                return Err(invalid("activity due", &quarter.to_string(), "a quarter is 1 to 4"));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_owners(&self, owners: &[Owner]) -> Result<(), ModelError> {
+        for owner in owners {
+            match owner {
+                Owner::Org(r) => {
+                    self.check_org(&r.org)?;
+                    if let Some(unit) = &r.unit {
+                        self.validate_unit(&r.org, unit)?;
+                    }
+                }
+                Owner::External(name) => {
+                    if name.trim().is_empty() || name.chars().count() > 200 || name.contains(['\n', '\r']) {
+                        return Err(invalid(
+                            "activity owner",
+                            name,
+                            "someone outside the directory needs a name of one line",
+                        ));
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -450,10 +576,110 @@ impl<'a> Editor<'a> {
     }
 
     fn write_activity(&mut self, obj: &ObjId, a: &Activity) -> Result<(), ModelError> {
+        // A new activity (nothing but its id yet) gets its owners list at once, so
+        // that owners added later on two nodes go into one list.
+        let fresh = self.doc.keys(obj).collect::<Vec<_>>() == [keys::ITEM_ID];
+        if fresh {
+            self.doc.put_object(obj, keys::OWNERS, ObjType::List)?;
+        }
         self.put_text(obj, keys::WHAT, &a.what, false)?;
-        self.put_scalar(obj, keys::OWNER, a.owner.as_ref().map(OrgId::as_str), false)?;
-        self.put_scalar(obj, keys::DUE, date_string(a.due).as_deref(), false)?;
+        self.write_owners(obj, &a.owners, false)?;
+        self.write_due(obj, a.due.as_ref(), false)?;
+        self.write_followup_method(obj, a.followup_method.as_deref(), false)?;
         self.put_scalar(obj, keys::STATUS, Some(a.status.as_str()), false)
+    }
+
+    /// Brings an activity's `owners` list in line with `owners` (in order) with the
+    /// fewest list operations; an activity written before the list keeps its legacy
+    /// `owner` until its owners change, then the list replaces it. With `force`, a
+    /// conflict between two concurrently created lists is settled with a fresh list.
+    fn write_owners(&mut self, obj: &ObjId, owners: &[Owner], force: bool) -> Result<(), ModelError> {
+        let all = self.doc.get_all(obj, keys::OWNERS)?;
+        let lists: Vec<ObjId> =
+            all.iter().filter(|(v, _)| matches!(v, Value::Object(ObjType::List))).map(|(_, id)| id.clone()).collect();
+        let wanted: Vec<String> = owners.iter().map(Owner::encode).collect();
+        let list = match lists.as_slice() {
+            [one] if all.len() == 1 => one.clone(),
+            [.., shown] if !force && all.len() > 1 => shown.clone(),
+            _ => {
+                let legacy = super::read::owners(self.doc, obj, "activity")?;
+                if all.is_empty() && legacy == owners && !force {
+                    return Ok(());
+                }
+                let list = self.doc.put_object(obj, keys::OWNERS, ObjType::List)?;
+                for (i, w) in wanted.iter().enumerate() {
+                    self.doc.insert(&list, i, w.as_str())?;
+                }
+                if self.doc.get(obj, keys::OWNER)?.is_some() {
+                    self.doc.delete(obj, keys::OWNER)?;
+                }
+                return Ok(());
+            }
+        };
+        // Drop what is not wanted (and repeats), then put each wanted owner in its place.
+        let read = |doc: &AutoCommit| -> Result<Vec<Option<String>>, ModelError> {
+            (0..doc.length(&list))
+                .map(|i| {
+                    Ok(match doc.get(&list, i)? {
+                        Some((Value::Scalar(s), _)) => s.as_str().map(str::to_owned),
+                        _ => None,
+                    })
+                })
+                .collect()
+        };
+        let current = read(self.doc)?;
+        let mut seen: Vec<&str> = Vec::new();
+        for i in (0..current.len()).rev() {
+            let keep = current[i].as_deref().filter(|c| wanted.iter().any(|w| w == c));
+            let first = keep.is_some_and(|c| current[..i].iter().all(|o| o.as_deref() != Some(c)));
+            match keep {
+                Some(c) if first && !seen.contains(&c) => seen.push(c),
+                _ => self.doc.delete(&list, i)?,
+            }
+        }
+        for (i, w) in wanted.iter().enumerate() {
+            let current = read(self.doc)?;
+            if current.get(i).and_then(|c| c.as_deref()) == Some(w.as_str()) {
+                continue;
+            }
+            if let Some(at) = current.iter().position(|c| c.as_deref() == Some(w.as_str())) {
+                self.doc.delete(&list, at)?;
+            }
+            self.doc.insert(&list, i, w.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Writes an activity's deadline to `deadline` when it changes; a legacy `due`
+    /// date is removed once `deadline` holds the deadline.
+    fn write_due(&mut self, obj: &ObjId, due: Option<&Due>, force: bool) -> Result<(), ModelError> {
+        let has_deadline = self.doc.get(obj, keys::DEADLINE)?.is_some();
+        let has_legacy = self.doc.get(obj, keys::DUE)?.is_some();
+        if !has_deadline && !force {
+            let legacy = super::read::due(self.doc, obj, "activity")?;
+            if legacy.as_ref() == due {
+                return Ok(());
+            }
+        }
+        let stored = due.map(Due::encode);
+        if has_deadline || stored.is_some() {
+            self.put_scalar(obj, keys::DEADLINE, stored.as_deref(), force)?;
+        }
+        if has_legacy {
+            self.doc.delete(obj, keys::DUE)?;
+        }
+        Ok(())
+    }
+
+    fn write_followup_method(&mut self, obj: &ObjId, method: Option<&str>, force: bool) -> Result<(), ModelError> {
+        let method = method.map(str::trim).filter(|m| !m.is_empty());
+        match method {
+            Some(m) => self.put_text(obj, keys::FOLLOWUP_METHOD, m, force),
+            None if self.doc.get(obj, keys::FOLLOWUP_METHOD)?.is_some() => {
+                self.put_text(obj, keys::FOLLOWUP_METHOD, "", force)
+            }
+            None => Ok(()),
+        }
     }
 
     fn write_followup(&mut self, obj: &ObjId, f: &FollowUp) -> Result<(), ModelError> {
@@ -490,12 +716,31 @@ impl<'a> Editor<'a> {
                 self.put_scalar(&ROOT, keys::SCOPE, Some(scope.as_str()), true)
             }
             ["parties"] => {
-                let parties = value
-                    .split(',')
-                    .filter(|p| !p.trim().is_empty())
-                    .map(|p| self.resolve_org(p))
-                    .collect::<Result<Vec<_>, _>>()?;
-                self.set_parties(&parties)
+                let refs =
+                    split_top_level(value).into_iter().map(|p| self.resolve_party(p)).collect::<Result<Vec<_>, _>>()?;
+                let (parties, units) = super::parties_from_refs(&refs);
+                self.set_parties(&parties)?;
+                self.set_party_units(&units)
+            }
+            ["party_units", org] => {
+                let org = self.resolve_org(org)?;
+                let parties = super::read::parties(self.doc)?;
+                let mut units = super::read::party_units(self.doc, &parties)?;
+                match value.trim() {
+                    "" => units.remove(&org),
+                    unit => units.insert(org.clone(), unit.to_string()),
+                };
+                if !parties.contains(&org) {
+                    return Err(invalid(path, value, "a unit can only be given for a party"));
+                }
+                if let Some(unit) = units.get(&org) {
+                    self.validate_unit(&org, unit)?;
+                }
+                let map = self.child(&ROOT, keys::PARTY_UNITS, ObjType::Map)?;
+                let unit = units
+                    .get(&org)
+                    .map(|u| self.directory.unit_ref(&org, u).and_then(|r| r.unit).unwrap_or_else(|| u.clone()));
+                self.put_scalar(&map, org.as_str(), unit.as_deref(), true)
             }
             ["place"] => self.put_scalar(&ROOT, keys::PLACE, Some(value.trim()).filter(|v| !v.is_empty()), true),
             ["date"] => {
@@ -551,14 +796,19 @@ impl<'a> Editor<'a> {
                 self.put_text(&obj, field, value, true)
             }
             (keys::MEETINGS, "notes") => self.put_text(&obj, field, value, true),
-            (keys::ACTIVITIES, "owner") => {
-                let owner = if value.trim().is_empty() { None } else { Some(self.resolve_org(value)?) };
-                self.put_scalar(&obj, keys::OWNER, owner.as_ref().map(OrgId::as_str), true)
+            (keys::ACTIVITIES, "owner" | "owners") => {
+                let owners = self.resolve_owners(value)?;
+                self.validate_owners(&owners)?;
+                self.write_owners(&obj, &owners, true)
             }
             (keys::ACTIVITIES, "due") => {
-                let due = parse_opt_date(path, value)?;
-                self.put_scalar(&obj, keys::DUE, date_string(due).as_deref(), true)
+                let due = match value.trim() {
+                    "" => None,
+                    v => Some(Due::parse_strict(v).map_err(|reason| invalid(path, value, reason))?),
+                };
+                self.write_due(&obj, due.as_ref(), true)
             }
+            (keys::ACTIVITIES, "followup_method") => self.write_followup_method(&obj, Some(value), true),
             (keys::ACTIVITIES, "status") => {
                 let status: ActivityStatus =
                     value.parse().map_err(|e: super::UnknownValue| invalid(path, value, e.to_string()))?;

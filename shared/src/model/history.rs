@@ -146,8 +146,9 @@ mod tests {
         let activity = Activity {
             id: ItemId::random(),
             what: "Trygghetsvandring".into(),
-            owner: Some(OrgId::new("flen-kommun").unwrap()),
-            due: NaiveDate::from_ymd_opt(2026, 5, 1),
+            owners: vec![crate::model::Owner::Org(crate::org::OrgRef::org(OrgId::new("flen-kommun").unwrap()))],
+            due: NaiveDate::from_ymd_opt(2026, 5, 1).map(crate::model::Due::Date),
+            followup_method: None,
             status: ActivityStatus::Planned,
         };
         let (item, _) = doc.edit(&flen, &dir, "add activity", |e| e.add_activity(&activity)).unwrap();
@@ -163,7 +164,7 @@ mod tests {
         assert_eq!(texts(&history[0]), ["skapade Medborgarlöfte 'Medborgarlöfte Flen 2025'"]);
         assert_eq!(
             texts(&history[1]),
-            ["Aktivitet tillagd: 'Trygghetsvandring' (ansvarig: Flens kommun, förfallodag: 2026-05-01, status: Planerad)"]
+            ["Aktivitet tillagd: 'Trygghetsvandring' (ansvariga: Flens kommun, förfallodag: 2026-05-01, status: Planerad)"]
         );
         assert_eq!(texts(&history[2]), ["Titel: 'Medborgarlöfte Flen 2025' → 'Medborgarlöfte Flen 2026'"]);
         assert_eq!(

@@ -12,11 +12,15 @@
 //! | `schema` | uint | schema version, [`SCHEMA_VERSION`] |
 //! | `id`, `kind`, `scope` | str | identity and kind |
 //! | `title`, `body` | text | free text, merged character by character |
-//! | `parties` | list of str | organisation ids |
+//! | `parties` | list of str | organisation ids: who the document reaches (access control) |
+//! | `party_units` | map org id → str | the unit a party acts through ("Lokalpolisområde Katrineholm"); display and signatures only |
 //! | `period` | map `start`/`end` (str dates) | validity |
 //! | `place`, `date` | str | place and date as printed |
 //! | `signatories` | list of map `org`/`role`/`name` | required signatures |
 //! | `goals`, `activities`, `followups`, `meetings` | list of map with `id` | structured parts |
+//! | `activities[].owners` | list of str | `org-id`, `org-id/unit` or `extern:name` ([`Owner`]); legacy `owner` (one org id) is read while it is absent |
+//! | `activities[].deadline` | str | `YYYY-MM-DD`, `YYYY-Qn`, `ongoing` (löpande) or words ([`Due`]); legacy `due` (a date) is read while it is absent |
+//! | `activities[].followup_method` | text | how the activity is followed up |
 //! | `approvals` | list of map of str | signed approval/withdrawal records, written once (see [`crate::approval`]) |
 //! | `reviews` | list of map of str | overlapping edits someone reviewed: change hashes `a`/`b`, `field`, `paragraph`, `how`, `at`; written once (see [`overlap`]) |
 //! | `contributors` | map actor hex → map `org`/`node` | who each actor is (self-declared) |
@@ -32,6 +36,7 @@ mod edit;
 mod graph;
 mod history;
 pub mod overlap;
+mod owners;
 mod paragraphs;
 mod read;
 mod types;
@@ -46,6 +51,7 @@ pub use describe::{describe, field_name, FieldChange};
 pub use edit::{parse_date, Editor};
 pub use history::DescribedChange;
 pub use overlap::{Overlap, OverlapSide, ReviewMark, Take};
+pub use owners::{canonical_owner, PartyContext};
 pub use types::*;
 
 use crate::identity::NodeId;
@@ -53,6 +59,12 @@ use crate::ids::DocId;
 use crate::org::OrgId;
 
 /// Version of the document schema this build writes and reads.
+///
+/// Still 1 with owners, deadlines in words and party units: those are new keys
+/// (`owners`, `deadline`, `followup_method`, `party_units`) that older programs
+/// ignore rather than misread, and this build reads the older keys (`owner`,
+/// `due`) where the new ones are absent. Raising it would make older relays refuse
+/// new documents.
 pub const SCHEMA_VERSION: u64 = 1;
 
 /// Errors from reading or editing a document.
@@ -72,6 +84,9 @@ pub enum ModelError {
     /// An organisation not in the directory.
     #[error("unknown organisation {0:?} (see `samverkan-node orgs` for the known ones)")]
     UnknownOrganisation(String),
+    /// An activity owner that is neither an organisation nor a unit the directory knows.
+    #[error("unknown organisation {0:?} (see `samverkan-node orgs`; a unit is written \"Flens kommun (tekniska förvaltningen)\", someone outside the directory \"extern: {0}\")")]
+    UnknownOwner(String),
     /// A value that does not parse for its field.
     #[error("invalid value {value:?} for {field}: {reason}")]
     InvalidValue {
@@ -83,7 +98,7 @@ pub enum ModelError {
         reason: String,
     },
     /// A field path the document does not have.
-    #[error("unknown field {0:?}; fields: title, body, scope, parties, period.start, period.end, place, date, activities.<id>.(what|owner|due|status), goals.<id>.text, followups.<id>.(date|author|text|activity), meetings.<id>.(date|body|notes), signatories.<n>.(org|role|name)")]
+    #[error("unknown field {0:?}; fields: title, body, scope, parties, period.start, period.end, place, date, activities.<id>.(what|owners|due|followup_method|status), party_units.<org>, goals.<id>.text, followups.<id>.(date|author|text|activity), meetings.<id>.(date|body|notes), signatories.<n>.(org|role|name)")]
     UnknownField(String),
     /// No item with that id in the list.
     #[error("no item {id:?} in {list}")]

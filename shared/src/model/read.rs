@@ -10,8 +10,8 @@ use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
 use chrono::NaiveDate;
 
 use super::{
-    Activity, ActivityStatus, Conflict, ConflictValue, Contributor, DocKind, DocumentView, FollowUp, Goal, Meeting,
-    MeetingBody, ModelError, Period, Scope, Signatory, SCHEMA_VERSION,
+    Activity, ActivityStatus, Conflict, ConflictValue, Contributor, DocKind, DocumentView, Due, FollowUp, Goal,
+    Meeting, MeetingBody, ModelError, Owner, Period, Scope, Signatory, SCHEMA_VERSION,
 };
 use crate::ids::{DocId, ItemId};
 use crate::org::OrgId;
@@ -43,8 +43,14 @@ pub(super) mod keys {
     pub const NODE: &str = "node";
     pub const TEXT: &str = "text";
     pub const WHAT: &str = "what";
+    /// Legacy single owner (an org id); read when `owners` is absent.
     pub const OWNER: &str = "owner";
+    pub const OWNERS: &str = "owners";
+    /// Legacy due date (`YYYY-MM-DD` only); read when `deadline` is absent.
     pub const DUE: &str = "due";
+    pub const DEADLINE: &str = "deadline";
+    pub const FOLLOWUP_METHOD: &str = "followup_method";
+    pub const PARTY_UNITS: &str = "party_units";
     pub const STATUS: &str = "status";
     pub const AUTHOR: &str = "author";
     pub const ACTIVITY: &str = "activity";
@@ -168,6 +174,25 @@ pub(super) fn parties<R: ReadDoc>(doc: &R) -> Result<Vec<OrgId>, ModelError> {
     Ok(parties)
 }
 
+/// Reads the unit each party acts through (`party_units`: org id → unit name);
+/// entries of organisations that are no longer parties are left out.
+pub(super) fn party_units<R: ReadDoc>(doc: &R, parties: &[OrgId]) -> Result<BTreeMap<OrgId, String>, ModelError> {
+    let mut units = BTreeMap::new();
+    let Some(map) = get_obj(doc, &ROOT, keys::PARTY_UNITS, ObjType::Map)? else {
+        return Ok(units);
+    };
+    for key in doc.keys(&map) {
+        let path = format!("{}.{key}", keys::PARTY_UNITS);
+        let Some(org) = parse_org(Some(key.clone()), &path)? else { continue };
+        if let Some(unit) = get_str(doc, &map, &key, &path)?.map(|u| u.trim().to_string()).filter(|u| !u.is_empty()) {
+            if parties.contains(&org) {
+                units.insert(org, unit);
+            }
+        }
+    }
+    Ok(units)
+}
+
 /// Reads the whole document.
 pub(super) fn view<R: ReadDoc>(doc: &R, id: &DocId) -> Result<DocumentView, ModelError> {
     if doc.length(ROOT) == 0 {
@@ -179,6 +204,7 @@ pub(super) fn view<R: ReadDoc>(doc: &R, id: &DocId) -> Result<DocumentView, Mode
     let body = get_text(doc, &ROOT, keys::BODY, keys::BODY)?;
 
     let parties = parties(doc)?;
+    let party_units = party_units(doc, &parties)?;
 
     let period = period(doc)?;
     let place = get_str(doc, &ROOT, keys::PLACE, keys::PLACE)?.filter(|p| !p.is_empty());
@@ -237,6 +263,7 @@ pub(super) fn view<R: ReadDoc>(doc: &R, id: &DocId) -> Result<DocumentView, Mode
         scope,
         title,
         parties,
+        party_units,
         period,
         place,
         date,
@@ -268,14 +295,43 @@ pub(super) fn view_activities<R: ReadDoc>(doc: &R) -> Result<Vec<Activity>, Mode
         let path = format!("activities.{id}");
         activities.push(Activity {
             what: get_text(doc, &obj, keys::WHAT, &path)?,
-            owner: parse_org(get_str(doc, &obj, keys::OWNER, &path)?, &path)?,
-            due: parse_date(get_str(doc, &obj, keys::DUE, &path)?, &path)?,
+            owners: owners(doc, &obj, &path)?,
+            due: due(doc, &obj, &path)?,
+            followup_method: get_str(doc, &obj, keys::FOLLOWUP_METHOD, &path)?.filter(|m| !m.trim().is_empty()),
             status: parse_opt::<ActivityStatus>(get_str(doc, &obj, keys::STATUS, &path)?, &path)?
                 .unwrap_or(ActivityStatus::Planned),
             id,
         });
     }
     Ok(activities)
+}
+
+/// An activity's owners: the `owners` list (each once, in order), or for an
+/// activity written before it, the single legacy `owner`.
+pub(super) fn owners<R: ReadDoc>(doc: &R, obj: &ObjId, path: &str) -> Result<Vec<Owner>, ModelError> {
+    let Some(list) = get_obj(doc, obj, keys::OWNERS, ObjType::List)? else {
+        let legacy = parse_org(get_str(doc, obj, keys::OWNER, path)?.filter(|o| !o.is_empty()), path)?;
+        return Ok(legacy.map(Owner::org).into_iter().collect());
+    };
+    let mut owners: Vec<Owner> = Vec::new();
+    for i in 0..doc.length(&list) {
+        let item = format!("{path}.owners[{i}]");
+        let Some(stored) = get_list_str(doc, &list, i, &item)? else { continue };
+        let owner = Owner::decode(&stored).ok_or_else(|| malformed(&item, format!("{stored:?} is not an owner")))?;
+        if !owners.contains(&owner) {
+            owners.push(owner);
+        }
+    }
+    Ok(owners)
+}
+
+/// An activity's deadline: `deadline`, or for an activity written before it, the legacy date `due`.
+pub(super) fn due<R: ReadDoc>(doc: &R, obj: &ObjId, path: &str) -> Result<Option<Due>, ModelError> {
+    if doc.get(obj, keys::DEADLINE)?.is_some() {
+        let stored = get_str(doc, obj, keys::DEADLINE, path)?;
+        return Ok(stored.filter(|d| !d.trim().is_empty()).map(|d| Due::decode(&d)));
+    }
+    Ok(parse_date(get_str(doc, obj, keys::DUE, path)?, path)?.map(Due::Date))
 }
 
 fn get_list_str<R: ReadDoc>(doc: &R, list: &ObjId, index: usize, path: &str) -> Result<Option<String>, ModelError> {
@@ -298,6 +354,13 @@ fn describe_value<R: ReadDoc>(doc: &R, value: &Value<'_>, id: &ObjId) -> String 
             other => other.to_string(),
         },
         Value::Object(ObjType::Text) => doc.text(id).unwrap_or_default(),
+        Value::Object(ObjType::List) => (0..doc.length(id))
+            .filter_map(|i| match doc.get(id, i) {
+                Ok(Some((Value::Scalar(s), _))) => s.as_str().map(str::to_owned),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
         Value::Object(t) => format!("({t})"),
     }
 }
@@ -347,17 +410,45 @@ pub(super) fn conflicts<R: ReadDoc>(doc: &R) -> Result<Vec<Conflict>, ModelError
             check_conflict(doc, obj, key, format!("signatories.{}.{key}", i + 1), &mut out)?;
         }
     }
-    let lists: [(&str, &[&str]); 4] = [
-        (keys::GOALS, &[keys::TEXT]),
-        (keys::ACTIVITIES, &[keys::WHAT, keys::OWNER, keys::DUE, keys::STATUS]),
-        (keys::FOLLOWUPS, &[keys::DATE, keys::AUTHOR, keys::TEXT, keys::ACTIVITY]),
-        (keys::MEETINGS, &[keys::DATE, keys::BODY_OF_MEETING, keys::NOTES]),
+    if let Some(units) = get_obj(doc, &ROOT, keys::PARTY_UNITS, ObjType::Map)? {
+        for key in doc.keys(&units) {
+            check_conflict(doc, &units, &key, format!("{}.{key}", keys::PARTY_UNITS), &mut out)?;
+        }
+    }
+    // (stored key, the field as `set` names it)
+    let lists: [(&str, &[(&str, &str)]); 4] = [
+        (keys::GOALS, &[(keys::TEXT, "text")]),
+        (
+            keys::ACTIVITIES,
+            &[
+                (keys::WHAT, "what"),
+                (keys::OWNERS, "owners"),
+                (keys::OWNER, "owners"),
+                (keys::DEADLINE, "due"),
+                (keys::DUE, "due"),
+                (keys::FOLLOWUP_METHOD, "followup_method"),
+                (keys::STATUS, "status"),
+            ],
+        ),
+        (
+            keys::FOLLOWUPS,
+            &[(keys::DATE, "date"), (keys::AUTHOR, "author"), (keys::TEXT, "text"), (keys::ACTIVITY, "activity")],
+        ),
+        (keys::MEETINGS, &[(keys::DATE, "date"), (keys::BODY_OF_MEETING, "body"), (keys::NOTES, "notes")]),
     ];
     for (list, fields) in lists {
         for obj in list_items(doc, list)? {
             let id = item_id(doc, &obj, list)?;
-            for key in fields {
-                check_conflict(doc, &obj, key, format!("{list}.{id}.{key}"), &mut out)?;
+            for (key, field) in fields {
+                // A legacy key counts only while its successor is absent.
+                let superseded = match *key {
+                    keys::OWNER => doc.get(&obj, keys::OWNERS)?.is_some(),
+                    keys::DUE => doc.get(&obj, keys::DEADLINE)?.is_some(),
+                    _ => false,
+                };
+                if !superseded {
+                    check_conflict(doc, &obj, key, format!("{list}.{id}.{field}"), &mut out)?;
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
 //! Plain Rust types of the collaboration documents: what a reader of a document
 //! sees once it has been read out of Automerge (see [`super::Document::view`]).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -8,7 +9,7 @@ use chrono::NaiveDate;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{DocId, ItemId};
-use crate::org::OrgId;
+use crate::org::{OrgId, OrgRef};
 
 /// Parse error for the enumerations below (kinds, statuses, …).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -163,21 +164,233 @@ pub struct Goal {
     pub text: String,
 }
 
-/// A concrete activity (aktivitet/åtgärd) with an owner and a deadline.
+/// Who is responsible for an activity: an organisation or a unit of one (from
+/// the directory, or named freely inside an organisation), or an actor outside
+/// the directory (fastighetsägare, föreningar) as written.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Owner {
+    /// An organisation or a unit of one.
+    Org(OrgRef),
+    /// Someone outside the directory; never a party, never checked.
+    External(String),
+}
+
+impl Owner {
+    /// Prefix of the stored form of [`Owner::External`] (and of how it is written
+    /// where an organisation is otherwise expected: `extern: Fastighetsägarna`).
+    pub const EXTERNAL_PREFIX: &'static str = "extern:";
+
+    /// The whole organisation.
+    pub fn org(org: OrgId) -> Self {
+        Owner::Org(OrgRef::org(org))
+    }
+
+    /// The stored form: `org-id`, `org-id/unit` or `extern:name`.
+    pub fn encode(&self) -> String {
+        match self {
+            Owner::Org(r) => r.encode(),
+            Owner::External(name) => format!("{}{name}", Self::EXTERNAL_PREFIX),
+        }
+    }
+
+    /// Reads [`Owner::encode`]'s form.
+    pub fn decode(stored: &str) -> Option<Self> {
+        match stored.strip_prefix(Self::EXTERNAL_PREFIX) {
+            Some(name) if !name.trim().is_empty() => Some(Owner::External(name.trim().to_string())),
+            Some(_) => None,
+            None => OrgRef::decode(stored).map(Owner::Org),
+        }
+    }
+
+    /// The organisation, if it is one.
+    pub fn org_ref(&self) -> Option<&OrgRef> {
+        match self {
+            Owner::Org(r) => Some(r),
+            Owner::External(_) => None,
+        }
+    }
+}
+
+impl TryFrom<String> for Owner {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Owner::decode(&s).ok_or_else(|| format!("{s:?} is not an owner (org-id, org-id/unit or extern:name)"))
+    }
+}
+
+impl From<Owner> for String {
+    fn from(o: Owner) -> Self {
+        o.encode()
+    }
+}
+
+/// When an activity is due: a day, a quarter, "löpande" (ongoing, no end), or a
+/// deadline as the document words it ("Vår 2025", "Efter sommarlovet").
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Due {
+    /// By this day.
+    Date(NaiveDate),
+    /// Within this quarter of a year.
+    Quarter {
+        /// The year.
+        year: i32,
+        /// 1 to 4.
+        quarter: u8,
+    },
+    /// Löpande: goes on through the period, no end date.
+    Ongoing,
+    /// As written, when it is none of the above.
+    Text(String),
+}
+
+impl Due {
+    /// The stored form: `YYYY-MM-DD`, `YYYY-Qn`, `ongoing`, or the text.
+    pub fn encode(&self) -> String {
+        match self {
+            Due::Date(d) => d.format("%Y-%m-%d").to_string(),
+            Due::Quarter { year, quarter } => format!("{year}-Q{quarter}"),
+            Due::Ongoing => "ongoing".to_string(),
+            Due::Text(t) => t.clone(),
+        }
+    }
+
+    /// Reads [`Due::encode`]'s form (anything else is text).
+    pub fn decode(stored: &str) -> Self {
+        Self::parse_structured(stored, None).unwrap_or_else(|| Due::Text(stored.to_string()))
+    }
+
+    /// How people read it: "2025-05-31", "Kvartal 2 2025", "Löpande", the text.
+    pub fn label(&self) -> String {
+        match self {
+            Due::Date(d) => d.format("%Y-%m-%d").to_string(),
+            Due::Quarter { year, quarter } => format!("Kvartal {quarter} {year}"),
+            Due::Ongoing => "Löpande".to_string(),
+            Due::Text(t) => t.clone(),
+        }
+    }
+
+    /// A date (`YYYY-MM-DD`), "löpande" (also "ongoing", "fortlöpande",
+    /// "kontinuerligt"), or a quarter ("Q2 2025", "2025-Q2", "kvartal 2 2025",
+    /// "kv. 2"; without a year, `year` is used). Case-insensitive; `None` for
+    /// anything else.
+    pub fn parse_structured(text: &str, year: Option<i32>) -> Option<Self> {
+        let t = text.trim().trim_end_matches('.').trim().to_lowercase();
+        if let Ok(d) = NaiveDate::parse_from_str(&t, "%Y-%m-%d") {
+            return Some(Due::Date(d));
+        }
+        if [
+            "löpande",
+            "lopande",
+            "ongoing",
+            "fortlöpande",
+            "kontinuerligt",
+            "löpande under året",
+            "löpande under perioden",
+        ]
+        .contains(&t.as_str())
+        {
+            return Some(Due::Ongoing);
+        }
+        parse_quarter(&t, year).map(|(year, quarter)| Due::Quarter { year, quarter })
+    }
+
+    /// Strict parse for typed input (CLI, `set`): [`Due::parse_structured`] or an error.
+    pub fn parse_strict(text: &str) -> Result<Self, String> {
+        Self::parse_structured(text, None)
+            .ok_or_else(|| "use YYYY-MM-DD, löpande, or a quarter such as 2025-Q2 or \"Q2 2025\"".to_string())
+    }
+
+    /// The last day it can be done by, if it has one.
+    pub fn last_day(&self) -> Option<NaiveDate> {
+        match self {
+            Due::Date(d) => Some(*d),
+            Due::Quarter { year, quarter } => match quarter {
+                4 => NaiveDate::from_ymd_opt(*year, 12, 31),
+                q => NaiveDate::from_ymd_opt(*year, u32::from(*q) * 3 + 1, 1).and_then(|d| d.pred_opt()),
+            },
+            Due::Ongoing | Due::Text(_) => None,
+        }
+    }
+}
+
+/// "q2 2025", "2025-q2", "kvartal 2 2025", "kv 2", "kv. 2 2025", "q2" → (year, quarter).
+fn parse_quarter(t: &str, default_year: Option<i32>) -> Option<(i32, u8)> {
+    let t = t.replace(['.', ','], " ");
+    let words: Vec<&str> = t.split(|c: char| c.is_whitespace() || c == '-').filter(|w| !w.is_empty()).collect();
+    let mut quarter = None;
+    let mut year = None;
+    let mut i = 0;
+    while i < words.len() {
+        let w = words[i];
+        let number = |s: &str| s.parse::<u8>().ok().filter(|q| (1..=4).contains(q));
+        if let Some(q) = w.strip_prefix('q').and_then(number).or_else(|| w.strip_prefix("kv").and_then(number)) {
+            quarter = quarter.or(Some(q));
+        } else if ["kvartal", "kv", "q"].contains(&w) {
+            quarter = quarter.or(words.get(i + 1).copied().and_then(number));
+            i += 1;
+        } else if w.len() == 4 && w.chars().all(|c| c.is_ascii_digit()) {
+            year = year.or(w.parse::<i32>().ok());
+        } else {
+            return None;
+        }
+        i += 1;
+    }
+    Some((year.or(default_year)?, quarter?))
+}
+
+impl TryFrom<String> for Due {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Ok(Due::decode(&s))
+    }
+}
+
+impl From<Due> for String {
+    fn from(d: Due) -> Self {
+        d.encode()
+    }
+}
+
+impl fmt::Display for Due {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.label())
+    }
+}
+
+/// A concrete activity (aktivitet/åtgärd/löfte): what, who, by when, how it is followed up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Activity {
     /// Item id.
     pub id: ItemId,
     /// What is to be done.
     pub what: String,
-    /// The organisation responsible.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub owner: Option<OrgId>,
+    /// Who is responsible, in the order the document names them ("Kommunen och polisen": two).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub owners: Vec<Owner>,
     /// When it is due.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub due: Option<NaiveDate>,
+    pub due: Option<Due>,
+    /// How it is followed up (the table's "Uppföljning" column), e.g. "Antal genomförda vandringar".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub followup_method: Option<String>,
     /// Where it stands.
     pub status: ActivityStatus,
+}
+
+impl Activity {
+    /// A planned activity with a fresh id and nothing but its description.
+    pub fn new(what: impl Into<String>) -> Self {
+        Self {
+            id: ItemId::random(),
+            what: what.into(),
+            owners: Vec::new(),
+            due: None,
+            followup_method: None,
+            status: ActivityStatus::Planned,
+        }
+    }
 }
 
 /// A dated follow-up (uppföljning) entry, optionally about one activity.
@@ -223,8 +436,13 @@ pub struct DocumentView {
     pub scope: Scope,
     /// Title.
     pub title: String,
-    /// The parties, in order.
+    /// The parties, in order: the organisations the document reaches (access control).
     pub parties: Vec<OrgId>,
+    /// The unit each party acts through, where the document names one (the police
+    /// area's party is "Lokalpolisområde Katrineholm"); shown for the party and its
+    /// signatories, never used for access.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub party_units: BTreeMap<OrgId, String>,
     /// Validity period.
     pub period: Period,
     /// Place of signing, e.g. "Nyköping/ Eskilstuna".
@@ -258,6 +476,8 @@ pub struct DocumentContent {
     pub title: String,
     /// Parties.
     pub parties: Vec<OrgId>,
+    /// The unit each party acts through, where one is named.
+    pub party_units: BTreeMap<OrgId, String>,
     /// Validity period.
     pub period: Period,
     /// Place of signing.
@@ -278,7 +498,45 @@ pub struct DocumentContent {
     pub meetings: Vec<Meeting>,
 }
 
+/// The parties with the unit each acts through, in order.
+pub fn party_refs(parties: &[OrgId], units: &BTreeMap<OrgId, String>) -> Vec<OrgRef> {
+    parties.iter().map(|p| OrgRef { org: p.clone(), unit: units.get(p).cloned() }).collect()
+}
+
+/// Parties and party units from references: each organisation once, in order,
+/// with the first unit named for it.
+pub fn parties_from_refs(refs: &[OrgRef]) -> (Vec<OrgId>, BTreeMap<OrgId, String>) {
+    let mut parties: Vec<OrgId> = Vec::new();
+    let mut units = BTreeMap::new();
+    for r in refs {
+        if !parties.contains(&r.org) {
+            parties.push(r.org.clone());
+        }
+        if let Some(unit) = &r.unit {
+            units.entry(r.org.clone()).or_insert_with(|| unit.clone());
+        }
+    }
+    (parties, units)
+}
+
+impl DocumentView {
+    /// The parties with the unit each acts through, in order.
+    pub fn party_refs(&self) -> Vec<OrgRef> {
+        party_refs(&self.parties, &self.party_units)
+    }
+}
+
 impl DocumentContent {
+    /// The parties with the unit each acts through, in order.
+    pub fn party_refs(&self) -> Vec<OrgRef> {
+        party_refs(&self.parties, &self.party_units)
+    }
+
+    /// Sets the parties from references: each organisation once, with its unit if one is named.
+    pub fn set_party_refs(&mut self, refs: &[OrgRef]) {
+        (self.parties, self.party_units) = parties_from_refs(refs);
+    }
+
     /// An otherwise empty document of this kind and title.
     pub fn new(kind: DocKind, title: impl Into<String>) -> Self {
         Self {
@@ -286,6 +544,7 @@ impl DocumentContent {
             scope: Scope::County,
             title: title.into(),
             parties: Vec::new(),
+            party_units: BTreeMap::new(),
             period: Period::default(),
             place: None,
             date: None,
@@ -306,6 +565,7 @@ impl DocumentContent {
             scope: self.scope,
             title: self.title,
             parties: self.parties,
+            party_units: self.party_units,
             period: self.period,
             place: self.place,
             date: self.date,
@@ -332,6 +592,49 @@ mod tests {
         assert_eq!("DONE".parse::<ActivityStatus>().unwrap(), ActivityStatus::Done);
         let err = "finished-ish".parse::<ActivityStatus>().unwrap_err().to_string();
         assert!(err.contains("planned ongoing done cancelled"), "{err}");
+    }
+
+    #[test]
+    fn deadlines_read_dates_quarters_and_lopande_and_keep_other_wording() {
+        let d = |s: &str| Due::parse_structured(s, Some(2025));
+        assert_eq!(d("2025-05-31"), Some(Due::Date(NaiveDate::from_ymd_opt(2025, 5, 31).unwrap())));
+        assert_eq!(d("Löpande"), Some(Due::Ongoing));
+        assert_eq!(d("löpande."), Some(Due::Ongoing));
+        for q in ["Q2 2025", "2025-Q2", "kvartal 2 2025", "Kv. 2", "kv2", "Kvartal 2", "q2"] {
+            assert_eq!(d(q), Some(Due::Quarter { year: 2025, quarter: 2 }), "{q}");
+        }
+        assert_eq!(Due::parse_structured("Q2", None), None, "a quarter needs a year");
+        assert_eq!(d("Q5 2025"), None);
+        assert_eq!(d("Vår 2025"), None);
+        for due in [
+            d("2025-05-31").unwrap(),
+            Due::Ongoing,
+            Due::Quarter { year: 2025, quarter: 4 },
+            Due::Text("Vår 2025".into()),
+        ] {
+            assert_eq!(Due::decode(&due.encode()), due);
+            assert_eq!(Due::parse_structured(&due.label(), None).unwrap_or(Due::Text(due.label())), due);
+        }
+        assert_eq!(Due::Quarter { year: 2025, quarter: 1 }.last_day(), NaiveDate::from_ymd_opt(2025, 3, 31));
+        assert_eq!(Due::Quarter { year: 2025, quarter: 4 }.last_day(), NaiveDate::from_ymd_opt(2025, 12, 31));
+        assert!(Due::parse_strict("snart").unwrap_err().contains("löpande"));
+    }
+
+    #[test]
+    fn owners_are_stored_as_ids_units_or_external_names() {
+        let police = OrgId::new("polisomrade-sodermanland").unwrap();
+        let owners = [
+            Owner::org(police.clone()),
+            Owner::Org(OrgRef::unit(police, "Lokalpolisområde Katrineholm")),
+            Owner::External("Fastighetsägarna i centrum".into()),
+        ];
+        for o in owners {
+            assert_eq!(Owner::decode(&o.encode()), Some(o.clone()));
+            let json = serde_json::to_string(&o).unwrap();
+            assert_eq!(serde_json::from_str::<Owner>(&json).unwrap(), o);
+        }
+        assert_eq!(Owner::decode("Polisen"), None);
+        assert_eq!(Owner::decode("extern: "), None);
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn merge_views(base: &DocumentView, theirs: &DocumentView, ours: &DocumentVi
         scope: pick(&base.scope, &theirs.scope, &ours.scope),
         title: merge_text(&base.title, &theirs.title, &ours.title),
         parties: merge_keyed(&base.parties, &theirs.parties, &ours.parties, Clone::clone, pick),
+        party_units: pick(&base.party_units, &theirs.party_units, &ours.party_units),
         period: Period {
             start: pick(&base.period.start, &theirs.period.start, &ours.period.start),
             end: pick(&base.period.end, &theirs.period.end, &ours.period.end),
@@ -64,8 +65,9 @@ pub fn merge_views(base: &DocumentView, theirs: &DocumentView, ours: &DocumentVi
             |b, t, o| Activity {
                 id: o.id.clone(),
                 what: merge_text(&b.what, &t.what, &o.what),
-                owner: pick(&b.owner, &t.owner, &o.owner),
+                owners: pick(&b.owners, &t.owners, &o.owners),
                 due: pick(&b.due, &t.due, &o.due),
+                followup_method: pick_text(&b.followup_method, &t.followup_method, &o.followup_method),
                 status: pick(&b.status, &t.status, &o.status),
             },
         ),
@@ -150,6 +152,15 @@ fn pick<T: PartialEq + Clone>(base: &T, theirs: &T, ours: &T) -> T {
         theirs.clone()
     } else {
         ours.clone()
+    }
+}
+
+/// An optional text (an activity's follow-up method): merged per character when
+/// all three have one, else the change's value where it set one.
+fn pick_text(base: &Option<String>, theirs: &Option<String>, ours: &Option<String>) -> Option<String> {
+    match (base, theirs, ours) {
+        (Some(b), Some(t), Some(o)) => Some(merge_text(b, t, o)).filter(|m| !m.is_empty()),
+        _ => pick(base, theirs, ours),
     }
 }
 

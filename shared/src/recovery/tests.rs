@@ -8,7 +8,7 @@ use super::*;
 use crate::approval::{Action as RecordAction, ApprovalRecord};
 use crate::identity::NodeKey;
 use crate::ids::ItemId;
-use crate::model::{Activity, ActivityStatus, DocKind};
+use crate::model::{Activity, DocKind};
 use crate::org::OrgId;
 
 fn ctx(key: &NodeKey, org: &str, name: &str) -> EditContext {
@@ -21,7 +21,7 @@ fn ctx(key: &NodeKey, org: &str, name: &str) -> EditContext {
 }
 
 fn activity(what: &str) -> Activity {
-    Activity { id: ItemId::random(), what: what.into(), owner: None, due: None, status: ActivityStatus::Planned }
+    Activity::new(what)
 }
 
 fn own_seqs(doc: &mut Document, key: &NodeKey) -> Vec<u64> {

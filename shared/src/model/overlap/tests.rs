@@ -193,8 +193,9 @@ fn titles_and_item_texts_are_checked_too() {
     let activity = Activity {
         id: ItemId::random(),
         what: "Trygghetsvandring i centrum".into(),
-        owner: None,
+        owners: Vec::new(),
         due: None,
+        followup_method: None,
         status: ActivityStatus::Planned,
     };
     let (item, _) = a.edit(&flen, &dir(), "add", |e| e.add_activity(&activity)).unwrap();
