@@ -34,6 +34,14 @@ pub enum EnrollmentError {
     /// The stored enrollment state does not decode.
     #[error("the relay's enrollment data is damaged: {0}")]
     Corrupt(String),
+    /// The data directory's `organisations.toml` cannot be read or used.
+    #[error("{path}: {reason}; fix or remove the file (it adds organisations to the built-in directory)")]
+    Organisations {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// No pending join code matches.
     #[error("unknown join code (it was never issued here, or was used already)")]
     UnknownJoinCode,
@@ -210,6 +218,25 @@ pub fn consume_join<S: RelayStorage>(
         state.directory.enroll(member.clone())?;
         Ok(member)
     })
+}
+
+/// File in the relay's data directory that adds organisations and units (another
+/// county, say) to the built-in directory, in the format of the nodes' file of
+/// the same name; the relay names organisations and resolves `enroll --org`
+/// with it.
+pub const ORGANISATIONS_FILE: &str = "organisations.toml";
+
+/// The relay's organisation directory: the built-in one with the data
+/// directory's [`ORGANISATIONS_FILE`] on top, if there is one. A file that
+/// cannot be read or used is an error naming it (never silently ignored).
+pub fn organisations(data_dir: &std::path::Path) -> Result<Directory, EnrollmentError> {
+    let path = data_dir.join(ORGANISATIONS_FILE);
+    let corrupt = |reason: String| EnrollmentError::Organisations { path: path.clone(), reason };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Directory::sodermanland().with_overrides(&text).map_err(|e| corrupt(e.to_string())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Directory::sodermanland()),
+        Err(e) => Err(corrupt(e.to_string())),
+    }
 }
 
 #[cfg(test)]

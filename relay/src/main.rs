@@ -23,7 +23,6 @@ use samverkan_relay::storage::SqliteStorage;
 use samverkan_relay::{enrollment, monitor};
 use samverkan_shared::directory::{JoinCode, Member, MemberKind};
 use samverkan_shared::identity::NodeId;
-use samverkan_shared::org::Directory as Organisations;
 
 /// Samverkan relay: store-and-forward sync for the county's nodes.
 #[derive(Debug, Parser)]
@@ -215,7 +214,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Enroll { data_dir, org, name, key, join_code, address, valid_hours, signer_role } => {
             existing_relay(&data_dir)?;
-            let org = Organisations::sodermanland()
+            let org = enrollment::organisations(&data_dir)?
                 .resolve(&org)
                 .with_context(|| format!("unknown organisation {org:?}"))?
                 .id

@@ -208,6 +208,9 @@ struct Shared<S> {
     directory_read_at: Mutex<Option<i64>>,
     monitor: Arc<Monitor>,
     max_connections_per_key: usize,
+    /// Names of organisations: the built-in directory with the data directory's
+    /// `organisations.toml` on top ([`enrollment::organisations`]).
+    orgs: samverkan_shared::org::Directory,
     /// Limits on what a node's sync messages may carry.
     sync_limits: SyncLimits,
     /// What each node key may make the relay read.
@@ -445,6 +448,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
         directory_read_at: Mutex::new(directory_read_at),
         monitor: monitor.clone(),
         max_connections_per_key: config.max_connections_per_key,
+        orgs: enrollment::organisations(&config.data_dir)?,
         sync_limits: SyncLimits { max_frame: config.limits.max_frame, ..SyncLimits::for_content(&config.content) },
         budget: ReceiveBudget::new(config.receive_rate_per_key, config.receive_burst_per_key),
     });
@@ -571,7 +575,7 @@ impl<S: RelayStorage> NameResolver for EnrolledNames<S> {
         let key: NodeId = node.parse().ok()?;
         let cache = shared.directory();
         let member = cache.directory.latest(&key)?;
-        let organisation = samverkan_shared::org::Directory::sodermanland().name_of(&member.org).to_string();
+        let organisation = shared.orgs.name_of(&member.org).to_string();
         Some(NodeName { organisation, name: member.name.clone() })
     }
 }
@@ -1000,7 +1004,7 @@ fn join<S: RelayStorage>(
                 EnrollmentError::InvalidOrganisation(_) => ("join: bad organisation", ErrorCode::Malformed),
                 EnrollmentError::AlreadyEnrolled { .. } => ("join: key already enrolled", ErrorCode::Forbidden),
                 EnrollmentError::Directory(_) => ("join: refused by the directory", ErrorCode::Unauthenticated),
-                EnrollmentError::Store(_) | EnrollmentError::Corrupt(_) => {
+                EnrollmentError::Store(_) | EnrollmentError::Corrupt(_) | EnrollmentError::Organisations { .. } => {
                     warn!(node = %key.short(), error = %e, "could not record a join");
                     return Err(Refusal::new(
                         "join: storage failed",

@@ -143,3 +143,30 @@ fn the_enroll_command_a_node_prints_for_a_signer_works_pasted_once_the_data_dire
     assert_eq!(member["role"], profile.role.as_str());
     assert_eq!(member["org"], "lansstyrelsen-sodermanland");
 }
+
+#[test]
+fn the_relays_organisations_file_lets_the_operator_enroll_another_countys_organisations() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&mut relay(dir.path(), &["key"]));
+    let key = samverkan_shared::identity::NodeKey::generate().node_id().to_string();
+    let enroll = |org: &str| {
+        relay(dir.path(), &["enroll", "--org", org, "--name", "Västerås BF", "--key", &key]).output().unwrap()
+    };
+    let unknown = enroll("Västerås");
+    assert!(!unknown.status.success(), "not in the built-in directory");
+    std::fs::write(
+        dir.path().join("organisations.toml"),
+        "[[county]]\nid = \"vastmanland\"\nname = \"Västmanlands län\"\n\n[[organisation]]\nid = \"vasteras-stad\"\n\
+         county = \"vastmanland\"\nkind = \"municipality\"\nname = \"Västerås stad\"\naliases = [\"Västerås\"]\n",
+    )
+    .unwrap();
+    let enrolled = enroll("Västerås");
+    assert!(enrolled.status.success(), "{}", String::from_utf8_lossy(&enrolled.stderr));
+    let listed = ok(&mut relay(dir.path(), &["list"]));
+    assert!(listed.contains("Västerås BF") && listed.contains("vasteras-stad"), "{listed}");
+    // A broken file is named, never silently ignored.
+    std::fs::write(dir.path().join("organisations.toml"), "[[organisation]]\nid = 'x'\n").unwrap();
+    let broken = enroll("Flen");
+    let stderr = String::from_utf8_lossy(&broken.stderr);
+    assert!(!broken.status.success() && stderr.contains("organisations.toml"), "{stderr}");
+}
