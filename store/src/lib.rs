@@ -25,6 +25,7 @@
 
 #![warn(missing_docs)]
 
+pub mod concurrent;
 pub mod keyfile;
 mod refusals;
 mod replace;
@@ -178,6 +179,23 @@ pub enum StoreError {
     /// Any other SQLite error.
     #[error("database error: {0}")]
     Sqlite(rusqlite::Error),
+    /// The commit of a group of updates (see [`Store::write_group`]) failed;
+    /// nothing of any of them was written.
+    #[error("the database commit failed ({0}); nothing of it was written")]
+    CommitFailed(String),
+}
+
+impl StoreError {
+    /// The same failure for another caller (one failed group commit fails
+    /// every update in it): the kinds callers act on are kept.
+    pub fn duplicate(&self) -> StoreError {
+        match self {
+            StoreError::DiskFull => StoreError::DiskFull,
+            StoreError::ReadOnly(s) => StoreError::ReadOnly(s.clone()),
+            StoreError::CommitFailed(s) => StoreError::CommitFailed(s.clone()),
+            other => StoreError::CommitFailed(other.to_string()),
+        }
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -653,72 +671,106 @@ impl Store {
             }
             return Ok((value, UpdateOutcome { new_bytes: 0, heads, created: false }));
         }
-        // Whatever came in must still be a document we can read, within the limits.
-        doc.check_header().map_err(StoreError::from)?;
-        let size_before: i64 = if created {
-            0
+        let size_before: Option<i64> = if created {
+            None
         } else {
-            tx.prepare_cached("SELECT change_bytes FROM documents WHERE doc_id = ?1")
-                .and_then(|mut stmt| stmt.query_row([id.as_str()], |r| r.get(0)))
-                .map_err(StoreError::from)?
+            Some(
+                tx.prepare_cached("SELECT change_bytes FROM documents WHERE doc_id = ?1")
+                    .and_then(|mut stmt| stmt.query_row([id.as_str()], |r| r.get(0)))
+                    .map_err(StoreError::from)?,
+            )
         };
-        let size = self
-            .limits
-            .check_new_changes(id, doc.automerge_mut(), &before, size_before.max(0) as u64)
-            .map_err(StoreError::from)?;
-        let kind = doc.kind().map_err(StoreError::from)?;
-        let title = doc.title().map_err(StoreError::from)?;
-        let parties = join_parties(&doc.parties().map_err(StoreError::from)?);
-        let now = Utc::now().to_rfc3339();
-        let new_bytes = if created {
-            let data = doc.automerge_mut().save();
-            tx.execute(
-                "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties, change_bytes)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
-                params![
-                    id.as_str(),
-                    kind.as_str(),
-                    title,
-                    join_heads(&heads),
-                    data,
-                    sha256(&data),
-                    now,
-                    parties,
-                    size as i64
-                ],
-            )
-            .map_err(StoreError::from)?;
-            data.len()
-        } else {
-            let data = doc.automerge_mut().save_after(&before);
-            tx.prepare_cached("INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)")
-                .and_then(|mut stmt| stmt.execute(params![id.as_str(), data, sha256(&data)]))
-                .map_err(StoreError::from)?;
-            last_seq = tx.last_insert_rowid();
-            tx.prepare_cached(
-                "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5, parties = ?6, change_bytes = ?7
-                 WHERE doc_id = ?1",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![id.as_str(), kind.as_str(), title, join_heads(&heads), now, parties, size as i64])
-            })
-            .map_err(StoreError::from)?;
+        let write = DocWrite::prepare(
+            &mut doc,
+            &before,
+            size_before.map(|s| s.max(0) as u64),
+            &self.limits,
+            signatures,
+            receipts,
+        )?;
+        let new_bytes = write.data.len();
+        if let Some(seq) = write_doc_rows(&tx, &write)? {
+            last_seq = seq;
             if let Some(g) = compact_if_due(&tx, id, &mut doc)? {
                 generation = g;
             }
-            data.len()
-        };
-        for (hash, signature) in &signatures {
-            tx.execute(
-                "INSERT OR IGNORE INTO change_signatures (hash, signature) VALUES (?1, ?2)",
-                params![hash.0.as_slice(), signature.as_slice()],
-            )
-            .map_err(StoreError::from)?;
         }
-        insert_receipts(&tx, &receipts)?;
         tx.commit().map_err(StoreError::from)?;
         self.cache.borrow_mut().put(doc, generation, last_seq);
         Ok((value, UpdateOutcome { new_bytes, heads, created }))
+    }
+
+    /// Writes many prepared updates in one transaction and one commit (group
+    /// commit): each in its own savepoint, so one that fails (it comes back as
+    /// its own `Err`) leaves the others to commit. The outer `Err` is the
+    /// transaction's: then nothing of any of them was written. Each `Ok` holds
+    /// the update's increment row (`None` for a new document).
+    #[allow(clippy::type_complexity)]
+    pub fn write_group(&mut self, writes: &[DocWrite]) -> Result<Vec<Result<Option<i64>, StoreError>>, StoreError> {
+        let mut tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(writes.len());
+        for write in writes {
+            let savepoint = tx.savepoint()?;
+            let result = write_doc_rows(&savepoint, write);
+            if result.is_ok() {
+                savepoint.commit()?;
+            } else {
+                savepoint.finish()?; // Rolled back when not committed.
+            }
+            results.push(result);
+        }
+        tx.commit()?;
+        for write in writes {
+            self.cache.borrow_mut().entries.remove(&write.id);
+        }
+        Ok(results)
+    }
+
+    /// Loads a document for an update outside this connection's write
+    /// transactions (the relay's concurrent storage): the document, its size in
+    /// change bytes, how many increment rows it has and the last one; `None`
+    /// if not stored.
+    pub fn load_for_update(&self, id: &DocId) -> Result<Option<ForUpdate>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?; // One read snapshot for all three reads.
+        let Some(loaded) = load_in(&tx, &self.cache, id, true)? else { return Ok(None) };
+        let (size, rows): (i64, i64) = self.conn.prepare_cached(
+            "SELECT change_bytes, (SELECT count(*) FROM changes WHERE doc_id = ?1) FROM documents WHERE doc_id = ?1",
+        )?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(Some(ForUpdate { doc: loaded.doc, size: size.max(0) as u64, increments: rows, last_seq: loaded.last_seq }))
+    }
+
+    /// Replaces a document's snapshot by `snapshot` (a full save holding every
+    /// increment row up to `upto_seq`) and drops those rows, in its own
+    /// transaction: compaction done in the background. Rows after `upto_seq`
+    /// stay and are read on top of the snapshot.
+    pub fn compact_upto(&mut self, id: &DocId, snapshot: &[u8], upto_seq: i64) -> Result<(), StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let generation: Option<i64> = tx
+            .query_row(
+                "UPDATE documents SET snapshot = ?2, snapshot_sha256 = ?3, generation = generation + 1
+                 WHERE doc_id = ?1 RETURNING generation",
+                params![id.as_str(), snapshot, sha256(snapshot)],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if generation.is_none() {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        tx.execute("DELETE FROM changes WHERE doc_id = ?1 AND seq <= ?2", params![id.as_str(), upto_seq])?;
+        tx.commit()?;
+        self.cache.borrow_mut().entries.remove(id);
+        tracing::debug!(doc = %id, bytes = snapshot.len(), upto_seq, "compacted document in the background");
+        Ok(())
+    }
+
+    /// The highest increment row of a document (0: none); what a snapshot
+    /// saved now would hold (see [`Store::compact_upto`]).
+    pub fn last_increment(&self, id: &DocId) -> Result<i64, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT coalesce(max(seq), 0) FROM changes WHERE doc_id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))?)
     }
 
     /// The stored authors' signatures of these changes (those known).
@@ -891,12 +943,143 @@ impl Store {
     }
 }
 
+/// A document loaded by [`Store::load_for_update`].
+#[derive(Debug)]
+pub struct ForUpdate {
+    /// The document.
+    pub doc: Document,
+    /// Its size in change bytes (see [`ContentLimits`]).
+    pub size: u64,
+    /// How many increment rows it has beside its snapshot.
+    pub increments: i64,
+    /// The last increment row read (0: none).
+    pub last_seq: i64,
+}
+
+/// The rows one durable document update writes, computed from the document
+/// after the update: its new changes (or, for a new document, a full save),
+/// the index columns and the signatures and receipts stored with it. Built by
+/// [`DocWrite::prepare`], written by [`Store::update_receipted`] and by
+/// [`Store::write_group`] (many updates, one commit).
+#[derive(Debug, Clone)]
+pub struct DocWrite {
+    /// The document.
+    pub id: DocId,
+    /// Whether this write creates the document (`data` is then a full save).
+    pub created: bool,
+    /// The new changes since the heads before the update, or the full save of a new document.
+    pub data: Vec<u8>,
+    /// Heads after the update.
+    pub heads: Vec<ChangeHash>,
+    /// Its kind after the update.
+    pub kind: DocKind,
+    /// Its title after the update.
+    pub title: String,
+    /// Its parties after the update.
+    pub parties: Vec<OrgId>,
+    /// The document's size in change bytes after the update (checked against the limits).
+    pub size: u64,
+    /// The authors' signatures of changes received.
+    pub signatures: Vec<(ChangeHash, [u8; 64])>,
+    /// Approval receipts issued for records the update added.
+    pub receipts: Vec<ApprovalReceipt>,
+}
+
+impl DocWrite {
+    /// Checks an updated document (readable, within `limits` given its size
+    /// `size_before`, `None` for a new document) and computes what to write.
+    pub fn prepare(
+        doc: &mut Document,
+        before: &[ChangeHash],
+        size_before: Option<u64>,
+        limits: &ContentLimits,
+        signatures: Vec<(ChangeHash, [u8; 64])>,
+        receipts: Vec<ApprovalReceipt>,
+    ) -> Result<Self, StoreError> {
+        // Whatever came in must still be a document we can read, within the limits.
+        doc.check_header()?;
+        let id = doc.id().clone();
+        let size = limits.check_new_changes(&id, doc.automerge_mut(), before, size_before.unwrap_or(0))?;
+        let created = size_before.is_none();
+        let data = if created { doc.automerge_mut().save() } else { doc.automerge_mut().save_after(before) };
+        Ok(Self {
+            heads: doc.heads(),
+            kind: doc.kind()?,
+            title: doc.title()?,
+            parties: doc.parties()?,
+            id,
+            created,
+            data,
+            size,
+            signatures,
+            receipts,
+        })
+    }
+}
+
+/// Writes one update's rows inside a transaction; returns the increment row's
+/// sequence number (`None` for a new document, which is stored as a snapshot).
+fn write_doc_rows(tx: &Connection, write: &DocWrite) -> Result<Option<i64>, StoreError> {
+    let id = write.id.as_str();
+    let now = Utc::now().to_rfc3339();
+    let parties = join_parties(&write.parties);
+    let seq = if write.created {
+        tx.prepare_cached(
+            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties, change_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+        )?
+        .execute(params![
+            id,
+            write.kind.as_str(),
+            write.title,
+            join_heads(&write.heads),
+            write.data,
+            sha256(&write.data),
+            now,
+            parties,
+            write.size as i64
+        ])?;
+        None
+    } else {
+        tx.prepare_cached("INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)")?.execute(params![
+            id,
+            write.data,
+            sha256(&write.data)
+        ])?;
+        let seq = tx.last_insert_rowid();
+        let updated = tx
+            .prepare_cached(
+                "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5, parties = ?6, change_bytes = ?7
+                 WHERE doc_id = ?1",
+            )?
+            .execute(params![
+                id,
+                write.kind.as_str(),
+                write.title,
+                join_heads(&write.heads),
+                now,
+                parties,
+                write.size as i64
+            ])?;
+        if updated != 1 {
+            return Err(StoreError::NotFound(write.id.clone()));
+        }
+        Some(seq)
+    };
+    let mut stmt = tx.prepare_cached("INSERT OR IGNORE INTO change_signatures (hash, signature) VALUES (?1, ?2)")?;
+    for (hash, signature) in &write.signatures {
+        stmt.execute(params![hash.0.as_slice(), signature.as_slice()])?;
+    }
+    insert_receipts(tx, &write.receipts)?;
+    Ok(seq)
+}
+
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s).map(|t| t.with_timezone(&Utc)).map_err(|e| format!("bad timestamp {s:?}: {e}"))
 }
 
 /// Inserts receipts, keeping the first one held of each record; returns how many were new.
-fn insert_receipts(tx: &Transaction<'_>, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
+fn insert_receipts(tx: &Connection, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO approval_receipts (doc_id, record, received_at, relay_signature) VALUES (?1, ?2, ?3, ?4)",
     )?;

@@ -1,0 +1,524 @@
+//! The store shared by many threads at once: the relay's storage.
+//!
+//! [`Store`] is one SQLite connection used by one thread at a time; the relay
+//! serves many connections, and a global lock around one `Store` made every
+//! connection wait for every other one's Automerge work and fsync.
+//! [`ConcurrentStore`] instead has:
+//!
+//! - **per-document locks**: each document is kept loaded in its own slot
+//!   (a bounded number, least recently used unloaded first), and only work on
+//!   the same document waits. Generating a sync message from a loaded
+//!   document touches no SQLite at all; only changes are written.
+//! - **read connections** (WAL readers, never blocked by the writer) for the
+//!   index, summaries, signatures, receipts, sync states and metadata.
+//! - **group commit** on one write connection: the updates that arrive while
+//!   one commit is in flight are written together in the next one (each in its
+//!   own savepoint), across documents; every caller returns only once its own
+//!   update is durable (`synchronous=FULL`), or with the reason it is not.
+//! - **compaction in the background**: a thread folds a document's increments
+//!   into a new snapshot in its own transaction, never inside an update.
+//!
+//! Every change to a document goes through its slot, so a document's history
+//! in memory and on disk never diverge; this process must be the only one that
+//! writes documents to the file (other processes — the operator's `enroll`,
+//! `revoke` — write metadata only, which is always read from the database).
+//!
+//! Everything here blocks: callers run it on threads of their own (the relay
+//! uses tokio's blocking pool), never on an async runtime's workers.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+
+use automerge::{AutoCommit, ChangeHash};
+use samverkan_shared::acceptance::ContentLimits;
+use samverkan_shared::ids::DocId;
+use samverkan_shared::model::Document;
+use samverkan_shared::receipt::ApprovalReceipt;
+
+use crate::{DocSummary, DocWrite, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
+
+/// How many read connections a [`ConcurrentStore`] keeps.
+pub const READ_CONNECTIONS: usize = 4;
+
+/// What an update function returns beside its value: the signatures of the
+/// changes it received and the approval receipts it issued, stored with them.
+pub type Extras = (Vec<(ChangeHash, [u8; 64])>, Vec<ApprovalReceipt>);
+
+/// Counters of the group commit, for the operator and the benchmark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Commits made.
+    pub commits: u64,
+    /// Document updates written by them.
+    pub updates: u64,
+    /// Background compactions done.
+    pub compactions: u64,
+}
+
+/// A thread-safe store with per-document locks, WAL readers, group commit and
+/// background compaction (see the module documentation).
+#[derive(Debug)]
+pub struct ConcurrentStore {
+    inner: Arc<Inner>,
+    /// Documents to compact; the background thread ends when this is dropped.
+    compact: Mutex<Option<mpsc::Sender<DocId>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    limits: ContentLimits,
+    writer: Mutex<Store>,
+    readers: Vec<Mutex<Store>>,
+    next_reader: AtomicUsize,
+    slots: Slots,
+    group: GroupCommit,
+    compacting: Mutex<HashSet<DocId>>,
+    compactions: AtomicU64,
+}
+
+impl ConcurrentStore {
+    /// Opens (or creates, and migrates) the database at `path`, keeping at
+    /// most `cache` documents loaded.
+    pub fn open(path: &Path, cache: usize, limits: ContentLimits) -> Result<Self, StoreError> {
+        let mut writer = Store::open_or_create(path)?;
+        writer.set_cache_capacity(0);
+        writer.set_content_limits(limits);
+        let readers = (0..READ_CONNECTIONS)
+            .map(|_| {
+                let mut reader = Store::open(path)?;
+                reader.set_cache_capacity(0);
+                Ok(Mutex::new(reader))
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        let inner = Arc::new(Inner {
+            limits,
+            writer: Mutex::new(writer),
+            readers,
+            next_reader: AtomicUsize::new(0),
+            slots: Slots::new(cache),
+            group: GroupCommit::default(),
+            compacting: Mutex::new(HashSet::new()),
+            compactions: AtomicU64::new(0),
+        });
+        let (sender, receiver) = mpsc::channel::<DocId>();
+        let weak = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("samverkan-compact".into())
+            .spawn(move || compact_in_background(weak, receiver))
+            .map_err(|e| StoreError::CommitFailed(format!("cannot start the compaction thread: {e}")))?;
+        Ok(Self { inner, compact: Mutex::new(Some(sender)) })
+    }
+
+    /// The size limits every update is checked against.
+    pub fn content_limits(&self) -> ContentLimits {
+        self.inner.limits
+    }
+
+    /// Runs `f` on a document (an empty one if it is not stored and `create`)
+    /// while holding that document's lock, and durably stores the changes it
+    /// made, with the signatures and receipts it returns, before returning.
+    /// `Ok(None)` when the document is not stored and not `create`. If `f`
+    /// fails, or the document is not readable or over the limits afterwards,
+    /// nothing is stored and the loaded copy is dropped (reloaded next time).
+    pub fn with_doc<T, E>(
+        &self,
+        id: &DocId,
+        create: bool,
+        f: impl FnOnce(&mut Document) -> Result<(T, Extras), E>,
+    ) -> Result<Option<(T, UpdateOutcome)>, E>
+    where
+        E: From<StoreError>,
+    {
+        let inner = &*self.inner;
+        let slot = inner.slots.slot(id);
+        let mut held = lock(&slot.held);
+        if held.is_none() {
+            match inner.read(|r| r.load_for_update(id))? {
+                Some(loaded) => {
+                    *held = Some(Held {
+                        doc: loaded.doc,
+                        size: loaded.size,
+                        increments: loaded.increments,
+                        last_seq: loaded.last_seq,
+                    });
+                    inner.slots.loaded.fetch_add(1, Ordering::Relaxed);
+                }
+                None if create => {}
+                None => {
+                    drop(held);
+                    inner.slots.forget_if_idle(id, slot);
+                    return Ok(None);
+                }
+            }
+        }
+        inner.slots.touch(&slot);
+        let taken = held.take();
+        if taken.is_some() {
+            inner.slots.loaded.fetch_sub(1, Ordering::Relaxed);
+        }
+        let (mut doc, size_before, increments, last_seq) = match taken {
+            Some(h) => (h.doc, Some(h.size), h.increments, h.last_seq),
+            None => (Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?, None, 0, 0),
+        };
+        let created = size_before.is_none();
+        let before = doc.heads();
+        // On any error below the document (which `f` may have half changed) is dropped.
+        let (value, (signatures, receipts)) = f(&mut doc)?;
+        let heads = doc.heads();
+        if heads == before || doc.is_empty() {
+            if let Some(size) = size_before {
+                *held = Some(Held { doc, size, increments, last_seq });
+                inner.slots.loaded.fetch_add(1, Ordering::Relaxed);
+            }
+            drop(held);
+            inner.slots.unload_beyond_capacity();
+            return Ok(Some((value, UpdateOutcome { new_bytes: 0, heads, created: false })));
+        }
+        let write = DocWrite::prepare(&mut doc, &before, size_before, &inner.limits, signatures, receipts)?;
+        let new_bytes = write.data.len();
+        let size = write.size;
+        let seq = inner.group.submit(&inner.writer, write)?;
+        let (increments, last_seq) = match seq {
+            Some(seq) => (increments + 1, seq),
+            None => (0, 0),
+        };
+        *held = Some(Held { doc, size, increments, last_seq });
+        inner.slots.loaded.fetch_add(1, Ordering::Relaxed);
+        drop(held);
+        if increments >= COMPACT_AFTER_ROWS {
+            self.request_compaction(id);
+        }
+        inner.slots.unload_beyond_capacity();
+        Ok(Some((value, UpdateOutcome { new_bytes, heads, created })))
+    }
+
+    fn request_compaction(&self, id: &DocId) {
+        if !lock(&self.inner.compacting).insert(id.clone()) {
+            return; // Already queued.
+        }
+        if let Some(sender) = lock(&self.compact).as_ref() {
+            if sender.send(id.clone()).is_err() {
+                lock(&self.inner.compacting).remove(id);
+            }
+        }
+    }
+
+    /// Every stored document, most recently changed first (from a read connection).
+    pub fn list(&self) -> Result<Vec<DocSummary>, StoreError> {
+        self.inner.read(|r| r.list())
+    }
+
+    /// One document's summary, if stored (from a read connection).
+    pub fn summary(&self, id: &DocId) -> Result<Option<DocSummary>, StoreError> {
+        self.inner.read(|r| r.summary(id))
+    }
+
+    /// The stored authors' signatures of these changes (those known).
+    pub fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<(ChangeHash, [u8; 64])>, StoreError> {
+        self.inner.read(|r| r.signatures(hashes))
+    }
+
+    /// The stored approval receipts of a document.
+    pub fn receipts(&self, id: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {
+        self.inner.read(|r| r.receipts(id))
+    }
+
+    /// Stores receipts (keeping the first of each record); returns how many were new.
+    pub fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
+        lock(&self.inner.writer).add_receipts(receipts)
+    }
+
+    /// The sync states persisted for a peer.
+    pub fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
+        self.inner.read(|r| r.sync_states(peer))
+    }
+
+    /// Every peer with persisted sync states.
+    pub fn sync_peers(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.read(|r| r.sync_peers())
+    }
+
+    /// Replaces every sync state of `peer` by `states` in one transaction.
+    pub fn replace_sync_states(&self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {
+        lock(&self.inner.writer).replace_sync_states(peer, states)
+    }
+
+    /// A metadata value (from a read connection: what is committed now).
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.inner.read(|r| r.meta(key))
+    }
+
+    /// Every metadata entry whose key starts with `prefix`.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, StoreError> {
+        self.inner.read(|r| r.meta_with_prefix(prefix))
+    }
+
+    /// Writes a metadata value durably.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        lock(&self.inner.writer).set_meta(key, value)
+    }
+
+    /// Changes a metadata value atomically (see [`Store::update_meta`]).
+    pub fn update_meta<E: From<StoreError>>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<String>) -> Result<Option<String>, E>,
+    ) -> Result<Option<String>, E> {
+        lock(&self.inner.writer).update_meta(key, f)
+    }
+
+    /// Changes whenever another process commits to the database (the write
+    /// connection's `data_version`: this process's readers never write).
+    pub fn data_version(&self) -> Result<i64, StoreError> {
+        lock(&self.inner.writer).data_version()
+    }
+
+    /// Unloads a document (it stays stored) unless it is in use right now.
+    pub fn evict(&self, id: &DocId) {
+        self.inner.slots.unload(id);
+    }
+
+    /// How many documents are loaded.
+    pub fn loaded(&self) -> usize {
+        self.inner.slots.loaded.load(Ordering::Relaxed)
+    }
+
+    /// Commits, updates and compactions so far.
+    pub fn stats(&self) -> CommitStats {
+        let group = lock(&self.inner.group.state);
+        CommitStats {
+            commits: group.commits,
+            updates: group.updates,
+            compactions: self.inner.compactions.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Compacts a document now, on the caller's thread (tests and tools).
+    pub fn compact_now(&self, id: &DocId) -> Result<(), StoreError> {
+        self.inner.compact(id)
+    }
+}
+
+impl Drop for ConcurrentStore {
+    fn drop(&mut self) {
+        // Ends the compaction thread once it has finished what is queued.
+        lock(&self.compact).take();
+    }
+}
+
+impl Inner {
+    /// Runs `f` on a free read connection (or waits for one).
+    fn read<T>(&self, f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let n = self.readers.len();
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed) % n;
+        for i in 0..n {
+            match self.readers[(start + i) % n].try_lock() {
+                Ok(reader) => return f(&reader),
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => return f(&poisoned.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => {}
+            }
+        }
+        f(&lock(&self.readers[start]))
+    }
+
+    /// Folds a document's increments into a new snapshot: the snapshot is
+    /// saved under the document's lock (so it holds exactly the rows up to
+    /// the last one written), written in a transaction of its own after.
+    fn compact(&self, id: &DocId) -> Result<(), StoreError> {
+        let slot = self.slots.slot(id);
+        let (snapshot, upto, folded) = {
+            let mut held = lock(&slot.held);
+            if held.is_none() {
+                let Some(loaded) = self.read(|r| r.load_for_update(id))? else { return Ok(()) };
+                *held = Some(Held {
+                    doc: loaded.doc,
+                    size: loaded.size,
+                    increments: loaded.increments,
+                    last_seq: loaded.last_seq,
+                });
+                self.slots.loaded.fetch_add(1, Ordering::Relaxed);
+            }
+            let Some(h) = held.as_mut() else { return Ok(()) };
+            if h.increments == 0 {
+                return Ok(());
+            }
+            (h.doc.automerge_mut().save(), h.last_seq, h.increments)
+        };
+        lock(&self.writer).compact_upto(id, &snapshot, upto)?;
+        if let Some(h) = lock(&slot.held).as_mut() {
+            h.increments = (h.increments - folded).max(0);
+        }
+        self.compactions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// The compaction thread: compacts each requested document in turn until
+/// the store is dropped.
+fn compact_in_background(inner: Weak<Inner>, requests: mpsc::Receiver<DocId>) {
+    while let Ok(id) = requests.recv() {
+        let Some(inner) = inner.upgrade() else { return };
+        lock(&inner.compacting).remove(&id);
+        if let Err(e) = inner.compact(&id) {
+            // The increments stay; the next request tries again.
+            tracing::warn!(doc = %id, error = %e, "background compaction failed");
+        }
+    }
+}
+
+/// A loaded document with where it stands on disk.
+#[derive(Debug)]
+struct Held {
+    doc: Document,
+    /// Its size in change bytes.
+    size: u64,
+    /// Increment rows beside its snapshot.
+    increments: i64,
+    /// The last increment row it holds.
+    last_seq: i64,
+}
+
+/// One document's lock and loaded copy.
+#[derive(Debug, Default)]
+struct Slot {
+    held: Mutex<Option<Held>>,
+    used: AtomicU64,
+}
+
+/// The per-document slots: one for each document in use or loaded.
+#[derive(Debug)]
+struct Slots {
+    map: Mutex<HashMap<DocId, Arc<Slot>>>,
+    capacity: usize,
+    clock: AtomicU64,
+    loaded: AtomicUsize,
+}
+
+impl Slots {
+    fn new(capacity: usize) -> Self {
+        Self { map: Mutex::new(HashMap::new()), capacity, clock: AtomicU64::new(0), loaded: AtomicUsize::new(0) }
+    }
+
+    fn slot(&self, id: &DocId) -> Arc<Slot> {
+        lock(&self.map).entry(id.clone()).or_default().clone()
+    }
+
+    fn touch(&self, slot: &Slot) {
+        slot.used.store(self.clock.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Drops the slot of a document that turned out not to exist, unless
+    /// another thread holds it too: ids a peer names leave nothing behind.
+    fn forget_if_idle(&self, id: &DocId, slot: Arc<Slot>) {
+        let mut map = lock(&self.map);
+        // Ours and the map's: nobody else can reach it without the map's lock.
+        if Arc::strong_count(&slot) == 2 && lock(&slot.held).is_none() {
+            map.remove(id);
+        }
+    }
+
+    fn unload(&self, id: &DocId) {
+        let slot = lock(&self.map).get(id).cloned();
+        if let Some(slot) = slot {
+            if let Ok(mut held) = slot.held.try_lock() {
+                if held.take().is_some() {
+                    self.loaded.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Unloads the least recently used idle documents while more than the
+    /// capacity are loaded.
+    fn unload_beyond_capacity(&self) {
+        while self.loaded.load(Ordering::Relaxed) > self.capacity {
+            let candidate = {
+                let map = lock(&self.map);
+                map.iter()
+                    .filter(|(_, s)| s.held.try_lock().map(|h| h.is_some()).unwrap_or(false))
+                    .min_by_key(|(_, s)| s.used.load(Ordering::Relaxed))
+                    .map(|(id, s)| (id.clone(), s.clone()))
+            };
+            let Some((id, slot)) = candidate else { return };
+            let Ok(mut held) = slot.held.try_lock() else { continue };
+            if held.take().is_some() {
+                self.loaded.fetch_sub(1, Ordering::Relaxed);
+            }
+            drop(held);
+            let mut map = lock(&self.map);
+            if Arc::strong_count(&slot) == 2 {
+                map.remove(&id);
+            }
+        }
+    }
+}
+
+/// Group commit by leader and followers: a caller queues its update; if no
+/// commit is running it leads one for everything queued, otherwise it waits
+/// for a leader to write and commit its update.
+#[derive(Debug, Default)]
+struct GroupCommit {
+    state: Mutex<GroupState>,
+    done: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GroupState {
+    queue: Vec<(u64, DocWrite)>,
+    results: HashMap<u64, Result<Option<i64>, StoreError>>,
+    next_ticket: u64,
+    leading: bool,
+    commits: u64,
+    updates: u64,
+}
+
+impl GroupCommit {
+    /// Writes `write` durably (in a commit with whatever else is queued);
+    /// returns its increment row (`None` for a new document).
+    fn submit(&self, writer: &Mutex<Store>, write: DocWrite) -> Result<Option<i64>, StoreError> {
+        let mut state = lock(&self.state);
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.queue.push((ticket, write));
+        loop {
+            if let Some(result) = state.results.remove(&ticket) {
+                return result;
+            }
+            if state.leading {
+                state = self.done.wait(state).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            state.leading = true;
+            let batch = std::mem::take(&mut state.queue);
+            drop(state);
+            let (tickets, writes): (Vec<u64>, Vec<DocWrite>) = batch.into_iter().unzip();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| lock(writer).write_group(&writes)))
+                .unwrap_or_else(|_| Err(StoreError::CommitFailed("the commit panicked".into())));
+            state = lock(&self.state);
+            match outcome {
+                Ok(results) => {
+                    state.commits += 1;
+                    state.updates += results.iter().filter(|r| r.is_ok()).count() as u64;
+                    state.results.extend(tickets.into_iter().zip(results));
+                }
+                Err(e) => {
+                    for ticket in tickets {
+                        state.results.insert(ticket, Err(e.duplicate()));
+                    }
+                }
+            }
+            state.leading = false;
+            self.done.notify_all();
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests;
