@@ -390,12 +390,13 @@ async fn one_key_holds_at_most_its_share_of_connections_and_the_newest_wins() {
     relay.enroll_node(key.node_id(), org("Gnesta"), "gnesta").unwrap();
     let hello = || Frame::Hello { protocol: PROTOCOL_VERSION, software: "g".into(), node: key.node_id().to_string() };
     let mut held = Vec::new();
-    for _ in 0..2 {
+    for n in 1..=2 {
         let (conn, mut send, recv) = raw_client(&relay, &key).await;
         send.send(&hello()).await.unwrap();
         held.push((conn, send, recv));
+        // One after the other: connections are served in parallel, and "oldest" is the first registered.
+        eventually("the connection registered", || relay.connected().len() == n).await;
     }
-    eventually("two connections registered", || relay.connected().len() == 2).await;
     // A third connection of the same key (say, after a restart) is served; the oldest is closed.
     let (_conn, mut send, _recv) = raw_client(&relay, &key).await;
     send.send(&hello()).await.unwrap();

@@ -43,7 +43,7 @@ fn org(name: &str) -> OrgId {
 
 /// What `samverkan-relay enroll` does: its own connection to the relay's database.
 fn operator_enrolls(relay_dir: &Path, key: NodeId, kind: MemberKind, org_name: &str, name: &str, role: Option<&str>) {
-    let mut storage = SqliteStorage::open(&relay_dir.join(server::DB_FILE), 4).expect("open the relay database");
+    let storage = SqliteStorage::open(&relay_dir.join(server::DB_FILE), 4).expect("open the relay database");
     let member = Member {
         key,
         kind,
@@ -53,13 +53,13 @@ fn operator_enrolls(relay_dir: &Path, key: NodeId, kind: MemberKind, org_name: &
         enrolled_at: Utc::now(),
         revoked_at: None,
     };
-    enrollment::enroll(&mut storage, member).expect("enrolled");
+    enrollment::enroll(&storage, member).expect("enrolled");
 }
 
 /// What `samverkan-relay revoke` does.
 fn operator_revokes(relay_dir: &Path, key: &NodeId) {
-    let mut storage = SqliteStorage::open(&relay_dir.join(server::DB_FILE), 4).expect("open the relay database");
-    enrollment::revoke(&mut storage, key, Utc::now()).expect("revoked");
+    let storage = SqliteStorage::open(&relay_dir.join(server::DB_FILE), 4).expect("open the relay database");
+    enrollment::revoke(&storage, key, Utc::now()).expect("revoked");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

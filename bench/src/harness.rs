@@ -83,8 +83,8 @@ impl RelayProcess {
     /// `samverkan-bench relay-child --dir <dir>` and waits for its address.
     pub fn start(dir: &Path, members: Vec<Member>) -> Result<Self> {
         std::fs::create_dir_all(dir).context("creating the relay's directory")?;
-        let mut storage = SqliteStorage::open(&dir.join(server::DB_FILE), 4).context("opening the relay's database")?;
-        enrollment::enroll_all(&mut storage, members).context("enrolling the simulated nodes")?;
+        let storage = SqliteStorage::open(&dir.join(server::DB_FILE), 4).context("opening the relay's database")?;
+        enrollment::enroll_all(&storage, members).context("enrolling the simulated nodes")?;
         drop(storage);
         let exe = std::env::current_exe().context("locating the benchmark binary")?;
         let mut child = Command::new(exe)

@@ -834,7 +834,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let retried = node.retry_refused()?;
                 crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = sync_runtime()?;
             let mut display = crate::progress::ProgressDisplay::stderr();
             let result = runtime.block_on(crate::sync::sync_once_with_progress(
                 &mut node,
@@ -895,7 +895,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 let retried = node.retry_refused()?;
                 crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let runtime = sync_runtime()?;
             crate::output::stderr(&format!("syncing with {} until interrupted (Ctrl-C)", target.addr));
             runtime.block_on(crate::sync::daemon(
                 &mut node,
@@ -1268,4 +1268,12 @@ pub(crate) fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     file.write_all(bytes).and_then(|_| file.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// The runtime of `sync` and `daemon`: the sync loop runs on the calling
+/// thread (`block_on`) and does the storage work there, while QUIC's
+/// connection driver runs on the one worker thread, so keep-alives and
+/// acknowledgements go on while a write waits for the database.
+fn sync_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()
 }

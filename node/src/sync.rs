@@ -48,6 +48,20 @@ use crate::node::{Node, NodeError, META_RELAY_ADDRESS, META_RELAY_KEY};
 /// from disk for every message (found by the catch-up benchmark).
 pub const SYNC_CACHE_DOCUMENTS: usize = 256;
 
+/// How long a sync's write waits for another process's write lock before it
+/// lets go and tries again ([`BUSY_RETRY_PAUSE`] later), up to
+/// [`BUSY_WAIT_MAX`] in all. Storage runs beside the QUIC connection's driver
+/// (the CLI's runtime has a worker thread for it), so a wait never starves
+/// keep-alives; short waits keep the log telling what is going on.
+pub const DAEMON_BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Pause between two tries of a write that found the database busy.
+pub const BUSY_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long a sync waits in all for another process's write lock before the
+/// write fails (and the connection with it; the daemon reconnects).
+pub const BUSY_WAIT_MAX: Duration = Duration::from_secs(120);
+
 /// Which relay to sync with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RelayTarget {
@@ -267,25 +281,40 @@ impl DocAccess for NodeDocs<'_> {
             return Ok(None);
         }
         let org = self.org;
+        let mut f = Some(f);
         let mut discarded = None;
-        let result = self.store.update_signed(doc, create, |d| match f(d.automerge_mut()) {
-            DocOutcome::Keep { value, signatures } => {
-                // The relay's rule, kept here too: a new document must name this node's organisation.
-                if !exists && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
-                    return Err(Discarded::NotAParty);
+        let mut waited = Duration::ZERO;
+        loop {
+            let result = self.store.update_signed(doc, create, |d| {
+                let Some(f) = f.take() else { return Err(Discarded::Yes) };
+                match f(d.automerge_mut()) {
+                    DocOutcome::Keep { value, signatures } => {
+                        // The relay's rule, kept here too: a new document must name this node's organisation.
+                        if !exists && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
+                            return Err(Discarded::NotAParty);
+                        }
+                        Ok((value, signatures))
+                    }
+                    DocOutcome::Discard(value) => {
+                        discarded = Some(value);
+                        Err(Discarded::Yes)
+                    }
                 }
-                Ok((value, signatures))
-            }
-            DocOutcome::Discard(value) => {
-                discarded = Some(value);
-                Err(Discarded::Yes)
-            }
-        });
-        match result {
-            Ok((value, _)) => Ok(Some(value)),
-            Err(Discarded::Store(e)) => Err(e.into()),
-            Err(Discarded::NotAParty) => Err(NodeDocsError::NotAParty { doc: doc.clone(), org: org.clone() }),
-            Err(Discarded::Yes) => Ok(discarded),
+            });
+            return match result {
+                Ok((value, _)) => Ok(Some(value)),
+                // Another process (a long import, an editor's save) holds the write lock:
+                // nothing was done yet, so wait a little and try again, off the network's thread.
+                Err(Discarded::Store(e)) if e.is_busy() && f.is_some() && waited < BUSY_WAIT_MAX => {
+                    warn!(%doc, waited_ms = waited.as_millis() as u64, "the node database is busy (another process is writing); trying again");
+                    std::thread::sleep(BUSY_RETRY_PAUSE);
+                    waited += DAEMON_BUSY_TIMEOUT + BUSY_RETRY_PAUSE;
+                    continue;
+                }
+                Err(Discarded::Store(e)) => Err(e.into()),
+                Err(Discarded::NotAParty) => Err(NodeDocsError::NotAParty { doc: doc.clone(), org: org.clone() }),
+                Err(Discarded::Yes) => Ok(discarded),
+            };
         }
     }
 
@@ -407,6 +436,8 @@ impl Session {
         // Sync states are kept per relay key: a different relay starts fresh.
         let peer_key = crate::status::relay_peer_key(&target.relay_key);
         node.store_mut().set_cache_capacity(SYNC_CACHE_DOCUMENTS);
+        // A short wait for another process's write lock, then a retry (see `NodeDocs::with_doc`).
+        node.store_mut().set_busy_timeout(DAEMON_BUSY_TIMEOUT)?;
         sync.restore(node.store_mut().sync_states(&peer_key)?);
         Ok(Self { conn, send, recv, sync, peer_key, relay_key: target.relay_key, refused: Vec::new() })
     }
@@ -487,6 +518,9 @@ impl Session {
         }
         if let Err(e) = node.store_mut().save_sync_states(&self.peer_key, states) {
             warn!(error = %e, "could not persist sync states");
+        }
+        if let Err(e) = node.store_mut().set_busy_timeout(samverkan_store::DEFAULT_BUSY_TIMEOUT) {
+            warn!(error = %e, "could not restore the database's busy timeout");
         }
         let _ = self.send.finish().await;
         self.conn.close(code.into(), b"bye");

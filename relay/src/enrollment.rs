@@ -109,7 +109,7 @@ fn encode(state: &EnrollmentState) -> Result<Option<String>, EnrollmentError> {
 
 /// Changes the enrollment state atomically; returns `f`'s result.
 fn change<S: RelayStorage, T>(
-    storage: &mut S,
+    storage: &S,
     f: impl FnOnce(&mut EnrollmentState) -> Result<T, EnrollmentError>,
 ) -> Result<T, EnrollmentError> {
     let mut out = None;
@@ -127,12 +127,12 @@ pub fn directory<S: RelayStorage>(storage: &S) -> Result<EnrollmentDirectory, En
 }
 
 /// Enrolls a key (node or signer).
-pub fn enroll<S: RelayStorage>(storage: &mut S, member: Member) -> Result<(), EnrollmentError> {
+pub fn enroll<S: RelayStorage>(storage: &S, member: Member) -> Result<(), EnrollmentError> {
     change(storage, |state| Ok(state.directory.enroll(member)?))
 }
 
 /// Enrolls several keys in one atomic change (all or none).
-pub fn enroll_all<S: RelayStorage>(storage: &mut S, members: Vec<Member>) -> Result<(), EnrollmentError> {
+pub fn enroll_all<S: RelayStorage>(storage: &S, members: Vec<Member>) -> Result<(), EnrollmentError> {
     change(storage, |state| {
         for member in members {
             state.directory.enroll(member)?;
@@ -142,13 +142,13 @@ pub fn enroll_all<S: RelayStorage>(storage: &mut S, members: Vec<Member>) -> Res
 }
 
 /// Revokes a key; returns its entry as revoked.
-pub fn revoke<S: RelayStorage>(storage: &mut S, key: &NodeId, at: DateTime<Utc>) -> Result<Member, EnrollmentError> {
+pub fn revoke<S: RelayStorage>(storage: &S, key: &NodeId, at: DateTime<Utc>) -> Result<Member, EnrollmentError> {
     change(storage, |state| Ok(state.directory.revoke(key, at)?.clone()))
 }
 
 /// Issues a one-time join code secret for a node of `org` named `name`, valid for `ttl`.
 pub fn issue_join<S: RelayStorage>(
-    storage: &mut S,
+    storage: &S,
     org: OrgId,
     name: &str,
     ttl: Duration,
@@ -177,7 +177,7 @@ pub fn issue_join<S: RelayStorage>(
 /// enrolled already (under any organisation). On any failure nothing changes:
 /// the code stays usable and no member is added.
 pub fn consume_join<S: RelayStorage>(
-    storage: &mut S,
+    storage: &S,
     secret: &[u8],
     key: NodeId,
     node_org: &str,
@@ -249,27 +249,27 @@ mod tests {
     #[test]
     fn a_join_code_works_once_and_not_after_expiry() {
         let dir = tempfile::tempdir().unwrap();
-        let mut storage = SqliteStorage::open(&dir.path().join("relay.db"), 4).unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("relay.db"), 4).unwrap();
         let now = Utc::now();
         let flen = OrgId::new("flen-kommun").unwrap();
-        let secret = issue_join(&mut storage, flen.clone(), "Flen", Duration::hours(1), now).unwrap();
+        let secret = issue_join(&storage, flen.clone(), "Flen", Duration::hours(1), now).unwrap();
         let key = NodeKey::generate().node_id();
-        let member = consume_join(&mut storage, &secret, key, "flen-kommun", now).unwrap();
+        let member = consume_join(&storage, &secret, key, "flen-kommun", now).unwrap();
         assert_eq!((member.org, member.name.as_str()), (flen.clone(), "Flen"));
         assert!(directory(&storage).unwrap().active(&key).is_some());
         assert!(matches!(
-            consume_join(&mut storage, &secret, NodeKey::generate().node_id(), "flen-kommun", now),
+            consume_join(&storage, &secret, NodeKey::generate().node_id(), "flen-kommun", now),
             Err(EnrollmentError::UnknownJoinCode)
         ));
 
-        let secret = issue_join(&mut storage, flen, "Flen 2", Duration::minutes(5), now).unwrap();
+        let secret = issue_join(&storage, flen, "Flen 2", Duration::minutes(5), now).unwrap();
         let later = now + Duration::minutes(6);
         assert!(matches!(
-            consume_join(&mut storage, &secret, NodeKey::generate().node_id(), "flen-kommun", later),
+            consume_join(&storage, &secret, NodeKey::generate().node_id(), "flen-kommun", later),
             Err(EnrollmentError::ExpiredJoinCode(_))
         ));
 
-        revoke(&mut storage, &key, now).unwrap();
+        revoke(&storage, &key, now).unwrap();
         assert!(directory(&storage).unwrap().active(&key).is_none());
     }
 
@@ -281,15 +281,15 @@ mod tests {
     #[test]
     fn a_refused_join_changes_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        let mut storage = SqliteStorage::open(&dir.path().join("relay.db"), 4).unwrap();
+        let storage = SqliteStorage::open(&dir.path().join("relay.db"), 4).unwrap();
         let now = Utc::now();
         let gnesta = OrgId::new("gnesta-kommun").unwrap();
-        let secret = issue_join(&mut storage, gnesta.clone(), "Gnesta", Duration::hours(1), now).unwrap();
+        let secret = issue_join(&storage, gnesta.clone(), "Gnesta", Duration::hours(1), now).unwrap();
         let before = state(&storage);
 
         // A code for Gnesta, used by a node of Trosa.
         let trosa_key = NodeKey::generate().node_id();
-        let error = consume_join(&mut storage, &secret, trosa_key, "trosa-kommun", now).unwrap_err();
+        let error = consume_join(&storage, &secret, trosa_key, "trosa-kommun", now).unwrap_err();
         assert!(
             matches!(&error, EnrollmentError::WrongOrganisation { code_org, node_org, .. }
                 if code_org == &gnesta && node_org.as_str() == "trosa-kommun"),
@@ -298,7 +298,7 @@ mod tests {
         let message = error.to_string();
         assert!(message.contains("Gnesta kommun (gnesta-kommun)") && message.contains("trosa-kommun"), "{message}");
         assert!(matches!(
-            consume_join(&mut storage, &secret, trosa_key, "Not An Id!", now),
+            consume_join(&storage, &secret, trosa_key, "Not An Id!", now),
             Err(EnrollmentError::InvalidOrganisation(_))
         ));
         assert_eq!(state(&storage), before, "nothing changed");
@@ -306,7 +306,7 @@ mod tests {
         // A key enrolled already (here for Trosa) joining with a code for its own organisation.
         let trosa = OrgId::new("trosa-kommun").unwrap();
         enroll(
-            &mut storage,
+            &storage,
             Member {
                 key: trosa_key,
                 kind: MemberKind::Node,
@@ -318,9 +318,9 @@ mod tests {
             },
         )
         .unwrap();
-        let trosa_secret = issue_join(&mut storage, trosa.clone(), "Trosa 2", Duration::hours(1), now).unwrap();
+        let trosa_secret = issue_join(&storage, trosa.clone(), "Trosa 2", Duration::hours(1), now).unwrap();
         let before = state(&storage);
-        let error = consume_join(&mut storage, &trosa_secret, trosa_key, "trosa-kommun", now).unwrap_err();
+        let error = consume_join(&storage, &trosa_secret, trosa_key, "trosa-kommun", now).unwrap_err();
         assert!(
             matches!(&error, EnrollmentError::AlreadyEnrolled { org, name, .. } if org == &trosa && name == "Trosa")
         );
@@ -328,12 +328,9 @@ mod tests {
 
         // Both codes still work for the nodes they were meant for.
         let gnesta_key = NodeKey::generate().node_id();
-        assert_eq!(consume_join(&mut storage, &secret, gnesta_key, "gnesta-kommun", now).unwrap().org, gnesta);
+        assert_eq!(consume_join(&storage, &secret, gnesta_key, "gnesta-kommun", now).unwrap().org, gnesta);
         let second_trosa = NodeKey::generate().node_id();
-        assert_eq!(
-            consume_join(&mut storage, &trosa_secret, second_trosa, "trosa-kommun", now).unwrap().name,
-            "Trosa 2"
-        );
+        assert_eq!(consume_join(&storage, &trosa_secret, second_trosa, "trosa-kommun", now).unwrap().name, "Trosa 2");
         let directory = directory(&storage).unwrap();
         assert_eq!(directory.active(&trosa_key).unwrap().name, "Trosa");
         assert_eq!(directory.members.len(), 3);

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use samverkan_shared::ids::DocId;
+use samverkan_shared::org::OrgId;
 use tokio::sync::Notify;
 
 /// Identifies one live connection.
@@ -62,6 +63,8 @@ impl Mailbox {
 #[derive(Debug, Clone)]
 struct Member {
     peer: String,
+    /// The connection's organisation: it hears only of its parties' documents.
+    org: OrgId,
     mailbox: Arc<Mailbox>,
 }
 
@@ -73,11 +76,11 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Registers a connection of node `peer`; returns its id and mailbox.
-    pub fn join(&self, peer: &str) -> (ConnectionId, Arc<Mailbox>) {
+    /// Registers a connection of node `peer` of organisation `org`; returns its id and mailbox.
+    pub fn join(&self, peer: &str, org: &OrgId) -> (ConnectionId, Arc<Mailbox>) {
         let id = self.next.fetch_add(1, Ordering::SeqCst);
         let mailbox = Arc::new(Mailbox::default());
-        self.lock().insert(id, Member { peer: peer.to_string(), mailbox: mailbox.clone() });
+        self.lock().insert(id, Member { peer: peer.to_string(), org: org.clone(), mailbox: mailbox.clone() });
         (id, mailbox)
     }
 
@@ -86,10 +89,12 @@ impl Hub {
         self.lock().remove(&id);
     }
 
-    /// Tells every connection but `from` that `doc` changed.
-    pub fn changed(&self, from: ConnectionId, doc: &DocId) {
+    /// Tells every connection but `from` whose organisation is among the
+    /// document's `parties` that `doc` changed (the others may not see it, so
+    /// waking them would be work for nothing).
+    pub fn changed(&self, from: ConnectionId, doc: &DocId, parties: &[OrgId]) {
         for (id, member) in self.lock().iter() {
-            if *id != from {
+            if *id != from && parties.contains(&member.org) {
                 member.mailbox.post(doc);
             }
         }
@@ -153,21 +158,28 @@ impl Hub {
 mod tests {
     use super::*;
 
+    fn org(id: &str) -> OrgId {
+        OrgId::new(id).unwrap()
+    }
+
     #[tokio::test]
-    async fn changes_reach_every_other_connection_once_per_document() {
+    async fn changes_reach_every_other_connection_of_a_party_once_per_document() {
         let hub = Hub::default();
-        let (a, mail_a) = hub.join("a");
-        let (_b, mail_b) = hub.join("b");
+        let (a, mail_a) = hub.join("a", &org("flen-kommun"));
+        let (_b, mail_b) = hub.join("b", &org("trosa-kommun"));
+        let (c, mail_c) = hub.join("c", &org("gnesta-kommun"));
         let doc = DocId::random();
         for _ in 0..1000 {
-            hub.changed(a, &doc);
+            hub.changed(a, &doc, &[org("flen-kommun"), org("trosa-kommun")]);
         }
         tokio::time::timeout(std::time::Duration::from_secs(5), mail_b.changed()).await.unwrap();
         assert_eq!(mail_b.take().into_iter().collect::<Vec<_>>(), vec![doc]);
         assert!(mail_a.take().is_empty(), "the sender is not told of its own change");
+        assert!(mail_c.take().is_empty(), "a connection of no party is not woken");
         hub.leave(a);
+        hub.leave(c);
         assert_eq!(hub.peers(), vec!["b".to_string()]);
-        let (_b2, mail_b2) = hub.join("b");
+        let (_b2, mail_b2) = hub.join("b", &org("trosa-kommun"));
         assert_eq!(hub.close_oldest("b", 1, "replaced"), 1);
         assert_eq!(mail_b.close_reason().as_deref(), Some("replaced"));
         assert!(mail_b2.close_reason().is_none(), "the newest connection stays");

@@ -220,13 +220,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .id
                 .clone();
             let relay_key = server::load_or_create_key(&data_dir)?.node_id();
-            let mut storage = open_storage(&data_dir)?;
+            let storage = open_storage(&data_dir)?;
             if join_code {
                 let Some(address) = address else {
                     bail!("--join-code needs --address host:port (how nodes reach this relay)")
                 };
                 let secret = enrollment::issue_join(
-                    &mut storage,
+                    &storage,
                     org.clone(),
                     &name,
                     chrono::Duration::hours(valid_hours),
@@ -241,7 +241,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let key = parse_key(&key)?;
             let kind = if signer_role.is_some() { MemberKind::Signer } else { MemberKind::Node };
             enrollment::enroll(
-                &mut storage,
+                &storage,
                 Member {
                     key,
                     kind,
@@ -259,7 +259,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Revoke { data_dir, key } => {
             existing_relay(&data_dir)?;
             let key = parse_key(&key)?;
-            let member = enrollment::revoke(&mut open_storage(&data_dir)?, &key, chrono::Utc::now())?;
+            let member = enrollment::revoke(&open_storage(&data_dir)?, &key, chrono::Utc::now())?;
             say(format_args!(
                 "revoked {} ({}); a running relay disconnects it within seconds",
                 member.name, member.org

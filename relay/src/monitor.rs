@@ -640,11 +640,11 @@ impl Monitor {
     }
 
     /// Takes a snapshot, counting lagging changes from `storage` where needed.
-    pub fn snapshot<S: RelayStorage>(&self, storage: &Mutex<S>) -> RelayStatus {
+    pub fn snapshot<S: RelayStorage>(&self, storage: &S) -> RelayStatus {
         // 0. Which documents each node is a party to.
         let node_org = self.node_org.read().unwrap_or_else(|e| e.into_inner()).clone();
         let parties: BTreeMap<DocId, Vec<OrgId>> = match &node_org {
-            Some(_) => match storage.lock().unwrap_or_else(|e| e.into_inner()).index() {
+            Some(_) => match storage.index() {
                 Ok(index) => index.into_iter().map(|e| (e.id, e.parties)).collect(),
                 Err(e) => {
                     warn!(error = %e, "could not read document parties for monitoring");
@@ -679,7 +679,6 @@ impl Monitor {
         // 2. Count from the relay's copies (each document loaded once).
         let mut counted: Vec<(DocId, Vec<ChangeHash>, Vec<ChangeHash>, u64)> = Vec::new();
         let loaded = {
-            let mut storage = storage.lock().unwrap_or_else(|e| e.into_inner());
             for (doc, node_heads) in wanted {
                 let result = storage.with_doc(&doc, false, |d| {
                     let d = d.automerge_mut();
@@ -982,7 +981,7 @@ impl ConnectionWatch {
 
     /// The connection ended; `error` says why if it failed. The node's record
     /// (last seen, address, software, last error) is kept in `storage`.
-    pub fn closed<S: RelayStorage>(self, error: Option<String>, storage: &Mutex<S>) {
+    pub fn closed<S: RelayStorage>(self, error: Option<String>, storage: &S) {
         if error.is_some() {
             self.monitor.metrics.connection_errors.inc();
         }
@@ -1010,9 +1009,9 @@ impl ConnectionWatch {
                 last_error: entry.last_error.clone(),
             }
         };
-        let saved = serde_json::to_string(&record).map_err(|e| e.to_string()).and_then(|json| {
-            storage.lock().unwrap_or_else(|e| e.into_inner()).save_node_record(peer, &json).map_err(|e| e.to_string())
-        });
+        let saved = serde_json::to_string(&record)
+            .map_err(|e| e.to_string())
+            .and_then(|json| storage.save_node_record(peer, &json).map_err(|e| e.to_string()));
         if let Err(e) = saved {
             warn!(%peer, error = %e, "could not keep the node's monitoring record");
         }
@@ -1227,7 +1226,7 @@ mod tests {
         assert_eq!(monitor.connection_refused("not enrolled"), Some(0));
         assert_eq!(monitor.connection_refused("not enrolled"), None);
         assert_eq!(monitor.document_refused("not a party"), Some(0));
-        let status = monitor.snapshot(&Mutex::new(storage));
+        let status = monitor.snapshot(&storage);
         let metrics = monitor.render_metrics(&status);
         assert!(metrics.contains("samverkan_relay_refused_connections_total{reason=\"not enrolled\"} 2"), "{metrics}");
         assert!(metrics.contains("samverkan_relay_refused_documents_total{reason=\"not a party\"} 1"), "{metrics}");

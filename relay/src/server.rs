@@ -143,6 +143,9 @@ enum ConnectionEnd {
     Storage(#[from] StoreError),
     #[error("refused: {0}")]
     Refused(String),
+    /// The relay is stopping: its storage threads take no more work.
+    #[error("the relay is shutting down")]
+    ShuttingDown,
     /// Refused before authentication (not enrolled, revoked, a bad first frame,
     /// a refused join): `reason` is a short phrase for the log, the peer got the
     /// full explanation in an `Error` frame.
@@ -167,6 +170,7 @@ impl ConnectionEnd {
             }
             ConnectionEnd::Protocol(e) => (ErrorCode::Malformed, e.to_string()),
             ConnectionEnd::Refused(reason) => (ErrorCode::Busy, reason.clone()),
+            ConnectionEnd::ShuttingDown => (ErrorCode::Busy, "the relay is shutting down; reconnect later".into()),
             ConnectionEnd::NotAdmitted { reason } => (ErrorCode::Unauthenticated, format!("not admitted: {reason}")),
         };
         Frame::Error { code, message }
@@ -198,7 +202,10 @@ struct DirectoryCache {
 
 /// State shared by all connection tasks.
 struct Shared<S> {
-    storage: Mutex<S>,
+    storage: S,
+    /// Permits to use the storage: at most [`STORAGE_THREADS`] connections'
+    /// steps run at once, each on a thread of tokio's blocking pool.
+    storage_threads: tokio::sync::Semaphore,
     hub: Hub,
     software: String,
     relay_key: NodeKey,
@@ -217,9 +224,31 @@ struct Shared<S> {
     budget: ReceiveBudget,
 }
 
+/// How many connections' storage steps run at once. Several, so that the
+/// updates of different documents meet in one group commit and reads go on
+/// beside a commit; bounded, so that a burst of connections does not become
+/// a burst of threads contending for the same documents.
+const STORAGE_THREADS: usize = 16;
+
+/// Runs `f` (storage work: SQLite, Automerge) on a thread of tokio's blocking
+/// pool, never on the runtime's workers, at most [`STORAGE_THREADS`] at a time.
+async fn on_storage_thread<S: RelayStorage, T: Send + 'static>(
+    shared: &Arc<Shared<S>>,
+    f: impl FnOnce(&Shared<S>) -> T + Send + 'static,
+) -> Result<T, ConnectionEnd> {
+    let _permit = shared.storage_threads.acquire().await.map_err(|_| ConnectionEnd::ShuttingDown)?;
+    let shared = shared.clone();
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(|| f(&shared))).await {
+        Ok(value) => Ok(value),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(ConnectionEnd::ShuttingDown),
+    }
+}
+
 impl<S: RelayStorage> Shared<S> {
-    fn storage(&self) -> std::sync::MutexGuard<'_, S> {
-        self.storage.lock().unwrap_or_else(|e| e.into_inner())
+    fn storage(&self) -> &S {
+        &self.storage
     }
 
     fn directory(&self) -> std::sync::RwLockReadGuard<'_, DirectoryCache> {
@@ -251,7 +280,7 @@ impl<S: RelayStorage> Shared<S> {
     fn reread_directory(&self, read_at: &mut Option<i64>) -> Result<bool, EnrollmentError> {
         let (changes, directory) = {
             let storage = self.storage();
-            (storage.external_changes()?, enrollment::directory(&*storage)?)
+            (storage.external_changes()?, enrollment::directory(storage)?)
         };
         *read_at = changes;
         // Versions only grow: an older read (racing a newer one) changes nothing.
@@ -288,22 +317,22 @@ impl<S: RelayStorage> Admin for Shared<S> {
     }
 
     fn enroll(&self, member: Member) -> Result<(), EnrollmentError> {
-        enrollment::enroll(&mut *self.storage(), member)?;
+        enrollment::enroll(self.storage(), member)?;
         self.refresh_directory().map(|_| ())
     }
 
     fn revoke(&self, key: &NodeId) -> Result<Member, EnrollmentError> {
-        let member = enrollment::revoke(&mut *self.storage(), key, Utc::now())?;
+        let member = enrollment::revoke(self.storage(), key, Utc::now())?;
         self.refresh_directory()?;
         Ok(member)
     }
 
     fn issue_join(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<[u8; 16], EnrollmentError> {
-        enrollment::issue_join(&mut *self.storage(), org, name, ttl, Utc::now())
+        enrollment::issue_join(self.storage(), org, name, ttl, Utc::now())
     }
 
     fn directory(&self) -> Result<EnrollmentDirectory, EnrollmentError> {
-        enrollment::directory(&*self.storage())
+        enrollment::directory(self.storage())
     }
 }
 
@@ -428,8 +457,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
     config.content.validate(config.limits.max_frame as u64)?;
     storage.set_content_limits(config.content);
     let relay_key = load_or_create_key(&config.data_dir)?;
-    let mut storage = storage;
-    backfill_receipts(&mut storage, &relay_key)?;
+    backfill_receipts(&storage, &relay_key)?;
     let identity = TlsIdentity::new(relay_key.signing_key(), tls::SERVER_NAME)?;
     let endpoint = samverkan_net::endpoint::server_endpoint(config.listen, &identity, &config.limits)?;
     let local_addr = endpoint.local_addr().map_err(|e| NetError::Io(e.to_string()))?;
@@ -440,7 +468,8 @@ pub async fn spawn_with_storage<S: RelayStorage>(
     let monitor = Arc::new(Monitor::new(&config.monitoring, config.data_dir.join(DB_FILE)));
     monitor.seed(&storage)?;
     let shared = Arc::new(Shared {
-        storage: Mutex::new(storage),
+        storage,
+        storage_threads: tokio::sync::Semaphore::new(STORAGE_THREADS),
         hub: Hub::default(),
         software: format!("samverkan-relay {}", crate::VERSION),
         relay_key,
@@ -483,7 +512,8 @@ pub async fn spawn_with_storage<S: RelayStorage>(
                 tokio::select! {
                     _ = stop.changed() => break,
                     _ = directory_poll.tick() => {
-                        if let Err(e) = accept_shared.refresh_directory_if_changed() {
+                        let refreshed = on_storage_thread(&accept_shared, |shared| shared.refresh_directory_if_changed()).await;
+                        if let Ok(Err(e)) = refreshed {
                             warn!(error = %e, "could not re-read the enrollment directory");
                         }
                     }
@@ -534,7 +564,7 @@ const META_RECEIPTS_BACKFILLED: &str = "approval_receipts.backfilled";
 /// now (never earlier than the relay first noticed it). Runs once, at the
 /// first start of a relay version with receipts; records stored later get
 /// theirs in the transaction that stores them.
-pub fn backfill_receipts<S: RelayStorage>(storage: &mut S, relay_key: &NodeKey) -> Result<usize, StoreError> {
+pub fn backfill_receipts<S: RelayStorage>(storage: &S, relay_key: &NodeKey) -> Result<usize, StoreError> {
     if storage.meta(META_RECEIPTS_BACKFILLED)?.is_some() {
         return Ok(0);
     }
@@ -583,7 +613,7 @@ impl<S: RelayStorage> NameResolver for EnrolledNames<S> {
 /// Reaches the relay's documents from one connection: only those whose
 /// parties include the connection's organisation.
 struct RelayDocs<'a, S> {
-    storage: &'a Mutex<S>,
+    storage: &'a S,
     org: &'a OrgId,
     /// For checking approval records a node sends (see [`samverkan_shared::approval`]).
     directory: &'a RwLock<DirectoryCache>,
@@ -592,8 +622,8 @@ struct RelayDocs<'a, S> {
 }
 
 impl<S: RelayStorage> RelayDocs<'_, S> {
-    fn storage(&self) -> std::sync::MutexGuard<'_, S> {
-        self.storage.lock().unwrap_or_else(|e| e.into_inner())
+    fn storage(&self) -> &S {
+        self.storage
     }
 }
 
@@ -629,7 +659,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         let org = self.org;
         let directory_lock = self.directory;
         let relay_key = self.relay_key;
-        let mut storage = self.storage();
+        let storage = self.storage();
         let is_new = match storage.entry(doc)? {
             Some(entry) if !entry.parties.contains(org) => return Ok(None),
             Some(_) => false,
@@ -808,12 +838,21 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         )
         .send(&mut sync)),
         Ok(Ok(Some(Frame::Join { protocol, secret, org, .. }))) => {
-            join(&shared, key, protocol, &secret, &org).map_err(|refusal| refusal.send(&mut sync)).map(|signed| {
-                sync.push_directory(signed);
-            })
+            match on_storage_thread(&shared, move |shared| join(shared, key, protocol, &secret, &org)).await {
+                Ok(joined) => joined.map_err(|refusal| refusal.send(&mut sync)).map(|signed| {
+                    sync.push_directory(signed);
+                }),
+                Err(end) => Err(end),
+            }
         }
-        Ok(Ok(Some(first))) => match refresh_then_authenticate(&shared, key, &first) {
-            Ok(auth) => {
+        Ok(Ok(Some(first))) => match on_storage_thread(&shared, move |shared| {
+            let auth = refresh_then_authenticate(shared, key, &first);
+            auth.map(|auth| (auth, first))
+        })
+        .await
+        {
+            Err(end) => Err(end),
+            Ok(Ok((auth, first))) => {
                 // A key that made the relay read more than its share waits (with the small
                 // pre-authentication window) until it has regained it: reconnecting does not help.
                 let pause = shared.budget.wait(&key, Instant::now());
@@ -823,9 +862,17 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
                 // Admitted: from here frames up to the configured maximum, and the full flow-control window.
                 endpoint::admit(&conn, &limits);
                 let span = info_span!("node", node = %auth.key.short(), org = %auth.member.org);
-                run(&mut sync, first, &mut send, &mut recv, &shared, &auth, &mut state).instrument(span).await
+                let mut served = Some(Served { sync, state });
+                let result = run(&mut served, first, &mut send, &mut recv, &shared, Arc::new(auth)).instrument(span).await;
+                let Some(back) = served else {
+                    // Lost with a storage thread (the relay is stopping): nothing to persist.
+                    conn.close(1u32.into(), b"the relay is shutting down; reconnect later");
+                    return;
+                };
+                (sync, state) = (back.sync, back.state);
+                result
             }
-            Err(refusal) => Err(refusal.send(&mut sync)),
+            Ok(Err(refusal)) => Err(refusal.send(&mut sync)),
         },
     };
     // Whatever ended the connection, the peer gets the reason in an Error frame
@@ -854,15 +901,21 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     }
     let mut watch = state.watch;
     watch.update(&mut sync, recv.bytes(), send.bytes());
-    watch.closed(result.as_ref().err().map(ToString::to_string), &shared.storage);
-    if let Some(org) = &state.persist {
-        let states = sync.into_persisted();
-        let mut storage = shared.storage();
-        let saved =
-            shared_states(&*storage, org, states).and_then(|states| storage.save_sync_states(&key.to_string(), states));
-        if let Err(e) = saved {
-            warn!(node = %key.short(), error = %e, "could not persist sync states");
+    let error = result.as_ref().err().map(ToString::to_string);
+    let persist = state.persist.map(|org| (org, sync.into_persisted()));
+    let closed = on_storage_thread(&shared, move |shared| {
+        watch.closed(error, &shared.storage);
+        if let Some((org, states)) = persist {
+            let storage = shared.storage();
+            let saved = shared_states(storage, &org, states)
+                .and_then(|states| storage.save_sync_states(&key.to_string(), states));
+            if let Err(e) = saved {
+                warn!(node = %key.short(), error = %e, "could not persist sync states");
+            }
         }
+    });
+    if closed.await.is_err() {
+        warn!(node = %key.short(), "the relay stopped before the node's sync states were persisted");
     }
     let _ = send.finish().await;
     let (code, reason) = match &result {
@@ -985,7 +1038,7 @@ fn join<S: RelayStorage>(
             format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}: upgrade the older side"),
         ));
     }
-    let joined = enrollment::consume_join(&mut *shared.storage(), secret, key, org, Utc::now());
+    let joined = enrollment::consume_join(shared.storage(), secret, key, org, Utc::now());
     match joined {
         Ok(member) => {
             info!(node = %key.short(), org = %member.org, name = %member.name, "node joined with a join code");
@@ -1018,120 +1071,164 @@ fn join<S: RelayStorage>(
     }
 }
 
+/// One connection's protocol state and what serving it keeps: moved to a
+/// storage thread for each step, and back.
+struct Served {
+    sync: SyncConnection,
+    state: ConnectionState,
+}
+
+/// What a connection acts on: a frame from its node, or documents that
+/// changed through other connections.
+enum Input {
+    Frame(Frame),
+    Changed(std::collections::BTreeSet<DocId>),
+}
+
+/// The connection's loop: sends what the protocol queued, waits for a frame
+/// or for changes (within the key's receive budget), and hands each to
+/// [`step`] on a storage thread. `served` is `None` only if a step was lost
+/// with its thread (the relay is stopping).
 async fn run<S: RelayStorage>(
-    sync: &mut SyncConnection,
+    served: &mut Option<Served>,
     hello: Frame,
     send: &mut FramedSend,
     recv: &mut FramedRecv,
-    shared: &Shared<S>,
-    auth: &Authenticated,
-    state: &mut ConnectionState,
+    shared: &Arc<Shared<S>>,
+    auth: Arc<Authenticated>,
 ) -> Result<(), ConnectionEnd> {
-    let ConnectionState { member, watch, persist } = state;
     let mut next = Some(hello);
     let mut charged = recv.bytes();
     loop {
-        for frame in sync.take_outbox() {
+        let Some(current) = served.as_mut() else { return Err(ConnectionEnd::ShuttingDown) };
+        for frame in current.sync.take_outbox() {
             send.send(&frame).await?;
         }
-        watch.update(sync, recv.bytes(), send.bytes());
+        current.state.watch.update(&mut current.sync, recv.bytes(), send.bytes());
         // Frames already buffered are handled without waiting: take turns with the
         // other connections after each, so that a peer sending back to back never
         // holds a worker (or the storage) for longer than one frame.
         tokio::task::yield_now().await;
-        let mailbox = member.as_ref().map(|(_, m)| m.clone());
+        let mailbox = current.state.member.as_ref().map(|(_, m)| m.clone());
         // Past its share of reading (see `crate::budget`), the key is not read from for a
         // while; changes of others are still passed on to it meanwhile.
         let pause = shared.budget.wait(&auth.key, Instant::now());
-        let frame = match next.take() {
-            Some(frame) => Some(frame),
+        let input = match next.take() {
+            Some(frame) => Input::Frame(frame),
             None => tokio::select! {
-                frame = recv.recv(), if pause.is_zero() => match frame.map_err(|e| report_bad_frame(sync, e))? {
+                frame = recv.recv(), if pause.is_zero() => match frame.map_err(|e| report_bad_frame(&mut current.sync, e))? {
                     Some(frame) => {
                         shared.budget.charge(&auth.key, recv.bytes() - charged, Instant::now());
                         charged = recv.bytes();
-                        Some(frame)
+                        Input::Frame(frame)
                     }
                     None => return Ok(()),
                 },
                 () = tokio::time::sleep(pause), if !pause.is_zero() => continue,
-                _ = wait(mailbox.as_deref()) => None,
+                _ = wait(mailbox.as_deref()) => {
+                    let Some(mailbox) = mailbox else { continue };
+                    if let Some(reason) = mailbox.close_reason() {
+                        let code = if reason.contains("revoked") { ErrorCode::Unauthenticated } else { ErrorCode::Busy };
+                        current.sync.push_error(code, reason.clone());
+                        return Err(ConnectionEnd::Refused(reason));
+                    }
+                    if mailbox.take_directory_changed() {
+                        current.sync.push_directory(shared.directory().signed.clone());
+                    }
+                    let changed = mailbox.take();
+                    if changed.is_empty() {
+                        continue;
+                    }
+                    Input::Changed(changed)
+                }
             },
         };
-        let mut docs = RelayDocs {
-            storage: &shared.storage,
-            org: &auth.member.org,
-            directory: &shared.directory,
-            relay_key: &shared.relay_key,
-        };
-        match frame {
-            Some(frame) => {
-                let events = sync.on_frame(frame, &mut docs)?;
-                for event in events {
-                    match event {
-                        ConnectionEvent::Established { software, .. } => {
-                            // A node that restarted may still hold connections the relay has not
-                            // seen die yet: the newest wins, the oldest beyond the limit are closed.
-                            let peer = auth.key.to_string();
-                            let replaced = shared.hub.close_oldest(
-                                &peer,
-                                shared.max_connections_per_key.saturating_sub(1),
-                                "replaced by a newer connection of this node",
-                            );
-                            if replaced > 0 {
-                                info!(replaced, "closing this node's oldest connections (per-key limit)");
-                            }
-                            info!(%software, "node connected");
-                            let states = {
-                                let storage = shared.storage();
-                                let stored = storage.sync_states(&auth.key.to_string())?;
-                                shared_states(&*storage, &auth.member.org, stored)?
-                            };
-                            sync.restore(states);
-                            *persist = Some(auth.member.org.clone());
-                            watch.established(&auth.key.to_string(), &software, sync);
-                            *member = Some(shared.hub.join(&auth.key.to_string()));
-                            sync.push_directory(shared.directory().signed.clone());
-                            sync.begin(&mut docs)?;
-                        }
-                        ConnectionEvent::DocChanged { doc, heads } => {
-                            debug!(%doc, "document changed; forwarding");
-                            shared.monitor.doc_changed(&doc, &heads);
-                            if let Some((id, _)) = member {
-                                shared.hub.changed(*id, &doc);
-                            }
-                        }
-                        ConnectionEvent::Refused { doc, kind, reason } => {
-                            // The node got a DocRefused frame; its other documents go on.
-                            if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, false) {
-                                info!(%doc, kind = kind.label(), %reason, suppressed, "refused a document");
-                            }
-                        }
-                        ConnectionEvent::RefusedByPeer { doc, kind, reason, .. } => {
-                            if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, true) {
-                                info!(%doc, kind = kind.label(), %reason, suppressed, "the node holds a document back");
-                            }
-                        }
-                        ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
-                    }
+        let Some(mut taken) = served.take() else { return Err(ConnectionEnd::ShuttingDown) };
+        let auth = auth.clone();
+        let (back, result) = on_storage_thread(shared, move |shared| {
+            let result = step(shared, &auth, &mut taken, input);
+            (taken, result)
+        })
+        .await?;
+        *served = Some(back);
+        result?;
+    }
+}
+
+/// Handles one input of a connection: the protocol's work with the storage
+/// (on a storage thread, see [`on_storage_thread`]) and what its events ask
+/// of the hub and the monitor.
+fn step<S: RelayStorage>(
+    shared: &Shared<S>,
+    auth: &Authenticated,
+    served: &mut Served,
+    input: Input,
+) -> Result<(), ConnectionEnd> {
+    let Served { sync, state } = served;
+    let ConnectionState { member, watch, persist } = state;
+    let mut docs = RelayDocs {
+        storage: &shared.storage,
+        org: &auth.member.org,
+        directory: &shared.directory,
+        relay_key: &shared.relay_key,
+    };
+    let frame = match input {
+        Input::Changed(changed) => {
+            for doc in changed {
+                sync.on_local_change(&doc, &mut docs)?;
+            }
+            return Ok(());
+        }
+        Input::Frame(frame) => frame,
+    };
+    let events = sync.on_frame(frame, &mut docs)?;
+    for event in events {
+        match event {
+            ConnectionEvent::Established { software, .. } => {
+                // A node that restarted may still hold connections the relay has not
+                // seen die yet: the newest wins, the oldest beyond the limit are closed.
+                let peer = auth.key.to_string();
+                let replaced = shared.hub.close_oldest(
+                    &peer,
+                    shared.max_connections_per_key.saturating_sub(1),
+                    "replaced by a newer connection of this node",
+                );
+                if replaced > 0 {
+                    info!(replaced, "closing this node's oldest connections (per-key limit)");
+                }
+                info!(%software, "node connected");
+                let stored = shared.storage().sync_states(&peer)?;
+                sync.restore(shared_states(shared.storage(), &auth.member.org, stored)?);
+                *persist = Some(auth.member.org.clone());
+                watch.established(&peer, &software, sync);
+                *member = Some(shared.hub.join(&peer, &auth.member.org));
+                sync.push_directory(shared.directory().signed.clone());
+                sync.begin(&mut docs)?;
+            }
+            ConnectionEvent::DocChanged { doc, heads } => {
+                debug!(%doc, "document changed; forwarding");
+                shared.monitor.doc_changed(&doc, &heads);
+                if let Some((id, _)) = member {
+                    // Only connections of the document's parties are woken.
+                    let parties = shared.storage().entry(&doc)?.map(|entry| entry.parties).unwrap_or_default();
+                    shared.hub.changed(*id, &doc, &parties);
                 }
             }
-            None => {
-                let Some(mailbox) = mailbox else { continue };
-                if let Some(reason) = mailbox.close_reason() {
-                    let code = if reason.contains("revoked") { ErrorCode::Unauthenticated } else { ErrorCode::Busy };
-                    sync.push_error(code, reason.clone());
-                    return Err(ConnectionEnd::Refused(reason));
-                }
-                if mailbox.take_directory_changed() {
-                    sync.push_directory(shared.directory().signed.clone());
-                }
-                for doc in mailbox.take() {
-                    sync.on_local_change(&doc, &mut docs)?;
+            ConnectionEvent::Refused { doc, kind, reason } => {
+                // The node got a DocRefused frame; its other documents go on.
+                if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, false) {
+                    info!(%doc, kind = kind.label(), %reason, suppressed, "refused a document");
                 }
             }
+            ConnectionEvent::RefusedByPeer { doc, kind, reason, .. } => {
+                if let Some(suppressed) = watch.doc_refused(&doc, kind, &reason, true) {
+                    info!(%doc, kind = kind.label(), %reason, suppressed, "the node holds a document back");
+                }
+            }
+            ConnectionEvent::Directory(_) | ConnectionEvent::Receipts { .. } => {}
         }
     }
+    Ok(())
 }
 
 /// Answers undecodable bytes with a clear error frame before the connection closes.
@@ -1159,7 +1256,7 @@ mod tests {
     #[test]
     fn records_stored_before_receipts_existed_get_one_dated_when_first_noticed_once() {
         let dir = tempfile::tempdir().unwrap();
-        let mut storage = SqliteStorage::open(&dir.path().join(DB_FILE), 8).unwrap();
+        let storage = SqliteStorage::open(&dir.path().join(DB_FILE), 8).unwrap();
         let relay = NodeKey::generate();
         let author = NodeKey::generate();
         let signer = NodeKey::generate();
@@ -1184,12 +1281,12 @@ mod tests {
             .unwrap();
         assert!(storage.receipts(&id).unwrap().is_empty());
         let before = Utc::now() - chrono::Duration::milliseconds(1);
-        assert_eq!(backfill_receipts(&mut storage, &relay).unwrap(), 1);
+        assert_eq!(backfill_receipts(&storage, &relay).unwrap(), 1);
         let receipts = storage.receipts(&id).unwrap();
         assert_eq!(receipts.len(), 1);
         receipts[0].verify(&relay.node_id()).unwrap();
         assert_eq!(receipts[0].record_signature, record.signature);
         assert!(receipts[0].received_at >= before, "dated when first noticed, never earlier");
-        assert_eq!(backfill_receipts(&mut storage, &relay).unwrap(), 0, "runs once");
+        assert_eq!(backfill_receipts(&storage, &relay).unwrap(), 0, "runs once");
     }
 }

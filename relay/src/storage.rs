@@ -7,6 +7,11 @@
 //! same store the nodes use; a PostgreSQL implementation can later let several
 //! relay instances share one database. Implementations must commit a change
 //! durably before returning, and must not hold every document in memory.
+//!
+//! Every method takes `&self` and may be called from many threads at once:
+//! an implementation serialises work per document, not globally. Callers run
+//! it on threads of their own (the relay: tokio's blocking pool, a bounded
+//! number at a time), never on the async runtime's workers.
 
 use automerge::ChangeHash;
 use samverkan_shared::acceptance::ContentLimits;
@@ -15,7 +20,8 @@ use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::SignedChange;
-use samverkan_store::{DocSummary, Store, StoreError};
+use samverkan_store::concurrent::{CommitStats, ConcurrentStore};
+use samverkan_store::{DocSummary, StoreError};
 
 /// One stored document as the index knows it, without loading it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,7 +43,7 @@ impl TryFrom<DocSummary> for DocEntry {
 }
 
 /// Durable storage of the relay.
-pub trait RelayStorage: Send + 'static {
+pub trait RelayStorage: Send + Sync + 'static {
     /// Every stored document with its heads and parties (without loading documents).
     fn index(&self) -> Result<Vec<DocEntry>, StoreError>;
 
@@ -55,7 +61,7 @@ pub trait RelayStorage: Send + 'static {
     /// schema afterwards, nothing is stored and the in-memory copy is discarded.
     #[allow(clippy::type_complexity)]
     fn with_doc<R, E: From<StoreError>>(
-        &mut self,
+        &self,
         doc: &DocId,
         create: bool,
         f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>, Vec<ApprovalReceipt>), E>,
@@ -68,7 +74,7 @@ pub trait RelayStorage: Send + 'static {
     fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError>;
 
     /// Stores receipts (keeping the first of each record); returns how many were new.
-    fn add_receipts(&mut self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError>;
+    fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError>;
 
     /// Sync states persisted for a peer.
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError>;
@@ -85,26 +91,26 @@ pub trait RelayStorage: Send + 'static {
     }
 
     /// Stores a peer's monitoring record (replacing the earlier one).
-    fn save_node_record(&mut self, _peer: &str, _record: &str) -> Result<(), StoreError> {
+    fn save_node_record(&self, _peer: &str, _record: &str) -> Result<(), StoreError> {
         Ok(())
     }
 
     /// Persists a peer's sync states, replacing all stored for it before
     /// (states of documents not given are deleted).
-    fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
+    fn save_sync_states(&self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError>;
 
     /// A metadata value.
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
 
-    /// Changes a metadata value atomically (see [`Store::update_meta`]).
+    /// Changes a metadata value atomically (see [`samverkan_store::Store::update_meta`]).
     fn update_meta<E: From<StoreError>>(
-        &mut self,
+        &self,
         key: &str,
         f: impl FnOnce(Option<String>) -> Result<Option<String>, E>,
     ) -> Result<Option<String>, E>;
 
     /// Drops a document from memory (it stays stored).
-    fn evict(&mut self, doc: &DocId);
+    fn evict(&self, doc: &DocId);
 
     /// A number that changes whenever another process commits to the storage
     /// (the operator's `samverkan-relay enroll` while the relay runs), read
@@ -121,18 +127,23 @@ pub trait RelayStorage: Send + 'static {
 /// Metadata key prefix of the monitoring record of each node.
 const NODE_RECORD_PREFIX: &str = "monitor.node.";
 
-/// The embedded default: one SQLite file in the relay's data directory.
+/// The embedded default: one SQLite file in the relay's data directory,
+/// reached through a [`ConcurrentStore`]: per-document locks, WAL read
+/// connections, group commit and compaction in the background.
 #[derive(Debug)]
 pub struct SqliteStorage {
-    store: Store,
+    store: ConcurrentStore,
 }
 
 impl SqliteStorage {
     /// Opens (or creates) the relay database, keeping at most `cache` documents loaded.
     pub fn open(path: &std::path::Path, cache: usize) -> Result<Self, StoreError> {
-        let mut store = Store::open_or_create(path)?;
-        store.set_cache_capacity(cache);
-        Ok(Self { store })
+        Ok(Self { store: ConcurrentStore::open(path, cache, ContentLimits::default())? })
+    }
+
+    /// Commits, grouped updates and background compactions so far.
+    pub fn commit_stats(&self) -> CommitStats {
+        self.store.stats()
     }
 }
 
@@ -150,16 +161,15 @@ impl RelayStorage for SqliteStorage {
     }
 
     fn with_doc<R, E: From<StoreError>>(
-        &mut self,
+        &self,
         doc: &DocId,
         create: bool,
         f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>, Vec<ApprovalReceipt>), E>,
     ) -> Result<Option<R>, E> {
-        if !create && !self.store.contains(doc)? {
-            return Ok(None);
-        }
-        let (value, _) = self.store.update_receipted(doc, create, f)?;
-        Ok(Some(value))
+        let updated = self
+            .store
+            .with_doc(doc, create, |d| f(d).map(|(value, signatures, receipts)| (value, (signatures, receipts))))?;
+        Ok(updated.map(|(value, _)| value))
     }
 
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError> {
@@ -170,7 +180,7 @@ impl RelayStorage for SqliteStorage {
         self.store.receipts(doc)
     }
 
-    fn add_receipts(&mut self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
+    fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
         self.store.add_receipts(receipts)
     }
 
@@ -190,11 +200,11 @@ impl RelayStorage for SqliteStorage {
             .collect())
     }
 
-    fn save_node_record(&mut self, peer: &str, record: &str) -> Result<(), StoreError> {
+    fn save_node_record(&self, peer: &str, record: &str) -> Result<(), StoreError> {
         self.store.set_meta(&format!("{NODE_RECORD_PREFIX}{peer}"), record)
     }
 
-    fn save_sync_states(&mut self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {
+    fn save_sync_states(&self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {
         self.store.replace_sync_states(peer, states)
     }
 
@@ -203,24 +213,24 @@ impl RelayStorage for SqliteStorage {
     }
 
     fn update_meta<E: From<StoreError>>(
-        &mut self,
+        &self,
         key: &str,
         f: impl FnOnce(Option<String>) -> Result<Option<String>, E>,
     ) -> Result<Option<String>, E> {
         self.store.update_meta(key, f)
     }
 
-    fn evict(&mut self, doc: &DocId) {
+    fn evict(&self, doc: &DocId) {
         self.store.evict(doc);
     }
 
-    /// SQLite's `data_version` of the relay's connection: changed by every
-    /// commit of another connection (process), not by the relay's own.
+    /// SQLite's `data_version` of the relay's write connection: changed by
+    /// every commit of another process, not by the relay's own.
     fn external_changes(&self) -> Result<Option<i64>, StoreError> {
         self.store.data_version().map(Some)
     }
 
     fn loaded(&self) -> usize {
-        self.store.cached()
+        self.store.loaded()
     }
 }

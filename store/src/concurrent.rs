@@ -30,7 +30,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock, Weak};
 
 use automerge::{AutoCommit, ChangeHash};
 use samverkan_shared::acceptance::ContentLimits;
@@ -69,7 +69,7 @@ pub struct ConcurrentStore {
 
 #[derive(Debug)]
 struct Inner {
-    limits: ContentLimits,
+    limits: RwLock<ContentLimits>,
     writer: Mutex<Store>,
     readers: Vec<Mutex<Store>>,
     next_reader: AtomicUsize,
@@ -94,7 +94,7 @@ impl ConcurrentStore {
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
         let inner = Arc::new(Inner {
-            limits,
+            limits: RwLock::new(limits),
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
@@ -114,7 +114,12 @@ impl ConcurrentStore {
 
     /// The size limits every update is checked against.
     pub fn content_limits(&self) -> ContentLimits {
-        self.inner.limits
+        *self.inner.limits.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the size limits every later update is checked against.
+    pub fn set_content_limits(&self, limits: ContentLimits) {
+        *self.inner.limits.write().unwrap_or_else(|e| e.into_inner()) = limits;
     }
 
     /// Runs `f` on a document (an empty one if it is not stored and `create`)
@@ -177,7 +182,8 @@ impl ConcurrentStore {
             inner.slots.unload_beyond_capacity();
             return Ok(Some((value, UpdateOutcome { new_bytes: 0, heads, created: false })));
         }
-        let write = DocWrite::prepare(&mut doc, &before, size_before, &inner.limits, signatures, receipts)?;
+        let limits = self.content_limits();
+        let write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts)?;
         let new_bytes = write.data.len();
         let size = write.size;
         let seq = inner.group.submit(&inner.writer, write)?;

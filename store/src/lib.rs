@@ -47,6 +47,9 @@ use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use serde::Serialize;
 
+/// How long a write waits for another process's write lock by default.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
@@ -186,6 +189,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Whether another connection held the database's write lock for longer
+    /// than the busy timeout (nothing was done: trying again later may work).
+    pub fn is_busy(&self) -> bool {
+        matches!(self, StoreError::Sqlite(e) if matches!(e.sqlite_error_code(), Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked)))
+    }
+
     /// The same failure for another caller (one failed group commit fails
     /// every update in it): the kinds callers act on are kept.
     pub fn duplicate(&self) -> StoreError {
@@ -368,7 +377,7 @@ impl Store {
     /// Opens the database, creating it if it does not exist.
     pub fn open_or_create(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path).map_err(|e| classify_open_error(path, e))?;
-        conn.busy_timeout(Duration::from_secs(30)).map_err(|e| classify_open_error(path, e))?;
+        conn.busy_timeout(DEFAULT_BUSY_TIMEOUT).map_err(|e| classify_open_error(path, e))?;
         let mut store = Self {
             conn,
             path: path.to_path_buf(),
@@ -387,6 +396,13 @@ impl Store {
     /// written, whether it was typed here or arrived from elsewhere.
     pub fn set_content_limits(&mut self, limits: ContentLimits) {
         self.limits = limits;
+    }
+
+    /// How long a write waits for another connection's write lock before it
+    /// fails with [`StoreError::is_busy`] (30 s by default; the node daemon
+    /// uses a short one and tries again, see `samverkan-node`'s sync module).
+    pub fn set_busy_timeout(&mut self, timeout: Duration) -> Result<(), StoreError> {
+        Ok(self.conn.busy_timeout(timeout)?)
     }
 
     /// The size limits in force.
