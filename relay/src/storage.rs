@@ -153,11 +153,12 @@ impl RelayStorage for SqliteStorage {
     }
 
     fn index(&self) -> Result<Vec<DocEntry>, StoreError> {
-        self.store.list()?.into_iter().map(DocEntry::try_from).collect()
+        let entries = self.store.entries().into_iter();
+        Ok(entries.map(|(id, e)| DocEntry { id, heads: e.heads, parties: e.parties }).collect())
     }
 
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError> {
-        self.store.summary(doc)?.map(DocEntry::try_from).transpose()
+        Ok(self.store.entry(doc).map(|e| DocEntry { id: doc.clone(), heads: e.heads, parties: e.parties }))
     }
 
     fn with_doc<R, E: From<StoreError>>(
@@ -177,7 +178,7 @@ impl RelayStorage for SqliteStorage {
     }
 
     fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {
-        self.store.receipts(doc)
+        Ok(self.store.receipts(doc)?.as_ref().clone())
     }
 
     fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {

@@ -70,6 +70,15 @@ pub struct ConcurrentStore {
 #[derive(Debug)]
 struct Inner {
     limits: RwLock<ContentLimits>,
+    /// Every stored document's heads and parties, kept in step with the
+    /// writes (this process writes all documents): access checks and
+    /// summaries without a query.
+    index: RwLock<HashMap<DocId, IndexEntry>>,
+    /// Approval receipts by document, read once and dropped when they change.
+    receipts: RwLock<HashMap<DocId, Arc<Vec<ApprovalReceipt>>>>,
+    /// Bumped whenever cached receipts are dropped: a read that raced a
+    /// change is not kept.
+    receipts_epoch: AtomicU64,
     writer: Mutex<Store>,
     readers: Vec<Mutex<Store>>,
     next_reader: AtomicUsize,
@@ -93,8 +102,19 @@ impl ConcurrentStore {
                 Ok(Mutex::new(reader))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
+        let index = writer
+            .list()?
+            .into_iter()
+            .map(|summary| {
+                let heads = summary.head_hashes()?;
+                Ok((summary.id, IndexEntry { heads, parties: summary.parties }))
+            })
+            .collect::<Result<HashMap<_, _>, StoreError>>()?;
         let inner = Arc::new(Inner {
             limits: RwLock::new(limits),
+            index: RwLock::new(index),
+            receipts: RwLock::new(HashMap::new()),
+            receipts_epoch: AtomicU64::new(0),
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
@@ -186,7 +206,13 @@ impl ConcurrentStore {
         let write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts)?;
         let new_bytes = write.data.len();
         let size = write.size;
+        let entry = IndexEntry { heads: write.heads.clone(), parties: write.parties.clone() };
+        let new_receipts = !write.receipts.is_empty();
         let seq = inner.group.submit(&inner.writer, write)?;
+        write_lock(&inner.index).insert(id.clone(), entry);
+        if new_receipts {
+            inner.forget_receipts(std::iter::once(id));
+        }
         let (increments, last_seq) = match seq {
             Some(seq) => (increments + 1, seq),
             None => (0, 0),
@@ -227,14 +253,38 @@ impl ConcurrentStore {
         self.inner.read(|r| r.signatures(hashes))
     }
 
-    /// The stored approval receipts of a document.
-    pub fn receipts(&self, id: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {
-        self.inner.read(|r| r.receipts(id))
+    /// The stored approval receipts of a document (kept in memory once read).
+    pub fn receipts(&self, id: &DocId) -> Result<Arc<Vec<ApprovalReceipt>>, StoreError> {
+        if let Some(found) = read_lock(&self.inner.receipts).get(id) {
+            return Ok(found.clone());
+        }
+        if !read_lock(&self.inner.index).contains_key(id) {
+            return Ok(Arc::new(Vec::new())); // Nothing kept for ids that are not stored.
+        }
+        let epoch = self.inner.receipts_epoch.load(Ordering::SeqCst);
+        let read = Arc::new(self.inner.read(|r| r.receipts(id))?);
+        let mut cached = write_lock(&self.inner.receipts);
+        if self.inner.receipts_epoch.load(Ordering::SeqCst) == epoch {
+            cached.insert(id.clone(), read.clone());
+        }
+        Ok(read)
     }
 
     /// Stores receipts (keeping the first of each record); returns how many were new.
     pub fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
-        lock(&self.inner.writer).add_receipts(receipts)
+        let added = lock(&self.inner.writer).add_receipts(receipts);
+        self.inner.forget_receipts(receipts.iter().map(|r| &r.doc));
+        added
+    }
+
+    /// A stored document's heads and parties, from memory; `None` if not stored.
+    pub fn entry(&self, id: &DocId) -> Option<IndexEntry> {
+        read_lock(&self.inner.index).get(id).cloned()
+    }
+
+    /// Every stored document's heads and parties, from memory.
+    pub fn entries(&self) -> Vec<(DocId, IndexEntry)> {
+        read_lock(&self.inner.index).iter().map(|(id, entry)| (id.clone(), entry.clone())).collect()
     }
 
     /// The sync states persisted for a peer.
@@ -316,6 +366,15 @@ impl Drop for ConcurrentStore {
 }
 
 impl Inner {
+    /// Drops the cached receipts of these documents (after a commit changed them).
+    fn forget_receipts<'a>(&self, docs: impl Iterator<Item = &'a DocId>) {
+        let mut cached = write_lock(&self.receipts);
+        self.receipts_epoch.fetch_add(1, Ordering::SeqCst);
+        for doc in docs {
+            cached.remove(doc);
+        }
+    }
+
     /// Runs `f` on a free read connection (or waits for one).
     fn read<T>(&self, f: impl FnOnce(&Store) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let n = self.readers.len();
@@ -373,6 +432,15 @@ fn compact_in_background(inner: Weak<Inner>, requests: mpsc::Receiver<DocId>) {
             tracing::warn!(doc = %id, error = %e, "background compaction failed");
         }
     }
+}
+
+/// What the index keeps of a stored document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexEntry {
+    /// Its heads.
+    pub heads: Vec<ChangeHash>,
+    /// Its parties.
+    pub parties: Vec<samverkan_shared::org::OrgId>,
 }
 
 /// A loaded document with where it stands on disk.
@@ -524,6 +592,14 @@ impl GroupCommit {
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -179,3 +179,30 @@ fn loaded_documents_stay_within_the_capacity() {
     store.evict(&ids[9]);
     assert!(store.loaded() <= 2);
 }
+
+#[test]
+fn the_index_and_receipts_follow_the_writes() {
+    use samverkan_shared::receipt::ApprovalReceipt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let store = ConcurrentStore::open(&path, 4, ContentLimits::default()).unwrap();
+    let ctx = ctx();
+    let id = create(&store, &ctx, "Avtal");
+    let outcome = set_body(&store, &ctx, &id, "text");
+    let entry = store.entry(&id).expect("indexed");
+    assert_eq!(entry.heads, outcome.heads);
+    assert_eq!(entry.parties, Store::open(&path).unwrap().summary(&id).unwrap().unwrap().parties);
+    assert!(store.entry(&DocId::random()).is_none());
+    assert!(store.receipts(&id).unwrap().is_empty());
+    let relay = NodeKey::generate();
+    let receipt = ApprovalReceipt::issue(&relay, &id, &"ab".repeat(64), Utc::now()).unwrap();
+    assert_eq!(store.add_receipts(std::slice::from_ref(&receipt)).unwrap(), 1);
+    assert_eq!(
+        store.receipts(&id).unwrap().as_slice(),
+        std::slice::from_ref(&receipt),
+        "the cached empty list was dropped"
+    );
+    drop(store);
+    let reopened = ConcurrentStore::open(&path, 4, ContentLimits::default()).unwrap();
+    assert_eq!(reopened.entry(&id).unwrap(), entry, "the index is read back at open");
+}
