@@ -49,7 +49,7 @@ fn click(page: &mut Page, selector: &str) {
 }
 
 fn text_of(selector: &str) -> String {
-    format!("(document.querySelector({}) || {{}}).textContent || ''", json!(selector))
+    format!("((document.querySelector({}) || {{}}).textContent || '')", json!(selector))
 }
 
 fn daemon(cli: &Cli, relay: &samverkan_relay::server::RelayHandle) -> Served {
@@ -199,7 +199,10 @@ fn coordinators_create_edit_see_live_changes_resolve_approve_and_read_history_in
     type_into(&mut page, "sig-org", lst_org.as_str());
     type_into(&mut page, "sig-role", "Landshövding");
     click(&mut page, "#signatory-form button[type='submit']");
-    page.wait_for("the signatory required", &format!("{}.includes('väntar på underskrift')", text_of("#doc-status")));
+    page.wait_for(
+        "the signatory required",
+        &format!("{}.includes('Landshövding (Länsstyrelsen i Södermanlands län)')", text_of("#doc-approval")),
+    );
     type_into(&mut page, "approve-signer", "Beatrice Ask");
     type_into(&mut page, "approve-passphrase", "fel lösenfras");
     click(&mut page, "#approve-button");
@@ -218,6 +221,7 @@ fn coordinators_create_edit_see_live_changes_resolve_approve_and_read_history_in
         json!(""),
         "the passphrase is not kept"
     );
+    page.wait_for("the signed version's tools", "document.getElementById('bundle-button')");
     click(&mut page, "#bundle-button");
     let bundle =
         page.wait_for("the signed bundle verified", &format!("{}.includes('verifierat')", text_of("#approval-out")));

@@ -50,10 +50,27 @@ pub fn artifacts(workspace: &Path) -> PathBuf {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect_timeout(&addr, LIMIT)?;
     stream.set_read_timeout(Some(LIMIT))?;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer)?;
-    Ok(answer.split_once("\r\n\r\n").map(|(_, body)| body.to_string()).unwrap_or_default())
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes())?;
+    // Read the head, then as many bytes as Content-Length says (the server may keep the connection open).
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf)?;
+        raw.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&raw).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length = head
+                .lines()
+                .filter_map(|l| l.split_once(':'))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+                .and_then(|(_, v)| v.trim().parse::<usize>().ok());
+            if n == 0 || length.is_some_and(|len| body.len() >= len) {
+                return Ok(body.to_string());
+            }
+        } else if n == 0 {
+            return Ok(String::new());
+        }
+    }
 }
 
 /// A headless Chromium started by a test; killed when dropped.
@@ -187,7 +204,10 @@ impl Page {
             if truthy {
                 return value;
             }
-            assert!(Instant::now() < deadline, "{what}: not seen within {LIMIT:?}");
+            if Instant::now() > deadline {
+                let shown = self.eval("document.body ? document.body.innerText.slice(0, 3000) : ''");
+                panic!("{what}: not seen within {LIMIT:?}; the page shows:\n{}", shown.as_str().unwrap_or(""));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -346,15 +346,32 @@ async fn set_body(State(state): State<Arc<AppState>>, Path(id): Path<String>, Js
         .with_node(move |node| {
             let id = resolve(node, &id)?;
             let base = heads_of(&set.base.join(","))?;
-            let mut doc = node.document(&id)?;
-            let then = doc.at(&base).map_err(invalid)?.view().map_err(invalid)?;
-            let full = markdown::export(&then, node.directory());
-            let front = full.len() - markdown::expanded_body(&then, node.directory()).len();
-            let edited = format!("{}{}", &full[..front], set.body.replace("\r\n", "\n"));
+            let edited_body = set.body.replace("\r\n", "\n");
             let keep = data_dir.join(format!("web-edit-{}.md", id.short()));
+            // The whole document as Markdown at `heads`, with `body` in place of its body.
+            let with_body = |node: &Node, heads: &[ChangeHash], body: &str| -> Result<(String, String), ApiError> {
+                let then = node.document(&id)?.at(heads).map_err(invalid)?.view().map_err(invalid)?;
+                let full = markdown::export(&then, node.directory());
+                let old_body = markdown::expanded_body(&then, node.directory());
+                let front = full.len() - old_body.len();
+                Ok((format!("{}{body}", &full[..front]), old_body))
+            };
+            let (edited, base_body) = with_body(node, &base, &edited_body)?;
             crate::cli::write_file_atomically(&keep, edited.as_bytes())
                 .map_err(|e| ApiError::Internal(format!("{e:#}")))?;
-            let hash = node.apply_edited_markdown(&id, &base, &edited, &keep)?;
+            let hash = match node.apply_edited_markdown(&id, &base, &edited, &keep) {
+                // This node changed the document since the text area was filled (a
+                // field saved in a form meanwhile): the text's change is merged
+                // into the body as it is now, three ways, and applied on top.
+                Err(crate::node::NodeError::ChangedDuringEdit(..)) => {
+                    let now = node.document(&id)?.heads();
+                    let (_, current_body) = with_body(node, &now, "")?;
+                    let merged = samverkan_shared::recovery::merge::merge_text(&base_body, &edited_body, &current_body);
+                    let (edited, _) = with_body(node, &now, &merged)?;
+                    node.apply_edited_markdown(&id, &now, &edited, &keep)?
+                }
+                other => other?,
+            };
             let _ = std::fs::remove_file(&keep);
             Ok(Json(json!({"id": id, "saved": true, "changed": hash.is_some(), "change": hash.map(|h| h.to_string())})))
         })

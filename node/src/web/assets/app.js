@@ -134,14 +134,31 @@ function field(id, label, input, help) {
   return h('div', { class: 'field' }, h('label', { for: id }, label), input, help ? h('p', { class: 'help' }, help) : null);
 }
 
+// A save's status line; "Saved" stays shown across the redraws a save causes.
+const savedAt = {};
+function statusSpan(id) {
+  const el = h('span', { class: 'saved', id, role: 'status' });
+  if (savedAt[id] && Date.now() - savedAt[id] < 8000) { el.textContent = t('saved'); el.dataset.saved = '1'; }
+  return el;
+}
+
 // Runs a save: the button says "Saving…", then "Saved" only once the node answered (committed).
 async function saving(button, status, work) {
   button.disabled = true;
-  if (status) status.textContent = t('saving');
+  if (status) { status.textContent = t('saving'); status.dataset.saved = ''; if (status.id) delete savedAt[status.id]; }
   try {
     await work();
-    if (status) { status.textContent = t('saved'); status.dataset.saved = '1'; }
+    if (status) {
+      if (status.id) savedAt[status.id] = Date.now();
+      status.textContent = t('saved');
+      status.dataset.saved = '1';
+      const live = status.id && document.getElementById(status.id);
+      if (live && live !== status) { live.textContent = t('saved'); live.dataset.saved = '1'; }
+    }
     flash('');
+    button.disabled = false;
+    // Focus leaves the field typed in (so the form may redraw with what was saved) for the button.
+    if (button.isConnected) button.focus();
   } catch (e) {
     if (status) status.textContent = '';
     flash(t('error') + ': ' + e.message, true);
@@ -251,7 +268,15 @@ async function drawDoc(main, id, live) {
       h('div', { id: 'followups' }), h('div', { id: 'body' }), h('div', { id: 'approval' }));
     main.replaceChildren(page);
   }
-  const put = (slot, el) => { const old = document.getElementById(slot); if (!busy(old.firstChild)) old.replaceChildren(el); };
+  const put = (slot, el) => {
+    const old = document.getElementById(slot);
+    if (busy(old.firstChild)) return;
+    const focused = old.contains(document.activeElement) ? document.activeElement.id : '';
+    old.replaceChildren(el);
+    // Keyboard users keep their place when a section redraws.
+    const again = focused && document.getElementById(focused);
+    if (again) again.focus({ preventScroll: true });
+  };
   put('doc-head', docHead(doc));
   put('conflicts', conflictsView(doc));
   put('rendered', section('doc-rendered', t('document'), h('article', { class: 'markdown', id: 'doc-html' })));
@@ -316,7 +341,7 @@ function fieldsForm(doc) {
     date: h('input', { type: 'date', value: v.date || '' }),
   };
   const original = Object.fromEntries(Object.entries(inputs).map(([k, i]) => [k, i.value]));
-  const status = h('span', { class: 'saved', id: 'fields-saved', role: 'status' });
+  const status = statusSpan('fields-saved');
   const button = h('button', { type: 'submit', id: 'fields-save' }, t('save'));
   const labels = { title: t('title'), 'period.start': t('periodStart'), 'period.end': t('periodEnd'), place: t('place'), date: t('date') };
   const form = h('form', { id: 'fields-form' },
@@ -414,7 +439,7 @@ function bodyForm(doc) {
   const area = h('textarea', { rows: 16, spellcheck: 'true', dataset: { base: doc.heads.join(',') } });
   area.value = doc.body;
   area.addEventListener('input', () => { area.dataset.dirty = '1'; });
-  const status = h('span', { class: 'saved', id: 'body-saved', role: 'status' });
+  const status = statusSpan('body-saved');
   const button = h('button', { type: 'submit', id: 'body-save' }, t('saveBody'));
   const form = h('form', { id: 'body-form' }, field('body-text', t('body'), area, t('bodyHelp')), button, ' ', status);
   form.addEventListener('submit', (ev) => {
@@ -467,7 +492,7 @@ function approvalView(doc) {
   } else {
     const signer = h('select', {}, app.signers.map((s) => h('option', { value: s.name }, `${s.name} – ${s.role} (${s.org_name})`)));
     const pass = h('input', { type: 'password', autocomplete: 'off' });
-    const status = h('span', { class: 'saved', id: 'approve-saved', role: 'status' });
+    const status = statusSpan('approve-saved');
     const approve = h('button', { type: 'submit', id: 'approve-button' }, t('approve'));
     const withdraw = h('button', { type: 'button', id: 'withdraw-button', class: 'secondary' }, t('withdraw'));
     const form = h('form', { id: 'approve-form' }, field('approve-signer', t('signer'), signer),
