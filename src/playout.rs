@@ -333,7 +333,9 @@ async fn keep_running(parties: &mut [Party], police: usize, target: &RelayTarget
         println!("Web app of {}: {}", party.name, handle.login_url());
         running.push((handle, options));
     }
-    println!("The relay, and the daemons and web apps of these two nodes, keep running (dashboard above); Ctrl-C ends them.");
+    println!(
+        "The relay, and the daemons and web apps of these two nodes, keep running (dashboard above); Ctrl-C ends them."
+    );
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.changed().await;
     };

@@ -64,7 +64,7 @@ pub struct SyncLink {
 pub enum WebError {
     /// The node's data directory could not be opened.
     #[error(transparent)]
-    Node(#[from] NodeError),
+    Node(Box<NodeError>),
     /// The secret file could not be read or made.
     #[error("the web app's secret file {path}: {reason}")]
     Secret {
@@ -84,6 +84,12 @@ pub enum WebError {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+impl From<NodeError> for WebError {
+    fn from(e: NodeError) -> Self {
+        WebError::Node(Box::new(e))
+    }
 }
 
 /// What an API call failed with, as an HTTP answer with a JSON `{"error": …}`.
