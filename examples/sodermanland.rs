@@ -5,7 +5,9 @@
 //! `cargo run --release --example sodermanland [-- --dir DIR] [--keep-running]`
 //!
 //! Ends with exit status 0 when every node holds identical documents, and fails
-//! loudly otherwise. `--keep-running` leaves the relay and its dashboard up.
+//! loudly otherwise. `--keep-running` leaves the relay and its dashboard up, and
+//! the daemons of Länsstyrelsen's and the police area's nodes with their web
+//! apps (it prints their addresses, each with the node's secret).
 
 use anyhow::Result;
 use samverkan::playout::{self, Options};

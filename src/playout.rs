@@ -37,7 +37,8 @@ const SYNC_LIMIT: Duration = Duration::from_secs(120);
 pub struct Options {
     /// A fresh folder for every data directory (must not exist).
     pub dir: PathBuf,
-    /// Keep the relay and its dashboard running until Ctrl-C at the end.
+    /// Keep the relay and its dashboard, and the daemons and web apps of two
+    /// nodes (their addresses printed), running until Ctrl-C at the end.
     pub keep_running: bool,
 }
 
@@ -297,11 +298,61 @@ pub async fn run(options: Options) -> Result<Outcome> {
     );
     println!("Data kept in {}", dir.display());
     if options.keep_running {
-        println!("The relay keeps running (dashboard above); Ctrl-C ends it.");
-        let _ = tokio::signal::ctrl_c().await;
+        keep_running(&mut parties, police, &target).await?;
     }
     relay.shutdown().await;
     Ok(outcome)
+}
+
+/// Leaves the county running until Ctrl-C: the relay, and the daemons of
+/// Länsstyrelsen's and the police area's nodes with their web apps open (the
+/// addresses, with each node's secret, are printed).
+async fn keep_running(parties: &mut [Party], police: usize, target: &RelayTarget) -> Result<()> {
+    use samverkan_node::web::{self, SyncLink, WebConfig};
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    // Länsstyrelsen's node is the first; the police area's comes after it.
+    ensure!(police > 0, "the police area's node comes after Länsstyrelsen's");
+    let (first, rest) = parties.split_at_mut(police);
+    let (county, police_party) = (&mut first[0], &mut rest[0]);
+    let mut running = Vec::new();
+    for party in [&mut *county, &mut *police_party] {
+        let options = sync::DaemonOptions {
+            local_edits: Some(Arc::new(tokio::sync::Notify::new())),
+            connected: Some(Arc::new(AtomicBool::new(false))),
+            ..sync::DaemonOptions::default()
+        };
+        let link = SyncLink {
+            local_edits: options.local_edits.clone(),
+            connected: options.connected.clone(),
+            relay_address: Some(target.addr.to_string()),
+        };
+        let config = WebConfig { listen: "127.0.0.1:0".parse()?, allow_remote: false };
+        let handle = web::spawn(party.node.data_dir(), &config, link).await.context("starting a web app")?;
+        println!("Web app of {}: {}", party.name, handle.login_url());
+        running.push((handle, options));
+    }
+    println!(
+        "The relay, and the daemons and web apps of these two nodes, keep running (dashboard above); Ctrl-C ends them."
+    );
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.changed().await;
+    };
+    let (a, b, ()) = tokio::join!(
+        sync::daemon(&mut county.node, target, &running[0].1, stopped(stop_rx.clone())),
+        sync::daemon(&mut police_party.node, target, &running[1].1, stopped(stop_rx.clone())),
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = stop_tx.send(true);
+        }
+    );
+    a?;
+    b?;
+    for (handle, _) in running {
+        handle.shutdown().await;
+    }
+    Ok(())
 }
 
 fn operations_plan(county: &Party, everyone: &[samverkan_shared::org::OrgId]) -> DocumentContent {

@@ -10,158 +10,26 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::TcpStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use base64::Engine as _;
 use samverkan::node::node::Node;
 use samverkan::node::sync::{self, RelayTarget};
-use samverkan::relay::admin::{self, AdminConfig};
+use samverkan::relay::admin::AdminConfig;
 use samverkan::relay::monitor::NodeName;
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
 use samverkan::shared::ids::ItemId;
 use samverkan::shared::model::{Activity, ActivityStatus, DocKind, DocumentContent};
-use serde_json::{json, Value};
-use tungstenite::{Message, WebSocket};
+use serde_json::json;
 
-const LIMIT: Duration = Duration::from_secs(60);
+#[path = "support/chromium.rs"]
+mod chromium;
+use chromium::{find_chromium, Browser, Page, LIMIT};
 
 async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-fn find_chromium() -> Option<PathBuf> {
-    if let Some(path) = std::env::var_os("SAMVERKAN_CHROMIUM") {
-        return Some(PathBuf::from(path));
-    }
-    let path = std::env::var_os("PATH")?;
-    for dir in std::env::split_paths(&path) {
-        for name in ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"] {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return Some(candidate);
-            }
-        }
-    }
-    None
-}
-
-/// A headless Chromium started by this test; killed when dropped.
-struct Browser {
-    child: Child,
-    _profile: tempfile::TempDir,
-    port: u16,
-}
-
-impl Browser {
-    fn start(binary: &Path) -> Browser {
-        let profile = tempfile::tempdir().unwrap();
-        let child = Command::new(binary)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-extensions",
-                "--remote-debugging-address=127.0.0.1",
-                "--remote-debugging-port=0",
-                "--window-size=1280,900",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg("about:blank")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("chromium starts");
-        let port_file = profile.path().join("DevToolsActivePort");
-        let deadline = Instant::now() + LIMIT;
-        let port = loop {
-            if let Some(port) = std::fs::read_to_string(&port_file).ok().and_then(|t| t.lines().next()?.parse().ok()) {
-                break port;
-            }
-            assert!(Instant::now() < deadline, "chromium did not open its DevTools port within {LIMIT:?}");
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        Browser { child, _profile: profile, port }
-    }
-}
-
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A DevTools protocol connection to one page.
-struct Page {
-    ws: WebSocket<TcpStream>,
-    next_id: u64,
-}
-
-impl Page {
-    async fn open(browser: &Browser) -> Page {
-        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], browser.port));
-        // The first page may be listed a moment after the port opens.
-        let url = bounded("a page target", async {
-            loop {
-                let list = admin::get_path(addr, "/json/list", None, LIMIT).await.expect("DevTools target list");
-                let targets: Vec<Value> = serde_json::from_str(&list).unwrap();
-                if let Some(url) =
-                    targets.iter().find(|t| t["type"] == "page").and_then(|t| t["webSocketDebuggerUrl"].as_str())
-                {
-                    return url.to_string();
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(LIMIT)).unwrap();
-        let (ws, _) = tungstenite::client(url.as_str(), stream).expect("DevTools websocket");
-        Page { ws, next_id: 1 }
-    }
-
-    /// Sends a command and waits for its answer (events in between are skipped).
-    fn call(&mut self, method: &str, params: Value) -> Value {
-        let id = self.next_id;
-        self.next_id += 1;
-        let request = json!({"id": id, "method": method, "params": params}).to_string();
-        self.ws.send(Message::text(request)).expect("send to DevTools");
-        loop {
-            let message = self.ws.read().expect("read from DevTools");
-            let Message::Text(text) = message else { continue };
-            let value: Value = serde_json::from_str(text.as_str()).unwrap();
-            if value["id"] == id {
-                assert!(value.get("error").is_none(), "{method} failed: {value}");
-                return value["result"].clone();
-            }
-        }
-    }
-
-    /// Evaluates a JavaScript expression and returns its (JSON) value.
-    fn eval(&mut self, expression: &str) -> Value {
-        let result = self.call("Runtime.evaluate", json!({"expression": expression, "returnByValue": true}));
-        assert!(result.get("exceptionDetails").is_none(), "{expression}: {result}");
-        result["result"]["value"].clone()
-    }
-
-    fn screenshot(&mut self, path: &Path) {
-        let shot = self.call("Page.captureScreenshot", json!({"format": "png", "captureBeyondViewport": true}));
-        let png = base64::engine::general_purpose::STANDARD.decode(shot["data"].as_str().unwrap()).unwrap();
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, png).unwrap();
-        println!("screenshot: {}", path.display());
-    }
 }
 
 /// The rows the page shows: node id → (state, connected, visible text).
@@ -200,11 +68,8 @@ async fn sync_once(node: &mut Node, relay: &RelayHandle) {
     bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await.expect("sync succeeds");
 }
 
-fn artifacts() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
-    target.join("test-artifacts")
+fn artifacts() -> std::path::PathBuf {
+    chromium::artifacts(Path::new(env!("CARGO_MANIFEST_DIR")))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +110,7 @@ async fn dashboard_in_chromium_redraws_live_with_names_and_states() {
     }
 
     let browser = Browser::start(&chromium);
-    let mut page = Page::open(&browser).await;
+    let mut page = tokio::task::block_in_place(|| Page::open(&browser));
     let url = format!("http://{}/", relay.admin_addr().unwrap());
     tokio::task::block_in_place(|| {
         page.call("Page.navigate", json!({"url": url}));
@@ -302,10 +167,7 @@ async fn dashboard_in_chromium_redraws_live_with_names_and_states() {
 
     tokio::task::block_in_place(|| {
         page.screenshot(&artifacts().join("dashboard.png"));
-        page.call(
-            "Emulation.setDeviceMetricsOverride",
-            json!({"width": 390, "height": 844, "deviceScaleFactor": 2, "mobile": true}),
-        );
+        page.viewport(390, 844, true);
         page.screenshot(&artifacts().join("dashboard-phone.png"));
     });
     drop(page);

@@ -62,11 +62,60 @@ pub fn enroll_command(profile: &SignerProfile, relay_data_dir: Option<&Path>) ->
     )
 }
 
-/// `signer new | list`.
+/// The variable a signer's passphrase can be given in (for scripts; a person
+/// types it at `--passphrase-stdin` or in the web app).
+pub const PASSPHRASE_ENV: &str = "SAMVERKAN_SIGNER_PASSPHRASE";
+
+/// The signer passphrase: one line of standard input with `stdin`, else
+/// [`PASSPHRASE_ENV`] if set, else none.
+pub fn passphrase(stdin: bool) -> Result<Option<String>> {
+    if stdin {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).context("reading the passphrase from standard input")?;
+        let line = line.trim_end_matches(['\n', '\r']).to_string();
+        if line.is_empty() {
+            bail!("no passphrase on standard input");
+        }
+        return Ok(Some(line));
+    }
+    Ok(std::env::var(PASSPHRASE_ENV).ok().filter(|p| !p.is_empty()))
+}
+
+/// Says on standard error when a signer's key is an older one without a passphrase.
+fn note_unprotected(node: &Node, signer: &str) {
+    if let Ok(crate::signer_key::Protection::None) = node.signer_protection(signer) {
+        crate::output::stderr(&format!(
+            "note: the key of {signer} is not protected by a passphrase (made before passphrases); \
+             protect it with `samverkan-node signer protect --name {}`",
+            shell_word(signer)
+        ));
+    }
+}
+
+/// `signer new | list | protect`.
 pub fn signer(node: &Node, cmd: SignerCommand, json: bool) -> Result<()> {
     match cmd {
-        SignerCommand::New { name, role, org } => {
-            let profile = node.create_signer(&name, &role, org.as_deref())?;
+        SignerCommand::Protect { name, passphrase_stdin } => {
+            let old = match node.signer_protection(&name)? {
+                crate::signer_key::Protection::Passphrase => std::env::var("SAMVERKAN_SIGNER_OLD_PASSPHRASE").ok(),
+                crate::signer_key::Protection::None => None,
+            };
+            let Some(new) = passphrase(passphrase_stdin)? else {
+                bail!("give the new passphrase on standard input (--passphrase-stdin) or in ${PASSPHRASE_ENV}");
+            };
+            node.protect_signer(&name, old.as_deref(), &new)?;
+            print(json, json!({"name": name, "protected": true}), || {
+                format!("The key of {name} is now protected by the passphrase given.")
+            })
+        }
+        SignerCommand::New { name, role, org, passphrase_stdin } => {
+            let secret = passphrase(passphrase_stdin)?;
+            if secret.is_none() {
+                crate::output::stderr(&format!(
+                    "note: no passphrase given (--passphrase-stdin or ${PASSPHRASE_ENV}): the key is kept unprotected"
+                ));
+            }
+            let profile = node.create_signer_with(&name, &role, org.as_deref(), secret.as_deref())?;
             let relay_data_dir = std::env::var_os(RELAY_DATA_DIR_ENV).filter(|d| !d.is_empty()).map(PathBuf::from);
             let command = enroll_command(&profile, relay_data_dir.as_deref());
             let mut value = json!(profile);
@@ -109,9 +158,22 @@ pub fn signer(node: &Node, cmd: SignerCommand, json: bool) -> Result<()> {
 }
 
 /// `approve` (or, with `withdraw`, `withdraw`).
-pub fn approve(node: &mut Node, doc: &str, signer: &str, withdraw: bool, json: bool) -> Result<()> {
+pub fn approve(
+    node: &mut Node,
+    doc: &str,
+    signer: &str,
+    withdraw: bool,
+    passphrase_stdin: bool,
+    json: bool,
+) -> Result<()> {
     let id = node.resolve(doc)?;
-    let record = if withdraw { node.withdraw(&id, signer)? } else { node.approve(&id, signer)? };
+    let secret = passphrase(passphrase_stdin)?;
+    note_unprotected(node, signer);
+    let record = if withdraw {
+        node.withdraw_with(&id, signer, secret.as_deref())?
+    } else {
+        node.approve_with(&id, signer, secret.as_deref())?
+    };
     let status = node.approval_status(&id)?;
     print(json, json!({"id": id, "record": record, "status": status}), || {
         let what = if withdraw { "Withdrew the approval of" } else { "Signed" };
@@ -304,15 +366,22 @@ pub fn verify(node: &Node, doc: &str, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether the document changed since its approved version, and the unified
+/// diff of the Markdown (signed → current), as `diff` prints it.
+pub fn signed_diff(node: &Node, id: &DocId) -> Result<(bool, String)> {
+    let signed = signed_version(node, id)?.view()?;
+    let current = node.document(id)?.view()?;
+    let (old, new) = (markdown::export(&signed, node.directory()), markdown::export(&current, node.directory()));
+    let text = similar::TextDiff::from_lines(&old, &new).unified_diff().header("signed", "current").to_string();
+    Ok((old != new, text))
+}
+
 /// `diff <doc>`: the Markdown of the signed version against the current one.
 pub fn diff(node: &Node, doc: &str, json: bool) -> Result<()> {
     let id = node.resolve(doc)?;
-    let signed = signed_version(node, &id)?.view()?;
-    let current = node.document(&id)?.view()?;
-    let (old, new) = (markdown::export(&signed, node.directory()), markdown::export(&current, node.directory()));
-    let text = similar::TextDiff::from_lines(&old, &new).unified_diff().header("signed", "current").to_string();
-    print(json, json!({"id": id, "changed": old != new, "diff": text}), || {
-        if old == new {
+    let (changed, text) = signed_diff(node, &id)?;
+    print(json, json!({"id": id, "changed": changed, "diff": text}), || {
+        if !changed {
             "No changes since the approved version.".to_string()
         } else {
             text.trim_end().to_string()

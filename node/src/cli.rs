@@ -13,7 +13,7 @@ use samverkan_shared::bundle::{Bundle, HeadsSummary};
 use samverkan_shared::ids::{DocId, ItemId};
 use samverkan_shared::markdown;
 use samverkan_shared::model::{
-    Activity, ActivityStatus, DocKind, DocumentContent, Due, FollowUp, Meeting, MeetingBody, Period, Scope, Signatory,
+    Activity, ActivityStatus, DocKind, Due, FollowUp, Meeting, MeetingBody, Period, Scope, Signatory,
 };
 use serde_json::json;
 
@@ -170,7 +170,21 @@ pub enum Command {
     /// Sync every document with the relay once, then exit with a summary.
     Sync(RelayArgs),
     /// Stay connected to the relay: push local edits, receive remote ones, reconnect when cut off.
-    Daemon(RelayArgs),
+    /// Also serves the web app on 127.0.0.1 (see `ui`; --no-web to leave it out) and prints its address.
+    Daemon {
+        /// The relay.
+        #[command(flatten)]
+        relay: RelayArgs,
+        /// The web app.
+        #[command(flatten)]
+        web: WebArgs,
+        /// Do not serve the web app.
+        #[arg(long)]
+        no_web: bool,
+    },
+    /// Serve the web app only (no sync), until interrupted: open the printed
+    /// address in a browser on this computer.
+    Ui(WebArgs),
     /// Signer keys of the people who approve documents on this machine.
     #[command(subcommand)]
     Signer(SignerCommand),
@@ -181,6 +195,10 @@ pub enum Command {
         /// The signer (as named at `signer new`).
         #[arg(long = "as", value_name = "SIGNER")]
         signer: String,
+        /// Read the signer key's passphrase from standard input (else from
+        /// $SAMVERKAN_SIGNER_PASSPHRASE).
+        #[arg(long)]
+        passphrase_stdin: bool,
     },
     /// Withdraw a signer's approval of a document (itself a signed act).
     Withdraw {
@@ -189,6 +207,10 @@ pub enum Command {
         /// The signer (as named at `signer new`).
         #[arg(long = "as", value_name = "SIGNER")]
         signer: String,
+        /// Read the signer key's passphrase from standard input (else from
+        /// $SAMVERKAN_SIGNER_PASSPHRASE).
+        #[arg(long)]
+        passphrase_stdin: bool,
     },
     /// Check a document's approvals offline: every signature, that each signer was an
     /// enrolled signer with that role at signing time, and that the signed versions exist.
@@ -259,6 +281,44 @@ pub struct RelayArgs {
     /// are held back until recovered (`samverkan-node recover`).
     #[arg(long)]
     pub retry_refused: bool,
+}
+
+/// Where the web app listens (`daemon`, `ui`).
+#[derive(Debug, Args)]
+pub struct WebArgs {
+    /// The web app's port on 127.0.0.1 (0: any free port).
+    #[arg(long, default_value_t = crate::web::DEFAULT_PORT)]
+    pub web_port: u16,
+    /// Bind the web app to this address instead of 127.0.0.1 (needs --web-allow-remote
+    /// unless it is a loopback address).
+    #[arg(long, value_name = "IP")]
+    pub web_listen: Option<std::net::IpAddr>,
+    /// Allow a non-loopback --web-listen address (the app is then reachable from the network:
+    /// protect that path; the secret and CSRF checks still apply).
+    #[arg(long)]
+    pub web_allow_remote: bool,
+}
+
+impl WebArgs {
+    fn config(&self) -> crate::web::WebConfig {
+        let ip = self.web_listen.unwrap_or(std::net::IpAddr::from([127, 0, 0, 1]));
+        crate::web::WebConfig {
+            listen: std::net::SocketAddr::new(ip, self.web_port),
+            allow_remote: self.web_allow_remote,
+        }
+    }
+}
+
+/// Starts the web app and prints its address (with the secret) on standard output.
+async fn start_web(dir: &Path, args: &WebArgs, link: crate::web::SyncLink) -> Result<crate::web::WebHandle> {
+    let handle = crate::web::spawn(dir, &args.config(), link)
+        .await
+        .context("the web app did not start (choose another --web-port)")?;
+    crate::output::stdout_line(&format!("web app: {}", handle.login_url()))?;
+    crate::output::stderr(
+        "open the web app's address in a browser on this computer; the part after '#' is this node's secret (keep it to yourself)",
+    );
+    Ok(handle)
 }
 
 /// Arguments of `new`.
@@ -438,9 +498,24 @@ pub enum SignerCommand {
         /// The organisation signed for (default: this node's).
         #[arg(long)]
         org: Option<String>,
+        /// Read the passphrase protecting the key from standard input (else from
+        /// $SAMVERKAN_SIGNER_PASSPHRASE; without either the key is unprotected).
+        #[arg(long)]
+        passphrase_stdin: bool,
     },
     /// List the signers on this node.
     List,
+    /// Protect an older signer key with a passphrase (the key, and so its
+    /// enrollment, stays the same). A protected key gets a new passphrase; its
+    /// current one is read from $SAMVERKAN_SIGNER_OLD_PASSPHRASE.
+    Protect {
+        /// The signer (as named at `signer new`).
+        #[arg(long)]
+        name: String,
+        /// Read the new passphrase from standard input (else from $SAMVERKAN_SIGNER_PASSPHRASE).
+        #[arg(long)]
+        passphrase_stdin: bool,
+    },
 }
 
 /// `bundle …`
@@ -530,8 +605,12 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Init { .. } | Command::VerifyBundle { .. } => unreachable!("handled above"),
         Command::Signer(cmd) => crate::approvals::signer(&node, cmd, json),
-        Command::Approve { doc, signer } => crate::approvals::approve(&mut node, &doc, &signer, false, json),
-        Command::Withdraw { doc, signer } => crate::approvals::approve(&mut node, &doc, &signer, true, json),
+        Command::Approve { doc, signer, passphrase_stdin } => {
+            crate::approvals::approve(&mut node, &doc, &signer, false, passphrase_stdin, json)
+        }
+        Command::Withdraw { doc, signer, passphrase_stdin } => {
+            crate::approvals::approve(&mut node, &doc, &signer, true, passphrase_stdin, json)
+        }
         Command::Verify { doc } => crate::approvals::verify(&node, &doc, json),
         Command::Diff { doc } => crate::approvals::diff(&node, &doc, json),
         Command::Status { doc: Some(doc), .. } => crate::approvals::status(&node, &doc, json),
@@ -889,23 +968,58 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Daemon(args) => {
+        Command::Daemon { relay: args, web, no_web } => {
             let target = relay_target(&mut node, &args)?;
             if args.retry_refused {
                 let retried = node.retry_refused()?;
                 crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
-            let runtime = sync_runtime()?;
-            crate::output::stderr(&format!("syncing with {} until interrupted (Ctrl-C)", target.addr));
-            runtime.block_on(crate::sync::daemon(
-                &mut node,
-                &target,
-                &crate::sync::DaemonOptions::default(),
-                async {
+            // Two workers: the web app and QUIC's connection driver run there, while the sync
+            // loop does its storage work on this thread (`block_on`); see `sync_runtime`.
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            let local_edits = std::sync::Arc::new(tokio::sync::Notify::new());
+            let connected = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let options = crate::sync::DaemonOptions {
+                local_edits: Some(local_edits.clone()),
+                connected: Some(connected.clone()),
+                ..crate::sync::DaemonOptions::default()
+            };
+            let address = node.store().meta(crate::node::META_RELAY_ADDRESS)?;
+            runtime.block_on(async {
+                let handle = match no_web {
+                    true => None,
+                    false => {
+                        let link = crate::web::SyncLink {
+                            local_edits: Some(local_edits),
+                            connected: Some(connected),
+                            relay_address: address,
+                        };
+                        Some(start_web(&dir, &web, link).await?)
+                    }
+                };
+                crate::output::stderr(&format!("syncing with {} until interrupted (Ctrl-C)", target.addr));
+                let result = crate::sync::daemon(&mut node, &target, &options, async {
                     let _ = tokio::signal::ctrl_c().await;
-                },
-            ))?;
-            Ok(())
+                })
+                .await;
+                if let Some(handle) = handle {
+                    handle.shutdown().await;
+                }
+                result.map_err(anyhow::Error::from)
+            })
+        }
+        Command::Ui(web) => {
+            drop(node);
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+            runtime.block_on(async {
+                let handle = start_web(&dir, &web, crate::web::SyncLink::default()).await?;
+                crate::output::stderr(
+                    "serving the web app (no sync: `samverkan-node daemon` also syncs) until interrupted (Ctrl-C)",
+                );
+                let _ = tokio::signal::ctrl_c().await;
+                handle.shutdown().await;
+                Ok(())
+            })
         }
         Command::Status { doc: None, offline, peek, timeout } => {
             let relay = match crate::status::remembered_relay(&node)? {
@@ -1006,44 +1120,14 @@ fn relay_target(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::RelayT
 }
 
 fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {
-    let mut content = DocumentContent::new(args.kind, args.title);
-    let parties = if args.parties.is_empty() { vec![node.org().to_string()] } else { args.parties };
-    let mut refs = Vec::new();
-    for p in &parties {
-        // An organisation, or a unit of one ("LPO Katrineholm"): the organisation is the party.
-        refs.push(
-            node.directory()
-                .resolve_ref(p)
-                .with_context(|| format!("unknown organisation {p:?} (see `samverkan-node orgs`)"))?,
-        );
+    let mut content = node.new_content(args.kind, &args.title, &args.parties)?;
+    if let Some(scope) = args.scope {
+        content.scope = scope;
     }
-    content.set_party_refs(&refs);
-    let has_municipality = content
-        .parties
-        .iter()
-        .any(|p| node.directory().get(p).is_some_and(|o| o.kind == samverkan_shared::org::OrgKind::Municipality));
-    content.scope = args.scope.unwrap_or(if has_municipality { Scope::Local } else { Scope::County });
     content.period = Period { start: args.start, end: args.end };
-    content.body = template(args.kind).to_string();
     let id = node.create(content)?;
     note_sync_problem(node, &id);
     print(json, json!({"id": id}), || format!("Created {id}"))
-}
-
-/// The headings a new document of each kind starts with (from the domain's document structure).
-fn template(kind: DocKind) -> &'static str {
-    match kind {
-        DocKind::Agreement => {
-            "## Bakgrund\n\n## Definitioner\n\n## Övergripande mål\n\n## Fokusområden\n\n## Organisation\n"
-        }
-        // The marker line is where the table of the activities appears when exported.
-        DocKind::CitizenPromise => {
-            "## Problembild\n\n## Vi lovar\n\n<!-- samverkan:aktiviteter | Aktivitet | Ansvarig | Klart | Uppföljning | -->\n\n## Så följer vi upp\n"
-        }
-        DocKind::OperationsPlan => {
-            "## Lägesbild\n\n## Åtgärder\n\n<!-- samverkan:aktiviteter | Aktivitet | Ansvarig | Klart | Uppföljning | Status | -->\n\n## Uppföljning och utvärdering\n"
-        }
-    }
 }
 
 fn cmd_activity(node: &mut Node, cmd: ActivityCommand, json: bool) -> Result<()> {

@@ -10,6 +10,8 @@
 //! - [`recover`]: `samverkan-node recover`: a document the relay refused, rebuilt on what the relay holds (backup first).
 //! - [`review`]: `samverkan-node review` (overlapping concurrent edits: list, settle, mark reviewed), `history` in words, and the review counts `show`, `export`, `list` and `status` flag.
 //! - [`approvals`]: the approval commands (signer keys, approve, withdraw, verify, signed bundles).
+//! - [`signer_key`]: signer key files sealed with a passphrase (Argon2id + ChaCha20-Poly1305); older unprotected ones stay readable.
+//! - [`web`]: the local web app (`daemon`, `ui`): loopback HTTP with a per-node secret, CSRF tokens and live updates.
 //! - [`cli`]: the `samverkan-node` command line.
 //! - [`output`]: its standard output and error (a closed pipe ends the command quietly).
 //!
@@ -27,7 +29,9 @@ pub mod output;
 pub mod progress;
 pub mod recover;
 pub mod review;
+pub mod signer_key;
 pub mod status;
 pub mod sync;
+pub mod web;
 
 pub use samverkan_store as store;

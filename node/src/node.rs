@@ -25,7 +25,7 @@ use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, MemberKin
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown::{self, MarkdownError};
-use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, Editor, ModelError};
+use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext, Editor, ModelError, Scope};
 use samverkan_shared::org::{Directory, OrgId};
 use samverkan_shared::receipt::{ApprovalReceipt, ReceiptProblem, Receipts};
 use samverkan_shared::sync::{SignedChange, SyncLimits};
@@ -120,6 +120,9 @@ pub enum NodeError {
     /// The key file is missing, exposed or damaged.
     #[error(transparent)]
     KeyFile(#[from] KeyFileError),
+    /// A signer key could not be opened (passphrase missing or wrong, file damaged).
+    #[error(transparent)]
+    SignerKey(#[from] crate::signer_key::SignerKeyError),
     /// An approval could not be made or read.
     #[error(transparent)]
     Approval(#[from] ApprovalError),
@@ -412,6 +415,34 @@ impl Node {
     /// Loads a document.
     pub fn document(&self, id: &DocId) -> Result<Document, NodeError> {
         Ok(self.store.load(id)?)
+    }
+
+    /// The content of a new document as `samverkan-node new` makes it: the
+    /// parties (organisations or units of one, by id, name or alias; this
+    /// node's organisation when none is given), local scope when a
+    /// municipality is a party (else county-wide), and the headings a document
+    /// of that kind starts with.
+    pub fn new_content(&self, kind: DocKind, title: &str, parties: &[String]) -> Result<DocumentContent, NodeError> {
+        let mut content = DocumentContent::new(kind, title.to_string());
+        let own = [self.org.to_string()];
+        let parties = if parties.iter().all(|p| p.trim().is_empty()) { &own[..] } else { parties };
+        let mut refs = Vec::new();
+        for p in parties.iter().filter(|p| !p.trim().is_empty()) {
+            // An organisation, or a unit of one ("LPO Katrineholm"): the organisation is the party.
+            refs.push(
+                self.directory
+                    .resolve_ref(p)
+                    .ok_or_else(|| NodeError::Model(ModelError::UnknownOrganisation(p.to_string())))?,
+            );
+        }
+        content.set_party_refs(&refs);
+        let has_municipality = content
+            .parties
+            .iter()
+            .any(|p| self.directory.get(p).is_some_and(|o| o.kind == samverkan_shared::org::OrgKind::Municipality));
+        content.scope = if has_municipality { Scope::Local } else { Scope::County };
+        content.body = template(kind).to_string();
+        Ok(content)
     }
 
     /// Creates and stores a new document.
@@ -820,6 +851,19 @@ impl Node {
     /// Returns the profile; its public key goes to the relay operator
     /// (`samverkan-relay enroll --key <hex> --org <org> --name <name> --signer-role <role>`).
     pub fn create_signer(&self, name: &str, role: &str, org: Option<&str>) -> Result<SignerProfile, NodeError> {
+        self.create_signer_with(name, role, org, None)
+    }
+
+    /// [`Self::create_signer`], with the key sealed by `passphrase` when one is
+    /// given (see [`crate::signer_key`]); without one the key file is
+    /// unprotected (owner-only mode), as keys made before passphrases were.
+    pub fn create_signer_with(
+        &self,
+        name: &str,
+        role: &str,
+        org: Option<&str>,
+        passphrase: Option<&str>,
+    ) -> Result<SignerProfile, NodeError> {
         let slug = signer_slug(name)?;
         let org = match org {
             Some(o) => self
@@ -843,12 +887,17 @@ impl Node {
             return Err(NodeError::SignerExists(name.to_string()));
         }
         let key = NodeKey::generate();
+        // Sealed before anything is written: a short passphrase leaves no files behind.
+        let sealed = passphrase.map(|p| crate::signer_key::seal(&key, p)).transpose()?;
         let profile = SignerProfile { name: name.trim().to_string(), org, role: role.to_string(), key: key.node_id() };
         let profile_path = dir.join(format!("{slug}.json"));
         let text = serde_json::to_string_pretty(&profile).unwrap_or_default();
         std::fs::write(&profile_path, text)
             .map_err(|e| NodeError::File { path: profile_path.clone(), reason: e.to_string() })?;
-        keyfile::create(&key_path, &key)?;
+        match sealed {
+            Some(text) => crate::signer_key::write(&key_path, &text, false)?,
+            None => keyfile::create(&key_path, &key)?,
+        }
         Ok(profile)
     }
 
@@ -869,6 +918,33 @@ impl Node {
 
     /// A signer's key and profile, by name (or file name).
     pub fn signer(&self, name: &str) -> Result<(NodeKey, SignerProfile), NodeError> {
+        self.signer_with(name, None).map(|(key, profile, _)| (key, profile))
+    }
+
+    /// Whether a signer's key on this node is protected by a passphrase.
+    pub fn signer_protection(&self, name: &str) -> Result<crate::signer_key::Protection, NodeError> {
+        let slug = signer_slug(name).map_err(|_| NodeError::NoSuchSigner(name.to_string()))?;
+        Ok(crate::signer_key::protection(&self.data_dir.join(SIGNERS_DIR).join(format!("{slug}.key")))?)
+    }
+
+    /// Seals an older, unprotected signer key with `passphrase` (the key stays
+    /// the same, so its enrollment does too). A protected key needs its
+    /// current passphrase as `old` and gets the new one.
+    pub fn protect_signer(&self, name: &str, old: Option<&str>, passphrase: &str) -> Result<(), NodeError> {
+        let (key, _, _) = self.signer_with(name, old)?;
+        let slug = signer_slug(name).map_err(|_| NodeError::NoSuchSigner(name.to_string()))?;
+        let text = crate::signer_key::seal(&key, passphrase)?;
+        crate::signer_key::write(&self.data_dir.join(SIGNERS_DIR).join(format!("{slug}.key")), &text, true)?;
+        Ok(())
+    }
+
+    /// A signer's key and profile, opening a protected key with `passphrase`;
+    /// also says whether the key was protected (an older key is not).
+    pub fn signer_with(
+        &self,
+        name: &str,
+        passphrase: Option<&str>,
+    ) -> Result<(NodeKey, SignerProfile, crate::signer_key::Protection), NodeError> {
         let slug = signer_slug(name).map_err(|_| NodeError::NoSuchSigner(name.to_string()))?;
         let dir = self.data_dir.join(SIGNERS_DIR);
         let profile_path = dir.join(format!("{slug}.json"));
@@ -876,11 +952,11 @@ impl Node {
             return Err(NodeError::NoSuchSigner(name.to_string()));
         }
         let profile = read_profile(&profile_path)?;
-        let key = keyfile::load(&dir.join(format!("{slug}.key")))?;
+        let (key, protection) = crate::signer_key::load(&dir.join(format!("{slug}.key")), &profile.name, passphrase)?;
         if key.node_id() != profile.key {
             return Err(NodeError::File { path: profile_path, reason: "does not belong to the key beside it".into() });
         }
-        Ok((key, profile))
+        Ok((key, profile, protection))
     }
 
     /// Signs the document's current version as `signer` and stores the
@@ -889,7 +965,17 @@ impl Node {
     /// enrollment directory this node holds shows the signer enrolled with
     /// that organisation and role (the relay would refuse the record anyway).
     pub fn approve(&mut self, id: &DocId, signer: &str) -> Result<ApprovalRecord, NodeError> {
-        let (key, profile) = self.signer(signer)?;
+        self.approve_with(id, signer, None)
+    }
+
+    /// [`Self::approve`], opening a protected signer key with `passphrase`.
+    pub fn approve_with(
+        &mut self,
+        id: &DocId,
+        signer: &str,
+        passphrase: Option<&str>,
+    ) -> Result<ApprovalRecord, NodeError> {
+        let (key, profile, _) = self.signer_with(signer, passphrase)?;
         let status = self.approval_status(id)?;
         let signed_current = [&status.in_force, &status.pending]
             .into_iter()
@@ -934,7 +1020,17 @@ impl Node {
     /// Withdraws `signer`'s latest approval of the document: a signed record
     /// over the heads that approval signed.
     pub fn withdraw(&mut self, id: &DocId, signer: &str) -> Result<ApprovalRecord, NodeError> {
-        let (key, profile) = self.signer(signer)?;
+        self.withdraw_with(id, signer, None)
+    }
+
+    /// [`Self::withdraw`], opening a protected signer key with `passphrase`.
+    pub fn withdraw_with(
+        &mut self,
+        id: &DocId,
+        signer: &str,
+        passphrase: Option<&str>,
+    ) -> Result<ApprovalRecord, NodeError> {
+        let (key, profile, _) = self.signer_with(signer, passphrase)?;
         self.sign_and_store(id, |doc| {
             let latest = approval::records(doc)
                 .into_iter()
@@ -1064,6 +1160,22 @@ fn read_profile(path: &Path) -> Result<SignerProfile, NodeError> {
     let bad = |reason: String| NodeError::File { path: path.to_path_buf(), reason };
     let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| bad(format!("not a signer profile: {e}")))
+}
+
+/// The headings a new document of each kind starts with (from the domain's document structure).
+pub fn template(kind: DocKind) -> &'static str {
+    match kind {
+        DocKind::Agreement => {
+            "## Bakgrund\n\n## Definitioner\n\n## Övergripande mål\n\n## Fokusområden\n\n## Organisation\n"
+        }
+        // The marker line is where the table of the activities appears when exported.
+        DocKind::CitizenPromise => {
+            "## Problembild\n\n## Vi lovar\n\n<!-- samverkan:aktiviteter | Aktivitet | Ansvarig | Klart | Uppföljning | -->\n\n## Så följer vi upp\n"
+        }
+        DocKind::OperationsPlan => {
+            "## Lägesbild\n\n## Åtgärder\n\n<!-- samverkan:aktiviteter | Aktivitet | Ansvarig | Klart | Uppföljning | Status | -->\n\n## Uppföljning och utvärdering\n"
+        }
+    }
 }
 
 /// Why a document does not sync through the relay from this node.

@@ -675,6 +675,9 @@ pub struct DaemonOptions {
     /// Told the id of every document that received changes from the relay,
     /// after they were stored (for a user interface, or to measure latency).
     pub received: Option<mpsc::UnboundedSender<DocId>>,
+    /// Set while the daemon is connected to the relay (for a user interface's
+    /// "relay reachable").
+    pub connected: Option<Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl Default for DaemonOptions {
@@ -685,6 +688,7 @@ impl Default for DaemonOptions {
             backoff_max: Duration::from_secs(30),
             local_edits: None,
             received: None,
+            connected: None,
         }
     }
 }
@@ -731,6 +735,12 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
     let limits = Limits::default();
     let mut session = Session::open(node, target, &limits).await?;
     info!(relay = %target.addr, "connected to relay");
+    let set_connected = |now: bool| {
+        if let Some(flag) = &options.connected {
+            flag.store(now, std::sync::atomic::Ordering::SeqCst);
+        }
+    };
+    set_connected(true);
     let mut known: BTreeMap<DocId, Vec<ChangeHash>> = node.store_mut().heads()?.into_iter().collect();
     let mut version = node.store_mut().data_version()?;
     let mut poll = tokio::time::interval(options.poll_interval);
@@ -776,6 +786,7 @@ async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOp
         }
     }
     .await;
+    set_connected(false);
     session.close(node, if result.is_ok() { 0 } else { 1 }).await;
     result
 }
