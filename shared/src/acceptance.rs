@@ -235,16 +235,10 @@ pub fn accept_new_changes(
     offered: &mut HashMap<ChangeHash, ChangeSignature>,
     authors: &AuthorPolicy,
 ) -> Result<Vec<(ChangeHash, ChangeSignature)>, AuthorshipError> {
-    let verified = authorship::verify_new_changes(doc_id, doc, before, offered)?;
     // Every new change is covered by a verified signature of its author, so
     // checking the signers checks every new change's author.
-    for (hash, _) in &verified {
-        let author = doc
-            .get_change_by_hash(hash)
-            .and_then(|c| NodeId::from_actor(c.actor_id()))
-            .ok_or_else(|| AuthorshipError::NotAKey { hash: *hash, actor: String::new() })?;
-        authors.check(hash, &author)?;
-    }
+    let verified =
+        authorship::verify_new_changes(doc_id, doc, before, offered, |hash, author| authors.check(hash, author))?;
     if !offered.is_empty() && doc.get_missing_deps(&[]).is_empty() {
         offered.clear();
     }

@@ -264,8 +264,11 @@ pub fn later_by_author(doc: &mut AutoCommit, tip: &ChangeHash) -> Vec<(ChangeHas
 /// Checks that every change of `doc` that is not below `before` is covered by
 /// a signature of its author for document `doc_id` (see the module docs),
 /// taking the signatures of the new changes out of `offered`; every such
-/// signature must verify. Returns the verified signatures to keep. The caller
-/// must discard the document's new state if this fails.
+/// signature must verify, and `accept` must accept its signer (called once
+/// per signer, before any walk over the changes: the walks cost one pass over
+/// the new changes per accepted signer, so what a receiver accepts bounds
+/// them). Returns the verified signatures to keep. The caller must discard
+/// the document's new state if this fails.
 ///
 /// Only new changes can cover new changes (an ancestor of a change held
 /// before was held before), so the check walks the new changes alone.
@@ -274,6 +277,7 @@ pub fn verify_new_changes(
     doc: &mut AutoCommit,
     before: &[ChangeHash],
     offered: &mut HashMap<ChangeHash, ChangeSignature>,
+    mut accept: impl FnMut(&ChangeHash, &NodeId) -> Result<(), AuthorshipError>,
 ) -> Result<Vec<(ChangeHash, ChangeSignature)>, AuthorshipError> {
     let new = doc.get_changes(before);
     let set = ChangeSet::new(new.iter());
@@ -281,7 +285,10 @@ pub fn verify_new_changes(
     let mut signed_by: Vec<Vec<usize>> = vec![Vec::new(); set.actors.len()];
     for (i, hash) in set.hashes.iter().enumerate() {
         if let Some(signature) = offered.remove(hash) {
-            verify(doc_id, hash, &set.actors[set.author[i]], &signature)?;
+            let author = verify(doc_id, hash, &set.actors[set.author[i]], &signature)?;
+            if signed_by[set.author[i]].is_empty() {
+                accept(hash, &author)?;
+            }
             verified.push((*hash, signature));
             signed_by[set.author[i]].push(i);
         }
@@ -312,6 +319,16 @@ mod tests {
         doc.set_actor(key.node_id().actor_id());
         doc.put(automerge::ROOT, "x", value).unwrap();
         doc.commit().unwrap()
+    }
+
+    /// [`verify_new_changes`] accepting every signer.
+    fn check(
+        id: &DocId,
+        doc: &mut AutoCommit,
+        before: &[ChangeHash],
+        offered: &mut HashMap<ChangeHash, ChangeSignature>,
+    ) -> Result<Vec<(ChangeHash, ChangeSignature)>, AuthorshipError> {
+        verify_new_changes(id, doc, before, offered, |_, _| Ok(()))
     }
 
     fn offer(entries: &[(ChangeHash, ChangeSignature)]) -> HashMap<ChangeHash, ChangeSignature> {
@@ -363,41 +380,33 @@ mod tests {
         assert_eq!(tips, expected, "one tip per author");
 
         let mut offered = offer(&[(a2, sign(&a, &id, &a2)), (b2, sign(&b, &id, &b2))]);
-        let kept = verify_new_changes(&id, &mut doc, &before, &mut offered).unwrap();
+        let kept = check(&id, &mut doc, &before, &mut offered).unwrap();
         assert_eq!(kept.len(), 2);
         assert!(offered.is_empty());
         // Every change signed by itself (as before batching, v1 or v2) is a special case.
         let mut each =
             offer(&[(a1, sign_v1(&a, &a1)), (b1, sign_v1(&b, &b1)), (a2, sign(&a, &id, &a2)), (b2, sign_v1(&b, &b2))]);
-        assert_eq!(verify_new_changes(&id, &mut doc, &before, &mut each).unwrap().len(), 4);
+        assert_eq!(check(&id, &mut doc, &before, &mut each).unwrap().len(), 4);
         // A's signature covers A's changes only: B's are not A's to vouch for.
-        let err = verify_new_changes(&id, &mut doc, &before, &mut offer(&[(a2, sign(&a, &id, &a2))])).unwrap_err();
+        let err = check(&id, &mut doc, &before, &mut offer(&[(a2, sign(&a, &id, &a2))])).unwrap_err();
         assert!(matches!(err, AuthorshipError::Unsigned { hash, .. } if hash == b1 || hash == b2), "{err}");
         // A signature over an earlier change does not cover a later one.
-        let err = verify_new_changes(
-            &id,
-            &mut doc,
-            &before,
-            &mut offer(&[(a1, sign(&a, &id, &a1)), (b2, sign(&b, &id, &b2))]),
-        )
-        .unwrap_err();
+        let err = check(&id, &mut doc, &before, &mut offer(&[(a1, sign(&a, &id, &a1)), (b2, sign(&b, &id, &b2))]))
+            .unwrap_err();
         assert!(matches!(err, AuthorshipError::Unsigned { hash, .. } if hash == a2), "{err}");
         // A forged signature among them fails the whole set, even where another covers.
         let mut forged = offer(&[(a2, sign(&a, &id, &a2)), (b2, sign(&b, &id, &b2)), (b1, sign(&a, &id, &b1))]);
         assert!(matches!(
-            verify_new_changes(&id, &mut doc, &before, &mut forged),
+            check(&id, &mut doc, &before, &mut forged),
             Err(AuthorshipError::BadSignature { hash, .. }) if hash == b1
         ));
         // From the empty document, the first change needs covering too.
-        let err = verify_new_changes(&id, &mut doc, &[], &mut offer(&[(b2, sign(&b, &id, &b2))])).unwrap_err();
+        let err = check(&id, &mut doc, &[], &mut offer(&[(b2, sign(&b, &id, &b2))])).unwrap_err();
         assert!(matches!(err, AuthorshipError::Unsigned { hash, .. } if hash == first || hash == a1 || hash == a2));
         // Signatures for another document cover nothing here.
         let other = DocId::random();
         let mut wrong_doc = offer(&[(a2, sign(&a, &other, &a2)), (b2, sign(&b, &other, &b2))]);
-        assert!(matches!(
-            verify_new_changes(&id, &mut doc, &before, &mut wrong_doc),
-            Err(AuthorshipError::BadSignature { .. })
-        ));
+        assert!(matches!(check(&id, &mut doc, &before, &mut wrong_doc), Err(AuthorshipError::BadSignature { .. })));
     }
 
     #[test]
