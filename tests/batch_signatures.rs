@@ -264,7 +264,7 @@ async fn an_enrolled_node_cannot_pass_off_changes_its_signatures_do_not_cover() 
     let mut doc = copy.fork();
     let fine = change_as(me, &mut doc, "Eskilstuna");
     let signed = vec![(fine.hash(), authorship::sign(&mallory, &id, &fine.hash()))];
-    assert_eq!(offer(&mut send, &mut recv, &id, &[fine.clone()], signed).await, None);
+    assert_eq!(offer(&mut send, &mut recv, &id, std::slice::from_ref(&fine), signed).await, None);
     sync(&mut honest, &relay).await;
     assert_eq!(honest.document(&id).unwrap().heads(), vec![fine.hash()]);
     relay.shutdown().await;
