@@ -254,7 +254,7 @@ async fn documents_reach_only_their_parties_and_the_relay_refuses_the_rest() {
         .into_automerge();
     // Properly signed by its author, so it is the parties rule that refuses it.
     let hash = doc.get_heads()[0];
-    let entries = vec![(hash, samverkan::shared::authorship::sign(&trosa_key, &hash))];
+    let entries = vec![(hash, samverkan::shared::authorship::sign(&trosa_key, &planted, &hash))];
     send.send(&Frame::Authors { doc: planted.clone(), entries }).await.unwrap();
     send.send(&Frame::Sync { doc: planted.clone(), message: sync_message_for(&mut doc) }).await.unwrap();
     let (doc, kind, reason) = next_refusal(&mut recv).await;
@@ -363,7 +363,7 @@ async fn a_change_in_another_nodes_name_is_refused_by_the_relay() {
 
     // Without a signature, and with the forger's own signature over the change,
     // on one connection: each message is refused, the connection goes on.
-    let signed_by_forger = samverkan::shared::authorship::sign(&forger, &hash);
+    let signed_by_forger = samverkan::shared::authorship::sign(&forger, &planted, &hash);
     let (_conn, mut send, mut recv) = raw_client(&relay, &forger).await;
     send.send(&hello).await.unwrap();
     for authors in [None, Some(signed_by_forger)] {

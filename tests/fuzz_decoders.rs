@@ -139,7 +139,7 @@ fn seeds(target: &str) -> Vec<Vec<u8>> {
                     BundleDoc {
                         id: fuzz_doc_ids()[n].clone(),
                         data: doc.automerge_mut().save(),
-                        signatures: sign_all(doc.automerge_mut()),
+                        signatures: sign_all(&fuzz_doc_ids()[n], doc.automerge_mut()),
                     }
                 })
                 .collect();

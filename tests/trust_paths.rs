@@ -322,7 +322,11 @@ fn document_by(author: &NodeKey, party: &OrgId, text: &str) -> (DocId, Vec<u8>, 
     let id = DocId::random();
     let mut doc = Document::create(id.clone(), content, &ctx, &Directory::sodermanland()).unwrap();
     let am = doc.automerge_mut();
-    let signatures = am.get_changes(&[]).iter().map(|c| (c.hash(), authorship::sign(author, &c.hash()))).collect();
+    let changes = am.get_changes(&[]);
+    let signatures = authorship::author_tips(changes.iter())
+        .iter()
+        .map(|(hash, _)| (*hash, authorship::sign(author, &id, hash)))
+        .collect();
     (id, whole_document_message(am), signatures)
 }
 

@@ -27,10 +27,14 @@ pub fn register_key(key: &NodeKey) {
     keys().lock().unwrap_or_else(|e| e.into_inner()).insert(key.node_id().actor_id(), copy);
 }
 
-/// The author's signature of a change, if the benchmark made the author's key.
-pub fn sign(hash: &ChangeHash, actor: &automerge::ActorId) -> Option<samverkan_shared::authorship::ChangeSignature> {
+/// The author's signature of a change of `doc`, if the benchmark made the author's key.
+pub fn sign(
+    doc: &samverkan_shared::ids::DocId,
+    hash: &ChangeHash,
+    actor: &automerge::ActorId,
+) -> Option<samverkan_shared::authorship::ChangeSignature> {
     let keys = keys().lock().unwrap_or_else(|e| e.into_inner());
-    keys.get(actor).map(|key| samverkan_shared::authorship::sign(key, hash))
+    keys.get(actor).map(|key| samverkan_shared::authorship::sign(key, doc, hash))
 }
 
 /// Who makes the edits, and the directory they are checked against.

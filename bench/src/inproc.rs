@@ -11,6 +11,7 @@ use automerge::{ActorId, AutoCommit, ChangeHash};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::sync::{ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
+use samverkan_shared::wire::Frame;
 
 /// Persisted sync states of one connection: the node's end, then the relay's end.
 pub type States = (Vec<(DocId, Vec<u8>)>, Vec<(DocId, Vec<u8>)>);
@@ -68,10 +69,13 @@ impl DocAccess for MemDocs {
         }))
     }
 
-    fn signatures(&mut self, _doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Infallible> {
+    fn signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Infallible> {
         // Every author here was made by the benchmark: signed on the spot, as a
         // node signs its own changes.
-        Ok(changes.iter().filter_map(|(hash, actor)| crate::fixtures::sign(hash, actor).map(|s| (*hash, s))).collect())
+        Ok(changes
+            .iter()
+            .filter_map(|(hash, actor)| crate::fixtures::sign(doc, hash, actor).map(|s| (*hash, s)))
+            .collect())
     }
 }
 
@@ -96,6 +100,8 @@ pub struct Network {
     pub frames: u64,
     /// Bytes of the delivered frames, encoded.
     pub bytes: u64,
+    /// Signatures delivered in `Authors` frames.
+    pub signatures: u64,
 }
 
 impl Network {
@@ -129,8 +135,7 @@ impl Network {
             for (i, link) in self.links.iter_mut().enumerate() {
                 for frame in link.node.take_outbox() {
                     moved = true;
-                    self.frames += 1;
-                    self.bytes += frame.encode().len() as u64;
+                    count(&mut self.frames, &mut self.bytes, &mut self.signatures, &frame);
                     for event in link.relay.on_frame(frame, &mut self.relay_docs).map_err(err)? {
                         match event {
                             ConnectionEvent::Established { .. } => {
@@ -148,8 +153,7 @@ impl Network {
                 }
                 for frame in link.relay.take_outbox() {
                     moved = true;
-                    self.frames += 1;
-                    self.bytes += frame.encode().len() as u64;
+                    count(&mut self.frames, &mut self.bytes, &mut self.signatures, &frame);
                     for event in link.node.on_frame(frame, &mut link.docs).map_err(err)? {
                         match event {
                             ConnectionEvent::Established { .. } => link.node.begin(&mut link.docs).map_err(err)?,
@@ -186,5 +190,14 @@ impl Network {
     pub fn local_change(&mut self, i: usize, doc: &DocId) -> Result<()> {
         let link = &mut self.links[i];
         link.node.on_local_change(doc, &mut link.docs).map_err(|e| anyhow!("in-process sync: {e}"))
+    }
+}
+
+/// Counts one delivered frame.
+fn count(frames: &mut u64, bytes: &mut u64, signatures: &mut u64, frame: &Frame) {
+    *frames += 1;
+    *bytes += frame.encode().len() as u64;
+    if let Frame::Authors { entries, .. } = frame {
+        *signatures += entries.len() as u64;
     }
 }

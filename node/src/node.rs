@@ -648,7 +648,7 @@ impl Node {
             }
             let data =
                 if known.is_empty() { doc.automerge_mut().save() } else { doc.automerge_mut().save_after(&known) };
-            let signatures = self.signatures_of(new_changes)?;
+            let signatures = self.signatures_of(&mut doc, &new_changes)?;
             docs.push(BundleDoc { id, data, signatures });
         }
         Ok(Bundle {
@@ -727,20 +727,42 @@ impl Node {
         Ok(reports)
     }
 
-    /// The authors' signatures of these changes: this node's own are signed
-    /// now, others' come from the store (unknown ones are left out).
-    fn signatures_of(&self, changes: Vec<automerge::Change>) -> Result<Vec<SignedChange>, NodeError> {
+    /// The authors' signatures proving `changes` (the changes of `doc` a
+    /// bundle carries): per author, its latest changes among them
+    /// ([`authorship::author_tips`]); this node's own are signed now, others'
+    /// come from the store, and a tip without a stored signature is covered by
+    /// the nearest later change of its author that has one. Changes nothing
+    /// covers are left without (the importer refuses them).
+    fn signatures_of(&self, doc: &mut Document, changes: &[automerge::Change]) -> Result<Vec<SignedChange>, NodeError> {
         let own = self.node_id().actor_id();
-        let mut out = Vec::new();
-        let mut theirs = Vec::new();
-        for change in changes {
-            if change.actor_id() == &own {
-                out.push((change.hash(), authorship::sign(&self.key, &change.hash())));
-            } else {
-                theirs.push(change.hash());
+        let id = doc.id().clone();
+        let known = |hashes: &[(ChangeHash, automerge::ActorId)]| -> Result<Vec<SignedChange>, NodeError> {
+            let mut out = Vec::new();
+            let mut theirs = Vec::new();
+            for (hash, actor) in hashes {
+                if *actor == own {
+                    out.push((*hash, authorship::sign(&self.key, &id, hash)));
+                } else {
+                    theirs.push(*hash);
+                }
+            }
+            out.extend(self.store.signatures(&theirs)?);
+            Ok(out)
+        };
+        let tips = authorship::author_tips(changes.iter());
+        let mut out = known(&tips)?;
+        for (tip, _) in &tips {
+            if out.iter().any(|(hash, _)| hash == tip) {
+                continue;
+            }
+            let later = authorship::later_by_author(doc.automerge_mut(), tip);
+            let found = known(&later)?;
+            if let Some(best) = later.iter().find_map(|(hash, _)| found.iter().find(|(h, _)| h == hash)) {
+                if !out.contains(best) {
+                    out.push(*best);
+                }
             }
         }
-        out.extend(self.store.signatures(&theirs)?);
         Ok(out)
     }
 

@@ -324,13 +324,13 @@ impl DocAccess for NodeDocs<'_> {
 
     fn signatures(
         &mut self,
-        _doc: &DocId,
+        doc: &DocId,
         changes: &[(ChangeHash, ActorId)],
     ) -> Result<Vec<SignedChange>, NodeDocsError> {
         let own = self.key.node_id().actor_id();
         let (mine, theirs): (Vec<_>, Vec<_>) = changes.iter().partition(|(_, actor)| *actor == own);
         let mut out: Vec<SignedChange> =
-            mine.iter().map(|(hash, _)| (*hash, authorship::sign(self.key, hash))).collect();
+            mine.iter().map(|(hash, _)| (*hash, authorship::sign(self.key, doc, hash))).collect();
         let hashes: Vec<ChangeHash> = theirs.iter().map(|(hash, _)| *hash).collect();
         out.extend(self.store.signatures(&hashes)?);
         Ok(out)

@@ -3,8 +3,10 @@
 //! bundle import, Markdown import of an exported file).
 //!
 //! A change is acceptable when
-//! - its author signed it ([`crate::authorship`]: the actor id is the author's
-//!   key and the signature over the change hash verifies strictly);
+//! - its author vouched for it ([`crate::authorship`]: the actor id is the
+//!   author's key, and a signature of that key for this document over the
+//!   change or a later change of the same author in the document verifies
+//!   strictly; one signature per author and message covers a batch);
 //! - its author is an enrolled node in the relay-signed enrollment directory
 //!   ([`AuthorPolicy`]): at the relay the key must be active *now* (a revoked
 //!   key makes no new changes); at a node it must have been enrolled, and may
@@ -216,8 +218,9 @@ impl AuthorPolicy {
     }
 }
 
-/// Checks every change of `doc` that is not below `before`: signed by its
-/// author (taking the used signatures out of `offered`) and written by an
+/// Checks every change of document `doc_id` (`doc`) that is not below
+/// `before`: covered by a signature of its author (taking the signatures of
+/// new changes out of `offered`; see [`crate::authorship`]) and written by an
 /// author `authors` accepts. Returns the verified signatures to keep; the
 /// caller must discard the document's new state if this fails.
 ///
@@ -226,19 +229,16 @@ impl AuthorPolicy {
 /// message may carry a change without a parent it wrongly believed the
 /// receiver had): those changes are applied later and need theirs then.
 pub fn accept_new_changes(
+    doc_id: &DocId,
     doc: &mut AutoCommit,
     before: &[ChangeHash],
     offered: &mut HashMap<ChangeHash, ChangeSignature>,
     authors: &AuthorPolicy,
 ) -> Result<Vec<(ChangeHash, ChangeSignature)>, AuthorshipError> {
-    let verified = authorship::verify_new_changes(doc, before, offered)?;
-    for (hash, _) in &verified {
-        let author = doc
-            .get_change_by_hash(hash)
-            .and_then(|c| NodeId::from_actor(c.actor_id()))
-            .ok_or_else(|| AuthorshipError::NotAKey { hash: *hash, actor: String::new() })?;
-        authors.check(hash, &author)?;
-    }
+    // Every new change is covered by a verified signature of its author, so
+    // checking the signers checks every new change's author.
+    let verified =
+        authorship::verify_new_changes(doc_id, doc, before, offered, |hash, author| authors.check(hash, author))?;
     if !offered.is_empty() && doc.get_missing_deps(&[]).is_empty() {
         offered.clear();
     }
@@ -281,7 +281,8 @@ pub struct AppliedBundleDoc {
 /// applies: the bytes are checked like a sync message's changes (`limits`:
 /// bounded inflation, change size) before Automerge loads them under panic
 /// isolation, the result must be a readable document whose parties include
-/// `org`, and every new change must be signed by an author `authors` accepts.
+/// `org`, and every new change must be covered by a signature of its author
+/// (for this document), an author `authors` accepts.
 /// On error the caller must discard `doc` (the store's transaction does).
 pub fn apply_bundle_doc(
     doc: &mut Document,
@@ -307,7 +308,8 @@ pub fn apply_bundle_doc(
         return Err(BundleDocError::NotAParty(org.clone()));
     }
     let mut offered: HashMap<_, _> = signatures.iter().copied().collect();
-    let signatures = accept_new_changes(doc.automerge_mut(), &before, &mut offered, authors)?;
+    let id = doc.id().clone();
+    let signatures = accept_new_changes(&id, doc.automerge_mut(), &before, &mut offered, authors)?;
     Ok(AppliedBundleDoc { signatures, missing_deps: missing_deps(doc) })
 }
 
@@ -340,7 +342,13 @@ mod tests {
         doc.set_actor(key.node_id().actor_id());
         doc.put(automerge::ROOT, "x", value).unwrap();
         let hash = doc.commit().unwrap();
-        (hash, authorship::sign(key, &hash))
+        (hash, authorship::sign(key, &test_doc(), &hash))
+    }
+
+    /// The document id the unit tests sign for.
+    fn test_doc() -> DocId {
+        static ID: std::sync::OnceLock<DocId> = std::sync::OnceLock::new();
+        ID.get_or_init(DocId::random).clone()
     }
 
     #[test]
@@ -377,10 +385,10 @@ mod tests {
         let mut doc = AutoCommit::new();
         let own = change_by(&node, &mut doc, "a");
         let mut offered: HashMap<_, _> = [own].into();
-        assert_eq!(accept_new_changes(&mut doc, &[], &mut offered, &policy).unwrap().len(), 1);
+        assert_eq!(accept_new_changes(&test_doc(), &mut doc, &[], &mut offered, &policy).unwrap().len(), 1);
         let before = doc.get_heads();
         let theirs = change_by(&stranger, &mut doc, "b");
-        let err = accept_new_changes(&mut doc, &before, &mut [theirs].into(), &policy).unwrap_err();
+        let err = accept_new_changes(&test_doc(), &mut doc, &before, &mut [theirs].into(), &policy).unwrap_err();
         assert!(matches!(err, AuthorshipError::NotAccepted { .. }), "{err}");
     }
 

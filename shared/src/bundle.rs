@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! magic    8 bytes  "SVKBNDL\0"
-//! version  1 byte   1
+//! version  1 byte   2 (1: before batch signatures; read the same way)
 //! hdr_len  4 bytes  length of the JSON header
 //! header   hdr_len  JSON: who made it, when, and each document's id and byte length
 //! data     …        the documents' change bytes, in header order
@@ -28,7 +28,10 @@ use crate::ids::DocId;
 use crate::org::OrgId;
 
 const MAGIC: &[u8; 8] = b"SVKBNDL\0";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+/// Bundles made before batch signatures: the same layout, every change signed
+/// on its own (still accepted: see [`crate::authorship`]).
+const VERSION_PER_CHANGE_SIGNATURES: u8 = 1;
 const CHECKSUM_LEN: usize = 32;
 /// Largest JSON header accepted.
 pub const MAX_HEADER_LEN: usize = 4 * 1024 * 1024;
@@ -40,7 +43,7 @@ pub enum BundleError {
     #[error("not a Samverkan bundle (wrong magic bytes)")]
     NotABundle,
     /// A newer bundle version.
-    #[error("bundle version {0} is not supported by this program (it reads version {VERSION})")]
+    #[error("bundle version {0} is not supported by this program (it reads versions {VERSION_PER_CHANGE_SIGNATURES} to {VERSION})")]
     UnsupportedVersion(u8),
     /// The file ends early or its lengths do not add up.
     #[error("the bundle is truncated or its lengths are inconsistent: {0}")]
@@ -76,7 +79,9 @@ pub struct BundleDoc {
     pub id: DocId,
     /// Automerge bytes: a full save or the changes after the receiver's heads.
     pub data: Vec<u8>,
-    /// The authors' signatures of the changes in `data` (see [`crate::authorship`]).
+    /// The authors' signatures proving the changes in `data`: per author, its
+    /// latest changes there (or, in version 1 bundles, every change), bound to
+    /// the document (see [`crate::authorship`]).
     pub signatures: Vec<(automerge::ChangeHash, crate::authorship::ChangeSignature)>,
 }
 
@@ -164,7 +169,7 @@ impl Bundle {
             return Err(BundleError::Truncated(format!("only {} bytes", bytes.len())));
         }
         let version = bytes[MAGIC.len()];
-        if version != VERSION {
+        if version != VERSION && version != VERSION_PER_CHANGE_SIGNATURES {
             return Err(BundleError::UnsupportedVersion(version));
         }
         let (content, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
@@ -312,6 +317,21 @@ mod tests {
         let bytes = b.encode();
         assert!(!String::from_utf8_lossy(&bytes).contains("receipts"), "older readers see the old header");
         assert_eq!(Bundle::decode(&bytes).unwrap(), b);
+    }
+
+    #[test]
+    fn a_bundle_made_before_batch_signatures_still_decodes_and_a_newer_one_is_named() {
+        let b = sample();
+        let mut bytes = b.encode();
+        bytes[MAGIC.len()] = VERSION_PER_CHANGE_SIGNATURES;
+        let len = bytes.len() - CHECKSUM_LEN;
+        let sum = Sha256::digest(&bytes[..len]);
+        bytes[len..].copy_from_slice(&sum);
+        assert_eq!(Bundle::decode(&bytes).unwrap(), b);
+        bytes[MAGIC.len()] = VERSION + 1;
+        let sum = Sha256::digest(&bytes[..len]);
+        bytes[len..].copy_from_slice(&sum);
+        assert!(matches!(Bundle::decode(&bytes), Err(BundleError::UnsupportedVersion(v)) if v == VERSION + 1));
     }
 
     #[test]

@@ -34,7 +34,9 @@
 //! | 0x0b | `Receipts` | `doc:[u8; 16] count:varint` × (`record:[u8; 64] received_at_ms:i64be relay_signature:[u8; 64]`) |
 //!
 //! Protocol 2 added `Receipts` (relay → node, see [`crate::receipt`]); a
-//! protocol 1 peer could not decode it, so the version was bumped.
+//! protocol 1 peer could not decode it, so the version was bumped. Protocol 5
+//! kept `Authors`' layout but changed what it means (one signature per author
+//! and message, see [`PROTOCOL_VERSION`]).
 
 use crate::ids::DocId;
 
@@ -43,8 +45,12 @@ use crate::ids::DocId;
 /// History: 1 — first release; 2 — `Join` carries the organisation the node
 /// belongs to (`org`), so the relay can refuse a code issued for another
 /// organisation before it enrolls anything; 3 — the relay sends `Receipts`
-/// (its countersignatures of approval records).
-pub const PROTOCOL_VERSION: u16 = 4;
+/// (its countersignatures of approval records); 4 — `DocRefused`; 5 —
+/// `Authors` carries batch signatures (for each author, only its latest
+/// changes in the next `Sync` frame, bound to the document, covering the
+/// author's earlier changes: [`crate::authorship`]), which a protocol 4 peer
+/// would take for unsigned changes.
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Default largest payload accepted in one frame: 64 MiB.
 ///
@@ -348,8 +354,10 @@ pub enum Frame {
         /// The signed directory's encoding.
         signed: Vec<u8>,
     },
-    /// The authors' signatures of changes the next `Sync` frames of this
-    /// document carry (see [`crate::authorship`]); sent just before them.
+    /// The authors' signatures proving the changes the next `Sync` frame of
+    /// this document carries: per author, the signature of its latest change
+    /// in the message (or of a later one), which covers the author's earlier
+    /// changes (see [`crate::authorship`]); sent just before it.
     Authors {
         /// The document.
         doc: DocId,

@@ -229,17 +229,19 @@ pub fn bundle_docs(data: &[u8]) {
     };
     let mut doc = AutoCommit::new();
     let signatures = match doc.load_incremental(data) {
-        Ok(_) => sign_all(&mut doc),
+        Ok(_) => sign_all(&fuzz_doc_ids()[0], &mut doc),
         Err(_) => Vec::new(),
     };
     let doc = samverkan_shared::bundle::BundleDoc { id: fuzz_doc_ids()[0].clone(), data: data.to_vec(), signatures };
     bundle_import(&Bundle { origin, relay_key: None, directory: None, docs: vec![doc], receipts: vec![] }.encode());
 }
 
-/// The fuzz key's signatures of every change of `doc` (as its author would send them).
-pub fn sign_all(doc: &mut AutoCommit) -> Vec<SignedChange> {
+/// The fuzz key's signatures proving every change of document `id` (`doc`),
+/// as its author would send them: one per tip ([`authorship::author_tips`]).
+pub fn sign_all(id: &DocId, doc: &mut AutoCommit) -> Vec<SignedChange> {
     let key = NodeKey::from_signing_key(fuzz_relay_key());
-    doc.get_changes(&[]).iter().map(|c| (c.hash(), authorship::sign(&key, &c.hash()))).collect()
+    let changes = doc.get_changes(&[]);
+    authorship::author_tips(changes.iter()).iter().map(|(hash, _)| (*hash, authorship::sign(&key, id, hash))).collect()
 }
 
 /// Markdown import (front matter or plain text) and, when it succeeds, export

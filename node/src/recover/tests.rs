@@ -213,8 +213,8 @@ fn recovery_keeps_every_typed_edit_drops_the_offline_approval_and_backs_up_the_o
         let change = doc.automerge_mut().get_change_by_hash(hash).unwrap();
         assert_eq!(change.actor_id(), &f.flen.node_id().actor_id());
         assert!(change.message().unwrap().ends_with("(återställd)"));
-        let signature = authorship::sign(f.flen.key(), hash);
-        assert_eq!(authorship::verify(hash, change.actor_id(), &signature).unwrap(), f.flen.node_id());
+        let signature = authorship::sign(f.flen.key(), &f.id, hash);
+        assert_eq!(authorship::verify(&f.id, hash, change.actor_id(), &signature).unwrap(), f.flen.node_id());
     }
     let outcomes: Vec<&Outcome> = report.changes.iter().map(|c| &c.outcome).collect();
     assert!(matches!(outcomes[0], Outcome::Skipped));

@@ -41,7 +41,7 @@ use automerge::{ActorId, AutoCommit, ChangeHash};
 
 use super::{doc_heads_frame, plan_keeping, summary_digest, summary_frame, PeerSession, Role, SyncError};
 use crate::acceptance::{self, AuthorPolicy};
-use crate::authorship::{AuthorshipError, ChangeSignature};
+use crate::authorship::{self, AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
 use crate::wire::{ErrorCode, Frame, ReceiptEntry, RefusalKind, PROTOCOL_VERSION};
 
@@ -151,8 +151,10 @@ pub trait DocAccess {
     ) -> Result<Option<R>, Self::Error>;
 
     /// The authors' signatures of these changes of `doc` (this side's own
-    /// changes are signed on the spot, others come from storage); changes
-    /// without a known signature are left out.
+    /// changes are signed on the spot with [`authorship::sign`], others' come
+    /// from storage); changes without a known signature are left out. The
+    /// connection asks for the changes that end each author's run in a message
+    /// (see [`crate::authorship`]), and for later ones where those have none.
     fn signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Self::Error>;
 
     /// A document's current heads, `Ok(None)` if it does not exist. The default
@@ -616,9 +618,9 @@ impl SyncConnection {
                 Ok(outcome) => outcome,
                 Err(e) => return DocOutcome::Discard(Err(ConnectionError::from(e))),
             };
-            match acceptance::accept_new_changes(d, &before, &mut offered, &authors) {
+            match acceptance::accept_new_changes(&doc, d, &before, &mut offered, &authors) {
                 Ok(signatures) => {
-                    let unsigned = session.take_unsigned(&doc, d);
+                    let unsigned = session.take_sent_tips(&doc, d);
                     DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures }
                 }
                 Err(source) => DocOutcome::Discard(Err(ConnectionError::Authorship { doc: doc.clone(), source })),
@@ -741,7 +743,7 @@ impl SyncConnection {
         let generated = docs
             .with_doc(doc, false, |d| {
                 let frame = session.generate(doc, d);
-                let unsigned = if matches!(frame, Ok(Some(_))) { session.take_unsigned(doc, d) } else { Vec::new() };
+                let unsigned = if matches!(frame, Ok(Some(_))) { session.take_sent_tips(doc, d) } else { Vec::new() };
                 DocOutcome::keep((frame, unsigned))
             })
             .map_err(ConnectionError::storage)?;
@@ -765,17 +767,42 @@ impl SyncConnection {
         }
     }
 
-    /// Queues the authors' signatures of changes about to be sent.
+    /// Queues the authors' signatures that prove the changes about to be sent:
+    /// `tips` are each author's latest changes in the message
+    /// ([`PeerSession::take_sent_tips`]). A tip without a known signature of
+    /// its own (rare: a forwarder holds signatures of the changes that ended
+    /// its senders' messages) is covered by the nearest later change of the
+    /// same author that has one. Changes nothing covers are left out (the
+    /// peer refuses them).
     fn push_authors<D: DocAccess>(
         &mut self,
         doc: &DocId,
-        changes: &[(ChangeHash, ActorId)],
+        tips: &[(ChangeHash, ActorId)],
         docs: &mut D,
     ) -> Result<(), ConnectionError> {
-        if changes.is_empty() {
+        if tips.is_empty() {
             return Ok(());
         }
-        let entries = docs.signatures(doc, changes).map_err(ConnectionError::storage)?;
+        let mut entries = docs.signatures(doc, tips).map_err(ConnectionError::storage)?;
+        for (tip, _) in tips {
+            if entries.iter().any(|(hash, _)| hash == tip) {
+                continue;
+            }
+            let later = docs
+                .with_doc(doc, false, |d| DocOutcome::keep(authorship::later_by_author(d, tip)))
+                .map_err(ConnectionError::storage)?
+                .unwrap_or_default();
+            if later.is_empty() {
+                continue;
+            }
+            let found = docs.signatures(doc, &later).map_err(ConnectionError::storage)?;
+            // The nearest: the first of `later` that has one.
+            if let Some(best) = later.iter().find_map(|(hash, _)| found.iter().find(|(h, _)| h == hash)) {
+                if !entries.contains(best) {
+                    entries.push(*best);
+                }
+            }
+        }
         if !entries.is_empty() {
             self.push(Frame::Authors { doc: doc.clone(), entries });
         }
@@ -820,7 +847,6 @@ mod tests {
     use automerge::ReadDoc;
 
     use super::*;
-    use crate::authorship;
 
     /// The key every test document is written with.
     fn author() -> &'static crate::identity::NodeKey {
@@ -875,16 +901,15 @@ mod tests {
         }
         fn signatures(
             &mut self,
-            _doc: &DocId,
+            doc: &DocId,
             changes: &[(ChangeHash, ActorId)],
         ) -> Result<Vec<SignedChange>, Infallible> {
             Ok(changes
                 .iter()
                 .filter_map(|(hash, actor)| match self.1.get(hash) {
                     Some(signature) => Some((*hash, *signature)),
-                    None => {
-                        (*actor == author().node_id().actor_id()).then(|| (*hash, authorship::sign(author(), hash)))
-                    }
+                    None => (*actor == author().node_id().actor_id())
+                        .then(|| (*hash, authorship::sign(author(), doc, hash))),
                 })
                 .collect())
         }
@@ -961,6 +986,59 @@ mod tests {
         assert_eq!(node.stats().sync_out + relay.stats().sync_out, 0);
         assert!(node.is_settled(&mut nd).unwrap());
         assert!(frames <= 6 && bytes < 300, "{frames} frames, {bytes} bytes");
+    }
+
+    #[test]
+    fn one_signature_per_author_and_message_travels_and_is_kept() {
+        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let doc = DocId::random();
+        let mut d = doc_with("först");
+        for k in 0..50 {
+            d.put(automerge::ROOT, "text", format!("version {k}")).unwrap();
+            d.commit();
+        }
+        nd.0.insert(doc.clone(), d);
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        let (_, bytes) = pump(&mut node, &mut nd, &mut relay, &mut rd);
+        assert_eq!(rd.0.get_mut(&doc).unwrap().get_heads(), nd.0.get_mut(&doc).unwrap().get_heads());
+        assert_eq!(rd.1.len(), 1, "the relay keeps the one signature that covers all 51 changes");
+        assert!(bytes < 51 * 96, "{bytes} bytes");
+
+        // The relay passes the stored signature on to a node that has nothing.
+        let mut other = Docs::default();
+        let mut node2 = SyncConnection::node("node-2", "test");
+        let mut relay2 = SyncConnection::relay("relay");
+        pump(&mut node2, &mut other, &mut relay2, &mut rd);
+        assert_eq!(other.0.get_mut(&doc).unwrap().get_heads(), rd.0.get_mut(&doc).unwrap().get_heads());
+        assert_eq!(other.1, rd.1);
+    }
+
+    #[test]
+    fn a_tip_without_its_own_signature_is_covered_by_a_later_change_of_its_author() {
+        // A forwarder holds three changes of an author who is not here to sign,
+        // with a signature of the last only; asked to prove the first (a
+        // message's tip), it sends the signature of the nearest later change.
+        let stranger = crate::identity::NodeKey::generate();
+        let doc = DocId::random();
+        let mut d = AutoCommit::new().with_actor(stranger.node_id().actor_id());
+        let mut hashes = Vec::new();
+        for k in 0..3 {
+            d.put(automerge::ROOT, "text", format!("v{k}")).unwrap();
+            hashes.push(d.commit().unwrap());
+        }
+        let mut rd = Docs::default();
+        rd.0.insert(doc.clone(), d.clone());
+        rd.1.insert(hashes[2], authorship::sign(&stranger, &doc, &hashes[2]));
+        let mut found = Vec::new();
+        let mut relay = open_relay(&mut rd);
+        relay.push_authors(&doc, &[(hashes[0], stranger.node_id().actor_id())], &mut rd).unwrap();
+        for frame in relay.take_outbox() {
+            if let Frame::Authors { entries, .. } = frame {
+                found.extend(entries);
+            }
+        }
+        assert_eq!(found, vec![(hashes[2], rd.1[&hashes[2]])]);
     }
 
     #[test]
@@ -1301,9 +1379,9 @@ mod tests {
             }
             .encode()
         };
-        let sign = |hash: &ChangeHash| (*hash, authorship::sign(author(), hash));
         let mut rd = Docs::default();
         let doc = DocId::random();
+        let sign = |hash: &ChangeHash| (*hash, authorship::sign(author(), &doc, hash));
         let mut relay = open_relay(&mut rd);
         relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
         // The second change arrives first (as after a bloom filter false positive), with both signatures.

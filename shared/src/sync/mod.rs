@@ -186,7 +186,7 @@ pub struct PeerSession {
     limits: SyncLimits,
     states: BTreeMap<DocId, State>,
     pub(crate) disabled: BTreeSet<DocId>,
-    /// Changes whose authors' signatures were sent on this connection, per document.
+    /// Changes sent on this connection whose authors' signatures were accounted for, per document.
     signatures_sent: BTreeMap<DocId, BTreeSet<ChangeHash>>,
     /// Documents whose sync state was created, dropped, or had its shared
     /// heads changed since [`Self::take_changed_shared_heads`] (so that
@@ -258,18 +258,17 @@ impl PeerSession {
         self.persisted_states()
     }
 
-    /// The changes Automerge has sent the peer for `doc_id` on this connection
-    /// whose authors' signatures were not sent yet, with their actors; they
-    /// count as sent from now on. Call after every generate or receive.
-    pub fn take_unsigned(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Vec<(ChangeHash, automerge::ActorId)> {
+    /// The changes whose authors' signatures prove the changes Automerge has
+    /// sent the peer for `doc_id` since the last call (one message's): per
+    /// author, its latest changes among them ([`crate::authorship::author_tips`]),
+    /// with their actors. Call after every generate or receive.
+    pub fn take_sent_tips(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Vec<(ChangeHash, automerge::ActorId)> {
         let Some(state) = self.states.get(doc_id) else { return Vec::new() };
         let done = self.signatures_sent.entry(doc_id.clone()).or_default();
         let fresh: Vec<ChangeHash> = state.sent_hashes.iter().filter(|h| !done.contains(h)).copied().collect();
         done.extend(fresh.iter().copied());
-        fresh
-            .into_iter()
-            .filter_map(|hash| doc.get_change_by_hash(&hash).map(|c| (hash, c.actor_id().clone())))
-            .collect()
+        let changes: Vec<automerge::Change> = fresh.iter().filter_map(|hash| doc.get_change_by_hash(hash)).collect();
+        crate::authorship::author_tips(changes.iter())
     }
 
     /// Whether an error disabled this document for the rest of the connection.
