@@ -178,6 +178,14 @@ pub enum StoreError {
     /// Any other SQLite error.
     #[error("database error: {0}")]
     Sqlite(rusqlite::Error),
+    /// Another storage backend failed (the relay's PostgreSQL): which one, and its error.
+    #[error("{backend} error: {message}")]
+    Backend {
+        /// The backend (`"postgresql"`).
+        backend: &'static str,
+        /// Its error, in its words.
+        message: String,
+    },
 }
 
 impl From<rusqlite::Error> for StoreError {
