@@ -421,7 +421,10 @@ impl Drop for PostgresStorage {
             client.execute("DELETE FROM relay_instances WHERE instance = $1", &[&instance]).map_err(pg)
         });
         if let Some(listener) = self.listener.take() {
-            let _ = listener.join();
+            // The listener's own callback may hold the last reference to the relay: never join itself.
+            if listener.thread().id() != std::thread::current().id() {
+                let _ = listener.join();
+            }
         }
     }
 }
