@@ -756,7 +756,7 @@ pub async fn daemon_with_failover(
         failed_in_a_row += 1;
         current = (current + 1) % targets.addrs.len().max(1);
         // Another address is tried at once; the same ones again only after a back-off.
-        let delay = if failed_in_a_row % targets.addrs.len().max(1) != 0 {
+        let delay = if !failed_in_a_row.is_multiple_of(targets.addrs.len().max(1)) {
             info!(next = %targets.addrs[current], "failing over to the relay's next address");
             options.backoff_base.min(Duration::from_millis(50))
         } else {
