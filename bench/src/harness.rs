@@ -26,6 +26,23 @@ pub async fn start_relay(dir: &Path) -> Result<RelayHandle> {
     server::spawn(RelayConfig::new(listen, dir.to_path_buf())).await.context("starting the relay")
 }
 
+/// Starts two relay instances in this process on the PostgreSQL database at
+/// `url` (data directories `root/relay1` and `root/relay2`, one relay key).
+pub async fn start_postgres_instances(root: &Path, url: &str) -> Result<(RelayHandle, RelayHandle)> {
+    let (dir1, dir2) = (root.join("relay1"), root.join("relay2"));
+    let config = |dir: &Path| -> Result<RelayConfig> {
+        let mut config = RelayConfig::new("127.0.0.1:0".parse().context("loopback address")?, dir.to_path_buf());
+        config.storage = samverkan_relay::config::StorageLocation::Postgres(url.to_string());
+        Ok(config)
+    };
+    let first = server::spawn(config(&dir1)?).await.context("starting instance 1 on PostgreSQL")?;
+    // The second instance proves the same relay key.
+    samverkan_store::keyfile::create_private_dir(&dir2)?;
+    std::fs::copy(dir1.join(enrollment::KEY_FILE), dir2.join(enrollment::KEY_FILE))?;
+    let second = server::spawn(config(&dir2)?).await.context("starting instance 2 on PostgreSQL")?;
+    Ok((first, second))
+}
+
 /// Where nodes reach a relay started in this process.
 pub fn target(relay: &RelayHandle) -> RelayTarget {
     RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }

@@ -181,16 +181,24 @@ pub struct EditToVisible {
 impl EditToVisible {
     /// Gives A a document with `history` changes, syncs both nodes once, starts
     /// both daemons and makes five edits (not counted) while they connect.
-    pub async fn start(target: &RelayTarget, (mut a, mut b): (Node, Node), history: usize) -> Result<Self> {
-        let target = target.clone();
+    pub async fn start(target: &RelayTarget, nodes: (Node, Node), history: usize) -> Result<Self> {
+        Self::start_split((target, target), nodes, history).await
+    }
+
+    /// [`Self::start`] with A and B on different relay instances (one database).
+    pub async fn start_split(
+        (a_target, b_target): (&RelayTarget, &RelayTarget),
+        (mut a, mut b): (Node, Node),
+        history: usize,
+    ) -> Result<Self> {
         let a_dir = a.data_dir().to_path_buf();
         let author = Author::of(&a);
         let mut doc = author.plan_with_history(history)?;
         let id = doc.id().clone();
         a.store_mut().insert(&mut doc)?;
         let limit = Duration::from_secs(120);
-        sync::sync_once(&mut a, &target, limit).await?;
-        sync::sync_once(&mut b, &target, limit).await?;
+        sync::sync_once(&mut a, a_target, limit).await?;
+        sync::sync_once(&mut b, b_target, limit).await?;
 
         let notify = Arc::new(Notify::new());
         let (seen_tx, seen) = mpsc::unbounded_channel();
@@ -198,7 +206,7 @@ impl EditToVisible {
         let a_options = DaemonOptions { local_edits: Some(notify.clone()), ..DaemonOptions::default() };
         let b_options = DaemonOptions { received: Some(seen_tx), ..DaemonOptions::default() };
         let mut daemons = Vec::new();
-        for (mut node, options) in [(a, a_options), (b, b_options)] {
+        for (mut node, options, target) in [(a, a_options, a_target), (b, b_options, b_target)] {
             let target = target.clone();
             let mut stop = stop_rx.clone();
             daemons.push(tokio::spawn(async move {

@@ -13,6 +13,7 @@ mod flood;
 mod harness;
 mod inproc;
 mod latency;
+mod postgres_fig;
 mod report;
 mod scale;
 mod store_fig;
@@ -60,6 +61,9 @@ enum What {
     Versions,
     /// 8: edit-to-visible latency idle and during a flood from an enrolled node.
     Flood,
+    /// 9: edit-to-visible latency across two relay instances on PostgreSQL against one relay on
+    /// SQLite (needs a server in `SAMVERKAN_TEST_POSTGRES`; says so and skips without it).
+    Postgres,
     /// Internal: the relay child process of `scale`.
     #[command(hide = true)]
     RelayChild {
@@ -156,6 +160,9 @@ fn main() -> Result<()> {
     }
     if all || matches!(cli.what, What::Flood) {
         print(runtime.block_on(flood::run(sizes.flood))?);
+    }
+    if all || matches!(cli.what, What::Postgres) {
+        print(runtime.block_on(postgres_fig::run(sizes.latency_edits.min(200)))?);
     }
     println!("# done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -266,7 +266,9 @@ pub enum Command {
 /// Which relay to use; remembered after the first use.
 #[derive(Debug, Args)]
 pub struct RelayArgs {
-    /// The relay's address (host:port); defaults to the one used last.
+    /// The relay's address (host:port), or several relay instances sharing one
+    /// relay key, comma-separated (tried in order; on loss the next); defaults
+    /// to the ones used last.
     #[arg(long)]
     pub relay: Option<String>,
     /// The relay's public key (64 hex digits, as `samverkan-relay key` prints it);
@@ -908,21 +910,22 @@ pub fn run(cli: Cli) -> Result<()> {
             )
         }
         Command::Sync(args) => {
-            let target = relay_target(&mut node, &args)?;
+            let targets = relay_targets(&mut node, &args)?;
             if args.retry_refused {
                 let retried = node.retry_refused()?;
                 crate::output::stderr(&format!("offering {retried} refused document(s) again"));
             }
             let runtime = sync_runtime()?;
             let mut display = crate::progress::ProgressDisplay::stderr();
-            let result = runtime.block_on(crate::sync::sync_once_with_progress(
+            let result = runtime.block_on(crate::sync::sync_once_with_failover(
                 &mut node,
-                &target,
+                &targets,
                 std::time::Duration::from_secs(args.timeout),
                 &mut |p| display.update(p),
             ));
             display.finish();
-            let report = result.with_context(|| format!("sync with {} failed", target.addr))?;
+            let addresses = targets.addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+            let (report, target) = result.with_context(|| format!("sync with {addresses} failed"))?;
             // Documents left out of the sync, and why (not a party; refused now or earlier).
             let mut left_out = Vec::new();
             for summary in node.list()? {
@@ -969,7 +972,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Daemon { relay: args, web, no_web } => {
-            let target = relay_target(&mut node, &args)?;
+            let targets = relay_targets(&mut node, &args)?;
             if args.retry_refused {
                 let retried = node.retry_refused()?;
                 crate::output::stderr(&format!("offering {retried} refused document(s) again"));
@@ -997,8 +1000,9 @@ pub fn run(cli: Cli) -> Result<()> {
                         Some(start_web(&dir, &web, link).await?)
                     }
                 };
-                crate::output::stderr(&format!("syncing with {} until interrupted (Ctrl-C)", target.addr));
-                let result = crate::sync::daemon(&mut node, &target, &options, async {
+                let addresses = targets.addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+                crate::output::stderr(&format!("syncing with {addresses} until interrupted (Ctrl-C)"));
+                let result = crate::sync::daemon_with_failover(&mut node, &targets, &options, async {
                     let _ = tokio::signal::ctrl_c().await;
                 })
                 .await;
@@ -1092,15 +1096,29 @@ pub fn run(cli: Cli) -> Result<()> {
     }
 }
 
-/// The relay to use: from the flags (remembered for next time) or as remembered.
-fn relay_target(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::RelayTarget> {
-    use crate::node::{META_RELAY_ADDRESS, META_RELAY_KEY};
+/// The relay to use: from the flags (remembered for next time) or as
+/// remembered: its first address, then the other instances' (`--relay a,b`).
+fn relay_targets(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::RelayTargets> {
+    use crate::node::{META_RELAY_ADDRESS, META_RELAY_ALTERNATIVES, META_RELAY_KEY};
     let store = node.store_mut();
-    let address = match &args.relay {
-        Some(a) => a.clone(),
-        None => store
-            .meta(META_RELAY_ADDRESS)?
-            .context("no relay known yet: run `samverkan-node join <code>`, or give --relay host:port")?,
+    let (address, alternatives) = match &args.relay {
+        Some(list) => {
+            let mut all = list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string);
+            let first = all.next().context("--relay names no address")?;
+            (first, all.collect::<Vec<_>>())
+        }
+        None => (
+            store
+                .meta(META_RELAY_ADDRESS)?
+                .context("no relay known yet: run `samverkan-node join <code>`, or give --relay host:port")?,
+            store
+                .meta(META_RELAY_ALTERNATIVES)?
+                .unwrap_or_default()
+                .split(',')
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect(),
+        ),
     };
     let relay_key = match &args.relay_key {
         Some(k) => k.trim().to_ascii_lowercase(),
@@ -1110,13 +1128,19 @@ fn relay_target(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::RelayT
     };
     let relay_key: samverkan_shared::identity::NodeId =
         relay_key.parse().with_context(|| format!("the relay key must be 64 hex digits, got {relay_key:?}"))?;
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&address)
-        .with_context(|| format!("cannot resolve relay address {address:?}"))?
-        .next()
-        .with_context(|| format!("relay address {address:?} resolves to nothing"))?;
+    let mut addrs = Vec::new();
+    for address in std::iter::once(&address).chain(&alternatives) {
+        addrs.push(
+            std::net::ToSocketAddrs::to_socket_addrs(address)
+                .with_context(|| format!("cannot resolve relay address {address:?}"))?
+                .next()
+                .with_context(|| format!("relay address {address:?} resolves to nothing"))?,
+        );
+    }
     store.set_meta(META_RELAY_ADDRESS, &address)?;
+    store.set_meta(META_RELAY_ALTERNATIVES, &alternatives.join(","))?;
     store.set_meta(META_RELAY_KEY, &relay_key.to_string())?;
-    Ok(crate::sync::RelayTarget { addr, relay_key })
+    Ok(crate::sync::RelayTargets { addrs, relay_key })
 }
 
 fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {

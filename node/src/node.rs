@@ -43,6 +43,9 @@ pub const KEY_FILE: &str = "node.key";
 pub const META_RELAY_ADDRESS: &str = "relay.address";
 /// Metadata key of the relay's pinned public key.
 pub const META_RELAY_KEY: &str = "relay.key";
+/// Metadata key of the addresses of the relay's other instances (same relay
+/// key, one database), comma-separated, tried after [`META_RELAY_ADDRESS`].
+pub const META_RELAY_ALTERNATIVES: &str = "relay.alternatives";
 /// Metadata key of the last signed enrollment directory received from the relay.
 pub const META_DIRECTORY: &str = "relay.directory";
 /// Folder of signer keys inside the data directory.

@@ -71,6 +71,31 @@ pub struct RelayTarget {
     pub relay_key: NodeId,
 }
 
+/// One relay reachable at several addresses: relay instances that share one
+/// relay key and one database. The first is tried first; on loss the next.
+/// Sync states are kept per relay key, so they stay valid on every instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayTargets {
+    /// The addresses, in the order they are tried.
+    pub addrs: Vec<SocketAddr>,
+    /// The relay key every instance proves.
+    pub relay_key: NodeId,
+}
+
+impl RelayTargets {
+    /// The instance at position `i` (wrapping around).
+    pub fn at(&self, i: usize) -> Option<RelayTarget> {
+        let addr = *self.addrs.get(i % self.addrs.len().max(1))?;
+        Some(RelayTarget { addr, relay_key: self.relay_key })
+    }
+}
+
+impl From<RelayTarget> for RelayTargets {
+    fn from(target: RelayTarget) -> Self {
+        Self { addrs: vec![target.addr], relay_key: target.relay_key }
+    }
+}
+
 /// Errors of a sync.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncFailure {
@@ -598,6 +623,30 @@ pub async fn sync_once(node: &mut Node, target: &RelayTarget, timeout: Duration)
     sync_once_with_progress(node, target, timeout, &mut |_| {}).await
 }
 
+/// [`sync_once`] with the first of the relay's addresses that answers (in
+/// order); the error of the last one tried if none does.
+pub async fn sync_once_with_failover(
+    node: &mut Node,
+    targets: &RelayTargets,
+    timeout: Duration,
+    progress: &mut (dyn FnMut(SyncProgress) + Send),
+) -> Result<(SyncReport, RelayTarget), SyncFailure> {
+    let mut last = SyncFailure::Net(NetError::Io("no relay address to connect to".into()));
+    for i in 0..targets.addrs.len() {
+        let Some(target) = targets.at(i) else { break };
+        match sync_once_with_progress(node, &target, timeout, progress).await {
+            Ok(report) => return Ok((report, target)),
+            // Refused by the relay itself (not enrolled, revoked, ...): every instance would say the same.
+            Err(e @ SyncFailure::Protocol(ConnectionError::Peer { .. })) => return Err(e),
+            Err(e) => {
+                warn!(relay = %target.addr, error = %e, "this relay address failed; trying the next");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
 /// [`sync_once`], calling `progress` whenever a document settles or a frame arrives.
 /// Records the outcome in the store for `samverkan-node status`.
 pub async fn sync_once_with_progress(
@@ -662,6 +711,10 @@ async fn sync_session(
 /// How the daemon behaves.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
+    /// Transport limits; the idle timeout is how long a relay that vanished
+    /// without closing (killed, or its machine gone) takes to be noticed and
+    /// the next address tried.
+    pub limits: Limits,
     /// How often to look for edits made by other processes.
     pub poll_interval: Duration,
     /// First reconnect delay.
@@ -689,6 +742,7 @@ impl Default for DaemonOptions {
             local_edits: None,
             received: None,
             connected: None,
+            limits: Limits::default(),
         }
     }
 }
@@ -701,12 +755,27 @@ pub async fn daemon(
     options: &DaemonOptions,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SyncFailure> {
+    daemon_with_failover(node, &RelayTargets::from(target.clone()), options, shutdown).await
+}
+
+/// [`daemon`] over several addresses of one relay: connects to the first;
+/// when a connection is lost or refused, tries the next address at once and
+/// backs off only after every address failed in a row.
+pub async fn daemon_with_failover(
+    node: &mut Node,
+    targets: &RelayTargets,
+    options: &DaemonOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SyncFailure> {
     tokio::pin!(shutdown);
     let mut backoff = Backoff::new(options.backoff_base, options.backoff_max);
+    let mut current = 0usize;
+    let mut failed_in_a_row = 0usize;
     loop {
+        let target = targets.at(current).ok_or_else(|| NetError::Io("no relay address to connect to".into()))?;
         let connected_at = Instant::now();
         let outcome = tokio::select! {
-            outcome = run_connected(node, target, options) => outcome,
+            outcome = run_connected(node, &target, options) => outcome,
             () = &mut shutdown => return Ok(()),
         };
         match outcome {
@@ -720,8 +789,17 @@ pub async fn daemon(
         }
         if connected_at.elapsed() > Duration::from_secs(10) {
             backoff.reset();
+            failed_in_a_row = 0;
         }
-        let delay = backoff.next_delay();
+        failed_in_a_row += 1;
+        current = (current + 1) % targets.addrs.len().max(1);
+        // Another address is tried at once; the same ones again only after a back-off.
+        let delay = if !failed_in_a_row.is_multiple_of(targets.addrs.len().max(1)) {
+            info!(next = %targets.addrs[current], "failing over to the relay's next address");
+            options.backoff_base.min(Duration::from_millis(50))
+        } else {
+            backoff.next_delay()
+        };
         info!(?delay, "reconnecting");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
@@ -732,8 +810,7 @@ pub async fn daemon(
 
 /// One connected period of the daemon.
 async fn run_connected(node: &mut Node, target: &RelayTarget, options: &DaemonOptions) -> Result<(), SyncFailure> {
-    let limits = Limits::default();
-    let mut session = Session::open(node, target, &limits).await?;
+    let mut session = Session::open(node, target, &options.limits).await?;
     info!(relay = %target.addr, "connected to relay");
     let set_connected = |now: bool| {
         if let Some(flag) = &options.connected {

@@ -11,6 +11,8 @@
 //! max_connections = 4096             # connections served at once
 //! max_connections_per_key = 4        # per node key; the oldest are closed beyond it
 //! stale_after_minutes = 1440         # a node not seen for this long is flagged stale
+//! storage = "sqlite"                 # or "postgres://relay@db.example:5432/samverkan": several
+//!                                    # relay instances (same relay.key) may share one database
 //!
 //! [admin]
 //! enabled = true                     # the admin HTTP server (dashboard, JSON, /metrics, /healthz)
@@ -37,6 +39,35 @@ use serde::Deserialize;
 
 use crate::admin::AdminConfig;
 use crate::server::RelayConfig;
+
+/// Where the relay keeps its data.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StorageLocation {
+    /// The embedded SQLite database `relay.db` in the data directory (the default).
+    #[default]
+    Sqlite,
+    /// A PostgreSQL database (`postgres://user@host:port/db`), which several
+    /// relay instances may share (see [`crate::storage::postgres`]).
+    Postgres(String),
+}
+
+impl std::str::FromStr for StorageLocation {
+    type Err = String;
+
+    /// `sqlite` or a `postgres://` / `postgresql://` address.
+    fn from_str(text: &str) -> Result<Self, String> {
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("sqlite") {
+            Ok(Self::Sqlite)
+        } else if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Ok(Self::Postgres(text.to_string()))
+        } else {
+            Err(format!(
+                "storage must be `sqlite` or a PostgreSQL address (postgres://user@host:port/database), not {text:?}"
+            ))
+        }
+    }
+}
 
 /// Errors reading the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +140,8 @@ pub struct RelayFile {
     pub max_connections_per_key: Option<usize>,
     /// Minutes after which an unseen node is stale.
     pub stale_after_minutes: Option<u64>,
+    /// Where the data lives: `sqlite` (the default) or a `postgres://` address.
+    pub storage: Option<String>,
     /// The admin server.
     #[serde(default)]
     pub admin: AdminFile,
@@ -132,7 +165,10 @@ impl RelayFile {
     /// Writes every key the file sets into `config` (keys it leaves out keep
     /// what `config` had). The admin server is set up when the file enables it
     /// or names an address or token.
-    pub fn apply(&self, config: &mut RelayConfig) {
+    pub fn apply(&self, config: &mut RelayConfig) -> Result<(), String> {
+        if let Some(storage) = &self.storage {
+            config.storage = storage.parse()?;
+        }
         if let Some(listen) = self.listen {
             config.listen = listen;
         }
@@ -192,6 +228,7 @@ impl RelayFile {
         if let Some(n) = self.limits.receive_burst_bytes_per_key {
             config.receive_burst_per_key = n.max(1);
         }
+        Ok(())
     }
 }
 
@@ -208,6 +245,7 @@ mod tests {
             max_connections = 20
             max_connections_per_key = 2
             stale_after_minutes = 60
+            storage = "postgres://relay@db:5432/samverkan"
             [admin]
             listen = "0.0.0.0:9001"
             token = "hemligt"
@@ -223,7 +261,8 @@ mod tests {
         "#;
         let file = RelayFile::parse(text).unwrap();
         let mut config = RelayConfig::new("0.0.0.0:7878".parse().unwrap(), PathBuf::from("/tmp/x"));
-        file.apply(&mut config);
+        file.apply(&mut config).unwrap();
+        assert_eq!(config.storage, StorageLocation::Postgres("postgres://relay@db:5432/samverkan".into()));
         assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(config.data_dir, PathBuf::from("/srv/relay"));
         assert_eq!((config.cached_documents, config.max_connections, config.max_connections_per_key), (10, 20, 2));
@@ -241,11 +280,13 @@ mod tests {
     fn an_empty_file_changes_nothing_and_a_typo_is_an_error() {
         let mut config = RelayConfig::new("0.0.0.0:7878".parse().unwrap(), PathBuf::from("/tmp/x"));
         let before = format!("{config:?}");
-        RelayFile::parse("").unwrap().apply(&mut config);
+        RelayFile::parse("").unwrap().apply(&mut config).unwrap();
         assert_eq!(format!("{config:?}"), before);
         let err = RelayFile::parse("max_conections = 3").unwrap_err();
         assert!(err.contains("max_conections"), "{err}");
         assert!(RelayFile::parse("[admin]\nenabled = false").unwrap().admin.enabled == Some(false));
+        let wrong = RelayFile::parse("storage = \"mysql://x\"").unwrap().apply(&mut config).unwrap_err();
+        assert!(wrong.contains("postgres://"), "{wrong}");
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(RelayFile::load(&dir.path().join("missing.toml")), Err(ConfigError::Io { .. })));
     }

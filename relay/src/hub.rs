@@ -100,6 +100,25 @@ impl Hub {
         }
     }
 
+    /// Tells every connection of the document's `parties` that `doc` changed
+    /// elsewhere (another relay instance on the same storage stored changes to it).
+    pub fn changed_elsewhere(&self, doc: &DocId, parties: &[OrgId]) {
+        for member in self.lock().values().filter(|m| parties.contains(&m.org)) {
+            member.mailbox.post(doc);
+        }
+    }
+
+    /// Asks one connection to close; returns whether it is registered.
+    pub fn close_connection(&self, id: ConnectionId, reason: &str) -> bool {
+        match self.lock().get(&id) {
+            Some(member) => {
+                member.mailbox.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Asks every connection to close (shutdown).
     pub fn close_all(&self, reason: &str) {
         for member in self.lock().values() {

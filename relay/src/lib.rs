@@ -1,8 +1,9 @@
 //! The County Board's Samverkan relay: store-and-forward sync over QUIC.
 //!
 //! Layout:
-//! - [`storage`]: the narrow storage interface ([`storage::RelayStorage`]) and its
-//!   embedded SQLite implementation; a PostgreSQL one can follow.
+//! - [`storage`]: the narrow storage interface ([`storage::RelayStorage`]), its
+//!   embedded SQLite implementation and [`storage::postgres`], on which several
+//!   relay instances share one database.
 //! - [`config`]: the TOML configuration file of `samverkan-relay serve`.
 //! - [`enrollment`]: who may connect: the enrollment directory, join codes, the relay's key.
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.

@@ -17,8 +17,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use samverkan_relay::admin::{self, AdminConfig, DEFAULT_ADMIN, TOKEN_ENV};
-use samverkan_relay::config::RelayFile;
+use samverkan_relay::config::{RelayFile, StorageLocation};
 use samverkan_relay::server::{self, RelayConfig};
+use samverkan_relay::storage::postgres::PostgresStorage;
 use samverkan_relay::storage::SqliteStorage;
 use samverkan_relay::{enrollment, monitor};
 use samverkan_shared::directory::{JoinCode, Member, MemberKind};
@@ -45,6 +46,10 @@ enum Command {
         /// Where the relay keeps its database and key.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Where the relay's data lives: `sqlite` (relay.db in the data directory, the default) or
+        /// the PostgreSQL database its instances share (postgres://user@host:port/database).
+        #[arg(long, env = "SAMVERKAN_RELAY_STORAGE")]
+        storage: Option<StorageLocation>,
         /// Documents kept loaded in memory at most [default: 256].
         #[arg(long)]
         cached_documents: Option<usize>,
@@ -81,6 +86,10 @@ enum Command {
         /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
+        /// Where the relay's data lives: `sqlite` (relay.db in the data directory, the default) or
+        /// the PostgreSQL database its instances share (postgres://user@host:port/database).
+        #[arg(long, env = "SAMVERKAN_RELAY_STORAGE")]
+        storage: Option<StorageLocation>,
         /// The organisation (name or id, e.g. "Flen", "Länsstyrelsen", "polisen").
         #[arg(long)]
         org: String,
@@ -108,6 +117,10 @@ enum Command {
         /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
+        /// Where the relay's data lives: `sqlite` (relay.db in the data directory, the default) or
+        /// the PostgreSQL database its instances share (postgres://user@host:port/database).
+        #[arg(long, env = "SAMVERKAN_RELAY_STORAGE")]
+        storage: Option<StorageLocation>,
         /// The public key, 64 hex digits.
         #[arg(long)]
         key: String,
@@ -117,6 +130,10 @@ enum Command {
         /// The data directory the relay serves from (`serve --data-dir`); it must hold a relay already.
         #[arg(long, env = "SAMVERKAN_RELAY_DATA_DIR")]
         data_dir: PathBuf,
+        /// Where the relay's data lives: `sqlite` (relay.db in the data directory, the default) or
+        /// the PostgreSQL database its instances share (postgres://user@host:port/database).
+        #[arg(long, env = "SAMVERKAN_RELAY_STORAGE")]
+        storage: Option<StorageLocation>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -177,6 +194,27 @@ fn open_storage(data_dir: &std::path::Path) -> anyhow::Result<SqliteStorage> {
     SqliteStorage::open(&path, 4).with_context(|| format!("opening the relay database {}", path.display()))
 }
 
+fn open_postgres(url: &str) -> anyhow::Result<PostgresStorage> {
+    PostgresStorage::open(url, 4).context("opening the relay's PostgreSQL database")
+}
+
+/// Runs `$body` with `$storage` bound to the relay's storage (SQLite in the
+/// data directory, or the PostgreSQL database `--storage` names).
+macro_rules! with_storage {
+    ($location:expr, $data_dir:expr, |$storage:ident| $body:expr) => {
+        match $location.unwrap_or_default() {
+            StorageLocation::Sqlite => {
+                let $storage = open_storage($data_dir)?;
+                $body
+            }
+            StorageLocation::Postgres(url) => {
+                let $storage = open_postgres(&url)?;
+                $body
+            }
+        }
+    };
+}
+
 /// Refuses a data directory that holds no relay (no `relay.key`): a typo, or a
 /// placeholder left in a pasted command, must not set up a new, empty relay.
 fn existing_relay(data_dir: &std::path::Path) -> anyhow::Result<()> {
@@ -212,7 +250,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             })
         }
-        Command::Enroll { data_dir, org, name, key, join_code, address, valid_hours, signer_role } => {
+        Command::Enroll { data_dir, storage, org, name, key, join_code, address, valid_hours, signer_role } => {
             existing_relay(&data_dir)?;
             let org = enrollment::organisations(&data_dir)?
                 .resolve(&org)
@@ -220,83 +258,39 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .id
                 .clone();
             let relay_key = server::load_or_create_key(&data_dir)?.node_id();
-            let storage = open_storage(&data_dir)?;
-            if join_code {
-                let Some(address) = address else {
-                    bail!("--join-code needs --address host:port (how nodes reach this relay)")
-                };
-                let secret = enrollment::issue_join(
-                    &storage,
-                    org.clone(),
-                    &name,
-                    chrono::Duration::hours(valid_hours),
-                    chrono::Utc::now(),
-                )?;
-                let code = JoinCode { secret, relay_key, relay_address: address };
-                say(format_args!("join code for {name} ({org}), valid {valid_hours} h, usable once:\n{code}"))?;
-                say(format_args!("on the node: samverkan-node join {code}"))?;
-                return Ok(());
-            }
-            let Some(key) = key else { bail!("give --key <node key> or --join-code") };
-            let key = parse_key(&key)?;
-            let kind = if signer_role.is_some() { MemberKind::Signer } else { MemberKind::Node };
-            enrollment::enroll(
+            with_storage!(storage, &data_dir, |storage| enroll(
                 &storage,
-                Member {
-                    key,
-                    kind,
-                    org: org.clone(),
-                    name: name.clone(),
-                    role: signer_role,
-                    enrolled_at: chrono::Utc::now(),
-                    revoked_at: None,
-                },
-            )?;
-            say(format_args!("enrolled {name} ({org}) with key {key}"))?;
-            say(format_args!("relay key for the node to pin: {relay_key}"))?;
-            Ok(())
+                relay_key,
+                org,
+                name,
+                key,
+                join_code.then_some(address),
+                valid_hours,
+                signer_role
+            ))
         }
-        Command::Revoke { data_dir, key } => {
+        Command::Revoke { data_dir, storage, key } => {
             existing_relay(&data_dir)?;
             let key = parse_key(&key)?;
-            let member = enrollment::revoke(&open_storage(&data_dir)?, &key, chrono::Utc::now())?;
+            let member =
+                with_storage!(storage, &data_dir, |storage| enrollment::revoke(&storage, &key, chrono::Utc::now()))?;
             say(format_args!(
                 "revoked {} ({}); a running relay disconnects it within seconds",
                 member.name, member.org
             ))?;
             Ok(())
         }
-        Command::List { data_dir, json } => {
+        Command::List { data_dir, storage, json } => {
             existing_relay(&data_dir)?;
-            let directory = enrollment::directory(&open_storage(&data_dir)?)?;
-            if json {
-                say(serde_json::to_string_pretty(&directory)?)?;
-                return Ok(());
-            }
-            say(format_args!("{:<8} {:<14} {:<32} {:<20} {:<10} ROLE", "KIND", "ORG", "NAME", "KEY", "STATE"))?;
-            for m in &directory.members {
-                let state = match m.revoked_at {
-                    Some(t) => format!("revoked {}", t.format("%Y-%m-%d")),
-                    None => "enrolled".to_string(),
-                };
-                let kind = if m.kind == MemberKind::Node { "node" } else { "signer" };
-                say(format_args!(
-                    "{:<8} {:<14} {:<32} {:<20} {:<10} {}",
-                    kind,
-                    m.org,
-                    m.name,
-                    m.key.short(),
-                    state,
-                    m.role.as_deref().unwrap_or("")
-                ))?;
-            }
-            Ok(())
+            let directory = with_storage!(storage, &data_dir, |storage| enrollment::directory(&storage))?;
+            list(&directory, json)
         }
         Command::Key { data_dir } => say(server::load_or_create_key(&data_dir)?.node_id()),
         Command::Serve {
             config: config_file,
             listen,
             data_dir,
+            storage,
             cached_documents,
             max_connections,
             admin,
@@ -308,7 +302,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut config = RelayConfig::new("0.0.0.0:7878".parse()?, PathBuf::new());
             config.monitoring.admin = Some(AdminConfig::new(DEFAULT_ADMIN.parse()?));
             if let Some(path) = &config_file {
-                RelayFile::load(path)?.apply(&mut config);
+                RelayFile::load(path)?.apply(&mut config).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            }
+            if let Some(storage) = storage {
+                config.storage = storage;
             }
             if let Some(listen) = listen {
                 config.listen = listen;
@@ -365,6 +362,80 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// `enroll`: a key, or (with `join_code`, the address nodes reach the relay at) a join code.
+#[allow(clippy::too_many_arguments)]
+fn enroll<S: samverkan_relay::storage::RelayStorage>(
+    storage: &S,
+    relay_key: NodeId,
+    org: samverkan_shared::org::OrgId,
+    name: String,
+    key: Option<String>,
+    join_code: Option<Option<String>>,
+    valid_hours: i64,
+    signer_role: Option<String>,
+) -> anyhow::Result<()> {
+    if let Some(address) = join_code {
+        let Some(address) = address else {
+            bail!("--join-code needs --address host:port (how nodes reach this relay)")
+        };
+        let secret = enrollment::issue_join(
+            storage,
+            org.clone(),
+            &name,
+            chrono::Duration::hours(valid_hours),
+            chrono::Utc::now(),
+        )?;
+        let code = JoinCode { secret, relay_key, relay_address: address };
+        say(format_args!("join code for {name} ({org}), valid {valid_hours} h, usable once:\n{code}"))?;
+        say(format_args!("on the node: samverkan-node join {code}"))?;
+        return Ok(());
+    }
+    let Some(key) = key else { bail!("give --key <node key> or --join-code") };
+    let key = parse_key(&key)?;
+    let kind = if signer_role.is_some() { MemberKind::Signer } else { MemberKind::Node };
+    enrollment::enroll(
+        storage,
+        Member {
+            key,
+            kind,
+            org: org.clone(),
+            name: name.clone(),
+            role: signer_role,
+            enrolled_at: chrono::Utc::now(),
+            revoked_at: None,
+        },
+    )?;
+    say(format_args!("enrolled {name} ({org}) with key {key}"))?;
+    say(format_args!("relay key for the node to pin: {relay_key}"))?;
+    Ok(())
+}
+
+/// `list`: the enrollment directory as a table or JSON.
+fn list(directory: &samverkan_shared::directory::EnrollmentDirectory, json: bool) -> anyhow::Result<()> {
+    if json {
+        say(serde_json::to_string_pretty(directory)?)?;
+        return Ok(());
+    }
+    say(format_args!("{:<8} {:<14} {:<32} {:<20} {:<10} ROLE", "KIND", "ORG", "NAME", "KEY", "STATE"))?;
+    for m in &directory.members {
+        let state = match m.revoked_at {
+            Some(t) => format!("revoked {}", t.format("%Y-%m-%d")),
+            None => "enrolled".to_string(),
+        };
+        let kind = if m.kind == MemberKind::Node { "node" } else { "signer" };
+        say(format_args!(
+            "{:<8} {:<14} {:<32} {:<20} {:<10} {}",
+            kind,
+            m.org,
+            m.name,
+            m.key.short(),
+            state,
+            m.role.as_deref().unwrap_or("")
+        ))?;
+    }
+    Ok(())
 }
 
 /// Installs the Ctrl-C and SIGTERM handlers now and returns a future that

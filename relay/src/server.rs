@@ -52,10 +52,12 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::budget::ReceiveBudget;
+use crate::config::StorageLocation;
 use crate::enrollment::{self, EnrollmentError};
 use crate::hub::{Hub, Mailbox};
 use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayStatus};
-use crate::storage::{RelayStorage, SqliteStorage};
+use crate::storage::postgres::PostgresStorage;
+use crate::storage::{RelayStorage, RemoteEvent, SqliteStorage};
 
 /// File name of the relay's database inside its data directory.
 pub const DB_FILE: &str = "relay.db";
@@ -88,6 +90,9 @@ pub struct RelayConfig {
     pub receive_rate_per_key: u64,
     /// Bytes one node key may make the relay read at once.
     pub receive_burst_per_key: u64,
+    /// Where the documents and the directory live: SQLite in the data
+    /// directory (the default) or a PostgreSQL database several instances share.
+    pub storage: StorageLocation,
 }
 
 impl RelayConfig {
@@ -105,6 +110,7 @@ impl RelayConfig {
             content: ContentLimits::default(),
             receive_rate_per_key: crate::budget::DEFAULT_RATE,
             receive_burst_per_key: crate::budget::DEFAULT_BURST,
+            storage: StorageLocation::Sqlite,
         }
     }
 }
@@ -442,11 +448,24 @@ pub fn load_or_create_key(data_dir: &std::path::Path) -> Result<NodeKey, RelayEr
     Ok(keyfile::load_or_create(&data_dir.join(enrollment::KEY_FILE))?)
 }
 
-/// Starts a relay with the embedded SQLite storage.
+/// Starts a relay on the storage its configuration names (by default the
+/// embedded SQLite database in its data directory).
 pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     keyfile::create_private_dir(&config.data_dir)?;
-    let storage = SqliteStorage::open(&config.data_dir.join(DB_FILE), config.cached_documents)?;
-    spawn_with_storage(config, storage).await
+    match &config.storage {
+        StorageLocation::Sqlite => {
+            let storage = SqliteStorage::open(&config.data_dir.join(DB_FILE), config.cached_documents)?;
+            spawn_with_storage(config, storage).await
+        }
+        StorageLocation::Postgres(url) => {
+            let (url, cache) = (url.clone(), config.cached_documents);
+            // Connecting blocks: not on a runtime worker.
+            let storage = tokio::task::spawn_blocking(move || PostgresStorage::open(&url, cache))
+                .await
+                .map_err(|e| StoreError::Backend { backend: "postgresql", message: e.to_string() })??;
+            spawn_with_storage(config, storage).await
+        }
+    }
 }
 
 /// Starts a relay on any storage implementation.
@@ -489,6 +508,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
         let cache = shared.directory();
         cache.directory.latest(&key).map(|m| m.org.clone())
     })));
+    watch_other_instances(&shared)?;
     if config.monitoring.resolver.is_none() && config.monitoring.names.is_empty() {
         // Nodes are named from the enrollment directory unless the caller names them.
         monitor.set_resolver(Some(Arc::new(EnrolledNames(Arc::downgrade(&shared)))));
@@ -555,6 +575,68 @@ pub async fn spawn_with_storage<S: RelayStorage>(
         .instrument(info_span!("relay", %local_addr)),
     );
     Ok(RelayHandle { local_addr, relay_key: relay_id, shutdown, task, admin: shared, monitor, status, admin_addr })
+}
+
+/// Subscribes to what other relay instances sharing the storage commit (a
+/// storage that is not shared never calls back): their document changes reach
+/// this instance's connections as a local change would, their directory changes
+/// (an enrollment, a revocation, a used join code) are read at once, and a
+/// connection they ask to close (the node's per-key limit) is closed.
+fn watch_other_instances<S: RelayStorage>(shared: &Arc<Shared<S>>) -> Result<(), StoreError> {
+    let weak = Arc::downgrade(shared);
+    let on_event = Arc::new(move |event: RemoteEvent| {
+        let Some(shared) = weak.upgrade() else { return };
+        match event {
+            RemoteEvent::DocChanged(doc) => match shared.storage().entry(&doc) {
+                Ok(Some(entry)) => {
+                    shared.monitor.doc_changed(&doc, &entry.heads);
+                    shared.hub.changed_elsewhere(&doc, &entry.parties);
+                }
+                Ok(None) => {}
+                Err(e) => warn!(%doc, error = %e, "could not read a document another instance changed"),
+            },
+            RemoteEvent::MetaChanged => {
+                if let Err(e) = shared.refresh_directory_if_changed() {
+                    warn!(error = %e, "could not re-read the enrollment directory");
+                }
+            }
+            RemoteEvent::Missed => {
+                if let Err(e) = shared.refresh_directory_if_changed() {
+                    warn!(error = %e, "could not re-read the enrollment directory");
+                }
+                // Every document may have changed meanwhile: each connection compares.
+                match shared.storage().index() {
+                    Ok(index) => index.iter().for_each(|entry| shared.hub.changed_elsewhere(&entry.id, &entry.parties)),
+                    Err(e) => warn!(error = %e, "could not list documents after missed notifications"),
+                }
+            }
+            RemoteEvent::Close { conn, reason } => {
+                if shared.hub.close_connection(conn, &reason) {
+                    info!(conn, "closing a connection (per-key limit, across instances)");
+                }
+            }
+        }
+    });
+    if shared.storage().watch_remote(on_event)? {
+        info!("storage shared with other relay instances: listening for their commits");
+    }
+    Ok(())
+}
+
+/// Records an established connection in the storage and closes this node's
+/// oldest connections beyond the per-key limit, counted across every relay
+/// instance sharing the storage (the local hub already holds it locally).
+fn limit_connections_across_instances<S: RelayStorage>(shared: &Shared<S>, peer: &str, id: u64) {
+    let closing = shared.storage().connection_opened(peer, id, shared.max_connections_per_key);
+    match closing {
+        Ok(Some(local)) => {
+            for old in local {
+                shared.hub.close_connection(old, "replaced by a newer connection of this node");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => warn!(error = %e, "could not record the connection in the shared storage"),
+    }
 }
 
 /// Metadata key set once every record stored before receipts existed has one.
@@ -898,6 +980,9 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     }
     if let Some((id, _)) = state.member {
         shared.hub.leave(id);
+        if let Err(e) = shared.storage().connection_closed(id) {
+            warn!(error = %e, "could not record the connection's end in the storage");
+        }
     }
     let mut watch = state.watch;
     watch.update(&mut sync, recv.bytes(), send.bytes());
@@ -1201,7 +1286,9 @@ fn step<S: RelayStorage>(
                 sync.restore(shared_states(shared.storage(), &auth.member.org, stored)?);
                 *persist = Some(auth.member.org.clone());
                 watch.established(&peer, &software, sync);
-                *member = Some(shared.hub.join(&peer, &auth.member.org));
+                let joined = shared.hub.join(&peer, &auth.member.org);
+                limit_connections_across_instances(shared, &peer, joined.0);
+                *member = Some(joined);
                 sync.push_directory(shared.directory().signed.clone());
                 sync.begin(&mut docs)?;
             }

@@ -4,14 +4,19 @@
 //! (as Automerge changes), an index of their heads and parties for summaries and
 //! access control, the sync state it shares with each node, and small metadata
 //! values (the enrollment directory). The default is [`SqliteStorage`] over the
-//! same store the nodes use; a PostgreSQL implementation can later let several
-//! relay instances share one database. Implementations must commit a change
+//! same store the nodes use; [`postgres::PostgresStorage`] lets several relay
+//! instances share one database (they learn of each other's commits through
+//! [`RelayStorage::watch_remote`]). Implementations must commit a change
 //! durably before returning, and must not hold every document in memory.
 //!
 //! Every method takes `&self` and may be called from many threads at once:
 //! an implementation serialises work per document, not globally. Callers run
 //! it on threads of their own (the relay: tokio's blocking pool, a bounded
 //! number at a time), never on the async runtime's workers.
+
+pub mod postgres;
+
+use std::sync::Arc;
 
 use automerge::ChangeHash;
 use samverkan_shared::acceptance::ContentLimits;
@@ -122,6 +127,48 @@ pub trait RelayStorage: Send + Sync + 'static {
 
     /// Number of documents held in memory.
     fn loaded(&self) -> usize;
+
+    /// Starts telling `on_event` (from a thread of the storage's own) what other
+    /// relay instances sharing this storage commit. Returns whether the storage
+    /// is shared at all: the default (one process) never calls `on_event`.
+    fn watch_remote(&self, _on_event: Arc<dyn Fn(RemoteEvent) + Send + Sync>) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    /// Records that connection `conn` of node `peer` was established here, and
+    /// enforces the per-key limit across every instance: of the node's
+    /// connections on all instances the `keep` newest stay; older ones on other
+    /// instances are asked to close ([`RemoteEvent::Close`]) and the local ones
+    /// to close are returned. `None` (the default): the storage does not track
+    /// connections, and the local count is the whole truth.
+    fn connection_opened(&self, _peer: &str, _conn: u64, _keep: usize) -> Result<Option<Vec<u64>>, StoreError> {
+        Ok(None)
+    }
+
+    /// Records that connection `conn` (of this instance) ended.
+    fn connection_closed(&self, _conn: u64) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+/// What another relay instance sharing the storage did (see [`RelayStorage::watch_remote`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteEvent {
+    /// It stored changes to a document: this instance's connections are owed them.
+    DocChanged(DocId),
+    /// It changed metadata (the enrollment directory, join codes).
+    MetaChanged,
+    /// Notifications may have been missed (the listener reconnected): every
+    /// document and the directory may have changed.
+    Missed,
+    /// It asks this instance to close one of its connections (the node's
+    /// connections across instances are over the per-key limit).
+    Close {
+        /// The connection, as this instance numbered it.
+        conn: u64,
+        /// Why, for the node.
+        reason: String,
+    },
 }
 
 /// Metadata key prefix of the monitoring record of each node.

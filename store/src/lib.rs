@@ -186,6 +186,14 @@ pub enum StoreError {
     /// nothing of any of them was written.
     #[error("the database commit failed ({0}); nothing of it was written")]
     CommitFailed(String),
+    /// Another storage backend failed (the relay's PostgreSQL): which one, and its error.
+    #[error("{backend} error: {message}")]
+    Backend {
+        /// The backend (`"postgresql"`).
+        backend: &'static str,
+        /// Its error, in its words.
+        message: String,
+    },
 }
 
 impl StoreError {

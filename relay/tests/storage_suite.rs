@@ -1,0 +1,424 @@
+//! One storage test suite for every [`RelayStorage`]: each test runs against
+//! the embedded SQLite storage always, and against PostgreSQL when
+//! `SAMVERKAN_TEST_POSTGRES` names a server (a throwaway database per test;
+//! `.ci/run` starts one and sets `SAMVERKAN_REQUIRE_POSTGRES`, so CI never
+//! skips them). "Another instance" is a second storage opened on the same
+//! database: a second process on SQLite, a second relay instance on PostgreSQL.
+
+use std::io::Write;
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use automerge::ChangeHash;
+use chrono::{TimeZone, Utc};
+use samverkan_relay::enrollment::{self, EnrollmentError};
+use samverkan_relay::storage::postgres::{self, PostgresStorage, TestDatabase};
+use samverkan_relay::storage::{RelayStorage, RemoteEvent, SqliteStorage};
+use samverkan_shared::acceptance::ContentLimits;
+use samverkan_shared::identity::NodeKey;
+use samverkan_shared::ids::DocId;
+use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext};
+use samverkan_shared::org::{Directory, OrgId};
+use samverkan_shared::receipt::ApprovalReceipt;
+use samverkan_store::StoreError;
+
+/// Opens storages on one shared database.
+trait Backend {
+    type S: RelayStorage;
+    fn open(&self) -> Self::S;
+}
+
+struct Sqlite(tempfile::TempDir);
+
+impl Backend for Sqlite {
+    type S = SqliteStorage;
+    fn open(&self) -> SqliteStorage {
+        SqliteStorage::open(&self.0.path().join("relay.db"), 8).unwrap()
+    }
+}
+
+struct Postgres(String);
+
+impl Backend for Postgres {
+    type S = PostgresStorage;
+    fn open(&self) -> PostgresStorage {
+        PostgresStorage::open(&self.0, 8).unwrap()
+    }
+}
+
+fn sqlite() -> Sqlite {
+    Sqlite(tempfile::tempdir().unwrap())
+}
+
+/// A fresh PostgreSQL database, or `None` (having said why) when no server is configured.
+fn postgres(test: &str) -> Option<Postgres> {
+    match postgres::test_database().unwrap_or_else(|e| panic!("{test}: {e}")) {
+        TestDatabase::Ready(url) => Some(Postgres(url)),
+        TestDatabase::Skipped(why) => {
+            let _ = writeln!(std::io::stderr(), "{test} on PostgreSQL: {why}");
+            None
+        }
+    }
+}
+
+/// Each test, once per backend.
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod on_sqlite {
+            $(#[test] fn $name() { super::$name(&super::sqlite()) })*
+        }
+        mod on_postgres {
+            $(#[test] fn $name() {
+                if let Some(backend) = super::postgres(stringify!($name)) { super::$name(&backend) }
+            })*
+        }
+    };
+}
+
+suite!(
+    a_stored_document_survives_reopening_with_its_index_entry,
+    a_failed_closure_stores_nothing_and_discards_the_copy,
+    a_missing_document_is_none_unless_created,
+    signatures_and_receipts_are_stored_with_the_change_and_the_first_receipt_kept,
+    saving_sync_states_replaces_the_peers_and_leaves_other_peers_alone,
+    node_records_are_kept_per_peer,
+    update_meta_is_atomic_across_instances,
+    a_refused_meta_update_changes_nothing,
+    another_instances_meta_commit_changes_external_changes,
+    a_cached_copy_sees_what_another_instance_wrote_and_compacted,
+    over_the_content_limits_nothing_is_written,
+    a_join_code_is_used_once_across_instances,
+);
+
+fn org() -> OrgId {
+    OrgId::new("trosa-kommun").unwrap()
+}
+
+fn ctx() -> EditContext {
+    EditContext {
+        author: NodeKey::generate().node_id(),
+        org: org(),
+        node_name: "Trosa".into(),
+        time: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
+    }
+}
+
+/// A new document's bytes (one change), naming Trosa among its parties.
+fn new_document() -> (DocId, Vec<u8>) {
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa 2025");
+    content.parties = vec![org()];
+    let mut doc = Document::create(DocId::random(), content, &ctx(), &Directory::sodermanland()).unwrap();
+    (doc.id().clone(), doc.automerge_mut().save())
+}
+
+/// Stores a new document through `with_doc(create)`; returns its id and heads.
+fn store_new<S: RelayStorage>(storage: &mut S) -> (DocId, Vec<ChangeHash>) {
+    let (id, bytes) = new_document();
+    let heads = storage
+        .with_doc(&id, true, |d| {
+            d.automerge_mut().load_incremental(&bytes).map_err(|e| StoreError::Model(e.into()))?;
+            Ok::<_, StoreError>((d.heads(), Vec::new(), Vec::new()))
+        })
+        .unwrap()
+        .unwrap();
+    (id, heads)
+}
+
+/// One edit of the body; returns the heads after it.
+fn edit<S: RelayStorage>(storage: &mut S, id: &DocId, body: &str) -> Vec<ChangeHash> {
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    storage
+        .with_doc(id, false, |d| {
+            d.edit(&ctx, &directory, "body", |e| e.set_body(body)).map_err(StoreError::from)?;
+            Ok::<_, StoreError>((d.heads(), Vec::new(), Vec::new()))
+        })
+        .unwrap()
+        .unwrap()
+}
+
+fn body<S: RelayStorage>(storage: &mut S, id: &DocId) -> String {
+    storage.with_doc(id, false, |d| Ok::<_, StoreError>((d.view()?.body, Vec::new(), Vec::new()))).unwrap().unwrap()
+}
+
+fn a_stored_document_survives_reopening_with_its_index_entry<B: Backend>(backend: &B) {
+    let (id, heads) = {
+        let mut storage = backend.open();
+        let (id, _) = store_new(&mut storage);
+        let heads = edit(&mut storage, &id, "Första stycket åäö");
+        (id, heads)
+    };
+    let mut storage = backend.open();
+    let entry = storage.entry(&id).unwrap().expect("stored");
+    assert_eq!((entry.heads.clone(), entry.parties.clone()), (heads, vec![org()]));
+    assert_eq!(storage.index().unwrap(), vec![entry]);
+    assert_eq!(body(&mut storage, &id), "Första stycket åäö");
+}
+
+fn a_failed_closure_stores_nothing_and_discards_the_copy<B: Backend>(backend: &B) {
+    let mut storage = backend.open();
+    let (id, heads) = store_new(&mut storage);
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    let failed: Result<Option<()>, StoreError> = storage.with_doc(&id, false, |d| {
+        d.edit(&ctx, &directory, "body", |e| e.set_body("never stored"))?;
+        Err(StoreError::NotFound(DocId::random()))
+    });
+    assert!(failed.is_err());
+    assert_eq!(storage.entry(&id).unwrap().unwrap().heads, heads);
+    assert_eq!(body(&mut storage, &id), "", "the edited in-memory copy was discarded");
+    assert_eq!(backend.open().entry(&id).unwrap().unwrap().heads, heads);
+
+    // A new document whose closure fails is not stored at all.
+    let (new_id, bytes) = new_document();
+    let failed: Result<Option<()>, StoreError> = storage.with_doc(&new_id, true, |d| {
+        d.automerge_mut().load_incremental(&bytes).map_err(|e| StoreError::Model(e.into()))?;
+        Err(StoreError::NotFound(new_id.clone()))
+    });
+    assert!(failed.is_err());
+    assert!(storage.entry(&new_id).unwrap().is_none());
+}
+
+fn a_missing_document_is_none_unless_created<B: Backend>(backend: &B) {
+    let storage = backend.open();
+    let missing = DocId::random();
+    let ran = storage.with_doc(&missing, false, |_| Ok::<_, StoreError>(((), Vec::new(), Vec::new()))).unwrap();
+    assert!(ran.is_none());
+    // Created but left empty: nothing is stored.
+    let ran = storage.with_doc(&missing, true, |_| Ok::<_, StoreError>(((), Vec::new(), Vec::new()))).unwrap();
+    assert!(ran.is_some());
+    assert!(storage.entry(&missing).unwrap().is_none());
+    assert!(storage.index().unwrap().is_empty());
+}
+
+fn signatures_and_receipts_are_stored_with_the_change_and_the_first_receipt_kept<B: Backend>(backend: &B) {
+    let mut storage = backend.open();
+    let (id, _) = store_new(&mut storage);
+    let relay = NodeKey::generate();
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    let first = ApprovalReceipt::issue(&relay, &id, &hex::encode([0xa1u8; 64]), Utc::now()).unwrap();
+    let heads = storage
+        .with_doc(&id, false, |d| {
+            d.edit(&ctx, &directory, "body", |e| e.set_body("signerad")).map_err(StoreError::from)?;
+            let heads = d.heads();
+            Ok::<_, StoreError>((heads.clone(), vec![(heads[0], [7u8; 64])], vec![first.clone()]))
+        })
+        .unwrap()
+        .unwrap();
+    let unknown = ChangeHash([9u8; 32]);
+    assert_eq!(storage.signatures(&[unknown, heads[0]]).unwrap(), vec![(heads[0], [7u8; 64])]);
+    assert_eq!(storage.receipts(&id).unwrap(), vec![first.clone()]);
+
+    let later =
+        ApprovalReceipt::issue(&relay, &id, &hex::encode([0xa1u8; 64]), Utc::now() + chrono::Duration::seconds(5))
+            .unwrap();
+    let other = ApprovalReceipt::issue(&relay, &id, &hex::encode([0xb2u8; 64]), Utc::now()).unwrap();
+    assert_eq!(storage.add_receipts(&[later, other.clone()]).unwrap(), 1, "only record-b is new");
+    let receipts = backend.open().receipts(&id).unwrap();
+    assert_eq!(receipts, vec![first, other]);
+    for receipt in &receipts {
+        receipt.verify(&relay.node_id()).unwrap();
+    }
+}
+
+fn saving_sync_states_replaces_the_peers_and_leaves_other_peers_alone<B: Backend>(backend: &B) {
+    let storage = backend.open();
+    let (a, b, c) = (DocId::random(), DocId::random(), DocId::random());
+    storage.save_sync_states("p", vec![(a.clone(), vec![1]), (b.clone(), vec![2])]).unwrap();
+    storage.save_sync_states("q", vec![(a.clone(), vec![3])]).unwrap();
+    storage.save_sync_states("p", vec![(c.clone(), vec![4]), (a.clone(), vec![5])]).unwrap();
+    let mut p = backend.open().sync_states("p").unwrap();
+    p.sort();
+    let mut want = vec![(a.clone(), vec![5]), (c, vec![4])];
+    want.sort();
+    assert_eq!(p, want);
+    assert_eq!(storage.sync_states("q").unwrap(), vec![(a, vec![3])]);
+    assert_eq!(storage.peers().unwrap(), vec!["p".to_string(), "q".to_string()]);
+    storage.save_sync_states("p", Vec::new()).unwrap();
+    assert!(storage.sync_states("p").unwrap().is_empty());
+}
+
+fn node_records_are_kept_per_peer<B: Backend>(backend: &B) {
+    let storage = backend.open();
+    storage.save_node_record("a", "{\"seen\":1}").unwrap();
+    storage.save_node_record("b", "{\"seen\":2}").unwrap();
+    storage.save_node_record("a", "{\"seen\":3}").unwrap();
+    let records = backend.open().node_records().unwrap();
+    assert_eq!(records, vec![("a".into(), "{\"seen\":3}".into()), ("b".into(), "{\"seen\":2}".into())]);
+}
+
+fn update_meta_is_atomic_across_instances<B: Backend + Sync>(backend: &B) {
+    const PER_THREAD: usize = 25;
+    let barrier = Barrier::new(3);
+    std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                let storage = backend.open();
+                barrier.wait();
+                for _ in 0..PER_THREAD {
+                    storage
+                        .update_meta("counter", |v| {
+                            let n: usize = v.map(|v| v.parse().unwrap()).unwrap_or(0);
+                            Ok::<_, StoreError>(Some((n + 1).to_string()))
+                        })
+                        .unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(backend.open().meta("counter").unwrap(), Some((3 * PER_THREAD).to_string()), "no update was lost");
+}
+
+fn a_refused_meta_update_changes_nothing<B: Backend>(backend: &B) {
+    let storage = backend.open();
+    assert_eq!(storage.update_meta("k", |_| Ok::<_, StoreError>(Some("1".into()))).unwrap(), Some("1".into()));
+    let refused = storage.update_meta("k", |_| Err::<Option<String>, _>(StoreError::NotFound(DocId::random())));
+    assert!(refused.is_err());
+    assert_eq!(storage.update_meta("k", |_| Ok::<_, StoreError>(None)).unwrap(), None);
+    assert_eq!(backend.open().meta("k").unwrap(), Some("1".into()));
+}
+
+fn another_instances_meta_commit_changes_external_changes<B: Backend>(backend: &B) {
+    let ours = backend.open();
+    let before = ours.external_changes().unwrap();
+    assert!(before.is_some(), "both backends can tell");
+    let theirs = backend.open();
+    theirs.update_meta("relay.enrollment", |_| Ok::<_, StoreError>(Some("{}".into()))).unwrap();
+    assert_ne!(ours.external_changes().unwrap(), before);
+}
+
+fn a_cached_copy_sees_what_another_instance_wrote_and_compacted<B: Backend>(backend: &B) {
+    let mut ours = backend.open();
+    let (id, _) = store_new(&mut ours);
+    assert_eq!(body(&mut ours, &id), "");
+    assert_eq!(ours.loaded(), 1);
+    let mut theirs = backend.open();
+    edit(&mut theirs, &id, "one edit");
+    assert_eq!(body(&mut ours, &id), "one edit");
+    // Enough edits to fold the increments into a new snapshot, twice.
+    let mut heads = Vec::new();
+    for i in 0..150 {
+        heads = edit(&mut theirs, &id, &format!("edit {i}"));
+    }
+    assert_eq!(body(&mut ours, &id), "edit 149");
+    assert_eq!(ours.entry(&id).unwrap().unwrap().heads, heads);
+    // And the other way round, on top of what the cache holds.
+    let ours_heads = edit(&mut ours, &id, "ours again");
+    assert_eq!(body(&mut theirs, &id), "ours again");
+    assert_eq!(theirs.entry(&id).unwrap().unwrap().heads, ours_heads);
+    ours.evict(&id);
+    assert_eq!(ours.loaded(), 0);
+}
+
+fn over_the_content_limits_nothing_is_written<B: Backend>(backend: &B) {
+    let mut storage = backend.open();
+    let (id, heads) = store_new(&mut storage);
+    storage.set_content_limits(ContentLimits { max_change_bytes: 2_000, max_document_bytes: 100_000 });
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    let big: String = (0..4_000).map(|i| char::from(b'a' + (i * 7 % 26) as u8)).collect();
+    let refused = storage.with_doc(&id, false, |d| {
+        d.edit(&ctx, &directory, "body", |e| e.set_body(&big)).map_err(StoreError::from)?;
+        Ok::<_, StoreError>(((), Vec::new(), Vec::new()))
+    });
+    assert!(matches!(refused, Err(StoreError::TooLarge(_))), "{refused:?}");
+    assert_eq!(storage.entry(&id).unwrap().unwrap().heads, heads);
+    assert_eq!(body(&mut storage, &id), "");
+}
+
+fn a_join_code_is_used_once_across_instances<B: Backend + Sync>(backend: &B) {
+    let now = Utc::now();
+    let flen = OrgId::new("flen-kommun").unwrap();
+    let secret = enrollment::issue_join(&backend.open(), flen, "Flen", chrono::Duration::hours(1), now).unwrap();
+    let barrier = Barrier::new(4);
+    let outcomes = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                let storage = backend.open();
+                let key = NodeKey::generate().node_id();
+                barrier.wait();
+                let outcome = enrollment::consume_join(&storage, &secret, key, "flen-kommun", Utc::now());
+                outcomes.lock().unwrap().push(outcome);
+            });
+        }
+    });
+    let outcomes = outcomes.into_inner().unwrap();
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+    assert!(outcomes.iter().filter(|o| o.is_err()).all(|o| matches!(o, Err(EnrollmentError::UnknownJoinCode))));
+    assert_eq!(enrollment::directory(&backend.open()).unwrap().members.len(), 1);
+}
+
+// PostgreSQL only: what several instances tell each other.
+
+/// Waits (bounded) until `events` holds one matching `want`.
+fn wait_for(events: &Mutex<Vec<RemoteEvent>>, want: impl Fn(&RemoteEvent) -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if events.lock().unwrap().iter().any(&want) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn postgres_instances_hear_each_others_document_and_directory_commits() {
+    let Some(backend) = postgres("postgres_instances_hear_each_others_document_and_directory_commits") else {
+        return;
+    };
+    let mut ours = backend.open();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    assert!(ours.watch_remote(Arc::new(move |e| sink.lock().unwrap().push(e))).unwrap());
+    let mut theirs = backend.open();
+    let (id, _) = store_new(&mut theirs);
+    assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())), "{:?}", events.lock().unwrap());
+    enrollment::issue_join(&theirs, org(), "Trosa", chrono::Duration::hours(1), Utc::now()).unwrap();
+    assert!(wait_for(&events, |e| *e == RemoteEvent::MetaChanged));
+    // Its own commits are not news to an instance.
+    events.lock().unwrap().clear();
+    edit(&mut ours, &id, "ours");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(events.lock().unwrap().is_empty(), "{:?}", events.lock().unwrap());
+}
+
+#[test]
+fn postgres_the_per_key_limit_holds_across_instances() {
+    let Some(backend) = postgres("postgres_the_per_key_limit_holds_across_instances") else { return };
+    let first = backend.open();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    first.watch_remote(Arc::new(move |e| sink.lock().unwrap().push(e))).unwrap();
+    let second = backend.open();
+    second.watch_remote(Arc::new(|_| {})).unwrap();
+    assert_eq!(first.connection_opened("node-a", 1, 2).unwrap(), Some(vec![]));
+    assert_eq!(second.connection_opened("node-b", 1, 2).unwrap(), Some(vec![]));
+    assert_eq!(second.connection_opened("node-a", 7, 2).unwrap(), Some(vec![]));
+    // A third connection of node-a: the oldest, on the first instance, is asked to close.
+    assert_eq!(second.connection_opened("node-a", 8, 2).unwrap(), Some(vec![]));
+    assert!(wait_for(&events, |e| matches!(e, RemoteEvent::Close { conn: 1, .. })), "{:?}", events.lock().unwrap());
+    // A fourth, now on the first instance: the second's oldest (7) goes.
+    second.connection_closed(8).unwrap();
+    assert_eq!(first.connection_opened("node-a", 2, 1).unwrap(), Some(vec![]));
+    // Local ones beyond the limit are returned to close here.
+    assert_eq!(first.connection_opened("node-a", 3, 1).unwrap(), Some(vec![2]));
+}
+
+#[test]
+fn postgres_a_newer_schema_is_refused_and_migrating_twice_is_harmless() {
+    let Some(backend) = postgres("postgres_a_newer_schema_is_refused_and_migrating_twice_is_harmless") else {
+        return;
+    };
+    let storage = backend.open();
+    assert_eq!(storage.schema_version().unwrap(), postgres::SCHEMA_VERSION);
+    drop(backend.open());
+    // Pretend a newer relay migrated the database.
+    let url = backend.0.clone();
+    std::thread::spawn(move || {
+        let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        client.execute("UPDATE samverkan_schema SET version = version + 1", &[]).unwrap();
+    })
+    .join()
+    .unwrap();
+    let refused = PostgresStorage::open(&backend.0, 8).unwrap_err();
+    assert!(refused.to_string().contains("upgrade samverkan-relay"), "{refused}");
+}
