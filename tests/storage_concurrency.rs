@@ -206,3 +206,17 @@ async fn a_document_stuck_in_storage_holds_up_no_other_document() {
     assert_eq!(body(&mut flen_2, &stuck), "Flens nya text");
     relay.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_on_the_same_sqlite_data_directory_is_refused_until_the_first_stops() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("relay");
+    let config = || RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.clone());
+    let first = server::spawn(config()).await.expect("the first relay starts");
+    let refused = server::spawn(config()).await.expect_err("a second relay on the same file is refused");
+    assert!(matches!(refused, server::RelayError::AlreadyServing(_)), "{refused}");
+    assert!(refused.to_string().contains("already serving"), "{refused}");
+    bounded("shutdown", first.shutdown()).await;
+    let again = server::spawn(config()).await.expect("once the first stopped, a relay starts");
+    bounded("shutdown", again.shutdown()).await;
+}

@@ -35,20 +35,26 @@ pub async fn run(histories: &[usize], edits: usize) -> Result<Vec<Figure>> {
         let real = through_daemons(history, edits).await?;
         let (i50, i99) = (ms(percentile(&inproc, 50.0)), ms(percentile(&inproc, 99.0)));
         let (r50, r99) = (ms(percentile(&real, 50.0)), ms(percentile(&real, 99.0)));
+        // The floor: the same exchange in process, two QUIC round trips (A→relay, relay→B)
+        // and the three durable commits on the path (A's edit, the relay's, B's).
+        let floor = i50 + 2.0 * rtt50 + 3.0 * commit50;
         out.push(
             Figure::info(format!("latency.h{history}.p50"), r50, "ms")
-                .baseline(i50, "in-process A→relay→B")
-                .target("≤ 1.2× in-process + 0.3 ms", r50 <= 1.2 * i50 + 0.3),
+                .baseline(floor, "floor: in-process + 2 round trips + 3 durable commits")
+                .target("≤ 1.2× floor", r50 <= 1.2 * floor),
         );
         out.push(
             Figure::info(format!("latency.h{history}.p99"), r99, "ms")
-                .baseline(i99, "in-process A→relay→B")
-                .target("≤ 2× in-process", r99 <= 2.0 * i99),
+                .baseline(r50, "p50")
+                .target("≤ 2.5× p50", r99 <= 2.5 * r50),
         );
-        out.push(Figure::info(format!("latency.h{history}.p50.vs_rtt"), r50, "ms").baseline(rtt50, "quinn round trip"));
         out.push(
-            Figure::info(format!("latency.h{history}.p50.vs_durable"), r50, "ms")
-                .baseline(i50 + 2.0 * rtt50 + 3.0 * commit50, "in-process + 2 round trips + 3 durable commits"),
+            Figure::info(format!("latency.h{history}.p50.vs_in_process"), r50, "ms")
+                .baseline(i50, "in-process A→relay→B"),
+        );
+        out.push(
+            Figure::info(format!("latency.h{history}.p99.vs_in_process"), r99, "ms")
+                .baseline(i99, "in-process A→relay→B"),
         );
     }
     Ok(out)

@@ -232,6 +232,7 @@ async fn measure(
     let mut tasks = tokio::task::JoinSet::new();
     let mut editor_tx = None;
     let mut rss_first = 0;
+    let mut idle = Vec::new();
     let connect_started = Instant::now();
     for (i, identity) in identities.into_iter().enumerate() {
         let (docs, observed) = match i {
@@ -272,6 +273,10 @@ async fn measure(
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
             rss_first = relay.rss_bytes()?;
+            // The same steady edits with only the editor and the observer connected: the idle baseline.
+            let editor_tx = editor_tx.as_ref().context("no editor")?;
+            let steady = Steady { editor_docs: &editor_docs, editor_tx, ids: &ids, author, rate: s.rate };
+            idle = steady.run(s.seconds.min(10), 100_000, &mut observed_rx).await?.1;
         }
     }
     for _ in 2..s.nodes {
@@ -287,46 +292,18 @@ async fn measure(
     // Steady edits on the editor node, observed at the observer node.
     let editor_tx = editor_tx.context("no editor")?;
     let cpu_before = relay.cpu_seconds()?;
-    let mut sent: HashMap<ChangeHash, Instant> = HashMap::new();
-    let interval = Duration::from_secs_f64(1.0 / f64::from(s.rate.max(1)));
-    let mut tick = tokio::time::interval(interval);
-    let steady_started = Instant::now();
-    let mut edits = 0usize;
-    while steady_started.elapsed() < Duration::from_secs(s.seconds) {
-        tick.tick().await;
-        let id = &ids[edits % ids.len()];
-        let hash = {
-            let mut docs = editor_docs.lock();
-            let doc = docs.0.get_mut(id).context("editor lost a document")?;
-            author.small_edit(doc, 1000 + edits)?
-        };
-        if let Some(hash) = hash {
-            sent.insert(hash, Instant::now());
-            editor_tx.send(id.clone()).map_err(|_| anyhow!("editor node stopped"))?;
-            edits += 1;
-        }
-    }
-    let mut latencies = Vec::new();
-    let drain_until = Instant::now() + Duration::from_secs(5);
-    while latencies.len() < edits {
-        let Ok(Some((heads, at))) = tokio::time::timeout_at(drain_until.into(), observed_rx.recv()).await else {
-            break;
-        };
-        for h in heads {
-            if let Some(t) = sent.remove(&h) {
-                latencies.push(at - t);
-            }
-        }
-    }
+    let steady = Steady { editor_docs: &editor_docs, editor_tx: &editor_tx, ids: &ids, author, rate: s.rate };
+    let (edits, latencies) = steady.run(s.seconds, 1000, &mut observed_rx).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu = relay.cpu_seconds()? - cpu_before;
     let _ = stop_tx.send(true);
     while tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await.ok().flatten().is_some() {}
-    if latencies.is_empty() {
+    if latencies.is_empty() || idle.is_empty() {
         bail!("no edit reached the observer");
     }
+    let (idle99, loaded99) = (ms(percentile(&idle, 99.0)), ms(percentile(&latencies, 99.0)));
+    let cpu_per_change = cpu * 1e6 / forwarded_count(edits, s.nodes);
 
-    let forwarded = (edits * (s.nodes - 1)) as f64;
     let per_conn = (rss_connected as f64 - rss_first as f64) / (s.nodes - 2) as f64 / 1024.0;
     let per_doc = (rss_docs as f64 - rss_empty as f64) / s.docs as f64 / 1024.0;
     let tag = format!("n{}.d{}", s.nodes, s.docs);
@@ -336,10 +313,72 @@ async fn measure(
             .target("≤ 100 KB", per_conn <= 100.0),
         Figure::info(format!("scale.{tag}.memory_per_idle_document"), per_doc, "KB")
             .target("none unless loaded", per_doc <= 1.0),
-        Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu * 1e6 / forwarded, "µs"),
+        Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu_per_change, "µs")
+            .target("≤ 100 µs", cpu_per_change <= 100.0),
         Figure::info(format!("scale.{tag}.edits"), edits as f64, "edits"),
         Figure::info(format!("scale.{tag}.observed"), latencies.len() as f64, "edits"),
         Figure::info(format!("scale.{tag}.latency.p50"), ms(percentile(&latencies, 50.0)), "ms"),
-        Figure::info(format!("scale.{tag}.latency.p99"), ms(percentile(&latencies, 99.0)), "ms"),
+        Figure::info(format!("scale.{tag}.latency.p99"), loaded99, "ms")
+            .baseline(idle99, "the same edits with 2 nodes connected")
+            .target("≤ 3× idle", loaded99 <= 3.0 * idle99),
     ])
+}
+
+/// Every node but the editor receives each change.
+fn forwarded_count(edits: usize, nodes: usize) -> f64 {
+    (edits * nodes.saturating_sub(1)).max(1) as f64
+}
+
+/// Steady edits on the editor node at `rate` per second, observed at the observer node.
+struct Steady<'a> {
+    editor_docs: &'a Shared,
+    editor_tx: &'a mpsc::UnboundedSender<DocId>,
+    ids: &'a [DocId],
+    author: &'a Author,
+    rate: u32,
+}
+
+impl Steady<'_> {
+    /// Edits for `seconds` (edit numbers from `first`), then waits up to 5 s
+    /// for the observer; returns how many edits were made and each one's
+    /// edit-to-observed latency.
+    async fn run(
+        &self,
+        seconds: u64,
+        first: usize,
+        observed_rx: &mut mpsc::UnboundedReceiver<(Vec<ChangeHash>, Instant)>,
+    ) -> Result<(usize, Vec<Duration>)> {
+        let mut sent: HashMap<ChangeHash, Instant> = HashMap::new();
+        let interval = Duration::from_secs_f64(1.0 / f64::from(self.rate.max(1)));
+        let mut tick = tokio::time::interval(interval);
+        let started = Instant::now();
+        let mut edits = 0usize;
+        while started.elapsed() < Duration::from_secs(seconds) {
+            tick.tick().await;
+            let id = &self.ids[edits % self.ids.len()];
+            let hash = {
+                let mut docs = self.editor_docs.lock();
+                let doc = docs.0.get_mut(id).context("editor lost a document")?;
+                self.author.small_edit(doc, first + edits)?
+            };
+            if let Some(hash) = hash {
+                sent.insert(hash, Instant::now());
+                self.editor_tx.send(id.clone()).map_err(|_| anyhow!("editor node stopped"))?;
+                edits += 1;
+            }
+        }
+        let mut latencies = Vec::new();
+        let drain_until = Instant::now() + Duration::from_secs(5);
+        while latencies.len() < edits {
+            let Ok(Some((heads, at))) = tokio::time::timeout_at(drain_until.into(), observed_rx.recv()).await else {
+                break;
+            };
+            for h in heads {
+                if let Some(t) = sent.remove(&h) {
+                    latencies.push(at - t);
+                }
+            }
+        }
+        Ok((edits, latencies))
+    }
 }

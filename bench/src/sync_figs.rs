@@ -148,7 +148,7 @@ pub async fn cold_and_reconnect(docs: usize) -> Result<Vec<Figure>> {
         Figure::info("cold.upload", ms(upload), "ms"),
         Figure::info(format!("cold.docs{docs}.time"), ms(real), "ms")
             .baseline(ms(inproc), "in-process sync")
-            .target("≤ 2× in-process", ms(real) <= 2.0 * ms(inproc)),
+            .target("≤ 1.3× in-process", ms(real) <= 1.3 * ms(inproc)),
         Figure::info(format!("cold.docs{docs}.bytes"), wire_bytes(&cold), "B")
             .baseline(inproc_bytes as f64, "in-process frames"),
         Figure::info(format!("reconnect.docs{docs}.frames"), total, "frames")

@@ -136,6 +136,39 @@ pub enum RelayError {
     /// The configured size limits do not fit together.
     #[error("invalid limits: {0}")]
     Limits(#[from] LimitsError),
+    /// Another relay process serves this data directory (its embedded SQLite
+    /// storage has one relay process; several instances share PostgreSQL).
+    #[error("another relay is already serving {0} (its lock file {LOCK_FILE} is held); stop it first, or run several instances on PostgreSQL")]
+    AlreadyServing(PathBuf),
+    /// The data directory's lock file could not be opened or locked.
+    #[error("cannot lock the data directory {dir}: {error}")]
+    Lock {
+        /// The data directory.
+        dir: PathBuf,
+        /// Why.
+        error: String,
+    },
+}
+
+/// The lock file a relay serving embedded SQLite storage holds in its data
+/// directory for as long as it runs.
+pub const LOCK_FILE: &str = "relay.lock";
+
+/// Takes the data directory's lock (released when the file is dropped, or
+/// by the OS when the process dies).
+fn lock_data_dir(dir: &std::path::Path) -> Result<std::fs::File, RelayError> {
+    let lock_error = |e: std::io::Error| RelayError::Lock { dir: dir.to_path_buf(), error: e.to_string() };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join(LOCK_FILE))
+        .map_err(lock_error)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(RelayError::AlreadyServing(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(lock_error(e)),
+    }
 }
 
 /// Why one connection ended.
@@ -454,8 +487,10 @@ pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
     keyfile::create_private_dir(&config.data_dir)?;
     match &config.storage {
         StorageLocation::Sqlite => {
+            // One relay process per SQLite file: it keeps documents loaded without a look at the file per message.
+            let lock = lock_data_dir(&config.data_dir)?;
             let storage = SqliteStorage::open(&config.data_dir.join(DB_FILE), config.cached_documents)?;
-            spawn_with_storage(config, storage).await
+            start(config, storage, Some(lock)).await
         }
         StorageLocation::Postgres(url) => {
             let (url, cache) = (url.clone(), config.cached_documents);
@@ -469,9 +504,16 @@ pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
 }
 
 /// Starts a relay on any storage implementation.
-pub async fn spawn_with_storage<S: RelayStorage>(
+pub async fn spawn_with_storage<S: RelayStorage>(config: RelayConfig, storage: S) -> Result<RelayHandle, RelayError> {
+    start(config, storage, None).await
+}
+
+/// [`spawn_with_storage`], holding `data_dir_lock` until the relay has stopped
+/// (its accepting task holds it; [`RelayHandle::shutdown`] waits for that task).
+async fn start<S: RelayStorage>(
     config: RelayConfig,
     mut storage: S,
+    data_dir_lock: Option<std::fs::File>,
 ) -> Result<RelayHandle, RelayError> {
     config.content.validate(config.limits.max_frame as u64)?;
     storage.set_content_limits(config.content);
@@ -527,6 +569,7 @@ pub async fn spawn_with_storage<S: RelayStorage>(
     info!(%local_addr, relay_key = %relay_id, "relay listening");
     let task = tokio::spawn(
         async move {
+            let _data_dir_lock = data_dir_lock;
             let mut connections = JoinSet::new();
             loop {
                 tokio::select! {

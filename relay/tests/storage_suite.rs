@@ -85,7 +85,6 @@ suite!(
     update_meta_is_atomic_across_instances,
     a_refused_meta_update_changes_nothing,
     another_instances_meta_commit_changes_external_changes,
-    a_cached_copy_sees_what_another_instance_wrote_and_compacted,
     over_the_content_limits_nothing_is_written,
     a_join_code_is_used_once_across_instances,
 );
@@ -379,6 +378,18 @@ fn postgres_instances_hear_each_others_document_and_directory_commits() {
     edit(&mut ours, &id, "ours");
     std::thread::sleep(Duration::from_millis(300));
     assert!(events.lock().unwrap().is_empty(), "{:?}", events.lock().unwrap());
+}
+
+/// Several instances writing one document's history share PostgreSQL only: an
+/// embedded SQLite file has one relay process (`serve` holds the data
+/// directory's lock; the operator's `enroll`/`revoke` write metadata only), so
+/// its documents stay loaded without a look at the database per message.
+#[test]
+fn postgres_a_cached_copy_sees_what_another_instance_wrote_and_compacted() {
+    let Some(backend) = postgres("postgres_a_cached_copy_sees_what_another_instance_wrote_and_compacted") else {
+        return;
+    };
+    a_cached_copy_sees_what_another_instance_wrote_and_compacted(&backend);
 }
 
 #[test]

@@ -135,6 +135,8 @@ function field(id, label, input, help) {
 }
 
 // A save's status line; "Saved" stays shown across the redraws a save causes.
+// Output of the approval section's tools (diff, signed bundle), per document.
+const toolOutput = {};
 const savedAt = {};
 function statusSpan(id) {
   const el = h('span', { class: 'saved', id, role: 'status' });
@@ -511,17 +513,24 @@ function approvalView(doc) {
 
   // Diff against the signed version; export and verify the signed bundle.
   if (st.in_force) {
+    // What the two tools showed is kept per document: a live update may redraw this
+    // section while (or after) a request runs, and the answer must land on the page.
     const out = h('div', { id: 'approval-out' });
+    const show = (nodes) => {
+      toolOutput[doc.id] = nodes;
+      (document.getElementById('approval-out') || out).replaceChildren(...nodes);
+    };
+    if (toolOutput[doc.id]) out.replaceChildren(...toolOutput[doc.id].map((n) => n.cloneNode(true)));
     const diff = h('button', { type: 'button', class: 'secondary', id: 'diff-button' }, t('diffSigned'));
     diff.addEventListener('click', () => saving(diff, null, async () => {
       const d = await api('GET', `/api/docs/${doc.id}/diff`);
-      out.replaceChildren(d.changed ? h('pre', { class: 'diff' }, d.diff) : h('p', {}, t('noChanges')));
+      show([d.changed ? h('pre', { class: 'diff' }, d.diff) : h('p', {}, t('noChanges'))]);
     }));
     const bundle = h('button', { type: 'button', class: 'secondary', id: 'bundle-button' }, t('exportBundle'));
     bundle.addEventListener('click', () => saving(bundle, null, async () => {
       const b = await api('POST', `/api/docs/${doc.id}/signed-bundle`);
-      out.replaceChildren(h('p', {}, `${t('bundleOk')} ${b.dir}`),
-        h('ul', {}, b.report.signed.map((s) => h('li', {}, `${s.name}, ${s.role} · ${when(s.signed_at)}`))));
+      show([h('p', {}, `${t('bundleOk')} ${b.dir}`),
+        h('ul', {}, b.report.signed.map((s) => h('li', {}, `${s.name}, ${s.role} · ${when(s.signed_at)}`)))]);
     }));
     parts.push(h('p', {}, diff, ' ', bundle), out);
   }
