@@ -58,6 +58,14 @@ use crate::identity::NodeId;
 use crate::ids::DocId;
 use crate::org::OrgId;
 
+/// The parties of document `id` read from a bare Automerge document, after
+/// checking its header (for drivers that hold no [`Document`], such as
+/// [`crate::sync::MemoryDocs`]).
+pub(crate) fn parties_of(id: &DocId, doc: &AutoCommit) -> Result<Vec<crate::org::OrgId>, ModelError> {
+    read::check_header(doc, id)?;
+    read::parties(doc)
+}
+
 /// Version of the document schema this build writes and reads.
 ///
 /// Still 1 with owners, deadlines in words and party units: those are new keys
