@@ -296,8 +296,9 @@ impl DocAccess for MemoryDocs {
                     self.roll_back(doc, &before, is_new)?;
                     return Err(e);
                 }
-                if is_new && held.get_heads().is_empty() {
-                    // Like a store: a document with no changes is not kept.
+                if is_new && held.get_heads().is_empty() && held.get_missing_deps(&[]).is_empty() {
+                    // Like a store: a document with no changes is not kept (one
+                    // whose changes wait for their parents is).
                     self.docs.remove(doc);
                 }
                 self.signatures.extend(signatures);
@@ -429,5 +430,122 @@ impl DocAccess for SharedMemoryDocs {
 
     fn refusal(&self, error: &MemoryDocsError) -> Option<(RefusalKind, String)> {
         self.lock().refusal(error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+
+    use super::*;
+    use crate::identity::NodeKey;
+    use crate::model::{DocKind, DocumentContent, EditContext};
+    use crate::org::Directory;
+
+    /// A model document of `org` written by `key`.
+    fn document_of(key: &NodeKey, org: &str) -> Document {
+        let directory = Directory::sodermanland();
+        let org = OrgId::new(org).unwrap();
+        let ctx =
+            EditContext { author: key.node_id(), org: org.clone(), node_name: "test".into(), time: chrono::Utc::now() };
+        let mut content = DocumentContent::new(DocKind::OperationsPlan, "Plan");
+        content.parties = vec![org];
+        Document::create(DocId::random(), content, &ctx, &directory).unwrap()
+    }
+
+    /// Runs `f` on `id` through the driver and keeps the result.
+    fn keep(docs: &mut MemoryDocs, id: &DocId, f: impl FnOnce(&mut AutoCommit)) -> Result<Option<()>, MemoryDocsError> {
+        docs.with_doc(id, true, |d| {
+            f(d);
+            DocOutcome::keep(())
+        })
+    }
+
+    #[test]
+    fn a_discarded_change_is_rolled_back_with_the_documents_actor_and_a_new_document_is_not_kept() {
+        let mut docs = MemoryDocs::new();
+        let key = NodeKey::generate();
+        let doc = document_of(&key, "flen-kommun");
+        let id = doc.id().clone();
+        docs.insert_document(doc);
+        let before = docs.heads_of(&id);
+        docs.with_doc(&id, false, |d| {
+            d.put(automerge::ROOT, "x", "bortkastad").unwrap();
+            d.commit();
+            DocOutcome::Discard(())
+        })
+        .unwrap();
+        assert_eq!(docs.heads_of(&id), before);
+        assert_eq!(docs.get(&id).unwrap().get_actor(), &key.node_id().actor_id(), "the actor is kept");
+
+        let new = DocId::random();
+        docs.with_doc(&new, true, |d| {
+            d.put(automerge::ROOT, "x", "ny").unwrap();
+            d.commit();
+            DocOutcome::Discard(())
+        })
+        .unwrap();
+        keep(&mut docs, &new, |_| {}).unwrap();
+        assert!(docs.get(&new).is_none(), "neither a discarded nor an empty new document is kept");
+        assert_eq!(docs.shared_heads().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn under_access_by_party_the_peer_sees_and_sends_only_documents_naming_its_organisation() {
+        let key = NodeKey::generate();
+        let flen = OrgId::new("flen-kommun").unwrap();
+        let mut docs = MemoryDocs::new().with_access(Access::Party(flen));
+        let (ours, theirs) = (document_of(&key, "flen-kommun"), document_of(&key, "trosa-kommun"));
+        let (ours_id, theirs_id) = (ours.id().clone(), theirs.id().clone());
+        docs.insert_document(ours);
+        docs.insert_document(theirs.clone());
+        assert_eq!(docs.shared_heads().unwrap().iter().map(|(id, _)| id).collect::<Vec<_>>(), vec![&ours_id]);
+        assert!(!docs.may_receive(&theirs_id));
+        assert_eq!(docs.heads(&theirs_id).unwrap(), None);
+
+        // A new document from the peer that does not name its organisation is refused as not shared.
+        let mut other = MemoryDocs::new().with_access(Access::Party(OrgId::new("flen-kommun").unwrap()));
+        let mut incoming = theirs.into_automerge();
+        let err = keep(&mut other, &theirs_id, |d| {
+            d.merge(&mut incoming).unwrap();
+        })
+        .unwrap_err();
+        assert!(matches!(err, MemoryDocsError::NotAParty { .. }), "{err}");
+        assert_eq!(other.refusal(&err).map(|(kind, _)| kind), Some(RefusalKind::NotShared));
+        assert!(other.get(&theirs_id).is_none(), "nothing was kept");
+    }
+
+    #[test]
+    fn changes_over_the_size_limits_are_refused_and_rolled_back() {
+        let limits = ContentLimits { max_change_bytes: 200, max_document_bytes: 100_000 };
+        let mut docs = MemoryDocs::new().with_limits(limits);
+        let id = DocId::random();
+        keep(&mut docs, &id, |d| {
+            d.put(automerge::ROOT, "x", "kort").unwrap();
+            d.commit();
+        })
+        .unwrap();
+        let before = docs.heads_of(&id);
+        let err = keep(&mut docs, &id, |d| {
+            d.put(automerge::ROOT, "x", "lång ".repeat(100)).unwrap();
+            d.commit();
+        })
+        .unwrap_err();
+        assert_eq!(docs.refusal(&err).map(|(kind, _)| kind), Some(RefusalKind::TooLarge));
+        assert_eq!(docs.heads_of(&id), before);
+    }
+
+    #[test]
+    fn connections_sharing_one_copy_see_each_others_changes() {
+        let shared = MemoryDocs::new().into_shared();
+        let (mut a, mut b) = (shared.clone(), shared.clone());
+        let id = DocId::random();
+        a.with_doc(&id, true, |d| {
+            d.put(automerge::ROOT, "x", "delad").unwrap();
+            d.commit();
+            DocOutcome::keep(())
+        })
+        .unwrap();
+        assert_eq!(b.heads(&id).unwrap(), Some(shared.lock().heads_of(&id)));
     }
 }
