@@ -62,8 +62,8 @@ pub enum MemoryDocsError {
     Unreadable {
         /// The document.
         doc: DocId,
-        /// Why.
-        source: ModelError,
+        /// Why (boxed: model errors are large).
+        source: Box<ModelError>,
     },
     /// A change or the document is over the size limits.
     #[error(transparent)]
@@ -73,8 +73,8 @@ pub enum MemoryDocsError {
     RollBack {
         /// The document.
         doc: DocId,
-        /// Automerge's error.
-        source: AutomergeError,
+        /// Automerge's error (boxed: it is large).
+        source: Box<AutomergeError>,
     },
 }
 
@@ -240,8 +240,9 @@ impl MemoryDocs {
         let Some(doc) = self.docs.get_mut(id) else { return Ok(()) };
         if doc.get_heads() != before {
             let actor = doc.get_actor().clone();
-            let mut restored =
-                doc.fork_at(before).map_err(|source| MemoryDocsError::RollBack { doc: id.clone(), source })?;
+            let mut restored = doc
+                .fork_at(before)
+                .map_err(|source| MemoryDocsError::RollBack { doc: id.clone(), source: Box::new(source) })?;
             restored.set_actor(actor);
             *doc = restored;
         }
@@ -361,8 +362,8 @@ fn check_kept(
     is_new: bool,
 ) -> Result<(), MemoryDocsError> {
     if let (Access::Party(org), true) = (access, is_new && !doc.get_heads().is_empty()) {
-        let parties =
-            model::parties_of(id, doc).map_err(|source| MemoryDocsError::Unreadable { doc: id.clone(), source })?;
+        let parties = model::parties_of(id, doc)
+            .map_err(|source| MemoryDocsError::Unreadable { doc: id.clone(), source: Box::new(source) })?;
         if !parties.contains(org) {
             return Err(MemoryDocsError::NotAParty { doc: id.clone(), org: org.clone() });
         }
