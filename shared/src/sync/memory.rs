@@ -82,7 +82,7 @@ pub enum MemoryDocsError {
 /// relay) approval receipts; see the [module documentation](self).
 #[derive(Clone)]
 pub struct MemoryDocs {
-    docs: BTreeMap<DocId, AutoCommit>,
+    docs: BTreeMap<DocId, Document>,
     signatures: HashMap<ChangeHash, ChangeSignature>,
     receipts: BTreeMap<DocId, Vec<ReceiptEntry>>,
     hidden: BTreeSet<DocId>,
@@ -153,35 +153,31 @@ impl MemoryDocs {
         self
     }
 
-    /// Holds `doc` (replacing any copy), as if stored locally.
+    /// Holds `doc` (replacing any copy), as if stored locally; it need not
+    /// follow the schema.
     pub fn insert(&mut self, id: DocId, doc: AutoCommit) {
-        self.docs.insert(id, doc);
+        self.docs.insert(id.clone(), Document::unchecked(id, doc));
     }
 
     /// Holds a model document (replacing any copy).
     pub fn insert_document(&mut self, doc: Document) {
-        self.docs.insert(doc.id().clone(), doc.into_automerge());
+        self.docs.insert(doc.id().clone(), doc);
     }
 
     /// A document held (shared with the peer or not).
     pub fn get(&self, id: &DocId) -> Option<&AutoCommit> {
-        self.docs.get(id)
+        self.docs.get(id).map(Document::automerge)
     }
 
     /// A document held, for local edits (tell the connection with `on_local_change`).
     pub fn get_mut(&mut self, id: &DocId) -> Option<&mut AutoCommit> {
-        self.docs.get_mut(id)
+        self.docs.get_mut(id).map(Document::automerge_mut)
     }
 
-    /// Edits a held document through the model ([`Document::edit`] and the
-    /// like); `None` if it is not held, or not a readable document.
-    pub fn edit_document<T>(&mut self, id: &DocId, f: impl FnOnce(&mut Document) -> T) -> Option<T> {
-        let held = self.docs.get_mut(id)?;
-        model::parties_of(id, held).ok()?;
-        let mut doc = Document::from_automerge(id.clone(), std::mem::take(held)).ok()?;
-        let value = f(&mut doc);
-        *held = doc.into_automerge();
-        Some(value)
+    /// A document held, for edits through the model ([`Document::edit`]);
+    /// `None` if it is not held or its header is not a readable document's.
+    pub fn document_mut(&mut self, id: &DocId) -> Option<&mut Document> {
+        self.docs.get_mut(id).filter(|d| d.check_header().is_ok())
     }
 
     /// The ids of the documents held.
@@ -191,7 +187,7 @@ impl MemoryDocs {
 
     /// Heads of a held document (empty if it is not held).
     pub fn heads_of(&mut self, id: &DocId) -> Vec<ChangeHash> {
-        self.docs.get_mut(id).map(|d| d.get_heads()).unwrap_or_default()
+        self.docs.get_mut(id).map(Document::heads).unwrap_or_default()
     }
 
     /// The signatures kept (received with changes, or put here).
@@ -226,7 +222,7 @@ impl MemoryDocs {
             return false;
         }
         match (&self.access, self.docs.get(id)) {
-            (Access::Party(org), Some(doc)) => model::parties_of(id, doc).is_ok_and(|p| p.contains(org)),
+            (Access::Party(org), Some(doc)) => model::parties_of(id, doc.automerge()).is_ok_and(|p| p.contains(org)),
             _ => true,
         }
     }
@@ -237,7 +233,7 @@ impl MemoryDocs {
             self.docs.remove(id);
             return Ok(());
         }
-        let Some(doc) = self.docs.get_mut(id) else { return Ok(()) };
+        let Some(doc) = self.docs.get_mut(id).map(Document::automerge_mut) else { return Ok(()) };
         if doc.get_heads() != before {
             let actor = doc.get_actor().clone();
             let mut restored = doc
@@ -258,7 +254,7 @@ impl DocAccess for MemoryDocs {
         Ok(ids
             .into_iter()
             .filter_map(|id| {
-                let heads = self.docs.get_mut(&id)?.get_heads();
+                let heads = self.docs.get_mut(&id)?.heads();
                 (!heads.is_empty()).then_some((id, heads))
             })
             .collect())
@@ -286,10 +282,10 @@ impl DocAccess for MemoryDocs {
             return Ok(None);
         }
         if is_new {
-            self.docs.insert(doc.clone(), AutoCommit::new());
+            self.docs.insert(doc.clone(), Document::unchecked(doc.clone(), AutoCommit::new()));
         }
         // Changed in place (no copy per call); rolled back on discard or refusal.
-        let Some(held) = self.docs.get_mut(doc) else { return Ok(None) };
+        let Some(held) = self.docs.get_mut(doc).map(Document::automerge_mut) else { return Ok(None) };
         let before = held.get_heads();
         match f(held) {
             DocOutcome::Keep { value, signatures } => {
@@ -330,7 +326,7 @@ impl DocAccess for MemoryDocs {
         if !self.visible(doc) {
             return Ok(None);
         }
-        Ok(self.docs.get_mut(doc).map(|d| d.get_heads()))
+        Ok(self.docs.get_mut(doc).map(Document::heads))
     }
 
     fn receipts(&mut self, doc: &DocId) -> Result<Vec<ReceiptEntry>, MemoryDocsError> {
