@@ -1,6 +1,8 @@
 //! The in-process baselines: nodes and a relay as sans-IO [`SyncConnection`]s
-//! over documents in memory, frames handed across directly (encoded only to
-//! count bytes). Real Automerge sync, no network, no disk.
+//! over documents in memory ([`MemoryDocs`], the shared in-memory driver that
+//! tests and fuzzing use too: edits in place, the same acceptance checks as the
+//! real drivers, signatures kept beside the documents), frames handed across
+//! directly (encoded only to count bytes). Real Automerge sync, no network, no disk.
 
 use std::time::Instant;
 

@@ -1,8 +1,9 @@
 //! Figure 5: relay scale. The relay runs in a child process (so `/proc` shows
 //! its memory and CPU alone); this process simulates many nodes, each with its
 //! own real QUIC connection driving the sans-IO [`SyncConnection`]. Idle nodes
-//! share one in-memory copy of the documents (their memory is not measured);
-//! one editor node and one observer node have their own copies.
+//! share one in-memory copy of the documents behind a lock
+//! ([`SharedMemoryDocs`]; their memory is not measured); one editor node and
+//! one observer node have their own copies.
 
 use std::collections::HashMap;
 use std::fmt::Display;
