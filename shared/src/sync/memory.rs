@@ -450,11 +450,21 @@ mod tests {
         Document::create(DocId::random(), content, &ctx, &directory).unwrap()
     }
 
-    /// Runs `f` on `id` through the driver and keeps the result.
-    fn keep(docs: &mut MemoryDocs, id: &DocId, f: impl FnOnce(&mut AutoCommit)) -> Result<Option<()>, MemoryDocsError> {
+    /// One change setting `x` to `value`.
+    fn write(d: &mut AutoCommit, value: &str) {
+        d.put(automerge::ROOT, "x", value).unwrap();
+        d.commit();
+    }
+
+    /// Writes `value` to `id` through the driver; `keep` or discard.
+    fn change<D: DocAccess>(docs: &mut D, id: &DocId, value: &str, keep: bool) -> Result<Option<()>, D::Error> {
         docs.with_doc(id, true, |d| {
-            f(d);
-            DocOutcome::keep(())
+            write(d, value);
+            if keep {
+                DocOutcome::keep(())
+            } else {
+                DocOutcome::Discard(())
+            }
         })
     }
 
@@ -466,23 +476,13 @@ mod tests {
         let id = doc.id().clone();
         docs.insert_document(doc);
         let before = docs.heads_of(&id);
-        docs.with_doc(&id, false, |d| {
-            d.put(automerge::ROOT, "x", "bortkastad").unwrap();
-            d.commit();
-            DocOutcome::Discard(())
-        })
-        .unwrap();
+        change(&mut docs, &id, "bortkastad", false).unwrap();
         assert_eq!(docs.heads_of(&id), before);
         assert_eq!(docs.get(&id).unwrap().get_actor(), &key.node_id().actor_id(), "the actor is kept");
 
         let new = DocId::random();
-        docs.with_doc(&new, true, |d| {
-            d.put(automerge::ROOT, "x", "ny").unwrap();
-            d.commit();
-            DocOutcome::Discard(())
-        })
-        .unwrap();
-        keep(&mut docs, &new, |_| {}).unwrap();
+        change(&mut docs, &new, "ny", false).unwrap();
+        docs.with_doc(&new, true, |_| DocOutcome::keep(())).unwrap();
         assert!(docs.get(&new).is_none(), "neither a discarded nor an empty new document is kept");
         assert_eq!(docs.shared_heads().unwrap().len(), 1);
     }
@@ -503,10 +503,12 @@ mod tests {
         // A new document from the peer that does not name its organisation is refused as not shared.
         let mut other = MemoryDocs::new().with_access(Access::Party(OrgId::new("flen-kommun").unwrap()));
         let mut incoming = theirs.into_automerge();
-        let err = keep(&mut other, &theirs_id, |d| {
-            d.merge(&mut incoming).unwrap();
-        })
-        .unwrap_err();
+        let err = other
+            .with_doc(&theirs_id, true, |d| {
+                d.merge(&mut incoming).unwrap();
+                DocOutcome::keep(())
+            })
+            .unwrap_err();
         assert!(matches!(err, MemoryDocsError::NotAParty { .. }), "{err}");
         assert_eq!(other.refusal(&err).map(|(kind, _)| kind), Some(RefusalKind::NotShared));
         assert!(other.get(&theirs_id).is_none(), "nothing was kept");
@@ -517,17 +519,9 @@ mod tests {
         let limits = ContentLimits { max_change_bytes: 200, max_document_bytes: 100_000 };
         let mut docs = MemoryDocs::new().with_limits(limits);
         let id = DocId::random();
-        keep(&mut docs, &id, |d| {
-            d.put(automerge::ROOT, "x", "kort").unwrap();
-            d.commit();
-        })
-        .unwrap();
+        change(&mut docs, &id, "kort", true).unwrap();
         let before = docs.heads_of(&id);
-        let err = keep(&mut docs, &id, |d| {
-            d.put(automerge::ROOT, "x", "lång ".repeat(100)).unwrap();
-            d.commit();
-        })
-        .unwrap_err();
+        let err = change(&mut docs, &id, &"lång ".repeat(100), true).unwrap_err();
         assert_eq!(docs.refusal(&err).map(|(kind, _)| kind), Some(RefusalKind::TooLarge));
         assert_eq!(docs.heads_of(&id), before);
     }
@@ -537,12 +531,7 @@ mod tests {
         let shared = MemoryDocs::new().into_shared();
         let (mut a, mut b) = (shared.clone(), shared.clone());
         let id = DocId::random();
-        a.with_doc(&id, true, |d| {
-            d.put(automerge::ROOT, "x", "delad").unwrap();
-            d.commit();
-            DocOutcome::keep(())
-        })
-        .unwrap();
+        change(&mut a, &id, "delad", true).unwrap();
         assert_eq!(b.heads(&id).unwrap(), Some(shared.lock().heads_of(&id)));
     }
 }
