@@ -1,82 +1,24 @@
 //! The in-process baselines: nodes and a relay as sans-IO [`SyncConnection`]s
-//! over documents in memory, frames handed across directly (encoded only to
-//! count bytes). Real Automerge sync, no network, no disk.
+//! over documents in memory ([`MemoryDocs`], the shared in-memory driver that
+//! tests and fuzzing use too: edits in place, the same acceptance checks as the
+//! real drivers, signatures kept beside the documents), frames handed across
+//! directly (encoded only to count bytes). Real Automerge sync, no network, no disk.
 
-use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::time::Instant;
 
 use anyhow::{anyhow, Result};
-use automerge::{ActorId, AutoCommit, ChangeHash};
 use samverkan_shared::ids::DocId;
-use samverkan_shared::model::Document;
-use samverkan_shared::sync::{ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
+use samverkan_shared::sync::{ConnectionEvent, MemoryDocs, SyncConnection};
 use samverkan_shared::wire::Frame;
 
 /// Persisted sync states of one connection: the node's end, then the relay's end.
 pub type States = (Vec<(DocId, Vec<u8>)>, Vec<(DocId, Vec<u8>)>);
 
-/// Documents in memory.
-#[derive(Debug, Default, Clone)]
-pub struct MemDocs(pub BTreeMap<DocId, Document>);
-
-impl MemDocs {
-    /// Heads of one document (empty if missing).
-    pub fn heads(&mut self, doc: &DocId) -> Vec<ChangeHash> {
-        self.0.get_mut(doc).map(|d| d.heads()).unwrap_or_default()
-    }
-}
-
-impl DocAccess for MemDocs {
-    type Error = Infallible;
-
-    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Infallible> {
-        Ok(self.0.iter_mut().filter(|(_, d)| !d.is_empty()).map(|(id, d)| (id.clone(), d.heads())).collect())
-    }
-
-    fn may_receive(&mut self, _doc: &DocId) -> bool {
-        true
-    }
-
-    fn authors(&mut self) -> samverkan_shared::acceptance::AuthorPolicy {
-        samverkan_shared::acceptance::AuthorPolicy::any_signed_author()
-    }
-
-    fn with_doc<R>(
-        &mut self,
-        doc: &DocId,
-        create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
-    ) -> Result<Option<R>, Infallible> {
-        if create && !self.0.contains_key(doc) {
-            // An empty Automerge document always passes the header check.
-            if let Ok(empty) = Document::from_automerge(doc.clone(), AutoCommit::new()) {
-                self.0.insert(doc.clone(), empty);
-            }
-        }
-        let Some(d) = self.0.get_mut(doc) else { return Ok(None) };
-        let before = d.heads();
-        Ok(Some(match f(d.automerge_mut()) {
-            DocOutcome::Keep { value, .. } => value,
-            DocOutcome::Discard(value) => {
-                // Back to the state before `f` (rare: only refused input gets here).
-                let restored = d.automerge_mut().fork_at(&before).ok();
-                if let Some(restored) = restored.and_then(|a| Document::from_automerge(doc.clone(), a).ok()) {
-                    *d = restored;
-                }
-                value
-            }
-        }))
-    }
-
-    fn signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Infallible> {
-        // Every author here was made by the benchmark: signed on the spot, as a
-        // node signs its own changes.
-        Ok(changes
-            .iter()
-            .filter_map(|(hash, actor)| crate::fixtures::sign(doc, hash, actor).map(|s| (*hash, s)))
-            .collect())
-    }
+/// Documents in memory ([`MemoryDocs`], the driver tests and fuzzing use too),
+/// every change signed on the spot by its author's key as a node signs its own
+/// (every author here was made by the benchmark), signatures kept beside them.
+pub fn memory_docs() -> MemoryDocs {
+    MemoryDocs::new().with_signer(crate::fixtures::sign)
 }
 
 /// One node connected to the in-process relay.
@@ -84,16 +26,15 @@ pub struct Link {
     /// The node's end.
     pub node: SyncConnection,
     /// The node's documents.
-    pub docs: MemDocs,
+    pub docs: MemoryDocs,
     /// The relay's end of this node's connection.
     pub relay: SyncConnection,
 }
 
 /// A relay and its nodes, all in memory.
-#[derive(Default)]
 pub struct Network {
     /// The relay's documents.
-    pub relay_docs: MemDocs,
+    pub relay_docs: MemoryDocs,
     /// Connected nodes.
     pub links: Vec<Link>,
     /// Frames delivered.
@@ -104,10 +45,16 @@ pub struct Network {
     pub signatures: u64,
 }
 
+impl Default for Network {
+    fn default() -> Self {
+        Self { relay_docs: memory_docs(), links: Vec::new(), frames: 0, bytes: 0, signatures: 0 }
+    }
+}
+
 impl Network {
     /// Connects a node holding `docs`, restoring persisted sync states if given
     /// (node side, relay side). Returns its index.
-    pub fn connect(&mut self, name: &str, docs: MemDocs, states: Option<States>) -> usize {
+    pub fn connect(&mut self, name: &str, docs: MemoryDocs, states: Option<States>) -> usize {
         let mut node = SyncConnection::node(name, "bench");
         let mut relay = SyncConnection::relay("bench-relay");
         if let Some((n, r)) = states {
@@ -119,7 +66,7 @@ impl Network {
     }
 
     /// Ends a connection, returning the node's documents and both ends' sync states.
-    pub fn disconnect(&mut self, i: usize) -> (MemDocs, States) {
+    pub fn disconnect(&mut self, i: usize) -> (MemoryDocs, States) {
         let link = self.links.remove(i);
         (link.docs, (link.node.into_persisted(), link.relay.into_persisted()))
     }

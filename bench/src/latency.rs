@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch, Notify};
 
 use crate::fixtures::Author;
 use crate::harness;
-use crate::inproc::{MemDocs, Network};
+use crate::inproc::{memory_docs, Network};
 use crate::report::{ms, percentile, Figure};
 
 /// Runs figure 1 for each history length.
@@ -121,15 +121,15 @@ fn in_process(history: usize, edits: usize) -> Result<Vec<Duration>> {
     let doc = author.plan_with_history(history)?;
     let id = doc.id().clone();
     let mut net = Network::default();
-    let mut a_docs = MemDocs::default();
-    a_docs.0.insert(id.clone(), doc);
+    let mut a_docs = memory_docs();
+    a_docs.insert_document(doc);
     let a = net.connect("a", a_docs, None);
-    let b = net.connect("b", MemDocs::default(), None);
+    let b = net.connect("b", memory_docs(), None);
     net.pump(None)?;
     let mut out = Vec::with_capacity(edits);
     for i in 0..edits + 5 {
         let started = Instant::now();
-        let doc = net.links[a].docs.0.get_mut(&id).context("A lost its document")?;
+        let doc = net.links[a].docs.document_mut(&id).context("A lost its document")?;
         author.small_edit(doc, history + i)?;
         net.local_change(a, &id)?;
         let seen = net.pump(Some(b))?.context("B never received the edit")?;
@@ -137,7 +137,7 @@ fn in_process(history: usize, edits: usize) -> Result<Vec<Duration>> {
             out.push(seen - started);
         }
     }
-    if net.links[a].docs.heads(&id) != net.links[b].docs.heads(&id) {
+    if net.links[a].docs.heads_of(&id) != net.links[b].docs.heads_of(&id) {
         bail!("in-process A and B differ after the run");
     }
     Ok(out)

@@ -1,16 +1,17 @@
 //! Figure 5: relay scale. The relay runs in a child process (so `/proc` shows
 //! its memory and CPU alone); this process simulates many nodes, each with its
 //! own real QUIC connection driving the sans-IO [`SyncConnection`]. Idle nodes
-//! share one in-memory copy of the documents (their memory is not measured);
-//! one editor node and one observer node have their own copies.
+//! share one in-memory copy of the documents behind a lock
+//! ([`SharedMemoryDocs`]; their memory is not measured); one editor node and
+//! one observer node have their own copies.
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use automerge::{ActorId, AutoCommit, ChangeHash};
+use automerge::ChangeHash;
 use samverkan_net::endpoint::{self, Limits};
 use samverkan_net::framed::{self, FramedRecv, FramedSend};
 use samverkan_net::tls::TlsIdentity;
@@ -18,13 +19,13 @@ use samverkan_node::sync::RelayTarget;
 use samverkan_shared::identity::NodeKey;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::Directory;
-use samverkan_shared::sync::{ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
+use samverkan_shared::sync::{ConnectionEvent, SharedMemoryDocs, SyncConnection};
 use samverkan_shared::wire::Frame;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::fixtures::Author;
 use crate::harness::{self, RelayProcess};
-use crate::inproc::MemDocs;
+use crate::inproc::memory_docs;
 use crate::report::{ms, percentile, Figure};
 
 /// Sizes of a scale run.
@@ -40,52 +41,13 @@ pub struct Scale {
     pub rate: u32,
 }
 
-/// Documents shared by several simulated nodes.
-#[derive(Clone)]
-struct Shared(Arc<Mutex<MemDocs>>);
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, MemDocs> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-impl DocAccess for Shared {
-    type Error = std::convert::Infallible;
-
-    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Self::Error> {
-        self.lock().shared_heads()
-    }
-
-    fn may_receive(&mut self, doc: &DocId) -> bool {
-        self.lock().may_receive(doc)
-    }
-
-    fn authors(&mut self) -> samverkan_shared::acceptance::AuthorPolicy {
-        self.lock().authors()
-    }
-
-    fn with_doc<R>(
-        &mut self,
-        doc: &DocId,
-        create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
-    ) -> Result<Option<R>, Self::Error> {
-        self.lock().with_doc(doc, create, f)
-    }
-
-    fn signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Result<Vec<SignedChange>, Self::Error> {
-        self.lock().signatures(doc, changes)
-    }
-}
-
 /// One simulated node's connection.
 struct Sim {
     conn: quinn::Connection,
     send: FramedSend,
     recv: FramedRecv,
     sync: SyncConnection,
-    docs: Shared,
+    docs: SharedMemoryDocs,
 }
 
 fn proto(e: impl Display) -> anyhow::Error {
@@ -98,7 +60,7 @@ impl Sim {
         client: &quinn::Endpoint,
         target: &RelayTarget,
         identity: &TlsIdentity,
-        docs: Shared,
+        docs: SharedMemoryDocs,
     ) -> Result<Self> {
         let limits = Limits::default();
         let conn = endpoint::connect(client, target.addr, identity, *target.relay_key.as_bytes(), &limits).await?;
@@ -204,19 +166,18 @@ async fn measure(
     let target = relay.target.clone();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_empty = relay.rss_bytes()?;
-    let mut docs = MemDocs::default();
+    let mut docs = memory_docs();
     for n in 0..s.docs {
         let doc = author.plan_with_history(20 + n % 5)?;
-        docs.0.insert(doc.id().clone(), doc);
+        docs.insert_document(doc);
     }
-    let ids: Vec<DocId> = docs.0.keys().cloned().collect();
+    let ids: Vec<DocId> = docs.ids().cloned().collect();
     let clients: Vec<quinn::Endpoint> =
         (0..4).map(|_| endpoint::client_endpoint(target.addr)).collect::<Result<_, _>>()?;
 
     // The documents reach the relay from a seeding node, which then leaves.
     let seeder_identity = identities.pop().context("the seeder's identity")?;
-    let mut seeder =
-        Sim::connect(&clients[0], &target, &seeder_identity, Shared(Arc::new(Mutex::new(docs.clone())))).await?;
+    let mut seeder = Sim::connect(&clients[0], &target, &seeder_identity, docs.clone().into_shared()).await?;
     seeder.settle().await?;
     seeder.conn.close(0u32.into(), b"bye");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -225,9 +186,9 @@ async fn measure(
     let (stop_tx, stop_rx) = watch::channel(false);
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Result<()>>();
     let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
-    let crowd = Shared(Arc::new(Mutex::new(docs.clone())));
-    let editor_docs = Shared(Arc::new(Mutex::new(docs.clone())));
-    let observer_docs = Shared(Arc::new(Mutex::new(docs)));
+    let crowd = docs.clone().into_shared();
+    let editor_docs = docs.clone().into_shared();
+    let observer_docs = docs.into_shared();
     let limit = Arc::new(Semaphore::new(16));
     let mut tasks = tokio::task::JoinSet::new();
     let mut editor_tx = None;
@@ -331,7 +292,7 @@ fn forwarded_count(edits: usize, nodes: usize) -> f64 {
 
 /// Steady edits on the editor node at `rate` per second, observed at the observer node.
 struct Steady<'a> {
-    editor_docs: &'a Shared,
+    editor_docs: &'a SharedMemoryDocs,
     editor_tx: &'a mpsc::UnboundedSender<DocId>,
     ids: &'a [DocId],
     author: &'a Author,
@@ -358,7 +319,7 @@ impl Steady<'_> {
             let id = &self.ids[edits % self.ids.len()];
             let hash = {
                 let mut docs = self.editor_docs.lock();
-                let doc = docs.0.get_mut(id).context("editor lost a document")?;
+                let doc = docs.document_mut(id).context("editor lost a document")?;
                 self.author.small_edit(doc, first + edits)?
             };
             if let Some(hash) = hash {

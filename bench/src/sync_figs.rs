@@ -9,7 +9,7 @@ use samverkan_node::sync::{self, SyncReport};
 
 use crate::fixtures::Author;
 use crate::harness;
-use crate::inproc::{MemDocs, Network};
+use crate::inproc::{memory_docs, Network};
 use crate::report::{ms, Figure};
 
 const LIMIT: Duration = Duration::from_secs(600);
@@ -27,13 +27,13 @@ pub async fn catch_up(docs: usize, edits: usize) -> Result<Vec<Figure>> {
     let target = harness::target(&relay);
     let mut a = harness::new_node(&relay, root.path(), "a", "Flen")?;
     let author = Author::of(&a);
-    let mut before = MemDocs::default();
+    let mut before = memory_docs();
     let mut ids = Vec::new();
     for _ in 0..docs {
         let mut doc = author.plan_with_history(10)?;
         a.store_mut().insert(&mut doc)?;
         ids.push(doc.id().clone());
-        before.0.insert(doc.id().clone(), doc);
+        before.insert_document(doc);
     }
     sync::sync_once(&mut a, &target, LIMIT).await?;
     let mut net = Network::default();
@@ -45,18 +45,18 @@ pub async fn catch_up(docs: usize, edits: usize) -> Result<Vec<Figure>> {
         let title = format!("Åtgärdsplan, offline {k}");
         a.edit(&ids[k % docs], "title", |e| e.set_title(&title))?;
     }
-    let mut after = MemDocs::default();
+    let mut after = memory_docs();
     let (mut change_bytes, mut compact_bytes, mut new_changes) = (0usize, 0usize, 0usize);
     for id in &ids {
         let mut doc = a.document(id)?;
-        let old = before.heads(id);
+        let old = before.heads_of(id);
         let changes = doc.automerge_mut().get_changes(&old);
         new_changes += changes.len();
         change_bytes += changes.iter().map(|c| c.raw_bytes().len()).sum::<usize>();
         // Automerge's own saved form of exactly these changes (on 0.12 the
         // same bytes as the changes: incremental saves are not compacted).
         compact_bytes += doc.automerge_mut().save_after(&old).len();
-        after.0.insert(id.clone(), doc);
+        after.insert_document(doc);
     }
 
     let started = Instant::now();
@@ -106,13 +106,13 @@ pub async fn cold_and_reconnect(docs: usize) -> Result<Vec<Figure>> {
     let target = harness::target(&relay);
     let mut seeder = harness::new_node(&relay, root.path(), "seeder", "Länsstyrelsen")?;
     let author = Author::of(&seeder);
-    let mut relay_docs = MemDocs::default();
+    let mut relay_docs = memory_docs();
     let mut saved = 0usize;
     for n in 0..docs {
         let mut doc = author.realistic(n)?;
         saved += doc.automerge_mut().save().len();
         seeder.store_mut().insert(&mut doc)?;
-        relay_docs.0.insert(doc.id().clone(), doc);
+        relay_docs.insert_document(doc);
     }
     let started = Instant::now();
     sync::sync_once(&mut seeder, &target, LIMIT).await?;
@@ -130,7 +130,7 @@ pub async fn cold_and_reconnect(docs: usize) -> Result<Vec<Figure>> {
     }
 
     let mut net = Network { relay_docs, ..Network::default() };
-    let link = net.connect("fresh", MemDocs::default(), None);
+    let link = net.connect("fresh", memory_docs(), None);
     let started = Instant::now();
     net.pump(None)?;
     let inproc = started.elapsed();

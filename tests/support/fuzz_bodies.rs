@@ -8,8 +8,6 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeMap;
-
 use automerge::{AutoCommit, ChangeHash};
 use samverkan_shared::acceptance::{self, AuthorPolicy, AuthorRule};
 use samverkan_shared::authorship;
@@ -20,7 +18,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::{Directory, OrgId};
-use samverkan_shared::sync::{DocAccess, DocOutcome, SignedChange, SyncConnection, SyncLimits};
+use samverkan_shared::sync::{MemoryDocs, SignedChange, SyncConnection, SyncLimits};
 use samverkan_shared::wire::{Frame, FrameDecoder, PROTOCOL_VERSION};
 
 /// A fuzz target's body.
@@ -68,70 +66,12 @@ pub fn fuzz_doc_ids() -> [DocId; 3] {
         .map(|s| s.parse().expect("valid doc id"))
 }
 
-/// The relay's documents in memory, with the relay's rule that a new document
-/// must be readable (its parties are read through the model).
-#[derive(Default)]
-pub struct MemDocs {
-    /// The documents.
-    pub docs: BTreeMap<DocId, AutoCommit>,
-}
-
-impl DocAccess for MemDocs {
-    type Error = std::io::Error;
-
-    fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Self::Error> {
-        Ok(self.docs.iter_mut().map(|(id, d)| (id.clone(), d.get_heads())).collect())
-    }
-
-    fn may_receive(&mut self, _doc: &DocId) -> bool {
-        true
-    }
-
-    fn authors(&mut self) -> samverkan_shared::acceptance::AuthorPolicy {
-        samverkan_shared::acceptance::AuthorPolicy::any_signed_author()
-    }
-
-    fn with_doc<R>(
-        &mut self,
-        doc: &DocId,
-        create: bool,
-        f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
-    ) -> Result<Option<R>, Self::Error> {
-        let is_new = !self.docs.contains_key(doc);
-        if is_new && !create {
-            return Ok(None);
-        }
-        let original = self.docs.get(doc).cloned();
-        let mut d = self.docs.remove(doc).unwrap_or_default();
-        let value = match f(&mut d) {
-            DocOutcome::Keep { value, .. } => value,
-            DocOutcome::Discard(value) => {
-                // Like the relay's store transaction: nothing of it stays.
-                if let Some(original) = original {
-                    self.docs.insert(doc.clone(), original);
-                }
-                return Ok(Some(value));
-            }
-        };
-        if is_new && d.get_heads().is_empty() {
-            return Ok(Some(value));
-        }
-        // Like the relay: read the (possibly hostile) document through the model.
-        if let Ok(model) = Document::from_automerge(doc.clone(), d.clone()) {
-            let _ = model.parties();
-            let _ = model.view();
-        }
-        self.docs.insert(doc.clone(), d);
-        Ok(Some(value))
-    }
-
-    fn signatures(
-        &mut self,
-        _doc: &DocId,
-        _changes: &[(ChangeHash, automerge::ActorId)],
-    ) -> Result<Vec<SignedChange>, Self::Error> {
-        // The relay would send stored signatures; none are kept here.
-        Ok(Vec::new())
+/// Reads a document the relay just kept through the model, as the relay
+/// reads a (possibly hostile) document's parties and view.
+fn read_through_model(docs: &mut MemoryDocs, id: &DocId) {
+    if let Some(model) = docs.document_mut(id) {
+        let _ = model.parties();
+        let _ = model.view();
     }
 }
 
@@ -141,11 +81,13 @@ impl DocAccess for MemDocs {
 /// notification. Stops at the first error, as the relay closes the connection.
 pub fn relay_sync(data: &[u8]) {
     let ids = fuzz_doc_ids();
-    let mut docs = MemDocs::default();
+    // The shared in-memory driver, with the checks every driver gets (authors' signatures through acceptance).
+    let mut docs = MemoryDocs::new();
     let mut conn = SyncConnection::relay("fuzz-relay");
     let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "fuzz".into(), node: "ab".repeat(32) };
     conn.on_frame(hello, &mut docs).expect("handshake");
     conn.begin(&mut docs).expect("begin");
+    let mut heads: Vec<Vec<ChangeHash>> = vec![Vec::new(); ids.len()];
     let mut rest = data;
     while rest.len() >= 3 {
         let tag = rest[0];
@@ -164,6 +106,13 @@ pub fn relay_sync(data: &[u8]) {
         let _ = conn.take_outbox();
         if result.is_err() {
             return;
+        }
+        for (id, before) in ids.iter().zip(heads.iter_mut()) {
+            let now = docs.heads_of(id);
+            if now != *before {
+                read_through_model(&mut docs, id);
+                *before = now;
+            }
         }
         let _ = conn.is_settled(&mut docs);
     }

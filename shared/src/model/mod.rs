@@ -58,6 +58,14 @@ use crate::identity::NodeId;
 use crate::ids::DocId;
 use crate::org::OrgId;
 
+/// The parties of document `id` read from a bare Automerge document, after
+/// checking its header (for drivers that hold no [`Document`], such as
+/// [`crate::sync::MemoryDocs`]).
+pub(crate) fn parties_of(id: &DocId, doc: &AutoCommit) -> Result<Vec<crate::org::OrgId>, ModelError> {
+    read::check_header(doc, id)?;
+    read::parties(doc)
+}
+
 /// Version of the document schema this build writes and reads.
 ///
 /// Still 1 with owners, deadlines in words and party units: those are new keys
@@ -232,6 +240,13 @@ impl Document {
     pub fn from_automerge(id: DocId, doc: AutoCommit) -> Result<Self, ModelError> {
         read::check_header(&doc, &id)?;
         Ok(Self { id, doc })
+    }
+
+    /// Wraps an Automerge document without checking it (for the in-memory
+    /// driver, [`crate::sync::MemoryDocs`], which holds whatever a peer or a
+    /// test gives it and checks where the real drivers check).
+    pub(crate) fn unchecked(id: DocId, doc: AutoCommit) -> Self {
+        Self { id, doc }
     }
 
     /// Checks that the document is still the one its id names and in a schema

@@ -840,8 +840,6 @@ fn max_seq_of(doc: &mut AutoCommit, actor: &ActorId) -> u64 {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::convert::Infallible;
 
     use automerge::transaction::Transactable;
     use automerge::ReadDoc;
@@ -854,68 +852,14 @@ mod tests {
         KEY.get_or_init(crate::identity::NodeKey::generate)
     }
 
-    /// Documents in memory, with the signatures received for them and (on the relay) receipts.
-    #[derive(Default)]
-    struct Docs(
-        BTreeMap<DocId, AutoCommit>,
-        HashMap<ChangeHash, ChangeSignature>,
-        BTreeMap<DocId, Vec<ReceiptEntry>>,
-        /// Documents held but not shared with the peer.
-        BTreeSet<DocId>,
-    );
+    /// The in-memory driver under test.
+    type Docs = crate::sync::MemoryDocs;
 
-    impl DocAccess for Docs {
-        type Error = Infallible;
-        fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, Infallible> {
-            Ok(self.0.iter_mut().map(|(id, d)| (id.clone(), d.get_heads())).collect())
-        }
-        fn may_receive(&mut self, _doc: &DocId) -> bool {
-            true
-        }
-        fn authors(&mut self) -> AuthorPolicy {
-            AuthorPolicy::any_signed_author()
-        }
-        fn with_doc<R>(
-            &mut self,
-            doc: &DocId,
-            create: bool,
-            f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
-        ) -> Result<Option<R>, Infallible> {
-            if self.3.contains(doc) {
-                return Ok(None);
-            }
-            // Like a store: a new document exists only once something was kept.
-            let mut working = match self.0.get(doc) {
-                Some(current) => current.clone(),
-                None if create => AutoCommit::new(),
-                None => return Ok(None),
-            };
-            Ok(Some(match f(&mut working) {
-                DocOutcome::Keep { value, signatures } => {
-                    self.0.insert(doc.clone(), working);
-                    self.1.extend(signatures);
-                    value
-                }
-                DocOutcome::Discard(value) => value,
-            }))
-        }
-        fn signatures(
-            &mut self,
-            doc: &DocId,
-            changes: &[(ChangeHash, ActorId)],
-        ) -> Result<Vec<SignedChange>, Infallible> {
-            Ok(changes
-                .iter()
-                .filter_map(|(hash, actor)| match self.1.get(hash) {
-                    Some(signature) => Some((*hash, *signature)),
-                    None => (*actor == author().node_id().actor_id())
-                        .then(|| (*hash, authorship::sign(author(), doc, hash))),
-                })
-                .collect())
-        }
-        fn receipts(&mut self, doc: &DocId) -> Result<Vec<ReceiptEntry>, Infallible> {
-            Ok(self.2.get(doc).cloned().unwrap_or_default())
-        }
+    /// Documents in memory; this side signs the changes of [`author`] on the spot.
+    fn docs() -> Docs {
+        Docs::new().with_signer(|doc, hash, actor| {
+            (*actor == author().node_id().actor_id()).then(|| authorship::sign(author(), doc, hash))
+        })
     }
 
     /// Delivers frames both ways (through the encoder) until both outboxes are empty.
@@ -958,11 +902,11 @@ mod tests {
 
     #[test]
     fn node_and_relay_exchange_missing_documents_and_settle() {
-        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let (mut nd, mut rd) = (docs(), docs());
         let a = DocId::random();
         let b = DocId::random();
-        nd.0.insert(a.clone(), doc_with("från noden"));
-        rd.0.insert(b.clone(), doc_with("från reläet"));
+        nd.insert(a.clone(), doc_with("från noden"));
+        rd.insert(b.clone(), doc_with("från reläet"));
         let mut node = SyncConnection::node("node-1", "test");
         let mut relay = SyncConnection::relay("relay");
         pump(&mut node, &mut nd, &mut relay, &mut rd);
@@ -972,7 +916,7 @@ mod tests {
         assert_eq!(relay.peer(), Some("node-1"));
         assert!(node.stats().docs_received.contains(&b));
         assert!(relay.stats().docs_received.contains(&a));
-        let text = nd.0[&b].get(automerge::ROOT, "text").unwrap().unwrap().0.to_string();
+        let text = nd.get(&b).unwrap().get(automerge::ROOT, "text").unwrap().unwrap().0.to_string();
         assert!(text.contains("från reläet"));
 
         // Reconnect with persisted states and nothing new: summaries only.
@@ -990,28 +934,28 @@ mod tests {
 
     #[test]
     fn one_signature_per_author_and_message_travels_and_is_kept() {
-        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let (mut nd, mut rd) = (docs(), docs());
         let doc = DocId::random();
         let mut d = doc_with("först");
         for k in 0..50 {
             d.put(automerge::ROOT, "text", format!("version {k}")).unwrap();
             d.commit();
         }
-        nd.0.insert(doc.clone(), d);
+        nd.insert(doc.clone(), d);
         let mut node = SyncConnection::node("node-1", "test");
         let mut relay = SyncConnection::relay("relay");
         let (_, bytes) = pump(&mut node, &mut nd, &mut relay, &mut rd);
-        assert_eq!(rd.0.get_mut(&doc).unwrap().get_heads(), nd.0.get_mut(&doc).unwrap().get_heads());
-        assert_eq!(rd.1.len(), 1, "the relay keeps the one signature that covers all 51 changes");
+        assert_eq!(rd.get_mut(&doc).unwrap().get_heads(), nd.get_mut(&doc).unwrap().get_heads());
+        assert_eq!(rd.kept_signatures().len(), 1, "the relay keeps the one signature that covers all 51 changes");
         assert!(bytes < 51 * 96, "{bytes} bytes");
 
         // The relay passes the stored signature on to a node that has nothing.
-        let mut other = Docs::default();
+        let mut other = docs();
         let mut node2 = SyncConnection::node("node-2", "test");
         let mut relay2 = SyncConnection::relay("relay");
         pump(&mut node2, &mut other, &mut relay2, &mut rd);
-        assert_eq!(other.0.get_mut(&doc).unwrap().get_heads(), rd.0.get_mut(&doc).unwrap().get_heads());
-        assert_eq!(other.1, rd.1);
+        assert_eq!(other.get_mut(&doc).unwrap().get_heads(), rd.get_mut(&doc).unwrap().get_heads());
+        assert_eq!(other.kept_signatures(), rd.kept_signatures());
     }
 
     #[test]
@@ -1027,9 +971,9 @@ mod tests {
             d.put(automerge::ROOT, "text", format!("v{k}")).unwrap();
             hashes.push(d.commit().unwrap());
         }
-        let mut rd = Docs::default();
-        rd.0.insert(doc.clone(), d.clone());
-        rd.1.insert(hashes[2], authorship::sign(&stranger, &doc, &hashes[2]));
+        let mut rd = docs();
+        rd.insert(doc.clone(), d.clone());
+        rd.keep_signature(hashes[2], authorship::sign(&stranger, &doc, &hashes[2]));
         let mut found = Vec::new();
         let mut relay = open_relay(&mut rd);
         relay.push_authors(&doc, &[(hashes[0], stranger.node_id().actor_id())], &mut rd).unwrap();
@@ -1038,17 +982,17 @@ mod tests {
                 found.extend(entries);
             }
         }
-        assert_eq!(found, vec![(hashes[2], rd.1[&hashes[2]])]);
+        assert_eq!(found, vec![(hashes[2], rd.kept_signatures()[&hashes[2]])]);
     }
 
     #[test]
     fn the_relay_sends_a_documents_receipts_once_before_its_sync_frames() {
-        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let (mut nd, mut rd) = (docs(), docs());
         let doc = DocId::random();
-        rd.0.insert(doc.clone(), doc_with("med godkännande"));
+        rd.insert(doc.clone(), doc_with("med godkännande"));
         let entry =
             |n: u8| ReceiptEntry { record: [n; 64], received_at_ms: 1_700_000_000_000, relay_signature: [n; 64] };
-        rd.2.insert(doc.clone(), vec![entry(1)]);
+        rd.add_receipt(doc.clone(), entry(1));
         let mut node = SyncConnection::node("node-1", "test");
         let mut relay = SyncConnection::relay("relay");
         let deliver = |node: &mut SyncConnection, relay: &mut SyncConnection, nd: &mut Docs, rd: &mut Docs| {
@@ -1087,9 +1031,9 @@ mod tests {
         assert_eq!(received.iter().filter(|(what, _)| *what == "receipts").count(), 1, "sent once");
 
         // A new receipt (the relay received a new record): only that one is sent, with the change.
-        rd.2.get_mut(&doc).unwrap().push(entry(2));
-        rd.0.get_mut(&doc).unwrap().put(automerge::ROOT, "text", "ändrad").unwrap();
-        rd.0.get_mut(&doc).unwrap().commit();
+        rd.add_receipt(doc.clone(), entry(2));
+        rd.get_mut(&doc).unwrap().put(automerge::ROOT, "text", "ändrad").unwrap();
+        rd.get_mut(&doc).unwrap().commit();
         relay.on_local_change(&doc, &mut rd).unwrap();
         let received = deliver(&mut node, &mut relay, &mut nd, &mut rd);
         assert_eq!(received.first(), Some(&("receipts", vec![entry(2)])), "{received:?}");
@@ -1136,16 +1080,16 @@ mod tests {
 
     #[test]
     fn a_change_whose_author_did_not_sign_it_is_refused_for_that_document_only() {
-        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let (mut nd, mut rd) = (docs(), docs());
         let doc = DocId::random();
         // Written under a key this side cannot sign for, and no signature is known.
         let stranger = crate::identity::NodeKey::generate();
         let mut forged = AutoCommit::new().with_actor(stranger.node_id().actor_id());
         forged.put(automerge::ROOT, "text", "i någon annans namn").unwrap();
         forged.commit();
-        nd.0.insert(doc.clone(), forged);
+        nd.insert(doc.clone(), forged);
         let honest = DocId::random();
-        nd.0.insert(honest.clone(), doc_with("ärligt"));
+        nd.insert(honest.clone(), doc_with("ärligt"));
         let mut node = SyncConnection::node(&author().node_id().to_string(), "test");
         let mut relay = SyncConnection::relay("relay");
         let (node_events, relay_events) = pump_events(&mut node, &mut nd, &mut relay, &mut rd);
@@ -1159,9 +1103,9 @@ mod tests {
                 ConnectionEvent::RefusedByPeer { doc: d, kind: RefusalKind::ChangesRefused, .. } if *d == doc)),
             "{node_events:?}"
         );
-        assert!(rd.0.get_mut(&doc).map(|d| d.get_heads()).unwrap_or_default().is_empty(), "nothing was kept");
+        assert!(rd.get_mut(&doc).map(|d| d.get_heads()).unwrap_or_default().is_empty(), "nothing was kept");
         // The other document synced on the same connection, and both ends settled.
-        assert_eq!(rd.0.get_mut(&honest).unwrap().get_heads(), nd.0.get_mut(&honest).unwrap().get_heads());
+        assert_eq!(rd.get_mut(&honest).unwrap().get_heads(), nd.get_mut(&honest).unwrap().get_heads());
         assert!(node.is_settled(&mut nd).unwrap());
         // No sync state of the refused document is persisted (a refused receive advanced none).
         assert!(relay.into_persisted().iter().all(|(d, _)| *d != doc));
@@ -1169,7 +1113,7 @@ mod tests {
 
     #[test]
     fn wrong_protocol_version_and_out_of_phase_frames_close_with_an_error_frame() {
-        let mut rd = Docs::default();
+        let mut rd = docs();
         let mut relay = SyncConnection::relay("relay");
         let err = relay.on_frame(Frame::Hello { protocol: 99, software: "x".into(), node: "n".into() }, &mut rd);
         assert!(matches!(err, Err(ConnectionError::Protocol(_))));
@@ -1183,9 +1127,9 @@ mod tests {
 
     #[test]
     fn a_garbage_or_unshared_message_is_refused_for_that_document_and_the_connection_goes_on() {
-        let mut rd = Docs::default();
+        let mut rd = docs();
         let doc = DocId::random();
-        rd.0.insert(doc.clone(), doc_with("orörd"));
+        rd.insert(doc.clone(), doc_with("orörd"));
         let before = rd.shared_heads().unwrap();
         let node_key = author().node_id();
         let mut relay = SyncConnection::relay("relay");
@@ -1199,7 +1143,7 @@ mod tests {
         relay.take_outbox();
         let events = relay.on_frame(Frame::Sync { doc: doc.clone(), message: vec![0x42, 1, 2, 3] }, &mut rd).unwrap();
         assert!(matches!(events.as_slice(), [ConnectionEvent::Refused { kind: RefusalKind::Malformed, .. }]));
-        let heads = rd.0.get_mut(&doc).unwrap().get_heads();
+        let heads = rd.get_mut(&doc).unwrap().get_heads();
         match relay.take_outbox().as_slice() {
             [Frame::DocRefused { doc: d, kind: RefusalKind::Malformed, heads: h, your_seq, .. }] => {
                 assert_eq!(d, &doc);
@@ -1211,7 +1155,7 @@ mod tests {
         assert_eq!(rd.shared_heads().unwrap(), before);
 
         // A document this side does not share with the peer: refused as not shared, without heads.
-        rd.3.insert(doc.clone());
+        rd.hide(doc.clone());
         let mut fresh = AutoCommit::new();
         let message =
             automerge::sync::SyncDoc::generate_sync_message(&fresh.sync(), &mut automerge::sync::State::new())
@@ -1261,8 +1205,8 @@ mod tests {
 
     #[test]
     fn a_second_summary_or_a_second_answer_to_ours_is_refused_with_an_error_frame() {
-        let mut rd = Docs::default();
-        rd.0.insert(DocId::random(), doc_with("reläets"));
+        let mut rd = docs();
+        rd.insert(DocId::random(), doc_with("reläets"));
         let summary = Frame::Summary { docs: 0, digest: [0; 32] };
 
         let mut relay = open_relay(&mut rd);
@@ -1285,9 +1229,9 @@ mod tests {
 
     #[test]
     fn the_relay_keeps_nothing_of_the_documents_a_node_names_and_it_does_not_hold() {
-        let mut rd = Docs::default();
+        let mut rd = docs();
         let ours = DocId::random();
-        rd.0.insert(ours.clone(), doc_with("reläets"));
+        rd.insert(ours.clone(), doc_with("reläets"));
         let unknown: Vec<(DocId, [u8; 8])> = (0..10_000).map(|_| (DocId::random(), [7; 8])).collect();
 
         let mut relay = open_relay(&mut rd);
@@ -1296,7 +1240,7 @@ mod tests {
         assert_eq!(relay.progress(), (0, 1));
 
         // A node waits for the relay's documents it may receive (all, here).
-        let mut nd = Docs::default();
+        let mut nd = docs();
         let mut node = SyncConnection::node("n", "test");
         node.on_frame(Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "r".into() }, &mut nd).unwrap();
         node.begin(&mut nd).unwrap();
@@ -1306,7 +1250,7 @@ mod tests {
 
     #[test]
     fn sync_frames_for_documents_nobody_holds_leave_no_state_and_no_growing_set() {
-        let mut rd = Docs::default();
+        let mut rd = docs();
         let mut relay = open_relay(&mut rd);
         relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
         let message = phantom_message();
@@ -1314,7 +1258,7 @@ mod tests {
             let doc = DocId::random();
             relay.on_frame(Frame::Sync { doc: doc.clone(), message: message.clone() }, &mut rd).unwrap();
             assert!(matches!(relay.take_outbox().as_slice(), [Frame::Sync { .. }]), "answered");
-            assert!(rd.0.get_mut(&doc).is_none_or(|d| d.get_heads().is_empty()));
+            assert!(rd.get_mut(&doc).is_none_or(|d| d.get_heads().is_empty()));
         }
         assert_eq!(relay.session.docs().count(), 0, "no sync state kept");
         assert_eq!(relay.shared_heads().count(), 0);
@@ -1325,7 +1269,7 @@ mod tests {
 
     #[test]
     fn offered_signatures_are_held_per_document_until_its_sync_frame_and_capped() {
-        let mut rd = Docs::default();
+        let mut rd = docs();
         let mut relay = open_relay(&mut rd);
         relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
         let junk = |n: usize, salt: u8| -> Vec<SignedChange> {
@@ -1379,7 +1323,7 @@ mod tests {
             }
             .encode()
         };
-        let mut rd = Docs::default();
+        let mut rd = docs();
         let doc = DocId::random();
         let sign = |hash: &ChangeHash| (*hash, authorship::sign(author(), &doc, hash));
         let mut relay = open_relay(&mut rd);
@@ -1391,16 +1335,16 @@ mod tests {
         assert_eq!(relay.offered.count, 2, "kept while the change waits for its parent");
         // Then the parent, without signatures (already sent): both changes apply, both verified.
         relay.on_frame(Frame::Sync { doc: doc.clone(), message: message(vec![c1], vec![second]) }, &mut rd).unwrap();
-        assert_eq!(rd.0.get_mut(&doc).unwrap().get_heads(), vec![second]);
+        assert_eq!(rd.get_mut(&doc).unwrap().get_heads(), vec![second]);
         assert_eq!(relay.offered.count, 0);
     }
 
     #[test]
     fn only_documents_whose_shared_heads_changed_are_reported_to_monitoring() {
-        let (mut nd, mut rd) = (Docs::default(), Docs::default());
+        let (mut nd, mut rd) = (docs(), docs());
         let docs: Vec<DocId> = (0..20).map(|_| DocId::random()).collect();
         for d in &docs {
-            rd.0.insert(d.clone(), doc_with("reläets"));
+            rd.insert(d.clone(), doc_with("reläets"));
         }
         let mut node = SyncConnection::node("node-1", "test");
         let mut relay = SyncConnection::relay("relay");
@@ -1410,13 +1354,13 @@ mod tests {
         assert!(relay.session.take_changed_shared_heads().is_empty(), "nothing since");
 
         // One edit: one document reported.
-        rd.0.get_mut(&docs[3]).unwrap().put(automerge::ROOT, "text", "ändrad").unwrap();
-        rd.0.get_mut(&docs[3]).unwrap().commit();
+        rd.get_mut(&docs[3]).unwrap().put(automerge::ROOT, "text", "ändrad").unwrap();
+        rd.get_mut(&docs[3]).unwrap().commit();
         relay.on_local_change(&docs[3], &mut rd).unwrap();
         pump(&mut node, &mut nd, &mut relay, &mut rd);
         let changed = relay.session.take_changed_shared_heads();
         assert_eq!(changed.len(), 1);
         assert_eq!(changed[0].0, docs[3]);
-        assert_eq!(changed[0].1.as_deref(), Some(rd.0.get_mut(&docs[3]).unwrap().get_heads().as_slice()));
+        assert_eq!(changed[0].1.as_deref(), Some(rd.get_mut(&docs[3]).unwrap().get_heads().as_slice()));
     }
 }

@@ -34,6 +34,7 @@
 
 mod check;
 mod connection;
+mod memory;
 mod summary;
 
 #[cfg(test)]
@@ -50,6 +51,7 @@ pub use connection::{
     ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, SignedChange, SyncConnection,
     MAX_OFFERED_SIGNATURES,
 };
+pub use memory::{Access, MemoryDocs, MemoryDocsError, SharedMemoryDocs, Signer};
 pub use summary::{
     doc_heads_frame, heads_digest, plan, plan_keeping, summary_digest, summary_frame, HeadsDigest, SyncPlan,
 };
