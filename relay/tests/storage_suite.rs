@@ -6,7 +6,8 @@
 //! database: a second process on SQLite, a second relay instance on PostgreSQL.
 
 use std::io::Write;
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use automerge::ChangeHash;
@@ -87,6 +88,8 @@ suite!(
     another_instances_meta_commit_changes_external_changes,
     over_the_content_limits_nothing_is_written,
     a_join_code_is_used_once_across_instances,
+    an_open_document_blocks_neither_reads_nor_other_documents,
+    with_doc_on_one_document_runs_one_closure_at_a_time,
 );
 
 fn org() -> OrgId {
@@ -247,10 +250,13 @@ fn node_records_are_kept_per_peer<B: Backend>(backend: &B) {
 fn update_meta_is_atomic_across_instances<B: Backend + Sync>(backend: &B) {
     const PER_THREAD: usize = 25;
     let barrier = Barrier::new(3);
+    // Opened one after another: a storage that failed to open inside a thread
+    // would leave the others at the barrier for ever.
+    let storages: Vec<B::S> = (0..3).map(|_| backend.open()).collect();
     std::thread::scope(|s| {
-        for _ in 0..3 {
-            s.spawn(|| {
-                let storage = backend.open();
+        for storage in &storages {
+            let barrier = &barrier;
+            s.spawn(move || {
                 barrier.wait();
                 for _ in 0..PER_THREAD {
                     storage
@@ -284,7 +290,14 @@ fn another_instances_meta_commit_changes_external_changes<B: Backend>(backend: &
     assert_ne!(ours.external_changes().unwrap(), before);
 }
 
-fn a_cached_copy_sees_what_another_instance_wrote_and_compacted<B: Backend>(backend: &B) {
+/// PostgreSQL only: on SQLite one process writes documents to the file (the
+/// contract of `samverkan_store::concurrent`: other processes write metadata
+/// only), so a second storage writing the same document is outside it.
+#[test]
+fn postgres_a_cached_copy_sees_what_another_instance_wrote_and_compacted() {
+    let Some(backend) = postgres("postgres_a_cached_copy_sees_what_another_instance_wrote_and_compacted") else {
+        return;
+    };
     let mut ours = backend.open();
     let (id, _) = store_new(&mut ours);
     assert_eq!(body(&mut ours, &id), "");
@@ -328,13 +341,14 @@ fn a_join_code_is_used_once_across_instances<B: Backend + Sync>(backend: &B) {
     let secret = enrollment::issue_join(&backend.open(), flen, "Flen", chrono::Duration::hours(1), now).unwrap();
     let barrier = Barrier::new(4);
     let outcomes = Mutex::new(Vec::new());
+    let storages: Vec<B::S> = (0..4).map(|_| backend.open()).collect();
     std::thread::scope(|s| {
-        for _ in 0..4 {
-            s.spawn(|| {
-                let storage = backend.open();
+        for storage in &storages {
+            let (barrier, outcomes, secret) = (&barrier, &outcomes, &secret);
+            s.spawn(move || {
                 let key = NodeKey::generate().node_id();
                 barrier.wait();
-                let outcome = enrollment::consume_join(&storage, &secret, key, "flen-kommun", Utc::now());
+                let outcome = enrollment::consume_join(storage, secret, key, "flen-kommun", Utc::now());
                 outcomes.lock().unwrap().push(outcome);
             });
         }
@@ -343,6 +357,102 @@ fn a_join_code_is_used_once_across_instances<B: Backend + Sync>(backend: &B) {
     assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
     assert!(outcomes.iter().filter(|o| o.is_err()).all(|o| matches!(o, Err(EnrollmentError::UnknownJoinCode))));
     assert_eq!(enrollment::directory(&backend.open()).unwrap().members.len(), 1);
+}
+
+/// How long a test waits for another thread before it fails (a bound, never a measurement).
+const LIMIT: Duration = Duration::from_secs(20);
+
+fn an_open_document_blocks_neither_reads_nor_other_documents<B: Backend + Sync>(backend: &B) {
+    let mut storage = backend.open();
+    let (held, held_heads) = store_new(&mut storage);
+    let (other, _) = store_new(&mut storage);
+    storage.update_meta("k", |_| Ok::<_, StoreError>(Some("v".into()))).unwrap();
+    let storage = storage;
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let (done_tx, done_rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        let (storage, held_id, other, ctx, directory) = (&storage, &held, &other, &ctx, &directory);
+        let holder = s.spawn(move || {
+            storage.with_doc(held_id, false, |d| {
+                entered_tx.send(()).unwrap();
+                // Blocked until the test has seen the other thread through (bounded).
+                let released = release_rx.recv_timeout(LIMIT).is_ok();
+                d.edit(ctx, directory, "body", |e| e.set_body("held")).map_err(StoreError::from)?;
+                Ok::<_, StoreError>((released, Vec::new(), Vec::new()))
+            })
+        });
+        entered_rx.recv_timeout(LIMIT).expect("the first closure runs");
+        s.spawn(move || {
+            let answers = (|| -> Result<_, StoreError> {
+                let edited = storage.with_doc(other, false, |d| {
+                    d.edit(ctx, directory, "body", |e| e.set_body("other")).map_err(StoreError::from)?;
+                    Ok::<_, StoreError>((d.heads(), Vec::new(), Vec::new()))
+                })?;
+                let index = storage.index()?.len();
+                let held_entry = storage.entry(held_id)?.map(|e| e.heads);
+                let other_entry = storage.entry(other)?.map(|e| e.heads);
+                Ok((edited, index, held_entry, other_entry, storage.meta("k")?))
+            })();
+            let _ = done_tx.send(answers);
+        });
+        let answers = done_rx.recv_timeout(LIMIT);
+        // Released whatever happened, so every thread ends.
+        let _ = release_tx.send(());
+        let held_result = holder.join().unwrap();
+        let (edited, index, held_entry, other_entry, meta) =
+            answers.expect("the other document and the reads finished while the first closure was held").unwrap();
+        assert_eq!(edited.clone(), other_entry, "the other document's edit was stored");
+        assert!(edited.is_some());
+        assert_eq!(index, 2);
+        assert_eq!(held_entry, Some(held_heads.clone()), "the held document's entry is as before its open transaction");
+        assert_eq!(meta, Some("v".into()));
+        assert_eq!(held_result.unwrap(), Some(true), "the held closure was released, not timed out");
+    });
+    assert_ne!(storage.entry(&held).unwrap().unwrap().heads, held_heads, "the held document's edit was stored");
+    assert_eq!(backend.open().index().unwrap().len(), 2);
+}
+
+fn with_doc_on_one_document_runs_one_closure_at_a_time<B: Backend + Sync>(backend: &B) {
+    const THREADS: usize = 4;
+    const EDITS: usize = 8;
+    let mut storage = backend.open();
+    let (id, _) = store_new(&mut storage);
+    let storage = storage;
+    let inside = AtomicBool::new(false);
+    let barrier = Barrier::new(THREADS);
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            let (storage, inside, barrier, id) = (&storage, &inside, &barrier, &id);
+            s.spawn(move || {
+                let (ctx, directory) = (ctx(), Directory::sodermanland());
+                barrier.wait();
+                for i in 0..EDITS {
+                    storage
+                        .with_doc(id, false, |d| {
+                            assert!(!inside.swap(true, Ordering::SeqCst), "two closures ran on one document at once");
+                            let edited = d.edit(&ctx, &directory, "body", |e| e.set_body(&format!("{t}.{i}")));
+                            inside.store(false, Ordering::SeqCst);
+                            edited.map_err(StoreError::from)?;
+                            Ok::<_, StoreError>(((), Vec::new(), Vec::new()))
+                        })
+                        .unwrap()
+                        .unwrap();
+                }
+            });
+        }
+    });
+    // Every edit was stored on top of the one before: one head, every change kept.
+    let changes = backend
+        .open()
+        .with_doc(&id, false, |d| {
+            Ok::<_, StoreError>(((d.heads().len(), d.automerge_mut().get_changes(&[]).len()), Vec::new(), Vec::new()))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(changes.0, 1, "edits made one after another leave one head");
+    assert_eq!(changes.1, 1 + THREADS * EDITS);
 }
 
 // PostgreSQL only: what several instances tell each other.

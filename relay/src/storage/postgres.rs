@@ -24,9 +24,15 @@
 //!
 //! Threads: the blocking `postgres` client runs a small runtime of its own and
 //! must never be called on a tokio worker thread. Every statement therefore
-//! runs on this storage's own worker thread (with a connection from an `r2d2`
-//! pool); the caller waits on a channel. `with_doc`'s closure runs on the
-//! caller's thread between the transaction's read and its write.
+//! runs on one of this storage's own worker threads, each holding a
+//! connection of its own from an `r2d2` pool; the caller waits on a channel.
+//! Workers are started as jobs outnumber idle ones, up to the pool's size
+//! ([`DEFAULT_POOL_SIZE`]), and end after a minute without work. `with_doc`'s
+//! closure runs on the caller's thread between the transaction's read and its
+//! write, holding one worker (and the document's lock) meanwhile; the others
+//! serve reads and other documents. There is no lock of the instance's own
+//! around a document: writes to one document are serialised by its lock in
+//! PostgreSQL alone, within an instance as across instances.
 //!
 //! Never does: keep a document's contents anywhere but in its bounded cache,
 //! or write without the document's lock.
@@ -62,8 +68,10 @@ pub const SCHEMA_VERSION: i32 = 1;
 /// Incremental rows per document before they are folded into a new snapshot
 /// (the same as the SQLite store's).
 pub const COMPACT_AFTER_ROWS: i64 = samverkan_store::COMPACT_AFTER_ROWS;
-/// Connections in the pool by default.
-pub const DEFAULT_POOL_SIZE: u32 = 4;
+/// Connections in the pool, and so worker threads, at most by default: one
+/// `with_doc` holds one while its closure runs, and the relay runs up to 16
+/// storage steps at once (the rest wait for a worker).
+pub const DEFAULT_POOL_SIZE: u32 = 8;
 /// An instance whose heartbeat is older than this is taken as gone: its
 /// connections no longer count against a node's per-key limit.
 pub const INSTANCE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -118,55 +126,164 @@ fn sha256(data: &[u8]) -> Vec<u8> {
     Sha256::digest(data).to_vec()
 }
 
-/// One unit of work for the worker thread, given its connection (or why there is none).
+/// One unit of work for a worker thread, given its connection (or why there is none).
 type Job = Box<dyn FnOnce(Result<&mut Client, StoreError>) + Send>;
 
-/// The thread that owns the database connection; statements run there.
-struct Worker {
-    jobs: Option<mpsc::Sender<Job>>,
-    thread: Option<JoinHandle<()>>,
+/// A worker thread that has waited this long for work while others are idle too ends,
+/// handing its connection back to the pool.
+const WORKER_IDLE: Duration = Duration::from_secs(60);
+
+/// The threads that own the database connections; statements run there.
+///
+/// Elastic: a job waits for an idle worker, and a new worker (with a
+/// connection of its own) is started whenever jobs outnumber the idle ones,
+/// up to `max` (the pool's size). A worker running [`Workers::open`] is held
+/// by that transaction until its caller commits or drops it; the other
+/// workers meanwhile serve everything else, so one document's open
+/// transaction blocks neither reads nor other documents (only, through its
+/// lock in PostgreSQL, other writes to the same document).
+struct Workers {
+    shared: Arc<WorkShared>,
 }
 
-impl Worker {
-    fn start(pool: Pool) -> Result<Self, StoreError> {
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let thread = std::thread::Builder::new()
-            .name("samverkan-postgres".into())
-            .spawn(move || {
-                let mut held: Option<r2d2_postgres::r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> = None;
-                for job in queue {
-                    if held.as_ref().is_some_and(|c| c.is_closed()) {
-                        held = None;
-                    }
-                    if held.is_none() {
-                        match pool.get() {
-                            Ok(mut conn) => match conn.batch_execute("SET synchronous_commit = on") {
-                                Ok(()) => held = Some(conn),
-                                Err(e) => {
-                                    job(Err(pg(e)));
-                                    continue;
-                                }
-                            },
-                            Err(e) => {
-                                job(Err(backend(format!("no database connection: {e}"))));
-                                continue;
-                            }
-                        }
-                    }
-                    match held.as_mut() {
-                        Some(conn) => job(Ok(conn)),
-                        None => job(Err(backend("no database connection"))),
-                    }
-                }
-            })
-            .map_err(|e| backend(format!("cannot start the storage thread: {e}")))?;
-        Ok(Self { jobs: Some(jobs), thread: Some(thread) })
+struct WorkShared {
+    state: std::sync::Mutex<WorkState>,
+    ready: std::sync::Condvar,
+    /// Taken (and dropped on a plain thread) when the storage is dropped: a
+    /// connection must never be closed on a tokio worker thread either.
+    pool: std::sync::Mutex<Option<Pool>>,
+    max: usize,
+}
+
+struct WorkState {
+    queue: std::collections::VecDeque<Job>,
+    /// Workers waiting for a job.
+    idle: usize,
+    /// Workers running (idle or not).
+    threads: usize,
+    /// Set when the storage is dropped: workers finish the queue and end.
+    closed: bool,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(pool: Pool, max: usize) -> Result<Self, StoreError> {
+        let shared = Arc::new(WorkShared {
+            state: std::sync::Mutex::new(WorkState {
+                queue: std::collections::VecDeque::new(),
+                idle: 0,
+                threads: 0,
+                closed: false,
+                handles: Vec::new(),
+            }),
+            ready: std::sync::Condvar::new(),
+            pool: std::sync::Mutex::new(Some(pool)),
+            max: max.max(1),
+        });
+        let workers = Self { shared };
+        let mut state = workers.shared.lock();
+        workers.spawn(&mut state)?;
+        drop(state);
+        Ok(workers)
+    }
+
+    /// Starts one more worker thread (`state` locked by the caller).
+    fn spawn(&self, state: &mut WorkState) -> Result<(), StoreError> {
+        let shared = self.shared.clone();
+        let number = state.threads;
+        let handle = std::thread::Builder::new()
+            .name(format!("samverkan-postgres-{number}"))
+            .spawn(move || shared.work())
+            .map_err(|e| backend(format!("cannot start a storage thread: {e}")))?;
+        state.threads += 1;
+        state.handles.retain(|h| !h.is_finished());
+        state.handles.push(handle);
+        Ok(())
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
-        self.jobs.as_ref().ok_or_else(worker_gone)?.send(job).map_err(|_| worker_gone())
+        let mut state = self.shared.lock();
+        if state.closed {
+            return Err(worker_gone());
+        }
+        state.queue.push_back(job);
+        if state.queue.len() > state.idle && state.threads < self.shared.max {
+            if let Err(e) = self.spawn(&mut state) {
+                // The running workers still take the job, only later.
+                warn!(error = %e, "cannot add a PostgreSQL storage worker");
+                if state.threads == 0 {
+                    state.queue.pop_back();
+                    return Err(e);
+                }
+            }
+        }
+        drop(state);
+        self.shared.ready.notify_one();
+        Ok(())
+    }
+}
+
+impl WorkShared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WorkState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A worker thread's loop: take a job, run it with this thread's connection.
+    fn work(&self) {
+        let Some(pool) = self.pool.lock().unwrap_or_else(|e| e.into_inner()).clone() else {
+            self.lock().threads -= 1;
+            return;
+        };
+        let mut held: Option<r2d2_postgres::r2d2::PooledConnection<PostgresConnectionManager<NoTls>>> = None;
+        loop {
+            let job = {
+                let mut state = self.lock();
+                loop {
+                    if let Some(job) = state.queue.pop_front() {
+                        break job;
+                    }
+                    if state.closed {
+                        state.threads -= 1;
+                        return;
+                    }
+                    state.idle += 1;
+                    let (next, waited) = self.ready.wait_timeout(state, WORKER_IDLE).unwrap_or_else(|e| e.into_inner());
+                    state = next;
+                    state.idle -= 1;
+                    // Idle for long while another waits too: one is enough.
+                    if waited.timed_out() && state.queue.is_empty() && state.idle > 0 && !state.closed {
+                        state.threads -= 1;
+                        return;
+                    }
+                }
+            };
+            if held.as_ref().is_some_and(|c| c.is_closed()) {
+                held = None;
+            }
+            if held.is_none() {
+                match pool.get() {
+                    Ok(mut conn) => match conn.batch_execute("SET synchronous_commit = on") {
+                        Ok(()) => held = Some(conn),
+                        Err(e) => {
+                            job(Err(pg(e)));
+                            continue;
+                        }
+                    },
+                    Err(e) => {
+                        job(Err(backend(format!("no database connection: {e}"))));
+                        continue;
+                    }
+                }
+            }
+            match held.as_mut() {
+                Some(conn) => job(Ok(conn)),
+                None => job(Err(backend("no database connection"))),
+            }
+        }
+    }
+}
+
+impl Workers {
     /// Runs `f` with the connection on the worker thread and waits for its result.
     fn call<R: Send + 'static>(
         &self,
@@ -239,16 +356,34 @@ impl Worker {
     }
 }
 
-impl Drop for Worker {
+impl Drop for Workers {
     fn drop(&mut self) {
-        self.jobs = None;
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let handles = {
+            let mut state = self.shared.lock();
+            state.closed = true;
+            std::mem::take(&mut state.handles)
+        };
+        self.shared.ready.notify_all();
+        for handle in handles {
+            // A job's own thread never joins itself.
+            if handle.thread().id() != std::thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        // The pool's idle connections are closed here: on a plain thread, as
+        // the caller may be a tokio worker (a relay shutting down).
+        let pool = self.shared.pool.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(pool) = pool {
+            if let Ok(closing) =
+                std::thread::Builder::new().name("samverkan-postgres-close".into()).spawn(|| drop(pool))
+            {
+                let _ = closing.join();
+            }
         }
     }
 }
 
-/// A transaction open on the worker thread (see [`Worker::open`]).
+/// A transaction open on the worker thread (see [`Workers::open`]).
 struct Open<T, W, U> {
     first: Option<T>,
     decide: mpsc::SyncSender<W>,
@@ -313,7 +448,7 @@ struct DocWrite {
 
 /// The relay's storage in a PostgreSQL database (see the module docs).
 pub struct PostgresStorage {
-    worker: Worker,
+    workers: Workers,
     url: String,
     instance: String,
     limits: ContentLimits,
@@ -346,7 +481,8 @@ impl PostgresStorage {
         Self::open_with_pool(url, cache, DEFAULT_POOL_SIZE)
     }
 
-    /// [`Self::open`] with a pool of `pool_size` connections.
+    /// [`Self::open`] with a pool of `pool_size` connections (and as many
+    /// worker threads at most).
     pub fn open_with_pool(url: &str, cache: usize, pool_size: u32) -> Result<Self, StoreError> {
         let config: postgres::Config =
             url.parse().map_err(|e| backend(format!("{}: not a PostgreSQL address: {e}", redact(url))))?;
@@ -364,17 +500,17 @@ impl PostgresStorage {
         })
         .map_err(|_| backend("connecting panicked"))?
         .map_err(|e| backend(format!("cannot connect to {}: {e}", redact(url))))?;
-        let worker = Worker::start(pool)?;
-        worker.call_in_transaction(migrate)?;
+        let workers = Workers::start(pool, pool_size.max(1) as usize)?;
+        workers.call_in_transaction(migrate)?;
         let instance = hex::encode(rand::random::<[u8; 8]>());
         let id = instance.clone();
-        worker.call(move |client| {
+        workers.call(move |client| {
             client
                 .execute("INSERT INTO relay_instances (instance) VALUES ($1) ON CONFLICT DO NOTHING", &[&id])
                 .map_err(pg)
         })?;
         Ok(Self {
-            worker,
+            workers,
             url: url.to_string(),
             instance,
             limits: ContentLimits::default(),
@@ -391,14 +527,14 @@ impl PostgresStorage {
 
     /// The schema version of the database (after migrating, [`SCHEMA_VERSION`]).
     pub fn schema_version(&self) -> Result<i32, StoreError> {
-        self.worker
+        self.workers
             .call(|client| client.query_one("SELECT version FROM samverkan_schema", &[]).map(|r| r.get(0)).map_err(pg))
     }
 
     /// Number of increment rows a document has (for tests).
     pub fn increment_rows(&self, doc: &DocId) -> Result<i64, StoreError> {
         let id = doc.as_str().to_string();
-        self.worker.call(move |client| {
+        self.workers.call(move |client| {
             client.query_one("SELECT count(*) FROM changes WHERE doc_id = $1", &[&id]).map(|r| r.get(0)).map_err(pg)
         })
     }
@@ -429,7 +565,7 @@ impl Drop for PostgresStorage {
         self.stop.store(true, Ordering::SeqCst);
         let instance = self.instance.clone();
         // Best effort: an instance that dies without this is timed out by its heartbeat.
-        let _ = self.worker.call(move |client| {
+        let _ = self.workers.call(move |client| {
             client.execute("DELETE FROM relay_connections WHERE instance = $1", &[&instance]).map_err(pg)?;
             client.execute("DELETE FROM relay_instances WHERE instance = $1", &[&instance]).map_err(pg)
         });
@@ -614,7 +750,7 @@ fn insert_receipts(tx: &mut Transaction<'_>, receipts: &[ApprovalReceipt]) -> Re
 
 impl RelayStorage for PostgresStorage {
     fn index(&self) -> Result<Vec<DocEntry>, StoreError> {
-        let rows = self.worker.call(|client| {
+        let rows = self.workers.call(|client| {
             client
                 .query("SELECT doc_id, heads, parties FROM documents ORDER BY updated_at DESC, doc_id", &[])
                 .map_err(pg)
@@ -629,7 +765,7 @@ impl RelayStorage for PostgresStorage {
 
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError> {
         let id = doc.as_str().to_string();
-        let row = self.worker.call(move |client| {
+        let row = self.workers.call(move |client| {
             client
                 .query_opt("SELECT doc_id, heads, parties FROM documents WHERE doc_id = $1", &[&id])
                 .map_err(pg)
@@ -648,7 +784,7 @@ impl RelayStorage for PostgresStorage {
         let cached = self.cache().entries.remove(doc);
         let at = cached.as_ref().map(|c| (c.generation, c.last_seq));
         let read_id = id.clone();
-        let mut open = self.worker.open(move |tx| read_doc(tx, &read_id, at), write_doc)?;
+        let mut open = self.workers.open(move |tx| read_doc(tx, &read_id, at), write_doc)?;
         let rows = open.take().ok_or_else(worker_gone)?;
         let corrupt = |reason: String| StoreError::CorruptDocument { id: doc.clone(), reason };
         // The document as stored now: the cached copy if its snapshot is current, else the snapshot; then the increments.
@@ -725,7 +861,7 @@ impl RelayStorage for PostgresStorage {
             return Ok(Vec::new());
         }
         let keys: Vec<Vec<u8>> = hashes.iter().map(|h| h.0.to_vec()).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = self.worker.call(move |client| {
+        let rows: Vec<(Vec<u8>, Vec<u8>)> = self.workers.call(move |client| {
             client
                 .query("SELECT hash, signature FROM change_signatures WHERE hash = ANY($1)", &[&keys])
                 .map_err(pg)
@@ -744,7 +880,7 @@ impl RelayStorage for PostgresStorage {
 
     fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {
         let id = doc.as_str().to_string();
-        let rows: Vec<(String, String, String)> = self.worker.call(move |client| {
+        let rows: Vec<(String, String, String)> = self.workers.call(move |client| {
             client
                 .query(
                     "SELECT record, received_at, relay_signature FROM approval_receipts WHERE doc_id = $1 ORDER BY record",
@@ -768,12 +904,12 @@ impl RelayStorage for PostgresStorage {
 
     fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
         let receipts = receipts.to_vec();
-        self.worker.call_in_transaction(move |tx| insert_receipts(tx, &receipts))
+        self.workers.call_in_transaction(move |tx| insert_receipts(tx, &receipts))
     }
 
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
         let peer = peer.to_string();
-        let rows: Vec<(String, Vec<u8>)> = self.worker.call(move |client| {
+        let rows: Vec<(String, Vec<u8>)> = self.workers.call(move |client| {
             client
                 .query("SELECT doc_id, state FROM sync_states WHERE peer = $1", &[&peer])
                 .map_err(pg)
@@ -784,7 +920,7 @@ impl RelayStorage for PostgresStorage {
     }
 
     fn peers(&self) -> Result<Vec<String>, StoreError> {
-        self.worker.call(|client| {
+        self.workers.call(|client| {
             client
                 .query("SELECT DISTINCT peer FROM sync_states ORDER BY peer", &[])
                 .map_err(pg)
@@ -793,7 +929,7 @@ impl RelayStorage for PostgresStorage {
     }
 
     fn node_records(&self) -> Result<Vec<(String, String)>, StoreError> {
-        self.worker.call(|client| {
+        self.workers.call(|client| {
             client
                 .query("SELECT peer, record FROM node_records ORDER BY peer", &[])
                 .map_err(pg)
@@ -803,7 +939,7 @@ impl RelayStorage for PostgresStorage {
 
     fn save_node_record(&self, peer: &str, record: &str) -> Result<(), StoreError> {
         let (peer, record) = (peer.to_string(), record.to_string());
-        self.worker.call(move |client| {
+        self.workers.call(move |client| {
             client
                 .execute(
                     "INSERT INTO node_records (peer, record) VALUES ($1, $2)
@@ -817,7 +953,7 @@ impl RelayStorage for PostgresStorage {
 
     fn save_sync_states(&self, peer: &str, states: Vec<(DocId, Vec<u8>)>) -> Result<(), StoreError> {
         let peer = peer.to_string();
-        self.worker.call_in_transaction(move |tx| {
+        self.workers.call_in_transaction(move |tx| {
             tx.execute("DELETE FROM sync_states WHERE peer = $1", &[&peer]).map_err(pg)?;
             let stmt = tx.prepare("INSERT INTO sync_states (peer, doc_id, state) VALUES ($1, $2, $3)").map_err(pg)?;
             for (doc, state) in &states {
@@ -829,7 +965,7 @@ impl RelayStorage for PostgresStorage {
 
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
         let key = key.to_string();
-        self.worker.call(move |client| {
+        self.workers.call(move |client| {
             client.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).map(|r| r.map(|r| r.get(0))).map_err(pg)
         })
     }
@@ -845,7 +981,7 @@ impl RelayStorage for PostgresStorage {
         let read_key = key.to_string();
         let write_key = key.to_string();
         let instance = self.instance.clone();
-        let mut open = self.worker.open(
+        let mut open = self.workers.open(
             move |tx| {
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key("meta", &read_key)]).map_err(pg)?;
                 tx.query_opt("SELECT value FROM meta WHERE key = $1 FOR UPDATE", &[&read_key])
@@ -877,7 +1013,7 @@ impl RelayStorage for PostgresStorage {
     /// A counter every metadata commit of any instance (or the operator's CLI)
     /// increments, in the same transaction: one indexed read.
     fn external_changes(&self) -> Result<Option<i64>, StoreError> {
-        self.worker.call(|client| {
+        self.workers.call(|client| {
             client
                 .query_one("SELECT value FROM relay_counters WHERE name = 'meta'", &[])
                 .map(|r| Some(r.get(0)))
@@ -913,7 +1049,7 @@ impl RelayStorage for PostgresStorage {
         let conn = conn as i64;
         let keep = keep.max(1);
         let timeout = INSTANCE_TIMEOUT.as_secs_f64();
-        self.worker
+        self.workers
             .call_in_transaction(move |tx| {
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key("peer", &peer)]).map_err(pg)?;
                 // Connections of instances that stopped beating are gone with them.
@@ -956,7 +1092,7 @@ impl RelayStorage for PostgresStorage {
     fn connection_closed(&self, conn: u64) -> Result<(), StoreError> {
         let instance = self.instance.clone();
         let conn = conn as i64;
-        self.worker.call(move |client| {
+        self.workers.call(move |client| {
             client
                 .execute("DELETE FROM relay_connections WHERE instance = $1 AND conn = $2", &[&instance, &conn])
                 .map(|_| ())
