@@ -708,12 +708,30 @@ async fn sync_session(
     result.map(|()| report)
 }
 
+/// The daemon's QUIC idle timeout: a relay (or relay instance) that vanished
+/// without closing — SIGKILLed, its machine or network gone — is given up
+/// after this long and the next address tried at once. QUIC uses the smaller
+/// of the two ends' idle timeouts, so the relay's own limit (30 s by default,
+/// `[limits] idle_timeout_seconds`) still bounds every connection; the node
+/// only asks for a shorter one.
+pub const DAEMON_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The daemon's keep-alive interval: a PING every this often keeps a quiet
+/// connection open (four may be lost before [`DAEMON_IDLE_TIMEOUT`] passes);
+/// one small packet per node every two seconds at the relay.
+pub const DAEMON_KEEP_ALIVE: Duration = Duration::from_secs(2);
+
+/// The daemon's transport limits: [`Limits::default`] with
+/// [`DAEMON_IDLE_TIMEOUT`] and [`DAEMON_KEEP_ALIVE`].
+pub fn daemon_limits() -> Limits {
+    Limits { idle_timeout: DAEMON_IDLE_TIMEOUT, keep_alive: DAEMON_KEEP_ALIVE, ..Limits::default() }
+}
+
 /// How the daemon behaves.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
     /// Transport limits; the idle timeout is how long a relay that vanished
     /// without closing (killed, or its machine gone) takes to be noticed and
-    /// the next address tried.
+    /// the next address tried (by default [`daemon_limits`]: 10 s).
     pub limits: Limits,
     /// How often to look for edits made by other processes.
     pub poll_interval: Duration,
@@ -742,7 +760,7 @@ impl Default for DaemonOptions {
             local_edits: None,
             received: None,
             connected: None,
-            limits: Limits::default(),
+            limits: daemon_limits(),
         }
     }
 }

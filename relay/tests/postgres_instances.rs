@@ -16,7 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use samverkan_net::endpoint::Limits;
 use samverkan_node::node::Node;
 use samverkan_node::sync::{self, DaemonOptions, RelayTarget, RelayTargets};
 use samverkan_relay::config::StorageLocation;
@@ -267,11 +266,12 @@ async fn an_instance_sigkilled_during_syncs_loses_no_acknowledged_change_and_its
     let (two, addr2) = start_process(&dir2, &url);
     let mut processes = Processes(vec![one, two]);
 
-    // The reader stays connected to the first instance, with the second as its fallback;
-    // a short idle timeout so that a vanished instance is noticed within seconds.
+    // The reader stays connected to the first instance, with the second as its
+    // fallback, with the daemon's default limits: a vanished instance is noticed
+    // after `DAEMON_IDLE_TIMEOUT` (10 s), well before the relay's 30 s.
     drop(reader);
-    let limits =
-        Limits { idle_timeout: Duration::from_secs(2), keep_alive: Duration::from_millis(400), ..Limits::default() };
+    let limits = DaemonOptions::default().limits;
+    assert_eq!(limits.idle_timeout, sync::DAEMON_IDLE_TIMEOUT);
     let reader_targets = RelayTargets { addrs: vec![addr1, addr2], relay_key };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let daemon_dir = reader_dir.clone();
@@ -326,8 +326,10 @@ async fn an_instance_sigkilled_during_syncs_loses_no_acknowledged_change_and_its
     assert_eq!(writer_targets.addrs[0], addr2, "the writer failed over to the second instance");
     assert!(acked.len() >= 30, "most syncs were acknowledged: {}", acked.len());
 
-    // The reader failed over too, and holds every acknowledged change.
-    let reader_has_all = eventually(Duration::from_secs(30), || {
+    // The reader failed over too, and holds every acknowledged change: within
+    // twice the daemon's idle timeout of the last sync (a bound, not a measure;
+    // with the relay's 30 s idle timeout it would not have noticed yet).
+    let reader_has_all = eventually(2 * sync::DAEMON_IDLE_TIMEOUT, || {
         Node::open(&reader_dir).map(|r| acked.is_subset(&names(&r, &id))).unwrap_or(false)
     })
     .await;
