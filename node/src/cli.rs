@@ -167,6 +167,9 @@ pub enum Command {
         #[arg(long, default_value_t = 30)]
         timeout: u64,
     },
+    /// The relay's addresses this node tries, in order (its instances: same key, one database).
+    #[command(subcommand)]
+    Relay(RelayCommand),
     /// Sync every document with the relay once, then exit with a summary.
     Sync(RelayArgs),
     /// Stay connected to the relay: push local edits, receive remote ones, reconnect when cut off.
@@ -343,6 +346,23 @@ pub struct NewArgs {
     /// Last day in force (YYYY-MM-DD).
     #[arg(long)]
     pub end: Option<NaiveDate>,
+}
+
+/// `relay …`
+#[derive(Debug, Subcommand)]
+pub enum RelayCommand {
+    /// List the relay's addresses in the order they are tried, and its pinned key.
+    List,
+    /// Add an address of another instance of the same relay, tried after the others.
+    AddAddress {
+        /// The instance's address (host:port).
+        address: String,
+    },
+    /// Stop trying an address (the first left becomes the one tried first).
+    RemoveAddress {
+        /// The address, as `relay list` shows it.
+        address: String,
+    },
 }
 
 /// `activity …`
@@ -1079,6 +1099,7 @@ pub fn run(cli: Cli) -> Result<()> {
                 print(json, json!(plan), || crate::recover::format_plan(&plan))
             }
         }
+        Command::Relay(cmd) => cmd_relay(&mut node, cmd, json),
         Command::Check => {
             let problems = node.check()?;
             print(json, json!({"ok": problems.is_empty(), "problems": problems}), || {
@@ -1141,6 +1162,76 @@ fn relay_targets(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::Relay
     store.set_meta(META_RELAY_ALTERNATIVES, &alternatives.join(","))?;
     store.set_meta(META_RELAY_KEY, &relay_key.to_string())?;
     Ok(crate::sync::RelayTargets { addrs, relay_key })
+}
+
+/// The relay addresses remembered: the first, then the other instances'.
+fn relay_addresses(node: &Node) -> Result<Vec<String>> {
+    use crate::node::{META_RELAY_ADDRESS, META_RELAY_ALTERNATIVES};
+    let store = node.store();
+    let mut all: Vec<String> = store.meta(META_RELAY_ADDRESS)?.into_iter().collect();
+    let alternatives = store.meta(META_RELAY_ALTERNATIVES)?.unwrap_or_default();
+    all.extend(alternatives.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string));
+    Ok(all)
+}
+
+/// `host:port` with a host and a port number (resolved only when used: the
+/// node may be offline now).
+fn check_relay_address(address: &str) -> Result<String> {
+    let address = address.trim();
+    let valid = address.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.is_empty() && !host.contains(',') && !host.contains(char::is_whitespace) && port.parse::<u16>().is_ok()
+    });
+    if !valid {
+        bail!("{address:?} is not a relay address: give host:port (e.g. relay2.example.se:4433)");
+    }
+    Ok(address.to_string())
+}
+
+fn cmd_relay(node: &mut Node, cmd: RelayCommand, json: bool) -> Result<()> {
+    use crate::node::{META_RELAY_ADDRESS, META_RELAY_ALTERNATIVES, META_RELAY_KEY};
+    let mut addresses = relay_addresses(node)?;
+    let not_joined =
+        "no relay known yet: run `samverkan-node join <code>` (or sync once with --relay and --relay-key) first";
+    match cmd {
+        RelayCommand::List => {}
+        RelayCommand::AddAddress { address } => {
+            let address = check_relay_address(&address)?;
+            if addresses.is_empty() {
+                bail!("{not_joined}");
+            }
+            if addresses.contains(&address) {
+                bail!("{address} is already one of the relay's addresses");
+            }
+            addresses.push(address);
+        }
+        RelayCommand::RemoveAddress { address } => {
+            let address = address.trim();
+            let Some(at) = addresses.iter().position(|a| a == address) else {
+                bail!("{address} is not one of the relay's addresses (see `samverkan-node relay list`)");
+            };
+            if addresses.len() == 1 {
+                bail!("{address} is the relay's only address: add another first");
+            }
+            addresses.remove(at);
+        }
+    }
+    if let Some((first, rest)) = addresses.split_first() {
+        let store = node.store_mut();
+        store.set_meta(META_RELAY_ADDRESS, first)?;
+        store.set_meta(META_RELAY_ALTERNATIVES, &rest.join(","))?;
+    }
+    let relay_key = node.store().meta(META_RELAY_KEY)?;
+    print(json, json!({"addresses": addresses, "relay_key": relay_key}), || {
+        if addresses.is_empty() {
+            return not_joined.to_string();
+        }
+        let mut text = String::from("relay addresses, tried in this order:\n");
+        for (i, address) in addresses.iter().enumerate() {
+            text.push_str(&format!("  {}. {address}\n", i + 1));
+        }
+        text.push_str(&format!("relay key: {}", relay_key.as_deref().unwrap_or("(none pinned)")));
+        text
+    })
 }
 
 fn cmd_new(node: &mut Node, args: NewArgs, json: bool) -> Result<()> {

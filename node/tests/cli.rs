@@ -275,6 +275,9 @@ fn every_command_has_help() {
         vec!["diff", "--help"],
         vec!["verify-bundle", "--help"],
         vec!["recover", "--help"],
+        vec!["relay", "list", "--help"],
+        vec!["relay", "add-address", "--help"],
+        vec!["relay", "remove-address", "--help"],
     ] {
         let out = node.ok(&cmd);
         assert!(out.contains("Usage:"), "{cmd:?}: {out}");
@@ -663,6 +666,51 @@ fn remember_relay(cli: &Cli, address: &str, relay_key: &samverkan_shared::identi
     let mut node = Node::open(&cli.data_dir).expect("open node");
     node.store_mut().set_meta(META_RELAY_ADDRESS, address).unwrap();
     node.store_mut().set_meta(META_RELAY_KEY, &relay_key.to_string()).unwrap();
+}
+
+#[test]
+fn relay_addresses_are_added_listed_and_removed_in_the_order_they_are_tried() {
+    let root = tempfile::tempdir().unwrap();
+    let flen = Cli::new(root.path(), "flen");
+    flen.ok(&["init", "--org", "Flen"]);
+    let refused = flen.fails(&["relay", "add-address", "relay2.example.se:4433"]);
+    assert!(refused.contains("samverkan-node join"), "{refused}");
+    let key = samverkan_shared::identity::NodeKey::generate().node_id();
+    remember_relay(&flen, "relay1.example.se:4433", &key);
+
+    flen.ok(&["relay", "add-address", "relay2.example.se:4433"]);
+    flen.ok(&["relay", "add-address", " 127.0.0.1:5000 "]);
+    let refused = flen.fails(&["relay", "add-address", "relay2.example.se:4433"]);
+    assert!(refused.contains("already"), "{refused}");
+    for bad in ["relay3.example.se", ":4433", "a,b:1", "relay3:99999"] {
+        let refused = flen.fails(&["relay", "add-address", bad]);
+        assert!(refused.contains("host:port"), "{bad}: {refused}");
+    }
+    let text = flen.ok(&["relay", "list"]);
+    assert!(
+        text.contains("1. relay1.example.se:4433")
+            && text.contains("2. relay2.example.se:4433")
+            && text.contains("3. 127.0.0.1:5000"),
+        "{text}"
+    );
+    assert!(text.contains(&key.to_string()), "{text}");
+
+    // Removing the first makes the next one first; the last cannot be removed.
+    flen.ok(&["relay", "remove-address", "relay1.example.se:4433"]);
+    let refused = flen.fails(&["relay", "remove-address", "relay1.example.se:4433"]);
+    assert!(refused.contains("not one of"), "{refused}");
+    let listed = flen.json(&["relay", "list"]);
+    assert_eq!(listed["addresses"], serde_json::json!(["relay2.example.se:4433", "127.0.0.1:5000"]));
+    flen.ok(&["relay", "remove-address", "127.0.0.1:5000"]);
+    let refused = flen.fails(&["relay", "remove-address", "relay2.example.se:4433"]);
+    assert!(refused.contains("only address"), "{refused}");
+
+    // What the daemon and sync use: the remembered addresses, first one first.
+    use samverkan_node::node::{Node, META_RELAY_ADDRESS, META_RELAY_ALTERNATIVES};
+    flen.ok(&["relay", "add-address", "127.0.0.1:5001"]);
+    let node = Node::open(&flen.data_dir).unwrap();
+    assert_eq!(node.store().meta(META_RELAY_ADDRESS).unwrap().as_deref(), Some("relay2.example.se:4433"));
+    assert_eq!(node.store().meta(META_RELAY_ALTERNATIVES).unwrap().as_deref(), Some("127.0.0.1:5001"));
 }
 
 #[test]
