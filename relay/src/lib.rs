@@ -9,6 +9,7 @@
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
 //! - [`budget`]: what one node key may make the relay read (bytes per second, shared by its connections).
 //! - [`server`]: the QUIC accept loop and one sync task per node connection.
+//! - [`record_keys`]: the approval records of each document version, parsed once (the relay checks what a change adds).
 //! - [`monitor`]: the operator's view (per-node and per-document status, metrics),
 //!   fed by the connection tasks; node names through a [`monitor::NameResolver`].
 //! - [`admin`]: the admin HTTP server (dashboard, JSON status, `/metrics`, `/healthz`)
@@ -27,6 +28,7 @@ pub mod config;
 pub mod enrollment;
 pub mod hub;
 pub mod monitor;
+pub mod record_keys;
 pub mod server;
 pub mod storage;
 

@@ -623,7 +623,7 @@ impl Monitor {
     pub fn connection(self: &Arc<Self>, remote: SocketAddr) -> ConnectionWatch {
         self.metrics.connections.inc();
         self.metrics.connections_open.inc();
-        ConnectionWatch { monitor: self.clone(), remote, peer: None, labels: None, seen: Seen::default() }
+        ConnectionWatch { monitor: self.clone(), remote, peer: None, counters: None, seen: Seen::default() }
     }
 
     fn name_of(&self, node_id: &str) -> (Option<String>, String) {
@@ -875,8 +875,29 @@ pub struct ConnectionWatch {
     monitor: Arc<Monitor>,
     remote: SocketAddr,
     peer: Option<String>,
-    labels: Option<NodeLabels>,
+    /// This node's counters, looked up once (not per frame).
+    counters: Option<NodeCounters>,
     seen: Seen,
+}
+
+/// One node's Prometheus counters: handles on the families' entries.
+#[derive(Debug)]
+struct NodeCounters {
+    received_bytes: Counter,
+    sent_bytes: Counter,
+    received_messages: Counter,
+    sent_messages: Counter,
+}
+
+impl NodeCounters {
+    fn new(metrics: &RelayMetrics, labels: &NodeLabels) -> Self {
+        Self {
+            received_bytes: metrics.node_received_bytes.get_or_create(labels).clone(),
+            sent_bytes: metrics.node_sent_bytes.get_or_create(labels).clone(),
+            received_messages: metrics.node_received_messages.get_or_create(labels).clone(),
+            sent_messages: metrics.node_sent_messages.get_or_create(labels).clone(),
+        }
+    }
 }
 
 impl ConnectionWatch {
@@ -884,7 +905,7 @@ impl ConnectionWatch {
     /// shared heads of every restored state, once.
     pub fn established(&mut self, peer: &str, software: &str, sync: &mut SyncConnection) {
         self.peer = Some(peer.to_string());
-        self.labels = Some(self.monitor.labels(peer));
+        self.counters = Some(NodeCounters::new(&self.monitor.metrics, &self.monitor.labels(peer)));
         let now = self.monitor.now();
         {
             let mut inner = self.monitor.lock();
@@ -907,7 +928,7 @@ impl ConnectionWatch {
     /// follows what changed, not the number of documents.
     /// `bytes_in`/`bytes_out` are the connection's totals so far.
     pub fn update(&mut self, sync: &mut SyncConnection, bytes_in: u64, bytes_out: u64) {
-        let (Some(peer), Some(labels)) = (&self.peer, &self.labels) else { return };
+        let (Some(peer), Some(counters)) = (&self.peer, &self.counters) else { return };
         let stats = sync.stats();
         let now_seen = Seen {
             bytes_in,
@@ -927,15 +948,17 @@ impl ConnectionWatch {
             frames_out: d(now_seen.frames_out, self.seen.frames_out),
         };
         self.seen = now_seen;
-        let m = &self.monitor.metrics;
-        m.node_received_bytes.get_or_create(labels).inc_by(delta.bytes_in);
-        m.node_sent_bytes.get_or_create(labels).inc_by(delta.bytes_out);
-        m.node_received_messages.get_or_create(labels).inc_by(delta.messages_in);
-        m.node_sent_messages.get_or_create(labels).inc_by(delta.messages_out);
+        counters.received_bytes.inc_by(delta.bytes_in);
+        counters.sent_bytes.inc_by(delta.bytes_out);
+        counters.received_messages.inc_by(delta.messages_in);
+        counters.sent_messages.inc_by(delta.messages_out);
         let now = self.monitor.now();
         let mut inner = self.monitor.lock();
         let Inner { nodes, docs, .. } = &mut *inner;
-        let entry = nodes.entry(peer.clone()).or_default();
+        let entry = match nodes.get_mut(peer.as_str()) {
+            Some(entry) => entry,
+            None => nodes.entry(peer.clone()).or_default(),
+        };
         entry.last_seen = Some(now);
         entry.bytes_in += delta.bytes_in;
         entry.bytes_out += delta.bytes_out;

@@ -56,6 +56,7 @@ use crate::config::StorageLocation;
 use crate::enrollment::{self, EnrollmentError};
 use crate::hub::{Hub, Mailbox};
 use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayStatus};
+use crate::record_keys::RecordKeys;
 use crate::storage::postgres::PostgresStorage;
 use crate::storage::{RelayStorage, RemoteEvent, SqliteStorage};
 
@@ -261,6 +262,8 @@ struct Shared<S> {
     sync_limits: SyncLimits,
     /// What each node key may make the relay read.
     budget: ReceiveBudget,
+    /// Each document version's approval record keys (see [`RecordKeys`]).
+    record_keys: RecordKeys,
 }
 
 /// How many connections' storage steps run at once. Several, so that the
@@ -541,6 +544,7 @@ async fn start<S: RelayStorage>(
         orgs: enrollment::organisations(&config.data_dir)?,
         sync_limits: SyncLimits { max_frame: config.limits.max_frame, ..SyncLimits::for_content(&config.content) },
         budget: ReceiveBudget::new(config.receive_rate_per_key, config.receive_burst_per_key),
+        record_keys: RecordKeys::default(),
     });
     // A node is judged only on the documents it is a party to (its organisation from the directory).
     let orgs = Arc::downgrade(&shared);
@@ -744,6 +748,8 @@ struct RelayDocs<'a, S> {
     directory: &'a RwLock<DirectoryCache>,
     /// Signs the receipts of new approval records.
     relay_key: &'a NodeKey,
+    /// The approval records of the version before a change, without parsing them at every step.
+    record_keys: &'a RecordKeys,
 }
 
 impl<S: RelayStorage> RelayDocs<'_, S> {
@@ -790,10 +796,14 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
             Some(_) => false,
             None => true,
         };
+        let record_keys = self.record_keys;
         let mut discarded = None;
         let result = storage.with_doc(doc, create, |d| {
-            let approvals_before = approval::record_keys(d);
+            let heads_before = d.heads();
+            let approvals_before = record_keys.of(doc, d);
             match f(d.automerge_mut()) {
+                // Nothing applied (an outgoing message, an acknowledgement): nothing to check.
+                DocOutcome::Keep { value, signatures } if d.heads() == heads_before => Ok((value, signatures, Vec::new())),
                 DocOutcome::Keep { value, signatures } => {
                     // New approval or withdrawal records must verify against the enrollment directory.
                     let directory = directory_lock.read().unwrap_or_else(|e| e.into_inner());
@@ -1299,6 +1309,7 @@ fn step<S: RelayStorage>(
         org: &auth.member.org,
         directory: &shared.directory,
         relay_key: &shared.relay_key,
+        record_keys: &shared.record_keys,
     };
     let frame = match input {
         Input::Changed(changed) => {

@@ -33,7 +33,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use automerge::{ActorId, AutoCommit, Change, ChangeHash};
+use automerge::{ActorId, AutoCommit, Change, ChangeHash, ChangeMetadata};
 use ed25519_dalek::{Signature, Signer};
 
 use crate::identity::{NodeId, NodeKey};
@@ -148,7 +148,8 @@ struct ChangeSet {
 }
 
 impl ChangeSet {
-    fn new<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Self {
+    /// The set of `changes`: each one's hash, author and parents.
+    fn new<'a>(changes: impl IntoIterator<Item = (ChangeHash, &'a ActorId, &'a [ChangeHash])>) -> Self {
         let mut set = ChangeSet {
             hashes: Vec::new(),
             index: HashMap::new(),
@@ -158,20 +159,19 @@ impl ChangeSet {
         };
         let mut actor_index: HashMap<ActorId, usize> = HashMap::new();
         let mut deps = Vec::new();
-        for change in changes {
-            let hash = change.hash();
+        for (hash, actor, change_deps) in changes {
             if set.index.contains_key(&hash) {
                 continue;
             }
             set.index.insert(hash, set.hashes.len());
             set.hashes.push(hash);
             let next = actor_index.len();
-            let author = *actor_index.entry(change.actor_id().clone()).or_insert(next);
+            let author = *actor_index.entry(actor.clone()).or_insert(next);
             if author == set.actors.len() {
-                set.actors.push(change.actor_id().clone());
+                set.actors.push(actor.clone());
             }
             set.author.push(author);
-            deps.push(change.deps().to_vec());
+            deps.push(change_deps.to_vec());
         }
         set.parents = deps.iter().map(|ds| ds.iter().filter_map(|d| set.index.get(d).copied()).collect()).collect();
         set
@@ -224,7 +224,19 @@ impl ChangeSet {
 /// changes that have no later change of the same author among `changes`. For
 /// an honest author that is one change, the latest, per message.
 pub fn author_tips<'a>(changes: impl IntoIterator<Item = &'a Change>) -> Vec<(ChangeHash, ActorId)> {
-    let set = ChangeSet::new(changes);
+    tips_of(ChangeSet::new(changes.into_iter().map(|c| (c.hash(), c.actor_id(), c.deps()))))
+}
+
+/// [`author_tips`] from the changes' metadata (hash, actor, dependencies),
+/// which a document gives without encoding the changes' operations: what a
+/// sync connection uses after each message it sends.
+pub fn author_tips_of_metadata<'a>(
+    changes: impl IntoIterator<Item = &'a ChangeMetadata<'a>>,
+) -> Vec<(ChangeHash, ActorId)> {
+    tips_of(ChangeSet::new(changes.into_iter().map(|c| (c.hash, c.actor.as_ref(), c.deps.as_slice()))))
+}
+
+fn tips_of(set: ChangeSet) -> Vec<(ChangeHash, ActorId)> {
     let mut below = vec![false; set.hashes.len()];
     for (author, own) in set.by_author().iter().enumerate() {
         set.reach(author, own, false, &mut below);
@@ -280,7 +292,7 @@ pub fn verify_new_changes(
     mut accept: impl FnMut(&ChangeHash, &NodeId) -> Result<(), AuthorshipError>,
 ) -> Result<Vec<(ChangeHash, ChangeSignature)>, AuthorshipError> {
     let new = doc.get_changes(before);
-    let set = ChangeSet::new(new.iter());
+    let set = ChangeSet::new(new.iter().map(|c| (c.hash(), c.actor_id(), c.deps())));
     let mut verified = Vec::new();
     let mut signed_by: Vec<Vec<usize>> = vec![Vec::new(); set.actors.len()];
     for (i, hash) in set.hashes.iter().enumerate() {

@@ -39,6 +39,7 @@ use samverkan_shared::model::Document;
 use samverkan_shared::receipt::ApprovalReceipt;
 
 use crate::{DocSummary, DocWrite, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
+use recent_signatures::RecentSignatures;
 
 /// How many read connections a [`ConcurrentStore`] keeps.
 pub const READ_CONNECTIONS: usize = 4;
@@ -79,6 +80,9 @@ struct Inner {
     /// Bumped whenever cached receipts are dropped: a read that raced a
     /// change is not kept.
     receipts_epoch: AtomicU64,
+    /// Signatures of changes just stored or read: each is asked for by every
+    /// connection the change is forwarded to.
+    recent_signatures: Mutex<RecentSignatures>,
     writer: Mutex<Store>,
     readers: Vec<Mutex<Store>>,
     next_reader: AtomicUsize,
@@ -115,6 +119,7 @@ impl ConcurrentStore {
             index: RwLock::new(index),
             receipts: RwLock::new(HashMap::new()),
             receipts_epoch: AtomicU64::new(0),
+            recent_signatures: Mutex::new(RecentSignatures::default()),
             writer: Mutex::new(writer),
             readers,
             next_reader: AtomicUsize::new(0),
@@ -208,8 +213,10 @@ impl ConcurrentStore {
         let size = write.size;
         let entry = IndexEntry { heads: write.heads.clone(), parties: write.parties.clone() };
         let new_receipts = !write.receipts.is_empty();
+        let signatures = write.signatures.clone();
         let seq = inner.group.submit(&inner.writer, write)?;
         write_lock(&inner.index).insert(id.clone(), entry);
+        lock(&inner.recent_signatures).insert(signatures);
         if new_receipts {
             inner.forget_receipts(std::iter::once(id));
         }
@@ -250,7 +257,13 @@ impl ConcurrentStore {
 
     /// The stored authors' signatures of these changes (those known).
     pub fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<(ChangeHash, [u8; 64])>, StoreError> {
-        self.inner.read(|r| r.signatures(hashes))
+        let (mut found, missing) = lock(&self.inner.recent_signatures).lookup(hashes);
+        if !missing.is_empty() {
+            let read = self.inner.read(|r| r.signatures(&missing))?;
+            lock(&self.inner.recent_signatures).insert(read.iter().copied());
+            found.extend(read);
+        }
+        Ok(found)
     }
 
     /// The stored approval receipts of a document (kept in memory once read).
@@ -601,6 +614,8 @@ fn read_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 fn write_lock<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(|e| e.into_inner())
 }
+
+mod recent_signatures;
 
 #[cfg(test)]
 mod tests;

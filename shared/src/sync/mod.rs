@@ -267,10 +267,16 @@ impl PeerSession {
     pub fn take_sent_tips(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Vec<(ChangeHash, automerge::ActorId)> {
         let Some(state) = self.states.get(doc_id) else { return Vec::new() };
         let done = self.signatures_sent.entry(doc_id.clone()).or_default();
-        let fresh: Vec<ChangeHash> = state.sent_hashes.iter().filter(|h| !done.contains(h)).copied().collect();
-        done.extend(fresh.iter().copied());
-        let changes: Vec<automerge::Change> = fresh.iter().filter_map(|hash| doc.get_change_by_hash(hash)).collect();
-        crate::authorship::author_tips(changes.iter())
+        let fresh: Vec<ChangeHash> = state.sent_hashes.difference(done).copied().collect();
+        // Automerge drops from `sent_hashes` what the peer has acknowledged (or
+        // everything, when the peer lost its data): keeping only what is still
+        // there bounds this set by the changes in flight, and a change sent
+        // again after a reset gets its signature again.
+        done.clone_from(&state.sent_hashes);
+        // Metadata only: rebuilding whole changes would encode their operations again for every peer.
+        let changes: Vec<automerge::ChangeMetadata<'_>> =
+            fresh.iter().filter_map(|hash| doc.get_change_meta_by_hash(hash).map(|c| c.into_owned())).collect();
+        crate::authorship::author_tips_of_metadata(changes.iter())
     }
 
     /// Whether an error disabled this document for the rest of the connection.
