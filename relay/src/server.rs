@@ -773,8 +773,8 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
     }
 
     fn may_receive(&mut self, doc: &DocId) -> bool {
-        match self.storage().entry(doc) {
-            Ok(Some(entry)) => entry.parties.contains(self.org),
+        match self.storage().is_party(doc, self.org) {
+            Ok(Some(party)) => party,
             // New here: allowed if, once received, it names the sender's organisation.
             Ok(None) => true,
             Err(_) => false,
@@ -791,9 +791,9 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         let directory_lock = self.directory;
         let relay_key = self.relay_key;
         let storage = self.storage();
-        let is_new = match storage.entry(doc)? {
-            Some(entry) if !entry.parties.contains(org) => return Ok(None),
-            Some(_) => false,
+        let is_new = match storage.is_party(doc, org)? {
+            Some(false) => return Ok(None),
+            Some(true) => false,
             None => true,
         };
         let record_keys = self.record_keys;
@@ -850,10 +850,8 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
 
     fn receipts(&mut self, doc: &DocId) -> Result<Vec<ReceiptEntry>, DocAccessError> {
         let storage = self.storage();
-        match storage.entry(doc)? {
-            Some(entry) if entry.parties.contains(self.org) => {
-                Ok(storage.receipts(doc)?.iter().filter_map(ApprovalReceipt::to_wire).collect())
-            }
+        match storage.is_party(doc, self.org)? {
+            Some(true) => Ok(storage.receipts(doc)?.iter().filter_map(ApprovalReceipt::to_wire).collect()),
             _ => Ok(Vec::new()),
         }
     }

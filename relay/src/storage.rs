@@ -59,6 +59,13 @@ pub trait RelayStorage: Send + Sync + 'static {
     /// The index entry of one document, if stored.
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError>;
 
+    /// Whether `org` is a party of the stored document (`None`: not stored):
+    /// the access check of every sync step, which a backend with the index in
+    /// memory answers without copying the entry.
+    fn is_party(&self, doc: &DocId, org: &OrgId) -> Result<Option<bool>, StoreError> {
+        Ok(self.entry(doc)?.map(|entry| entry.parties.contains(org)))
+    }
+
     /// Runs `f` on a document (an empty one if missing and `create`), and durably
     /// stores whatever changes it made, with the authors' signatures and the
     /// approval receipts `f` returns, in one transaction. `Ok(None)` if missing
@@ -206,6 +213,10 @@ impl RelayStorage for SqliteStorage {
 
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError> {
         Ok(self.store.entry(doc).map(|e| DocEntry { id: doc.clone(), heads: e.heads, parties: e.parties }))
+    }
+
+    fn is_party(&self, doc: &DocId, org: &OrgId) -> Result<Option<bool>, StoreError> {
+        Ok(self.store.with_entry(doc, |entry| entry.parties.contains(org)))
     }
 
     fn with_doc<R, E: From<StoreError>>(

@@ -295,6 +295,11 @@ impl ConcurrentStore {
         read_lock(&self.inner.index).get(id).cloned()
     }
 
+    /// `f` of one stored document's index entry, from memory, without copying it.
+    pub fn with_entry<R>(&self, id: &DocId, f: impl FnOnce(&IndexEntry) -> R) -> Option<R> {
+        read_lock(&self.inner.index).get(id).map(f)
+    }
+
     /// Every stored document's heads and parties, from memory.
     pub fn entries(&self) -> Vec<(DocId, IndexEntry)> {
         read_lock(&self.inner.index).iter().map(|(id, entry)| (id.clone(), entry.clone())).collect()
