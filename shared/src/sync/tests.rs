@@ -832,3 +832,39 @@ fn persisted_state_round_trips_and_cannot_replace_a_live_one() {
         Err(SyncError::PersistedState { .. })
     ));
 }
+
+#[test]
+fn the_signature_bookkeeping_of_a_long_connection_holds_only_changes_in_flight() {
+    let id = doc_id(7);
+    let mut ours = seeded_doc(A, "Medborgarlöfte");
+    let mut theirs = new_doc(B);
+    let (mut sender, mut receiver) = (PeerSession::new(Role::Relay), PeerSession::new(Role::Node));
+    // Exchanges messages until neither side has anything to say; returns the tips the sender accounted for.
+    let exchange =
+        |sender: &mut PeerSession, receiver: &mut PeerSession, ours: &mut AutoCommit, theirs: &mut AutoCommit| {
+            let mut tips = Vec::new();
+            let mut next = sender.generate(&id, ours).unwrap();
+            tips.extend(sender.take_sent_tips(&id, ours));
+            for _ in 0..10 {
+                let Some(Frame::Sync { message, .. }) = next.take() else { break };
+                let reply = receiver.receive(&id, theirs, &message).unwrap().reply;
+                let Some(Frame::Sync { message, .. }) = reply else { break };
+                next = sender.receive(&id, ours, &message).unwrap().reply;
+                tips.extend(sender.take_sent_tips(&id, ours));
+            }
+            tips
+        };
+    exchange(&mut sender, &mut receiver, &mut ours, &mut theirs);
+    for n in 0..50 {
+        edit(&mut ours, "A", n);
+        let change = ours.get_heads();
+        let tips = exchange(&mut sender, &mut receiver, &mut ours, &mut theirs);
+        let tip_hashes: Vec<ChangeHash> = tips.iter().map(|(hash, _)| *hash).collect();
+        assert_eq!(tip_hashes, change, "each new change is accounted for once, when it is sent");
+        assert!(
+            sender.signatures_sent.get(&id).map_or(0, |done| done.len()) <= 1,
+            "acknowledged changes are forgotten, not kept for the whole connection"
+        );
+    }
+    assert_eq!(ours.get_heads(), theirs.get_heads());
+}
