@@ -193,6 +193,23 @@ pub trait DocAccess {
     }
 }
 
+/// What a driver can answer from memory alone, without waiting for storage
+/// or for a lock another thread holds: what [`SyncConnection::try_local_change`]
+/// needs, so that a relay can pass a change on from its async runtime's
+/// thread. `None` always means "not without waiting".
+pub trait MemoryAccess {
+    /// Runs `f` on the document if it is loaded and nobody is using it now,
+    /// and the peer may see it (as [`DocAccess::with_doc`] without `create`).
+    /// `f` only reads: it must leave the document's heads as they are.
+    fn try_loaded_doc<R>(&mut self, doc: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Option<R>;
+
+    /// The stored authors' signatures of these changes, if every one is in memory.
+    fn try_signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Option<Vec<SignedChange>>;
+
+    /// The document's approval receipts for the peer (as [`DocAccess::receipts`]), if in memory.
+    fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>>;
+}
+
 /// What happened on a connection that the driver should act on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionEvent {
@@ -716,21 +733,67 @@ impl SyncConnection {
         self.generate(doc, docs)
     }
 
+    /// (Relay.) [`Self::on_local_change`] done from memory alone: `Some(())`
+    /// when it is done (what the peer needs is queued), `None` when it needs
+    /// storage or a busy document — then nothing changed here, and the driver
+    /// calls [`Self::on_local_change`] where waiting is allowed. The message,
+    /// the sync state it leaves and the signatures sent are exactly those of
+    /// [`Self::on_local_change`]: it is generated on a copy of the state, taken
+    /// in only once everything it needs was found. Rare paths (no sync state
+    /// yet, an error, a change whose author's signature is not in memory) are
+    /// left to [`Self::on_local_change`]. Only for the relay, which offers
+    /// every document its peer may see ([`DocAccess::may_send`] is `true`).
+    pub fn try_local_change<M: MemoryAccess>(&mut self, doc: &DocId, memory: &mut M) -> Option<()> {
+        if self.phase != Phase::Open {
+            return Some(()); // The summary will cover it.
+        }
+        if self.role != Role::Relay {
+            return None;
+        }
+        let receipts = memory.try_receipts(doc)?;
+        let session = &self.session;
+        let prepared = memory.try_loaded_doc(doc, |d| session.prepare_generate(doc, d))??;
+        let signatures = match prepared.tips.as_slice() {
+            [] => Vec::new(),
+            tips => {
+                let found = memory.try_signatures(doc, tips)?;
+                if !tips.iter().all(|(tip, _)| found.iter().any(|(hash, _)| hash == tip)) {
+                    return None; // A forwarder's search for a later covering signature reads storage.
+                }
+                found
+            }
+        };
+        // Everything was found: from here on, what `on_local_change` does.
+        self.queue_receipts(doc, receipts);
+        if let Some(frame) = self.session.commit_generated(prepared) {
+            if !signatures.is_empty() {
+                self.push(Frame::Authors { doc: doc.clone(), entries: signatures });
+            }
+            self.push(frame);
+        }
+        Some(())
+    }
+
     /// (Relay.) Queues the receipts of `doc` not yet sent on this connection.
     fn push_receipts<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
         if self.role != Role::Relay {
             return Ok(());
         }
         let all = docs.receipts(doc).map_err(ConnectionError::storage)?;
+        self.queue_receipts(doc, all);
+        Ok(())
+    }
+
+    /// (Relay.) Queues those of `all` (a document's receipts) not yet sent on this connection.
+    fn queue_receipts(&mut self, doc: &DocId, all: Vec<ReceiptEntry>) {
         if all.is_empty() {
-            return Ok(()); // No entry for documents without receipts (or that do not exist).
+            return; // No entry for documents without receipts (or that do not exist).
         }
         let sent = self.receipts_sent.entry(doc.clone()).or_default();
         let entries: Vec<ReceiptEntry> = all.into_iter().filter(|e| sent.insert(e.record)).collect();
         if !entries.is_empty() {
             self.push(Frame::Receipts { doc: doc.clone(), entries });
         }
-        Ok(())
     }
 
     fn generate<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
@@ -891,6 +954,57 @@ mod tests {
             }
         }
         panic!("did not settle");
+    }
+
+    /// A change passed on from memory ([`SyncConnection::try_local_change`])
+    /// gives the peer the same frames and leaves the same sync state as the
+    /// full path ([`SyncConnection::on_local_change`]).
+    #[test]
+    fn a_change_passed_on_from_memory_is_what_the_full_path_sends() {
+        let id = DocId::random();
+        let mut rd = docs();
+        rd.insert(id.clone(), doc_with("version 0"));
+        let (mut nd1, mut nd2) = (docs(), docs());
+        let (mut node1, mut relay1) = (SyncConnection::node("n1", "test"), SyncConnection::relay("test"));
+        let (mut node2, mut relay2) = (SyncConnection::node("n2", "test"), SyncConnection::relay("test"));
+        pump(&mut node1, &mut nd1, &mut relay1, &mut rd);
+        pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
+        for n in 1..=5 {
+            // A change from elsewhere reaches the relay's copy.
+            let d = rd.get_mut(&id).unwrap();
+            d.put(automerge::ROOT, "text", format!("version {n}")).unwrap();
+            d.commit();
+            relay1.on_local_change(&id, &mut rd).unwrap();
+            assert_eq!(relay2.try_local_change(&id, &mut rd), Some(()), "everything is in memory");
+            let (full, from_memory) = (relay1.take_outbox(), relay2.take_outbox());
+            assert!(full.iter().any(|f| matches!(f, Frame::Authors { .. })), "the change's signature goes along");
+            assert_eq!(full, from_memory);
+            relay1.outbox.extend(full);
+            relay2.outbox.extend(from_memory);
+            pump(&mut node1, &mut nd1, &mut relay1, &mut rd);
+            pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
+            let heads = rd.heads_of(&id);
+            assert_eq!((nd1.heads_of(&id), nd2.heads_of(&id)), (heads.clone(), heads));
+            assert_eq!(relay1.persisted(), relay2.persisted());
+            assert_eq!(relay1.session.signatures_sent, relay2.session.signatures_sent);
+        }
+        // Nothing new: neither path sends anything.
+        relay1.on_local_change(&id, &mut rd).unwrap();
+        assert_eq!(relay2.try_local_change(&id, &mut rd), Some(()));
+        assert_eq!((relay1.take_outbox(), relay2.take_outbox()), (Vec::new(), Vec::new()));
+    }
+
+    /// Without a sync state for the document (or on a node) the full path is left to do it.
+    #[test]
+    fn a_change_without_a_sync_state_is_left_to_the_full_path() {
+        let id = DocId::random();
+        let mut rd = docs();
+        let (mut nd, mut node, mut relay) = (docs(), SyncConnection::node("n", "test"), SyncConnection::relay("test"));
+        pump(&mut node, &mut nd, &mut relay, &mut rd);
+        rd.insert(id.clone(), doc_with("new here"));
+        assert_eq!(relay.try_local_change(&id, &mut rd), None);
+        assert!(relay.take_outbox().is_empty(), "nothing was queued");
+        assert_eq!(node.try_local_change(&id, &mut nd), None, "only the relay passes changes on from memory");
     }
 
     fn doc_with(text: &str) -> AutoCommit {

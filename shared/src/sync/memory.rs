@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::{ActorId, AutoCommit, AutomergeError, ChangeHash};
 
-use super::connection::{DocAccess, DocOutcome, SignedChange};
+use super::connection::{DocAccess, DocOutcome, MemoryAccess, SignedChange};
 use crate::acceptance::{document_size, AuthorPolicy, ContentLimits, LimitError};
 use crate::authorship::ChangeSignature;
 use crate::ids::DocId;
@@ -370,6 +370,21 @@ fn check_kept(
         limits.check_new_changes(id, doc, before, size_before)?;
     }
     Ok(())
+}
+
+/// Everything here is in memory: each answer is the [`DocAccess`] one.
+impl MemoryAccess for MemoryDocs {
+    fn try_loaded_doc<R>(&mut self, doc: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Option<R> {
+        self.with_doc(doc, false, |d| DocOutcome::keep(f(d))).ok().flatten()
+    }
+
+    fn try_signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Option<Vec<SignedChange>> {
+        self.signatures(doc, changes).ok()
+    }
+
+    fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>> {
+        self.receipts(doc).ok()
+    }
 }
 
 /// One [`MemoryDocs`] behind a lock, for several connections sharing one copy

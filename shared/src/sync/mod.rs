@@ -48,8 +48,8 @@ use automerge::{AutoCommit, AutomergeError, ChangeHash};
 
 pub use check::{check_chunks, check_message, MessageCheckError, SyncLimits};
 pub use connection::{
-    ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, SignedChange, SyncConnection,
-    MAX_OFFERED_SIGNATURES,
+    ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, MemoryAccess, SignedChange,
+    SyncConnection, MAX_OFFERED_SIGNATURES,
 };
 pub use memory::{Access, MemoryDocs, MemoryDocsError, SharedMemoryDocs, Signer};
 pub use summary::{
@@ -170,6 +170,34 @@ impl SyncError {
     }
 }
 
+/// A message generated on a copy of a document's sync state (see
+/// [`PeerSession::prepare_generate`]), not yet taken into the session.
+#[derive(Debug)]
+pub(crate) struct PreparedMessage {
+    doc: DocId,
+    state: State,
+    frame: Option<Frame>,
+    /// The changes whose authors' signatures prove what the message carries.
+    pub(crate) tips: Vec<(ChangeHash, automerge::ActorId)>,
+}
+
+/// The author tips ([`crate::authorship::author_tips`]) of the changes in
+/// `state.sent_hashes` that are not in `done` (those already accounted for).
+fn unsigned_tips(
+    state: &State,
+    done: Option<&BTreeSet<ChangeHash>>,
+    doc: &mut AutoCommit,
+) -> Vec<(ChangeHash, automerge::ActorId)> {
+    let fresh: Vec<ChangeHash> = match done {
+        Some(done) => state.sent_hashes.difference(done).copied().collect(),
+        None => state.sent_hashes.iter().copied().collect(),
+    };
+    // Metadata only: rebuilding whole changes would encode their operations again for every peer.
+    let changes: Vec<automerge::ChangeMetadata<'_>> =
+        fresh.iter().filter_map(|hash| doc.get_change_meta_by_hash(hash).map(|c| c.into_owned())).collect();
+    crate::authorship::author_tips_of_metadata(changes.iter())
+}
+
 /// What [`PeerSession::receive`] did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReceiveOutcome {
@@ -266,17 +294,52 @@ impl PeerSession {
     /// with their actors. Call after every generate or receive.
     pub fn take_sent_tips(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Vec<(ChangeHash, automerge::ActorId)> {
         let Some(state) = self.states.get(doc_id) else { return Vec::new() };
-        let done = self.signatures_sent.entry(doc_id.clone()).or_default();
-        let fresh: Vec<ChangeHash> = state.sent_hashes.difference(done).copied().collect();
+        let tips = unsigned_tips(state, self.signatures_sent.get(doc_id), doc);
         // Automerge drops from `sent_hashes` what the peer has acknowledged (or
         // everything, when the peer lost its data): keeping only what is still
         // there bounds this set by the changes in flight, and a change sent
         // again after a reset gets its signature again.
-        done.clone_from(&state.sent_hashes);
-        // Metadata only: rebuilding whole changes would encode their operations again for every peer.
-        let changes: Vec<automerge::ChangeMetadata<'_>> =
-            fresh.iter().filter_map(|hash| doc.get_change_meta_by_hash(hash).map(|c| c.into_owned())).collect();
-        crate::authorship::author_tips_of_metadata(changes.iter())
+        self.signatures_sent.insert(doc_id.clone(), state.sent_hashes.clone());
+        tips
+    }
+
+    /// [`Self::generate`] followed by [`Self::take_sent_tips`], done on a copy
+    /// of the document's sync state and leaving the session untouched until
+    /// [`Self::commit_generated`]. `None` when only the full path will do (no
+    /// sync state yet, the document disabled, Automerge failed, the message
+    /// too large): that path then handles it, errors included.
+    pub(crate) fn prepare_generate(&self, doc_id: &DocId, doc: &mut AutoCommit) -> Option<PreparedMessage> {
+        if self.disabled.contains(doc_id) {
+            return None;
+        }
+        let mut state = self.states.get(doc_id)?.clone();
+        let generated = catch_unwind(AssertUnwindSafe(|| doc.sync().generate_sync_message(&mut state)));
+        let frame = match generated.ok()? {
+            Some(message) => {
+                let frame = Frame::Sync { doc: doc_id.clone(), message: message.encode() };
+                if frame.payload_len() > self.limits.max_frame {
+                    return None;
+                }
+                Some(frame)
+            }
+            None => None,
+        };
+        let tips = match frame {
+            Some(_) => unsigned_tips(&state, self.signatures_sent.get(doc_id), doc),
+            None => Vec::new(),
+        };
+        Some(PreparedMessage { doc: doc_id.clone(), state, frame, tips })
+    }
+
+    /// Takes a [`PreparedMessage`] into the session, as if [`Self::generate`]
+    /// (and, when it made a message, [`Self::take_sent_tips`]) had run; returns the frame.
+    pub(crate) fn commit_generated(&mut self, prepared: PreparedMessage) -> Option<Frame> {
+        let PreparedMessage { doc, state, frame, .. } = prepared;
+        if frame.is_some() {
+            self.signatures_sent.insert(doc.clone(), state.sent_hashes.clone());
+        }
+        self.states.insert(doc, state);
+        frame
     }
 
     /// Whether an error disabled this document for the rest of the connection.
