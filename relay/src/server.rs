@@ -43,7 +43,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
-    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection, SyncLimits,
+    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, SignedChange, SyncConnection, SyncLimits,
 };
 use samverkan_shared::wire::{ErrorCode, Frame, ReceiptEntry, RefusalKind, WireError, PROTOCOL_VERSION};
 use samverkan_store::{keyfile, StoreError};
@@ -752,7 +752,18 @@ struct RelayDocs<'a, S> {
     record_keys: &'a RecordKeys,
 }
 
-impl<S: RelayStorage> RelayDocs<'_, S> {
+impl<'a, S: RelayStorage> RelayDocs<'a, S> {
+    /// The documents as the connections of `org` see them.
+    fn new(shared: &'a Shared<S>, org: &'a OrgId) -> Self {
+        RelayDocs {
+            storage: &shared.storage,
+            org,
+            directory: &shared.directory,
+            relay_key: &shared.relay_key,
+            record_keys: &shared.record_keys,
+        }
+    }
+
     fn storage(&self) -> &S {
         self.storage
     }
@@ -867,6 +878,30 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
             DocAccessError::NotAParty(reason) => Some((RefusalKind::NotShared, reason.clone())),
             DocAccessError::Store(StoreError::TooLarge(limit)) => Some((RefusalKind::TooLarge, limit.to_string())),
             DocAccessError::Store(_) | DocAccessError::Discarded => None,
+        }
+    }
+}
+
+/// The same access as [`DocAccess`], from memory only (see [`RelayStorage::try_with_loaded`]).
+impl<S: RelayStorage> MemoryAccess for RelayDocs<'_, S> {
+    fn try_loaded_doc<R>(&mut self, doc: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Option<R> {
+        if self.storage().cached_is_party(doc, self.org)? != Some(true) {
+            return None;
+        }
+        self.storage().try_with_loaded(doc, |d| f(d.automerge_mut()))
+    }
+
+    fn try_signatures(&mut self, _doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Option<Vec<SignedChange>> {
+        let hashes: Vec<ChangeHash> = changes.iter().map(|(hash, _)| *hash).collect();
+        self.storage().cached_signatures(&hashes)
+    }
+
+    fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>> {
+        match self.storage().cached_is_party(doc, self.org)? {
+            Some(true) => {
+                Some(self.storage().cached_receipts(doc)?.iter().filter_map(ApprovalReceipt::to_wire).collect())
+            }
+            _ => Some(Vec::new()),
         }
     }
 }
@@ -1279,6 +1314,23 @@ async fn run<S: RelayStorage>(
                 }
             },
         };
+        // A change to pass on usually needs nothing but memory (the document
+        // loaded, its receipts and the new changes' signatures): then no trip
+        // to a storage thread. What needs storage goes there as before.
+        let input = match input {
+            Input::Changed(changed) => {
+                let mut memory = RelayDocs::new(shared, &auth.member.org);
+                let rest: std::collections::BTreeSet<DocId> = changed
+                    .into_iter()
+                    .filter(|doc| current.sync.try_local_change(doc, &mut memory).is_none())
+                    .collect();
+                if rest.is_empty() {
+                    continue;
+                }
+                Input::Changed(rest)
+            }
+            frame => frame,
+        };
         let Some(mut taken) = served.take() else { return Err(ConnectionEnd::ShuttingDown) };
         let auth = auth.clone();
         let (back, result) = on_storage_thread(shared, move |shared| {
@@ -1302,13 +1354,7 @@ fn step<S: RelayStorage>(
 ) -> Result<(), ConnectionEnd> {
     let Served { sync, state } = served;
     let ConnectionState { member, watch, persist } = state;
-    let mut docs = RelayDocs {
-        storage: &shared.storage,
-        org: &auth.member.org,
-        directory: &shared.directory,
-        relay_key: &shared.relay_key,
-        record_keys: &shared.record_keys,
-    };
+    let mut docs = RelayDocs::new(shared, &auth.member.org);
     let frame = match input {
         Input::Changed(changed) => {
             for doc in changed {

@@ -82,6 +82,33 @@ pub trait RelayStorage: Send + Sync + 'static {
     /// The stored authors' signatures of these changes (those known).
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError>;
 
+    // The reads below answer from memory without waiting, or `None`: a
+    // connection uses them to pass a change on from the async runtime's thread
+    // (see `samverkan_shared::sync::MemoryAccess`), and on `None` uses the
+    // methods above on a thread where waiting is allowed. A backend without
+    // such a memory keeps the defaults, which always answer `None`.
+
+    /// Whether `org` is a party of the document (`Some(None)`: not stored), from memory.
+    fn cached_is_party(&self, _doc: &DocId, _org: &OrgId) -> Option<Option<bool>> {
+        None
+    }
+
+    /// Runs `f` on the document if it is loaded and no other thread holds it
+    /// now, without waiting. `f` only reads (it generates a sync message).
+    fn try_with_loaded<R>(&self, _doc: &DocId, _f: impl FnOnce(&mut Document) -> R) -> Option<R> {
+        None
+    }
+
+    /// The signatures of `hashes` if every one is in memory.
+    fn cached_signatures(&self, _hashes: &[ChangeHash]) -> Option<Vec<SignedChange>> {
+        None
+    }
+
+    /// The document's approval receipts if they are in memory.
+    fn cached_receipts(&self, _doc: &DocId) -> Option<Arc<Vec<ApprovalReceipt>>> {
+        None
+    }
+
     /// The relay's approval receipts of a document's records.
     fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError>;
 
@@ -217,6 +244,22 @@ impl RelayStorage for SqliteStorage {
 
     fn is_party(&self, doc: &DocId, org: &OrgId) -> Result<Option<bool>, StoreError> {
         Ok(self.store.with_entry(doc, |entry| entry.parties.contains(org)))
+    }
+
+    fn cached_is_party(&self, doc: &DocId, org: &OrgId) -> Option<Option<bool>> {
+        Some(self.store.with_entry(doc, |entry| entry.parties.contains(org)))
+    }
+
+    fn try_with_loaded<R>(&self, doc: &DocId, f: impl FnOnce(&mut Document) -> R) -> Option<R> {
+        self.store.try_with_loaded(doc, f)
+    }
+
+    fn cached_signatures(&self, hashes: &[ChangeHash]) -> Option<Vec<SignedChange>> {
+        self.store.cached_signatures(hashes)
+    }
+
+    fn cached_receipts(&self, doc: &DocId) -> Option<Arc<Vec<ApprovalReceipt>>> {
+        self.store.cached_receipts(doc)
     }
 
     fn with_doc<R, E: From<StoreError>>(

@@ -283,6 +283,39 @@ impl ConcurrentStore {
         Ok(read)
     }
 
+    /// The approval receipts of a document if they are in memory (`None`:
+    /// reading them would need the database).
+    pub fn cached_receipts(&self, id: &DocId) -> Option<Arc<Vec<ApprovalReceipt>>> {
+        read_lock(&self.inner.receipts).get(id).cloned()
+    }
+
+    /// The signatures of `hashes` if every one is in memory (`None`: reading
+    /// them would need the database).
+    pub fn cached_signatures(&self, hashes: &[ChangeHash]) -> Option<Vec<(ChangeHash, [u8; 64])>> {
+        let (found, missing) = lock(&self.inner.recent_signatures).lookup(hashes);
+        missing.is_empty().then_some(found)
+    }
+
+    /// Runs `f` on a document if it is loaded and no other thread holds it
+    /// now, without loading it or waiting: `None` otherwise. `f` only reads
+    /// (it generates a sync message); were it to change the document's heads,
+    /// the change would not be stored, so that copy is dropped (and the
+    /// document loaded again from the database at its next use).
+    pub fn try_with_loaded<R>(&self, id: &DocId, f: impl FnOnce(&mut Document) -> R) -> Option<R> {
+        let inner = &*self.inner;
+        let slot = lock(&inner.slots.map).get(id).cloned()?;
+        let mut held = slot.held.try_lock().ok()?;
+        let loaded = held.as_mut()?;
+        inner.slots.touch(&slot);
+        let before = loaded.doc.heads();
+        let value = f(&mut loaded.doc);
+        if loaded.doc.heads() != before {
+            held.take();
+            inner.slots.loaded.fetch_sub(1, Ordering::Relaxed);
+        }
+        Some(value)
+    }
+
     /// Stores receipts (keeping the first of each record); returns how many were new.
     pub fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
         let added = lock(&self.inner.writer).add_receipts(receipts);
