@@ -11,7 +11,9 @@
 //!   one SQLite relay at the same size. Latency p50 and p99 with every node
 //!   connected; relay CPU per forwarded change and relay memory per idle
 //!   connection are both instances' summed (the database server's own CPU
-//!   and memory are not counted).
+//!   and memory are not counted). `observed` says how many of the edits
+//!   reached the observer within the run; CPU per forwarded change counts
+//!   every edit made, so a deployment that falls behind looks cheaper than it is.
 //!
 //! Needs a PostgreSQL server named by `SAMVERKAN_TEST_POSTGRES` (a throwaway
 //! database is created there for each part); without one the figure says it

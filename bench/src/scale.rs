@@ -4,6 +4,9 @@
 //! share one in-memory copy of the documents behind a lock
 //! ([`SharedMemoryDocs`]; their memory is not measured); one editor node and
 //! one observer node have their own copies.
+//!
+//! The same measurement runs on two relay instances on PostgreSQL (figure 9,
+//! [`Deployment::TwoOnPostgres`]); [`Measured::figures`] prints figure 5.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -145,7 +148,9 @@ pub struct Measured {
     pub memory_per_idle_connection: f64,
     /// Relay memory per stored, idle document in KB (summed over the instances).
     pub memory_per_idle_document: f64,
-    /// Relay CPU per forwarded change in µs (summed over the instances).
+    /// Relay CPU per forwarded change in µs (summed over the instances): CPU
+    /// during the steady phase over edits made times receiving nodes, so a
+    /// relay that falls behind (fewer edits `latencies` than `edits`) looks cheaper.
     pub cpu_per_forwarded_change: f64,
     /// Edits made during the steady phase.
     pub edits: usize,
