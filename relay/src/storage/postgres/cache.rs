@@ -121,6 +121,9 @@ impl Freshness {
     }
 }
 
+/// A document's receipts as cached.
+type Receipts = Arc<Vec<ApprovalReceipt>>;
+
 /// The index (heads and parties of every stored document), receipts and
 /// signatures an instance serves from memory.
 #[derive(Debug, Default)]
@@ -128,7 +131,7 @@ pub(super) struct Caches {
     /// When cached values may be trusted.
     pub(super) fresh: Freshness,
     index: Mutex<IndexCache>,
-    receipts: Mutex<HashMap<DocId, (Arc<Vec<ApprovalReceipt>>, Stamp)>>,
+    receipts: Mutex<HashMap<DocId, (Receipts, Stamp)>>,
     signatures: Mutex<HashMap<ChangeHash, [u8; 64]>>,
 }
 
