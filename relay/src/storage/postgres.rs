@@ -170,6 +170,8 @@ struct WorkShared {
     /// connection must never be closed on a tokio worker thread either.
     pool: std::sync::Mutex<Option<Pool>>,
     max: usize,
+    /// Jobs sent to the workers so far (each is one or more statements).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 struct WorkState {
@@ -196,6 +198,7 @@ impl Workers {
             ready: std::sync::Condvar::new(),
             pool: std::sync::Mutex::new(Some(pool)),
             max: max.max(1),
+            sent: std::sync::atomic::AtomicU64::new(0),
         });
         let workers = Self { shared };
         let mut state = workers.shared.lock();
@@ -224,6 +227,7 @@ impl Workers {
             return Err(worker_gone());
         }
         state.queue.push_back(job);
+        self.shared.sent.fetch_add(1, Ordering::Relaxed);
         if state.queue.len() > state.idle && state.threads < self.shared.max {
             if let Err(e) = self.spawn(&mut state) {
                 // The running workers still take the job, only later.
@@ -547,6 +551,12 @@ impl PostgresStorage {
     pub fn schema_version(&self) -> Result<i32, StoreError> {
         self.workers
             .call(|client| client.query_one("SELECT version FROM samverkan_schema", &[]).map(|r| r.get(0)).map_err(pg))
+    }
+
+    /// How many times this instance has gone to the database so far (each
+    /// time one or more statements): for tests and the benchmark.
+    pub fn database_calls(&self) -> u64 {
+        self.workers.shared.sent.load(Ordering::Relaxed)
     }
 
     /// Number of increment rows a document has (for tests).
@@ -880,9 +890,17 @@ impl PostgresStorage {
     /// A document as stored now, from `cached` (its copy, if any) and the rows
     /// it lacks, read in one statement without the document's lock (what was
     /// committed when it began, which is at least what `stamp` saw). `None`
-    /// if not stored.
-    fn refresh(&self, doc: &DocId, cached: Option<Cached>, stamp: Option<Stamp>) -> Result<Option<Cached>, StoreError> {
-        if cached.is_none() && self.caches.entry(doc) == Known::Missing {
+    /// if not stored: known from the index in memory unless about to be
+    /// created (then the database is asked: another instance may have created
+    /// it a moment ago, not yet notified).
+    fn refresh(
+        &self,
+        doc: &DocId,
+        cached: Option<Cached>,
+        stamp: Option<Stamp>,
+        create: bool,
+    ) -> Result<Option<Cached>, StoreError> {
+        if cached.is_none() && !create && self.caches.entry(doc) == Known::Missing {
             return Ok(None);
         }
         let at = cached.as_ref().map(|c| (c.version.generation, c.version.last_seq));
@@ -1027,7 +1045,7 @@ impl RelayStorage for PostgresStorage {
         let stamp = self.caches.fresh.stamp();
         let current = match self.slots.take(&mut held) {
             Some(cached) if self.caches.fresh.is_current(doc, cached.stamp) => Some(cached),
-            cached => self.refresh(doc, cached, stamp)?,
+            cached => self.refresh(doc, cached, stamp, create)?,
         };
         let (mut document, version, read_at) = match current {
             Some(c) => (c.doc, Some(c.version), c.stamp),

@@ -8,7 +8,10 @@
 //! while no change of that document was notified (by another instance) or
 //! made (by this one) after its stamp. Anything else is read again from the
 //! database. So a read-only step never serves a copy older than the last
-//! notification the listener has handed on; without a listener (the operator's
+//! notification the listener has handed on (and a document another instance
+//! created is known here once its notification is in, as a change is: until
+//! then it is taken as not stored, except by a step that would create it);
+//! without a listener (the operator's
 //! CLI, tests with two storages) nothing is trusted and every read goes to the
 //! database, as before the caches existed.
 
