@@ -3,43 +3,56 @@
 //! Keep every relay start and node creation here: when nodes must be enrolled
 //! at the relay before they may connect, this module is what changes. Figure 5
 //! runs the relay in a child process (this same binary, `relay-child`) so that
-//! its memory and CPU can be read from `/proc` apart from the simulated nodes.
+//! its memory and CPU can be read from `/proc` apart from the simulated nodes;
+//! figure 9 runs two such children as instances of one relay on PostgreSQL.
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use samverkan_node::node::Node;
 use samverkan_node::sync::RelayTarget;
+use samverkan_relay::config::StorageLocation;
 use samverkan_relay::enrollment;
 use samverkan_relay::server::{self, RelayConfig, RelayHandle};
+use samverkan_relay::storage::postgres::PostgresStorage;
 use samverkan_relay::storage::SqliteStorage;
 use samverkan_shared::directory::{Member, MemberKind};
 use samverkan_shared::identity::NodeId;
 use samverkan_shared::org::OrgId;
 
+/// A relay's configuration: a free loopback port, data (and key file) in
+/// `dir`, documents in the PostgreSQL database at `postgres` or, without one,
+/// in SQLite in `dir`.
+fn relay_config(dir: &Path, postgres: Option<&str>) -> Result<RelayConfig> {
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().context("loopback address")?, dir.to_path_buf());
+    if let Some(url) = postgres {
+        config.storage = StorageLocation::Postgres(url.to_string());
+    }
+    Ok(config)
+}
+
 /// Starts a relay in this process on a free loopback port with data in `dir`.
 pub async fn start_relay(dir: &Path) -> Result<RelayHandle> {
-    let listen: SocketAddr = "127.0.0.1:0".parse().context("loopback address")?;
-    server::spawn(RelayConfig::new(listen, dir.to_path_buf())).await.context("starting the relay")
+    server::spawn(relay_config(dir, None)?).await.context("starting the relay")
+}
+
+/// Gives the relay whose data directory is `to` the key of the one in `from`,
+/// so that instances on one database prove one relay key.
+fn share_relay_key(from: &Path, to: &Path) -> Result<()> {
+    samverkan_store::keyfile::create_private_dir(to)?;
+    std::fs::copy(from.join(enrollment::KEY_FILE), to.join(enrollment::KEY_FILE)).context("copying the relay key")?;
+    Ok(())
 }
 
 /// Starts two relay instances in this process on the PostgreSQL database at
 /// `url` (data directories `root/relay1` and `root/relay2`, one relay key).
 pub async fn start_postgres_instances(root: &Path, url: &str) -> Result<(RelayHandle, RelayHandle)> {
     let (dir1, dir2) = (root.join("relay1"), root.join("relay2"));
-    let config = |dir: &Path| -> Result<RelayConfig> {
-        let mut config = RelayConfig::new("127.0.0.1:0".parse().context("loopback address")?, dir.to_path_buf());
-        config.storage = samverkan_relay::config::StorageLocation::Postgres(url.to_string());
-        Ok(config)
-    };
-    let first = server::spawn(config(&dir1)?).await.context("starting instance 1 on PostgreSQL")?;
-    // The second instance proves the same relay key.
-    samverkan_store::keyfile::create_private_dir(&dir2)?;
-    std::fs::copy(dir1.join(enrollment::KEY_FILE), dir2.join(enrollment::KEY_FILE))?;
-    let second = server::spawn(config(&dir2)?).await.context("starting instance 2 on PostgreSQL")?;
+    let first = server::spawn(relay_config(&dir1, Some(url))?).await.context("starting instance 1 on PostgreSQL")?;
+    share_relay_key(&dir1, &dir2)?;
+    let second = server::spawn(relay_config(&dir2, Some(url))?).await.context("starting instance 2 on PostgreSQL")?;
     Ok((first, second))
 }
 
@@ -103,21 +116,48 @@ impl RelayProcess {
         let storage = SqliteStorage::open(&dir.join(server::DB_FILE), 4).context("opening the relay's database")?;
         enrollment::enroll_all(&storage, members).context("enrolling the simulated nodes")?;
         drop(storage);
+        Self::spawn(dir, None)
+    }
+
+    /// Enrolls `members` in the PostgreSQL database at `url`, then starts two
+    /// relay children on it (`relay-child --dir root/relay<n> --storage <url>`),
+    /// the second with a copy of the first's key file: two instances of one relay.
+    pub fn start_postgres_pair(root: &Path, url: &str, members: Vec<Member>) -> Result<(Self, Self)> {
+        // Opened as the relay opens it: the schema is migrated here, before either instance starts.
+        let storage = PostgresStorage::open(url, 4).context("opening the relay's PostgreSQL database")?;
+        enrollment::enroll_all(&storage, members).context("enrolling the simulated nodes")?;
+        drop(storage);
+        let (dir1, dir2) = (root.join("relay1"), root.join("relay2"));
+        let first = Self::spawn(&dir1, Some(url)).context("instance 1 on PostgreSQL")?;
+        let second = share_relay_key(&dir1, &dir2).and_then(|()| Self::spawn(&dir2, Some(url)));
+        match second {
+            Ok(second) => Ok((first, second)),
+            Err(e) => {
+                first.stop();
+                Err(e.context("instance 2 on PostgreSQL"))
+            }
+        }
+    }
+
+    /// Starts `samverkan-bench relay-child --dir <dir> [--storage <postgres>]`
+    /// and waits for the address and key it prints.
+    fn spawn(dir: &Path, postgres: Option<&str>) -> Result<Self> {
+        std::fs::create_dir_all(dir).context("creating the relay's directory")?;
         let exe = std::env::current_exe().context("locating the benchmark binary")?;
-        let mut child = Command::new(exe)
-            .arg("relay-child")
-            .arg("--dir")
-            .arg(dir)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .context("starting the relay child process")?;
+        let mut command = Command::new(exe);
+        command.arg("relay-child").arg("--dir").arg(dir);
+        if let Some(url) = postgres {
+            command.arg("--storage").arg(url);
+        }
+        let mut child =
+            command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().context("starting the relay child process")?;
         let mut stdout = BufReader::new(child.stdout.take().context("child stdout")?);
         let mut line = String::new();
         stdout.read_line(&mut line).context("reading the relay's address")?;
         let mut parts = line.split_whitespace();
         let (Some(addr), Some(key)) = (parts.next(), parts.next()) else {
             let _ = child.kill();
+            let _ = child.wait();
             bail!("the relay child printed {line:?}");
         };
         let target =
@@ -182,11 +222,13 @@ impl RelayProcess {
     }
 }
 
-/// Body of the `relay-child` subcommand: start a relay, print `ADDR RELAY_KEY`,
+/// Body of the `relay-child` subcommand: start a relay with data in `dir` (on
+/// the PostgreSQL database at `postgres`, if given), print `ADDR RELAY_KEY`,
 /// enroll nodes named on standard input (`enroll KEY ORG NAME`, answered
 /// `enrolled`), and run until standard input closes.
-pub async fn relay_child(dir: &Path) -> Result<()> {
-    let relay = std::sync::Arc::new(start_relay(dir).await?);
+pub async fn relay_child(dir: &Path, postgres: Option<&str>) -> Result<()> {
+    let relay = server::spawn(relay_config(dir, postgres)?).await.context("starting the relay")?;
+    let relay = std::sync::Arc::new(relay);
     println!("{} {}", relay.local_addr(), relay.relay_key());
     let commands = relay.clone();
     let stop = tokio::task::spawn_blocking(move || {

@@ -61,8 +61,9 @@ enum What {
     Versions,
     /// 8: edit-to-visible latency idle and during a flood from an enrolled node.
     Flood,
-    /// 9: edit-to-visible latency across two relay instances on PostgreSQL against one relay on
-    /// SQLite (needs a server in `SAMVERKAN_TEST_POSTGRES`; says so and skips without it).
+    /// 9: edit-to-visible latency and figure 5's scale run on two relay instances on PostgreSQL
+    /// against one relay on SQLite (needs a server in `SAMVERKAN_TEST_POSTGRES`; says so and
+    /// skips without it).
     Postgres,
     /// Internal: the relay child process of `scale`.
     #[command(hide = true)]
@@ -70,6 +71,9 @@ enum What {
         /// Data directory.
         #[arg(long)]
         dir: PathBuf,
+        /// A PostgreSQL database (`postgres://…`) to store documents in instead of SQLite in `dir`.
+        #[arg(long)]
+        storage: Option<String>,
     },
 }
 
@@ -125,8 +129,8 @@ impl Sizes {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    if let What::RelayChild { dir } = &cli.what {
-        return runtime.block_on(harness::relay_child(dir));
+    if let What::RelayChild { dir, storage } = &cli.what {
+        return runtime.block_on(harness::relay_child(dir, storage.as_deref()));
     }
     let sizes = Sizes::new(cli.quick);
     let started = Instant::now();
@@ -149,8 +153,12 @@ fn main() -> Result<()> {
     if all || matches!(cli.what, What::Cold) {
         print(runtime.block_on(sync_figs::cold_and_reconnect(sizes.cold_docs))?);
     }
+    // Figure 9 compares against figure 5 at the same size: measured once when both run.
+    let mut sqlite_scale = None;
     if all || matches!(cli.what, What::Scale) {
-        print(runtime.block_on(scale::run(sizes.scale))?);
+        let measured = runtime.block_on(scale::run(sizes.scale, scale::Deployment::Sqlite))?;
+        print(measured.figures());
+        sqlite_scale = Some(measured);
     }
     if all || matches!(cli.what, What::Store) {
         print(store_fig::run(sizes.store_edits, sizes.store_long)?);
@@ -162,7 +170,7 @@ fn main() -> Result<()> {
         print(runtime.block_on(flood::run(sizes.flood))?);
     }
     if all || matches!(cli.what, What::Postgres) {
-        print(runtime.block_on(postgres_fig::run(sizes.latency_edits.min(200)))?);
+        print(runtime.block_on(postgres_fig::run(sizes.latency_edits.min(200), sizes.scale, sqlite_scale))?);
     }
     println!("# done in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())

@@ -4,6 +4,9 @@
 //! share one in-memory copy of the documents behind a lock
 //! ([`SharedMemoryDocs`]; their memory is not measured); one editor node and
 //! one observer node have their own copies.
+//!
+//! The same measurement runs on two relay instances on PostgreSQL (figure 9,
+//! [`Deployment::TwoOnPostgres`]); [`Measured::figures`] prints figure 5.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -135,8 +138,76 @@ impl Sim {
     }
 }
 
-/// Runs figure 5.
-pub async fn run(s: Scale) -> Result<Vec<Figure>> {
+/// What one scale run measured, on one relay or on several instances of one.
+pub struct Measured {
+    /// Sizes of the run.
+    pub scale: Scale,
+    /// Time for every simulated node to connect and settle.
+    pub connect_time: Duration,
+    /// Relay memory per idle connection in KB (summed over the instances).
+    pub memory_per_idle_connection: f64,
+    /// Relay memory per stored, idle document in KB (summed over the instances).
+    pub memory_per_idle_document: f64,
+    /// Relay CPU per forwarded change in µs (summed over the instances): CPU
+    /// during the steady phase over edits made times receiving nodes, so a
+    /// relay that falls behind (fewer edits `latencies` than `edits`) looks cheaper.
+    pub cpu_per_forwarded_change: f64,
+    /// Edits made during the steady phase.
+    pub edits: usize,
+    /// Edit-to-observed latency of each edit observed with every node connected.
+    pub latencies: Vec<Duration>,
+    /// The same with only the editor and the observer connected.
+    pub idle: Vec<Duration>,
+}
+
+impl Measured {
+    /// `n<nodes>.d<docs>`, the part of a figure's name that gives its size.
+    pub fn tag(&self) -> String {
+        format!("n{}.d{}", self.scale.nodes, self.scale.docs)
+    }
+
+    /// The `p`-th percentile of the loaded latency, in ms.
+    pub fn latency_ms(&self, p: f64) -> f64 {
+        ms(percentile(&self.latencies, p))
+    }
+
+    /// Figure 5's lines.
+    pub fn figures(&self) -> Vec<Figure> {
+        let tag = self.tag();
+        let (per_conn, per_doc, cpu) =
+            (self.memory_per_idle_connection, self.memory_per_idle_document, self.cpu_per_forwarded_change);
+        let (idle99, loaded99) = (ms(percentile(&self.idle, 99.0)), self.latency_ms(99.0));
+        vec![
+            Figure::info(format!("scale.{tag}.connect_time"), ms(self.connect_time), "ms"),
+            Figure::info(format!("scale.{tag}.memory_per_idle_connection"), per_conn, "KB")
+                .target("≤ 100 KB", per_conn <= 100.0),
+            Figure::info(format!("scale.{tag}.memory_per_idle_document"), per_doc, "KB")
+                .target("none unless loaded", per_doc <= 1.0),
+            Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu, "µs").target("≤ 100 µs", cpu <= 100.0),
+            Figure::info(format!("scale.{tag}.edits"), self.edits as f64, "edits"),
+            Figure::info(format!("scale.{tag}.observed"), self.latencies.len() as f64, "edits"),
+            Figure::info(format!("scale.{tag}.latency.p50"), self.latency_ms(50.0), "ms"),
+            Figure::info(format!("scale.{tag}.latency.p99"), loaded99, "ms")
+                .baseline(idle99, "the same edits with 2 nodes connected")
+                .target("≤ 3× idle", loaded99 <= 3.0 * idle99),
+        ]
+    }
+}
+
+/// Where the relay under measurement stores its documents.
+#[derive(Debug, Clone, Copy)]
+pub enum Deployment<'a> {
+    /// One relay on SQLite in its data directory (figure 5).
+    Sqlite,
+    /// Two instances of one relay on the PostgreSQL database at this address.
+    TwoOnPostgres(&'a str),
+}
+
+/// Runs figure 5 on `deployment`. On two instances the simulated nodes
+/// alternate between them: the editor (node 0) is on instance 1, the
+/// observer (node 1) on instance 2, so every observed change crosses the
+/// database and a `NOTIFY`.
+pub async fn run(s: Scale, deployment: Deployment<'_>) -> Result<Measured> {
     let root = tempfile::tempdir()?;
     // Every simulated node (and the seeder, last) is enrolled before the relay starts.
     let keys: Vec<NodeKey> = (0..=s.nodes).map(|_| NodeKey::generate()).collect();
@@ -149,23 +220,49 @@ pub async fn run(s: Scale) -> Result<Vec<Figure>> {
         .map(|(i, key)| harness::node_member(key.node_id(), org.clone(), &harness::sim_node_name(i)))
         .collect();
     members.push(harness::node_member(author.ctx.author, org.clone(), "bench author"));
-    let relay = RelayProcess::start(&root.path().join("relay"), members)?;
+    let relays = match deployment {
+        Deployment::Sqlite => vec![RelayProcess::start(&root.path().join("relay"), members)?],
+        Deployment::TwoOnPostgres(url) => {
+            let (first, second) = RelayProcess::start_postgres_pair(root.path(), url, members)?;
+            vec![first, second]
+        }
+    };
     let identities =
-        keys.iter().map(|key| TlsIdentity::new(key.signing_key(), "samverkan-bench")).collect::<Result<Vec<_>, _>>()?;
-    let result = measure(&relay, s, identities, &author).await;
-    relay.stop();
+        keys.iter().map(|key| TlsIdentity::new(key.signing_key(), "samverkan-bench")).collect::<Result<Vec<_>, _>>();
+    let result = match identities {
+        Ok(identities) => measure(&relays, s, identities, &author).await,
+        Err(e) => Err(e.into()),
+    };
+    for relay in relays {
+        relay.stop();
+    }
     result
 }
 
+/// Resident memory of all `relays`, in bytes.
+fn rss_bytes(relays: &[RelayProcess]) -> Result<u64> {
+    relays.iter().map(RelayProcess::rss_bytes).sum()
+}
+
+/// CPU time all `relays` have used, in seconds.
+fn cpu_seconds(relays: &[RelayProcess]) -> Result<f64> {
+    relays.iter().map(RelayProcess::cpu_seconds).sum()
+}
+
+/// Node `i`'s relay: the nodes alternate between the instances.
+fn target_of(relays: &[RelayProcess], i: usize) -> Result<RelayTarget> {
+    relays.get(i % relays.len().max(1)).map(|r| r.target.clone()).context("no relay to connect to")
+}
+
 async fn measure(
-    relay: &RelayProcess,
+    relays: &[RelayProcess],
     s: Scale,
     mut identities: Vec<TlsIdentity>,
     author: &Author,
-) -> Result<Vec<Figure>> {
-    let target = relay.target.clone();
+) -> Result<Measured> {
+    let first = target_of(relays, 0)?;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_empty = relay.rss_bytes()?;
+    let rss_empty = rss_bytes(relays)?;
     let mut docs = memory_docs();
     for n in 0..s.docs {
         let doc = author.plan_with_history(20 + n % 5)?;
@@ -173,16 +270,15 @@ async fn measure(
     }
     let ids: Vec<DocId> = docs.ids().cloned().collect();
     let clients: Vec<quinn::Endpoint> =
-        (0..4).map(|_| endpoint::client_endpoint(target.addr)).collect::<Result<_, _>>()?;
+        (0..4).map(|_| endpoint::client_endpoint(first.addr)).collect::<Result<_, _>>()?;
 
     // The documents reach the relay from a seeding node, which then leaves.
     let seeder_identity = identities.pop().context("the seeder's identity")?;
-    let mut seeder = Sim::connect(&clients[0], &target, &seeder_identity, docs.clone().into_shared()).await?;
+    let mut seeder = Sim::connect(&clients[0], &first, &seeder_identity, docs.clone().into_shared()).await?;
     seeder.settle().await?;
     seeder.conn.close(0u32.into(), b"bye");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_docs = relay.rss_bytes()?;
-
+    let rss_docs = rss_bytes(relays)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Result<()>>();
     let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
@@ -208,7 +304,8 @@ async fn measure(
             drop(tx);
         }
         let client = clients[i % clients.len()].clone();
-        let (target, settled, stop, limit) = (target.clone(), settled_tx.clone(), stop_rx.clone(), limit.clone());
+        let target = target_of(relays, i)?;
+        let (settled, stop, limit) = (settled_tx.clone(), stop_rx.clone(), limit.clone());
         tasks.spawn(async move {
             let sim = async {
                 let _permit = limit.acquire().await?;
@@ -233,7 +330,7 @@ async fn measure(
                 settled_rx.recv().await.context("settle channel")??;
             }
             tokio::time::sleep(Duration::from_millis(300)).await;
-            rss_first = relay.rss_bytes()?;
+            rss_first = rss_bytes(relays)?;
             // The same steady edits with only the editor and the observer connected: the idle baseline.
             let editor_tx = editor_tx.as_ref().context("no editor")?;
             let steady = Steady { editor_docs: &editor_docs, editor_tx, ids: &ids, author, rate: s.rate };
@@ -248,41 +345,30 @@ async fn measure(
     }
     let connect_time = connect_started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_connected = relay.rss_bytes()?;
+    let rss_connected = rss_bytes(relays)?;
 
     // Steady edits on the editor node, observed at the observer node.
     let editor_tx = editor_tx.context("no editor")?;
-    let cpu_before = relay.cpu_seconds()?;
+    let cpu_before = cpu_seconds(relays)?;
     let steady = Steady { editor_docs: &editor_docs, editor_tx: &editor_tx, ids: &ids, author, rate: s.rate };
     let (edits, latencies) = steady.run(s.seconds, 1000, &mut observed_rx).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let cpu = relay.cpu_seconds()? - cpu_before;
+    let cpu = cpu_seconds(relays)? - cpu_before;
     let _ = stop_tx.send(true);
     while tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await.ok().flatten().is_some() {}
     if latencies.is_empty() || idle.is_empty() {
         bail!("no edit reached the observer");
     }
-    let (idle99, loaded99) = (ms(percentile(&idle, 99.0)), ms(percentile(&latencies, 99.0)));
-    let cpu_per_change = cpu * 1e6 / forwarded_count(edits, s.nodes);
-
-    let per_conn = (rss_connected as f64 - rss_first as f64) / (s.nodes - 2) as f64 / 1024.0;
-    let per_doc = (rss_docs as f64 - rss_empty as f64) / s.docs as f64 / 1024.0;
-    let tag = format!("n{}.d{}", s.nodes, s.docs);
-    Ok(vec![
-        Figure::info(format!("scale.{tag}.connect_time"), ms(connect_time), "ms"),
-        Figure::info(format!("scale.{tag}.memory_per_idle_connection"), per_conn, "KB")
-            .target("≤ 100 KB", per_conn <= 100.0),
-        Figure::info(format!("scale.{tag}.memory_per_idle_document"), per_doc, "KB")
-            .target("none unless loaded", per_doc <= 1.0),
-        Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu_per_change, "µs")
-            .target("≤ 100 µs", cpu_per_change <= 100.0),
-        Figure::info(format!("scale.{tag}.edits"), edits as f64, "edits"),
-        Figure::info(format!("scale.{tag}.observed"), latencies.len() as f64, "edits"),
-        Figure::info(format!("scale.{tag}.latency.p50"), ms(percentile(&latencies, 50.0)), "ms"),
-        Figure::info(format!("scale.{tag}.latency.p99"), loaded99, "ms")
-            .baseline(idle99, "the same edits with 2 nodes connected")
-            .target("≤ 3× idle", loaded99 <= 3.0 * idle99),
-    ])
+    Ok(Measured {
+        scale: s,
+        connect_time,
+        memory_per_idle_connection: (rss_connected as f64 - rss_first as f64) / (s.nodes - 2) as f64 / 1024.0,
+        memory_per_idle_document: (rss_docs as f64 - rss_empty as f64) / s.docs as f64 / 1024.0,
+        cpu_per_forwarded_change: cpu * 1e6 / forwarded_count(edits, s.nodes),
+        edits,
+        latencies,
+        idle,
+    })
 }
 
 /// Every node but the editor receives each change.

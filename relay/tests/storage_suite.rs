@@ -536,3 +536,165 @@ fn postgres_a_newer_schema_is_refused_and_migrating_twice_is_harmless() {
     let refused = PostgresStorage::open(&backend.0, 8).unwrap_err();
     assert!(refused.to_string().contains("upgrade samverkan-relay"), "{refused}");
 }
+
+/// Opens an instance that listens for the others' commits; returns it and what it heard.
+fn listening(backend: &Postgres) -> (PostgresStorage, Arc<Mutex<Vec<RemoteEvent>>>) {
+    let storage = backend.open();
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let sink = events.clone();
+    assert!(storage.watch_remote(Arc::new(move |e| sink.lock().unwrap().push(e))).unwrap());
+    (storage, events)
+}
+
+/// A listening instance serves read-only steps from its loaded copy and its
+/// index in memory, without a database round trip; once another instance's
+/// change was notified, its next read-only step and its index see that change,
+/// never the copy it held before.
+#[test]
+fn postgres_after_another_instances_notification_the_next_read_only_step_sees_its_change() {
+    let Some(backend) =
+        postgres("postgres_after_another_instances_notification_the_next_read_only_step_sees_its_change")
+    else {
+        return;
+    };
+    let (mut ours, events) = listening(&backend);
+    let mut theirs = backend.open();
+    let (id, _) = store_new(&mut theirs);
+    assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())));
+    assert_eq!(body(&mut ours, &id), "");
+    assert_eq!(ours.loaded(), 1);
+    for i in 0..3 {
+        events.lock().unwrap().clear();
+        let heads = edit(&mut theirs, &id, &format!("theirs {i}"));
+        assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())), "{:?}", events.lock().unwrap());
+        assert_eq!(body(&mut ours, &id), format!("theirs {i}"), "the loaded copy was brought up to date");
+        assert_eq!(ours.entry(&id).unwrap().unwrap().heads, heads);
+        assert_eq!(ours.index().unwrap().iter().find(|e| e.id == id).unwrap().heads, heads);
+    }
+    // Its own writes are current in its caches at once.
+    let heads = edit(&mut ours, &id, "ours");
+    assert_eq!(ours.entry(&id).unwrap().unwrap().heads, heads);
+    assert_eq!(body(&mut theirs, &id), "ours");
+    // While nothing changes, read-only steps and the index, receipts and
+    // signatures a step reads cost no database round trip.
+    ours.receipts(&id).unwrap();
+    let calls = ours.database_calls();
+    for _ in 0..10 {
+        assert_eq!(body(&mut ours, &id), "ours");
+        assert_eq!(ours.entry(&id).unwrap().unwrap().heads, heads);
+        assert_eq!(ours.index().unwrap().len(), 1);
+        assert!(ours.receipts(&id).unwrap().is_empty());
+        assert!(ours.signatures(&[]).unwrap().is_empty());
+        assert_eq!(ours.entry(&DocId::random()).unwrap(), None, "a document not stored is known not to be");
+    }
+    assert_eq!(ours.database_calls(), calls);
+}
+
+/// A change another instance commits while this one's closure runs (this
+/// instance holds only its own slot then, not the database lock) is applied
+/// under the lock before this one's change is written: both survive, also
+/// when the other instance compacted the document meanwhile.
+#[test]
+fn postgres_changes_written_meanwhile_by_another_instance_are_merged_not_lost() {
+    let Some(backend) = postgres("postgres_changes_written_meanwhile_by_another_instance_are_merged_not_lost") else {
+        return;
+    };
+    let (ours, events) = listening(&backend);
+    let mut theirs = backend.open();
+    let (id, _) = store_new(&mut theirs);
+    // A document another instance created is known here once its notification is in.
+    assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())));
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    for meanwhile in [1, 70] {
+        let heads = ours
+            .with_doc(&id, false, |d| {
+                for i in 0..meanwhile {
+                    edit(&mut theirs, &id, &format!("theirs {i}"));
+                }
+                d.edit(&ctx, &directory, "title", |e| e.set_title(&format!("ours after {meanwhile}")))
+                    .map_err(StoreError::from)?;
+                Ok::<_, StoreError>((d.heads(), Vec::new(), Vec::new()))
+            })
+            .unwrap()
+            .unwrap();
+        let (view, stored_heads) = backend
+            .open()
+            .with_doc(&id, false, |d| Ok::<_, StoreError>(((d.view()?, d.heads()), Vec::new(), Vec::new())))
+            .unwrap()
+            .unwrap();
+        assert_eq!(view.body, format!("theirs {}", meanwhile - 1), "the other instance's edits survive");
+        assert_eq!(view.title, format!("ours after {meanwhile}"), "this instance's edit survives");
+        assert_eq!(ours.entry(&id).unwrap().unwrap().heads, stored_heads);
+        assert_ne!(heads, stored_heads, "the closure ran on the copy from before the other's edits");
+    }
+}
+
+/// Two listening instances writing one document at once: every change of
+/// both is stored, and both end with the same heads.
+#[test]
+fn postgres_concurrent_writes_on_two_instances_to_one_document_all_survive() {
+    const EDITS: usize = 20;
+    let Some(backend) = postgres("postgres_concurrent_writes_on_two_instances_to_one_document_all_survive") else {
+        return;
+    };
+    let (mut first, _) = listening(&backend);
+    let (second, events) = listening(&backend);
+    let (id, _) = store_new(&mut first);
+    assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())));
+    let barrier = Barrier::new(2);
+    // The change each edit made (a merge of concurrent text edits can leave a
+    // later edit with nothing to change, so changes are followed, not counted).
+    let made = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for (n, storage) in [&first, &second].into_iter().enumerate() {
+            let (barrier, id, made) = (&barrier, &id, &made);
+            s.spawn(move || {
+                let (ctx, directory) = (ctx(), Directory::sodermanland());
+                barrier.wait();
+                for i in 0..EDITS {
+                    let new = storage
+                        .with_doc(id, false, |d| {
+                            let before = d.heads();
+                            d.edit(&ctx, &directory, "body", |e| e.set_body(&format!("{n}.{i}")))
+                                .map_err(StoreError::from)?;
+                            let new: Vec<ChangeHash> = d.heads().into_iter().filter(|h| !before.contains(h)).collect();
+                            Ok::<_, StoreError>((new, Vec::new(), Vec::new()))
+                        })
+                        .unwrap()
+                        .unwrap();
+                    made.lock().unwrap().extend(new);
+                }
+            });
+        }
+    });
+    let made = made.into_inner().unwrap();
+    assert!(made.len() > EDITS, "both instances made changes: {}", made.len());
+    let count = |storage: &PostgresStorage| {
+        storage
+            .with_doc(&id, false, |d| {
+                Ok::<_, StoreError>(((d.heads(), d.automerge_mut().get_changes(&[]).len()), Vec::new(), Vec::new()))
+            })
+            .unwrap()
+            .unwrap()
+    };
+    let (stored_heads, stored) = count(&backend.open());
+    assert_eq!(stored, 1 + made.len(), "every change of both instances is stored");
+    let missing = backend
+        .open()
+        .with_doc(&id, false, |d| {
+            let missing = made.iter().filter(|h| d.automerge_mut().get_change_by_hash(h).is_none()).count();
+            Ok::<_, StoreError>((missing, Vec::new(), Vec::new()))
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(missing, 0, "every change of both instances is stored");
+    // Each instance's copy reaches what is stored once the other's last notification is in (bounded wait).
+    for storage in [&first, &second] {
+        let deadline = Instant::now() + LIMIT;
+        while count(storage) != (stored_heads.clone(), stored) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(count(storage), (stored_heads.clone(), stored));
+        assert_eq!(storage.entry(&id).unwrap().unwrap().heads, stored_heads);
+    }
+}

@@ -38,6 +38,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::receipt::ApprovalReceipt;
 
+use crate::slots::Slots;
 use crate::{DocSummary, DocWrite, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
 use recent_signatures::RecentSignatures;
 
@@ -86,7 +87,7 @@ struct Inner {
     writer: Mutex<Store>,
     readers: Vec<Mutex<Store>>,
     next_reader: AtomicUsize,
-    slots: Slots,
+    slots: Slots<Held>,
     group: GroupCommit,
     compacting: Mutex<HashSet<DocId>>,
     compactions: AtomicU64,
@@ -164,18 +165,10 @@ impl ConcurrentStore {
     {
         let inner = &*self.inner;
         let slot = inner.slots.slot(id);
-        let mut held = lock(&slot.held);
+        let mut held = slot.lock();
         if held.is_none() {
             match inner.read(|r| r.load_for_update(id))? {
-                Some(loaded) => {
-                    *held = Some(Held {
-                        doc: loaded.doc,
-                        size: loaded.size,
-                        increments: loaded.increments,
-                        last_seq: loaded.last_seq,
-                    });
-                    inner.slots.loaded.fetch_add(1, Ordering::Relaxed);
-                }
+                Some(loaded) => inner.slots.put(&mut held, Held::from(loaded)),
                 None if create => {}
                 None => {
                     drop(held);
@@ -184,11 +177,7 @@ impl ConcurrentStore {
                 }
             }
         }
-        inner.slots.touch(&slot);
-        let taken = held.take();
-        if taken.is_some() {
-            inner.slots.loaded.fetch_sub(1, Ordering::Relaxed);
-        }
+        let taken = inner.slots.take(&mut held);
         let (mut doc, size_before, increments, last_seq) = match taken {
             Some(h) => (h.doc, Some(h.size), h.increments, h.last_seq),
             None => (Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?, None, 0, 0),
@@ -200,8 +189,7 @@ impl ConcurrentStore {
         let heads = doc.heads();
         if heads == before || doc.is_empty() {
             if let Some(size) = size_before {
-                *held = Some(Held { doc, size, increments, last_seq });
-                inner.slots.loaded.fetch_add(1, Ordering::Relaxed);
+                inner.slots.put(&mut held, Held { doc, size, increments, last_seq });
             }
             drop(held);
             inner.slots.unload_beyond_capacity();
@@ -224,8 +212,7 @@ impl ConcurrentStore {
             Some(seq) => (increments + 1, seq),
             None => (0, 0),
         };
-        *held = Some(Held { doc, size, increments, last_seq });
-        inner.slots.loaded.fetch_add(1, Ordering::Relaxed);
+        inner.slots.put(&mut held, Held { doc, size, increments, last_seq });
         drop(held);
         if increments >= COMPACT_AFTER_ROWS {
             self.request_compaction(id);
@@ -390,7 +377,7 @@ impl ConcurrentStore {
 
     /// How many documents are loaded.
     pub fn loaded(&self) -> usize {
-        self.inner.slots.loaded.load(Ordering::Relaxed)
+        self.inner.slots.loaded()
     }
 
     /// Commits, updates and compactions so far.
@@ -446,16 +433,10 @@ impl Inner {
     fn compact(&self, id: &DocId) -> Result<(), StoreError> {
         let slot = self.slots.slot(id);
         let (snapshot, upto, folded) = {
-            let mut held = lock(&slot.held);
+            let mut held = slot.lock();
             if held.is_none() {
                 let Some(loaded) = self.read(|r| r.load_for_update(id))? else { return Ok(()) };
-                *held = Some(Held {
-                    doc: loaded.doc,
-                    size: loaded.size,
-                    increments: loaded.increments,
-                    last_seq: loaded.last_seq,
-                });
-                self.slots.loaded.fetch_add(1, Ordering::Relaxed);
+                self.slots.put(&mut held, Held::from(loaded));
             }
             let Some(h) = held.as_mut() else { return Ok(()) };
             if h.increments == 0 {
@@ -464,7 +445,7 @@ impl Inner {
             (h.doc.automerge_mut().save(), h.last_seq, h.increments)
         };
         lock(&self.writer).compact_upto(id, &snapshot, upto)?;
-        if let Some(h) = lock(&slot.held).as_mut() {
+        if let Some(h) = slot.lock().as_mut() {
             h.increments = (h.increments - folded).max(0);
         }
         self.compactions.fetch_add(1, Ordering::Relaxed);
@@ -506,78 +487,9 @@ struct Held {
     last_seq: i64,
 }
 
-/// One document's lock and loaded copy.
-#[derive(Debug, Default)]
-struct Slot {
-    held: Mutex<Option<Held>>,
-    used: AtomicU64,
-}
-
-/// The per-document slots: one for each document in use or loaded.
-#[derive(Debug)]
-struct Slots {
-    map: Mutex<HashMap<DocId, Arc<Slot>>>,
-    capacity: usize,
-    clock: AtomicU64,
-    loaded: AtomicUsize,
-}
-
-impl Slots {
-    fn new(capacity: usize) -> Self {
-        Self { map: Mutex::new(HashMap::new()), capacity, clock: AtomicU64::new(0), loaded: AtomicUsize::new(0) }
-    }
-
-    fn slot(&self, id: &DocId) -> Arc<Slot> {
-        lock(&self.map).entry(id.clone()).or_default().clone()
-    }
-
-    fn touch(&self, slot: &Slot) {
-        slot.used.store(self.clock.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Relaxed);
-    }
-
-    /// Drops the slot of a document that turned out not to exist, unless
-    /// another thread holds it too: ids a peer names leave nothing behind.
-    fn forget_if_idle(&self, id: &DocId, slot: Arc<Slot>) {
-        let mut map = lock(&self.map);
-        // Ours and the map's: nobody else can reach it without the map's lock.
-        if Arc::strong_count(&slot) == 2 && lock(&slot.held).is_none() {
-            map.remove(id);
-        }
-    }
-
-    fn unload(&self, id: &DocId) {
-        let slot = lock(&self.map).get(id).cloned();
-        if let Some(slot) = slot {
-            if let Ok(mut held) = slot.held.try_lock() {
-                if held.take().is_some() {
-                    self.loaded.fetch_sub(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    /// Unloads the least recently used idle documents while more than the
-    /// capacity are loaded.
-    fn unload_beyond_capacity(&self) {
-        while self.loaded.load(Ordering::Relaxed) > self.capacity {
-            let candidate = {
-                let map = lock(&self.map);
-                map.iter()
-                    .filter(|(_, s)| s.held.try_lock().map(|h| h.is_some()).unwrap_or(false))
-                    .min_by_key(|(_, s)| s.used.load(Ordering::Relaxed))
-                    .map(|(id, s)| (id.clone(), s.clone()))
-            };
-            let Some((id, slot)) = candidate else { return };
-            let Ok(mut held) = slot.held.try_lock() else { continue };
-            if held.take().is_some() {
-                self.loaded.fetch_sub(1, Ordering::Relaxed);
-            }
-            drop(held);
-            let mut map = lock(&self.map);
-            if Arc::strong_count(&slot) == 2 {
-                map.remove(&id);
-            }
-        }
+impl From<crate::ForUpdate> for Held {
+    fn from(loaded: crate::ForUpdate) -> Self {
+        Self { doc: loaded.doc, size: loaded.size, increments: loaded.increments, last_seq: loaded.last_seq }
     }
 }
 

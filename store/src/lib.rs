@@ -29,6 +29,7 @@ pub mod concurrent;
 pub mod keyfile;
 mod refusals;
 mod replace;
+pub mod slots;
 
 pub use refusals::DocRefusal;
 

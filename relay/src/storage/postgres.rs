@@ -11,33 +11,45 @@
 //! `synchronous_commit = on`) before it returns.
 //!
 //! Several instances: every write to a document holds a per-document lock
-//! (`pg_advisory_xact_lock` on the id, and the row `FOR UPDATE`), so two
-//! instances never interleave writes to one document; a cached copy is used
-//! only after checking, under that lock, that its snapshot generation is
-//! current, and the increments committed since are read on top. Metadata
-//! changes (the enrollment directory and join codes) are read-modify-write
-//! transactions under the key's row lock, so a join code is single-use across
-//! instances. Each commit notifies the others (`NOTIFY`, delivered only on
-//! commit): document changes on `samverkan_docs`, metadata on
-//! `samverkan_meta`; a listener thread per instance turns them into
+//! (`pg_advisory_xact_lock` on the id), so two instances never interleave
+//! writes to one document; under it the stored version is compared with the
+//! copy the change was made on, and what another instance committed meanwhile
+//! is applied first (Automerge merges, so neither side's changes are lost).
+//! Metadata changes (the enrollment directory and join codes) are
+//! read-modify-write transactions under the key's row lock, so a join code is
+//! single-use across instances. Each commit notifies the others (`NOTIFY`,
+//! delivered only on commit): document changes on `samverkan_docs`, metadata
+//! on `samverkan_meta`; a listener thread per instance turns them into
 //! [`RemoteEvent`]s.
+//!
+//! The hot path is served like the SQLite storage's: a document's work holds
+//! its slot in this instance first (one lock per document, holding the loaded
+//! copy, [`Slots`]), so only work on the same document waits, and at most one
+//! transaction per instance waits for a document's lock in PostgreSQL. A step
+//! that leaves the document's heads unchanged (a sync message generated, an
+//! acknowledgement received) writes nothing and takes no database lock. The
+//! loaded copy, the index (heads and parties), receipts and signatures are
+//! served from memory while they are current: the listener marks a document
+//! changed before it tells anyone of the other instance's commit, so the next
+//! step reads the rows it lacks (one statement, no lock); without a connected
+//! listener nothing cached is trusted (see [`cache`]). Revocation, join codes
+//! and connection limits are always read from the database.
 //!
 //! Threads: the blocking `postgres` client runs a small runtime of its own and
 //! must never be called on a tokio worker thread. Every statement therefore
 //! runs on one of this storage's own worker threads, each holding a
 //! connection of its own from an `r2d2` pool; the caller waits on a channel.
 //! Workers are started as jobs outnumber idle ones, up to the pool's size
-//! ([`DEFAULT_POOL_SIZE`]), and end after a minute without work. `with_doc`'s
-//! closure runs on the caller's thread between the transaction's read and its
-//! write, holding one worker (and the document's lock) meanwhile; the others
-//! serve reads and other documents. There is no lock of the instance's own
-//! around a document: writes to one document are serialised by its lock in
-//! PostgreSQL alone, within an instance as across instances.
+//! ([`DEFAULT_POOL_SIZE`]), and end after a minute without work. A write's
+//! transaction holds one worker (and the document's lock) while the caller
+//! merges and prepares what to write; the others serve reads and other
+//! documents. Statements are sent with their parameter types
+//! (`query_typed`): one round trip each, no separate prepare.
 //!
-//! Never does: keep a document's contents anywhere but in its bounded cache,
-//! or write without the document's lock.
+//! Never does: keep a document's contents anywhere but in its bounded slots,
+//! write without the document's lock, or serve a cached value after the
+//! listener has handed on a newer commit of it.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
@@ -47,19 +59,24 @@ use automerge::{AutoCommit, ChangeHash};
 use chrono::Utc;
 use postgres::error::SqlState;
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls, Transaction};
+use postgres::types::Type;
+use postgres::{Client, GenericClient, NoTls, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
-use samverkan_shared::acceptance::ContentLimits;
+use samverkan_shared::acceptance::{ContentLimits, LimitError};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::SignedChange;
+use samverkan_store::slots::Slots;
 use samverkan_store::StoreError;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
 
 use super::{DocEntry, RelayStorage, RemoteEvent};
+use cache::{Caches, Known, Stamp};
+
+mod cache;
 
 /// The name errors of this backend carry.
 pub const BACKEND: &str = "postgresql";
@@ -68,9 +85,9 @@ pub const SCHEMA_VERSION: i32 = 1;
 /// Incremental rows per document before they are folded into a new snapshot
 /// (the same as the SQLite store's).
 pub const COMPACT_AFTER_ROWS: i64 = samverkan_store::COMPACT_AFTER_ROWS;
-/// Connections in the pool, and so worker threads, at most by default: one
-/// `with_doc` holds one while its closure runs, and the relay runs up to 16
-/// storage steps at once (the rest wait for a worker).
+/// Connections in the pool, and so worker threads, at most by default: a
+/// write holds one while its transaction is open, and the relay runs up to 16
+/// storage steps at once (most need none: see the module docs).
 pub const DEFAULT_POOL_SIZE: u32 = 8;
 /// An instance whose heartbeat is older than this is taken as gone: its
 /// connections no longer count against a node's per-key limit.
@@ -153,6 +170,8 @@ struct WorkShared {
     /// connection must never be closed on a tokio worker thread either.
     pool: std::sync::Mutex<Option<Pool>>,
     max: usize,
+    /// Jobs sent to the workers so far (each is one or more statements).
+    sent: std::sync::atomic::AtomicU64,
 }
 
 struct WorkState {
@@ -179,6 +198,7 @@ impl Workers {
             ready: std::sync::Condvar::new(),
             pool: std::sync::Mutex::new(Some(pool)),
             max: max.max(1),
+            sent: std::sync::atomic::AtomicU64::new(0),
         });
         let workers = Self { shared };
         let mut state = workers.shared.lock();
@@ -207,6 +227,7 @@ impl Workers {
             return Err(worker_gone());
         }
         state.queue.push_back(job);
+        self.shared.sent.fetch_add(1, Ordering::Relaxed);
         if state.queue.len() > state.idle && state.threads < self.shared.max {
             if let Err(e) = self.spawn(&mut state) {
                 // The running workers still take the job, only later.
@@ -403,29 +424,35 @@ impl<T, W, U> Open<T, W, U> {
     }
 }
 
-/// A loaded document kept between calls, trusted only at its generation.
+/// Where a document stands in the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Version {
+    /// Its snapshot's generation (bumped by each compaction).
+    generation: i64,
+    /// The last increment row on top of that snapshot (0: none).
+    last_seq: i64,
+    /// Increment rows beside the snapshot.
+    rows: i64,
+    /// Its size in change bytes (see [`ContentLimits`]).
+    size: i64,
+}
+
+/// A loaded document kept between calls in its slot, with where it stands in
+/// the database and when that was read (see [`cache`]).
 struct Cached {
     doc: Document,
-    generation: i64,
-    last_seq: i64,
-    used: u64,
+    version: Version,
+    stamp: Option<Stamp>,
 }
 
-/// A document's rows as read under its lock.
-struct DocRows {
-    /// `None` if the document is not stored.
-    stored: Option<StoredDoc>,
-}
-
+/// A document's rows as read (see [`read_doc`]).
 struct StoredDoc {
-    generation: i64,
-    change_bytes: i64,
+    /// Where it stands; `last_seq` is the last row read (or the cached copy's).
+    version: Version,
     /// The snapshot and its checksum, unless the cached copy's generation is current.
     snapshot: Option<(Vec<u8>, Vec<u8>)>,
     /// Increments after the cached copy's (or all), with their checksums.
     changes: Vec<(i64, Vec<u8>, Vec<u8>)>,
-    /// Increment rows the document has in all.
-    rows: i64,
 }
 
 /// What `with_doc` writes for a document.
@@ -442,7 +469,7 @@ struct DocWrite {
     heads: Vec<String>,
     parties: Vec<String>,
     size: i64,
-    signatures: Vec<(Vec<u8>, Vec<u8>)>,
+    signatures: Vec<SignedChange>,
     receipts: Vec<ApprovalReceipt>,
 }
 
@@ -452,19 +479,13 @@ pub struct PostgresStorage {
     url: String,
     instance: String,
     limits: ContentLimits,
-    /// Loaded documents, used only when their snapshot generation is current.
-    cache: std::sync::Mutex<DocCache>,
+    /// Per-document locks of this instance, holding loaded documents.
+    slots: Slots<Cached>,
+    /// The index, receipts and signatures served from memory, and when they may be trusted.
+    caches: Arc<Caches>,
     /// Tells the listener thread (if one runs) to stop.
     stop: Arc<AtomicBool>,
     listener: std::sync::Mutex<Option<JoinHandle<()>>>,
-}
-
-/// The documents a [`PostgresStorage`] keeps loaded (least recently used dropped first).
-#[derive(Default)]
-struct DocCache {
-    entries: HashMap<DocId, Cached>,
-    capacity: usize,
-    clock: u64,
 }
 
 impl std::fmt::Debug for PostgresStorage {
@@ -514,7 +535,8 @@ impl PostgresStorage {
             url: url.to_string(),
             instance,
             limits: ContentLimits::default(),
-            cache: std::sync::Mutex::new(DocCache { entries: HashMap::new(), capacity: cache, clock: 0 }),
+            slots: Slots::new(cache),
+            caches: Arc::new(Caches::default()),
             stop: Arc::new(AtomicBool::new(false)),
             listener: std::sync::Mutex::new(None),
         })
@@ -531,32 +553,18 @@ impl PostgresStorage {
             .call(|client| client.query_one("SELECT version FROM samverkan_schema", &[]).map(|r| r.get(0)).map_err(pg))
     }
 
+    /// How many times this instance has gone to the database so far (each
+    /// time one or more statements): for tests and the benchmark.
+    pub fn database_calls(&self) -> u64 {
+        self.workers.shared.sent.load(Ordering::Relaxed)
+    }
+
     /// Number of increment rows a document has (for tests).
     pub fn increment_rows(&self, doc: &DocId) -> Result<i64, StoreError> {
         let id = doc.as_str().to_string();
         self.workers.call(move |client| {
             client.query_one("SELECT count(*) FROM changes WHERE doc_id = $1", &[&id]).map(|r| r.get(0)).map_err(pg)
         })
-    }
-
-    fn cache(&self) -> std::sync::MutexGuard<'_, DocCache> {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn put(&self, doc: Document, generation: i64, last_seq: i64) {
-        let mut cache = self.cache();
-        if cache.capacity == 0 {
-            return;
-        }
-        cache.clock += 1;
-        let used = cache.clock;
-        cache.entries.insert(doc.id().clone(), Cached { doc, generation, last_seq, used });
-        while cache.entries.len() > cache.capacity {
-            let Some(oldest) = cache.entries.iter().min_by_key(|(_, c)| c.used).map(|(id, _)| id.clone()) else {
-                break;
-            };
-            cache.entries.remove(&oldest);
-        }
     }
 }
 
@@ -632,131 +640,375 @@ fn entry_from(id: String, heads: Vec<String>, parties: Vec<String>) -> Result<Do
     Ok(DocEntry { id, heads, parties })
 }
 
-/// Reads a document's rows under its lock (see [`DocRows`]).
-fn read_doc(tx: &mut Transaction<'_>, id: &str, cached: Option<(i64, i64)>) -> Result<DocRows, StoreError> {
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock_key("doc", id)]).map_err(pg)?;
-    let Some(row) = tx
-        .query_opt("SELECT generation, change_bytes FROM documents WHERE doc_id = $1 FOR UPDATE", &[&id])
-        .map_err(pg)?
-    else {
-        return Ok(DocRows { stored: None });
+/// Reads a document's rows in one statement (so from one snapshot of the
+/// database): where it stands, and what a copy at `cached` (generation, last
+/// increment row) lacks: the increments after it if its generation is
+/// current, else the snapshot and every increment. `None` if not stored.
+/// Without the document's lock it is what was committed when the statement
+/// began; under it, what is stored.
+fn read_doc(
+    client: &mut impl GenericClient,
+    id: &str,
+    cached: Option<(i64, i64)>,
+) -> Result<Option<StoredDoc>, StoreError> {
+    let (generation, after) = cached.unwrap_or((-1, 0));
+    let row = client
+        .query_typed(
+            "SELECT d.generation, d.change_bytes,
+                    CASE WHEN d.generation = $2 THEN NULL ELSE d.snapshot END,
+                    CASE WHEN d.generation = $2 THEN NULL ELSE d.snapshot_sha256 END,
+                    (SELECT count(*) FROM changes c WHERE c.doc_id = d.doc_id),
+                    x.seqs, x.data, x.sums
+             FROM documents d
+             LEFT JOIN LATERAL (
+                 SELECT array_agg(c.seq ORDER BY c.seq) AS seqs, array_agg(c.data ORDER BY c.seq) AS data,
+                        array_agg(c.sha256 ORDER BY c.seq) AS sums
+                 FROM changes c
+                 WHERE c.doc_id = d.doc_id AND c.seq > CASE WHEN d.generation = $2 THEN $3 ELSE 0 END
+             ) x ON TRUE
+             WHERE d.doc_id = $1",
+            &[(&id, Type::TEXT), (&generation, Type::INT8), (&after, Type::INT8)],
+        )
+        .map_err(pg)?;
+    let Some(row) = row.into_iter().next() else { return Ok(None) };
+    let stored_generation: i64 = row.try_get(0).map_err(pg)?;
+    let snapshot: Option<Vec<u8>> = row.try_get(2).map_err(pg)?;
+    let sum: Option<Vec<u8>> = row.try_get(3).map_err(pg)?;
+    let seqs: Vec<i64> = row.try_get::<_, Option<Vec<i64>>>(5).map_err(pg)?.unwrap_or_default();
+    let data: Vec<Vec<u8>> = row.try_get::<_, Option<Vec<Vec<u8>>>>(6).map_err(pg)?.unwrap_or_default();
+    let sums: Vec<Vec<u8>> = row.try_get::<_, Option<Vec<Vec<u8>>>>(7).map_err(pg)?.unwrap_or_default();
+    let snapshot = match (snapshot, sum) {
+        (Some(bytes), Some(sum)) => Some((bytes, sum)),
+        _ => None,
     };
-    let generation: i64 = row.get(0);
-    let change_bytes: i64 = row.get(1);
-    let (snapshot, after) = match cached {
-        Some((g, last_seq)) if g == generation => (None, last_seq),
-        _ => {
-            let row = tx
-                .query_one("SELECT snapshot, snapshot_sha256 FROM documents WHERE doc_id = $1", &[&id])
-                .map_err(pg)?;
-            (Some((row.get(0), row.get(1))), 0)
-        }
+    let from = if snapshot.is_some() { 0 } else { after };
+    let version = Version {
+        generation: stored_generation,
+        last_seq: seqs.last().copied().unwrap_or(from),
+        rows: row.try_get(4).map_err(pg)?,
+        size: row.try_get(1).map_err(pg)?,
     };
-    let changes = tx
-        .query("SELECT seq, data, sha256 FROM changes WHERE doc_id = $1 AND seq > $2 ORDER BY seq", &[&id, &after])
-        .map_err(pg)?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    let rows: i64 = tx.query_one("SELECT count(*) FROM changes WHERE doc_id = $1", &[&id]).map_err(pg)?.get(0);
-    Ok(DocRows { stored: Some(StoredDoc { generation, change_bytes, snapshot, changes, rows }) })
+    let changes = seqs.into_iter().zip(data).zip(sums).map(|((seq, data), sum)| (seq, data, sum)).collect();
+    Ok(Some(StoredDoc { version, snapshot, changes }))
 }
 
-/// Writes what `with_doc` decided; returns the document's generation and last increment.
-fn write_doc(tx: &mut Transaction<'_>, w: DocWrite) -> Result<(i64, i64), StoreError> {
-    let (generation, last_seq) = if w.created {
+/// The document as stored: `cached` (or, if the stored rows carry a snapshot,
+/// that snapshot) with the stored increments applied, each checked against
+/// its checksum.
+fn assemble(id: &DocId, stored: StoredDoc, cached: Option<Document>) -> Result<(Document, Version), StoreError> {
+    let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+    let mut document = match (stored.snapshot, cached) {
+        (Some((bytes, sum)), _) => {
+            if sum != sha256(&bytes) {
+                return Err(corrupt("the snapshot does not match its checksum".into()));
+            }
+            let automerge = AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+            Document::from_automerge(id.clone(), automerge).map_err(|e| corrupt(e.to_string()))?
+        }
+        (None, Some(cached)) => cached,
+        (None, None) => return Err(corrupt("neither a snapshot nor a cached copy".into())),
+    };
+    for (seq, data, sum) in stored.changes {
+        if sum != sha256(&data) {
+            return Err(corrupt(format!("change row {seq} does not match its checksum")));
+        }
+        document.automerge_mut().load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
+    }
+    Ok((document, stored.version))
+}
+
+/// Writes what `with_doc` decided (under the document's lock); returns where the document stands then.
+fn write_doc(tx: &mut Transaction<'_>, w: DocWrite, stored: Version) -> Result<Version, StoreError> {
+    let version = if w.created {
         let data = w.snapshot.unwrap_or_default();
-        tx.execute(
+        tx.query_typed(
             "INSERT INTO documents (doc_id, kind, title, heads, parties, snapshot, snapshot_sha256, change_bytes, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())",
-            &[&w.id, &w.kind, &w.title, &w.heads, &w.parties, &data, &sha256(&data), &w.size],
+            &[
+                (&w.id, Type::TEXT),
+                (&w.kind, Type::TEXT),
+                (&w.title, Type::TEXT),
+                (&w.heads, Type::TEXT_ARRAY),
+                (&w.parties, Type::TEXT_ARRAY),
+                (&data, Type::BYTEA),
+                (&sha256(&data), Type::BYTEA),
+                (&w.size, Type::INT8),
+            ],
         )
         .map_err(pg)?;
-        (0, 0)
+        Version { generation: 0, last_seq: 0, rows: 0, size: w.size }
     } else {
-        tx.execute(
-            "UPDATE documents SET kind = $2, title = $3, heads = $4, parties = $5, change_bytes = $6, updated_at = now()
-             WHERE doc_id = $1",
-            &[&w.id, &w.kind, &w.title, &w.heads, &w.parties, &w.size],
-        )
-        .map_err(pg)?;
-        match (w.snapshot, w.increment) {
+        // The snapshot, if folding now, goes with the row's other columns.
+        let snapshot_sum = w.snapshot.as_deref().map(sha256);
+        let generation: i64 = tx
+            .query_typed(
+                "UPDATE documents SET kind = $2, title = $3, heads = $4, parties = $5, change_bytes = $6, updated_at = now(),
+                     snapshot = COALESCE($7, snapshot), snapshot_sha256 = COALESCE($8, snapshot_sha256),
+                     generation = generation + CASE WHEN $7 IS NULL THEN 0 ELSE 1 END
+                 WHERE doc_id = $1 RETURNING generation",
+                &[
+                    (&w.id, Type::TEXT),
+                    (&w.kind, Type::TEXT),
+                    (&w.title, Type::TEXT),
+                    (&w.heads, Type::TEXT_ARRAY),
+                    (&w.parties, Type::TEXT_ARRAY),
+                    (&w.size, Type::INT8),
+                    (&w.snapshot, Type::BYTEA),
+                    (&snapshot_sum, Type::BYTEA),
+                ],
+            )
+            .map_err(pg)?
+            .first()
+            .ok_or_else(|| backend(format!("document {} vanished under its lock", w.id)))?
+            .try_get(0)
+            .map_err(pg)?;
+        match (&w.snapshot, w.increment) {
             (Some(data), _) => {
-                let generation: i64 = tx
-                    .query_one(
-                        "UPDATE documents SET snapshot = $2, snapshot_sha256 = $3, generation = generation + 1
-                         WHERE doc_id = $1 RETURNING generation",
-                        &[&w.id, &data, &sha256(&data)],
-                    )
-                    .map_err(pg)?
-                    .get(0);
-                tx.execute("DELETE FROM changes WHERE doc_id = $1", &[&w.id]).map_err(pg)?;
+                tx.query_typed("DELETE FROM changes WHERE doc_id = $1", &[(&w.id, Type::TEXT)]).map_err(pg)?;
                 debug!(doc = %w.id, bytes = data.len(), generation, "compacted document");
-                (generation, 0)
+                Version { generation, last_seq: 0, rows: 0, size: w.size }
             }
             (None, Some(data)) => {
                 let seq: i64 = tx
-                    .query_one(
+                    .query_typed(
                         "INSERT INTO changes (doc_id, data, sha256) VALUES ($1, $2, $3) RETURNING seq",
-                        &[&w.id, &data, &sha256(&data)],
+                        &[(&w.id, Type::TEXT), (&data, Type::BYTEA), (&sha256(&data), Type::BYTEA)],
                     )
                     .map_err(pg)?
-                    .get(0);
-                let generation: i64 =
-                    tx.query_one("SELECT generation FROM documents WHERE doc_id = $1", &[&w.id]).map_err(pg)?.get(0);
-                (generation, seq)
+                    .first()
+                    .ok_or_else(|| backend("an inserted change row has no number"))?
+                    .try_get(0)
+                    .map_err(pg)?;
+                Version { generation, last_seq: seq, rows: stored.rows + 1, size: w.size }
             }
             (None, None) => return Err(backend("nothing to write")),
         }
     };
     insert_signatures(tx, &w.signatures)?;
     insert_receipts(tx, &w.receipts)?;
-    // Delivered to the other instances only if this transaction commits.
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL_DOCS, &format!("{} {}", w.instance, w.id)]).map_err(pg)?;
-    Ok((generation, last_seq))
+    notify_docs(tx, &w.instance, std::iter::once(w.id.as_str()))?;
+    Ok(version)
 }
 
-fn insert_signatures(tx: &mut Transaction<'_>, signatures: &[(Vec<u8>, Vec<u8>)]) -> Result<(), StoreError> {
-    if signatures.is_empty() {
-        return Ok(());
-    }
-    let stmt = tx
-        .prepare("INSERT INTO change_signatures (hash, signature) VALUES ($1, $2) ON CONFLICT DO NOTHING")
-        .map_err(pg)?;
-    for (hash, signature) in signatures {
-        tx.execute(&stmt, &[hash, signature]).map_err(pg)?;
+/// Tells the other instances (when the transaction commits: `NOTIFY` is
+/// delivered only then) that these documents changed.
+fn notify_docs<'a>(
+    tx: &mut Transaction<'_>,
+    instance: &str,
+    docs: impl IntoIterator<Item = &'a str>,
+) -> Result<(), StoreError> {
+    for doc in docs {
+        let payload = format!("{instance} {doc}");
+        tx.query_typed("SELECT pg_notify($1, $2)", &[(&CHANNEL_DOCS, Type::TEXT), (&payload, Type::TEXT)])
+            .map_err(pg)?;
     }
     Ok(())
 }
 
-/// Inserts receipts, keeping the first one held of each record; returns how many were new.
+/// Stores signatures (the first of each change kept), in one statement.
+fn insert_signatures(tx: &mut Transaction<'_>, signatures: &[SignedChange]) -> Result<(), StoreError> {
+    if signatures.is_empty() {
+        return Ok(());
+    }
+    let (hashes, signatures): (Vec<Vec<u8>>, Vec<Vec<u8>>) =
+        signatures.iter().map(|(hash, signature)| (hash.0.to_vec(), signature.to_vec())).unzip();
+    tx.query_typed(
+        "INSERT INTO change_signatures (hash, signature) SELECT * FROM unnest($1::bytea[], $2::bytea[])
+         ON CONFLICT DO NOTHING",
+        &[(&hashes, Type::BYTEA_ARRAY), (&signatures, Type::BYTEA_ARRAY)],
+    )
+    .map_err(pg)?;
+    Ok(())
+}
+
+/// Inserts receipts, keeping the first one held of each record, in one
+/// statement; returns how many were new.
 fn insert_receipts(tx: &mut Transaction<'_>, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
     if receipts.is_empty() {
         return Ok(0);
     }
-    let stmt = tx
-        .prepare(
-            "INSERT INTO approval_receipts (doc_id, record, received_at, relay_signature) VALUES ($1, $2, $3, $4)
-             ON CONFLICT DO NOTHING",
+    let docs: Vec<&str> = receipts.iter().map(|r| r.doc.as_str()).collect();
+    let records: Vec<&str> = receipts.iter().map(|r| r.record_signature.as_str()).collect();
+    let at: Vec<String> =
+        receipts.iter().map(|r| r.received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)).collect();
+    let signatures: Vec<&str> = receipts.iter().map(|r| r.relay_signature.as_str()).collect();
+    let added = tx
+        .query_typed(
+            "WITH added AS (
+                 INSERT INTO approval_receipts (doc_id, record, received_at, relay_signature)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                 ON CONFLICT DO NOTHING RETURNING 1)
+             SELECT count(*) FROM added",
+            &[
+                (&docs, Type::TEXT_ARRAY),
+                (&records, Type::TEXT_ARRAY),
+                (&at, Type::TEXT_ARRAY),
+                (&signatures, Type::TEXT_ARRAY),
+            ],
         )
-        .map_err(pg)?;
-    let mut added = 0;
-    for r in receipts {
-        let at = r.received_at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        added += tx.execute(&stmt, &[&r.doc.as_str(), &r.record_signature, &at, &r.relay_signature]).map_err(pg)?;
+        .map_err(pg)?
+        .first()
+        .map(|row| row.try_get::<_, i64>(0))
+        .transpose()
+        .map_err(pg)?
+        .unwrap_or(0);
+    Ok(added.max(0) as usize)
+}
+
+/// The rows of `documents` an index entry is made of.
+type EntryRow = (String, Vec<String>, Vec<String>);
+
+fn entry_rows(rows: Vec<postgres::Row>) -> Result<Vec<DocEntry>, StoreError> {
+    rows.into_iter()
+        .map(|r| {
+            let (id, heads, parties): EntryRow =
+                (r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?, r.try_get(2).map_err(pg)?);
+            entry_from(id, heads, parties)
+        })
+        .collect()
+}
+
+impl PostgresStorage {
+    /// Index entries from the database: of `docs`, or of every document.
+    fn read_entries(&self, docs: Option<Vec<DocId>>) -> Result<Vec<DocEntry>, StoreError> {
+        let rows = self.workers.call(move |client| {
+            match docs {
+                None => client.query_typed("SELECT doc_id, heads, parties FROM documents ORDER BY doc_id", &[]),
+                Some(docs) => {
+                    let ids: Vec<String> = docs.iter().map(|d| d.as_str().to_string()).collect();
+                    client.query_typed(
+                        "SELECT doc_id, heads, parties FROM documents WHERE doc_id = ANY($1) ORDER BY doc_id",
+                        &[(&ids, Type::TEXT_ARRAY)],
+                    )
+                }
+            }
+            .map_err(pg)
+        })?;
+        entry_rows(rows)
     }
-    Ok(added as usize)
+
+    /// A document as stored now, from `cached` (its copy, if any) and the rows
+    /// it lacks, read in one statement without the document's lock (what was
+    /// committed when it began, which is at least what `stamp` saw). `None`
+    /// if not stored: known from the index in memory unless about to be
+    /// created (then the database is asked: another instance may have created
+    /// it a moment ago, not yet notified).
+    fn refresh(
+        &self,
+        doc: &DocId,
+        cached: Option<Cached>,
+        stamp: Option<Stamp>,
+        create: bool,
+    ) -> Result<Option<Cached>, StoreError> {
+        if cached.is_none() && !create && self.caches.entry(doc) == Known::Missing {
+            return Ok(None);
+        }
+        let at = cached.as_ref().map(|c| (c.version.generation, c.version.last_seq));
+        let id = doc.as_str().to_string();
+        let Some(stored) = self.workers.call(move |client| read_doc(client, &id, at))? else { return Ok(None) };
+        let (doc, version) = assemble(doc, stored, cached.map(|c| c.doc))?;
+        Ok(Some(Cached { doc, version, stamp }))
+    }
+
+    /// Stores what `f` added to `document` (at `version` when read; `None`:
+    /// new here): under the document's lock in PostgreSQL, checks what is
+    /// stored now and, if another instance wrote meanwhile, applies its rows
+    /// first (Automerge merges; nothing of either is lost), then writes the
+    /// new changes in one transaction, durable when this returns.
+    fn write(
+        &self,
+        doc: &DocId,
+        mut document: Document,
+        version: Option<Version>,
+        before: &[ChangeHash],
+        signatures: Vec<SignedChange>,
+        receipts: Vec<ApprovalReceipt>,
+    ) -> Result<Cached, StoreError> {
+        // Whatever came in must still be a document we can read, within the limits.
+        document.check_header()?;
+        let ours = self.limits.check_new_changes(doc, document.automerge_mut(), before, 0)?;
+        let increment = document.automerge_mut().save_after(before);
+        // Taken before the lock: a change another instance notifies from now on is not hidden by this one.
+        let stamp = self.caches.fresh.stamp();
+        let id = doc.as_str().to_string();
+        let (read_id, key) = (id.clone(), lock_key("doc", &id));
+        let at = version.map(|v| (v.generation, v.last_seq));
+        let mut open = self.workers.open(
+            move |tx| {
+                tx.query_typed("SELECT pg_advisory_xact_lock($1)", &[(&key, Type::INT8)]).map_err(pg)?;
+                read_doc(tx, &read_id, at)
+            },
+            |tx, (write, stored): (DocWrite, Version)| write_doc(tx, write, stored),
+        )?;
+        let (mut document, stored, created) = match open.take().ok_or_else(worker_gone)? {
+            None if version.is_some() => return Err(backend(format!("document {doc} is no longer stored"))),
+            None => (document, Version { generation: 0, last_seq: 0, rows: 0, size: 0 }, true),
+            Some(rows) if rows.snapshot.is_some() => {
+                // Compacted (or created) elsewhere since this copy was read: the stored one, plus ours.
+                let (mut current, stored) = assemble(doc, rows, None)?;
+                current.automerge_mut().load_incremental(&increment).map_err(|e| StoreError::CorruptDocument {
+                    id: doc.clone(),
+                    reason: format!("this instance's own new changes: {e}"),
+                })?;
+                (current, stored, false)
+            }
+            Some(rows) => {
+                let (current, stored) = assemble(doc, rows, Some(document))?;
+                (current, stored, false)
+            }
+        };
+        let size = stored.size.max(0) as u64 + ours;
+        if size > self.limits.max_document_bytes {
+            let max = self.limits.max_document_bytes;
+            return Err(LimitError::DocumentTooLarge { doc: doc.clone(), size, max }.into());
+        }
+        let compact = !created && stored.rows + 1 >= COMPACT_AFTER_ROWS;
+        let heads = document.heads();
+        let parties = document.parties()?;
+        let write = DocWrite {
+            id,
+            instance: self.instance.clone(),
+            created,
+            snapshot: (created || compact).then(|| document.automerge_mut().save()),
+            increment: (!created && !compact).then_some(increment),
+            kind: document.kind()?.as_str().to_string(),
+            title: document.title()?,
+            heads: heads.iter().map(ToString::to_string).collect(),
+            parties: parties.iter().map(|p| p.as_str().to_string()).collect(),
+            size: size as i64,
+            signatures: signatures.clone(),
+            receipts,
+        };
+        let version = open.commit((write, stored))?;
+        let stamp = self.caches.fresh.changed_here(doc, stamp);
+        self.caches.put_entry(DocEntry { id: doc.clone(), heads, parties }, stamp);
+        self.caches.put_signatures(signatures);
+        Ok(Cached { doc: document, version, stamp })
+    }
 }
 
 impl RelayStorage for PostgresStorage {
+    /// From memory while the listener keeps it current; the documents changed
+    /// since they were read are read again (all of them without a listener).
     fn index(&self) -> Result<Vec<DocEntry>, StoreError> {
-        let rows = self.workers.call(|client| {
-            client
-                .query("SELECT doc_id, heads, parties FROM documents ORDER BY updated_at DESC, doc_id", &[])
-                .map_err(pg)
-                .map(|rows| rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect::<Vec<_>>())
-        })?;
-        rows.into_iter().map(|(id, heads, parties)| entry_from(id, heads, parties)).collect()
+        let stale = match self.caches.index() {
+            Ok(entries) => return Ok(entries),
+            Err(stale) => stale,
+        };
+        let stamp = self.caches.fresh.stamp();
+        if let Some(docs) = stale {
+            for entry in self.read_entries(Some(docs))? {
+                self.caches.put_entry(entry, stamp);
+            }
+            if let Ok(entries) = self.caches.index() {
+                return Ok(entries);
+            }
+        }
+        // Everything, read again (and kept if the listener listens).
+        let stamp = self.caches.fresh.stamp();
+        let entries = self.read_entries(None)?;
+        self.caches.put_index(&entries, stamp);
+        Ok(entries)
     }
 
     fn set_content_limits(&mut self, limits: ContentLimits) {
@@ -764,147 +1016,156 @@ impl RelayStorage for PostgresStorage {
     }
 
     fn entry(&self, doc: &DocId) -> Result<Option<DocEntry>, StoreError> {
-        let id = doc.as_str().to_string();
-        let row = self.workers.call(move |client| {
-            client
-                .query_opt("SELECT doc_id, heads, parties FROM documents WHERE doc_id = $1", &[&id])
-                .map_err(pg)
-                .map(|row| row.map(|r| (r.get(0), r.get(1), r.get(2))))
-        })?;
-        row.map(|(id, heads, parties)| entry_from(id, heads, parties)).transpose()
+        match self.caches.entry(doc) {
+            Known::Stored(entry) => return Ok(Some(entry)),
+            Known::Missing => return Ok(None),
+            Known::Unknown => {}
+        }
+        let stamp = self.caches.fresh.stamp();
+        let entry = self.read_entries(Some(vec![doc.clone()]))?.into_iter().next();
+        if let Some(entry) = &entry {
+            self.caches.put_entry(entry.clone(), stamp);
+        }
+        Ok(entry)
     }
 
+    /// Runs `f` holding the document's slot (its lock in this instance) on
+    /// the loaded copy, brought up to date from the database only if it may be
+    /// stale (see [`cache`]); if `f` leaves the heads as they were, nothing is
+    /// written and no database lock is taken.
     fn with_doc<R, E: From<StoreError>>(
         &self,
         doc: &DocId,
         create: bool,
         f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>, Vec<ApprovalReceipt>), E>,
     ) -> Result<Option<R>, E> {
-        let id = doc.as_str().to_string();
-        let cached = self.cache().entries.remove(doc);
-        let at = cached.as_ref().map(|c| (c.generation, c.last_seq));
-        let read_id = id.clone();
-        let mut open = self.workers.open(move |tx| read_doc(tx, &read_id, at), write_doc)?;
-        let rows = open.take().ok_or_else(worker_gone)?;
-        let corrupt = |reason: String| StoreError::CorruptDocument { id: doc.clone(), reason };
-        // The document as stored now: the cached copy if its snapshot is current, else the snapshot; then the increments.
-        let (mut document, generation, mut last_seq, size_before, rows_before, created) = match rows.stored {
-            None if !create => return Ok(None),
-            None => {
-                (Document::from_automerge(doc.clone(), AutoCommit::new()).map_err(StoreError::from)?, 0, 0, 0, 0, true)
+        let slot = self.slots.slot(doc);
+        let mut held = slot.lock();
+        // Taken before anything is read: what is read next is current at least as of it.
+        let stamp = self.caches.fresh.stamp();
+        let current = match self.slots.take(&mut held) {
+            Some(cached) if self.caches.fresh.is_current(doc, cached.stamp) => Some(cached),
+            cached => self.refresh(doc, cached, stamp, create)?,
+        };
+        let (mut document, version, read_at) = match current {
+            Some(c) => (c.doc, Some(c.version), c.stamp),
+            None if create => {
+                (Document::from_automerge(doc.clone(), AutoCommit::new()).map_err(StoreError::from)?, None, stamp)
             }
-            Some(stored) => {
-                let (mut automerge, after) = match (stored.snapshot, cached) {
-                    (Some((bytes, sum)), _) => {
-                        if sum != sha256(&bytes) {
-                            return Err(corrupt("the snapshot does not match its checksum".into()).into());
-                        }
-                        (AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?, 0)
-                    }
-                    (None, Some(c)) => (c.doc.into_automerge(), c.last_seq),
-                    (None, None) => return Err(corrupt("neither a snapshot nor a cached copy".into()).into()),
-                };
-                let mut last = after;
-                for (seq, data, sum) in stored.changes {
-                    if sum != sha256(&data) {
-                        return Err(corrupt(format!("change row {seq} does not match its checksum")).into());
-                    }
-                    automerge.load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
-                    last = seq;
-                }
-                let document = Document::from_automerge(doc.clone(), automerge).map_err(|e| corrupt(e.to_string()))?;
-                (document, stored.generation, last, stored.change_bytes, stored.rows, false)
+            None => {
+                drop(held);
+                self.slots.forget_if_idle(doc, slot);
+                return Ok(None);
             }
         };
         let before = document.heads();
-        // On error the transaction is rolled back (dropped) and the in-memory copy discarded.
+        // On error the copy (which `f` may have half changed) is dropped: read again next time.
         let (value, signatures, receipts) = f(&mut document)?;
-        let heads = document.heads();
-        if heads == before || document.is_empty() {
-            drop(open);
-            if !created {
-                self.put(document, generation, last_seq);
+        if document.heads() == before || document.is_empty() {
+            match version {
+                Some(version) => self.slots.put(&mut held, Cached { doc: document, version, stamp: read_at }),
+                None => {
+                    drop(held);
+                    self.slots.forget_if_idle(doc, slot);
+                    return Ok(Some(value));
+                }
             }
-            return Ok(Some(value));
+        } else {
+            let written = self.write(doc, document, version, &before, signatures, receipts)?;
+            self.slots.put(&mut held, written);
         }
-        // Whatever came in must still be a document we can read, within the limits.
-        document.check_header().map_err(StoreError::from)?;
-        let size = self
-            .limits
-            .check_new_changes(doc, document.automerge_mut(), &before, size_before.max(0) as u64)
-            .map_err(StoreError::from)?;
-        let compact = !created && rows_before + 1 >= COMPACT_AFTER_ROWS;
-        let write = DocWrite {
-            id,
-            instance: self.instance.clone(),
-            created,
-            snapshot: (created || compact).then(|| document.automerge_mut().save()),
-            increment: (!created && !compact).then(|| document.automerge_mut().save_after(&before)),
-            kind: document.kind().map_err(StoreError::from)?.as_str().to_string(),
-            title: document.title().map_err(StoreError::from)?,
-            heads: heads.iter().map(ToString::to_string).collect(),
-            parties: document.parties().map_err(StoreError::from)?.iter().map(|p| p.as_str().to_string()).collect(),
-            size: size as i64,
-            signatures: signatures.iter().map(|(hash, sig)| (hash.0.to_vec(), sig.to_vec())).collect(),
-            receipts,
-        };
-        let (generation, seq) = open.commit(write)?;
-        if seq != 0 || compact || created {
-            last_seq = seq;
-        }
-        self.put(document, generation, last_seq);
+        drop(held);
+        self.slots.unload_beyond_capacity();
         Ok(Some(value))
     }
 
+    /// From memory where held (a stored signature never changes), the rest
+    /// from the database.
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError> {
         if hashes.is_empty() {
             return Ok(Vec::new());
         }
-        let keys: Vec<Vec<u8>> = hashes.iter().map(|h| h.0.to_vec()).collect();
-        let rows: Vec<(Vec<u8>, Vec<u8>)> = self.workers.call(move |client| {
-            client
-                .query("SELECT hash, signature FROM change_signatures WHERE hash = ANY($1)", &[&keys])
-                .map_err(pg)
-                .map(|rows| rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
-        })?;
-        let found: HashMap<Vec<u8>, Vec<u8>> = rows.into_iter().collect();
+        let (mut found, missing) = self.caches.signatures(hashes);
+        if !missing.is_empty() {
+            let keys: Vec<Vec<u8>> = missing.iter().map(|h| h.0.to_vec()).collect();
+            let rows = self.workers.call(move |client| {
+                client
+                    .query_typed(
+                        "SELECT hash, signature FROM change_signatures WHERE hash = ANY($1)",
+                        &[(&keys, Type::BYTEA_ARRAY)],
+                    )
+                    .map_err(pg)
+            })?;
+            let mut read = Vec::with_capacity(rows.len());
+            for row in rows {
+                let (hash, signature): (Vec<u8>, Vec<u8>) = (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?);
+                // A row that is not a hash and a signature is skipped, as if not held.
+                if let (Ok(hash), Ok(signature)) =
+                    (ChangeHash::try_from(hash.as_slice()), <[u8; 64]>::try_from(signature.as_slice()))
+                {
+                    read.push((hash, signature));
+                }
+            }
+            found.extend(read.iter().copied());
+            self.caches.put_signatures(read);
+        }
         // In the order asked, as the SQLite store answers.
-        Ok(hashes
-            .iter()
-            .filter_map(|hash| {
-                let signature = found.get(hash.0.as_slice())?;
-                Some((*hash, <[u8; 64]>::try_from(signature.as_slice()).ok()?))
-            })
-            .collect())
+        Ok(hashes.iter().filter_map(|hash| Some((*hash, *found.get(hash)?))).collect())
     }
 
+    /// From memory while current (see [`cache`]), else read and kept.
     fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {
+        if let Some(found) = self.caches.receipts(doc) {
+            return Ok(found.as_ref().clone());
+        }
+        let stamp = self.caches.fresh.stamp();
         let id = doc.as_str().to_string();
-        let rows: Vec<(String, String, String)> = self.workers.call(move |client| {
+        let rows = self.workers.call(move |client| {
             client
-                .query(
+                .query_typed(
                     "SELECT record, received_at, relay_signature FROM approval_receipts WHERE doc_id = $1 ORDER BY record",
-                    &[&id],
+                    &[(&id, Type::TEXT)],
                 )
                 .map_err(pg)
-                .map(|rows| rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
         })?;
-        rows.into_iter()
-            .map(|(record_signature, at, relay_signature)| {
-                let received_at = chrono::DateTime::parse_from_rfc3339(&at)
-                    .map_err(|e| StoreError::CorruptDocument {
-                        id: doc.clone(),
-                        reason: format!("receipt: bad timestamp {at:?}: {e}"),
-                    })?
-                    .with_timezone(&Utc);
-                Ok(ApprovalReceipt { doc: doc.clone(), record_signature, received_at, relay_signature })
-            })
-            .collect()
+        let mut receipts = Vec::with_capacity(rows.len());
+        for row in rows {
+            let (record_signature, at, relay_signature): (String, String, String) =
+                (row.try_get(0).map_err(pg)?, row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?);
+            let received_at = chrono::DateTime::parse_from_rfc3339(&at)
+                .map_err(|e| StoreError::CorruptDocument {
+                    id: doc.clone(),
+                    reason: format!("receipt: bad timestamp {at:?}: {e}"),
+                })?
+                .with_timezone(&Utc);
+            receipts.push(ApprovalReceipt { doc: doc.clone(), record_signature, received_at, relay_signature });
+        }
+        // Kept only for stored documents: ids a peer names leave nothing behind.
+        if matches!(self.caches.entry(doc), Known::Stored(_)) {
+            self.caches.put_receipts(doc, Arc::new(receipts.clone()), stamp);
+        }
+        Ok(receipts)
     }
 
+    /// Stored in one transaction that notifies the other instances, so that
+    /// their cached receipts of these documents are read again.
     fn add_receipts(&self, receipts: &[ApprovalReceipt]) -> Result<usize, StoreError> {
-        let receipts = receipts.to_vec();
-        self.workers.call_in_transaction(move |tx| insert_receipts(tx, &receipts))
+        if receipts.is_empty() {
+            return Ok(0);
+        }
+        let mut docs: Vec<DocId> = receipts.iter().map(|r| r.doc.clone()).collect();
+        docs.sort();
+        docs.dedup();
+        let (receipts, instance, ids) = (receipts.to_vec(), self.instance.clone(), docs.clone());
+        let added = self.workers.call_in_transaction(move |tx| {
+            let added = insert_receipts(tx, &receipts)?;
+            notify_docs(tx, &instance, ids.iter().map(DocId::as_str))?;
+            Ok(added)
+        })?;
+        for doc in &docs {
+            self.caches.fresh.changed_here(doc, None);
+        }
+        Ok(added)
     }
 
     fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
@@ -1007,7 +1268,7 @@ impl RelayStorage for PostgresStorage {
     }
 
     fn evict(&self, doc: &DocId) {
-        self.cache().entries.remove(doc);
+        self.slots.unload(doc);
     }
 
     /// A counter every metadata commit of any instance (or the operator's CLI)
@@ -1022,7 +1283,7 @@ impl RelayStorage for PostgresStorage {
     }
 
     fn loaded(&self) -> usize {
-        self.cache().entries.len()
+        self.slots.loaded()
     }
 
     fn watch_remote(&self, on_event: Arc<dyn Fn(RemoteEvent) + Send + Sync>) -> Result<bool, StoreError> {
@@ -1033,7 +1294,13 @@ impl RelayStorage for PostgresStorage {
         let config: postgres::Config =
             self.url.parse().map_err(|e| backend(format!("not a PostgreSQL address: {e}")))?;
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let listener = Listener { config, instance: self.instance.clone(), stop: self.stop.clone(), on_event };
+        let listener = Listener {
+            config,
+            instance: self.instance.clone(),
+            stop: self.stop.clone(),
+            caches: self.caches.clone(),
+            on_event,
+        };
         let thread = std::thread::Builder::new()
             .name("samverkan-postgres-listen".into())
             .spawn(move || listener.run(ready_tx))
@@ -1041,6 +1308,9 @@ impl RelayStorage for PostgresStorage {
         *running = Some(thread);
         // Listening before the relay serves: nothing committed after this is missed.
         ready_rx.recv_timeout(Duration::from_secs(15)).map_err(|_| backend("the listener did not connect"))??;
+        drop(running);
+        // The index in memory from now on (kept current by the listener).
+        self.index()?;
         Ok(true)
     }
 
@@ -1107,6 +1377,8 @@ struct Listener {
     config: postgres::Config,
     instance: String,
     stop: Arc<AtomicBool>,
+    /// Told of every other instance's document change before `on_event` is.
+    caches: Arc<Caches>,
     on_event: Arc<dyn Fn(RemoteEvent) + Send + Sync>,
 }
 
@@ -1118,6 +1390,8 @@ impl Listener {
             match self.connect() {
                 Ok(client) => {
                     delay = Duration::from_millis(100);
+                    // Every commit of another instance from now on is heard: caches may be trusted again.
+                    self.caches.fresh.listening();
                     match ready.take() {
                         Some(ready) => {
                             let _ = ready.send(Ok(()));
@@ -1125,7 +1399,10 @@ impl Listener {
                         // Reconnected: what was notified meanwhile is lost.
                         None => (self.on_event)(RemoteEvent::Missed),
                     }
-                    if let Err(e) = self.listen(client) {
+                    let listened = self.listen(client);
+                    // Not hearing the others' commits: nothing cached is trusted until listening again.
+                    self.caches.fresh.deaf();
+                    if let Err(e) = listened {
                         warn!(error = %e, "lost the PostgreSQL notification connection; reconnecting");
                     }
                 }
@@ -1181,6 +1458,8 @@ impl Listener {
             match note.channel() {
                 CHANNEL_DOCS if from != self.instance => {
                     if let Some(doc) = parts.next().and_then(|d| d.parse::<DocId>().ok()) {
+                        // Before anyone is told: a step woken by this reads the new version.
+                        self.caches.fresh.changed_remotely(&doc);
                         (self.on_event)(RemoteEvent::DocChanged(doc));
                     }
                 }

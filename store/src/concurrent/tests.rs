@@ -117,7 +117,7 @@ fn reading_a_loaded_document_writes_nothing_and_unknown_ids_leave_nothing_behind
         let found = store.with_doc(&DocId::random(), false, |_| Ok::<_, StoreError>(((), (Vec::new(), Vec::new()))));
         assert!(found.unwrap().is_none());
     }
-    assert_eq!(lock(&store.inner.slots.map).len(), 1, "only the stored document has a slot");
+    assert_eq!(store.inner.slots.count(), 1, "only the stored document has a slot");
 }
 
 #[test]

@@ -1,0 +1,308 @@
+//! What one PostgreSQL relay instance keeps in memory between calls, and when
+//! it may trust it.
+//!
+//! Every cached value carries the [`Stamp`] taken before it was read (or, for
+//! this instance's own write, before the write's lock was taken). A value is
+//! trusted only while the instance's listener is connected (`LISTEN` on
+//! `samverkan_docs`), in the same listener connection it was read under, and
+//! while no change of that document was notified (by another instance) or
+//! made (by this one) after its stamp. Anything else is read again from the
+//! database. So a read-only step never serves a copy older than the last
+//! notification the listener has handed on (and a document another instance
+//! created is known here once its notification is in, as a change is: until
+//! then it is taken as not stored, except by a step that would create it);
+//! without a listener (the operator's
+//! CLI, tests with two storages) nothing is trusted and every read goes to the
+//! database, as before the caches existed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use automerge::ChangeHash;
+use samverkan_shared::ids::DocId;
+use samverkan_shared::receipt::ApprovalReceipt;
+use samverkan_shared::sync::SignedChange;
+
+use crate::storage::DocEntry;
+
+/// Signatures kept in memory at most (about 100 bytes each); past it the
+/// cache starts over. A signature never changes once stored, so this bounds
+/// memory, never correctness.
+pub(super) const MAX_CACHED_SIGNATURES: usize = 100_000;
+
+/// When a cached value was read (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Stamp {
+    /// The listener connection it was read under.
+    epoch: u64,
+    /// Notifications of other instances' changes counted before it was read.
+    remote: u64,
+    /// This instance's own changes counted before it was read (or the one it is).
+    local: u64,
+}
+
+/// Counts the changes each document had since the listener connected.
+#[derive(Debug, Default)]
+pub(super) struct Freshness {
+    state: Mutex<FreshState>,
+}
+
+#[derive(Debug, Default)]
+struct FreshState {
+    /// The listener is connected and has `LISTEN`ed: every later commit of another instance will be told.
+    listening: bool,
+    /// Bumped whenever the listener connects or loses its connection.
+    epoch: u64,
+    tick: u64,
+    /// The tick of each document's last change notified by another instance, this epoch.
+    remote: HashMap<DocId, u64>,
+    /// The tick of each document's last change made by this instance, this epoch.
+    local: HashMap<DocId, u64>,
+}
+
+impl FreshState {
+    fn current(&self, doc: &DocId, stamp: Stamp) -> bool {
+        self.listening
+            && stamp.epoch == self.epoch
+            && self.remote.get(doc).is_none_or(|&t| t <= stamp.remote)
+            && self.local.get(doc).is_none_or(|&t| t <= stamp.local)
+    }
+}
+
+impl Freshness {
+    fn lock(&self) -> MutexGuard<'_, FreshState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A stamp for a value about to be read; `None` while not listening (nothing is cached then).
+    pub(super) fn stamp(&self) -> Option<Stamp> {
+        let state = self.lock();
+        state.listening.then_some(Stamp { epoch: state.epoch, remote: state.tick, local: state.tick })
+    }
+
+    /// Whether a value of `doc` read at `stamp` is still what is stored.
+    pub(super) fn is_current(&self, doc: &DocId, stamp: Option<Stamp>) -> bool {
+        stamp.is_some_and(|stamp| self.lock().current(doc, stamp))
+    }
+
+    /// The listener heard that another instance committed a change of `doc`.
+    pub(super) fn changed_remotely(&self, doc: &DocId) {
+        let mut state = self.lock();
+        state.tick += 1;
+        let tick = state.tick;
+        state.remote.insert(doc.clone(), tick);
+    }
+
+    /// This instance committed a change of `doc`, holding its lock from just after
+    /// `before` was taken: values read earlier are no longer trusted, and the
+    /// stamp returned is the one of what this instance wrote.
+    pub(super) fn changed_here(&self, doc: &DocId, before: Option<Stamp>) -> Option<Stamp> {
+        let mut state = self.lock();
+        state.tick += 1;
+        let tick = state.tick;
+        state.local.insert(doc.clone(), tick);
+        let before = before.filter(|b| state.listening && b.epoch == state.epoch)?;
+        Some(Stamp { local: tick, ..before })
+    }
+
+    /// The listener connected (or reconnected) and listens: nothing read before is trusted.
+    pub(super) fn listening(&self) {
+        self.restart(true);
+    }
+
+    /// The listener lost its connection: nothing is trusted until it is back.
+    pub(super) fn deaf(&self) {
+        self.restart(false);
+    }
+
+    fn restart(&self, listening: bool) {
+        let mut state = self.lock();
+        state.listening = listening;
+        state.epoch += 1;
+        state.remote.clear();
+        state.local.clear();
+    }
+}
+
+/// A document's receipts as cached.
+type Receipts = Arc<Vec<ApprovalReceipt>>;
+
+/// The index (heads and parties of every stored document), receipts and
+/// signatures an instance serves from memory.
+#[derive(Debug, Default)]
+pub(super) struct Caches {
+    /// When cached values may be trusted.
+    pub(super) fresh: Freshness,
+    index: Mutex<IndexCache>,
+    receipts: Mutex<HashMap<DocId, (Receipts, Stamp)>>,
+    signatures: Mutex<HashMap<ChangeHash, [u8; 64]>>,
+}
+
+#[derive(Debug, Default)]
+struct IndexCache {
+    entries: HashMap<DocId, (DocEntry, Stamp)>,
+    /// When every stored document was read: a document not in `entries` is not stored, unless changed since.
+    complete: Option<Stamp>,
+}
+
+/// What the index cache knows of one document.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Known {
+    /// Stored, with this entry.
+    Stored(DocEntry),
+    /// Not stored.
+    Missing,
+    /// Not known: read it from the database.
+    Unknown,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Caches {
+    /// One document's index entry, if known to be current.
+    pub(super) fn entry(&self, doc: &DocId) -> Known {
+        let index = lock(&self.index);
+        match index.entries.get(doc) {
+            Some((entry, stamp)) if self.fresh.is_current(doc, Some(*stamp)) => Known::Stored(entry.clone()),
+            Some(_) => Known::Unknown,
+            None if self.fresh.is_current(doc, index.complete) => Known::Missing,
+            None => Known::Unknown,
+        }
+    }
+
+    /// Keeps an entry read (or written) at `stamp`, unless a newer one is kept.
+    pub(super) fn put_entry(&self, entry: DocEntry, stamp: Option<Stamp>) {
+        let Some(stamp) = stamp else { return };
+        let mut index = lock(&self.index);
+        let newer = index.entries.get(&entry.id).is_some_and(|(_, kept)| newer_than(kept, &stamp));
+        if !newer {
+            index.entries.insert(entry.id.clone(), (entry, stamp));
+        }
+    }
+
+    /// The whole index, if every entry is current; else the ids to read again
+    /// (`None`: all of them).
+    pub(super) fn index(&self) -> Result<Vec<DocEntry>, Option<Vec<DocId>>> {
+        let index = lock(&self.index);
+        let Some(complete) = index.complete else { return Err(None) };
+        let state = self.fresh.lock();
+        if !state.listening || state.epoch != complete.epoch {
+            return Err(None);
+        }
+        // Documents changed since they (or the whole index) were read.
+        let mut stale: Vec<DocId> = state
+            .remote
+            .keys()
+            .chain(state.local.keys())
+            .filter(|doc| match index.entries.get(*doc) {
+                Some((_, stamp)) => !state.current(doc, *stamp),
+                None => !state.current(doc, complete),
+            })
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            stale.sort();
+            stale.dedup();
+            return Err(Some(stale));
+        }
+        let mut entries: Vec<DocEntry> = index.entries.values().map(|(entry, _)| entry.clone()).collect();
+        entries.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(entries)
+    }
+
+    /// Keeps the whole index, read at `stamp`.
+    pub(super) fn put_index(&self, entries: &[DocEntry], stamp: Option<Stamp>) {
+        let Some(stamp) = stamp else { return };
+        let mut index = lock(&self.index);
+        index.entries.retain(|_, (_, kept)| newer_than(kept, &stamp));
+        for entry in entries {
+            if !index.entries.contains_key(&entry.id) {
+                index.entries.insert(entry.id.clone(), (entry.clone(), stamp));
+            }
+        }
+        index.complete = Some(stamp);
+    }
+
+    /// A document's receipts, if the cached ones are current.
+    pub(super) fn receipts(&self, doc: &DocId) -> Option<Arc<Vec<ApprovalReceipt>>> {
+        let receipts = lock(&self.receipts);
+        let (found, stamp) = receipts.get(doc)?;
+        self.fresh.is_current(doc, Some(*stamp)).then(|| found.clone())
+    }
+
+    /// Keeps a document's receipts, read at `stamp`.
+    pub(super) fn put_receipts(&self, doc: &DocId, found: Arc<Vec<ApprovalReceipt>>, stamp: Option<Stamp>) {
+        if let Some(stamp) = stamp {
+            lock(&self.receipts).insert(doc.clone(), (found, stamp));
+        }
+    }
+
+    /// The signatures of `hashes` held in memory, and the hashes not held.
+    pub(super) fn signatures(&self, hashes: &[ChangeHash]) -> (HashMap<ChangeHash, [u8; 64]>, Vec<ChangeHash>) {
+        let cached = lock(&self.signatures);
+        let mut found = HashMap::new();
+        let mut missing = Vec::new();
+        for hash in hashes {
+            match cached.get(hash) {
+                Some(signature) => {
+                    found.insert(*hash, *signature);
+                }
+                None => missing.push(*hash),
+            }
+        }
+        (found, missing)
+    }
+
+    /// Keeps stored signatures (a stored signature never changes, so always current).
+    pub(super) fn put_signatures(&self, signatures: impl IntoIterator<Item = SignedChange>) {
+        let mut cached = lock(&self.signatures);
+        for (hash, signature) in signatures {
+            if cached.len() >= MAX_CACHED_SIGNATURES {
+                cached.clear();
+            }
+            cached.insert(hash, signature);
+        }
+    }
+}
+
+/// Whether a value read at `kept` is newer than one read at `other`.
+fn newer_than(kept: &Stamp, other: &Stamp) -> bool {
+    kept.epoch > other.epoch
+        || (kept.epoch == other.epoch && kept.remote.max(kept.local) > other.remote.max(other.local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_value_is_trusted_only_while_listening_and_until_its_document_changes() {
+        let fresh = Freshness::default();
+        let (a, b): (DocId, DocId) = (DocId::random(), DocId::random());
+        assert_eq!(fresh.stamp(), None, "nothing is trusted before the listener listens");
+        fresh.listening();
+        let read = fresh.stamp();
+        assert!(fresh.is_current(&a, read) && fresh.is_current(&b, read));
+        fresh.changed_remotely(&a);
+        assert!(!fresh.is_current(&a, read), "another instance's change makes the copy stale");
+        assert!(fresh.is_current(&b, read), "other documents stay current");
+        let again = fresh.stamp();
+        assert!(fresh.is_current(&a, again));
+        // A value read before this instance's own write is stale; the write's own is current.
+        let before = fresh.stamp();
+        let written = fresh.changed_here(&b, before);
+        assert!(!fresh.is_current(&b, read));
+        assert!(fresh.is_current(&b, written));
+        // A remote change notified while the write waited for its lock is not hidden by it.
+        let before = fresh.stamp();
+        fresh.changed_remotely(&b);
+        let written = fresh.changed_here(&b, before);
+        assert!(!fresh.is_current(&b, written));
+        fresh.deaf();
+        assert!(!fresh.is_current(&a, again), "nothing is trusted while the listener is gone");
+        fresh.listening();
+        assert!(!fresh.is_current(&a, again), "nor what was read before it reconnected");
+    }
+}
