@@ -289,18 +289,12 @@ impl ConcurrentStore {
     /// the change would not be stored, so that copy is dropped (and the
     /// document loaded again from the database at its next use).
     pub fn try_with_loaded<R>(&self, id: &DocId, f: impl FnOnce(&mut Document) -> R) -> Option<R> {
-        let inner = &*self.inner;
-        let slot = lock(&inner.slots.map).get(id).cloned()?;
-        let mut held = slot.held.try_lock().ok()?;
-        let loaded = held.as_mut()?;
-        inner.slots.touch(&slot);
-        let before = loaded.doc.heads();
-        let value = f(&mut loaded.doc);
-        if loaded.doc.heads() != before {
-            held.take();
-            inner.slots.loaded.fetch_sub(1, Ordering::Relaxed);
-        }
-        Some(value)
+        self.inner.slots.try_with_loaded(id, |loaded| {
+            let before = loaded.doc.heads();
+            let value = f(&mut loaded.doc);
+            let unchanged = loaded.doc.heads() == before;
+            (value, unchanged)
+        })
     }
 
     /// Stores receipts (keeping the first of each record); returns how many were new.

@@ -54,6 +54,21 @@ impl<T> Slots<T> {
         slot
     }
 
+    /// Runs `f` on a document's loaded copy if it has one and nobody holds
+    /// its lock now, without waiting or loading: `None` otherwise. The copy is
+    /// unloaded when `f` says it must not be kept (`false` beside its value).
+    pub fn try_with_loaded<R>(&self, id: &DocId, f: impl FnOnce(&mut T) -> (R, bool)) -> Option<R> {
+        let slot = lock(&self.map).get(id).cloned()?;
+        let mut held = slot.held.try_lock().ok()?;
+        let loaded = held.as_mut()?;
+        slot.used.store(self.clock.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Relaxed);
+        let (value, keep) = f(loaded);
+        if !keep {
+            self.take(&mut held);
+        }
+        Some(value)
+    }
+
     /// Loads `value` into a slot whose lock the caller holds.
     pub fn put(&self, held: &mut Option<T>, value: T) {
         if held.replace(value).is_none() {
