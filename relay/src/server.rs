@@ -1314,12 +1314,13 @@ async fn run<S: RelayStorage>(
                 }
             },
         };
-        // A change to pass on usually needs nothing but memory (the document
-        // loaded, its receipts and the new changes' signatures): then no trip
-        // to a storage thread. What needs storage goes there as before.
+        // A change to pass on, and a node's acknowledgement, usually need
+        // nothing but memory (the document loaded and free, its receipts and
+        // the changes' signatures): then no trip to a storage thread. What
+        // needs storage goes there as before.
+        let mut memory = RelayDocs::new(shared, &auth.member.org);
         let input = match input {
             Input::Changed(changed) => {
-                let mut memory = RelayDocs::new(shared, &auth.member.org);
                 let rest: std::collections::BTreeSet<DocId> = changed
                     .into_iter()
                     .filter(|doc| current.sync.try_local_change(doc, &mut memory).is_none())
@@ -1329,6 +1330,7 @@ async fn run<S: RelayStorage>(
                 }
                 Input::Changed(rest)
             }
+            Input::Frame(frame) if current.sync.try_frame(&frame, &mut memory).is_some() => continue,
             frame => frame,
         };
         let Some(mut taken) = served.take() else { return Err(ConnectionEnd::ShuttingDown) };

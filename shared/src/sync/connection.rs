@@ -39,7 +39,9 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 
-use super::{doc_heads_frame, plan_keeping, summary_digest, summary_frame, PeerSession, Role, SyncError};
+use super::{
+    doc_heads_frame, plan_keeping, summary_digest, summary_frame, PeerSession, PreparedMessage, Role, SyncError,
+};
 use crate::acceptance::{self, AuthorPolicy};
 use crate::authorship::{self, AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
@@ -753,25 +755,61 @@ impl SyncConnection {
         let receipts = memory.try_receipts(doc)?;
         let session = &self.session;
         let prepared = memory.try_loaded_doc(doc, |d| session.prepare_generate(doc, d))??;
-        let signatures = match prepared.tips.as_slice() {
-            [] => Vec::new(),
-            tips => {
-                let found = memory.try_signatures(doc, tips)?;
-                if !tips.iter().all(|(tip, _)| found.iter().any(|(hash, _)| hash == tip)) {
-                    return None; // A forwarder's search for a later covering signature reads storage.
-                }
-                found
-            }
-        };
+        let signatures = self.memory_signatures(doc, &prepared, memory)?;
         // Everything was found: from here on, what `on_local_change` does.
         self.queue_receipts(doc, receipts);
+        self.take_in(doc, prepared, signatures);
+        Some(())
+    }
+
+    /// (Relay.) [`Self::on_frame`] for a peer's `Sync` frame that carries no
+    /// changes (an acknowledgement), done from memory alone as
+    /// [`Self::try_local_change`]: `Some(())` when it is done (such a frame
+    /// raises no event), `None` when it needs the full path — then nothing
+    /// changed here and the driver passes the frame to [`Self::on_frame`].
+    /// The reply and the state it leaves are those of [`Self::on_frame`].
+    pub fn try_frame<M: MemoryAccess>(&mut self, frame: &Frame, memory: &mut M) -> Option<()> {
+        let Frame::Sync { doc, message } = frame else { return None };
+        if self.role != Role::Relay || self.phase != Phase::Open || self.offered.by_doc.contains_key(doc) {
+            return None;
+        }
+        let receipts = memory.try_receipts(doc)?;
+        let session = &self.session;
+        let prepared = memory.try_loaded_doc(doc, |d| session.prepare_receive(doc, d, message))??;
+        let signatures = self.memory_signatures(doc, &prepared, memory)?;
+        // Everything was found: from here on, what `on_frame` does.
+        self.stats.frames_in += 1;
+        self.stats.sync_in += 1;
+        self.queue_receipts(doc, receipts);
+        self.take_in(doc, prepared, signatures);
+        Some(())
+    }
+
+    /// The signatures covering a prepared message's changes, if all are in memory.
+    fn memory_signatures<M: MemoryAccess>(
+        &self,
+        doc: &DocId,
+        prepared: &PreparedMessage,
+        memory: &mut M,
+    ) -> Option<Vec<SignedChange>> {
+        match prepared.tips.as_slice() {
+            [] => Some(Vec::new()),
+            tips => {
+                let found = memory.try_signatures(doc, tips)?;
+                // Otherwise a forwarder's search for a later covering signature reads storage.
+                tips.iter().all(|(tip, _)| found.iter().any(|(hash, _)| hash == tip)).then_some(found)
+            }
+        }
+    }
+
+    /// Takes a prepared message into the session and queues it after its signatures.
+    fn take_in(&mut self, doc: &DocId, prepared: PreparedMessage, signatures: Vec<SignedChange>) {
         if let Some(frame) = self.session.commit_generated(prepared) {
             if !signatures.is_empty() {
                 self.push(Frame::Authors { doc: doc.clone(), entries: signatures });
             }
             self.push(frame);
         }
-        Some(())
     }
 
     /// (Relay.) Queues the receipts of `doc` not yet sent on this connection.
@@ -979,8 +1017,25 @@ mod tests {
             let (full, from_memory) = (relay1.take_outbox(), relay2.take_outbox());
             assert!(full.iter().any(|f| matches!(f, Frame::Authors { .. })), "the change's signature goes along");
             assert_eq!(full, from_memory);
-            relay1.outbox.extend(full);
-            relay2.outbox.extend(from_memory);
+            // The nodes take the change in and acknowledge it: the full path
+            // on one connection, from memory on the other.
+            for f in full {
+                node1.on_frame(f, &mut nd1).unwrap();
+            }
+            for f in from_memory {
+                node2.on_frame(f, &mut nd2).unwrap();
+            }
+            let (acks1, acks2) = (node1.take_outbox(), node2.take_outbox());
+            assert_eq!(acks1.len(), acks2.len());
+            assert!(acks2.iter().any(|f| matches!(f, Frame::Sync { .. })), "the node acknowledges");
+            for (ack1, ack2) in acks1.into_iter().zip(acks2) {
+                assert_eq!(relay1.on_frame(ack1, &mut rd).unwrap(), Vec::new());
+                assert_eq!(relay2.try_frame(&ack2, &mut rd), Some(()), "an acknowledgement needs only memory");
+            }
+            assert_eq!(relay1.take_outbox(), relay2.take_outbox());
+            assert_eq!(relay1.take_changed_shared_heads(), relay2.take_changed_shared_heads());
+            assert_eq!(relay1.stats().frames_in, relay2.stats().frames_in);
+            assert_eq!(relay1.stats().sync_in, relay2.stats().sync_in);
             pump(&mut node1, &mut nd1, &mut relay1, &mut rd);
             pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
             let heads = rd.heads_of(&id);
@@ -1005,6 +1060,42 @@ mod tests {
         assert_eq!(relay.try_local_change(&id, &mut rd), None);
         assert!(relay.take_outbox().is_empty(), "nothing was queued");
         assert_eq!(node.try_local_change(&id, &mut nd), None, "only the relay passes changes on from memory");
+    }
+
+    /// A `Sync` frame with changes, for a document without a sync state, or not `Sync` at all, is left to the full path.
+    #[test]
+    fn only_an_acknowledgement_is_taken_from_memory() {
+        let id = DocId::random();
+        let (mut nd, mut rd) = (docs(), docs());
+        nd.insert(id.clone(), doc_with("on the node"));
+        let (mut node, mut relay) = (SyncConnection::node("n", "test"), SyncConnection::relay("test"));
+        let before = relay.stats().frames_in;
+        let hello = node.take_outbox().remove(0);
+        assert_eq!(relay.try_frame(&hello, &mut rd), None);
+        assert_eq!(relay.stats().frames_in, before, "nothing counted");
+        relay.on_frame(hello, &mut rd).unwrap();
+        relay.begin(&mut rd).unwrap();
+        let mut saw_changes = false;
+        for _ in 0..20 {
+            for f in node.take_outbox() {
+                if let Frame::Sync { message, .. } = &f {
+                    let carries = !automerge::sync::Message::decode(message).unwrap().changes.is_empty();
+                    if carries {
+                        saw_changes = true;
+                        assert_eq!(relay.try_frame(&f, &mut rd), None, "changes are stored on a storage thread");
+                    }
+                }
+                relay.on_frame(f, &mut rd).unwrap();
+            }
+            for f in relay.take_outbox() {
+                let events = node.on_frame(f, &mut nd).unwrap();
+                if events.iter().any(|e| matches!(e, ConnectionEvent::Established { .. })) {
+                    node.begin(&mut nd).unwrap();
+                }
+            }
+        }
+        assert!(saw_changes);
+        assert_eq!(rd.heads_of(&id), nd.heads_of(&id));
     }
 
     fn doc_with(text: &str) -> AutoCommit {

@@ -179,6 +179,9 @@ pub(crate) struct PreparedMessage {
     frame: Option<Frame>,
     /// The changes whose authors' signatures prove what the message carries.
     pub(crate) tips: Vec<(ChangeHash, automerge::ActorId)>,
+    /// Whether the state's sent changes count as accounted for once taken in
+    /// (as [`PeerSession::take_sent_tips`] would have been called).
+    account: bool,
 }
 
 /// The author tips ([`crate::authorship::author_tips`]) of the changes in
@@ -312,7 +315,49 @@ impl PeerSession {
         if self.disabled.contains(doc_id) {
             return None;
         }
+        let state = self.states.get(doc_id)?.clone();
+        self.generate_on(doc_id, doc, state, false)
+    }
+
+    /// [`Self::receive`] of a message that carries no changes (an
+    /// acknowledgement: it leaves the document as it is), followed by
+    /// [`Self::take_sent_tips`], on a copy of the sync state, as
+    /// [`Self::prepare_generate`]. `None` for anything else, which the full
+    /// path then handles: no sync state yet, the document disabled, a message
+    /// that does not decode, fails a check or carries changes, an Automerge
+    /// error.
+    pub(crate) fn prepare_receive(
+        &self,
+        doc_id: &DocId,
+        doc: &mut AutoCommit,
+        message: &[u8],
+    ) -> Option<PreparedMessage> {
+        if self.disabled.contains(doc_id) {
+            return None;
+        }
         let mut state = self.states.get(doc_id)?.clone();
+        let message = Message::decode(message).ok()?;
+        if !message.changes.is_empty() || check_message(&message, &self.limits).is_err() {
+            return None;
+        }
+        let heads = doc.get_heads();
+        let received = catch_unwind(AssertUnwindSafe(|| doc.sync().receive_sync_message(&mut state, message)));
+        if !matches!(received, Ok(Ok(()))) || doc.get_heads() != heads || heads.is_empty() {
+            return None;
+        }
+        self.generate_on(doc_id, doc, state, true)
+    }
+
+    /// Generates the next message on `state` (a copy); `after_receive`: as
+    /// the reply to a received message, whose sent changes are accounted for
+    /// whether or not a reply is made.
+    fn generate_on(
+        &self,
+        doc_id: &DocId,
+        doc: &mut AutoCommit,
+        mut state: State,
+        after_receive: bool,
+    ) -> Option<PreparedMessage> {
         let generated = catch_unwind(AssertUnwindSafe(|| doc.sync().generate_sync_message(&mut state)));
         let frame = match generated.ok()? {
             Some(message) => {
@@ -324,19 +369,20 @@ impl PeerSession {
             }
             None => None,
         };
-        let tips = match frame {
-            Some(_) => unsigned_tips(&state, self.signatures_sent.get(doc_id), doc),
-            None => Vec::new(),
-        };
-        Some(PreparedMessage { doc: doc_id.clone(), state, frame, tips })
+        let account = after_receive || frame.is_some();
+        let tips = if account { unsigned_tips(&state, self.signatures_sent.get(doc_id), doc) } else { Vec::new() };
+        Some(PreparedMessage { doc: doc_id.clone(), state, frame, tips, account })
     }
 
     /// Takes a [`PreparedMessage`] into the session, as if [`Self::generate`]
     /// (and, when it made a message, [`Self::take_sent_tips`]) had run; returns the frame.
     pub(crate) fn commit_generated(&mut self, prepared: PreparedMessage) -> Option<Frame> {
-        let PreparedMessage { doc, state, frame, .. } = prepared;
-        if frame.is_some() {
+        let PreparedMessage { doc, state, frame, account, .. } = prepared;
+        if account {
             self.signatures_sent.insert(doc.clone(), state.sent_hashes.clone());
+        }
+        if self.states.get(&doc).map(|s| &s.shared_heads) != Some(&state.shared_heads) {
+            self.changed.insert(doc.clone());
         }
         self.states.insert(doc, state);
         frame
