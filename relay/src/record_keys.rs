@@ -63,7 +63,7 @@ impl RecordKeys {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::Utc;
     use samverkan_shared::approval::{Action, ApprovalRecord};
@@ -71,15 +71,23 @@ mod tests {
     use samverkan_shared::model::{DocKind, DocumentContent, EditContext};
     use samverkan_shared::org::{Directory, OrgId};
 
-    #[test]
-    fn a_version_is_parsed_once_and_a_new_version_again() {
+    /// A new agreement of the County Board by a new author, with the author's
+    /// edit context and the directory (for the relay's tests).
+    pub(crate) fn agreement() -> (Document, EditContext, Directory) {
         let org = OrgId::new("lansstyrelsen-sodermanland").unwrap();
         let author = NodeKey::generate();
         let ctx = EditContext { author: author.node_id(), org: org.clone(), node_name: "Lst".into(), time: Utc::now() };
         let orgs = Directory::sodermanland();
         let mut content = DocumentContent::new(DocKind::Agreement, "Överenskommelse");
-        content.parties = vec![org.clone()];
-        let mut doc = Document::create(DocId::random(), content, &ctx, &orgs).unwrap();
+        content.parties = vec![org];
+        let doc = Document::create(DocId::random(), content, &ctx, &orgs).unwrap();
+        (doc, ctx, orgs)
+    }
+
+    #[test]
+    fn a_version_is_parsed_once_and_a_new_version_again() {
+        let (mut doc, ctx, orgs) = agreement();
+        let org = ctx.org.clone();
         let id = doc.id().clone();
         let memo = RecordKeys::default();
 

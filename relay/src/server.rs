@@ -1437,22 +1437,15 @@ async fn wait(mailbox: Option<&Mailbox>) {
 mod tests {
     use super::*;
     use samverkan_shared::approval::{Action, ApprovalRecord};
-    use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext};
-    use samverkan_shared::org::Directory;
 
     #[test]
     fn records_stored_before_receipts_existed_get_one_dated_when_first_noticed_once() {
         let dir = tempfile::tempdir().unwrap();
         let storage = SqliteStorage::open(&dir.path().join(DB_FILE), 8).unwrap();
         let relay = NodeKey::generate();
-        let author = NodeKey::generate();
         let signer = NodeKey::generate();
-        let org = OrgId::new("lansstyrelsen-sodermanland").unwrap();
-        let ctx = EditContext { author: author.node_id(), org: org.clone(), node_name: "Lst".into(), time: Utc::now() };
-        let orgs = Directory::sodermanland();
-        let mut content = DocumentContent::new(DocKind::Agreement, "Överenskommelse");
-        content.parties = vec![org.clone()];
-        let mut doc = Document::create(DocId::random(), content, &ctx, &orgs).unwrap();
+        let (mut doc, ctx, orgs) = crate::record_keys::tests::agreement();
+        let org = ctx.org.clone();
         let id = doc.id().clone();
         let heads = doc.heads();
         let record =
