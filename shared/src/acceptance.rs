@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use automerge::{AutoCommit, ChangeHash};
+use automerge::{AutoCommit, Change, ChangeHash};
 
 use crate::authorship::{self, AuthorshipError, ChangeSignature};
 use crate::directory::{EnrollmentDirectory, MemberKind};
@@ -130,8 +130,14 @@ impl ContentLimits {
         before: &[ChangeHash],
         size_before: u64,
     ) -> Result<u64, LimitError> {
+        self.check_changes(doc_id, &doc.get_changes(before), size_before)
+    }
+
+    /// [`Self::check_new_changes`] over `changes` already taken from the
+    /// document (the changes new since the size `size_before` was counted).
+    pub fn check_changes(&self, doc_id: &DocId, changes: &[Change], size_before: u64) -> Result<u64, LimitError> {
         let mut size = size_before;
-        for change in doc.get_changes(before) {
+        for change in changes {
             let change_size = change.raw_bytes().len() as u64;
             if change_size > self.max_change_bytes {
                 return Err(LimitError::ChangeTooLarge {

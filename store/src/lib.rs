@@ -1024,9 +1024,16 @@ impl DocWrite {
         // Whatever came in must still be a document we can read, within the limits.
         doc.check_header()?;
         let id = doc.id().clone();
-        let size = limits.check_new_changes(&id, doc.automerge_mut(), before, size_before.unwrap_or(0))?;
+        // One pass over the new changes serves the limits and, for an update, the
+        // data to append (what `save_after` would build again).
+        let new = doc.automerge_mut().get_changes(before);
+        let size = limits.check_changes(&id, &new, size_before.unwrap_or(0))?;
         let created = size_before.is_none();
-        let data = if created { doc.automerge_mut().save() } else { doc.automerge_mut().save_after(before) };
+        let data = if created {
+            doc.automerge_mut().save()
+        } else {
+            new.iter().map(|c| c.raw_bytes()).collect::<Vec<_>>().concat()
+        };
         Ok(Self {
             heads: doc.heads(),
             kind: doc.kind()?,

@@ -936,7 +936,7 @@ impl SyncConnection {
 
 /// The highest sequence number of `actor`'s changes in `doc` (0: none).
 fn max_seq_of(doc: &mut AutoCommit, actor: &ActorId) -> u64 {
-    doc.get_changes(&[]).iter().filter(|c| c.actor_id() == actor).map(|c| c.seq()).max().unwrap_or(0)
+    doc.get_changes_meta(&[]).iter().filter(|c| c.actor.as_ref() == actor).map(|c| c.seq).max().unwrap_or(0)
 }
 
 #[cfg(test)]
