@@ -1280,6 +1280,28 @@ mod tests {
     }
 
     #[test]
+    fn an_update_appends_exactly_the_new_changes_and_counts_their_size() {
+        let ctx = ctx();
+        let mut doc = new_doc(&ctx);
+        let limits = ContentLimits::default();
+        let created = DocWrite::prepare(&mut doc, &[], None, &limits, Vec::new(), Vec::new()).unwrap();
+        assert_eq!(created.size, document_size(doc.automerge_mut()));
+        let before = doc.heads();
+        doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body("ny text")).unwrap();
+        doc.edit(&ctx, &Directory::sodermanland(), "title", |e| e.set_title("Medborgarlöfte Trosa 2026")).unwrap();
+        let update = DocWrite::prepare(&mut doc, &before, Some(created.size), &limits, Vec::new(), Vec::new()).unwrap();
+        assert!(!update.created);
+        assert_eq!(update.data, doc.automerge_mut().save_after(&before), "the data is what save_after gives");
+        assert_eq!(update.size, document_size(doc.automerge_mut()));
+        // A change over the limit is refused with the same check.
+        let before = doc.heads();
+        doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body(&"x".repeat(4096))).unwrap();
+        let tight = ContentLimits { max_change_bytes: 1024, ..limits };
+        let refused = DocWrite::prepare(&mut doc, &before, Some(update.size), &tight, Vec::new(), Vec::new());
+        assert!(matches!(refused, Err(StoreError::TooLarge(LimitError::ChangeTooLarge { .. }))), "{refused:?}");
+    }
+
+    #[test]
     fn replacing_sync_states_deletes_the_peers_others_and_leaves_other_peers_alone() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open_or_create(&dir.path().join("relay.db")).unwrap();
