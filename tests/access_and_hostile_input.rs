@@ -2,8 +2,6 @@
 //! can do: real relay, real nodes and hand-driven hostile clients over QUIC on
 //! 127.0.0.1, SQLite in temporary directories, bounded timeouts everywhere.
 
-use std::future::Future;
-use std::path::Path;
 use std::time::Duration;
 
 use samverkan::net::endpoint::{self, Limits};
@@ -16,49 +14,12 @@ use samverkan::shared::automerge::{self, transaction::Transactable, AutoCommit};
 use samverkan::shared::identity::NodeKey;
 use samverkan::shared::ids::DocId;
 use samverkan::shared::model::{DocKind, DocumentContent};
-use samverkan::shared::org::OrgId;
 use samverkan::shared::sync::ConnectionError;
 use samverkan::shared::wire::{ErrorCode, Frame, FrameDecoder, RefusalKind, PROTOCOL_VERSION};
 
-const LIMIT: Duration = Duration::from_secs(30);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    bounded(what, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
-
-async fn start_relay(dir: &Path) -> RelayHandle {
-    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-    config.directory_poll = Duration::from_millis(100);
-    server::spawn(config).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
-
-/// An organisation's id by its name ("Flen" → `flen-kommun`).
-fn org(name: &str) -> OrgId {
-    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
-}
-
-fn enrolled(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> Node {
-    let node = Node::init(&root.join(name), org_name, Some(name)).unwrap();
-    relay.enroll_node(node.node_id(), node.org().clone(), name).unwrap();
-    node
-}
-
-async fn try_sync(node: &mut Node, relay: &RelayHandle) -> Result<sync::SyncReport, SyncFailure> {
-    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await
-}
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, enrolled, eventually, org, start_relay, target, try_sync, LIMIT};
 
 /// The relay's refusal, as the node sees it.
 fn refusal(result: Result<sync::SyncReport, SyncFailure>) -> (ErrorCode, String) {

@@ -5,55 +5,30 @@
 //! stolen, revoked key cannot backdate one), and the signed bundle verified
 //! without a database.
 
-use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
 
 use chrono::Utc;
 use samverkan::node::approvals;
 use samverkan::node::node::{Node, NodeError};
-use samverkan::node::sync::{self, RelayTarget, SyncFailure, SyncReport};
-use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::relay::server::RelayHandle;
 use samverkan::shared::approval::{self, Action, ApprovalRecord, ApprovalState};
 use samverkan::shared::directory::{Member, MemberKind};
 use samverkan::shared::identity::NodeKey;
 use samverkan::shared::ids::DocId;
 use samverkan::shared::model::{DocKind, DocumentContent, Signatory};
-use samverkan::shared::org::OrgId;
 use samverkan::shared::receipt::ApprovalReceipt;
 use samverkan::shared::signed_bundle::{self, BundleFiles};
 
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{org, start_relay, sync, try_sync};
+
 const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-async fn start_relay(dir: &Path) -> RelayHandle {
-    server::spawn(RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
-
-fn org(name: &str) -> OrgId {
-    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
-}
 
 fn node(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> Node {
     let node = Node::init(&root.join(name), org_name, Some(name)).expect("init node");
     relay.enroll_node(node.node_id(), node.org().clone(), name).expect("enroll node");
     node
-}
-
-async fn try_sync(node: &mut Node, relay: &RelayHandle) -> Result<SyncReport, SyncFailure> {
-    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await
-}
-
-async fn sync(node: &mut Node, relay: &RelayHandle) {
-    try_sync(node, relay).await.expect("sync succeeds");
 }
 
 /// Enrolls a signer of `org_name` with `role` at the relay.

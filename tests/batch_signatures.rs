@@ -4,52 +4,24 @@
 //! client over QUIC on 127.0.0.1, SQLite in temporary directories, bounded
 //! timeouts everywhere.
 
-use std::future::Future;
-use std::path::Path;
-use std::time::Duration;
-
 use samverkan::net::endpoint::{self, Limits};
 use samverkan::net::framed::{self, FramedRecv, FramedSend};
 use samverkan::net::tls::TlsIdentity;
 use samverkan::node::node::Node;
-use samverkan::node::sync::{self, RelayTarget};
-use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::node::sync::{self};
+use samverkan::relay::server::RelayHandle;
 use samverkan::shared::authorship;
 use samverkan::shared::automerge::{self, transaction::Transactable, AutoCommit, Change, ChangeHash};
 use samverkan::shared::bundle::Bundle;
 use samverkan::shared::identity::{NodeId, NodeKey};
 use samverkan::shared::ids::DocId;
 use samverkan::shared::model::{DocKind, DocumentContent};
-use samverkan::shared::org::OrgId;
 use samverkan::shared::sync::SignedChange;
 use samverkan::shared::wire::{Frame, RefusalKind, PROTOCOL_VERSION};
 
-const LIMIT: Duration = Duration::from_secs(30);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-async fn start_relay(dir: &Path) -> RelayHandle {
-    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-    config.directory_poll = Duration::from_millis(100);
-    server::spawn(config).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
-
-/// An organisation's id by its name ("Flen" → `flen-kommun`).
-fn org(name: &str) -> OrgId {
-    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
-}
-
-fn enrolled(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> Node {
-    let node = Node::init(&root.join(name), org_name, Some(name)).unwrap();
-    relay.enroll_node(node.node_id(), node.org().clone(), name).unwrap();
-    node
-}
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, enrolled, org, start_relay, target, LIMIT};
 
 async fn sync(node: &mut Node, relay: &RelayHandle) -> sync::SyncReport {
     let report = bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await.expect("sync");

@@ -9,14 +9,13 @@
 //! to a browser binary to choose one).
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use samverkan::node::node::Node;
-use samverkan::node::sync::{self, RelayTarget};
+use samverkan::node::sync::{self};
 use samverkan::relay::admin::AdminConfig;
 use samverkan::relay::monitor::NodeName;
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
@@ -28,9 +27,9 @@ use serde_json::json;
 mod chromium;
 use chromium::{find_chromium, Browser, Page, LIMIT};
 
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, target};
 
 /// The rows the page shows: node id → (state, connected, visible text).
 const ROWS_JS: &str = "JSON.stringify(Array.from(document.querySelectorAll('#rows tr[data-node]')).map(function (r) { \
@@ -58,10 +57,6 @@ async fn page_shows(
         }
     })
     .await
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
 }
 
 async fn sync_once(node: &mut Node, relay: &RelayHandle) {

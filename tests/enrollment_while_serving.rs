@@ -3,42 +3,30 @@
 //! running relay): the very next connection sees it, over real QUIC, however
 //! long the relay's directory poll is.
 
-use std::future::Future;
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::Utc;
 use samverkan::node::node::{Node, NodeError};
-use samverkan::node::sync::{self, RelayTarget, SyncFailure, SyncReport};
 use samverkan::relay::enrollment;
-use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::relay::server::{self, RelayHandle};
 use samverkan::relay::storage::SqliteStorage;
 use samverkan::shared::directory::{Member, MemberKind};
 use samverkan::shared::identity::NodeId;
-use samverkan::shared::org::OrgId;
+
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{org, relay_config, spawn_relay, try_sync};
 
 const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
 
 /// A relay whose directory poll never comes round during the test: only what
 /// happens at connection time can pick up the operator's changes.
 async fn start_relay(dir: &Path) -> RelayHandle {
-    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
+    // No poll during the test: what the relay notices, it notices when a node connects.
+    let mut config = relay_config(dir);
     config.directory_poll = Duration::from_secs(3600);
-    server::spawn(config).await.expect("relay starts")
-}
-
-async fn try_sync(node: &mut Node, relay: &RelayHandle) -> Result<SyncReport, SyncFailure> {
-    let target = RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() };
-    bounded("sync", sync::sync_once(node, &target, LIMIT)).await
-}
-
-fn org(name: &str) -> OrgId {
-    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
+    spawn_relay(config).await
 }
 
 /// What `samverkan-relay enroll` does: its own connection to the relay's database.

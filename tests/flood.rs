@@ -5,14 +5,13 @@
 //! `/proc/self/status`. Bounded loops and timeouts everywhere; the tests take
 //! turns (one lock) so that one's memory does not show in the other's.
 
-use std::future::Future;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use samverkan::net::endpoint::{self, Limits};
 use samverkan::net::tls::TlsIdentity;
 use samverkan::node::node::Node;
-use samverkan::node::sync::{self, RelayTarget};
+use samverkan::node::sync::{self};
 use samverkan::relay::monitor::RelayStatus;
 use samverkan::relay::server::{self, RelayConfig, RelayHandle, DB_FILE};
 use samverkan::shared::automerge::{self, transaction::Transactable, AutoCommit};
@@ -23,31 +22,12 @@ use samverkan::shared::org::OrgId;
 use samverkan::shared::wire::{ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
 use samverkan::store::Store;
 
-const LIMIT: Duration = Duration::from_secs(30);
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, eventually, start_relay, target, LIMIT};
 
 /// One flood at a time: memory is read for the whole process.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    bounded(what, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
-async fn start_relay(dir: &Path) -> RelayHandle {
-    server::spawn(RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
 
 fn flen() -> OrgId {
     samverkan::shared::org::Directory::sodermanland().resolve("Flen").expect("a Södermanland party").id.clone()

@@ -11,37 +11,24 @@ use samverkan::net::endpoint::{self, Limits};
 use samverkan::net::framed::MAX_PREAUTH_FRAME;
 use samverkan::net::tls::TlsIdentity;
 use samverkan::node::node::Node;
-use samverkan::node::sync::{self, RelayTarget, SyncFailure};
+use samverkan::node::sync::{self, SyncFailure};
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
 use samverkan::shared::directory::{EnrollmentDirectory, JoinCode, Member};
 use samverkan::shared::identity::NodeKey;
 use samverkan::shared::model::{DocKind, DocumentContent};
-use samverkan::shared::org::OrgId;
 use samverkan::shared::sync::ConnectionError;
 use samverkan::shared::wire::{ErrorCode, Frame, FrameDecoder, PROTOCOL_VERSION};
 
-const LIMIT: Duration = Duration::from_secs(30);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, org, relay_config, spawn_relay, target, LIMIT};
 
 async fn start_relay(dir: &Path, handshake_timeout: Option<Duration>) -> RelayHandle {
-    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-    config.directory_poll = Duration::from_millis(100);
+    let mut config = relay_config(dir);
     if let Some(timeout) = handshake_timeout {
         config.limits.handshake_timeout = timeout;
     }
-    server::spawn(config).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
-
-/// An organisation's id by its name ("Gnesta" → `gnesta-kommun`).
-fn org(name: &str) -> OrgId {
-    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
+    spawn_relay(config).await
 }
 
 async fn join(node: &mut Node, code: &JoinCode) -> Result<Member, SyncFailure> {

@@ -4,27 +4,25 @@
 //! the test moves forward, so nothing depends on wall-clock timing.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use samverkan::node::node::Node;
-use samverkan::node::sync::{self, DaemonOptions, RelayTarget};
+use samverkan::node::sync::{self, DaemonOptions};
 use samverkan::relay::admin::{self, AdminConfig, AdminError};
 use samverkan::relay::monitor::{self, NodeName, NodeState, RelayStatus};
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
 use samverkan::shared::ids::ItemId;
 use samverkan::shared::model::{Activity, ActivityStatus, DocKind, DocumentContent};
 
-const LIMIT: Duration = Duration::from_secs(60);
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, target, LIMIT};
+
 const TOKEN: &str = "operatörens-hemliga-token";
 const TITLE: &str = "Medborgarlöfte Flen 2026 (hemlig arbetstitel)";
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
 
 /// A clock the test moves forward by hand.
 #[derive(Clone, Default)]
@@ -38,10 +36,6 @@ impl TestClock {
         let offset = self.0.clone();
         Arc::new(move || chrono::Utc::now() + chrono::Duration::seconds(offset.load(Ordering::SeqCst)))
     }
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
 }
 
 /// Enrolls nodes at the relay under their own names.

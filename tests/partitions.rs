@@ -20,10 +20,13 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use samverkan::node::node::Node;
 use samverkan::node::sync::{self, DaemonOptions, RelayTarget};
-use samverkan::relay::server::{self, RelayConfig, RelayHandle};
 use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::model::{Activity, ActivityStatus, DocKind, DocumentContent};
 use tokio::net::UdpSocket;
+
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::start_relay;
 
 /// How a run is sized.
 struct Plan {
@@ -133,10 +136,6 @@ async fn spawn_proxy(relay: SocketAddr, seed: u64, stats: Arc<Stats>) -> (Socket
         });
     }
     (addr, link)
-}
-
-async fn start_relay(dir: &Path) -> RelayHandle {
-    server::spawn(RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())).await.expect("relay starts")
 }
 
 /// Activity names and heads of the document on one node.

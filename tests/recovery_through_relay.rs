@@ -3,45 +3,27 @@
 //! synced is refused with everything after it; `recover` rebuilds the document
 //! on what the relay holds and the relay takes the re-applied edits.
 
-use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
 
 use chrono::Utc;
 use samverkan::node::node::Node;
 use samverkan::node::recover::{self, RecoverError};
-use samverkan::node::sync::{self, RelayTarget, SyncReport};
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
 use samverkan::shared::approval::{self, Action as RecordAction, ApprovalRecord};
 use samverkan::shared::directory::{Member, MemberKind};
 use samverkan::shared::identity::NodeKey;
 use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::model::{Activity, ActivityStatus, DocKind, DocumentContent, Signatory};
-use samverkan::shared::org::OrgId;
 use samverkan::shared::recovery::{Action, Outcome};
 
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-fn org(name: &str) -> OrgId {
-    samverkan::shared::org::Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{org, sync};
 
 fn node(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> Node {
     let node = Node::init(&root.join(name), org_name, Some(name)).expect("init node");
     relay.enroll_node(node.node_id(), node.org().clone(), name).expect("enroll node");
     node
-}
-
-async fn sync(node: &mut Node, relay: &RelayHandle) -> SyncReport {
-    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await.expect("the sync itself succeeds")
 }
 
 fn set_body(node: &mut Node, id: &DocId, body: &str) {

@@ -3,50 +3,22 @@
 //! tasks), bounded timeouts everywhere. Party removal, documents the node's
 //! organisation is not a party to, and what the node shows and refuses.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use samverkan::node::node::{Node, NodeError, SyncProblem};
 use samverkan::node::status;
-use samverkan::node::sync::{self, DaemonOptions, RelayTarget, SyncReport};
-use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::node::sync::{self, DaemonOptions};
+use samverkan::relay::server::RelayHandle;
 use samverkan::shared::ids::DocId;
 use samverkan::shared::model::{DocKind, DocumentContent};
-use samverkan::shared::org::OrgId;
 use samverkan::shared::wire::RefusalKind;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-/// Polls `check` every few milliseconds until it holds or the limit passes.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    bounded(what, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-}
-
-async fn start_relay(dir: &Path) -> RelayHandle {
-    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-    config.directory_poll = Duration::from_millis(100);
-    server::spawn(config).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
-
-fn org(name: &str) -> OrgId {
-    samverkan::shared::org::Directory::sodermanland().resolve(name).unwrap().id.clone()
-}
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, eventually, org, start_relay, sync, target};
 
 /// A new node of `org`, enrolled at the relay, with the relay pinned.
 fn node(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> (PathBuf, Node) {
@@ -55,10 +27,6 @@ fn node(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> (PathBu
     relay.enroll_node(node.node_id(), node.org().clone(), name).expect("enroll node");
     node.store_mut().set_meta(samverkan::node::node::META_RELAY_KEY, &relay.relay_key().to_string()).unwrap();
     (dir, node)
-}
-
-async fn sync(node: &mut Node, relay: &RelayHandle) -> SyncReport {
-    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await.expect("the sync itself succeeds")
 }
 
 fn promise(node: &mut Node, title: &str, parties: &[&str]) -> DocId {

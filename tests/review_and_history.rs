@@ -4,35 +4,26 @@
 //! conflicts are flagged; history says what each change did and who did it.
 //! QUIC on 127.0.0.1 (port 0), SQLite files in temporary directories.
 
-use std::future::Future;
 use std::path::Path;
-use std::time::Duration;
 
 use samverkan::node::node::Node;
 use samverkan::node::review::{self, ReviewFlags, TakeArg};
-use samverkan::node::sync::{self, RelayTarget};
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
 use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::model::{Activity, ActivityStatus};
 
-const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
-const LIMIT: Duration = Duration::from_secs(60);
-const PHRASE: &str = "Styrgruppen bör träffas minst två gånger per år.";
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, sync};
 
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
+const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
+const PHRASE: &str = "Styrgruppen bör träffas minst två gånger per år.";
 
 /// A new node of `org`, enrolled at the relay.
 fn node(root: &Path, relay: &RelayHandle, name: &str, org: &str) -> Node {
     let node = Node::init(&root.join(name), org, Some(name)).expect("init node");
     relay.enroll_node(node.node_id(), node.org().clone(), name).expect("enroll node");
     node
-}
-
-async fn sync(node: &mut Node, relay: &RelayHandle) {
-    let target = RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() };
-    bounded("sync", sync::sync_once(node, &target, LIMIT)).await.expect("sync succeeds");
 }
 
 fn edit_body(node: &mut Node, id: &DocId, from: &str, to: &str) {

@@ -8,13 +8,12 @@
 //! Real relay, real nodes, QUIC on 127.0.0.1 (port 0), SQLite in temporary
 //! directories, every wait bounded.
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use samverkan::node::node::Node;
-use samverkan::node::sync::{self, RelayTarget};
+use samverkan::node::sync::{self};
 use samverkan::relay::server::{self, RelayConfig, RelayHandle, DB_FILE};
 use samverkan::relay::storage::{DocEntry, RelayStorage, SqliteStorage};
 use samverkan::shared::acceptance::ContentLimits;
@@ -25,11 +24,9 @@ use samverkan::shared::receipt::ApprovalReceipt;
 use samverkan::shared::sync::SignedChange;
 use samverkan::store::StoreError;
 
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, target, LIMIT};
 
 /// A gate one document's storage steps wait at while it is closed.
 #[derive(Default)]
@@ -132,10 +129,6 @@ impl RelayStorage for GatedStorage {
     fn loaded(&self) -> usize {
         self.inner.loaded()
     }
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
 }
 
 fn node(root: &Path, relay: &RelayHandle, name: &str, org: &str) -> Node {

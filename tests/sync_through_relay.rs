@@ -1,31 +1,21 @@
 //! Real relay, real nodes: QUIC on 127.0.0.1 (port 0), SQLite files in temporary
 //! directories, bounded timeouts everywhere.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use samverkan::node::node::Node;
-use samverkan::node::sync::{self, DaemonOptions, RelayTarget, SyncReport};
-use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::node::sync::{self, DaemonOptions};
+use samverkan::relay::server::RelayHandle;
 use samverkan::shared::ids::{DocId, ItemId};
 use samverkan::shared::markdown;
 use samverkan::shared::model::{Activity, ActivityStatus, DocKind, DocumentContent};
 
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, eventually, start_relay, sync, target, LIMIT};
+
 const SEED: &str = include_str!("../../shared/seed/lansovergripande-samverkansoverenskommelse-sodermanland-2023.md");
-const LIMIT: Duration = Duration::from_secs(60);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
-async fn start_relay(dir: &Path) -> RelayHandle {
-    server::spawn(RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
 
 /// A new node of `org`, enrolled at the relay.
 fn node(root: &Path, relay: &RelayHandle, name: &str, org: &str) -> (PathBuf, Node) {
@@ -33,10 +23,6 @@ fn node(root: &Path, relay: &RelayHandle, name: &str, org: &str) -> (PathBuf, No
     let node = Node::init(&dir, org, Some(name)).expect("init node");
     relay.enroll_node(node.node_id(), node.org().clone(), name).expect("enroll node");
     (dir, node)
-}
-
-async fn sync(node: &mut Node, relay: &RelayHandle) -> SyncReport {
-    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await.expect("sync succeeds")
 }
 
 /// Every document's heads and exported Markdown.
@@ -53,16 +39,6 @@ fn fingerprint(node: &mut Node) -> Vec<(DocId, Vec<String>, String)> {
 
 fn body(node: &mut Node, id: &DocId) -> String {
     node.document(id).unwrap().view().unwrap().body
-}
-
-/// Polls `check` every few milliseconds until it holds or the limit passes.
-async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
-    bounded(what, async {
-        while !check() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

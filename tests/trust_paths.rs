@@ -5,17 +5,15 @@
 //! real nodes with SQLite files in temporary directories, hand-driven hostile
 //! clients, bundles written to files; bounded timeouts everywhere.
 
-use std::future::Future;
 use std::io::Write;
 use std::path::Path;
-use std::time::Duration;
 
 use samverkan::net::endpoint::{self, Limits};
 use samverkan::net::framed;
 use samverkan::net::tls::TlsIdentity;
 use samverkan::node::node::{AuthorStatus, Node, NodeError, META_RELAY_KEY};
-use samverkan::node::sync::{self, RelayTarget, SyncFailure};
-use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::node::sync::{self, SyncFailure};
+use samverkan::relay::server::RelayHandle;
 use samverkan::shared::acceptance::ContentLimits;
 use samverkan::shared::authorship;
 use samverkan::shared::automerge::{self, AutoCommit};
@@ -28,38 +26,17 @@ use samverkan::shared::sync::SignedChange;
 use samverkan::shared::wire::{Frame, RefusalKind, PROTOCOL_VERSION};
 use samverkan::store::StoreError;
 
+#[path = "support/relay_net.rs"]
+mod relay_net;
+use relay_net::{bounded, enrolled, org, relay_config, spawn_relay, try_sync as sync};
+
 #[path = "support/paper_relay.rs"]
 mod paper_relay;
 
-const LIMIT: Duration = Duration::from_secs(30);
-
-async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(LIMIT, f).await.unwrap_or_else(|_| panic!("{what} did not finish within {LIMIT:?}"))
-}
-
 async fn start_relay(dir: &Path, content: ContentLimits) -> RelayHandle {
-    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf());
-    config.directory_poll = Duration::from_millis(100);
+    let mut config = relay_config(dir);
     config.content = content;
-    server::spawn(config).await.expect("relay starts")
-}
-
-fn target(relay: &RelayHandle) -> RelayTarget {
-    RelayTarget { addr: relay.local_addr(), relay_key: relay.relay_key() }
-}
-
-fn org(name: &str) -> OrgId {
-    Directory::sodermanland().resolve(name).expect("a Södermanland party").id.clone()
-}
-
-fn enrolled(root: &Path, relay: &RelayHandle, name: &str, org_name: &str) -> Node {
-    let node = Node::init(&root.join(name), org_name, Some(name)).unwrap();
-    relay.enroll_node(node.node_id(), node.org().clone(), name).unwrap();
-    node
-}
-
-async fn sync(node: &mut Node, relay: &RelayHandle) -> Result<sync::SyncReport, SyncFailure> {
-    bounded("sync", sync::sync_once(node, &target(relay), LIMIT)).await
+    spawn_relay(config).await
 }
 
 /// A citizen promise of Katrineholm and the police, with one activity.
