@@ -257,16 +257,17 @@ impl RelayMetrics {
             "Automerge sync messages sent to the node",
             m.node_sent_messages.clone(),
         );
-        registry.register(
-            "steps_from_memory",
-            "Connection steps done from memory without a storage thread (a change passed on, an acknowledgement)",
-            m.steps_from_memory.clone(),
-        );
-        registry.register(
-            "steps_on_storage_threads",
-            "Connection steps run on a storage thread",
-            m.steps_on_storage_threads.clone(),
-        );
+        let steps = [
+            (
+                "steps_from_memory",
+                "Connection steps done from memory without a storage thread (a change passed on, an acknowledgement)",
+                &m.steps_from_memory,
+            ),
+            ("steps_on_storage_threads", "Connection steps run on a storage thread", &m.steps_on_storage_threads),
+        ];
+        for (name, help, counter) in steps {
+            registry.register(name, help, counter.clone());
+        }
         registry
     }
 }

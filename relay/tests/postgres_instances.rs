@@ -135,16 +135,7 @@ async fn two_instances_on_postgres_converge_offline_edits_and_forward_changes_pr
     let gnesta_dir = root.path().join("gnesta");
     drop(gnesta);
     let (received_tx, mut received) = tokio::sync::mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let second_target = target(&second);
-    let daemon = tokio::spawn(async move {
-        let mut gnesta = Node::open(&gnesta_dir).unwrap();
-        let options = DaemonOptions { received: Some(received_tx), ..DaemonOptions::default() };
-        sync::daemon(&mut gnesta, &second_target, &options, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let (stop_tx, daemon) = start_daemon(gnesta_dir, &second, received_tx);
     let gnesta_key = root.path().join("gnesta");
     let gnesta_id = Node::open(&gnesta_key).unwrap().node_id().to_string();
     assert!(eventually(LIMIT, || second.connected().contains(&gnesta_id)).await);
