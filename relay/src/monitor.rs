@@ -199,6 +199,11 @@ pub struct RelayMetrics {
     pub node_received_messages: Family<NodeLabels, Counter>,
     /// Automerge sync messages sent to the node.
     pub node_sent_messages: Family<NodeLabels, Counter>,
+    /// Connection steps done from memory on the async runtime's thread (a
+    /// change passed on, an acknowledgement taken; see `RelayStorage::try_with_loaded`).
+    pub steps_from_memory: Counter,
+    /// Connection steps run on a storage thread (everything else).
+    pub steps_on_storage_threads: Counter,
 }
 
 impl RelayMetrics {
@@ -252,6 +257,17 @@ impl RelayMetrics {
             "Automerge sync messages sent to the node",
             m.node_sent_messages.clone(),
         );
+        let steps = [
+            (
+                "steps_from_memory",
+                "Connection steps done from memory without a storage thread (a change passed on, an acknowledgement)",
+                &m.steps_from_memory,
+            ),
+            ("steps_on_storage_threads", "Connection steps run on a storage thread", &m.steps_on_storage_threads),
+        ];
+        for (name, help, counter) in steps {
+            registry.register(name, help, counter.clone());
+        }
         registry
     }
 }

@@ -55,7 +55,7 @@ use crate::budget::ReceiveBudget;
 use crate::config::StorageLocation;
 use crate::enrollment::{self, EnrollmentError};
 use crate::hub::{Hub, Mailbox};
-use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayStatus};
+use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayMetrics, RelayStatus};
 use crate::record_keys::RecordKeys;
 use crate::storage::postgres::PostgresStorage;
 use crate::storage::{RelayStorage, RemoteEvent, SqliteStorage};
@@ -410,6 +410,11 @@ impl RelayHandle {
     /// The nodes connected now (one entry per connection, by node key).
     pub fn connected(&self) -> Vec<String> {
         self.admin.connected()
+    }
+
+    /// The relay's metrics (as `/metrics` exports them).
+    pub fn metrics(&self) -> &RelayMetrics {
+        self.monitor.metrics()
     }
 
     /// Enrolls a node key for `org` under `name` (as `samverkan-relay enroll` does).
@@ -1319,20 +1324,27 @@ async fn run<S: RelayStorage>(
         // the changes' signatures): then no trip to a storage thread. What
         // needs storage goes there as before.
         let mut memory = RelayDocs::new(shared, &auth.member.org);
+        let metrics = shared.monitor.metrics();
         let input = match input {
             Input::Changed(changed) => {
+                let count = changed.len();
                 let rest: std::collections::BTreeSet<DocId> = changed
                     .into_iter()
                     .filter(|doc| current.sync.try_local_change(doc, &mut memory).is_none())
                     .collect();
+                metrics.steps_from_memory.inc_by((count - rest.len()) as u64);
                 if rest.is_empty() {
                     continue;
                 }
                 Input::Changed(rest)
             }
-            Input::Frame(frame) if current.sync.try_frame(&frame, &mut memory).is_some() => continue,
+            Input::Frame(frame) if current.sync.try_frame(&frame, &mut memory).is_some() => {
+                metrics.steps_from_memory.inc();
+                continue;
+            }
             frame => frame,
         };
+        metrics.steps_on_storage_threads.inc();
         let Some(mut taken) = served.take() else { return Err(ConnectionEnd::ShuttingDown) };
         let auth = auth.clone();
         let (back, result) = on_storage_thread(shared, move |shared| {

@@ -94,7 +94,9 @@ pub trait RelayStorage: Send + Sync + 'static {
     }
 
     /// Runs `f` on the document if it is loaded and no other thread holds it
-    /// now, without waiting. `f` only reads (it generates a sync message).
+    /// now, without waiting. `f` only reads (it generates a sync message, or
+    /// takes an acknowledgement); one that changed the document's heads gets
+    /// `None`, and the copy is dropped, as its change is stored nowhere.
     fn try_with_loaded<R>(&self, _doc: &DocId, _f: impl FnOnce(&mut Document) -> R) -> Option<R> {
         None
     }

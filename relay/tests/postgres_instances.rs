@@ -135,16 +135,7 @@ async fn two_instances_on_postgres_converge_offline_edits_and_forward_changes_pr
     let gnesta_dir = root.path().join("gnesta");
     drop(gnesta);
     let (received_tx, mut received) = tokio::sync::mpsc::unbounded_channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let second_target = target(&second);
-    let daemon = tokio::spawn(async move {
-        let mut gnesta = Node::open(&gnesta_dir).unwrap();
-        let options = DaemonOptions { received: Some(received_tx), ..DaemonOptions::default() };
-        sync::daemon(&mut gnesta, &second_target, &options, async {
-            let _ = stop_rx.await;
-        })
-        .await
-    });
+    let (stop_tx, daemon) = start_daemon(gnesta_dir, &second, received_tx);
     let gnesta_key = root.path().join("gnesta");
     let gnesta_id = Node::open(&gnesta_key).unwrap().node_id().to_string();
     assert!(eventually(LIMIT, || second.connected().contains(&gnesta_id)).await);
@@ -158,6 +149,104 @@ async fn two_instances_on_postgres_converge_offline_edits_and_forward_changes_pr
     let _ = writeln!(std::io::stderr(), "change through instance 1 reached a node on instance 2 after {latency:?}");
     let _ = stop_tx.send(());
     daemon.await.unwrap().unwrap();
+    first.shutdown().await;
+    second.shutdown().await;
+}
+
+/// A node's daemon on `relay`, telling `received` of each document it received; stopped by the sender returned.
+fn start_daemon(
+    dir: PathBuf,
+    relay: &RelayHandle,
+    received: tokio::sync::mpsc::UnboundedSender<DocId>,
+) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<Result<(), sync::SyncFailure>>) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let relay = target(relay);
+    let daemon = tokio::spawn(async move {
+        let mut node = Node::open(&dir).unwrap();
+        let options = DaemonOptions { received: Some(received), ..DaemonOptions::default() };
+        sync::daemon(&mut node, &relay, &options, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    (stop_tx, daemon)
+}
+
+/// The next document a daemon received (bounded wait).
+async fn wait_received(received: &mut tokio::sync::mpsc::UnboundedReceiver<DocId>) -> DocId {
+    let next = tokio::time::timeout(LIMIT, received.recv()).await;
+    next.expect("the change arrived").expect("the daemon runs")
+}
+
+/// Changes made through one instance reach the nodes connected to both, one
+/// after another, and each node's acknowledgement of a change is taken from
+/// memory on the async runtime's thread (the loaded copy, index entry and
+/// receipts current as the listener keeps them), not on a storage thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changes_reach_nodes_on_both_instances_and_their_acknowledgements_are_taken_from_memory() {
+    const EDITS: usize = 5;
+    let test = "changes_reach_nodes_on_both_instances_and_their_acknowledgements_are_taken_from_memory";
+    let Some(url) = database(test) else { return };
+    let root = tempfile::tempdir().unwrap();
+    let (dir1, dir2) = (root.path().join("relay1"), root.path().join("relay2"));
+    let first = start_instance(dir1.clone(), &url).await;
+    sibling_dir(&dir1, &dir2);
+    let second = start_instance(dir2, &url).await;
+    let mut flen = Node::init(&root.path().join("flen"), "Flen", Some("Flen")).unwrap();
+    let (gnesta_dir, trosa_dir) = (root.path().join("gnesta"), root.path().join("trosa"));
+    let gnesta = Node::init(&gnesta_dir, "Gnesta", Some("Gnesta")).unwrap();
+    let trosa = Node::init(&trosa_dir, "Trosa", Some("Trosa")).unwrap();
+    for node in [&flen, &gnesta, &trosa] {
+        first.enroll_node(node.node_id(), node.org().clone(), node.org().as_str()).unwrap();
+    }
+    let id = flen.create(agreement(&[&flen, &gnesta, &trosa])).unwrap();
+    sync::sync_once(&mut flen, &target(&first), LIMIT).await.unwrap();
+    let (gnesta_key, trosa_key) = (gnesta.node_id().to_string(), trosa.node_id().to_string());
+    drop((gnesta, trosa));
+    // Trosa on the instance the edits go through, Gnesta on the other.
+    let (trosa_tx, mut trosa_received) = tokio::sync::mpsc::unbounded_channel();
+    let (gnesta_tx, mut gnesta_received) = tokio::sync::mpsc::unbounded_channel();
+    let trosa_daemon = start_daemon(trosa_dir.clone(), &first, trosa_tx);
+    let gnesta_daemon = start_daemon(gnesta_dir.clone(), &second, gnesta_tx);
+    assert!(eventually(LIMIT, || first.connected().contains(&trosa_key)).await);
+    assert!(eventually(LIMIT, || second.connected().contains(&gnesta_key)).await);
+    assert_eq!(wait_received(&mut trosa_received).await, id);
+    assert_eq!(wait_received(&mut gnesta_received).await, id);
+    let from_memory = |relay: &RelayHandle| relay.metrics().steps_from_memory.get();
+    for i in 0..EDITS {
+        let before = (from_memory(&first), from_memory(&second));
+        add(&mut flen, &id, &format!("Flens aktivitet {i}"));
+        sync::sync_once(&mut flen, &target(&first), LIMIT).await.unwrap();
+        assert_eq!(wait_received(&mut trosa_received).await, id);
+        assert_eq!(wait_received(&mut gnesta_received).await, id);
+        // Each node acknowledges what it received; both instances take that from memory.
+        assert!(
+            eventually(LIMIT, || from_memory(&first) > before.0).await,
+            "instance 1 took an acknowledgement from memory"
+        );
+        assert!(
+            eventually(LIMIT, || from_memory(&second) > before.1).await,
+            "instance 2 took an acknowledgement from memory"
+        );
+    }
+    for (stop, daemon) in [trosa_daemon, gnesta_daemon] {
+        let _ = stop.send(());
+        daemon.await.unwrap().unwrap();
+    }
+    let every: BTreeSet<String> = (0..EDITS).map(|i| format!("Flens aktivitet {i}")).collect();
+    for dir in [&trosa_dir, &gnesta_dir] {
+        let node = Node::open(dir).unwrap();
+        assert_eq!(names(&node, &id), every, "every change arrived");
+        assert_eq!(heads(&node, &id), heads(&flen, &id));
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "steps from memory / on storage threads: instance 1 {} / {}, instance 2 {} / {}",
+        from_memory(&first),
+        first.metrics().steps_on_storage_threads.get(),
+        from_memory(&second),
+        second.metrics().steps_on_storage_threads.get()
+    );
     first.shutdown().await;
     second.shutdown().await;
 }

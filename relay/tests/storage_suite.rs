@@ -698,3 +698,220 @@ fn postgres_concurrent_writes_on_two_instances_to_one_document_all_survive() {
         assert_eq!(storage.entry(&id).unwrap().unwrap().heads, stored_heads);
     }
 }
+
+// The reads from memory a connection makes on the async runtime's thread
+// (`cached_is_party`, `try_with_loaded`, `cached_receipts`,
+// `cached_signatures`): never a wait, never a stale or unwritten answer.
+
+/// An edit storing a signature of its change and a receipt; returns the heads and the receipt.
+fn signed_edit<S: RelayStorage>(storage: &S, id: &DocId, body: &str) -> (Vec<ChangeHash>, ApprovalReceipt) {
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    let record = hex::encode([rand::random::<[u8; 32]>(), rand::random::<[u8; 32]>()].concat());
+    let receipt = ApprovalReceipt::issue(&NodeKey::generate(), id, &record, Utc::now()).unwrap();
+    let heads = storage
+        .with_doc(id, false, |d| {
+            d.edit(&ctx, &directory, "body", |e| e.set_body(body)).map_err(StoreError::from)?;
+            let heads = d.heads();
+            Ok::<_, StoreError>((heads.clone(), vec![(heads[0], [7u8; 64])], vec![receipt.clone()]))
+        })
+        .unwrap()
+        .unwrap();
+    (heads, receipt)
+}
+
+/// Reads through the full path what the memory path answers from (the
+/// loaded copy, the index entry, the receipts): as a connection's storage step does.
+fn read_fully<S: RelayStorage>(storage: &S, id: &DocId) {
+    storage.with_doc(id, false, |_| Ok::<_, StoreError>(((), Vec::new(), Vec::new()))).unwrap().unwrap();
+    storage.is_party(id, &org()).unwrap().unwrap();
+    storage.receipts(id).unwrap();
+}
+
+/// A closure run from memory that would change the document (it may only
+/// generate a message or take an acknowledgement) gets `None`; the copy it
+/// changed is dropped, so nothing unwritten is served, and the document is
+/// read again as stored.
+fn a_closure_from_memory_that_would_change_the_document_leaves_nothing_unwritten<S: RelayStorage>(storage: &mut S) {
+    let (id, heads) = store_new(storage);
+    read_fully(storage, &id);
+    assert_eq!(storage.try_with_loaded(&id, |d| d.heads()), Some(heads.clone()), "loaded and free");
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    let changed = storage.try_with_loaded(&id, |d| {
+        d.edit(&ctx, &directory, "body", |e| e.set_body("never stored")).unwrap();
+        d.heads()
+    });
+    assert_eq!(changed, None, "a change made from memory is not answered");
+    assert_eq!(storage.try_with_loaded(&id, |d| d.heads()), None, "and the changed copy is gone");
+    assert_eq!(body(storage, &id), "", "the document as stored");
+    assert_eq!(storage.entry(&id).unwrap().unwrap().heads, heads);
+    assert_eq!(storage.try_with_loaded(&id, |d| d.heads()), Some(heads));
+}
+
+/// While another thread holds a document (its slot), the memory path says
+/// `None` at once instead of waiting; the other reads still answer.
+fn a_busy_document_is_none_from_memory_without_waiting<S: RelayStorage + Sync>(storage: &mut S) {
+    let (id, heads) = store_new(storage);
+    read_fully(storage, &id);
+    let storage = &*storage;
+    let (entered_tx, entered_rx) = mpsc::channel();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let id = &id;
+        let holder = s.spawn(move || {
+            storage.with_doc(id, false, |_| {
+                entered_tx.send(()).unwrap();
+                let released = release_rx.recv_timeout(LIMIT).is_ok();
+                Ok::<_, StoreError>((released, Vec::new(), Vec::new()))
+            })
+        });
+        entered_rx.recv_timeout(LIMIT).expect("the holder runs");
+        let asked = Instant::now();
+        let busy = storage.try_with_loaded(id, |d| d.heads());
+        let waited = asked.elapsed();
+        let party = storage.cached_is_party(id, &org());
+        let _ = release_tx.send(());
+        assert_eq!(holder.join().unwrap().unwrap(), Some(true), "the holder was released, not timed out");
+        assert_eq!(busy, None, "a busy document is not waited for");
+        assert!(waited < Duration::from_secs(1), "answered at once, not after the holder: {waited:?}");
+        assert_eq!(party, Some(Some(true)), "the index in memory does not wait for the document");
+    });
+    assert_eq!(storage.try_with_loaded(&id, |d| d.heads()), Some(heads), "free again");
+}
+
+#[test]
+fn sqlite_a_closure_from_memory_that_would_change_the_document_leaves_nothing_unwritten() {
+    a_closure_from_memory_that_would_change_the_document_leaves_nothing_unwritten(&mut sqlite().open());
+}
+
+#[test]
+fn postgres_a_closure_from_memory_that_would_change_the_document_leaves_nothing_unwritten() {
+    let test = "postgres_a_closure_from_memory_that_would_change_the_document_leaves_nothing_unwritten";
+    let Some(backend) = postgres(test) else { return };
+    a_closure_from_memory_that_would_change_the_document_leaves_nothing_unwritten(&mut listening(&backend).0);
+}
+
+#[test]
+fn sqlite_a_busy_document_is_none_from_memory_without_waiting() {
+    a_busy_document_is_none_from_memory_without_waiting(&mut sqlite().open());
+}
+
+#[test]
+fn postgres_a_busy_document_is_none_from_memory_without_waiting() {
+    let Some(backend) = postgres("postgres_a_busy_document_is_none_from_memory_without_waiting") else { return };
+    a_busy_document_is_none_from_memory_without_waiting(&mut listening(&backend).0);
+}
+
+/// What a listening instance answers from memory, each at no database call:
+/// the party check, the loaded copy's heads, the receipts and the signatures of `id`.
+#[allow(clippy::type_complexity)]
+fn from_memory(
+    storage: &PostgresStorage,
+    id: &DocId,
+    signed: ChangeHash,
+) -> (Option<Option<bool>>, Option<Vec<ChangeHash>>, Option<Vec<ApprovalReceipt>>, Option<usize>) {
+    let calls = storage.database_calls();
+    let answers = (
+        storage.cached_is_party(id, &org()),
+        storage.try_with_loaded(id, |d| d.heads()),
+        storage.cached_receipts(id).map(|r| r.as_ref().clone()),
+        storage.cached_signatures(&[signed]).map(|s| s.len()),
+    );
+    assert_eq!(storage.database_calls(), calls, "the memory path never goes to the database");
+    answers
+}
+
+/// While nothing changes, a listening instance answers the memory path for
+/// every document it has read, without a database call. Once another
+/// instance's change of a document is notified, that document's answers are
+/// `None` (the full path runs) until it is read again, then the new version;
+/// other documents keep theirs.
+#[test]
+fn postgres_reads_from_memory_are_free_while_current_and_none_after_another_instances_change() {
+    let test = "postgres_reads_from_memory_are_free_while_current_and_none_after_another_instances_change";
+    let Some(backend) = postgres(test) else { return };
+    let (mut ours, events) = listening(&backend);
+    let theirs = backend.open();
+    let (id, _) = store_new(&mut ours);
+    let (heads, first) = signed_edit(&ours, &id, "ours");
+    let (other, other_heads) = store_new(&mut ours);
+    read_fully(&ours, &id);
+    read_fully(&ours, &other);
+    let calls = ours.database_calls();
+    for _ in 0..10 {
+        let answers = from_memory(&ours, &id, heads[0]);
+        assert_eq!(answers, (Some(Some(true)), Some(heads.clone()), Some(vec![first.clone()]), Some(1)));
+        assert_eq!(ours.cached_is_party(&id, &OrgId::new("flens-kommun").unwrap()), Some(Some(false)));
+        assert_eq!(ours.cached_is_party(&DocId::random(), &org()), Some(None), "known not to be stored");
+        assert_eq!(ours.cached_signatures(&[ChangeHash([9u8; 32])]), None, "a signature not held is not guessed");
+    }
+    assert_eq!(ours.database_calls(), calls, "nothing read from the database while nothing changed");
+
+    // Another instance changes the document (a change and a receipt).
+    events.lock().unwrap().clear();
+    let (new_heads, second) = signed_edit(&theirs, &id, "theirs");
+    assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())));
+    let (party, loaded, receipts, signatures) = from_memory(&ours, &id, heads[0]);
+    assert_eq!((party, loaded, receipts), (None, None, None), "stale: the full path runs");
+    assert_eq!(signatures, Some(1), "a stored signature never changes");
+    assert_eq!(from_memory(&ours, &other, other_heads[0]).1, Some(other_heads.clone()), "other documents stay");
+    // Read again by the full path: the new version, from memory again.
+    read_fully(&ours, &id);
+    let mut both = vec![first, second];
+    both.sort_by(|a, b| a.record_signature.cmp(&b.record_signature));
+    let (party, loaded, receipts, _) = from_memory(&ours, &id, new_heads[0]);
+    assert_eq!((party, loaded, receipts), (Some(Some(true)), Some(new_heads), Some(both)));
+}
+
+/// Without a connected listener (this instance would not hear the others'
+/// commits) the memory path answers `None`, and keeps doing so after the
+/// listener reconnected until each document is read again.
+#[test]
+fn postgres_reads_from_memory_are_none_while_the_listener_is_gone() {
+    let Some(backend) = postgres("postgres_reads_from_memory_are_none_while_the_listener_is_gone") else { return };
+    let (mut ours, events) = listening(&backend);
+    let (id, _) = store_new(&mut ours);
+    let (heads, receipt) = signed_edit(&ours, &id, "ours");
+    read_fully(&ours, &id);
+    assert_eq!(
+        from_memory(&ours, &id, heads[0]),
+        (Some(Some(true)), Some(heads.clone()), Some(vec![receipt]), Some(1))
+    );
+    // The listener's connection is cut, and no new connection to the database is allowed.
+    let name: String = ::postgres::Client::connect(&backend.0, ::postgres::NoTls)
+        .unwrap()
+        .query_one("SELECT current_database()", &[])
+        .unwrap()
+        .get(0);
+    // From the server's own database: a database cannot refuse connections to itself from inside.
+    let server = std::env::var(postgres::TEST_SERVER_ENV).unwrap();
+    let mut admin = ::postgres::Client::connect(server.trim(), ::postgres::NoTls).unwrap();
+    let allow = |admin: &mut ::postgres::Client, allow: bool| {
+        admin.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}")).unwrap();
+    };
+    allow(&mut admin, false);
+    let cut: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = $1 AND query LIKE '%heartbeat_at = now()%'",
+            &[&name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(cut, 1, "the listener's connection (the one that beats) was found");
+    let deadline = Instant::now() + LIMIT;
+    while ours.cached_is_party(&id, &org()).is_some() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (party, loaded, receipts, _) = from_memory(&ours, &id, heads[0]);
+    assert_eq!((party, loaded, receipts), (None, None, None), "nothing is trusted without the listener");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(from_memory(&ours, &id, heads[0]).0, None, "nor while it cannot reconnect");
+    // Back: what was kept from before is still not trusted, until read again.
+    events.lock().unwrap().clear();
+    allow(&mut admin, true);
+    assert!(wait_for(&events, |e| *e == RemoteEvent::Missed), "the listener reconnected");
+    let (party, loaded, receipts, _) = from_memory(&ours, &id, heads[0]);
+    assert_eq!((party, loaded, receipts), (None, None, None), "read before the listener reconnected");
+    read_fully(&ours, &id);
+    assert_eq!(from_memory(&ours, &id, heads[0]).1, Some(heads));
+}

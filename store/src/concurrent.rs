@@ -38,7 +38,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::receipt::ApprovalReceipt;
 
-use crate::slots::Slots;
+use crate::slots::{read_only, Slots};
 use crate::{DocSummary, DocWrite, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
 use recent_signatures::RecentSignatures;
 
@@ -286,15 +286,11 @@ impl ConcurrentStore {
     /// Runs `f` on a document if it is loaded and no other thread holds it
     /// now, without loading it or waiting: `None` otherwise. `f` only reads
     /// (it generates a sync message); were it to change the document's heads,
-    /// the change would not be stored, so that copy is dropped (and the
-    /// document loaded again from the database at its next use).
+    /// the change would not be stored, so its value is not returned (`None`)
+    /// and that copy is dropped (the document is loaded again from the
+    /// database at its next use): see [`crate::slots::read_only`].
     pub fn try_with_loaded<R>(&self, id: &DocId, f: impl FnOnce(&mut Document) -> R) -> Option<R> {
-        self.inner.slots.try_with_loaded(id, |loaded| {
-            let before = loaded.doc.heads();
-            let value = f(&mut loaded.doc);
-            let unchanged = loaded.doc.heads() == before;
-            (value, unchanged)
-        })
+        self.inner.slots.try_with_loaded(id, |loaded| read_only(&mut loaded.doc, f)).flatten()
     }
 
     /// Stores receipts (keeping the first of each record); returns how many were new.

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use samverkan_shared::ids::DocId;
+use samverkan_shared::model::Document;
 
 /// One document's lock and loaded copy (`None` while nothing is loaded).
 #[derive(Debug)]
@@ -145,6 +146,22 @@ impl<T> Slots<T> {
                 map.remove(&id);
             }
         }
+    }
+}
+
+/// Runs `f`, which must only read, on a loaded copy outside any storage
+/// transaction (see [`Slots::try_with_loaded`]): its value if it left the
+/// heads as they were, and whether the copy may be kept. A closure that
+/// changed the document gets `None` and the copy must be dropped: its change
+/// is stored nowhere, so neither the copy nor anything made from it may be
+/// served (the document is read again from storage at its next use).
+pub fn read_only<R>(doc: &mut Document, f: impl FnOnce(&mut Document) -> R) -> (Option<R>, bool) {
+    let before = doc.heads();
+    let value = f(doc);
+    if doc.heads() == before {
+        (Some(value), true)
+    } else {
+        (None, false)
     }
 }
 

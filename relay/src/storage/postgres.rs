@@ -32,8 +32,13 @@
 //! served from memory while they are current: the listener marks a document
 //! changed before it tells anyone of the other instance's commit, so the next
 //! step reads the rows it lacks (one statement, no lock); without a connected
-//! listener nothing cached is trusted (see [`cache`]). Revocation, join codes
-//! and connection limits are always read from the database.
+//! listener nothing cached is trusted (see [`cache`]). The same memory
+//! answers the relay's non-blocking reads (`cached_is_party`,
+//! `try_with_loaded`, `cached_receipts`, `cached_signatures`), with which a
+//! connection passes a change on or takes an acknowledgement on the async
+//! runtime's thread; whatever is not current, or a slot in use, is `None`
+//! there and goes the full way. Revocation, join codes and connection limits
+//! are always read from the database.
 //!
 //! Threads: the blocking `postgres` client runs a small runtime of its own and
 //! must never be called on a tokio worker thread. Every statement therefore
@@ -68,7 +73,7 @@ use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::SignedChange;
-use samverkan_store::slots::Slots;
+use samverkan_store::slots::{read_only, Slots};
 use samverkan_store::StoreError;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
@@ -855,6 +860,11 @@ fn insert_receipts(tx: &mut Transaction<'_>, receipts: &[ApprovalReceipt]) -> Re
     Ok(added.max(0) as usize)
 }
 
+/// The signatures found of `hashes`, in the order asked (as the SQLite store answers).
+fn in_order(hashes: &[ChangeHash], found: &std::collections::HashMap<ChangeHash, [u8; 64]>) -> Vec<SignedChange> {
+    hashes.iter().filter_map(|hash| Some((*hash, *found.get(hash)?))).collect()
+}
+
 /// The rows of `documents` an index entry is made of.
 type EntryRow = (String, Vec<String>, Vec<String>);
 
@@ -1109,8 +1119,53 @@ impl RelayStorage for PostgresStorage {
             found.extend(read.iter().copied());
             self.caches.put_signatures(read);
         }
-        // In the order asked, as the SQLite store answers.
-        Ok(hashes.iter().filter_map(|hash| Some((*hash, *found.get(hash)?))).collect())
+        Ok(in_order(hashes, &found))
+    }
+
+    /// Whether `org` is a party, from the index in memory while it is current, else read.
+    fn is_party(&self, doc: &DocId, org: &OrgId) -> Result<Option<bool>, StoreError> {
+        match self.caches.is_party(doc, org) {
+            Some(known) => Ok(known),
+            None => Ok(self.entry(doc)?.map(|entry| entry.parties.contains(org))),
+        }
+    }
+
+    // The reads from memory of the async runtime's thread: each answers only
+    // what `with_doc`, `is_party`, `receipts` and `signatures` would answer
+    // from memory without a statement (see [`cache`]), never waits for the
+    // database or a document's slot, and says `None` for anything else.
+
+    /// From the index in memory, only while that entry is current.
+    fn cached_is_party(&self, doc: &DocId, org: &OrgId) -> Option<Option<bool>> {
+        self.caches.is_party(doc, org)
+    }
+
+    /// On the loaded copy, only while it is current (the listener listens and
+    /// no change of the document was notified or made here since it was read)
+    /// and the slot is free now. A closure that changed the document gets
+    /// `None` and the copy is dropped ([`samverkan_store::slots::read_only`]):
+    /// nothing unwritten is kept or served.
+    fn try_with_loaded<R>(&self, doc: &DocId, f: impl FnOnce(&mut Document) -> R) -> Option<R> {
+        self.slots
+            .try_with_loaded(doc, |cached| {
+                if self.caches.fresh.is_current(doc, cached.stamp) {
+                    read_only(&mut cached.doc, f)
+                } else {
+                    (None, true) // Kept: `with_doc` reads only the rows it lacks.
+                }
+            })
+            .flatten()
+    }
+
+    /// From memory if every one is held (a stored signature never changes).
+    fn cached_signatures(&self, hashes: &[ChangeHash]) -> Option<Vec<SignedChange>> {
+        let (found, missing) = self.caches.signatures(hashes);
+        missing.is_empty().then(|| in_order(hashes, &found))
+    }
+
+    /// From memory, only while the cached receipts are current.
+    fn cached_receipts(&self, doc: &DocId) -> Option<Arc<Vec<ApprovalReceipt>>> {
+        self.caches.receipts(doc)
     }
 
     /// From memory while current (see [`cache`]), else read and kept.

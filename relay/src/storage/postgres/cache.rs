@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::ChangeHash;
 use samverkan_shared::ids::DocId;
+use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::SignedChange;
 
@@ -145,11 +146,11 @@ struct IndexCache {
     complete: Option<Stamp>,
 }
 
-/// What the index cache knows of one document.
+/// What the index cache knows of one document (`T`: its entry, or what was asked of it).
 #[derive(Debug, PartialEq, Eq)]
-pub(super) enum Known {
-    /// Stored, with this entry.
-    Stored(DocEntry),
+pub(super) enum Known<T = DocEntry> {
+    /// Stored, with this entry (or this of it).
+    Stored(T),
     /// Not stored.
     Missing,
     /// Not known: read it from the database.
@@ -163,12 +164,27 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Caches {
     /// One document's index entry, if known to be current.
     pub(super) fn entry(&self, doc: &DocId) -> Known {
+        self.with_entry(doc, DocEntry::clone)
+    }
+
+    /// `f` of one document's index entry, if known to be current, without copying it.
+    pub(super) fn with_entry<R>(&self, doc: &DocId, f: impl FnOnce(&DocEntry) -> R) -> Known<R> {
         let index = lock(&self.index);
         match index.entries.get(doc) {
-            Some((entry, stamp)) if self.fresh.is_current(doc, Some(*stamp)) => Known::Stored(entry.clone()),
+            Some((entry, stamp)) if self.fresh.is_current(doc, Some(*stamp)) => Known::Stored(f(entry)),
             Some(_) => Known::Unknown,
             None if self.fresh.is_current(doc, index.complete) => Known::Missing,
             None => Known::Unknown,
+        }
+    }
+
+    /// Whether `org` is a party of the document (`Some(None)`: not stored),
+    /// if the index entry is known to be current; `None`: read it.
+    pub(super) fn is_party(&self, doc: &DocId, org: &OrgId) -> Option<Option<bool>> {
+        match self.with_entry(doc, |entry| entry.parties.contains(org)) {
+            Known::Stored(party) => Some(Some(party)),
+            Known::Missing => Some(None),
+            Known::Unknown => None,
         }
     }
 
