@@ -1010,6 +1010,13 @@ pub struct DocWrite {
     pub receipts: Vec<ApprovalReceipt>,
 }
 
+/// What Automerge's `save_after` gives for `changes` (the changes new since
+/// some heads, in its order): their raw bytes one after another, the data of
+/// an increment row. For a caller that has taken the changes anyway.
+pub fn increment_bytes(changes: &[automerge::Change]) -> Vec<u8> {
+    changes.iter().map(|c| c.raw_bytes()).collect::<Vec<_>>().concat()
+}
+
 impl DocWrite {
     /// Checks an updated document (readable, within `limits` given its size
     /// `size_before`, `None` for a new document) and computes what to write.
@@ -1029,11 +1036,7 @@ impl DocWrite {
         let new = doc.automerge_mut().get_changes(before);
         let size = limits.check_changes(&id, &new, size_before.unwrap_or(0))?;
         let created = size_before.is_none();
-        let data = if created {
-            doc.automerge_mut().save()
-        } else {
-            new.iter().map(|c| c.raw_bytes()).collect::<Vec<_>>().concat()
-        };
+        let data = if created { doc.automerge_mut().save() } else { increment_bytes(&new) };
         Ok(Self {
             heads: doc.heads(),
             kind: doc.kind()?,

@@ -936,10 +936,13 @@ impl PostgresStorage {
     ) -> Result<Cached, StoreError> {
         // Whatever came in must still be a document we can read, within the limits.
         document.check_header()?;
-        let ours = self.limits.check_new_changes(doc, document.automerge_mut(), before, 0)?;
-        let increment = document.automerge_mut().save_after(before);
+        // One pass over the new changes serves the limits and the increment (what `save_after` builds).
+        let new = document.automerge_mut().get_changes(before);
+        let ours = self.limits.check_changes(doc, &new, 0)?;
+        let increment = samverkan_store::increment_bytes(&new);
         // Taken before the lock: a change another instance notifies from now on is not hidden by this one.
         let stamp = self.caches.fresh.stamp();
+        let adds_receipts = !receipts.is_empty();
         let id = doc.as_str().to_string();
         let (read_id, key) = (id.clone(), lock_key("doc", &id));
         let at = version.map(|v| (v.generation, v.last_seq));
@@ -990,7 +993,11 @@ impl PostgresStorage {
             receipts,
         };
         let version = open.commit((write, stored))?;
-        let stamp = self.caches.fresh.changed_here(doc, stamp);
+        let stamp = if adds_receipts {
+            self.caches.fresh.changed_here(doc, stamp)
+        } else {
+            self.caches.changed_here_without_receipts(doc, stamp)
+        };
         self.caches.put_entry(DocEntry { id: doc.clone(), heads, parties }, stamp);
         self.caches.put_signatures(signatures);
         Ok(Cached { doc: document, version, stamp })
