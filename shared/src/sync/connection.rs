@@ -1009,6 +1009,34 @@ mod tests {
         panic!("did not settle");
     }
 
+    /// Edits `id` in `docs`, then has `full` queue the change by the full
+    /// path and `quick` without waiting; both queue the same frames, returned.
+    fn change_both_ways(
+        docs: &mut Docs,
+        id: &DocId,
+        n: usize,
+        full: &mut SyncConnection,
+        quick: &mut SyncConnection,
+    ) -> (Vec<Frame>, Vec<Frame>) {
+        let d = docs.get_mut(id).unwrap();
+        d.put(automerge::ROOT, "text", format!("version {n}")).unwrap();
+        d.commit();
+        full.on_local_change(id, docs).unwrap();
+        assert_eq!(quick.try_local_change(id, docs), Some(()), "everything is at hand");
+        let (by_full, by_quick) = (full.take_outbox(), quick.take_outbox());
+        assert!(by_full.iter().any(|f| matches!(f, Frame::Authors { .. })), "the change's signature goes along");
+        assert_eq!(by_full, by_quick);
+        (by_full, by_quick)
+    }
+
+    /// Two connections that took the same frames by different paths are in the same state.
+    fn assert_same_state(a: &mut SyncConnection, b: &mut SyncConnection) {
+        assert_eq!(a.take_outbox(), b.take_outbox());
+        assert_eq!(a.take_changed_shared_heads(), b.take_changed_shared_heads());
+        assert_eq!(a.stats().frames_in, b.stats().frames_in);
+        assert_eq!(a.stats().sync_in, b.stats().sync_in);
+    }
+
     /// A change passed on from memory ([`SyncConnection::try_local_change`])
     /// gives the peer the same frames and leaves the same sync state as the
     /// full path ([`SyncConnection::on_local_change`]).
@@ -1024,14 +1052,7 @@ mod tests {
         pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
         for n in 1..=5 {
             // A change from elsewhere reaches the relay's copy.
-            let d = rd.get_mut(&id).unwrap();
-            d.put(automerge::ROOT, "text", format!("version {n}")).unwrap();
-            d.commit();
-            relay1.on_local_change(&id, &mut rd).unwrap();
-            assert_eq!(relay2.try_local_change(&id, &mut rd), Some(()), "everything is in memory");
-            let (full, from_memory) = (relay1.take_outbox(), relay2.take_outbox());
-            assert!(full.iter().any(|f| matches!(f, Frame::Authors { .. })), "the change's signature goes along");
-            assert_eq!(full, from_memory);
+            let (full, from_memory) = change_both_ways(&mut rd, &id, n, &mut relay1, &mut relay2);
             // The nodes take the change in and acknowledge it: the full path
             // on one connection, from memory on the other.
             for f in full {
@@ -1047,10 +1068,7 @@ mod tests {
                 assert_eq!(relay1.on_frame(ack1, &mut rd).unwrap(), Vec::new());
                 assert_eq!(relay2.try_frame(&ack2, &mut rd), Some(()), "an acknowledgement needs only memory");
             }
-            assert_eq!(relay1.take_outbox(), relay2.take_outbox());
-            assert_eq!(relay1.take_changed_shared_heads(), relay2.take_changed_shared_heads());
-            assert_eq!(relay1.stats().frames_in, relay2.stats().frames_in);
-            assert_eq!(relay1.stats().sync_in, relay2.stats().sync_in);
+            assert_same_state(&mut relay1, &mut relay2);
             pump(&mut node1, &mut nd1, &mut relay1, &mut rd);
             pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
             let heads = rd.heads_of(&id);
@@ -1093,14 +1111,7 @@ mod tests {
         pump(&mut node1, &mut nd, &mut relay1, &mut rd1);
         pump(&mut node2, &mut nd, &mut relay2, &mut rd2);
         for n in 1..=5 {
-            let d = nd.get_mut(&id).unwrap();
-            d.put(automerge::ROOT, "text", format!("version {n}")).unwrap();
-            d.commit();
-            node1.on_local_change(&id, &mut nd).unwrap();
-            assert_eq!(node2.try_local_change(&id, &mut nd), Some(()), "the document is at hand");
-            let (full, without_waiting) = (node1.take_outbox(), node2.take_outbox());
-            assert!(full.iter().any(|f| matches!(f, Frame::Authors { .. })), "the change's signature goes along");
-            assert_eq!(full, without_waiting);
+            let (full, without_waiting) = change_both_ways(&mut nd, &id, n, &mut node1, &mut node2);
             // The relays store the change; the second takes the signatures without storage.
             for f in full {
                 relay1.on_frame(f, &mut rd1).unwrap();
@@ -1121,10 +1132,7 @@ mod tests {
                 assert_eq!(node1.on_frame(ack1, &mut nd).unwrap(), Vec::new());
                 assert_eq!(node2.try_frame(&ack2, &mut nd), Some(()), "an acknowledgement needs no write");
             }
-            assert_eq!(node1.take_outbox(), node2.take_outbox());
-            assert_eq!(node1.take_changed_shared_heads(), node2.take_changed_shared_heads());
-            assert_eq!(node1.stats().frames_in, node2.stats().frames_in);
-            assert_eq!(node1.stats().sync_in, node2.stats().sync_in);
+            assert_same_state(&mut node1, &mut node2);
             pump(&mut node1, &mut nd, &mut relay1, &mut rd1);
             pump(&mut node2, &mut nd, &mut relay2, &mut rd2);
             let heads = nd.heads_of(&id);
