@@ -34,8 +34,10 @@ use samverkan_shared::identity::NodeKey;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
-use samverkan_shared::sync::{ConnectionError, ConnectionEvent, DocAccess, DocOutcome, SignedChange, SyncConnection};
-use samverkan_shared::wire::{Frame, RefusalKind, PROTOCOL_VERSION};
+use samverkan_shared::sync::{
+    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, SignedChange, SyncConnection,
+};
+use samverkan_shared::wire::{Frame, ReceiptEntry, RefusalKind, PROTOCOL_VERSION};
 use samverkan_store::{DocRefusal, Store, StoreError};
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
@@ -362,6 +364,27 @@ impl DocAccess for NodeDocs<'_> {
     }
 }
 
+/// What the node answers without the database's write lock: the document
+/// from a read snapshot, so sending a change and taking the relay's
+/// acknowledgement never wait for an editor's transaction (nor hold one up).
+impl MemoryAccess for NodeDocs<'_> {
+    fn try_loaded_doc<R>(&mut self, doc: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Option<R> {
+        // A refused document, or one not ours to send, takes the full path (which says why).
+        if self.refusals.contains_key(doc) || !self.may_send(doc) {
+            return None;
+        }
+        self.store.read_doc(doc, f).ok().flatten()
+    }
+
+    fn try_signatures(&mut self, doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Option<Vec<SignedChange>> {
+        self.signatures(doc, changes).ok()
+    }
+
+    fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>> {
+        self.receipts(doc).ok()
+    }
+}
+
 /// How a store transaction ended that the sync core asked to discard.
 enum Discarded {
     /// Discarded on purpose (the transaction rolled back).
@@ -477,7 +500,12 @@ impl Session {
     /// Handles one received frame; returns the documents that changed here, with their new heads.
     fn on_frame(&mut self, node: &mut Node, frame: Frame) -> Result<Vec<(DocId, Vec<ChangeHash>)>, SyncFailure> {
         let mut changed = Vec::new();
-        let events = self.sync.on_frame(frame, &mut NodeDocs::of(node)?)?;
+        let mut docs = NodeDocs::of(node)?;
+        // The relay's acknowledgements and signatures need no write transaction.
+        if self.sync.try_frame(&frame, &mut docs).is_some() {
+            return Ok(changed);
+        }
+        let events = self.sync.on_frame(frame, &mut docs)?;
         for event in events {
             match event {
                 ConnectionEvent::Established { peer, .. } => {
@@ -910,7 +938,9 @@ fn push_local_changes(
         if known.get(&doc) != Some(&heads) {
             debug!(%doc, "local change; pushing");
             let mut docs = NodeDocs::of(node)?;
-            session.sync.on_local_change(&doc, &mut docs)?;
+            if session.sync.try_local_change(&doc, &mut docs).is_none() {
+                session.sync.on_local_change(&doc, &mut docs)?;
+            }
             known.insert(doc, heads);
         }
     }

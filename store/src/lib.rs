@@ -602,6 +602,23 @@ impl Store {
         Ok(doc)
     }
 
+    /// Runs `f` on the current version of a document, read in one read
+    /// snapshot: no write lock is taken, so this never waits for another
+    /// process's write (WAL). `f` only reads: the copy is kept in the cache
+    /// for the next read or update, unless `f` changed its heads (then it is
+    /// dropped; nothing is ever written). `None` if the document is not stored.
+    pub fn read_doc<R>(&self, id: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Result<Option<R>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?; // Deferred: a read snapshot, no write lock.
+        let Some(mut loaded) = load_in(&tx, &self.cache, id, true)? else { return Ok(None) };
+        drop(tx);
+        let before = loaded.doc.heads();
+        let value = f(loaded.doc.automerge_mut());
+        if loaded.doc.heads() == before {
+            self.cache.borrow_mut().put(loaded.doc, loaded.generation, loaded.last_seq);
+        }
+        Ok(Some(value))
+    }
+
     /// Stores a new document (fails if the id exists).
     pub fn insert(&mut self, doc: &mut Document) -> Result<UpdateOutcome, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1385,6 +1402,41 @@ mod tests {
         let fresh = Store::open(&path).unwrap().load(&id).unwrap().view().unwrap();
         assert_eq!(fresh.body, expected);
         assert_eq!(fresh.place.as_deref(), Some("Trosa"));
+    }
+
+    #[test]
+    fn a_read_needs_no_write_lock_and_sees_what_was_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let (ctx, directory) = (ctx(), Directory::sodermanland());
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        let mut ours = Store::open_or_create(&path).unwrap();
+        ours.insert(&mut doc).unwrap();
+        ours.set_busy_timeout(Duration::ZERO).unwrap();
+        let body = |store: &Store| {
+            store.read_doc(&id, |d| Document::from_automerge(id.clone(), d.clone()).unwrap().view().unwrap().body)
+        };
+        let mut theirs = Store::open(&path).unwrap();
+        theirs
+            .update(&id, false, |d| {
+                d.edit(&ctx, &directory, "body", |e| e.set_body("committed")).map_err(StoreError::from)
+            })
+            .unwrap();
+        // Another process holds the write lock (an editor's transaction, a long import).
+        let writer = rusqlite::Connection::open(&path).unwrap();
+        writer.execute_batch("BEGIN IMMEDIATE; UPDATE documents SET title = 'not yet'").unwrap();
+        assert!(ours.update(&id, false, |_| Ok::<_, StoreError>(())).is_err_and(|e| e.is_busy()), "writes wait");
+        assert_eq!(body(&ours).unwrap().as_deref(), Some("committed"), "reads do not");
+        writer.execute_batch("ROLLBACK").unwrap();
+        // The copy read is kept and brought up to date by the next read.
+        theirs
+            .update(&id, false, |d| d.edit(&ctx, &directory, "body", |e| e.set_body("later")).map_err(StoreError::from))
+            .unwrap();
+        assert_eq!(ours.cached(), 1);
+        assert_eq!(body(&ours).unwrap().as_deref(), Some("later"));
+        assert_eq!(body(&ours).unwrap(), Some("later".to_string()));
+        assert_eq!(ours.read_doc(&DocId::random(), |_| ()).unwrap(), None);
     }
 
     #[test]

@@ -195,14 +195,19 @@ pub trait DocAccess {
     }
 }
 
-/// What a driver can answer from memory alone, without waiting for storage
-/// or for a lock another thread holds: what [`SyncConnection::try_local_change`]
-/// needs, so that a relay can pass a change on from its async runtime's
-/// thread. `None` always means "not without waiting".
+/// What a driver can answer without waiting for storage or for a lock
+/// another thread or process holds: what [`SyncConnection::try_local_change`]
+/// and [`SyncConnection::try_frame`] need, so that a relay can pass a change
+/// on from its async runtime's thread (from memory alone), and a node can
+/// send its changes and take the relay's acknowledgements without the
+/// database's write lock (from a read snapshot, which an editor's write
+/// never holds up). `None` always means "not without waiting".
 pub trait MemoryAccess {
-    /// Runs `f` on the document if it is loaded and nobody is using it now,
-    /// and the peer may see it (as [`DocAccess::with_doc`] without `create`).
-    /// `f` only reads: it must leave the document's heads as they are.
+    /// Runs `f` on the document if it can be had without waiting (on the
+    /// relay: loaded and nobody using it now) and the peer may see it and be
+    /// sent it (as [`DocAccess::with_doc`] without `create`, and
+    /// [`DocAccess::may_send`]). `f` only reads: it must leave the document's
+    /// heads as they are.
     fn try_loaded_doc<R>(&mut self, doc: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Option<R>;
 
     /// The stored authors' signatures of these changes, if every one is in memory.
@@ -735,22 +740,19 @@ impl SyncConnection {
         self.generate(doc, docs)
     }
 
-    /// (Relay.) [`Self::on_local_change`] done from memory alone: `Some(())`
-    /// when it is done (what the peer needs is queued), `None` when it needs
-    /// storage or a busy document — then nothing changed here, and the driver
-    /// calls [`Self::on_local_change`] where waiting is allowed. The message,
-    /// the sync state it leaves and the signatures sent are exactly those of
-    /// [`Self::on_local_change`]: it is generated on a copy of the state, taken
-    /// in only once everything it needs was found. Rare paths (no sync state
-    /// yet, an error, a change whose author's signature is not in memory) are
-    /// left to [`Self::on_local_change`]. Only for the relay, which offers
-    /// every document its peer may see ([`DocAccess::may_send`] is `true`).
+    /// [`Self::on_local_change`] done without waiting ([`MemoryAccess`]):
+    /// `Some(())` when it is done (what the peer needs is queued), `None` when
+    /// it needs storage or a busy document — then nothing changed here, and
+    /// the driver calls [`Self::on_local_change`] where waiting is allowed.
+    /// The message, the sync state it leaves and the signatures sent are
+    /// exactly those of [`Self::on_local_change`]: it is generated on a copy of
+    /// the state, taken in only once everything it needs was found. Rare paths
+    /// (no sync state yet, a document disabled after a refusal, an error, a
+    /// change whose author's signature is not at hand) are left to
+    /// [`Self::on_local_change`].
     pub fn try_local_change<M: MemoryAccess>(&mut self, doc: &DocId, memory: &mut M) -> Option<()> {
         if self.phase != Phase::Open {
             return Some(()); // The summary will cover it.
-        }
-        if self.role != Role::Relay {
-            return None;
         }
         let receipts = memory.try_receipts(doc)?;
         let session = &self.session;
@@ -762,16 +764,29 @@ impl SyncConnection {
         Some(())
     }
 
-    /// (Relay.) [`Self::on_frame`] for a peer's `Sync` frame that carries no
-    /// changes (an acknowledgement), done from memory alone as
-    /// [`Self::try_local_change`]: `Some(())` when it is done (such a frame
-    /// raises no event), `None` when it needs the full path — then nothing
-    /// changed here and the driver passes the frame to [`Self::on_frame`].
-    /// The reply and the state it leaves are those of [`Self::on_frame`].
+    /// [`Self::on_frame`] done without waiting, as [`Self::try_local_change`],
+    /// for a peer's `Sync` frame that carries no changes (an acknowledgement)
+    /// and for an `Authors` frame (signatures held until their `Sync` frame,
+    /// no storage at all): `Some(())` when it is done (such frames raise no
+    /// event), `None` when it needs the full path — then nothing changed here
+    /// and the driver passes the frame to [`Self::on_frame`]. The reply and
+    /// the state it leaves are those of [`Self::on_frame`].
     pub fn try_frame<M: MemoryAccess>(&mut self, frame: &Frame, memory: &mut M) -> Option<()> {
-        let Frame::Sync { doc, message } = frame else { return None };
-        if self.role != Role::Relay || self.phase != Phase::Open || self.offered.by_doc.contains_key(doc) {
+        if self.phase != Phase::Open {
             return None;
+        }
+        let (doc, message) = match frame {
+            Frame::Sync { doc, message } => (doc, message),
+            Frame::Authors { doc, entries } => {
+                // Over the limit: the full path refuses it with its error frame.
+                self.offered.offer(doc.clone(), entries.clone()).ok()?;
+                self.stats.frames_in += 1;
+                return Some(());
+            }
+            _ => return None,
+        };
+        if self.offered.by_doc.contains_key(doc) {
+            return None; // Signatures offered: the frame carries changes.
         }
         let receipts = memory.try_receipts(doc)?;
         let session = &self.session;
@@ -994,6 +1009,34 @@ mod tests {
         panic!("did not settle");
     }
 
+    /// Edits `id` in `docs`, then has `full` queue the change by the full
+    /// path and `quick` without waiting; both queue the same frames, returned.
+    fn change_both_ways(
+        docs: &mut Docs,
+        id: &DocId,
+        n: usize,
+        full: &mut SyncConnection,
+        quick: &mut SyncConnection,
+    ) -> (Vec<Frame>, Vec<Frame>) {
+        let d = docs.get_mut(id).unwrap();
+        d.put(automerge::ROOT, "text", format!("version {n}")).unwrap();
+        d.commit();
+        full.on_local_change(id, docs).unwrap();
+        assert_eq!(quick.try_local_change(id, docs), Some(()), "everything is at hand");
+        let (by_full, by_quick) = (full.take_outbox(), quick.take_outbox());
+        assert!(by_full.iter().any(|f| matches!(f, Frame::Authors { .. })), "the change's signature goes along");
+        assert_eq!(by_full, by_quick);
+        (by_full, by_quick)
+    }
+
+    /// Two connections that took the same frames by different paths are in the same state.
+    fn assert_same_state(a: &mut SyncConnection, b: &mut SyncConnection) {
+        assert_eq!(a.take_outbox(), b.take_outbox());
+        assert_eq!(a.take_changed_shared_heads(), b.take_changed_shared_heads());
+        assert_eq!(a.stats().frames_in, b.stats().frames_in);
+        assert_eq!(a.stats().sync_in, b.stats().sync_in);
+    }
+
     /// A change passed on from memory ([`SyncConnection::try_local_change`])
     /// gives the peer the same frames and leaves the same sync state as the
     /// full path ([`SyncConnection::on_local_change`]).
@@ -1009,14 +1052,7 @@ mod tests {
         pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
         for n in 1..=5 {
             // A change from elsewhere reaches the relay's copy.
-            let d = rd.get_mut(&id).unwrap();
-            d.put(automerge::ROOT, "text", format!("version {n}")).unwrap();
-            d.commit();
-            relay1.on_local_change(&id, &mut rd).unwrap();
-            assert_eq!(relay2.try_local_change(&id, &mut rd), Some(()), "everything is in memory");
-            let (full, from_memory) = (relay1.take_outbox(), relay2.take_outbox());
-            assert!(full.iter().any(|f| matches!(f, Frame::Authors { .. })), "the change's signature goes along");
-            assert_eq!(full, from_memory);
+            let (full, from_memory) = change_both_ways(&mut rd, &id, n, &mut relay1, &mut relay2);
             // The nodes take the change in and acknowledge it: the full path
             // on one connection, from memory on the other.
             for f in full {
@@ -1032,10 +1068,7 @@ mod tests {
                 assert_eq!(relay1.on_frame(ack1, &mut rd).unwrap(), Vec::new());
                 assert_eq!(relay2.try_frame(&ack2, &mut rd), Some(()), "an acknowledgement needs only memory");
             }
-            assert_eq!(relay1.take_outbox(), relay2.take_outbox());
-            assert_eq!(relay1.take_changed_shared_heads(), relay2.take_changed_shared_heads());
-            assert_eq!(relay1.stats().frames_in, relay2.stats().frames_in);
-            assert_eq!(relay1.stats().sync_in, relay2.stats().sync_in);
+            assert_same_state(&mut relay1, &mut relay2);
             pump(&mut node1, &mut nd1, &mut relay1, &mut rd);
             pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
             let heads = rd.heads_of(&id);
@@ -1059,7 +1092,54 @@ mod tests {
         rd.insert(id.clone(), doc_with("new here"));
         assert_eq!(relay.try_local_change(&id, &mut rd), None);
         assert!(relay.take_outbox().is_empty(), "nothing was queued");
-        assert_eq!(node.try_local_change(&id, &mut nd), None, "only the relay passes changes on from memory");
+        assert_eq!(node.try_local_change(&id, &mut nd), None, "nor a node a document it does not hold");
+    }
+
+    /// A node's change sent, and the relay's acknowledgement taken, without
+    /// waiting ([`SyncConnection::try_local_change`], [`SyncConnection::try_frame`])
+    /// give the relay the same frames and leave the same sync state as the
+    /// full path; the relay takes the signatures ahead of the change (`Authors`)
+    /// without storage too.
+    #[test]
+    fn a_nodes_change_and_the_acknowledgement_without_waiting_are_what_the_full_path_does() {
+        let id = DocId::random();
+        let mut nd = docs();
+        nd.insert(id.clone(), doc_with("version 0"));
+        let (mut rd1, mut rd2) = (docs(), docs());
+        let (mut node1, mut relay1) = (SyncConnection::node("n", "test"), SyncConnection::relay("test"));
+        let (mut node2, mut relay2) = (SyncConnection::node("n", "test"), SyncConnection::relay("test"));
+        pump(&mut node1, &mut nd, &mut relay1, &mut rd1);
+        pump(&mut node2, &mut nd, &mut relay2, &mut rd2);
+        for n in 1..=5 {
+            let (full, without_waiting) = change_both_ways(&mut nd, &id, n, &mut node1, &mut node2);
+            // The relays store the change; the second takes the signatures without storage.
+            for f in full {
+                relay1.on_frame(f, &mut rd1).unwrap();
+            }
+            for f in without_waiting {
+                if matches!(f, Frame::Authors { .. }) {
+                    assert_eq!(relay2.try_frame(&f, &mut rd2), Some(()), "signatures need no storage");
+                } else {
+                    assert_eq!(relay2.try_frame(&f, &mut rd2), None, "changes are stored");
+                    relay2.on_frame(f, &mut rd2).unwrap();
+                }
+            }
+            assert_eq!(relay1.stats().frames_in, relay2.stats().frames_in);
+            let (acks1, acks2) = (relay1.take_outbox(), relay2.take_outbox());
+            assert_eq!(acks1, acks2);
+            assert!(acks2.iter().any(|f| matches!(f, Frame::Sync { .. })), "the relay acknowledges");
+            for (ack1, ack2) in acks1.into_iter().zip(acks2) {
+                assert_eq!(node1.on_frame(ack1, &mut nd).unwrap(), Vec::new());
+                assert_eq!(node2.try_frame(&ack2, &mut nd), Some(()), "an acknowledgement needs no write");
+            }
+            assert_same_state(&mut node1, &mut node2);
+            pump(&mut node1, &mut nd, &mut relay1, &mut rd1);
+            pump(&mut node2, &mut nd, &mut relay2, &mut rd2);
+            let heads = nd.heads_of(&id);
+            assert_eq!((rd1.heads_of(&id), rd2.heads_of(&id)), (heads.clone(), heads));
+            assert_eq!(node1.persisted(), node2.persisted());
+            assert_eq!(node1.session.signatures_sent, node2.session.signatures_sent);
+        }
     }
 
     /// A `Sync` frame with changes, for a document without a sync state, or not `Sync` at all, is left to the full path.
