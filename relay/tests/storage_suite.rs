@@ -830,7 +830,7 @@ fn postgres_reads_from_memory_are_free_while_current_and_none_after_another_inst
     let test = "postgres_reads_from_memory_are_free_while_current_and_none_after_another_instances_change";
     let Some(backend) = postgres(test) else { return };
     let (mut ours, events) = listening(&backend);
-    let theirs = backend.open();
+    let mut theirs = backend.open();
     let (id, _) = store_new(&mut ours);
     let (heads, first) = signed_edit(&ours, &id, "ours");
     let (other, other_heads) = store_new(&mut ours);
@@ -859,7 +859,16 @@ fn postgres_reads_from_memory_are_free_while_current_and_none_after_another_inst
     let mut both = vec![first, second];
     both.sort_by(|a, b| a.record_signature.cmp(&b.record_signature));
     let (party, loaded, receipts, _) = from_memory(&ours, &id, new_heads[0]);
-    assert_eq!((party, loaded, receipts), (Some(Some(true)), Some(new_heads), Some(both)));
+    assert_eq!((party, loaded, receipts), (Some(Some(true)), Some(new_heads.clone()), Some(both.clone())));
+
+    // A change that adds no receipt: the document is read again, its receipts are not.
+    events.lock().unwrap().clear();
+    let plain = edit(&mut theirs, &id, "theirs, no approval");
+    assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())));
+    let (_, loaded, receipts, _) = from_memory(&ours, &id, new_heads[0]);
+    assert_eq!((loaded, receipts), (None, Some(both.clone())), "the receipts stay trusted");
+    read_fully(&ours, &id);
+    assert_eq!(from_memory(&ours, &id, new_heads[0]).1, Some(plain));
 }
 
 /// Without a connected listener (this instance would not hear the others'

@@ -102,8 +102,13 @@ pub const INSTANCE_TIMEOUT: Duration = Duration::from_secs(30);
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_relay.sql")];
 /// The advisory lock migrations run under (two instances starting at once).
 const MIGRATION_LOCK: i64 = 0x5356_4B4E_0001;
-/// Notification channel of document changes (payload: instance, space, doc id).
+/// Notification channel of document changes (payload: instance, doc id and
+/// whether receipts were added, separated by spaces: see `notify_docs`).
 const CHANNEL_DOCS: &str = "samverkan_docs";
+/// A document change's notification says: the commit may have added receipts.
+const RECEIPTS_ADDED: &str = "receipts";
+/// A document change's notification says: the commit added no receipts.
+const NO_RECEIPTS: &str = "no-receipts";
 /// Notification channel of metadata changes (payload: instance).
 const CHANNEL_META: &str = "samverkan_meta";
 /// Notification channel asking an instance to close a connection
@@ -790,20 +795,26 @@ fn write_doc(tx: &mut Transaction<'_>, w: DocWrite, stored: Version) -> Result<V
         }
     };
     insert_signatures(tx, &w.signatures)?;
-    insert_receipts(tx, &w.receipts)?;
-    notify_docs(tx, &w.instance, std::iter::once(w.id.as_str()))?;
+    let receipts_added = insert_receipts(tx, &w.receipts)? > 0;
+    notify_docs(tx, &w.instance, std::iter::once(w.id.as_str()), receipts_added)?;
     Ok(version)
 }
 
 /// Tells the other instances (when the transaction commits: `NOTIFY` is
-/// delivered only then) that these documents changed.
+/// delivered only then) that these documents changed, and whether the
+/// transaction may have added approval receipts to them. The payload is
+/// `<instance> <doc> <receipts>`, the last word [`RECEIPTS_ADDED`] or
+/// [`NO_RECEIPTS`]; a listener takes anything else, or its absence (an
+/// older instance), as receipts added.
 fn notify_docs<'a>(
     tx: &mut Transaction<'_>,
     instance: &str,
     docs: impl IntoIterator<Item = &'a str>,
+    receipts_added: bool,
 ) -> Result<(), StoreError> {
+    let receipts = if receipts_added { RECEIPTS_ADDED } else { NO_RECEIPTS };
     for doc in docs {
-        let payload = format!("{instance} {doc}");
+        let payload = format!("{instance} {doc} {receipts}");
         tx.query_typed("SELECT pg_notify($1, $2)", &[(&CHANNEL_DOCS, Type::TEXT), (&payload, Type::TEXT)])
             .map_err(pg)?;
     }
@@ -1221,7 +1232,7 @@ impl RelayStorage for PostgresStorage {
         let (receipts, instance, ids) = (receipts.to_vec(), self.instance.clone(), docs.clone());
         let added = self.workers.call_in_transaction(move |tx| {
             let added = insert_receipts(tx, &receipts)?;
-            notify_docs(tx, &instance, ids.iter().map(DocId::as_str))?;
+            notify_docs(tx, &instance, ids.iter().map(DocId::as_str), added > 0)?;
             Ok(added)
         })?;
         for doc in &docs {
@@ -1521,7 +1532,8 @@ impl Listener {
                 CHANNEL_DOCS if from != self.instance => {
                     if let Some(doc) = parts.next().and_then(|d| d.parse::<DocId>().ok()) {
                         // Before anyone is told: a step woken by this reads the new version.
-                        self.caches.fresh.changed_remotely(&doc);
+                        let receipts_added = parts.next() != Some(NO_RECEIPTS);
+                        self.caches.changed_remotely(&doc, receipts_added);
                         (self.on_event)(RemoteEvent::DocChanged(doc));
                     }
                 }

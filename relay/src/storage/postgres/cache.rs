@@ -71,6 +71,13 @@ impl FreshState {
 }
 
 impl FreshState {
+    /// See [`Freshness::changed_remotely`]; the tick it happened at.
+    fn changed_remotely(&mut self, doc: &DocId) -> u64 {
+        self.tick += 1;
+        self.remote.insert(doc.clone(), self.tick);
+        self.tick
+    }
+
     /// See [`Freshness::changed_here`].
     fn changed_here(&mut self, doc: &DocId, before: Option<Stamp>) -> Option<Stamp> {
         self.tick += 1;
@@ -99,10 +106,7 @@ impl Freshness {
 
     /// The listener heard that another instance committed a change of `doc`.
     pub(super) fn changed_remotely(&self, doc: &DocId) {
-        let mut state = self.lock();
-        state.tick += 1;
-        let tick = state.tick;
-        state.remote.insert(doc.clone(), tick);
+        self.lock().changed_remotely(doc);
     }
 
     /// This instance committed a change of `doc`, holding its lock from just after
@@ -276,6 +280,27 @@ impl Caches {
         written
     }
 
+    /// The listener heard that another instance committed a change of `doc`
+    /// (see [`Freshness::changed_remotely`]). A commit that added no receipts
+    /// leaves the cached receipts trusted, re-stamped now, if they were
+    /// current until then: notifications arrive in commit order, so nothing
+    /// else changed them meanwhile, and another instance's connections
+    /// changing a document here then cost no database read of its receipts.
+    pub(super) fn changed_remotely(&self, doc: &DocId, receipts_added: bool) {
+        if receipts_added {
+            self.fresh.changed_remotely(doc);
+            return;
+        }
+        // The order receipts, then freshness, as in `receipts`.
+        let mut receipts = lock(&self.receipts);
+        let mut state = self.fresh.lock();
+        let kept = receipts.get_mut(doc).filter(|(_, kept)| state.current(doc, *kept));
+        let tick = state.changed_remotely(doc);
+        if let Some((_, kept)) = kept {
+            *kept = Stamp { epoch: state.epoch, remote: tick, local: tick };
+        }
+    }
+
     /// Keeps a document's receipts, read at `stamp`.
     pub(super) fn put_receipts(&self, doc: &DocId, found: Arc<Vec<ApprovalReceipt>>, stamp: Option<Stamp>) {
         if let Some(stamp) = stamp {
@@ -348,6 +373,36 @@ mod tests {
         assert!(!fresh.is_current(&a, again), "nothing is trusted while the listener is gone");
         fresh.listening();
         assert!(!fresh.is_current(&a, again), "nor what was read before it reconnected");
+    }
+
+    #[test]
+    fn another_instances_change_without_receipts_keeps_the_cached_receipts_only_if_they_were_current() {
+        let caches = Caches::default();
+        caches.fresh.listening();
+        let (doc, other) = (DocId::random(), DocId::random());
+        let receipts: Receipts = Arc::new(Vec::new());
+        caches.put_receipts(&doc, receipts.clone(), caches.fresh.stamp());
+        let read = caches.fresh.stamp();
+        // A change that added none: the receipts stay trusted, the document's other values do not.
+        caches.changed_remotely(&doc, false);
+        assert!(caches.receipts(&doc).is_some());
+        assert!(!caches.fresh.is_current(&doc, read), "the document itself changed");
+        // One that may have added some: read them again.
+        caches.changed_remotely(&doc, true);
+        assert!(caches.receipts(&doc).is_none());
+        // Stale receipts never become trusted again by a later change without receipts.
+        caches.changed_remotely(&doc, false);
+        assert!(caches.receipts(&doc).is_none());
+        // Nor do receipts read before the listener reconnected.
+        caches.put_receipts(&other, receipts.clone(), caches.fresh.stamp());
+        caches.fresh.listening();
+        caches.changed_remotely(&other, false);
+        assert!(caches.receipts(&other).is_none());
+        // An own write that added receipts after the notification makes them stale as before.
+        caches.put_receipts(&doc, receipts, caches.fresh.stamp());
+        caches.changed_remotely(&doc, false);
+        caches.fresh.changed_here(&doc, None);
+        assert!(caches.receipts(&doc).is_none());
     }
 
     #[test]
