@@ -29,6 +29,10 @@
 //!                                    # with 1 MiB headroom it must fit max_frame_bytes
 //! receive_bytes_per_second_per_key = 8388608  # what one node key may make the relay read on average (8 MiB/s)
 //! receive_burst_bytes_per_key = 16777216      # and at once (16 MiB); every frame counts at least 4 KiB
+//!
+//! [postgres]
+//! pool_size = 8                      # with storage = "postgres://…": connections (and storage
+//!                                    # worker threads) this instance opens at most
 //! ```
 
 use std::net::SocketAddr;
@@ -124,6 +128,14 @@ pub struct LimitsFile {
     pub receive_burst_bytes_per_key: Option<u64>,
 }
 
+/// The `[postgres]` table (read only with a PostgreSQL `storage`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresFile {
+    /// Connections (and storage worker threads) one instance opens at most.
+    pub pool_size: Option<u32>,
+}
+
 /// The whole file: every key optional.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +160,9 @@ pub struct RelayFile {
     /// Transport limits.
     #[serde(default)]
     pub limits: LimitsFile,
+    /// The PostgreSQL storage.
+    #[serde(default)]
+    pub postgres: PostgresFile,
 }
 
 impl RelayFile {
@@ -228,6 +243,11 @@ impl RelayFile {
         if let Some(n) = self.limits.receive_burst_bytes_per_key {
             config.receive_burst_per_key = n.max(1);
         }
+        match self.postgres.pool_size {
+            Some(0) => return Err("[postgres] pool_size must be at least 1".into()),
+            Some(n) => config.postgres_pool_size = n,
+            None => {}
+        }
         Ok(())
     }
 }
@@ -258,6 +278,8 @@ mod tests {
             max_document_bytes = 5000
             receive_bytes_per_second_per_key = 100000
             receive_burst_bytes_per_key = 200000
+            [postgres]
+            pool_size = 3
         "#;
         let file = RelayFile::parse(text).unwrap();
         let mut config = RelayConfig::new("0.0.0.0:7878".parse().unwrap(), PathBuf::from("/tmp/x"));
@@ -274,6 +296,7 @@ mod tests {
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(12));
         assert_eq!(config.limits.handshake_timeout, Duration::from_secs(4));
         assert_eq!((config.receive_rate_per_key, config.receive_burst_per_key), (100_000, 200_000));
+        assert_eq!(config.postgres_pool_size, 3);
     }
 
     #[test]
@@ -287,6 +310,9 @@ mod tests {
         assert!(RelayFile::parse("[admin]\nenabled = false").unwrap().admin.enabled == Some(false));
         let wrong = RelayFile::parse("storage = \"mysql://x\"").unwrap().apply(&mut config).unwrap_err();
         assert!(wrong.contains("postgres://"), "{wrong}");
+        let none = RelayFile::parse("[postgres]\npool_size = 0").unwrap().apply(&mut config).unwrap_err();
+        assert!(none.contains("pool_size"), "{none}");
+        assert!(RelayFile::parse("[postgres]\npool = 3").is_err(), "a typo in the table is an error too");
         let dir = tempfile::tempdir().unwrap();
         assert!(matches!(RelayFile::load(&dir.path().join("missing.toml")), Err(ConfigError::Io { .. })));
     }

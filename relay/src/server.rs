@@ -94,6 +94,9 @@ pub struct RelayConfig {
     /// Where the documents and the directory live: SQLite in the data
     /// directory (the default) or a PostgreSQL database several instances share.
     pub storage: StorageLocation,
+    /// On PostgreSQL: the connections (and storage worker threads) this
+    /// instance opens at most (see [`crate::storage::postgres`]).
+    pub postgres_pool_size: u32,
 }
 
 impl RelayConfig {
@@ -112,6 +115,7 @@ impl RelayConfig {
             receive_rate_per_key: crate::budget::DEFAULT_RATE,
             receive_burst_per_key: crate::budget::DEFAULT_BURST,
             storage: StorageLocation::Sqlite,
+            postgres_pool_size: crate::storage::postgres::DEFAULT_POOL_SIZE,
         }
     }
 }
@@ -501,9 +505,9 @@ pub async fn spawn(config: RelayConfig) -> Result<RelayHandle, RelayError> {
             start(config, storage, Some(lock)).await
         }
         StorageLocation::Postgres(url) => {
-            let (url, cache) = (url.clone(), config.cached_documents);
+            let (url, cache, pool) = (url.clone(), config.cached_documents, config.postgres_pool_size);
             // Connecting blocks: not on a runtime worker.
-            let storage = tokio::task::spawn_blocking(move || PostgresStorage::open(&url, cache))
+            let storage = tokio::task::spawn_blocking(move || PostgresStorage::open_with_pool(&url, cache, pool))
                 .await
                 .map_err(|e| StoreError::Backend { backend: "postgresql", message: e.to_string() })??;
             spawn_with_storage(config, storage).await
