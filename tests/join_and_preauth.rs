@@ -127,6 +127,44 @@ async fn a_join_by_a_key_already_enrolled_enrolls_nothing_and_leaves_the_code_us
     relay.shutdown().await;
 }
 
+/// A join code naming several instances of one relay: an instance that does
+/// not answer is passed over for the next, and the node remembers every
+/// address, the code's order kept, for its later syncs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_code_with_several_addresses_joins_at_the_first_that_answers_and_keeps_them_all() {
+    use samverkan::node::node::{META_RELAY_ADDRESS, META_RELAY_ALTERNATIVES};
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay"), None).await;
+    // An address where nothing answers: a bound UDP socket that never reads.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dead = silent.local_addr().unwrap().to_string();
+    let issued = relay.join_code(org("Gnesta"), "Gnesta BF-samordnare", chrono::Duration::hours(1)).unwrap();
+    let live = issued.relay_addresses[0].clone();
+    let code = JoinCode::new(issued.secret, issued.relay_key, vec![dead.clone(), live.clone()]).unwrap();
+    // It travels as text, as the operator sends it.
+    let code: JoinCode = code.to_string().parse().unwrap();
+
+    let mut gnesta = Node::init(&root.path().join("gnesta"), "Gnesta", None).unwrap();
+    let member = bounded("join", sync::join(&mut gnesta, &code, Duration::from_secs(2)))
+        .await
+        .expect("the second address answers");
+    assert_eq!(member.org, org("Gnesta"));
+    assert_eq!(gnesta.pinned_relay().unwrap(), Some(relay.relay_key()));
+    let store = gnesta.store();
+    assert_eq!(store.meta(META_RELAY_ADDRESS).unwrap(), Some(dead.clone()), "the code's first address stays first");
+    assert_eq!(store.meta(META_RELAY_ALTERNATIVES).unwrap(), Some(live));
+    create_and_sync(&mut gnesta, &relay, "Medborgarlöfte Gnesta 2027").await;
+
+    // When no address answers, the join fails saying so, and pins nothing.
+    let none = JoinCode::new(issued.secret, issued.relay_key, vec![dead]).unwrap();
+    let mut trosa = Node::init(&root.path().join("trosa"), "Gnesta", None).unwrap();
+    let failed = bounded("join", sync::join(&mut trosa, &none, Duration::from_secs(1))).await.unwrap_err();
+    assert!(matches!(failed, SyncFailure::Timeout(_) | SyncFailure::Net(_)), "{failed:?}");
+    assert_eq!(trosa.pinned_relay().unwrap(), None);
+    drop(silent);
+    relay.shutdown().await;
+}
+
 /// A raw QUIC connection with a fresh, unenrolled key and its stream, on
 /// which the test writes whatever bytes it likes.
 async fn raw_stream(relay: &RelayHandle, key: &NodeKey) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {

@@ -914,14 +914,14 @@ pub fn run(cli: Cli) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let member = runtime
                 .block_on(crate::sync::join(&mut node, &code, std::time::Duration::from_secs(timeout)))
-                .with_context(|| format!("joining the relay at {} failed", code.relay_address))?;
+                .with_context(|| format!("joining the relay at {} failed", code.relay_addresses.join(", ")))?;
+            let relay = code.relay_addresses.join(", ");
             print(
                 json,
-                json!({"relay": code.relay_address, "relay_key": code.relay_key.to_string(), "org": member.org, "name": member.name}),
+                json!({"relay": code.relay_addresses.first(), "relay_addresses": code.relay_addresses, "relay_key": code.relay_key.to_string(), "org": member.org, "name": member.name}),
                 || {
                     format!(
-                        "Joined the relay at {} as {} ({}); relay key {} pinned. Run `samverkan-node sync` or `samverkan-node daemon`.",
-                        code.relay_address,
+                        "Joined the relay at {relay} as {} ({}); relay key {} pinned. Run `samverkan-node sync` or `samverkan-node daemon`.",
                         member.name,
                         node.directory().name_of(&member.org),
                         code.relay_key.short()
@@ -1149,14 +1149,22 @@ fn relay_targets(node: &mut Node, args: &RelayArgs) -> Result<crate::sync::Relay
     };
     let relay_key: samverkan_shared::identity::NodeId =
         relay_key.parse().with_context(|| format!("the relay key must be 64 hex digits, got {relay_key:?}"))?;
+    // An instance whose name does not resolve now is left out of this run (the
+    // others may be up); only when none resolves is that the error.
     let mut addrs = Vec::new();
+    let mut unresolved = Vec::new();
     for address in std::iter::once(&address).chain(&alternatives) {
-        addrs.push(
-            std::net::ToSocketAddrs::to_socket_addrs(address)
-                .with_context(|| format!("cannot resolve relay address {address:?}"))?
-                .next()
-                .with_context(|| format!("relay address {address:?} resolves to nothing"))?,
-        );
+        match std::net::ToSocketAddrs::to_socket_addrs(address).map(|mut found| found.next()) {
+            Ok(Some(addr)) => addrs.push(addr),
+            Ok(None) => unresolved.push(format!("relay address {address:?} resolves to nothing")),
+            Err(e) => unresolved.push(format!("cannot resolve relay address {address:?}: {e}")),
+        }
+    }
+    if addrs.is_empty() {
+        bail!("{}", unresolved.join("; "));
+    }
+    for problem in &unresolved {
+        tracing::warn!("{problem}; trying the relay's other addresses");
     }
     store.set_meta(META_RELAY_ADDRESS, &address)?;
     store.set_meta(META_RELAY_ALTERNATIVES, &alternatives.join(","))?;

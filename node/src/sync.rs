@@ -43,7 +43,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
 
-use crate::node::{Node, NodeError, META_RELAY_ADDRESS, META_RELAY_KEY};
+use crate::node::{Node, NodeError, META_RELAY_ADDRESS, META_RELAY_ALTERNATIVES, META_RELAY_KEY};
 
 /// Documents the node keeps loaded while syncing (as many as the relay does by
 /// default): with many documents in flight, a smaller cache reloads each one
@@ -430,19 +430,69 @@ async fn connect(
 }
 
 /// Enrolls this node at the relay with a one-time join code: pins the relay's
-/// key and address from the code, and keeps the directory the relay returns.
+/// key and addresses from the code, and keeps the directory the relay
+/// returns. The code's addresses (instances of one relay) are tried in order,
+/// each for up to `timeout`, until one answers; the relay's answer, a refusal
+/// included, is final.
 pub async fn join(node: &mut Node, code: &JoinCode, timeout: Duration) -> Result<Member, SyncFailure> {
-    let addr = tokio::net::lookup_host(&code.relay_address)
-        .await
-        .map_err(|e| NetError::Io(format!("cannot resolve {}: {e}", code.relay_address)))?
-        .next()
-        .ok_or_else(|| NetError::Io(format!("{} resolves to no address", code.relay_address)))?;
-    let target = RelayTarget { addr, relay_key: code.relay_key };
     let identity = TlsIdentity::new(node.key().signing_key(), "samverkan-node")?;
+    let mut unreachable = None;
+    let mut signed = None;
+    for address in &code.relay_addresses {
+        match join_at(node, &identity, code, address, timeout).await {
+            Ok(directory) => {
+                signed = Some(directory);
+                break;
+            }
+            // Not reached: the next instance may be up.
+            Err(e @ (SyncFailure::Net(_) | SyncFailure::Timeout(_) | SyncFailure::ClosedEarly)) => {
+                warn!(%address, error = %e, "relay instance not reached for the join; trying the next address");
+                unreachable = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let Some(signed) = signed else {
+        return Err(unreachable.unwrap_or_else(|| NetError::Io("the join code names no relay address".into()).into()));
+    };
+    let directory = node.store_enrollment_unpinned(&signed, &code.relay_key)?;
+    let member = directory.active(&node.node_id()).cloned().ok_or_else(|| {
+        ConnectionError::Protocol("the relay's directory does not list this node after the join".into())
+    })?;
+    // Defence in depth (the relay checks this before it enrolls anything): nothing
+    // is written to this node unless the directory lists it for its own organisation.
+    if &member.org != node.org() {
+        return Err(SyncFailure::WrongOrganisation { code_org: member.org, node_org: node.org().clone() });
+    }
+    // Only now, with everything verified, is the relay pinned, with every address.
+    let store = node.store_mut();
+    let (first, others) = code.relay_addresses.split_first().map(|(f, o)| (f.as_str(), o)).unwrap_or(("", &[]));
+    store.set_meta(META_RELAY_ADDRESS, first)?;
+    store.set_meta(META_RELAY_ALTERNATIVES, &others.join(","))?;
+    store.set_meta(META_RELAY_KEY, &code.relay_key.to_string())?;
+    node.store_enrollment(&signed, &code.relay_key)?;
+    Ok(member)
+}
+
+/// One join attempt at one relay address: the signed directory the relay
+/// answers with.
+async fn join_at(
+    node: &Node,
+    identity: &TlsIdentity,
+    code: &JoinCode,
+    address: &str,
+    timeout: Duration,
+) -> Result<Vec<u8>, SyncFailure> {
+    let addr = tokio::net::lookup_host(address)
+        .await
+        .map_err(|e| NetError::Io(format!("cannot resolve {address}: {e}")))?
+        .next()
+        .ok_or_else(|| NetError::Io(format!("{address} resolves to no address")))?;
+    let target = RelayTarget { addr, relay_key: code.relay_key };
     // The relay refuses, enrolling nothing, a code issued for another organisation.
     let org = node.org().to_string();
     let exchange = async {
-        let (conn, mut send, mut recv) = connect(&identity, &target, &Limits::default()).await?;
+        let (conn, mut send, mut recv) = connect(identity, &target, &Limits::default()).await?;
         let join = Frame::Join { protocol: PROTOCOL_VERSION, software: software(), secret: code.secret.to_vec(), org };
         send.send(&join).await?;
         let answer = recv.recv().await?;
@@ -458,22 +508,7 @@ pub async fn join(node: &mut Node, code: &JoinCode, timeout: Duration) -> Result
             None => Err(SyncFailure::ClosedEarly),
         }
     };
-    let signed = tokio::time::timeout(timeout, exchange).await.map_err(|_| SyncFailure::Timeout(timeout))??;
-    let directory = node.store_enrollment_unpinned(&signed, &code.relay_key)?;
-    let member = directory.active(&node.node_id()).cloned().ok_or_else(|| {
-        ConnectionError::Protocol("the relay's directory does not list this node after the join".into())
-    })?;
-    // Defence in depth (the relay checks this before it enrolls anything): nothing
-    // is written to this node unless the directory lists it for its own organisation.
-    if &member.org != node.org() {
-        return Err(SyncFailure::WrongOrganisation { code_org: member.org, node_org: node.org().clone() });
-    }
-    // Only now, with everything verified, is the relay pinned.
-    let store = node.store_mut();
-    store.set_meta(META_RELAY_ADDRESS, &code.relay_address)?;
-    store.set_meta(META_RELAY_KEY, &code.relay_key.to_string())?;
-    node.store_enrollment(&signed, &code.relay_key)?;
-    Ok(member)
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| SyncFailure::Timeout(timeout))?
 }
 
 impl Session {

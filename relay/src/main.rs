@@ -102,9 +102,11 @@ enum Command {
         /// Instead of a key: print a one-time join code for `samverkan-node join`.
         #[arg(long)]
         join_code: bool,
-        /// With --join-code: the relay's address as nodes reach it (host:port).
-        #[arg(long, requires = "join_code")]
-        address: Option<String>,
+        /// With --join-code: the relay's address as nodes reach it (host:port);
+        /// relay instances sharing one database: each instance's, repeated or
+        /// separated by commas, the first tried first.
+        #[arg(long, requires = "join_code", value_delimiter = ',')]
+        address: Vec<String>,
         /// With --join-code: hours the code stays valid.
         #[arg(long, default_value_t = 72)]
         valid_hours: i64,
@@ -364,7 +366,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// `enroll`: a key, or (with `join_code`, the address nodes reach the relay at) a join code.
+/// `enroll`: a key, or (with `join_code`, the addresses nodes reach the relay at) a join code.
 #[allow(clippy::too_many_arguments)]
 fn enroll<S: samverkan_relay::storage::RelayStorage>(
     storage: &S,
@@ -372,14 +374,19 @@ fn enroll<S: samverkan_relay::storage::RelayStorage>(
     org: samverkan_shared::org::OrgId,
     name: String,
     key: Option<String>,
-    join_code: Option<Option<String>>,
+    join_code: Option<Vec<String>>,
     valid_hours: i64,
     signer_role: Option<String>,
 ) -> anyhow::Result<()> {
-    if let Some(address) = join_code {
-        let Some(address) = address else {
+    if let Some(addresses) = join_code {
+        if addresses.is_empty() {
             bail!("--join-code needs --address host:port (how nodes reach this relay)")
-        };
+        }
+        let addresses: Vec<String> = addresses.iter().map(|a| a.trim().to_string()).collect();
+        // Checked before a secret is stored: a code nobody can use is never issued.
+        if let Err(e) = samverkan_shared::directory::check_join_addresses(&addresses) {
+            bail!("--address: {e}")
+        }
         let secret = enrollment::issue_join(
             storage,
             org.clone(),
@@ -387,7 +394,7 @@ fn enroll<S: samverkan_relay::storage::RelayStorage>(
             chrono::Duration::hours(valid_hours),
             chrono::Utc::now(),
         )?;
-        let code = JoinCode { secret, relay_key, relay_address: address };
+        let code = JoinCode::new(secret, relay_key, addresses)?;
         say(format_args!("join code for {name} ({org}), valid {valid_hours} h, usable once:\n{code}"))?;
         say(format_args!("on the node: samverkan-node join {code}"))?;
         return Ok(());

@@ -447,7 +447,7 @@ impl RelayHandle {
     /// Issues a one-time join code for a node of `org` named `name`.
     pub fn join_code(&self, org: OrgId, name: &str, ttl: chrono::Duration) -> Result<JoinCode, EnrollmentError> {
         let secret = self.admin.issue_join(org, name, ttl)?;
-        Ok(JoinCode { secret, relay_key: self.relay_key, relay_address: self.local_addr.to_string() })
+        Ok(JoinCode { secret, relay_key: self.relay_key, relay_addresses: vec![self.local_addr.to_string()] })
     }
 
     /// The enrollment directory as stored now (what `samverkan-relay list` shows).

@@ -170,3 +170,40 @@ fn the_relays_organisations_file_lets_the_operator_enroll_another_countys_organi
     let stderr = String::from_utf8_lossy(&broken.stderr);
     assert!(!broken.status.success() && stderr.contains("organisations.toml"), "{stderr}");
 }
+
+#[test]
+fn a_join_code_carries_every_instance_address_given_and_a_bad_address_issues_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(&mut relay(dir.path(), &["key"]));
+    let enroll = |addresses: &[&str]| {
+        let mut args = vec!["enroll", "--org", "Flen", "--name", "Flen BF", "--join-code"];
+        for address in addresses {
+            args.extend(["--address", address]);
+        }
+        relay(dir.path(), &args).output().expect("run samverkan-relay")
+    };
+    // Repeated, or separated by commas: every address, in the order given.
+    for given in [&["relay1.lst.se:7878", "relay2.lst.se:7878"][..], &["relay1.lst.se:7878,relay2.lst.se:7878"]] {
+        let out = enroll(given);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        let code = text.split_whitespace().find(|w| w.starts_with("svk1.")).expect("a code is printed");
+        let code: samverkan_shared::directory::JoinCode = code.parse().unwrap();
+        assert_eq!(code.relay_addresses, ["relay1.lst.se:7878", "relay2.lst.se:7878"]);
+    }
+    // The pending codes, as the relay keeps them (in its enrollment state).
+    let pending = || {
+        use samverkan_relay::storage::{RelayStorage, SqliteStorage};
+        let storage = SqliteStorage::open(&dir.path().join("relay.db"), 1).unwrap();
+        let state: serde_json::Value =
+            serde_json::from_str(&storage.meta("relay.enrollment").unwrap().unwrap()).unwrap();
+        state["joins"].as_array().map(Vec::len)
+    };
+    assert_eq!(pending(), Some(2));
+    // A bad address is named, and no code is issued for it.
+    let out = enroll(&["relay1.lst.se:7878", "relay2.lst.se"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("address 2 of 2") && err.contains("has no port"), "{err}");
+    assert_eq!(pending(), Some(2), "nothing was issued");
+}

@@ -219,24 +219,38 @@ pub struct JoinCode {
     pub secret: [u8; 16],
     /// The relay's key, pinned by the node.
     pub relay_key: NodeId,
-    /// Where the relay listens (`host:port`).
-    pub relay_address: String,
+    /// Where the relay listens (`host:port`): relay instances that share
+    /// one key and one database, the first tried first. Never empty, at most
+    /// [`MAX_JOIN_ADDRESSES`] (see [`JoinCode::new`]).
+    pub relay_addresses: Vec<String>,
+}
+
+/// Relay addresses one join code carries at most.
+pub const MAX_JOIN_ADDRESSES: usize = 16;
+
+impl JoinCode {
+    /// A join code for the relay instances at `relay_addresses` (each
+    /// `host:port`, the first tried first), or what is wrong with them.
+    pub fn new(secret: [u8; 16], relay_key: NodeId, relay_addresses: Vec<String>) -> Result<Self, JoinCodeError> {
+        check_join_addresses(&relay_addresses).map_err(JoinCodeError::Address)?;
+        Ok(Self { secret, relay_key, relay_addresses })
+    }
 }
 
 impl std::fmt::Debug for JoinCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinCode").field("relay_address", &self.relay_address).finish_non_exhaustive()
+        f.debug_struct("JoinCode").field("relay_addresses", &self.relay_addresses).finish_non_exhaustive()
     }
 }
 
 impl std::fmt::Display for JoinCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "svk1.{}.{}.{}", hex::encode(self.secret), self.relay_key, self.relay_address)
+        write!(f, "svk1.{}.{}.{}", hex::encode(self.secret), self.relay_key, self.relay_addresses.join(","))
     }
 }
 
 /// What a join code looks like, and what to do with a bad one (the end of every [`JoinCodeError`]).
-const JOIN_CODE_HELP: &str = "A join code is one line, svk1.<secret: 32 hex digits>.<relay key: 64 hex digits>.<relay address: host:port>, \
+const JOIN_CODE_HELP: &str = "A join code is one line, svk1.<secret: 32 hex digits>.<relay key: 64 hex digits>.<relay address: host:port, or several separated by commas>, \
      as `samverkan-relay enroll --join-code` prints it: copy it again, whole, from the operator's message, or ask the operator for a new one";
 
 /// Why a text is not a join code, said so that the person who pasted it can fix it.
@@ -266,7 +280,7 @@ pub enum JoinCodeError {
     /// The relay key (third part) is not a relay's public key.
     #[error("the join code's relay key (its third part) {0}. {JOIN_CODE_HELP}")]
     RelayKey(String),
-    /// The relay address (fourth part) is not `host:port`.
+    /// The relay address (fourth part) is not `host:port` (or a list of them).
     #[error("the join code's relay address (its fourth part) {0}. {JOIN_CODE_HELP}")]
     Address(String),
 }
@@ -287,6 +301,23 @@ fn hex_part(part: &str, digits: usize) -> Result<Vec<u8>, String> {
         ));
     }
     hex::decode(part).map_err(|e| format!("is not hex: {e}"))
+}
+
+/// Checks a join code's addresses: one to [`MAX_JOIN_ADDRESSES`], each
+/// `host:port`; says which is wrong and how if not.
+pub fn check_join_addresses(addresses: &[String]) -> Result<(), String> {
+    match addresses {
+        [] => return check_address(""),
+        [one] => return check_address(one),
+        _ if addresses.len() > MAX_JOIN_ADDRESSES => {
+            return Err(format!("lists {} addresses, more than the {MAX_JOIN_ADDRESSES} allowed", addresses.len()))
+        }
+        _ => {}
+    }
+    for (i, address) in addresses.iter().enumerate() {
+        check_address(address).map_err(|e| format!("address {} of {}: {e}", i + 1, addresses.len()))?;
+    }
+    Ok(())
 }
 
 /// Checks that `address` is `host:port`; says what is wrong if not.
@@ -335,8 +366,7 @@ impl std::str::FromStr for JoinCode {
             .map_err(|_| JoinCodeError::RelayKey("is not 32 bytes".to_string()))?;
         let relay_key = NodeId::from_bytes(&key)
             .map_err(|_| JoinCodeError::RelayKey("is not a valid relay key (not an ed25519 public key)".to_string()))?;
-        check_address(relay_address).map_err(JoinCodeError::Address)?;
-        Ok(Self { secret, relay_key, relay_address: relay_address.to_string() })
+        Self::new(secret, relay_key, relay_address.split(',').map(str::to_string).collect())
     }
 }
 
@@ -397,12 +427,16 @@ mod tests {
 
     #[test]
     fn join_codes_round_trip_and_refuse_garbage() {
-        let code = JoinCode {
-            secret: [7; 16],
-            relay_key: NodeKey::generate().node_id(),
-            relay_address: "relay.lst.se:7878".into(),
-        };
+        let code = JoinCode::new([7; 16], NodeKey::generate().node_id(), vec!["relay.lst.se:7878".into()]).unwrap();
         assert_eq!(code.to_string().parse::<JoinCode>().unwrap(), code);
+        // Several instances of one relay: every address, in order.
+        let addresses = vec!["relay1.lst.se:7878".to_string(), "[2001:db8::7]:7878".into(), "10.0.0.3:7878".into()];
+        let several = JoinCode::new([7; 16], code.relay_key, addresses.clone()).unwrap();
+        assert!(several.to_string().ends_with(".relay1.lst.se:7878,[2001:db8::7]:7878,10.0.0.3:7878"));
+        assert_eq!(several.to_string().parse::<JoinCode>().unwrap().relay_addresses, addresses);
+        assert!(JoinCode::new([7; 16], code.relay_key, Vec::new()).is_err(), "no address");
+        let too_many = vec!["relay.lst.se:7878".to_string(); MAX_JOIN_ADDRESSES + 1];
+        assert!(JoinCode::new([7; 16], code.relay_key, too_many).unwrap_err().to_string().contains("more than the 16"));
         for bad in ["", "svk1", "svk2.00.11.x", &format!("svk1.{}.{}.", hex::encode([1; 16]), code.relay_key)] {
             assert!(bad.parse::<JoinCode>().is_err(), "{bad}");
         }
@@ -421,7 +455,7 @@ mod tests {
             .map(|b| hex::encode([b; 32]))
             .find(|k| NodeId::from_bytes(&[u8::from_str_radix(&k[..2], 16).unwrap(); 32]).is_err())
             .expect("some byte pattern is not a curve point");
-        let cases: [(String, &str); 13] = [
+        let cases: [(String, &str); 15] = [
             (String::new(), "it is empty"),
             (format!("svk2.{secret}.{key}.relay.lst.se:7878"), "starts with \"svk2.0707070\""),
             (format!("https://relay.lst.se/{secret}"), "not \"svk1.\""),
@@ -441,6 +475,8 @@ mod tests {
             (format!("svk1.{secret}.{key}.relay.lst.se"), "\"relay.lst.se\" has no port"),
             (format!("svk1.{secret}.{key}.relay.lst.se:78x8"), "port \"78x8\", which is not a number"),
             (format!("svk1.{secret}.{key}.:7878"), "has no host name"),
+            (format!("svk1.{secret}.{key}.relay.lst.se:7878,relay2"), "address 2 of 2: \"relay2\" has no port"),
+            (format!("svk1.{secret}.{key}.relay.lst.se:7878,"), "address 2 of 2: is missing"),
         ];
         for (text, expected) in cases {
             let message = text.parse::<JoinCode>().unwrap_err().to_string();
