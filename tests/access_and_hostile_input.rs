@@ -175,8 +175,12 @@ async fn documents_reach_only_their_parties_and_the_relay_refuses_the_rest() {
     let trosa_key = NodeKey::generate();
     relay.enroll_node(trosa_key.node_id(), org("Trosa"), "trosa-hostile").unwrap();
     let (_conn, mut send, mut recv) = raw_client(&relay, &trosa_key).await;
-    let hello =
-        Frame::Hello { protocol: PROTOCOL_VERSION, software: "t".into(), node: trosa_key.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "t".into(),
+        node: trosa_key.node_id().to_string(),
+        directory: None,
+    };
     send.send(&hello).await.unwrap();
     let mut asking = AutoCommit::new();
     let mut state = automerge::sync::State::new();
@@ -239,8 +243,12 @@ async fn hostile_input_closes_only_its_own_connection_while_honest_nodes_keep_sy
 
     let hostile = NodeKey::generate();
     relay.enroll_node(hostile.node_id(), org("Eskilstuna"), "hostile").unwrap();
-    let hello =
-        || Frame::Hello { protocol: PROTOCOL_VERSION, software: "h".into(), node: hostile.node_id().to_string() };
+    let hello = || Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "h".into(),
+        node: hostile.node_id().to_string(),
+        directory: None,
+    };
     let mut refusals = Vec::new();
 
     // 1. Garbage instead of a frame; 2. an absurd length prefix; raw bytes on the stream.
@@ -258,9 +266,14 @@ async fn hostile_input_closes_only_its_own_connection_while_honest_nodes_keep_sy
     // 3. Hello naming another key than the one proven in TLS.
     let (_c, mut send, mut recv) = raw_client(&relay, &hostile).await;
     let other = NodeKey::generate().node_id();
-    send.send(&Frame::Hello { protocol: PROTOCOL_VERSION, software: "h".into(), node: other.to_string() })
-        .await
-        .unwrap();
+    send.send(&Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "h".into(),
+        node: other.to_string(),
+        directory: None,
+    })
+    .await
+    .unwrap();
     let (code, message) = next_error(&mut recv).await.expect("refused");
     assert_eq!(code, ErrorCode::Unauthenticated, "{message}");
     // 4. A garbage Automerge sync message for a document it is party to: that document is refused.
@@ -320,7 +333,12 @@ async fn a_change_in_another_nodes_name_is_refused_by_the_relay() {
         .unwrap()
         .into_automerge();
     let hash = doc.get_heads()[0];
-    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "f".into(), node: forger.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "f".into(),
+        node: forger.node_id().to_string(),
+        directory: None,
+    };
 
     // Without a signature, and with the forger's own signature over the change,
     // on one connection: each message is refused, the connection goes on.
@@ -349,7 +367,12 @@ async fn one_key_holds_at_most_its_share_of_connections_and_the_newest_wins() {
     let relay = server::spawn(config).await.unwrap();
     let key = NodeKey::generate();
     relay.enroll_node(key.node_id(), org("Gnesta"), "gnesta").unwrap();
-    let hello = || Frame::Hello { protocol: PROTOCOL_VERSION, software: "g".into(), node: key.node_id().to_string() };
+    let hello = || Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "g".into(),
+        node: key.node_id().to_string(),
+        directory: None,
+    };
     let mut held = Vec::new();
     for n in 1..=2 {
         let (conn, mut send, recv) = raw_client(&relay, &key).await;

@@ -55,8 +55,12 @@ async fn raw_client(relay: &RelayHandle, key: &NodeKey) -> (quinn::Connection, F
     let connecting = endpoint::connect(&client, relay.local_addr(), &identity, *relay.relay_key().as_bytes(), &limits);
     let conn = bounded("connect", connecting).await.unwrap();
     let (mut send, recv) = bounded("open", framed::open(&conn, &Limits::default())).await.unwrap();
-    let hello =
-        Frame::Hello { protocol: PROTOCOL_VERSION, software: "hostile".into(), node: key.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "hostile".into(),
+        node: key.node_id().to_string(),
+        directory: None,
+    };
     send.send(&hello).await.unwrap();
     (conn, send, recv)
 }

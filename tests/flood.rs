@@ -63,7 +63,12 @@ async fn attacker_connection(
     let connecting = endpoint::connect(&client, relay.local_addr(), &identity, *relay.relay_key().as_bytes(), &limits);
     let conn = bounded("connect", connecting).await.unwrap();
     let (mut send, mut recv) = bounded("open", conn.open_bi()).await.unwrap();
-    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "flood".into(), node: key.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "flood".into(),
+        node: key.node_id().to_string(),
+        directory: None,
+    };
     send.write_all(&hello.encode()).await.unwrap();
     let reader = tokio::spawn(async move {
         let mut decoder = FrameDecoder::new();

@@ -289,8 +289,12 @@ async fn a_first_frame_that_is_late_wrong_or_too_long_gets_a_reason_before_the_c
     // A Hello above the pre-authentication limit, from an enrolled key: refused all the same.
     let key = NodeKey::generate();
     relay.enroll_node(key.node_id(), org("Flen"), "Flen").unwrap();
-    let hello =
-        Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".repeat(5000), node: key.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "x".repeat(5000),
+        node: key.node_id().to_string(),
+        directory: None,
+    };
     let (_conn, mut send, mut recv) = raw_stream(&relay, &key).await;
     send.write_all(&hello.encode()).await.unwrap();
     let (code, message) = error_frame(&mut recv).await.expect("a reason for the refusal");
@@ -298,7 +302,12 @@ async fn a_first_frame_that_is_late_wrong_or_too_long_gets_a_reason_before_the_c
 
     // An unenrolled key's Hello: refused with the way to get enrolled.
     let stranger = NodeKey::generate();
-    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: stranger.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "x".into(),
+        node: stranger.node_id().to_string(),
+        directory: None,
+    };
     let (_conn, mut send, mut recv) = raw_stream(&relay, &stranger).await;
     send.write_all(&hello.encode()).await.unwrap();
     let (code, message) = error_frame(&mut recv).await.expect("a reason for the refusal");
@@ -344,8 +353,12 @@ async fn every_close_carries_its_reason_and_refusals_are_counted_by_reason() {
     // Fifty unenrolled keys knock: each is told, and counted under one reason.
     for _ in 0..50 {
         let stranger = NodeKey::generate();
-        let hello =
-            Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: stranger.node_id().to_string() };
+        let hello = Frame::Hello {
+            protocol: PROTOCOL_VERSION,
+            software: "x".into(),
+            node: stranger.node_id().to_string(),
+            directory: None,
+        };
         let (conn, mut send, mut recv) = raw_stream(&relay, &stranger).await;
         send.write_all(&hello.encode()).await.unwrap();
         let (code, _) = error_frame(&mut recv).await.expect("a reason for the refusal");

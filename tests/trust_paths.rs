@@ -342,7 +342,12 @@ async fn push_raw(
     let connecting = endpoint::connect(&client, relay.local_addr(), &identity, *relay.relay_key().as_bytes(), &limits);
     let conn = bounded("connect", connecting).await.unwrap();
     let (mut send, mut recv) = bounded("open", framed::open(&conn, &limits)).await.unwrap();
-    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "raw".into(), node: key.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "raw".into(),
+        node: key.node_id().to_string(),
+        directory: None,
+    };
     send.send(&hello).await.unwrap();
     send.send(&Frame::Authors { doc: doc.clone(), entries }).await.unwrap();
     send.send(&Frame::Sync { doc, message }).await.unwrap();

@@ -160,7 +160,12 @@ async fn attack(
 ) -> Result<()> {
     let identity = Arc::new(TlsIdentity::new(key.signing_key(), "flood")?);
     let client = endpoint::client_endpoint(target.addr)?;
-    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "flood".into(), node: key.node_id().to_string() };
+    let hello = Frame::Hello {
+        protocol: PROTOCOL_VERSION,
+        software: "flood".into(),
+        node: key.node_id().to_string(),
+        directory: None,
+    };
     let hello = hello.encode();
     let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64);
     let mut rng = SplitMix(seed.unwrap_or(0x5eed));

@@ -17,11 +17,11 @@ use std::sync::Arc;
 
 use automerge::ChangeHash;
 use chrono::Utc;
-use samverkan_shared::acceptance::{self, AuthorPolicy, AuthorRule};
+use samverkan_shared::acceptance::{self, AuthorPolicy, AuthorRule, ContentLimits};
 use samverkan_shared::approval::{self, Action, ApprovalError, ApprovalRecord, ApprovalStatus};
 use samverkan_shared::authorship::{self, AuthorshipError};
 use samverkan_shared::bundle::{Bundle, BundleDoc, BundleError, BundleOrigin, HeadsSummary};
-use samverkan_shared::directory::{DirectoryError, EnrollmentDirectory, MemberKind, SignedDirectory};
+use samverkan_shared::directory::{directory_digest, DirectoryError, EnrollmentDirectory, MemberKind, SignedDirectory};
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::markdown::{self, MarkdownError};
@@ -48,12 +48,36 @@ pub const META_RELAY_KEY: &str = "relay.key";
 pub const META_RELAY_ALTERNATIVES: &str = "relay.alternatives";
 /// Metadata key of the last signed enrollment directory received from the relay.
 pub const META_DIRECTORY: &str = "relay.directory";
+/// Metadata key of the content limits the relay announced (protocol 6
+/// `Welcome`): `<max change bytes> <max document bytes>`.
+pub const META_RELAY_LIMITS: &str = "relay.limits";
 /// Folder of signer keys inside the data directory.
 pub const SIGNERS_DIR: &str = "signers";
 
 /// File name of the optional organisation directory inside the data directory:
 /// organisations and units added to (or replacing by id) the built-in directory.
 pub const ORGANISATIONS_FILE: &str = "organisations.toml";
+
+/// The limits a node stores under: its own, lowered to the relay's where the
+/// relay announced smaller ones.
+fn effective_limits(announced: Option<ContentLimits>) -> ContentLimits {
+    let own = ContentLimits::default();
+    match announced {
+        Some(relay) => ContentLimits {
+            max_change_bytes: own.max_change_bytes.min(relay.max_change_bytes),
+            max_document_bytes: own.max_document_bytes.min(relay.max_document_bytes),
+        },
+        None => own,
+    }
+}
+
+/// Reads [`META_RELAY_LIMITS`]; `None` if it is not two numbers of
+/// consistent limits (then the node's own apply).
+fn parse_limits(text: &str) -> Option<ContentLimits> {
+    let (change, document) = text.trim().split_once(' ')?;
+    let limits = ContentLimits { max_change_bytes: change.parse().ok()?, max_document_bytes: document.parse().ok()? };
+    limits.validate(u64::MAX).ok().map(|()| limits)
+}
 
 /// The organisation directory of the node in `data_dir`: the built-in one
 /// ([`Directory::sodermanland`]) with [`ORGANISATIONS_FILE`] on top, if there is one.
@@ -342,7 +366,7 @@ impl Node {
             .and_then(|o| OrgId::new(&o))
             .ok_or_else(|| NodeError::NotInitialised(data_dir.to_path_buf()))?;
         let name = store.meta("name")?.unwrap_or_else(|| org.to_string());
-        Ok(Self {
+        let mut node = Self {
             data_dir: data_dir.to_path_buf(),
             store,
             key,
@@ -350,7 +374,33 @@ impl Node {
             name,
             directory: load_directory(data_dir)?,
             enrolled: Default::default(),
-        })
+        };
+        let announced = node.store.meta(META_RELAY_LIMITS)?.and_then(|text| parse_limits(&text));
+        node.store.set_content_limits(effective_limits(announced));
+        Ok(node)
+    }
+
+    /// The relay announced its content limits (protocol 6 `Welcome`): they
+    /// are kept, and from now on this node stores nothing over the smaller of
+    /// them and its own ([`ContentLimits::default`]), so an edit the relay
+    /// would refuse is refused here, when it is made, not at the next sync.
+    pub fn adopt_relay_limits(&mut self, announced: ContentLimits) -> Result<(), NodeError> {
+        if announced.validate(u64::MAX).is_err() {
+            tracing::warn!(?announced, "the relay announced inconsistent content limits; keeping this node's own");
+            return Ok(());
+        }
+        let text = format!("{} {}", announced.max_change_bytes, announced.max_document_bytes);
+        if self.store.meta(META_RELAY_LIMITS)?.as_deref() != Some(text.as_str()) {
+            self.store.set_meta(META_RELAY_LIMITS, &text)?;
+        }
+        self.store.set_content_limits(effective_limits(Some(announced)));
+        Ok(())
+    }
+
+    /// The digest of the enrollment directory this node holds, as a protocol
+    /// 6 `Hello` names it (the relay then sends its own only if it differs).
+    pub fn enrollment_digest(&self) -> Result<Option<[u8; 32]>, NodeError> {
+        Ok(self.store.meta(META_DIRECTORY)?.map(|text| directory_digest(text.as_bytes())))
     }
 
     /// The data directory.

@@ -515,7 +515,8 @@ impl Session {
     async fn open(node: &mut Node, target: &RelayTarget, limits: &Limits) -> Result<Self, SyncFailure> {
         let identity = TlsIdentity::new(node.key().signing_key(), "samverkan-node")?;
         let (conn, send, recv) = connect(&identity, target, limits).await?;
-        let mut sync = SyncConnection::node(&node.node_id().to_string(), &software());
+        let mut sync =
+            SyncConnection::node_holding(&node.node_id().to_string(), &software(), node.enrollment_digest()?);
         // Sync states are kept per relay key: a different relay starts fresh.
         let peer_key = crate::status::relay_peer_key(&target.relay_key);
         node.store_mut().set_cache_capacity(SYNC_CACHE_DOCUMENTS);
@@ -543,8 +544,11 @@ impl Session {
         let events = self.sync.on_frame(frame, &mut docs)?;
         for event in events {
             match event {
-                ConnectionEvent::Established { peer, .. } => {
-                    debug!(relay = %peer, "connected");
+                ConnectionEvent::Established { peer, limits, .. } => {
+                    debug!(relay = %peer, ?limits, "connected");
+                    if let Some(limits) = limits {
+                        node.adopt_relay_limits(limits)?;
+                    }
                     self.sync.begin(&mut NodeDocs::of(node)?)?;
                 }
                 ConnectionEvent::DocChanged { doc, heads } => changed.push((doc, heads)),

@@ -37,7 +37,7 @@ use samverkan_net::tls::{self, TlsIdentity};
 use samverkan_net::NetError;
 use samverkan_shared::acceptance::{AuthorPolicy, AuthorRule, ContentLimits, LimitsError};
 use samverkan_shared::approval;
-use samverkan_shared::directory::{EnrollmentDirectory, JoinCode, Member, MemberKind};
+use samverkan_shared::directory::{directory_digest, EnrollmentDirectory, JoinCode, Member, MemberKind};
 use samverkan_shared::identity::{NodeId, NodeKey};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
@@ -45,7 +45,9 @@ use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
     ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, SignedChange, SyncConnection, SyncLimits,
 };
-use samverkan_shared::wire::{ErrorCode, Frame, ReceiptEntry, RefusalKind, WireError, PROTOCOL_VERSION};
+use samverkan_shared::wire::{
+    protocol_refusal, protocol_served, ErrorCode, Frame, ReceiptEntry, RefusalKind, WireError,
+};
 use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -242,6 +244,14 @@ enum DocAccessError {
 struct DirectoryCache {
     directory: Arc<EnrollmentDirectory>,
     signed: Vec<u8>,
+    /// [`directory_digest`] of `signed`: a node whose `Hello` names it holds this directory.
+    digest: [u8; 32],
+}
+
+impl DirectoryCache {
+    fn new(directory: EnrollmentDirectory, signed: Vec<u8>) -> Self {
+        Self { digest: directory_digest(&signed), directory: Arc::new(directory), signed }
+    }
 }
 
 /// State shared by all connection tasks.
@@ -264,6 +274,8 @@ struct Shared<S> {
     orgs: samverkan_shared::org::Directory,
     /// Limits on what a node's sync messages may carry.
     sync_limits: SyncLimits,
+    /// The content limits, announced to protocol 6 nodes in `Welcome`.
+    content: ContentLimits,
     /// What each node key may make the relay read.
     budget: ReceiveBudget,
     /// Each document version's approval record keys (see [`RecordKeys`]).
@@ -335,8 +347,7 @@ impl<S: RelayStorage> Shared<S> {
         }
         let signed = directory.sign(self.relay_key.signing_key()).encode();
         let revoked: Vec<Member> = directory.members.iter().filter(|m| !m.is_active()).cloned().collect();
-        *self.directory.write().unwrap_or_else(|e| e.into_inner()) =
-            DirectoryCache { directory: Arc::new(directory), signed };
+        *self.directory.write().unwrap_or_else(|e| e.into_inner()) = DirectoryCache::new(directory, signed);
         for member in revoked {
             let reason = format!("this node ({}, {}) was revoked by the relay operator", member.name, member.org);
             if self.hub.close_peer(&member.key.to_string(), &reason) > 0 {
@@ -546,12 +557,13 @@ async fn start<S: RelayStorage>(
         hub: Hub::default(),
         software: format!("samverkan-relay {}", crate::VERSION),
         relay_key,
-        directory: RwLock::new(DirectoryCache { directory: Arc::new(directory), signed }),
+        directory: RwLock::new(DirectoryCache::new(directory, signed)),
         directory_read_at: Mutex::new(directory_read_at),
         monitor: monitor.clone(),
         max_connections_per_key: config.max_connections_per_key,
         orgs: enrollment::organisations(&config.data_dir)?,
         sync_limits: SyncLimits { max_frame: config.limits.max_frame, ..SyncLimits::for_content(&config.content) },
+        content: config.content,
         budget: ReceiveBudget::new(config.receive_rate_per_key, config.receive_burst_per_key),
         record_keys: RecordKeys::default(),
     });
@@ -976,6 +988,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     };
     let mut sync = SyncConnection::relay(&shared.software);
     sync.set_limits(shared.sync_limits.clone());
+    sync.announce_limits(shared.content);
     let mut state =
         ConnectionState { member: None, watch: shared.monitor.connection(conn.remote_address()), persist: None };
     // Before the peer is known to be enrolled, its first frame may have at most
@@ -1211,12 +1224,8 @@ fn join<S: RelayStorage>(
     secret: &[u8],
     org: &str,
 ) -> Result<Vec<u8>, Refusal> {
-    if protocol != PROTOCOL_VERSION {
-        return Err(Refusal::new(
-            "join: protocol version",
-            ErrorCode::ProtocolVersion,
-            format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}: upgrade the older side"),
-        ));
+    if !protocol_served(protocol) {
+        return Err(Refusal::new("join: protocol version", ErrorCode::ProtocolVersion, protocol_refusal(protocol)));
     }
     let joined = enrollment::consume_join(shared.storage(), secret, key, org, Utc::now());
     match joined {
@@ -1385,7 +1394,7 @@ fn step<S: RelayStorage>(
     let events = sync.on_frame(frame, &mut docs)?;
     for event in events {
         match event {
-            ConnectionEvent::Established { software, .. } => {
+            ConnectionEvent::Established { software, directory, .. } => {
                 // A node that restarted may still hold connections the relay has not
                 // seen die yet: the newest wins, the oldest beyond the limit are closed.
                 let peer = auth.key.to_string();
@@ -1405,7 +1414,12 @@ fn step<S: RelayStorage>(
                 let joined = shared.hub.join(&peer, &auth.member.org);
                 limit_connections_across_instances(shared, &peer, joined.0);
                 *member = Some(joined);
-                sync.push_directory(shared.directory().signed.clone());
+                // A protocol 6 node names the directory it holds: sent only if this one differs.
+                let current = shared.directory();
+                if directory != Some(current.digest) {
+                    sync.push_directory(current.signed.clone());
+                }
+                drop(current);
                 sync.begin(&mut docs)?;
             }
             ConnectionEvent::DocChanged { doc, heads } => {

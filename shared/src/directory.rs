@@ -225,6 +225,14 @@ pub struct JoinCode {
     pub relay_addresses: Vec<String>,
 }
 
+/// The digest by which a node and its relay compare enrollment directories
+/// (protocol 6 `Hello`): SHA-256 of the signed directory's encoding
+/// ([`SignedDirectory::encode`], as the relay sends it and the node keeps it).
+pub fn directory_digest(signed: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(signed).into()
+}
+
 /// Relay addresses one join code carries at most.
 pub const MAX_JOIN_ADDRESSES: usize = 16;
 

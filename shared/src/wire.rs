@@ -21,8 +21,8 @@
 //!
 //! | type | frame      | body                                                 |
 //! |------|------------|------------------------------------------------------|
-//! | 0x01 | `Hello`    | `protocol:u16be software:str node:str`               |
-//! | 0x02 | `Welcome`  | `protocol:u16be relay:str`                           |
+//! | 0x01 | `Hello`    | `protocol:u16be software:str node:str` (protocol ≥ 6: `directory:[u8; 32]`) |
+//! | 0x02 | `Welcome`  | `protocol:u16be relay:str` (protocol ≥ 6: `max_change_bytes:u64be max_document_bytes:u64be`) |
 //! | 0x03 | `Summary`  | `docs:u32be digest:[u8; 32]`                         |
 //! | 0x04 | `DocHeads` | `count:varint` × (`doc:[u8; 16] digest:[u8; 8]`)     |
 //! | 0x05 | `InSync`   | (empty)                                              |
@@ -36,7 +36,9 @@
 //! Protocol 2 added `Receipts` (relay → node, see [`crate::receipt`]); a
 //! protocol 1 peer could not decode it, so the version was bumped. Protocol 5
 //! kept `Authors`' layout but changed what it means (one signature per author
-//! and message, see [`PROTOCOL_VERSION`]).
+//! and message, see [`PROTOCOL_VERSION`]). Protocol 6 added the fields of
+//! `Hello` and `Welcome` above; since only those two frames differ, a relay
+//! serves protocol 5 nodes too ([`OLDEST_PROTOCOL_SERVED`]), as before.
 
 use crate::ids::DocId;
 
@@ -49,8 +51,35 @@ use crate::ids::DocId;
 /// `Authors` carries batch signatures (for each author, only its latest
 /// changes in the next `Sync` frame, bound to the document, covering the
 /// author's earlier changes: [`crate::authorship`]), which a protocol 4 peer
-/// would take for unsigned changes.
-pub const PROTOCOL_VERSION: u16 = 5;
+/// would take for unsigned changes; 6 — `Hello` carries the digest of the
+/// enrollment directory the node holds (the relay sends its directory only
+/// when the node's differs) and `Welcome` the relay's content limits (the
+/// node refuses an edit the relay would refuse, when it is made).
+pub const PROTOCOL_VERSION: u16 = 6;
+
+/// The oldest protocol a relay of this build still serves: a node one
+/// version behind keeps syncing until it is upgraded (it is answered in its
+/// own protocol, and sent the directory on every connection, as before).
+pub const OLDEST_PROTOCOL_SERVED: u16 = 5;
+
+/// Whether a relay of this build serves a node speaking `protocol`.
+pub fn protocol_served(protocol: u16) -> bool {
+    (OLDEST_PROTOCOL_SERVED..=PROTOCOL_VERSION).contains(&protocol)
+}
+
+/// What a relay tells a node whose protocol it does not serve.
+pub fn protocol_refusal(protocol: u16) -> String {
+    if protocol > PROTOCOL_VERSION {
+        format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}: upgrade the relay first")
+    } else {
+        format!(
+            "this relay serves protocols {OLDEST_PROTOCOL_SERVED} to {PROTOCOL_VERSION}, the node speaks {protocol}: upgrade the node"
+        )
+    }
+}
+
+/// Bytes of the directory digest in a protocol 6 `Hello`.
+pub const DIRECTORY_DIGEST_BYTES: usize = 32;
 
 /// Default largest payload accepted in one frame: 64 MiB.
 ///
@@ -297,13 +326,20 @@ pub enum Frame {
         software: String,
         /// The node's id (64 hex digits); must match the key that authenticated the connection.
         node: String,
+        /// (Protocol ≥ 6.) SHA-256 of the signed enrollment directory the node
+        /// holds ([`crate::directory::directory_digest`]), `None` if it holds
+        /// none (all zero bytes on the wire); not sent in protocol 5.
+        directory: Option<[u8; DIRECTORY_DIGEST_BYTES]>,
     },
     /// Relay → node, answer to `Hello`.
     Welcome {
-        /// Protocol version the relay speaks.
+        /// Protocol version of this connection: the node's, when the relay serves it.
         protocol: u16,
         /// The relay's name or id, for logs.
         relay: String,
+        /// (Protocol ≥ 6.) The largest change and document the relay accepts;
+        /// `None` not announced (zeros on the wire; always in protocol 5).
+        limits: Option<crate::acceptance::ContentLimits>,
     },
     /// Compact summary of all documents one side shares with the other
     /// (see [`crate::sync::summary_digest`]).
@@ -434,8 +470,10 @@ impl Frame {
     pub fn payload_len(&self) -> usize {
         let str_len = |s: &str| varint_len(s.len()) + s.len();
         1 + match self {
-            Frame::Hello { software, node, .. } => 2 + str_len(software) + str_len(node),
-            Frame::Welcome { relay, .. } => 2 + str_len(relay),
+            Frame::Hello { protocol, software, node, .. } => {
+                2 + str_len(software) + str_len(node) + if *protocol >= 6 { DIRECTORY_DIGEST_BYTES } else { 0 }
+            }
+            Frame::Welcome { protocol, relay, .. } => 2 + str_len(relay) + if *protocol >= 6 { 16 } else { 0 },
             Frame::Summary { .. } => 4 + 32,
             Frame::DocHeads { entries } => varint_len(entries.len()) + entries.len() * (DOC_ID_BYTES + 8),
             Frame::InSync => 0,
@@ -469,14 +507,23 @@ impl Frame {
         out.extend_from_slice(&u32::try_from(payload_len).unwrap_or(u32::MAX).to_be_bytes());
         out.push(self.type_byte());
         match self {
-            Frame::Hello { protocol, software, node } => {
+            Frame::Hello { protocol, software, node, directory } => {
                 out.extend_from_slice(&protocol.to_be_bytes());
                 put_bytes(&mut out, software.as_bytes());
                 put_bytes(&mut out, node.as_bytes());
+                if *protocol >= 6 {
+                    out.extend_from_slice(&directory.unwrap_or_default());
+                }
             }
-            Frame::Welcome { protocol, relay } => {
+            Frame::Welcome { protocol, relay, limits } => {
                 out.extend_from_slice(&protocol.to_be_bytes());
                 put_bytes(&mut out, relay.as_bytes());
+                if *protocol >= 6 {
+                    let (change, document) =
+                        limits.map(|l| (l.max_change_bytes, l.max_document_bytes)).unwrap_or((0, 0));
+                    out.extend_from_slice(&change.to_be_bytes());
+                    out.extend_from_slice(&document.to_be_bytes());
+                }
             }
             Frame::Summary { docs, digest } => {
                 out.extend_from_slice(&docs.to_be_bytes());
@@ -567,9 +614,27 @@ impl Frame {
         let mut r = Reader { bytes: body, frame: frame_name };
         let frame = match type_byte {
             TYPE_HELLO => {
-                Frame::Hello { protocol: r.u16("protocol")?, software: r.string("software")?, node: r.string("node")? }
+                let (protocol, software, node) = (r.u16("protocol")?, r.string("software")?, r.string("node")?);
+                let directory = if protocol >= 6 {
+                    Some(r.array::<DIRECTORY_DIGEST_BYTES>("directory digest")?).filter(|d| d != &[0; 32])
+                } else {
+                    None
+                };
+                Frame::Hello { protocol, software, node, directory }
             }
-            TYPE_WELCOME => Frame::Welcome { protocol: r.u16("protocol")?, relay: r.string("relay")? },
+            TYPE_WELCOME => {
+                let (protocol, relay) = (r.u16("protocol")?, r.string("relay")?);
+                let limits = if protocol >= 6 {
+                    let (change, document) = (r.u64("max_change_bytes")?, r.u64("max_document_bytes")?);
+                    (change != 0 || document != 0).then_some(crate::acceptance::ContentLimits {
+                        max_change_bytes: change,
+                        max_document_bytes: document,
+                    })
+                } else {
+                    None
+                };
+                Frame::Welcome { protocol, relay, limits }
+            }
             TYPE_SUMMARY => Frame::Summary { docs: r.u32("docs")?, digest: r.array("digest")? },
             TYPE_DOC_HEADS => {
                 let count = r.varint("entry count")?;
@@ -841,6 +906,10 @@ impl<'a> Reader<'a> {
         Ok(u32::from_be_bytes(self.array(field)?))
     }
 
+    fn u64(&mut self, field: &'static str) -> Result<u64, WireError> {
+        Ok(u64::from_be_bytes(self.array(field)?))
+    }
+
     /// Canonical unsigned LEB128, at most `u32::MAX`.
     fn varint(&mut self, field: &'static str) -> Result<usize, WireError> {
         let mut value: u64 = 0;
@@ -935,8 +1004,20 @@ mod tests {
                 protocol: PROTOCOL_VERSION,
                 software: "samverkan-node 0.1.0 — ök".into(),
                 node: "ab".repeat(32),
+                directory: Some([9; 32]),
             },
-            Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "relay.example".into() },
+            Frame::Hello { protocol: PROTOCOL_VERSION, software: "n".into(), node: "ab".repeat(32), directory: None },
+            Frame::Hello { protocol: 5, software: "older".into(), node: "ab".repeat(32), directory: None },
+            Frame::Welcome {
+                protocol: PROTOCOL_VERSION,
+                relay: "relay.example".into(),
+                limits: Some(crate::acceptance::ContentLimits {
+                    max_change_bytes: 1 << 20,
+                    max_document_bytes: 1 << 24,
+                }),
+            },
+            Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "r".into(), limits: None },
+            Frame::Welcome { protocol: 5, relay: "older".into(), limits: None },
             Frame::Summary { docs: 3, digest: [7; 32] },
             Frame::DocHeads { entries: vec![] },
             Frame::DocHeads { entries: vec![(doc(1), [1; 8]), (doc(0xfe), [2; 8])] },
@@ -1041,6 +1122,29 @@ mod tests {
     }
 
     #[test]
+    fn protocol_5_hello_and_welcome_keep_their_layout_and_6_adds_its_fields() {
+        // A protocol 5 node's Hello, byte for byte as that version wrote it: still read.
+        let mut old = vec![0, 0, 0, 0, TYPE_HELLO, 0, 5, 1, b's', 2, b'a', b'b'];
+        old[3] = (old.len() - 4) as u8;
+        let hello = Frame::Hello { protocol: 5, software: "s".into(), node: "ab".into(), directory: None };
+        assert_eq!(hello.encode(), old);
+        assert_eq!(Frame::decode_payload(&old[4..]).unwrap(), hello);
+        // A digest where a protocol 5 node sends none is trailing garbage to it.
+        let mut longer = old.clone();
+        longer.extend_from_slice(&[1; 32]);
+        longer[3] += 32;
+        assert!(Frame::decode_payload(&longer[4..]).is_err());
+        // Protocol 6: the digest is there, and cut short it is refused.
+        let six = Frame::Hello { protocol: 6, software: "s".into(), node: "ab".into(), directory: Some([1; 32]) };
+        let bytes = six.encode();
+        assert_eq!(bytes.len(), old.len() + 32);
+        assert!(Frame::decode_payload(&bytes[4..bytes.len() - 1]).is_err());
+        let welcome = Frame::Welcome { protocol: 5, relay: "r".into(), limits: None };
+        assert_eq!(welcome.encode(), vec![0, 0, 0, 5, TYPE_WELCOME, 0, 5, 1, b'r']);
+        assert!(protocol_served(5) && protocol_served(PROTOCOL_VERSION) && !protocol_served(4));
+    }
+
+    #[test]
     fn oversized_length_is_refused_without_buffering_the_frame() {
         let mut decoder = FrameDecoder::with_max_frame(1024);
         let ok = Frame::InSync.encode();
@@ -1068,7 +1172,8 @@ mod tests {
 
     #[test]
     fn a_limit_on_the_next_frame_applies_to_that_frame_only() {
-        let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "n".into(), node: "ab".repeat(32) };
+        let hello =
+            Frame::Hello { protocol: PROTOCOL_VERSION, software: "n".into(), node: "ab".repeat(32), directory: None };
         let big = Frame::Sync { doc: doc(1), message: vec![7; 10_000] };
 
         // Within the limit: the frame passes, and the frames after it may be larger.

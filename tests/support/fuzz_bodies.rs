@@ -84,7 +84,8 @@ pub fn relay_sync(data: &[u8]) {
     // The shared in-memory driver, with the checks every driver gets (authors' signatures through acceptance).
     let mut docs = MemoryDocs::new();
     let mut conn = SyncConnection::relay("fuzz-relay");
-    let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "fuzz".into(), node: "ab".repeat(32) };
+    let hello =
+        Frame::Hello { protocol: PROTOCOL_VERSION, software: "fuzz".into(), node: "ab".repeat(32), directory: None };
     conn.on_frame(hello, &mut docs).expect("handshake");
     conn.begin(&mut docs).expect("begin");
     let mut heads: Vec<Vec<ChangeHash>> = vec![Vec::new(); ids.len()];

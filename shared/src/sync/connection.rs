@@ -35,6 +35,7 @@
 //! Only protocol violations and this side's own storage failures close the
 //! connection (with an `Error` frame).
 
+use crate::acceptance::ContentLimits;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
@@ -45,7 +46,7 @@ use super::{
 use crate::acceptance::{self, AuthorPolicy};
 use crate::authorship::{self, AuthorshipError, ChangeSignature};
 use crate::ids::DocId;
-use crate::wire::{ErrorCode, Frame, ReceiptEntry, RefusalKind, PROTOCOL_VERSION};
+use crate::wire::{protocol_refusal, protocol_served, ErrorCode, Frame, ReceiptEntry, RefusalKind, PROTOCOL_VERSION};
 
 /// A change hash with its author's signature, to keep beside the change.
 pub type SignedChange = (ChangeHash, ChangeSignature);
@@ -226,6 +227,11 @@ pub enum ConnectionEvent {
         peer: String,
         /// The peer's software, for logs.
         software: String,
+        /// (Relay.) The digest of the enrollment directory the node holds
+        /// (protocol ≥ 6): the relay sends its own only when it differs.
+        directory: Option<[u8; 32]>,
+        /// (Node.) The content limits the relay announced (protocol ≥ 6).
+        limits: Option<ContentLimits>,
     },
     /// A document changed here because of what the peer sent (the relay
     /// forwards it to its other connections; a node reports it).
@@ -357,17 +363,29 @@ pub struct SyncConnection {
     /// (Relay.) Receipts sent on this connection, by document (record signatures).
     receipts_sent: HashMap<DocId, BTreeSet<[u8; 64]>>,
     stats: ConnectionStats,
+    /// The protocol version of this connection (the node's, on the relay, once `Hello` is in).
+    protocol: u16,
+    /// (Relay.) The content limits announced in `Welcome`.
+    announced: Option<ContentLimits>,
 }
 
 impl SyncConnection {
     /// A node's end: queues `Hello` with the node's id.
     pub fn node(node_id: &str, software: &str) -> Self {
+        Self::node_holding(node_id, software, None)
+    }
+
+    /// A node's end that holds the enrollment directory with this digest
+    /// ([`crate::directory::directory_digest`]; `None`: none held): the
+    /// relay sends its directory only if its own differs.
+    pub fn node_holding(node_id: &str, software: &str, directory: Option<[u8; 32]>) -> Self {
         let mut conn = Self::new(Role::Node, software);
         conn.phase = Phase::AwaitWelcome;
         conn.push(Frame::Hello {
             protocol: PROTOCOL_VERSION,
             software: software.to_string(),
             node: node_id.to_string(),
+            directory,
         });
         conn
     }
@@ -394,7 +412,20 @@ impl SyncConnection {
             offered: OfferedSignatures::default(),
             receipts_sent: HashMap::new(),
             stats: ConnectionStats::default(),
+            protocol: PROTOCOL_VERSION,
+            announced: None,
         }
+    }
+
+    /// (Relay.) The content limits to announce in `Welcome` (protocol ≥ 6):
+    /// the node then refuses, when it is made, an edit the relay would refuse.
+    pub fn announce_limits(&mut self, limits: ContentLimits) {
+        self.announced = Some(limits);
+    }
+
+    /// The protocol version spoken on this connection.
+    pub fn protocol(&self) -> u16 {
+        self.protocol
     }
 
     /// Sets the limits on the peer's sync messages (the defaults otherwise);
@@ -519,20 +550,20 @@ impl SyncConnection {
         let mut events = Vec::new();
         match (self.phase, frame) {
             (_, Frame::Error { code, message }) => return Err(ConnectionError::Peer { code, message }),
-            (Phase::AwaitHello, Frame::Hello { protocol, software, node }) => {
-                if protocol != PROTOCOL_VERSION {
-                    self.push_error(
-                        ErrorCode::ProtocolVersion,
-                        format!("this relay speaks protocol {PROTOCOL_VERSION}, the node {protocol}: upgrade the older side"),
-                    );
+            (Phase::AwaitHello, Frame::Hello { protocol, software, node, directory }) => {
+                if !protocol_served(protocol) {
+                    self.push_error(ErrorCode::ProtocolVersion, protocol_refusal(protocol));
                     return Err(ConnectionError::Protocol(format!("peer speaks protocol {protocol}")));
                 }
-                self.push(Frame::Welcome { protocol: PROTOCOL_VERSION, relay: self.software.clone() });
+                // Answered in the node's own protocol (the frames after the handshake are the same).
+                self.protocol = protocol;
+                let limits = self.announced.filter(|_| protocol >= 6);
+                self.push(Frame::Welcome { protocol, relay: self.software.clone(), limits });
                 self.peer = Some(node.clone());
                 self.phase = Phase::Established;
-                events.push(ConnectionEvent::Established { peer: node, software });
+                events.push(ConnectionEvent::Established { peer: node, software, directory, limits: None });
             }
-            (Phase::AwaitWelcome, Frame::Welcome { protocol, relay }) => {
+            (Phase::AwaitWelcome, Frame::Welcome { protocol, relay, limits }) => {
                 if protocol != PROTOCOL_VERSION {
                     return Err(ConnectionError::Protocol(format!(
                         "the relay speaks protocol {protocol}, this node {PROTOCOL_VERSION}: upgrade the older side"
@@ -540,7 +571,12 @@ impl SyncConnection {
                 }
                 self.peer = Some(relay.clone());
                 self.phase = Phase::Established;
-                events.push(ConnectionEvent::Established { peer: relay.clone(), software: relay });
+                events.push(ConnectionEvent::Established {
+                    peer: relay.clone(),
+                    software: relay,
+                    directory: None,
+                    limits,
+                });
             }
             (Phase::Open, Frame::Summary { digest, .. }) => {
                 // Each side sends one Summary per connection: a second would make us list every document again.
@@ -1400,7 +1436,8 @@ mod tests {
     fn wrong_protocol_version_and_out_of_phase_frames_close_with_an_error_frame() {
         let mut rd = docs();
         let mut relay = SyncConnection::relay("relay");
-        let err = relay.on_frame(Frame::Hello { protocol: 99, software: "x".into(), node: "n".into() }, &mut rd);
+        let err = relay
+            .on_frame(Frame::Hello { protocol: 99, software: "x".into(), node: "n".into(), directory: None }, &mut rd);
         assert!(matches!(err, Err(ConnectionError::Protocol(_))));
         assert!(matches!(relay.take_outbox().as_slice(), [Frame::Error { code: ErrorCode::ProtocolVersion, .. }]));
 
@@ -1420,7 +1457,12 @@ mod tests {
         let mut relay = SyncConnection::relay("relay");
         relay
             .on_frame(
-                Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: node_key.to_string() },
+                Frame::Hello {
+                    protocol: PROTOCOL_VERSION,
+                    software: "x".into(),
+                    node: node_key.to_string(),
+                    directory: None,
+                },
                 &mut rd,
             )
             .unwrap();
@@ -1463,7 +1505,8 @@ mod tests {
     /// A relay connection past the handshake and its own Summary.
     fn open_relay(rd: &mut Docs) -> SyncConnection {
         let mut relay = SyncConnection::relay("relay");
-        let hello = Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: "n".into() };
+        let hello =
+            Frame::Hello { protocol: PROTOCOL_VERSION, software: "x".into(), node: "n".into(), directory: None };
         relay.on_frame(hello, rd).unwrap();
         relay.begin(rd).unwrap();
         relay.take_outbox();
@@ -1527,7 +1570,7 @@ mod tests {
         // A node waits for the relay's documents it may receive (all, here).
         let mut nd = docs();
         let mut node = SyncConnection::node("n", "test");
-        node.on_frame(Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "r".into() }, &mut nd).unwrap();
+        node.on_frame(Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "r".into(), limits: None }, &mut nd).unwrap();
         node.begin(&mut nd).unwrap();
         node.on_frame(Frame::DocHeads { entries: unknown[..3].to_vec() }, &mut nd).unwrap();
         assert_eq!(node.pending.len(), 3);

@@ -137,7 +137,11 @@ impl Net {
         };
         self.links[l] = Some([make_end(&self.peers, NODE_END), make_end(&self.peers, RELAY_END)]);
         let node = NAMES[LINK_NODE[l]];
-        self.send(l, NODE_END, Frame::Hello { protocol: PROTOCOL_VERSION, software: "test".into(), node: node.into() });
+        self.send(
+            l,
+            NODE_END,
+            Frame::Hello { protocol: PROTOCOL_VERSION, software: "test".into(), node: node.into(), directory: None },
+        );
         self.open_sync(l, NODE_END);
     }
 
@@ -226,7 +230,7 @@ impl Net {
             Frame::Hello { protocol, .. } => {
                 assert_eq!(end, RELAY_END);
                 assert_eq!(protocol, PROTOCOL_VERSION);
-                self.send(l, end, Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "R".into() });
+                self.send(l, end, Frame::Welcome { protocol: PROTOCOL_VERSION, relay: "R".into(), limits: None });
                 self.open_sync(l, end);
             }
             Frame::Welcome { .. }
