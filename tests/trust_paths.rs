@@ -152,9 +152,10 @@ async fn an_oversized_change_is_refused_before_it_is_stored_on_every_path() {
     let relay = start_relay(&root.path().join("relay"), limits).await;
     let mut katrineholm = enrolled(root.path(), &relay, "Katrineholm BF-samordnare", "Katrineholm");
     let mut police = enrolled(root.path(), &relay, "LPO Katrineholm", "Polisen");
-    katrineholm.store_mut().set_content_limits(limits);
     let id = promise(&mut katrineholm);
+    // The relay announces its limits at the first sync; the node keeps them (protocol 6).
     sync(&mut katrineholm, &relay).await.unwrap();
+    assert_eq!(katrineholm.store().content_limits(), limits);
 
     // Typed here: a change over the limit is refused with a clear error, nothing is written.
     let huge = noise(100 * 1024);
@@ -164,9 +165,7 @@ async fn an_oversized_change_is_refused_before_it_is_stored_on_every_path() {
 
     // A hostile node whose own store allows more: the relay refuses the change
     // (too large) and the document grown past its limit, and stores neither.
-    let mut hostile = enrolled(root.path(), &relay, "Katrineholm 2", "Katrineholm");
-    hostile.store_mut().set_content_limits(ContentLimits::default());
-    sync(&mut hostile, &relay).await.unwrap();
+    let mut hostile = hostile_copy(root.path(), &relay, "Katrineholm 2").await;
     hostile.edit(&id, "paste", |e| e.set_body(&huge)).unwrap();
     let (kind, message) = refusal(sync(&mut hostile, &relay).await);
     assert_eq!(kind, "too_large", "{message}");
@@ -190,7 +189,7 @@ async fn an_oversized_change_is_refused_before_it_is_stored_on_every_path() {
     assert_eq!(body(&police, &id), "Kort och gott.\n");
 
     // The same change on a stick is refused by the receiving node, and its database does not grow.
-    police.store_mut().set_content_limits(limits);
+    assert_eq!(police.store().content_limits(), limits, "kept from the relay's announcement");
     let file = root.path().join("stick.bundle");
     let bundle = bundle_for(&hostile, &police, &file);
     let size_before = std::fs::metadata(root.path().join("LPO Katrineholm/node.db")).unwrap().len();
@@ -284,8 +283,9 @@ fn flate2_encoder() -> flate2::write::DeflateEncoder<Vec<u8>> {
 /// A node enrolled at `relay` that takes more than the relay accepts (a hostile node).
 async fn hostile_copy(root: &Path, relay: &RelayHandle, name: &str) -> Node {
     let mut node = enrolled(root, relay, name, "Katrineholm");
-    node.store_mut().set_content_limits(ContentLimits::default());
     sync(&mut node, relay).await.unwrap();
+    // Ignoring the limits the relay announced (an honest node keeps them).
+    node.store_mut().set_content_limits(ContentLimits::default());
     node
 }
 

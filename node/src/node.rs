@@ -375,9 +375,17 @@ impl Node {
             directory: load_directory(data_dir)?,
             enrolled: Default::default(),
         };
-        let announced = node.store.meta(META_RELAY_LIMITS)?.and_then(|text| parse_limits(&text));
-        node.store.set_content_limits(effective_limits(announced));
+        node.refresh_relay_limits()?;
         Ok(node)
+    }
+
+    /// Stores from now on under the relay's limits as last kept (see
+    /// [`Self::adopt_relay_limits`]): for a handle that stays open while
+    /// another (the daemon's) hears from the relay, such as the web app's.
+    pub fn refresh_relay_limits(&mut self) -> Result<(), NodeError> {
+        let announced = self.store.meta(META_RELAY_LIMITS)?.and_then(|text| parse_limits(&text));
+        self.store.set_content_limits(effective_limits(announced));
+        Ok(())
     }
 
     /// The relay announced its content limits (protocol 6 `Welcome`): they

@@ -119,6 +119,8 @@ impl From<NodeError> for ApiError {
     fn from(e: NodeError) -> Self {
         match &e {
             NodeError::NoSuchDocument(_) | NodeError::NoSuchSigner(_) => ApiError::NotFound(e.to_string()),
+            // Over the content limits: the person's input, not a failure of the node.
+            NodeError::Store(samverkan_store::StoreError::TooLarge(_)) => ApiError::Invalid(e.to_string()),
             NodeError::Store(_) | NodeError::KeyFile(_) | NodeError::File { .. } => ApiError::Internal(e.to_string()),
             _ => ApiError::Invalid(e.to_string()),
         }
@@ -165,6 +167,8 @@ impl AppState {
         tokio::task::spawn_blocking(move || {
             let mut node =
                 node.lock().map_err(|_| ApiError::Internal("the node is unusable after a failure".into()))?;
+            // The daemon's handle hears the relay's limits; this one reads them as kept.
+            node.refresh_relay_limits().map_err(|e| ApiError::Internal(format!("reading the relay's limits: {e}")))?;
             f(&mut node)
         })
         .await
