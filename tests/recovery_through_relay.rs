@@ -9,6 +9,7 @@ use chrono::Utc;
 use samverkan::node::node::Node;
 use samverkan::node::recover::{self, RecoverError};
 use samverkan::relay::server::{self, RelayConfig, RelayHandle};
+use samverkan::shared::acceptance::ContentLimits;
 use samverkan::shared::approval::{self, Action as RecordAction, ApprovalRecord};
 use samverkan::shared::directory::{Member, MemberKind};
 use samverkan::shared::identity::NodeKey;
@@ -113,5 +114,49 @@ async fn an_offline_approval_by_a_revoked_signer_is_recovered_and_the_edits_afte
     assert!(theirs.activities.iter().any(|a| a.id == added.id));
     assert!(approval::records(&polis.document(&id).unwrap()).is_empty());
     assert!(matches!(recover::plan(&lst, &id), Err(RecoverError::NotRefused(_))));
+    relay.shutdown().await;
+}
+
+/// A change made before the node heard the relay's (lower) content limits is
+/// refused by the relay; the node keeps the limits the relay announced, so
+/// `recover` leaves that change out (it stays in the backup) instead of
+/// making it again, and the rest reaches the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_over_the_relays_limits_is_left_out_by_recovery_and_the_rest_reaches_the_relay() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = RelayConfig::new("127.0.0.1:0".parse().unwrap(), root.path().join("relay"));
+    config.content = ContentLimits { max_change_bytes: 64 * 1024, max_document_bytes: 1024 * 1024 };
+    let relay = server::spawn(config).await.unwrap();
+    let mut flen = node(root.path(), &relay, "flen", "Flen");
+    let mut polis = node(root.path(), &relay, "polis", "Polisområde Södermanland");
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Flen");
+    content.parties = vec![org("Flen"), org("Polisområde Södermanland")];
+    let id = flen.create(content).unwrap();
+    assert!(sync(&mut flen, &relay).await.refused.is_empty());
+    // Offline, and on a node that had not heard the relay's limits (it kept its own then).
+    flen.store_mut().set_content_limits(ContentLimits::default());
+    let pasted: String = (0..6000).map(|i| format!("rad {i}: {}\n", i * 7919 % 10007)).collect();
+    assert!(pasted.len() > 64 * 1024);
+    set_body(&mut flen, &id, &pasted);
+    flen.edit(&id, "title", |e| e.set_title("Medborgarlöfte Flen 2027")).unwrap();
+
+    // The relay refuses the document for the pasted change; the node takes the relay's limits again.
+    let report = sync(&mut flen, &relay).await;
+    assert_eq!(report.refused.len(), 1, "{:?}", report.refused);
+    assert_eq!(
+        flen.store().content_limits(),
+        ContentLimits { max_change_bytes: 64 * 1024, max_document_bytes: 1024 * 1024 }
+    );
+
+    let report = recover::recover(&mut flen, &id).unwrap();
+    let outcomes: Vec<&Outcome> = report.changes.iter().map(|c| &c.outcome).collect();
+    assert!(matches!(outcomes[..], [Outcome::NotReapplied { .. }, Outcome::Reapplied { .. }]), "{outcomes:?}");
+    assert!(std::fs::read_to_string(&report.backup_markdown).unwrap().contains("rad 5999"), "kept in the backup");
+    let synced = sync(&mut flen, &relay).await;
+    assert!(synced.refused.is_empty(), "{:?}", synced.refused);
+    sync(&mut polis, &relay).await;
+    let theirs = polis.document(&id).unwrap().view().unwrap();
+    assert_eq!(theirs.title, "Medborgarlöfte Flen 2027");
+    assert!(!theirs.body.contains("rad 1:"));
     relay.shutdown().await;
 }
