@@ -549,7 +549,15 @@ impl SyncConnection {
         self.stats.frames_in += 1;
         let mut events = Vec::new();
         match (self.phase, frame) {
-            (_, Frame::Error { code, message }) => return Err(ConnectionError::Peer { code, message }),
+            (phase, Frame::Error { code, mut message }) => {
+                // A relay older than protocol 6 cannot read our `Hello` (its fields end sooner).
+                if phase == Phase::AwaitWelcome && code == ErrorCode::Malformed && message.contains("Hello") {
+                    message.push_str(&format!(
+                        " (the relay is probably older than this node, which speaks protocol {PROTOCOL_VERSION}: upgrade the relay)"
+                    ));
+                }
+                return Err(ConnectionError::Peer { code, message });
+            }
             (Phase::AwaitHello, Frame::Hello { protocol, software, node, directory }) => {
                 if !protocol_served(protocol) {
                     self.push_error(ErrorCode::ProtocolVersion, protocol_refusal(protocol));
@@ -1445,6 +1453,14 @@ mod tests {
         let err = relay.on_frame(Frame::InSync, &mut rd);
         assert!(matches!(err, Err(ConnectionError::Protocol(_))));
         assert!(matches!(relay.take_outbox().as_slice(), [Frame::Error { code: ErrorCode::Malformed, .. }]));
+        // An older relay that cannot read this node's Hello: the node says which side to upgrade.
+        let mut nd = docs();
+        let mut node = SyncConnection::node("n", "node");
+        let older = Frame::Error { code: ErrorCode::Malformed, message: "32 trailing bytes after Hello frame".into() };
+        match node.on_frame(older, &mut nd) {
+            Err(ConnectionError::Peer { message, .. }) => assert!(message.contains("upgrade the relay"), "{message}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
