@@ -1210,8 +1210,8 @@ fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) ->
             _ => None,
         }
     };
-    let (mut doc, after_seq) = match cached {
-        Some((doc, last_seq)) => (doc.into_automerge(), last_seq),
+    let (mut doc, after_seq, from_cache) = match cached {
+        Some((doc, last_seq)) => (doc.into_automerge(), last_seq, true),
         None => {
             let (snapshot, sum): (Option<Vec<u8>>, Option<Vec<u8>>) = conn.query_row(
                 "SELECT snapshot, snapshot_sha256 FROM documents WHERE doc_id = ?1",
@@ -1227,7 +1227,7 @@ fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) ->
                 }
                 None => AutoCommit::new(),
             };
-            (doc, 0)
+            (doc, 0, false)
         }
     };
     let mut last_seq = after_seq;
@@ -1244,7 +1244,13 @@ fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) ->
         doc.load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
         last_seq = seq;
     }
-    let doc = Document::from_automerge(id.clone(), doc).map_err(|e| corrupt(e.to_string()))?;
+    // A cached copy with no new rows is the copy checked when it was cached:
+    // its header needs no second look (three map lookups on every edit and read).
+    let doc = if from_cache && last_seq == after_seq {
+        Document::from_checked(id.clone(), doc)
+    } else {
+        Document::from_automerge(id.clone(), doc).map_err(|e| corrupt(e.to_string()))?
+    };
     Ok(Some(Loaded { doc, generation, last_seq }))
 }
 
@@ -1366,6 +1372,38 @@ mod tests {
         assert_eq!(loaded.change_count(), 201);
         assert_eq!(store.list().unwrap()[0].title, "Medborgarlöfte Trosa 2025");
         assert!(store.check().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_cached_copy_is_checked_again_when_rows_written_elsewhere_are_read_on_top() {
+        use automerge::transaction::Transactable;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let ctx = ctx();
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        let mut ours = Store::open_or_create(&path).unwrap();
+        ours.insert(&mut doc).unwrap();
+        let heads = ours.read_doc(&id, |d| d.get_heads()).unwrap().unwrap();
+        // Unchanged since cached: taken as it is, again and again.
+        for _ in 0..3 {
+            assert_eq!(ours.read_doc(&id, |d| d.get_heads()).unwrap().unwrap(), heads);
+        }
+        assert_eq!(ours.cached(), 1);
+        // A row written behind the store's back that makes it another document's
+        // copy: the cached copy with it read on top is refused, not served.
+        let mut other = doc.automerge_mut().fork();
+        other.put(automerge::ROOT, "id", DocId::random().as_str()).unwrap();
+        let row = other.save_after(&heads);
+        let writer = rusqlite::Connection::open(&path).unwrap();
+        writer
+            .execute(
+                "INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)",
+                params![id.as_str(), row, sha256(&row)],
+            )
+            .unwrap();
+        assert!(matches!(ours.read_doc(&id, |d| d.get_heads()), Err(StoreError::CorruptDocument { .. })));
+        assert!(matches!(ours.load(&id), Err(StoreError::CorruptDocument { .. })));
     }
 
     #[test]
