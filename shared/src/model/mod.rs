@@ -242,6 +242,14 @@ impl Document {
         Ok(Self { id, doc })
     }
 
+    /// Wraps an Automerge document that was checked by [`Self::from_automerge`]
+    /// (or [`Self::check_header`]) and not changed since: a store's cached
+    /// copy taken out and put back. Anything else goes through
+    /// [`Self::from_automerge`].
+    pub fn from_checked(id: DocId, doc: AutoCommit) -> Self {
+        Self { id, doc }
+    }
+
     /// Wraps an Automerge document without checking it (for the in-memory
     /// driver, [`crate::sync::MemoryDocs`], which holds whatever a peer or a
     /// test gives it and checks where the real drivers check).
