@@ -22,6 +22,10 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// peer is enrolled: 4 KiB, far above what those frames need (about 200 bytes)
 /// and far below the 64 MiB a sync frame may have.
 pub const MAX_PREAUTH_FRAME: usize = 4 * 1024;
+/// Bytes of encoded frames [`FramedSend::send_all`] gathers before writing
+/// them to the stream: a few packets' worth, so that batching saves writes and
+/// packets without holding a large copy of a long outbox.
+pub const WRITE_BATCH: usize = 16 * 1024;
 /// How long `finish` waits for the peer to acknowledge the last bytes.
 const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -63,9 +67,38 @@ pub struct FramedSend {
 impl FramedSend {
     /// Sends one frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), NetError> {
-        let bytes = frame.try_encode(self.max_frame).map_err(NetError::TooLarge)?;
-        self.stream.write_all(&bytes).await.map_err(|e| NetError::ConnectionLost(e.to_string()))?;
-        self.bytes += bytes.len() as u64;
+        self.send_all(std::slice::from_ref(frame)).await
+    }
+
+    /// Sends `frames` in order, as few stream writes as possible: frames are
+    /// encoded into one buffer, handed to QUIC whole (no copy) once it holds
+    /// [`WRITE_BATCH`] bytes and at the end, so the frames of one protocol step
+    /// (`Authors` and its `Sync`, say) leave in the same packet rather than in
+    /// one each. A frame above the limit is refused after the frames before it
+    /// were written, as if they had been sent one by one.
+    pub async fn send_all(&mut self, frames: &[Frame]) -> Result<(), NetError> {
+        let mut buffer = Vec::new();
+        for frame in frames {
+            if let Err(e) = frame.try_encode_into(self.max_frame, &mut buffer) {
+                if !buffer.is_empty() {
+                    self.write(buffer).await?;
+                }
+                return Err(NetError::TooLarge(e));
+            }
+            if buffer.len() >= WRITE_BATCH {
+                self.write(std::mem::take(&mut buffer)).await?;
+            }
+        }
+        if !buffer.is_empty() {
+            self.write(buffer).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, buffer: Vec<u8>) -> Result<(), NetError> {
+        let len = buffer.len() as u64;
+        self.stream.write_chunk(buffer.into()).await.map_err(|e| NetError::ConnectionLost(e.to_string()))?;
+        self.bytes += len;
         Ok(())
     }
 
