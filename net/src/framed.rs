@@ -243,6 +243,35 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn send_all_delivers_frames_in_order_and_refuses_an_oversized_one_after_those_before_it() {
+        let limits = Limits { max_frame: 64 * 1024, ..Limits::default() };
+        tokio::time::timeout(LIMIT, async {
+            let (_server, server_conn, _client, client_conn) = connected(&limits).await;
+            let (mut send, _client_recv) = open(&client_conn, &limits).await.unwrap();
+            let doc: samverkan_shared::ids::DocId = "00112233445566778899aabbccddeeff".parse().unwrap();
+            // Enough frames to cross WRITE_BATCH several times, then one above the limit.
+            let frames: Vec<Frame> =
+                (0..40u8).map(|i| Frame::Sync { doc: doc.clone(), message: vec![i; 1000] }).collect();
+            let too_large = Frame::Sync { doc: doc.clone(), message: vec![0; 65 * 1024] };
+            let mut all = frames.clone();
+            all.push(too_large);
+            all.push(Frame::InSync);
+            let error = send.send_all(&all).await.unwrap_err();
+            assert!(matches!(error, NetError::TooLarge(WireError::FrameTooLarge { .. })), "{error}");
+            let sent = send.bytes();
+            let (_server_send, mut recv) = accept(&server_conn, &limits).await.unwrap();
+            endpoint::admit(&server_conn, &limits);
+            for frame in &frames {
+                assert_eq!(recv.recv().await.unwrap().as_ref(), Some(frame));
+            }
+            assert_eq!(recv.bytes(), sent, "nothing after the refused frame was written");
+            server_conn.close(0u32.into(), b"bye");
+        })
+        .await
+        .expect("finished in time");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_a_small_first_frame_the_stream_takes_frames_up_to_its_maximum() {
         let limits = Limits::default();
         tokio::time::timeout(LIMIT, async {
