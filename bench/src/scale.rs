@@ -10,7 +10,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Display;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -51,6 +52,95 @@ struct Sim {
     recv: FramedRecv,
     sync: SyncConnection,
     docs: SharedMemoryDocs,
+    /// Where a receiving node counts the frames it moves (`None`: not counted).
+    traffic: Option<Arc<Traffic>>,
+}
+
+/// The receiving nodes' connections and the wire frames they moved, so the
+/// steady phase's datagrams and frames per forwarded change can be told
+/// (each node's counts are the relay's on that connection, sent and received swapped).
+#[derive(Default)]
+struct Traffic {
+    conns: Mutex<Vec<quinn::Connection>>,
+    frames_in: AtomicU64,
+    frames_out: AtomicU64,
+}
+
+/// Sums of the receiving nodes' counts at one moment.
+#[derive(Debug, Default, Clone, Copy)]
+struct TrafficCounts {
+    /// Datagrams the nodes received (the relay sent).
+    datagrams_in: u64,
+    /// Datagrams the nodes sent (the relay received).
+    datagrams_out: u64,
+    /// QUIC ACK frames the nodes received / sent.
+    acks_in: u64,
+    acks_out: u64,
+    /// QUIC STREAM frames the nodes received / sent.
+    streams_in: u64,
+    streams_out: u64,
+    /// Wire frames the nodes received / sent.
+    frames_in: u64,
+    frames_out: u64,
+}
+
+impl Traffic {
+    fn counts(&self) -> TrafficCounts {
+        let mut c = TrafficCounts {
+            frames_in: self.frames_in.load(Ordering::Relaxed),
+            frames_out: self.frames_out.load(Ordering::Relaxed),
+            ..TrafficCounts::default()
+        };
+        for conn in self.conns.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let s = conn.stats();
+            c.datagrams_in += s.udp_rx.datagrams;
+            c.datagrams_out += s.udp_tx.datagrams;
+            c.acks_in += s.frame_rx.acks;
+            c.acks_out += s.frame_tx.acks;
+            c.streams_in += s.frame_rx.stream;
+            c.streams_out += s.frame_tx.stream;
+        }
+        c
+    }
+}
+
+impl TrafficCounts {
+    /// What happened between `before` and `self`, per forwarded change.
+    fn per(&self, before: &Self, forwarded: f64) -> PerForwarded {
+        let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / forwarded;
+        PerForwarded {
+            relay_datagrams_sent: per(self.datagrams_in, before.datagrams_in),
+            relay_datagrams_received: per(self.datagrams_out, before.datagrams_out),
+            relay_acks_sent: per(self.acks_in, before.acks_in),
+            relay_acks_received: per(self.acks_out, before.acks_out),
+            relay_stream_frames_sent: per(self.streams_in, before.streams_in),
+            relay_stream_frames_received: per(self.streams_out, before.streams_out),
+            wire_frames_sent: per(self.frames_in, before.frames_in),
+            wire_frames_received: per(self.frames_out, before.frames_out),
+        }
+    }
+}
+
+/// The relay's traffic with the receiving nodes in the steady phase, per
+/// forwarded change (counted at the nodes: loopback loses nothing).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PerForwarded {
+    /// UDP datagrams the relay sent.
+    pub relay_datagrams_sent: f64,
+    /// UDP datagrams the relay received.
+    pub relay_datagrams_received: f64,
+    /// QUIC ACK frames the relay sent.
+    pub relay_acks_sent: f64,
+    /// QUIC ACK frames the relay received.
+    pub relay_acks_received: f64,
+    /// QUIC STREAM frames the relay sent (a datagram without one carries only ACKs or pings).
+    pub relay_stream_frames_sent: f64,
+    /// QUIC STREAM frames the relay received.
+    pub relay_stream_frames_received: f64,
+    /// Wire frames (`Sync`, `Authors`, …) the relay sent.
+    pub wire_frames_sent: f64,
+    /// Wire frames the relay received.
+    pub wire_frames_received: f64,
 }
 
 fn proto(e: impl Display) -> anyhow::Error {
@@ -69,12 +159,14 @@ impl Sim {
         let conn = endpoint::connect(client, target.addr, identity, *target.relay_key.as_bytes(), &limits).await?;
         let (send, recv) = framed::open(&conn, &limits).await?;
         let name = hex::encode(identity.public_key());
-        Ok(Self { conn, send, recv, sync: SyncConnection::node(&name, "samverkan-bench"), docs })
+        Ok(Self { conn, send, recv, sync: SyncConnection::node(&name, "samverkan-bench"), docs, traffic: None })
     }
 
     async fn flush(&mut self) -> Result<()> {
-        for frame in self.sync.take_outbox() {
-            self.send.send(&frame).await?;
+        let frames = self.sync.take_outbox();
+        self.send.send_all(&frames).await?;
+        if let Some(t) = &self.traffic {
+            t.frames_out.fetch_add(frames.len() as u64, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -122,6 +214,9 @@ impl Sim {
             tokio::select! {
                 frame = self.recv.recv() => {
                     let Some(frame) = frame? else { return Ok(()) };
+                    if let Some(t) = &self.traffic {
+                        t.frames_in.fetch_add(1, Ordering::Relaxed);
+                    }
                     for (_, heads) in self.on_frame(frame)? {
                         if let Some(o) = &observed {
                             let _ = o.send((heads, Instant::now()));
@@ -154,6 +249,8 @@ pub struct Measured {
     pub cpu_per_forwarded_change: f64,
     /// Edits made during the steady phase.
     pub edits: usize,
+    /// The relay's datagrams and frames to and from the receiving nodes in the steady phase.
+    pub traffic: PerForwarded,
     /// Edit-to-observed latency of each edit observed with every node connected.
     pub latencies: Vec<Duration>,
     /// The same with only the editor and the observer connected.
@@ -177,6 +274,7 @@ impl Measured {
         let (per_conn, per_doc, cpu) =
             (self.memory_per_idle_connection, self.memory_per_idle_document, self.cpu_per_forwarded_change);
         let (idle99, loaded99) = (ms(percentile(&self.idle, 99.0)), self.latency_ms(99.0));
+        let t = &self.traffic;
         vec![
             Figure::info(format!("scale.{tag}.connect_time"), ms(self.connect_time), "ms"),
             Figure::info(format!("scale.{tag}.memory_per_idle_connection"), per_conn, "KB")
@@ -185,6 +283,42 @@ impl Measured {
                 .target("none unless loaded", per_doc <= 1.0),
             Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu, "µs").target("≤ 100 µs", cpu <= 100.0),
             Figure::info(format!("scale.{tag}.edits"), self.edits as f64, "edits"),
+            Figure::info(
+                format!("scale.{tag}.per_forwarded_change.relay_datagrams_sent"),
+                t.relay_datagrams_sent,
+                "datagrams",
+            ),
+            Figure::info(
+                format!("scale.{tag}.per_forwarded_change.relay_datagrams_received"),
+                t.relay_datagrams_received,
+                "datagrams",
+            ),
+            Figure::info(
+                format!("scale.{tag}.per_forwarded_change.relay_datagrams_sent_without_stream_data"),
+                (t.relay_datagrams_sent - t.relay_stream_frames_sent).max(0.0),
+                "datagrams",
+            ),
+            Figure::info(
+                format!("scale.{tag}.per_forwarded_change.relay_datagrams_received_without_stream_data"),
+                (t.relay_datagrams_received - t.relay_stream_frames_received).max(0.0),
+                "datagrams",
+            ),
+            Figure::info(
+                format!("scale.{tag}.per_forwarded_change.relay_ack_frames_sent"),
+                t.relay_acks_sent,
+                "ACK frames",
+            ),
+            Figure::info(
+                format!("scale.{tag}.per_forwarded_change.relay_ack_frames_received"),
+                t.relay_acks_received,
+                "ACK frames",
+            ),
+            Figure::info(format!("scale.{tag}.per_forwarded_change.wire_frames_sent"), t.wire_frames_sent, "frames"),
+            Figure::info(
+                format!("scale.{tag}.per_forwarded_change.wire_frames_received"),
+                t.wire_frames_received,
+                "frames",
+            ),
             Figure::info(format!("scale.{tag}.observed"), self.latencies.len() as f64, "edits"),
             Figure::info(format!("scale.{tag}.latency.p50"), self.latency_ms(50.0), "ms"),
             Figure::info(format!("scale.{tag}.latency.p99"), loaded99, "ms")
@@ -286,6 +420,7 @@ async fn measure(
     let editor_docs = docs.clone().into_shared();
     let observer_docs = docs.into_shared();
     let limit = Arc::new(Semaphore::new(16));
+    let traffic = Arc::new(Traffic::default());
     let mut tasks = tokio::task::JoinSet::new();
     let mut editor_tx = None;
     let mut rss_first = 0;
@@ -306,11 +441,17 @@ async fn measure(
         let client = clients[i % clients.len()].clone();
         let target = target_of(relays, i)?;
         let (settled, stop, limit) = (settled_tx.clone(), stop_rx.clone(), limit.clone());
+        // Every node but the editor receives the changes.
+        let counted = (i > 0).then(|| traffic.clone());
         tasks.spawn(async move {
             let sim = async {
                 let _permit = limit.acquire().await?;
                 let mut sim = Sim::connect(&client, &target, &identity, docs).await?;
                 sim.settle().await?;
+                if let Some(t) = counted {
+                    t.conns.lock().unwrap_or_else(|e| e.into_inner()).push(sim.conn.clone());
+                    sim.traffic = Some(t);
+                }
                 anyhow::Ok(sim)
             }
             .await;
@@ -350,10 +491,12 @@ async fn measure(
     // Steady edits on the editor node, observed at the observer node.
     let editor_tx = editor_tx.context("no editor")?;
     let cpu_before = cpu_seconds(relays)?;
+    let traffic_before = traffic.counts();
     let steady = Steady { editor_docs: &editor_docs, editor_tx: &editor_tx, ids: &ids, author, rate: s.rate };
     let (edits, latencies) = steady.run(s.seconds, 1000, &mut observed_rx).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu = cpu_seconds(relays)? - cpu_before;
+    let per_forwarded = traffic.counts().per(&traffic_before, forwarded_count(edits, s.nodes));
     let _ = stop_tx.send(true);
     while tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await.ok().flatten().is_some() {}
     if latencies.is_empty() || idle.is_empty() {
@@ -366,6 +509,7 @@ async fn measure(
         memory_per_idle_document: (rss_docs as f64 - rss_empty as f64) / s.docs as f64 / 1024.0,
         cpu_per_forwarded_change: cpu * 1e6 / forwarded_count(edits, s.nodes),
         edits,
+        traffic: per_forwarded,
         latencies,
         idle,
     })

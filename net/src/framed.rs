@@ -22,6 +22,10 @@ pub const READ_CHUNK: usize = 64 * 1024;
 /// peer is enrolled: 4 KiB, far above what those frames need (about 200 bytes)
 /// and far below the 64 MiB a sync frame may have.
 pub const MAX_PREAUTH_FRAME: usize = 4 * 1024;
+/// Bytes of encoded frames [`FramedSend::send_all`] gathers before writing
+/// them to the stream: a few packets' worth, so that batching saves writes and
+/// packets without holding a large copy of a long outbox.
+pub const WRITE_BATCH: usize = 16 * 1024;
 /// How long `finish` waits for the peer to acknowledge the last bytes.
 const FINISH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -63,9 +67,38 @@ pub struct FramedSend {
 impl FramedSend {
     /// Sends one frame.
     pub async fn send(&mut self, frame: &Frame) -> Result<(), NetError> {
-        let bytes = frame.try_encode(self.max_frame).map_err(NetError::TooLarge)?;
-        self.stream.write_all(&bytes).await.map_err(|e| NetError::ConnectionLost(e.to_string()))?;
-        self.bytes += bytes.len() as u64;
+        self.send_all(std::slice::from_ref(frame)).await
+    }
+
+    /// Sends `frames` in order, as few stream writes as possible: frames are
+    /// encoded into one buffer, handed to QUIC whole (no copy) once it holds
+    /// [`WRITE_BATCH`] bytes and at the end, so the frames of one protocol step
+    /// (`Authors` and its `Sync`, say) leave in the same packet rather than in
+    /// one each. A frame above the limit is refused after the frames before it
+    /// were written, as if they had been sent one by one.
+    pub async fn send_all(&mut self, frames: &[Frame]) -> Result<(), NetError> {
+        let mut buffer = Vec::new();
+        for frame in frames {
+            if let Err(e) = frame.try_encode_into(self.max_frame, &mut buffer) {
+                if !buffer.is_empty() {
+                    self.write(buffer).await?;
+                }
+                return Err(NetError::TooLarge(e));
+            }
+            if buffer.len() >= WRITE_BATCH {
+                self.write(std::mem::take(&mut buffer)).await?;
+            }
+        }
+        if !buffer.is_empty() {
+            self.write(buffer).await?;
+        }
+        Ok(())
+    }
+
+    async fn write(&mut self, buffer: Vec<u8>) -> Result<(), NetError> {
+        let len = buffer.len() as u64;
+        self.stream.write_chunk(buffer.into()).await.map_err(|e| NetError::ConnectionLost(e.to_string()))?;
+        self.bytes += len;
         Ok(())
     }
 
@@ -204,6 +237,35 @@ mod tests {
             assert!(recv.buffer_allocated() <= READ_CHUNK, "allocated {}", recv.buffer_allocated());
             server_conn.close(0u32.into(), b"bye");
             let _ = writer.await;
+        })
+        .await
+        .expect("finished in time");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn send_all_delivers_frames_in_order_and_refuses_an_oversized_one_after_those_before_it() {
+        let limits = Limits { max_frame: 64 * 1024, ..Limits::default() };
+        tokio::time::timeout(LIMIT, async {
+            let (_server, server_conn, _client, client_conn) = connected(&limits).await;
+            let (mut send, _client_recv) = open(&client_conn, &limits).await.unwrap();
+            let doc: samverkan_shared::ids::DocId = "00112233445566778899aabbccddeeff".parse().unwrap();
+            // Enough frames to cross WRITE_BATCH several times, then one above the limit.
+            let frames: Vec<Frame> =
+                (0..40u8).map(|i| Frame::Sync { doc: doc.clone(), message: vec![i; 1000] }).collect();
+            let too_large = Frame::Sync { doc: doc.clone(), message: vec![0; 65 * 1024] };
+            let mut all = frames.clone();
+            all.push(too_large);
+            all.push(Frame::InSync);
+            let error = send.send_all(&all).await.unwrap_err();
+            assert!(matches!(error, NetError::TooLarge(WireError::FrameTooLarge { .. })), "{error}");
+            let sent = send.bytes();
+            let (_server_send, mut recv) = accept(&server_conn, &limits).await.unwrap();
+            endpoint::admit(&server_conn, &limits);
+            for frame in &frames {
+                assert_eq!(recv.recv().await.unwrap().as_ref(), Some(frame));
+            }
+            assert_eq!(recv.bytes(), sent, "nothing after the refused frame was written");
+            server_conn.close(0u32.into(), b"bye");
         })
         .await
         .expect("finished in time");

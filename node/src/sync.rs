@@ -527,9 +527,7 @@ impl Session {
     }
 
     async fn flush(&mut self) -> Result<(), SyncFailure> {
-        for frame in self.sync.take_outbox() {
-            self.send.send(&frame).await?;
-        }
+        self.send.send_all(&self.sync.take_outbox()).await?;
         Ok(())
     }
 

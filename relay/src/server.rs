@@ -1075,11 +1075,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
             outbox.push(end.error_frame());
         }
     }
-    for frame in &outbox {
-        if send.send(frame).await.is_err() {
-            break;
-        }
-    }
+    let _ = send.send_all(&outbox).await;
     match &result {
         Ok(()) => info!(node = %key.short(), "node disconnected"),
         // Anyone can knock: counted per reason, and a short line at most every few seconds per reason.
@@ -1290,9 +1286,8 @@ async fn run<S: RelayStorage>(
     let mut charged = recv.bytes();
     loop {
         let Some(current) = served.as_mut() else { return Err(ConnectionEnd::ShuttingDown) };
-        for frame in current.sync.take_outbox() {
-            send.send(&frame).await?;
-        }
+        // One step's frames in one write: they leave in one packet, not one each.
+        send.send_all(&current.sync.take_outbox()).await?;
         current.state.watch.update(&mut current.sync, recv.bytes(), send.bytes());
         // Frames already buffered are handled without waiting: take turns with the
         // other connections after each, so that a peer sending back to back never

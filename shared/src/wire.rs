@@ -500,8 +500,16 @@ impl Frame {
     /// Does not check the size against the peer's limit; use [`Frame::try_encode`]
     /// for frames whose size depends on data (sync messages).
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(LENGTH_PREFIX + self.payload_len());
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`Frame::encode`] appended to `out` (several frames in one buffer).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         let payload_len = self.payload_len();
-        let mut out = Vec::with_capacity(LENGTH_PREFIX + payload_len);
+        let start = out.len();
+        out.reserve(LENGTH_PREFIX + payload_len);
         // A payload over 4 GiB cannot be framed; saturating makes the peer refuse it
         // as too large instead of misreading the stream silently.
         out.extend_from_slice(&u32::try_from(payload_len).unwrap_or(u32::MAX).to_be_bytes());
@@ -509,15 +517,15 @@ impl Frame {
         match self {
             Frame::Hello { protocol, software, node, directory } => {
                 out.extend_from_slice(&protocol.to_be_bytes());
-                put_bytes(&mut out, software.as_bytes());
-                put_bytes(&mut out, node.as_bytes());
+                put_bytes(out, software.as_bytes());
+                put_bytes(out, node.as_bytes());
                 if *protocol >= 6 {
                     out.extend_from_slice(&directory.unwrap_or_default());
                 }
             }
             Frame::Welcome { protocol, relay, limits } => {
                 out.extend_from_slice(&protocol.to_be_bytes());
-                put_bytes(&mut out, relay.as_bytes());
+                put_bytes(out, relay.as_bytes());
                 if *protocol >= 6 {
                     let (change, document) =
                         limits.map(|l| (l.max_change_bytes, l.max_document_bytes)).unwrap_or((0, 0));
@@ -530,7 +538,7 @@ impl Frame {
                 out.extend_from_slice(digest);
             }
             Frame::DocHeads { entries } => {
-                put_varint(&mut out, entries.len());
+                put_varint(out, entries.len());
                 for (doc, digest) in entries {
                     out.extend_from_slice(&doc_id_to_bytes(doc));
                     out.extend_from_slice(digest);
@@ -539,22 +547,22 @@ impl Frame {
             Frame::InSync => {}
             Frame::Sync { doc, message } => {
                 out.extend_from_slice(&doc_id_to_bytes(doc));
-                put_bytes(&mut out, message);
+                put_bytes(out, message);
             }
             Frame::Error { code, message } => {
                 out.extend_from_slice(&code.to_u16().to_be_bytes());
-                put_bytes(&mut out, message.as_bytes());
+                put_bytes(out, message.as_bytes());
             }
             Frame::Join { protocol, software, secret, org } => {
                 out.extend_from_slice(&protocol.to_be_bytes());
-                put_bytes(&mut out, software.as_bytes());
-                put_bytes(&mut out, secret);
-                put_bytes(&mut out, org.as_bytes());
+                put_bytes(out, software.as_bytes());
+                put_bytes(out, secret);
+                put_bytes(out, org.as_bytes());
             }
-            Frame::Directory { signed } => put_bytes(&mut out, signed),
+            Frame::Directory { signed } => put_bytes(out, signed),
             Frame::Authors { doc, entries } => {
                 out.extend_from_slice(&doc_id_to_bytes(doc));
-                put_varint(&mut out, entries.len());
+                put_varint(out, entries.len());
                 for (hash, signature) in entries {
                     out.extend_from_slice(&hash.0);
                     out.extend_from_slice(signature);
@@ -562,7 +570,7 @@ impl Frame {
             }
             Frame::Receipts { doc, entries } => {
                 out.extend_from_slice(&doc_id_to_bytes(doc));
-                put_varint(&mut out, entries.len());
+                put_varint(out, entries.len());
                 for entry in entries {
                     out.extend_from_slice(&entry.record);
                     out.extend_from_slice(&entry.received_at_ms.to_be_bytes());
@@ -572,16 +580,15 @@ impl Frame {
             Frame::DocRefused { doc, kind, reason, heads, your_seq } => {
                 out.extend_from_slice(&doc_id_to_bytes(doc));
                 out.push(kind.to_u8());
-                put_bytes(&mut out, reason.as_bytes());
-                put_varint(&mut out, heads.len());
+                put_bytes(out, reason.as_bytes());
+                put_varint(out, heads.len());
                 for head in heads {
                     out.extend_from_slice(&head.0);
                 }
                 out.extend_from_slice(&your_seq.to_be_bytes());
             }
         }
-        debug_assert_eq!(out.len(), LENGTH_PREFIX + payload_len);
-        out
+        debug_assert_eq!(out.len() - start, LENGTH_PREFIX + payload_len);
     }
 
     /// Like [`Frame::encode`], but refuses a frame the peer would refuse as larger than `max_frame`.
@@ -591,6 +598,17 @@ impl Frame {
             return Err(WireError::FrameTooLarge { len: len as u64, max: max_frame });
         }
         Ok(self.encode())
+    }
+
+    /// Like [`Frame::encode_into`], but refuses (appending nothing) a frame the
+    /// peer would refuse as larger than `max_frame`.
+    pub fn try_encode_into(&self, max_frame: usize, out: &mut Vec<u8>) -> Result<(), WireError> {
+        let len = self.payload_len();
+        if len > max_frame || u32::try_from(len).is_err() {
+            return Err(WireError::FrameTooLarge { len: len as u64, max: max_frame });
+        }
+        self.encode_into(out);
+        Ok(())
     }
 
     /// Decodes one payload (type byte and body, without the length prefix).
