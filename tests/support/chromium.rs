@@ -158,6 +158,14 @@ impl Page {
 
     /// Sends a command and waits for its answer (events in between are skipped).
     pub fn call(&mut self, method: &str, params: Value) -> Value {
+        match self.try_call(method, params) {
+            Ok(result) => result,
+            Err(error) => panic!("{method} failed: {error}"),
+        }
+    }
+
+    /// Sends a command and returns its result, or the DevTools error it got.
+    fn try_call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
         let id = self.next_id;
         self.next_id += 1;
         let request = json!({"id": id, "method": method, "params": params}).to_string();
@@ -167,8 +175,10 @@ impl Page {
             let Message::Text(text) = message else { continue };
             let value: Value = serde_json::from_str(text.as_str()).unwrap();
             if value["id"] == id {
-                assert!(value.get("error").is_none(), "{method} failed: {value}");
-                return value["result"].clone();
+                return match value.get("error") {
+                    Some(error) => Err(error.clone()),
+                    None => Ok(value["result"].clone()),
+                };
             }
         }
     }
@@ -193,7 +203,14 @@ impl Page {
         let deadline = Instant::now() + LIMIT;
         let probe = format!("(function () {{ try {{ return ({expression}); }} catch (e) {{ return null; }} }})()");
         loop {
-            let value = self.eval(&probe);
+            let params = json!({"expression": probe, "returnByValue": true, "awaitPromise": true});
+            let value = match self.try_call("Runtime.evaluate", params) {
+                Ok(result) => result["result"]["value"].clone(),
+                // The page is between two documents (a redirect, a reload):
+                // its old context is gone and the new one is not there yet.
+                Err(error) if navigating(&error) => Value::Null,
+                Err(error) => panic!("Runtime.evaluate failed while waiting for {what}: {error}"),
+            };
             let truthy = match &value {
                 Value::Null => false,
                 Value::Bool(b) => *b,
@@ -237,4 +254,11 @@ impl Page {
         std::fs::write(path, png).unwrap();
         println!("screenshot: {}", path.display());
     }
+}
+
+/// Whether a DevTools error means the page was navigating when asked
+/// (its execution context was replaced), so asking again will do.
+fn navigating(error: &Value) -> bool {
+    let message = error["message"].as_str().unwrap_or("");
+    ["navigated or closed", "context was destroyed", "Cannot find context"].iter().any(|m| message.contains(m))
 }
