@@ -47,7 +47,7 @@ use prometheus_client::registry::Registry;
 use samverkan_shared::identity::NodeId;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
-use samverkan_shared::sync::SyncConnection;
+use samverkan_shared::sync::{SyncConnection, SyncMemo};
 use samverkan_shared::wire::RefusalKind;
 use samverkan_store::StoreError;
 use serde::{Deserialize, Serialize};
@@ -204,6 +204,14 @@ pub struct RelayMetrics {
     pub steps_from_memory: Counter,
     /// Connection steps run on a storage thread (everything else).
     pub steps_on_storage_threads: Counter,
+    /// Sync steps done from memory that were copied from another connection's
+    /// identical step ([`SyncMemo`] hits; refreshed on each scrape).
+    pub sync_steps_copied: Counter,
+    /// Sync steps done from memory that were worked out ([`SyncMemo`] misses).
+    pub sync_steps_worked_out: Counter,
+    /// The sync steps the relay's connections share; kept here so that its
+    /// counts are exported with the rest.
+    pub sync_memo: Arc<SyncMemo>,
 }
 
 impl RelayMetrics {
@@ -264,6 +272,12 @@ impl RelayMetrics {
                 &m.steps_from_memory,
             ),
             ("steps_on_storage_threads", "Connection steps run on a storage thread", &m.steps_on_storage_threads),
+            (
+                "sync_steps_copied",
+                "Sync steps from memory copied from another connection's identical step",
+                &m.sync_steps_copied,
+            ),
+            ("sync_steps_worked_out", "Sync steps from memory worked out by Automerge", &m.sync_steps_worked_out),
         ];
         for (name, help, counter) in steps {
             registry.register(name, help, counter.clone());
@@ -846,6 +860,12 @@ impl Monitor {
         m.documents.set(gauge(r.documents));
         m.documents_loaded.set(gauge(r.documents_loaded));
         m.store_bytes.set(gauge(r.store_bytes));
+        {
+            // Under the lock, so that two scrapes at once do not both add the same difference.
+            let _one_at_a_time = self.lock();
+            m.sync_steps_copied.inc_by(m.sync_memo.hits().saturating_sub(m.sync_steps_copied.get()));
+            m.sync_steps_worked_out.inc_by(m.sync_memo.misses().saturating_sub(m.sync_steps_worked_out.get()));
+        }
         for state in [NodeState::InSync, NodeState::Behind, NodeState::Stale] {
             let n = status.nodes.iter().filter(|n| n.state == state).count() as u64;
             m.nodes.get_or_create(&StateLabels { state: state.as_str().to_string() }).set(gauge(n));

@@ -44,6 +44,7 @@ use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
     ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, SignedChange, SyncConnection, SyncLimits,
+    SyncMemo,
 };
 use samverkan_shared::wire::{
     protocol_refusal, protocol_served, ErrorCode, Frame, ReceiptEntry, RefusalKind, WireError,
@@ -771,6 +772,9 @@ struct RelayDocs<'a, S> {
     relay_key: &'a NodeKey,
     /// The approval records of the version before a change, without parsing them at every step.
     record_keys: &'a RecordKeys,
+    /// The sync steps all connections share (a change passed on to every
+    /// caught-up node is worked out once).
+    sync_memo: &'a Arc<SyncMemo>,
 }
 
 impl<'a, S: RelayStorage> RelayDocs<'a, S> {
@@ -782,6 +786,7 @@ impl<'a, S: RelayStorage> RelayDocs<'a, S> {
             directory: &shared.directory,
             relay_key: &shared.relay_key,
             record_keys: &shared.record_keys,
+            sync_memo: &shared.monitor.metrics().sync_memo,
         }
     }
 
@@ -924,6 +929,10 @@ impl<S: RelayStorage> MemoryAccess for RelayDocs<'_, S> {
             }
             _ => Some(Vec::new()),
         }
+    }
+
+    fn sync_memo(&self) -> Option<Arc<SyncMemo>> {
+        Some(self.sync_memo.clone())
     }
 }
 

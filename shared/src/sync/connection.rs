@@ -37,11 +37,13 @@
 
 use crate::acceptance::ContentLimits;
 use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
 
 use super::{
     doc_heads_frame, plan_keeping, summary_digest, summary_frame, PeerSession, PreparedMessage, Role, SyncError,
+    SyncMemo,
 };
 use crate::acceptance::{self, AuthorPolicy};
 use crate::authorship::{self, AuthorshipError, ChangeSignature};
@@ -216,6 +218,11 @@ pub trait MemoryAccess {
 
     /// The document's approval receipts for the peer (as [`DocAccess::receipts`]), if in memory.
     fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>>;
+
+    /// The steps this driver's connections share ([`SyncMemo`]), if it keeps them.
+    fn sync_memo(&self) -> Option<Arc<SyncMemo>> {
+        None
+    }
 }
 
 /// What happened on a connection that the driver should act on.
@@ -799,8 +806,8 @@ impl SyncConnection {
             return Some(()); // The summary will cover it.
         }
         let receipts = memory.try_receipts(doc)?;
-        let session = &self.session;
-        let prepared = memory.try_loaded_doc(doc, |d| session.prepare_generate(doc, d))??;
+        let (session, memo) = (&self.session, memory.sync_memo());
+        let prepared = memory.try_loaded_doc(doc, |d| session.prepare_generate(doc, d, memo.as_deref()))??;
         let signatures = self.memory_signatures(doc, &prepared, memory)?;
         // Everything was found: from here on, what `on_local_change` does.
         self.queue_receipts(doc, receipts);
@@ -833,8 +840,8 @@ impl SyncConnection {
             return None; // Signatures offered: the frame carries changes.
         }
         let receipts = memory.try_receipts(doc)?;
-        let session = &self.session;
-        let prepared = memory.try_loaded_doc(doc, |d| session.prepare_receive(doc, d, message))??;
+        let (session, memo) = (&self.session, memory.sync_memo());
+        let prepared = memory.try_loaded_doc(doc, |d| session.prepare_receive(doc, d, message, memo.as_deref()))??;
         let signatures = self.memory_signatures(doc, &prepared, memory)?;
         // Everything was found: from here on, what `on_frame` does.
         self.stats.frames_in += 1;
@@ -1124,6 +1131,63 @@ mod tests {
         relay1.on_local_change(&id, &mut rd).unwrap();
         assert_eq!(relay2.try_local_change(&id, &mut rd), Some(()));
         assert_eq!((relay1.take_outbox(), relay2.take_outbox()), (Vec::new(), Vec::new()));
+    }
+
+    /// Nodes that are caught up share the relay's work through a [`SyncMemo`]:
+    /// a change is worked out for the first connection and copied for the
+    /// others, and the acknowledgements likewise, with the same frames and
+    /// sync states as the full path gives each connection on its own.
+    #[test]
+    fn caught_up_connections_copy_one_worked_out_step_and_end_as_the_full_path() {
+        const NODES: usize = 4;
+        let id = DocId::random();
+        let memo = Arc::new(SyncMemo::new());
+        let (mut full_docs, mut memo_docs) = (docs(), docs().with_sync_memo(memo.clone()));
+        full_docs.insert(id.clone(), doc_with("version 0"));
+        memo_docs.insert(id.clone(), doc_with("version 0"));
+        let mut nodes: Vec<(Docs, SyncConnection, SyncConnection, Docs, SyncConnection, SyncConnection)> = (0..NODES)
+            .map(|i| {
+                let (mut nd1, mut node1, mut relay1) =
+                    (docs(), SyncConnection::node(&format!("n{i}"), "test"), SyncConnection::relay("test"));
+                let (mut nd2, mut node2, mut relay2) =
+                    (docs(), SyncConnection::node(&format!("n{i}"), "test"), SyncConnection::relay("test"));
+                pump(&mut node1, &mut nd1, &mut relay1, &mut full_docs);
+                pump(&mut node2, &mut nd2, &mut relay2, &mut memo_docs);
+                (nd1, node1, relay1, nd2, node2, relay2)
+            })
+            .collect();
+        for n in 1..=3 {
+            for d in [&mut full_docs, &mut memo_docs] {
+                let d = d.get_mut(&id).unwrap();
+                d.put(automerge::ROOT, "text", format!("version {n}")).unwrap();
+                d.commit();
+            }
+            assert_eq!(full_docs.heads_of(&id), memo_docs.heads_of(&id));
+            let (hits, misses) = (memo.hits(), memo.misses());
+            for (nd1, node1, relay1, nd2, node2, relay2) in &mut nodes {
+                relay1.on_local_change(&id, &mut full_docs).unwrap();
+                assert_eq!(relay2.try_local_change(&id, &mut memo_docs), Some(()));
+                let (sent1, sent2) = (relay1.take_outbox(), relay2.take_outbox());
+                assert_eq!(sent1, sent2, "the same change, worked out or copied");
+                for f in sent1 {
+                    node1.on_frame(f, nd1).unwrap();
+                }
+                for f in sent2 {
+                    node2.on_frame(f, nd2).unwrap();
+                }
+                for (ack1, ack2) in node1.take_outbox().into_iter().zip(node2.take_outbox()) {
+                    relay1.on_frame(ack1, &mut full_docs).unwrap();
+                    assert_eq!(relay2.try_frame(&ack2, &mut memo_docs), Some(()));
+                }
+                assert_same_state(relay1, relay2);
+                assert_eq!(relay1.persisted(), relay2.persisted());
+                assert_eq!(relay1.session.signatures_sent, relay2.session.signatures_sent);
+                assert_eq!(nd2.heads_of(&id), memo_docs.heads_of(&id));
+            }
+            // One change and one acknowledgement worked out; the rest copied.
+            assert_eq!(memo.misses() - misses, 2, "round {n}");
+            assert_eq!(memo.hits() - hits, 2 * (NODES as u64 - 1), "round {n}");
+        }
     }
 
     /// Without a sync state for the document (or on a node) the full path is left to do it.

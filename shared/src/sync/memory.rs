@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use automerge::{ActorId, AutoCommit, AutomergeError, ChangeHash};
 
 use super::connection::{DocAccess, DocOutcome, MemoryAccess, SignedChange};
+use super::SyncMemo;
 use crate::acceptance::{document_size, AuthorPolicy, ContentLimits, LimitError};
 use crate::authorship::ChangeSignature;
 use crate::ids::DocId;
@@ -90,6 +91,7 @@ pub struct MemoryDocs {
     access: Access,
     limits: Option<ContentLimits>,
     signer: Option<Signer>,
+    memo: Option<Arc<SyncMemo>>,
 }
 
 impl Default for MemoryDocs {
@@ -103,6 +105,7 @@ impl Default for MemoryDocs {
             access: Access::All,
             limits: None,
             signer: None,
+            memo: None,
         }
     }
 }
@@ -140,6 +143,13 @@ impl MemoryDocs {
     /// Size limits checked before anything is kept, as the store checks them.
     pub fn with_limits(mut self, limits: ContentLimits) -> Self {
         self.limits = Some(limits);
+        self
+    }
+
+    /// Shares sync steps worked out from memory among the connections using
+    /// these documents, as the relay does ([`SyncMemo`]).
+    pub fn with_sync_memo(mut self, memo: Arc<SyncMemo>) -> Self {
+        self.memo = Some(memo);
         self
     }
 
@@ -384,6 +394,10 @@ impl MemoryAccess for MemoryDocs {
 
     fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>> {
         self.receipts(doc).ok()
+    }
+
+    fn sync_memo(&self) -> Option<Arc<SyncMemo>> {
+        self.memo.clone()
     }
 }
 

@@ -34,6 +34,7 @@
 
 mod check;
 mod connection;
+mod memo;
 mod memory;
 mod summary;
 
@@ -51,6 +52,7 @@ pub use connection::{
     ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, MemoryAccess, SignedChange,
     SyncConnection, MAX_OFFERED_SIGNATURES,
 };
+pub use memo::SyncMemo;
 pub use memory::{Access, MemoryDocs, MemoryDocsError, SharedMemoryDocs, Signer};
 pub use summary::{
     doc_heads_frame, heads_digest, plan, plan_keeping, summary_digest, summary_frame, HeadsDigest, SyncPlan,
@@ -311,12 +313,19 @@ impl PeerSession {
     /// [`Self::commit_generated`]. `None` when only the full path will do (no
     /// sync state yet, the document disabled, Automerge failed, the message
     /// too large): that path then handles it, errors included.
-    pub(crate) fn prepare_generate(&self, doc_id: &DocId, doc: &mut AutoCommit) -> Option<PreparedMessage> {
+    pub(crate) fn prepare_generate(
+        &self,
+        doc_id: &DocId,
+        doc: &mut AutoCommit,
+        memo: Option<&SyncMemo>,
+    ) -> Option<PreparedMessage> {
         if self.disabled.contains(doc_id) {
             return None;
         }
-        let state = self.states.get(doc_id)?.clone();
-        self.generate_on(doc_id, doc, state, false)
+        let before = self.states.get(doc_id)?;
+        let (state, frame) =
+            self.step_on(doc_id, doc, before, None, memo, |state, doc| self.generate_step(doc_id, doc, state))?;
+        Some(self.prepared(doc_id, doc, state, frame, false))
     }
 
     /// [`Self::receive`] of a message that carries no changes (an
@@ -331,33 +340,53 @@ impl PeerSession {
         doc_id: &DocId,
         doc: &mut AutoCommit,
         message: &[u8],
+        memo: Option<&SyncMemo>,
     ) -> Option<PreparedMessage> {
         if self.disabled.contains(doc_id) {
             return None;
         }
-        let mut state = self.states.get(doc_id)?.clone();
-        let message = Message::decode(message).ok()?;
-        if !message.changes.is_empty() || check_message(&message, &self.limits).is_err() {
+        let before = self.states.get(doc_id)?;
+        let decoded = Message::decode(message).ok()?;
+        if !decoded.changes.is_empty() || check_message(&decoded, &self.limits).is_err() {
             return None;
         }
-        let heads = doc.get_heads();
-        let received = catch_unwind(AssertUnwindSafe(|| doc.sync().receive_sync_message(&mut state, message)));
-        if !matches!(received, Ok(Ok(()))) || doc.get_heads() != heads || heads.is_empty() {
-            return None;
-        }
-        self.generate_on(doc_id, doc, state, true)
+        let (state, frame) = self.step_on(doc_id, doc, before, Some(message), memo, |mut state, doc| {
+            let heads = doc.get_heads();
+            let received = catch_unwind(AssertUnwindSafe(|| doc.sync().receive_sync_message(&mut state, decoded)));
+            if !matches!(received, Ok(Ok(()))) || doc.get_heads() != heads || heads.is_empty() {
+                return None;
+            }
+            self.generate_step(doc_id, doc, state)
+        })?;
+        Some(self.prepared(doc_id, doc, state, frame, true))
     }
 
-    /// Generates the next message on `state` (a copy); `after_receive`: as
-    /// the reply to a received message, whose sent changes are accounted for
-    /// whether or not a reply is made.
-    fn generate_on(
+    /// One step that leaves the document as it is, from `before` (and the
+    /// peer's `received` message): copied from `memo` when it holds the same
+    /// step on the same document version, else worked out by `work` on a copy
+    /// of `before` and kept there for the other connections.
+    fn step_on(
         &self,
         doc_id: &DocId,
         doc: &mut AutoCommit,
-        mut state: State,
-        after_receive: bool,
-    ) -> Option<PreparedMessage> {
+        before: &State,
+        received: Option<&[u8]>,
+        memo: Option<&SyncMemo>,
+        work: impl FnOnce(State, &mut AutoCommit) -> Option<(State, Option<Frame>)>,
+    ) -> Option<(State, Option<Frame>)> {
+        let Some(memo) = memo else { return work(before.clone(), doc) };
+        let heads = doc.get_heads();
+        if let Some(found) = memo.lookup(doc_id, &heads, before, received) {
+            return Some(found);
+        }
+        let (state, frame) = work(before.clone(), doc)?;
+        memo.remember(doc_id, &heads, before.clone(), received, &state, &frame);
+        Some((state, frame))
+    }
+
+    /// Generates the next message on `state` (a copy); `None` if Automerge
+    /// failed or the message is too large.
+    fn generate_step(&self, doc_id: &DocId, doc: &mut AutoCommit, mut state: State) -> Option<(State, Option<Frame>)> {
         let generated = catch_unwind(AssertUnwindSafe(|| doc.sync().generate_sync_message(&mut state)));
         let frame = match generated.ok()? {
             Some(message) => {
@@ -369,9 +398,23 @@ impl PeerSession {
             }
             None => None,
         };
+        Some((state, frame))
+    }
+
+    /// The prepared message of a step that left `state` and `frame`;
+    /// `after_receive`: as the reply to a received message, whose sent
+    /// changes are accounted for whether or not a reply is made.
+    fn prepared(
+        &self,
+        doc_id: &DocId,
+        doc: &mut AutoCommit,
+        state: State,
+        frame: Option<Frame>,
+        after_receive: bool,
+    ) -> PreparedMessage {
         let account = after_receive || frame.is_some();
         let tips = if account { unsigned_tips(&state, self.signatures_sent.get(doc_id), doc) } else { Vec::new() };
-        Some(PreparedMessage { doc: doc_id.clone(), state, frame, tips, account })
+        PreparedMessage { doc: doc_id.clone(), state, frame, tips, account }
     }
 
     /// Takes a [`PreparedMessage`] into the session, as if [`Self::generate`]
