@@ -100,6 +100,31 @@ pub fn sim_node_name(i: usize) -> String {
     format!("sim-{i:05}")
 }
 
+/// How a relay's connections did their steps (its metrics of the same names).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StepCounts {
+    /// Steps done from memory on the async runtime (`steps_from_memory`).
+    pub from_memory: u64,
+    /// Steps run on a storage thread (`steps_on_storage_threads`).
+    pub on_storage_threads: u64,
+    /// Sync steps from memory copied from an identical one (`sync_steps_copied`).
+    pub copied: u64,
+    /// Sync steps from memory worked out by Automerge (`sync_steps_worked_out`).
+    pub worked_out: u64,
+}
+
+impl std::ops::Sub for StepCounts {
+    type Output = StepCounts;
+    fn sub(self, before: StepCounts) -> StepCounts {
+        StepCounts {
+            from_memory: self.from_memory.saturating_sub(before.from_memory),
+            on_storage_threads: self.on_storage_threads.saturating_sub(before.on_storage_threads),
+            copied: self.copied.saturating_sub(before.copied),
+            worked_out: self.worked_out.saturating_sub(before.worked_out),
+        }
+    }
+}
+
 /// A relay running in a child process.
 pub struct RelayProcess {
     child: Child,
@@ -180,6 +205,20 @@ impl RelayProcess {
         Ok(node)
     }
 
+    /// How the child's connections have done their steps so far.
+    pub fn steps(&mut self) -> Result<StepCounts> {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().context("child stdin")?;
+        writeln!(stdin, "steps").context("asking the relay for its step counts")?;
+        let mut answer = String::new();
+        self.stdout.read_line(&mut answer).context("reading the relay's step counts")?;
+        let counts: Vec<u64> = answer.split_whitespace().filter_map(|v| v.parse().ok()).collect();
+        let [from_memory, on_storage_threads, copied, worked_out] = counts[..] else {
+            bail!("the relay child answered {answer:?} to `steps`");
+        };
+        Ok(StepCounts { from_memory, on_storage_threads, copied, worked_out })
+    }
+
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -225,7 +264,8 @@ impl RelayProcess {
 /// Body of the `relay-child` subcommand: start a relay with data in `dir` (on
 /// the PostgreSQL database at `postgres`, if given), print `ADDR RELAY_KEY`,
 /// enroll nodes named on standard input (`enroll KEY ORG NAME`, answered
-/// `enrolled`), and run until standard input closes.
+/// `enrolled`), answer `steps` with its [`StepCounts`], and run until
+/// standard input closes.
 pub async fn relay_child(dir: &Path, postgres: Option<&str>) -> Result<()> {
     let relay = server::spawn(relay_config(dir, postgres)?).await.context("starting the relay")?;
     let relay = std::sync::Arc::new(relay);
@@ -235,7 +275,16 @@ pub async fn relay_child(dir: &Path, postgres: Option<&str>) -> Result<()> {
         let mut line = String::new();
         while std::io::stdin().read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
             let mut parts = line.trim().splitn(4, ' ');
-            if let (Some("enroll"), Some(key), Some(org), Some(name)) =
+            if line.trim() == "steps" {
+                let m = commands.metrics();
+                println!(
+                    "{} {} {} {}",
+                    m.steps_from_memory.get(),
+                    m.steps_on_storage_threads.get(),
+                    m.sync_memo.hits(),
+                    m.sync_memo.misses()
+                );
+            } else if let (Some("enroll"), Some(key), Some(org), Some(name)) =
                 (parts.next(), parts.next(), parts.next(), parts.next())
             {
                 let enrolled = key

@@ -28,7 +28,7 @@ use samverkan_shared::wire::Frame;
 use tokio::sync::{mpsc, watch, Semaphore};
 
 use crate::fixtures::Author;
-use crate::harness::{self, RelayProcess};
+use crate::harness::{self, RelayProcess, StepCounts};
 use crate::inproc::memory_docs;
 use crate::report::{ms, percentile, Figure};
 
@@ -251,6 +251,8 @@ pub struct Measured {
     pub edits: usize,
     /// The relay's datagrams and frames to and from the receiving nodes in the steady phase.
     pub traffic: PerForwarded,
+    /// How the relay's connections did their steps in the steady phase.
+    pub steps: StepCounts,
     /// Edit-to-observed latency of each edit observed with every node connected.
     pub latencies: Vec<Duration>,
     /// The same with only the editor and the observer connected.
@@ -275,6 +277,9 @@ impl Measured {
             (self.memory_per_idle_connection, self.memory_per_idle_document, self.cpu_per_forwarded_change);
         let (idle99, loaded99) = (ms(percentile(&self.idle, 99.0)), self.latency_ms(99.0));
         let t = &self.traffic;
+        let st = &self.steps;
+        let steps = st.from_memory + st.on_storage_threads;
+        let percent = |part: u64, whole: u64| if whole == 0 { 0.0 } else { part as f64 * 100.0 / whole as f64 };
         vec![
             Figure::info(format!("scale.{tag}.connect_time"), ms(self.connect_time), "ms"),
             Figure::info(format!("scale.{tag}.memory_per_idle_connection"), per_conn, "KB")
@@ -283,6 +288,8 @@ impl Measured {
                 .target("none unless loaded", per_doc <= 1.0),
             Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu, "µs").target("≤ 100 µs", cpu <= 100.0),
             Figure::info(format!("scale.{tag}.edits"), self.edits as f64, "edits"),
+            Figure::info(format!("scale.{tag}.steps.from_memory"), percent(st.from_memory, steps), "%"),
+            Figure::info(format!("scale.{tag}.steps.sync_copied"), percent(st.copied, st.copied + st.worked_out), "%"),
             Figure::info(
                 format!("scale.{tag}.per_forwarded_change.relay_datagrams_sent"),
                 t.relay_datagrams_sent,
@@ -354,7 +361,7 @@ pub async fn run(s: Scale, deployment: Deployment<'_>) -> Result<Measured> {
         .map(|(i, key)| harness::node_member(key.node_id(), org.clone(), &harness::sim_node_name(i)))
         .collect();
     members.push(harness::node_member(author.ctx.author, org.clone(), "bench author"));
-    let relays = match deployment {
+    let mut relays = match deployment {
         Deployment::Sqlite => vec![RelayProcess::start(&root.path().join("relay"), members)?],
         Deployment::TwoOnPostgres(url) => {
             let (first, second) = RelayProcess::start_postgres_pair(root.path(), url, members)?;
@@ -364,7 +371,7 @@ pub async fn run(s: Scale, deployment: Deployment<'_>) -> Result<Measured> {
     let identities =
         keys.iter().map(|key| TlsIdentity::new(key.signing_key(), "samverkan-bench")).collect::<Result<Vec<_>, _>>();
     let result = match identities {
-        Ok(identities) => measure(&relays, s, identities, &author).await,
+        Ok(identities) => measure(&mut relays, s, identities, &author).await,
         Err(e) => Err(e.into()),
     };
     for relay in relays {
@@ -383,13 +390,26 @@ fn cpu_seconds(relays: &[RelayProcess]) -> Result<f64> {
     relays.iter().map(RelayProcess::cpu_seconds).sum()
 }
 
+/// How all `relays`' connections have done their steps so far.
+fn step_counts(relays: &mut [RelayProcess]) -> Result<StepCounts> {
+    relays.iter_mut().try_fold(StepCounts::default(), |sum, relay| {
+        let c = relay.steps()?;
+        Ok(StepCounts {
+            from_memory: sum.from_memory + c.from_memory,
+            on_storage_threads: sum.on_storage_threads + c.on_storage_threads,
+            copied: sum.copied + c.copied,
+            worked_out: sum.worked_out + c.worked_out,
+        })
+    })
+}
+
 /// Node `i`'s relay: the nodes alternate between the instances.
 fn target_of(relays: &[RelayProcess], i: usize) -> Result<RelayTarget> {
     relays.get(i % relays.len().max(1)).map(|r| r.target.clone()).context("no relay to connect to")
 }
 
 async fn measure(
-    relays: &[RelayProcess],
+    relays: &mut [RelayProcess],
     s: Scale,
     mut identities: Vec<TlsIdentity>,
     author: &Author,
@@ -491,11 +511,13 @@ async fn measure(
     // Steady edits on the editor node, observed at the observer node.
     let editor_tx = editor_tx.context("no editor")?;
     let cpu_before = cpu_seconds(relays)?;
+    let steps_before = step_counts(relays)?;
     let traffic_before = traffic.counts();
     let steady = Steady { editor_docs: &editor_docs, editor_tx: &editor_tx, ids: &ids, author, rate: s.rate };
     let (edits, latencies) = steady.run(s.seconds, 1000, &mut observed_rx).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu = cpu_seconds(relays)? - cpu_before;
+    let steps = step_counts(relays)? - steps_before;
     let per_forwarded = traffic.counts().per(&traffic_before, forwarded_count(edits, s.nodes));
     let _ = stop_tx.send(true);
     while tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await.ok().flatten().is_some() {}
@@ -510,6 +532,7 @@ async fn measure(
         cpu_per_forwarded_change: cpu * 1e6 / forwarded_count(edits, s.nodes),
         edits,
         traffic: per_forwarded,
+        steps,
         latencies,
         idle,
     })
