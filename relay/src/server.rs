@@ -775,6 +775,8 @@ struct RelayDocs<'a, S> {
     /// The sync steps all connections share (a change passed on to every
     /// caught-up node is worked out once).
     sync_memo: &'a Arc<SyncMemo>,
+    /// Whether a document was not at hand in memory (loaded and free) when asked for.
+    missed_loaded: bool,
 }
 
 impl<'a, S: RelayStorage> RelayDocs<'a, S> {
@@ -787,6 +789,7 @@ impl<'a, S: RelayStorage> RelayDocs<'a, S> {
             relay_key: &shared.relay_key,
             record_keys: &shared.record_keys,
             sync_memo: &shared.monitor.metrics().sync_memo,
+            missed_loaded: false,
         }
     }
 
@@ -797,6 +800,10 @@ impl<'a, S: RelayStorage> RelayDocs<'a, S> {
 
 impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
     type Error = DocAccessError;
+
+    fn sync_memo(&self) -> Option<Arc<SyncMemo>> {
+        Some(self.sync_memo.clone())
+    }
 
     fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, DocAccessError> {
         let index = self.storage().index()?;
@@ -914,7 +921,9 @@ impl<S: RelayStorage> MemoryAccess for RelayDocs<'_, S> {
         if self.storage().cached_is_party(doc, self.org)? != Some(true) {
             return None;
         }
-        self.storage().try_with_loaded(doc, |d| f(d.automerge_mut()))
+        let done = self.storage().try_with_loaded(doc, |d| f(d.automerge_mut()));
+        self.missed_loaded |= done.is_none();
+        done
     }
 
     fn try_signatures(&mut self, _doc: &DocId, changes: &[(ChangeHash, ActorId)]) -> Option<Vec<SignedChange>> {
@@ -929,10 +938,6 @@ impl<S: RelayStorage> MemoryAccess for RelayDocs<'_, S> {
             }
             _ => Some(Vec::new()),
         }
-    }
-
-    fn sync_memo(&self) -> Option<Arc<SyncMemo>> {
-        Some(self.sync_memo.clone())
     }
 }
 
@@ -1340,27 +1345,37 @@ async fn run<S: RelayStorage>(
         // nothing but memory (the document loaded and free, its receipts and
         // the changes' signatures): then no trip to a storage thread. What
         // needs storage goes there as before.
-        let mut memory = RelayDocs::new(shared, &auth.member.org);
+        // A document in use by another connection's step from memory is free
+        // again a moment later: after one turn of the others, it is tried once
+        // more before the step goes to a storage thread.
         let metrics = shared.monitor.metrics();
-        let input = match input {
-            Input::Changed(changed) => {
-                let count = changed.len();
-                let rest: std::collections::BTreeSet<DocId> = changed
-                    .into_iter()
-                    .filter(|doc| current.sync.try_local_change(doc, &mut memory).is_none())
-                    .collect();
-                metrics.steps_from_memory.inc_by((count - rest.len()) as u64);
-                if rest.is_empty() {
-                    continue;
+        let mut input = Some(input);
+        for attempt in 0..2 {
+            if attempt > 0 {
+                tokio::task::yield_now().await;
+            }
+            let mut memory = RelayDocs::new(shared, &auth.member.org);
+            input = match input.take() {
+                Some(Input::Changed(changed)) => {
+                    let count = changed.len();
+                    let rest: std::collections::BTreeSet<DocId> = changed
+                        .into_iter()
+                        .filter(|doc| current.sync.try_local_change(doc, &mut memory).is_none())
+                        .collect();
+                    metrics.steps_from_memory.inc_by((count - rest.len()) as u64);
+                    (!rest.is_empty()).then_some(Input::Changed(rest))
                 }
-                Input::Changed(rest)
+                Some(Input::Frame(frame)) if current.sync.try_frame(&frame, &mut memory).is_some() => {
+                    metrics.steps_from_memory.inc();
+                    None
+                }
+                other => other,
+            };
+            if !memory.missed_loaded {
+                break;
             }
-            Input::Frame(frame) if current.sync.try_frame(&frame, &mut memory).is_some() => {
-                metrics.steps_from_memory.inc();
-                continue;
-            }
-            frame => frame,
-        };
+        }
+        let Some(input) = input else { continue };
         metrics.steps_on_storage_threads.inc();
         let Some(mut taken) = served.take() else { return Err(ConnectionEnd::ShuttingDown) };
         let auth = auth.clone();

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use automerge::sync::State;
-use automerge::ChangeHash;
+use automerge::{ActorId, ChangeHash};
 
 use crate::ids::DocId;
 use crate::wire::Frame;
@@ -35,6 +35,10 @@ const MAX_BYTES: usize = 8 << 20;
 /// working it out again is small beside sending it.
 const MAX_ENTRY_BYTES: usize = 64 << 10;
 
+/// Author tips worked out for more sent changes than this are not kept
+/// (bounding the tips kept to a few kilobytes per document).
+const MAX_TIP_HASHES: usize = 64;
+
 /// One step: from `before` (and `received`, for a peer's message) to `after`, sending `frame`.
 #[derive(Debug)]
 struct Entry {
@@ -45,11 +49,29 @@ struct Entry {
     bytes: usize,
 }
 
+/// The author tips of some sent changes (see `PeerSession::take_sent_tips`).
+type Tips = Vec<(ChangeHash, ActorId)>;
+
 /// The steps kept for one document version.
 #[derive(Debug, Default)]
 struct DocSteps {
     heads: Vec<ChangeHash>,
     entries: Vec<Entry>,
+    /// Author tips by the sent changes they were worked out for.
+    tips: Vec<(Vec<ChangeHash>, Tips)>,
+}
+
+impl DocSteps {
+    /// The steps of the document at `heads`, forgetting those of another
+    /// version; returns the bytes forgotten.
+    fn at(&mut self, heads: &[ChangeHash]) -> usize {
+        if self.heads == heads {
+            return 0;
+        }
+        self.heads = heads.to_vec();
+        self.tips.clear();
+        self.entries.drain(..).map(|e| e.bytes).sum()
+    }
 }
 
 #[derive(Debug, Default)]
@@ -133,11 +155,7 @@ impl SyncMemo {
             inner.bytes = 0;
         }
         let steps = inner.docs.entry(doc.clone()).or_default();
-        let mut freed = 0;
-        if steps.heads != heads {
-            freed += steps.entries.drain(..).map(|e| e.bytes).sum::<usize>();
-            steps.heads = heads.to_vec();
-        }
+        let mut freed = steps.at(heads);
         if steps.entries.len() >= ENTRIES_PER_DOC {
             freed += steps.entries.remove(0).bytes;
         }
@@ -149,6 +167,32 @@ impl SyncMemo {
             bytes,
         });
         inner.bytes = inner.bytes - freed + bytes;
+    }
+
+    /// The author tips worked out for the sent changes `fresh` on the document at `heads`.
+    pub(crate) fn tips(&self, doc: &DocId, heads: &[ChangeHash], fresh: &[ChangeHash]) -> Option<Tips> {
+        let inner = self.lock();
+        let steps = inner.docs.get(doc).filter(|steps| steps.heads == heads)?;
+        steps.tips.iter().find(|(hashes, _)| hashes == fresh).map(|(_, tips)| tips.clone())
+    }
+
+    /// Keeps the author tips worked out for the sent changes `fresh` on the document at `heads`.
+    pub(crate) fn remember_tips(&self, doc: &DocId, heads: &[ChangeHash], fresh: Vec<ChangeHash>, tips: &Tips) {
+        if fresh.len() + tips.len() > MAX_TIP_HASHES {
+            return;
+        }
+        let mut inner = self.lock();
+        if inner.docs.len() >= MAX_DOCS && !inner.docs.contains_key(doc) {
+            inner.docs.clear();
+            inner.bytes = 0;
+        }
+        let steps = inner.docs.entry(doc.clone()).or_default();
+        let freed = steps.at(heads);
+        if steps.tips.len() >= ENTRIES_PER_DOC {
+            steps.tips.remove(0);
+        }
+        steps.tips.push((fresh, tips.clone()));
+        inner.bytes -= freed;
     }
 }
 
@@ -186,6 +230,18 @@ mod tests {
         assert_eq!(memo.lookup(&doc(1), &[hash(2)], &after, None), None, "another state");
         assert_eq!(memo.lookup(&doc(2), &[hash(2)], &before, None), None, "another document");
         assert_eq!((memo.hits(), memo.misses()), (2, 4));
+    }
+
+    #[test]
+    fn author_tips_are_found_for_the_same_version_and_changes_only() {
+        let memo = SyncMemo::new();
+        let tips = vec![(hash(9), ActorId::from(vec![1, 2, 3]))];
+        memo.remember_tips(&doc(1), &[hash(2)], vec![hash(9)], &tips);
+        assert_eq!(memo.tips(&doc(1), &[hash(2)], &[hash(9)]), Some(tips));
+        assert_eq!(memo.tips(&doc(1), &[hash(2)], &[hash(8)]), None, "other changes");
+        assert_eq!(memo.tips(&doc(1), &[hash(3)], &[hash(9)]), None, "another version");
+        memo.remember(&doc(1), &[hash(3)], state_with(&[]), None, &state_with(&[]), &None);
+        assert_eq!(memo.tips(&doc(1), &[hash(2)], &[hash(9)]), None, "forgotten with the old version");
     }
 
     #[test]

@@ -259,6 +259,10 @@ impl MemoryDocs {
 impl DocAccess for MemoryDocs {
     type Error = MemoryDocsError;
 
+    fn sync_memo(&self) -> Option<Arc<SyncMemo>> {
+        self.memo.clone()
+    }
+
     fn shared_heads(&mut self) -> Result<Vec<(DocId, Vec<ChangeHash>)>, MemoryDocsError> {
         let ids: Vec<DocId> = self.docs.keys().filter(|id| self.visible(id)).cloned().collect();
         Ok(ids
@@ -394,10 +398,6 @@ impl MemoryAccess for MemoryDocs {
 
     fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>> {
         self.receipts(doc).ok()
-    }
-
-    fn sync_memo(&self) -> Option<Arc<SyncMemo>> {
-        self.memo.clone()
     }
 }
 

@@ -193,10 +193,19 @@ fn unsigned_tips(
     done: Option<&BTreeSet<ChangeHash>>,
     doc: &mut AutoCommit,
 ) -> Vec<(ChangeHash, automerge::ActorId)> {
-    let fresh: Vec<ChangeHash> = match done {
+    tips_of_fresh(&fresh_sent(state, done), doc)
+}
+
+/// The changes in `state.sent_hashes` that are not in `done`, in order.
+fn fresh_sent(state: &State, done: Option<&BTreeSet<ChangeHash>>) -> Vec<ChangeHash> {
+    match done {
         Some(done) => state.sent_hashes.difference(done).copied().collect(),
         None => state.sent_hashes.iter().copied().collect(),
-    };
+    }
+}
+
+/// The author tips of the changes `fresh`, from the document's metadata.
+fn tips_of_fresh(fresh: &[ChangeHash], doc: &mut AutoCommit) -> Vec<(ChangeHash, automerge::ActorId)> {
     // Metadata only: rebuilding whole changes would encode their operations again for every peer.
     let changes: Vec<automerge::ChangeMetadata<'_>> =
         fresh.iter().filter_map(|hash| doc.get_change_meta_by_hash(hash).map(|c| c.into_owned())).collect();
@@ -323,9 +332,11 @@ impl PeerSession {
             return None;
         }
         let before = self.states.get(doc_id)?;
+        let heads = memo.map(|_| doc.get_heads());
+        let shared = memo.zip(heads.as_deref());
         let (state, frame) =
-            self.step_on(doc_id, doc, before, None, memo, |state, doc| self.generate_step(doc_id, doc, state))?;
-        Some(self.prepared(doc_id, doc, state, frame, false))
+            self.step_on(doc_id, doc, before, None, shared, |state, doc| self.generate_step(doc_id, doc, state))?;
+        Some(self.prepared(doc_id, doc, state, frame, false, shared))
     }
 
     /// [`Self::receive`] of a message that carries no changes (an
@@ -350,7 +361,9 @@ impl PeerSession {
         if !decoded.changes.is_empty() || check_message(&decoded, &self.limits).is_err() {
             return None;
         }
-        let (state, frame) = self.step_on(doc_id, doc, before, Some(message), memo, |mut state, doc| {
+        let heads = memo.map(|_| doc.get_heads());
+        let shared = memo.zip(heads.as_deref());
+        let (state, frame) = self.step_on(doc_id, doc, before, Some(message), shared, |mut state, doc| {
             let heads = doc.get_heads();
             let received = catch_unwind(AssertUnwindSafe(|| doc.sync().receive_sync_message(&mut state, decoded)));
             if !matches!(received, Ok(Ok(()))) || doc.get_heads() != heads || heads.is_empty() {
@@ -358,29 +371,29 @@ impl PeerSession {
             }
             self.generate_step(doc_id, doc, state)
         })?;
-        Some(self.prepared(doc_id, doc, state, frame, true))
+        Some(self.prepared(doc_id, doc, state, frame, true, shared))
     }
 
     /// One step that leaves the document as it is, from `before` (and the
-    /// peer's `received` message): copied from `memo` when it holds the same
-    /// step on the same document version, else worked out by `work` on a copy
-    /// of `before` and kept there for the other connections.
+    /// peer's `received` message): copied from the memo when it holds the
+    /// same step on the same document version (`shared`: the memo and the
+    /// document's heads), else worked out by `work` on a copy of `before`
+    /// and kept there for the other connections.
     fn step_on(
         &self,
         doc_id: &DocId,
         doc: &mut AutoCommit,
         before: &State,
         received: Option<&[u8]>,
-        memo: Option<&SyncMemo>,
+        shared: Option<(&SyncMemo, &[ChangeHash])>,
         work: impl FnOnce(State, &mut AutoCommit) -> Option<(State, Option<Frame>)>,
     ) -> Option<(State, Option<Frame>)> {
-        let Some(memo) = memo else { return work(before.clone(), doc) };
-        let heads = doc.get_heads();
-        if let Some(found) = memo.lookup(doc_id, &heads, before, received) {
+        let Some((memo, heads)) = shared else { return work(before.clone(), doc) };
+        if let Some(found) = memo.lookup(doc_id, heads, before, received) {
             return Some(found);
         }
         let (state, frame) = work(before.clone(), doc)?;
-        memo.remember(doc_id, &heads, before.clone(), received, &state, &frame);
+        memo.remember(doc_id, heads, before.clone(), received, &state, &frame);
         Some((state, frame))
     }
 
@@ -403,7 +416,9 @@ impl PeerSession {
 
     /// The prepared message of a step that left `state` and `frame`;
     /// `after_receive`: as the reply to a received message, whose sent
-    /// changes are accounted for whether or not a reply is made.
+    /// changes are accounted for whether or not a reply is made. The author
+    /// tips come from the memo (`shared`) when another connection needed the
+    /// same ones on the same document version.
     fn prepared(
         &self,
         doc_id: &DocId,
@@ -411,9 +426,23 @@ impl PeerSession {
         state: State,
         frame: Option<Frame>,
         after_receive: bool,
+        shared: Option<(&SyncMemo, &[ChangeHash])>,
     ) -> PreparedMessage {
         let account = after_receive || frame.is_some();
-        let tips = if account { unsigned_tips(&state, self.signatures_sent.get(doc_id), doc) } else { Vec::new() };
+        let tips = if !account {
+            Vec::new()
+        } else {
+            let fresh = fresh_sent(&state, self.signatures_sent.get(doc_id));
+            match shared {
+                _ if fresh.is_empty() => Vec::new(),
+                Some((memo, heads)) => memo.tips(doc_id, heads, &fresh).unwrap_or_else(|| {
+                    let tips = tips_of_fresh(&fresh, doc);
+                    memo.remember_tips(doc_id, heads, fresh, &tips);
+                    tips
+                }),
+                None => tips_of_fresh(&fresh, doc),
+            }
+        };
         PreparedMessage { doc: doc_id.clone(), state, frame, tips, account }
     }
 
@@ -476,9 +505,37 @@ impl PeerSession {
     /// Call after every local change and whenever the document changed through
     /// another connection; [`Self::receive`] calls it itself for the reply.
     pub fn generate(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Result<Option<Frame>, SyncError> {
+        self.generate_shared(doc_id, doc, None)
+    }
+
+    /// [`Self::generate`], copying the step from `memo` when another
+    /// connection already worked out the same one (see [`SyncMemo`]), and
+    /// leaving it there when this one works it out.
+    pub fn generate_shared(
+        &mut self,
+        doc_id: &DocId,
+        doc: &mut AutoCommit,
+        memo: Option<&SyncMemo>,
+    ) -> Result<Option<Frame>, SyncError> {
         if self.disabled.contains(doc_id) {
             return Err(SyncError::Disabled { doc: doc_id.clone() });
         }
+        let Some(memo) = memo else { return self.generate_here(doc_id, doc) };
+        let heads = doc.get_heads();
+        let before = self.state_mut(doc_id).clone();
+        if let Some((after, frame)) = memo.lookup(doc_id, &heads, &before, None) {
+            *self.state_mut(doc_id) = after;
+            return Ok(frame);
+        }
+        let frame = self.generate_here(doc_id, doc)?;
+        if let Some(after) = self.states.get(doc_id) {
+            memo.remember(doc_id, &heads, before, None, after, &frame);
+        }
+        Ok(frame)
+    }
+
+    /// [`Self::generate`] worked out by Automerge.
+    fn generate_here(&mut self, doc_id: &DocId, doc: &mut AutoCommit) -> Result<Option<Frame>, SyncError> {
         let state = self.state_mut(doc_id);
         let generated = catch_unwind(AssertUnwindSafe(|| doc.sync().generate_sync_message(state).map(Message::encode)));
         let message = match generated {
