@@ -1203,17 +1203,41 @@ mod tests {
         }
     }
 
-    /// Without a sync state for the document (or on a node) the full path is left to do it.
+    /// A document the connection has no sync state for yet (a new one, or
+    /// one not exchanged since the connection started) is passed on from
+    /// memory as the full path would, from a fresh state; a node's document
+    /// it does not hold is left to the full path.
     #[test]
-    fn a_change_without_a_sync_state_is_left_to_the_full_path() {
+    fn a_change_without_a_sync_state_from_memory_is_what_the_full_path_sends() {
         let id = DocId::random();
         let mut rd = docs();
-        let (mut nd, mut node, mut relay) = (docs(), SyncConnection::node("n", "test"), SyncConnection::relay("test"));
-        pump(&mut node, &mut nd, &mut relay, &mut rd);
+        let (mut nd1, mut node1, mut relay1) =
+            (docs(), SyncConnection::node("n1", "test"), SyncConnection::relay("test"));
+        let (mut nd2, mut node2, mut relay2) =
+            (docs(), SyncConnection::node("n2", "test"), SyncConnection::relay("test"));
+        pump(&mut node1, &mut nd1, &mut relay1, &mut rd);
+        pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
         rd.insert(id.clone(), doc_with("new here"));
-        assert_eq!(relay.try_local_change(&id, &mut rd), None);
-        assert!(relay.take_outbox().is_empty(), "nothing was queued");
-        assert_eq!(node.try_local_change(&id, &mut nd), None, "nor a node a document it does not hold");
+        relay1.on_local_change(&id, &mut rd).unwrap();
+        assert_eq!(relay2.try_local_change(&id, &mut rd), Some(()));
+        let (full, from_memory) = (relay1.take_outbox(), relay2.take_outbox());
+        assert!(full.iter().any(|f| matches!(f, Frame::Sync { .. })), "the relay offers the new document");
+        assert_eq!(full, from_memory);
+        assert_same_state(&mut relay1, &mut relay2);
+        assert_eq!(relay1.persisted(), relay2.persisted());
+        for f in full {
+            node1.on_frame(f, &mut nd1).unwrap();
+        }
+        for f in from_memory {
+            node2.on_frame(f, &mut nd2).unwrap();
+        }
+        pump(&mut node1, &mut nd1, &mut relay1, &mut rd);
+        pump(&mut node2, &mut nd2, &mut relay2, &mut rd);
+        let heads = rd.heads_of(&id);
+        assert_eq!((nd1.heads_of(&id), nd2.heads_of(&id)), (heads.clone(), heads));
+        assert_eq!(relay1.persisted(), relay2.persisted());
+        let other = DocId::random();
+        assert_eq!(node1.try_local_change(&other, &mut nd1), None, "nor a node a document it does not hold");
     }
 
     /// A node's change sent, and the relay's acknowledgement taken, without

@@ -319,9 +319,10 @@ impl PeerSession {
 
     /// [`Self::generate`] followed by [`Self::take_sent_tips`], done on a copy
     /// of the document's sync state and leaving the session untouched until
-    /// [`Self::commit_generated`]. `None` when only the full path will do (no
-    /// sync state yet, the document disabled, Automerge failed, the message
-    /// too large): that path then handles it, errors included.
+    /// [`Self::commit_generated`]; from a fresh state when the document has
+    /// none yet, as [`Self::generate`]. `None` when only the full path will do
+    /// (the document disabled, Automerge failed, the message too large): that
+    /// path then handles it, errors included.
     pub(crate) fn prepare_generate(
         &self,
         doc_id: &DocId,
@@ -331,7 +332,16 @@ impl PeerSession {
         if self.disabled.contains(doc_id) {
             return None;
         }
-        let before = self.states.get(doc_id)?;
+        // No state yet (nothing persisted for this peer, nothing exchanged on
+        // this connection): the full path would start from a fresh one too.
+        let fresh;
+        let before = match self.states.get(doc_id) {
+            Some(state) => state,
+            None => {
+                fresh = State::new();
+                &fresh
+            }
+        };
         let heads = memo.map(|_| doc.get_heads());
         let shared = memo.zip(heads.as_deref());
         let (state, frame) =
