@@ -193,6 +193,9 @@ async fn status_api_and_metrics_show_stale_behind_and_in_sync_nodes_by_name() {
 
     // Prometheus exposition: families, per-node values, end marker.
     assert!(metrics.contains("# TYPE samverkan_relay_node_changes_behind gauge"), "{metrics}");
+    for family in ["steps_from_memory", "steps_on_storage_threads", "sync_steps_copied", "sync_steps_worked_out"] {
+        assert!(metrics.contains(&format!("# TYPE samverkan_relay_{family} counter")), "{family}: {metrics}");
+    }
     assert!(metrics.trim_end().ends_with("# EOF"));
     assert_eq!(metric(&metrics, "samverkan_relay_nodes{state=\"stale\"}"), 1.0);
     assert_eq!(metric(&metrics, "samverkan_relay_nodes{state=\"behind\"}"), 1.0);
