@@ -145,7 +145,10 @@ impl SyncMemo {
         after: &State,
         frame: &Option<Frame>,
     ) {
-        let bytes = received.map_or(0, <[u8]>::len) + frame.as_ref().map_or(0, Frame::payload_len);
+        let bytes = received.map_or(0, <[u8]>::len)
+            + frame.as_ref().map_or(0, Frame::payload_len)
+            + state_bytes(&before)
+            + state_bytes(after);
         if bytes > MAX_ENTRY_BYTES {
             return;
         }
@@ -194,6 +197,19 @@ impl SyncMemo {
         steps.tips.push((fresh, tips.clone()));
         inner.bytes -= freed;
     }
+}
+
+/// About how many bytes a sync state holds: its hashes and the peer's
+/// bloom filters (which a peer's message sets, up to the frame limit).
+fn state_bytes(state: &State) -> usize {
+    let hashes = state.shared_heads.len()
+        + state.last_sent_heads.len()
+        + state.their_heads.as_ref().map_or(0, Vec::len)
+        + state.their_need.as_ref().map_or(0, Vec::len)
+        + state.sent_hashes.len();
+    let have: usize =
+        state.their_have.iter().flatten().map(|have| have.last_sync.len() * 32 + have.bloom.to_bytes().len()).sum();
+    hashes * 32 + have
 }
 
 #[cfg(test)]
@@ -251,7 +267,8 @@ mod tests {
         memo.remember(&doc(1), &[hash(2)], before.clone(), None, &before, &frame(10));
         memo.remember(&doc(1), &[hash(3)], before.clone(), None, &before, &frame(20));
         assert_eq!(memo.lookup(&doc(1), &[hash(2)], &before, None), None);
-        assert_eq!(memo.lock().bytes, Frame::Sync { doc: doc(0), message: vec![7; 20] }.payload_len());
+        let kept = Frame::Sync { doc: doc(0), message: vec![7; 20] }.payload_len() + 2 * state_bytes(&before);
+        assert_eq!(memo.lock().bytes, kept, "the forgotten step's bytes are given back");
 
         for n in 0..=ENTRIES_PER_DOC as u8 {
             memo.remember(&doc(1), &[hash(3)], state_with(&[hash(n)]), None, &before, &None);
@@ -260,6 +277,20 @@ mod tests {
 
         memo.remember(&doc(2), &[hash(3)], before.clone(), None, &before, &frame(MAX_ENTRY_BYTES + 1));
         assert!(!memo.lock().docs.contains_key(&doc(2)), "a large step is not kept");
+        // A peer's large bloom filter counts as much as a large frame.
+        let many: Vec<ChangeHash> = (0..60_000u32)
+            .map(|n| {
+                let mut bytes = [0; 32];
+                bytes[..4].copy_from_slice(&n.to_be_bytes());
+                ChangeHash(bytes)
+            })
+            .collect();
+        let bloom = automerge::sync::BloomFilter::from_hashes(many.iter());
+        let large =
+            State { their_have: Some(vec![automerge::sync::Have { last_sync: Vec::new(), bloom }]), ..State::new() };
+        assert!(state_bytes(&large) > MAX_ENTRY_BYTES);
+        memo.remember(&doc(2), &[hash(3)], large.clone(), None, &large, &None);
+        assert!(!memo.lock().docs.contains_key(&doc(2)), "a step with a large state is not kept");
 
         for n in 0..(MAX_BYTES / (MAX_ENTRY_BYTES / 2) + 2) {
             memo.remember(&doc(1000 + n), &[hash(3)], before.clone(), None, &before, &frame(MAX_ENTRY_BYTES / 2));
