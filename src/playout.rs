@@ -327,6 +327,7 @@ async fn keep_running(parties: &mut [Party], police: usize, target: &RelayTarget
             local_edits: options.local_edits.clone(),
             connected: options.connected.clone(),
             relay_address: Some(target.addr.to_string()),
+            doc_cache: Some(party.node.store().doc_cache()),
         };
         let config = WebConfig { listen: "127.0.0.1:0".parse()?, allow_remote: false };
         let handle = web::spawn(party.node.data_dir(), &config, link).await.context("starting a web app")?;

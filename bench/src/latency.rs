@@ -198,6 +198,8 @@ impl EditToVisible {
         history: usize,
     ) -> Result<Self> {
         let a_dir = a.data_dir().to_path_buf();
+        // The editor shares A's daemon's loaded documents, as the web app beside the daemon does.
+        let a_cache = a.store().doc_cache();
         let author = Author::of(&a);
         let mut doc = author.plan_with_history(history)?;
         let id = doc.id().clone();
@@ -224,7 +226,8 @@ impl EditToVisible {
         }
         // The first edits (not counted) also wait for both daemons to connect.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let editor = harness::open_node(&a_dir)?;
+        let mut editor = harness::open_node(&a_dir)?;
+        editor.store_mut().share_cache(a_cache)?;
         let mut this = Self { editor, id, history, next: 0, notify, seen, stop, daemons };
         this.measure(5).await?;
         Ok(this)

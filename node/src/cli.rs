@@ -1016,6 +1016,7 @@ pub fn run(cli: Cli) -> Result<()> {
                             local_edits: Some(local_edits),
                             connected: Some(connected),
                             relay_address: address,
+                            doc_cache: Some(node.store().doc_cache()),
                         };
                         Some(start_web(&dir, &web, link).await?)
                     }

@@ -22,19 +22,24 @@
 //! same transaction, that its snapshot is still current; the increments other
 //! processes appended since are then read on top of it. So the cache saves
 //! reloading a long history on every edit without ever serving stale data.
+//! Handles on one database in one process may share their cache (see
+//! [`Store::share_cache`] and [`DocCache`]), so what one commits is in memory
+//! for the other.
 
 #![warn(missing_docs)]
 
+mod cache;
 pub mod concurrent;
 pub mod keyfile;
 mod refusals;
 mod replace;
 pub mod slots;
 
+pub use cache::{DocCache, LEND_WAIT};
 pub use refusals::DocRefusal;
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use cache::Lease;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -174,6 +179,13 @@ pub enum StoreError {
     /// A document with that id already exists.
     #[error("document {0} already exists")]
     AlreadyExists(DocId),
+    /// A cache of loaded documents was offered that is not of this database
+    /// (see [`Store::share_cache`]).
+    #[error("the cache of loaded documents offered is not of {path}; it was not used")]
+    OtherDatabase {
+        /// This store's database.
+        path: PathBuf,
+    },
     /// The document does not follow the schema.
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -311,46 +323,8 @@ pub struct UpdateOutcome {
 pub struct Store {
     conn: Connection,
     path: PathBuf,
-    cache: RefCell<Cache>,
+    cache: DocCache,
     limits: ContentLimits,
-}
-
-/// Documents kept loaded between calls; see the module docs for when they are trusted.
-#[derive(Debug)]
-struct Cache {
-    entries: HashMap<DocId, CachedDoc>,
-    capacity: usize,
-    clock: u64,
-}
-
-#[derive(Debug)]
-struct CachedDoc {
-    doc: Document,
-    /// The snapshot generation the cached copy was built from.
-    generation: i64,
-    /// The last increment row folded into the cached copy.
-    last_seq: i64,
-    /// For least-recently-used eviction.
-    used: u64,
-}
-
-impl Cache {
-    fn new(capacity: usize) -> Self {
-        Self { entries: HashMap::new(), capacity, clock: 0 }
-    }
-
-    fn put(&mut self, doc: Document, generation: i64, last_seq: i64) {
-        if self.capacity == 0 {
-            return;
-        }
-        self.clock += 1;
-        let id = doc.id().clone();
-        self.entries.insert(id, CachedDoc { doc, generation, last_seq, used: self.clock });
-        while self.entries.len() > self.capacity {
-            let Some(oldest) = self.entries.iter().min_by_key(|(_, c)| c.used).map(|(id, _)| id.clone()) else { break };
-            self.entries.remove(&oldest);
-        }
-    }
 }
 
 /// A document as read inside a transaction, with where it stands in the table.
@@ -358,6 +332,8 @@ struct Loaded {
     doc: Document,
     generation: i64,
     last_seq: i64,
+    /// Holds the document out of the cache until it is put back (`None` for a copy).
+    lease: Option<Lease>,
 }
 
 fn classify_open_error(path: &Path, e: rusqlite::Error) -> StoreError {
@@ -390,7 +366,7 @@ impl Store {
         let mut store = Self {
             conn,
             path: path.to_path_buf(),
-            cache: RefCell::new(Cache::new(DEFAULT_CACHE_CAPACITY)),
+            cache: DocCache::new(path, DEFAULT_CACHE_CAPACITY),
             limits: ContentLimits::default(),
         };
         store.prepare().map_err(|e| match e {
@@ -421,19 +397,36 @@ impl Store {
 
     /// Sets how many loaded documents stay cached in memory (0 turns the cache off).
     pub fn set_cache_capacity(&mut self, capacity: usize) {
-        let mut cache = self.cache.borrow_mut();
-        cache.capacity = capacity;
-        cache.entries.clear();
+        self.cache.set_capacity(capacity);
+    }
+
+    /// This handle's cache of loaded documents, to share with another handle
+    /// on the same database in this process (see [`Store::share_cache`]).
+    pub fn doc_cache(&self) -> DocCache {
+        self.cache.clone()
+    }
+
+    /// Uses `cache` (another handle's on the same database, from
+    /// [`Store::doc_cache`]) instead of this handle's own: a change either
+    /// handle commits is then in memory for both, not applied again by the
+    /// other, and each document is held once. A cache of another database is
+    /// refused: its copies would be taken for this one's.
+    pub fn share_cache(&mut self, cache: DocCache) -> Result<(), StoreError> {
+        if !cache.is_of(&self.path) {
+            return Err(StoreError::OtherDatabase { path: self.path.clone() });
+        }
+        self.cache = cache;
+        Ok(())
     }
 
     /// Drops a document from the in-memory cache (the relay evicts idle documents).
     pub fn evict(&self, id: &DocId) {
-        self.cache.borrow_mut().entries.remove(id);
+        self.cache.evict(id);
     }
 
     /// Number of documents cached in memory.
     pub fn cached(&self) -> usize {
-        self.cache.borrow().entries.len()
+        self.cache.len()
     }
 
     /// The database file.
@@ -598,7 +591,7 @@ impl Store {
         // Take the cached copy out and put it back: one copy for the caller, not two.
         let loaded = load_in(&self.conn, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
         let doc = loaded.doc.clone();
-        self.cache.borrow_mut().put(loaded.doc, loaded.generation, loaded.last_seq);
+        self.cache.put(loaded.doc, loaded.generation, loaded.last_seq, loaded.lease);
         Ok(doc)
     }
 
@@ -614,7 +607,7 @@ impl Store {
         let before = loaded.doc.heads();
         let value = f(loaded.doc.automerge_mut());
         if loaded.doc.heads() == before {
-            self.cache.borrow_mut().put(loaded.doc, loaded.generation, loaded.last_seq);
+            self.cache.put(loaded.doc, loaded.generation, loaded.last_seq, loaded.lease);
         }
         Ok(Some(value))
     }
@@ -697,10 +690,11 @@ impl Store {
         E: From<StoreError>,
     {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let (mut doc, mut generation, mut last_seq, created) = match load_in(&tx, &self.cache, id, true)? {
-            Some(loaded) => (loaded.doc, loaded.generation, loaded.last_seq, false),
+        let (mut doc, mut generation, mut last_seq, lease, created) = match load_in(&tx, &self.cache, id, true)? {
+            Some(loaded) => (loaded.doc, loaded.generation, loaded.last_seq, loaded.lease, false),
             None if create_missing => {
-                (Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?, 0, 0, true)
+                let empty = Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?;
+                (empty, 0, 0, None, true)
             }
             None => return Err(StoreError::NotFound(id.clone()).into()),
         };
@@ -709,7 +703,7 @@ impl Store {
         let heads = doc.heads();
         if heads == before || doc.is_empty() {
             if !created {
-                self.cache.borrow_mut().put(doc, generation, last_seq);
+                self.cache.put(doc, generation, last_seq, lease);
             }
             return Ok((value, UpdateOutcome { new_bytes: 0, heads, created: false }));
         }
@@ -738,7 +732,7 @@ impl Store {
             }
         }
         tx.commit().map_err(StoreError::from)?;
-        self.cache.borrow_mut().put(doc, generation, last_seq);
+        self.cache.put(doc, generation, last_seq, lease);
         Ok((value, UpdateOutcome { new_bytes, heads, created }))
     }
 
@@ -763,7 +757,7 @@ impl Store {
         }
         tx.commit()?;
         for write in writes {
-            self.cache.borrow_mut().entries.remove(&write.id);
+            self.cache.evict(&write.id);
         }
         Ok(results)
     }
@@ -801,7 +795,7 @@ impl Store {
         }
         tx.execute("DELETE FROM changes WHERE doc_id = ?1 AND seq <= ?2", params![id.as_str(), upto_seq])?;
         tx.commit()?;
-        self.cache.borrow_mut().entries.remove(id);
+        self.cache.evict(id);
         tracing::debug!(doc = %id, bytes = snapshot.len(), upto_seq, "compacted document in the background");
         Ok(())
     }
@@ -863,7 +857,7 @@ impl Store {
         let mut loaded = load_in(&tx, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
         let generation = write_snapshot(&tx, id, &mut loaded.doc)?;
         tx.commit()?;
-        self.cache.borrow_mut().put(loaded.doc, generation, loaded.last_seq);
+        self.cache.put(loaded.doc, generation, loaded.last_seq, loaded.lease);
         Ok(())
     }
 
@@ -1153,7 +1147,7 @@ fn join_parties(parties: &[OrgId]) -> String {
 
 /// Fills the `parties` column of every stored document (migration to schema 2).
 /// A document that cannot be read keeps no parties and is reported by `check`.
-fn backfill_parties(tx: &Transaction<'_>, cache: &RefCell<Cache>) -> Result<(), StoreError> {
+fn backfill_parties(tx: &Transaction<'_>, cache: &DocCache) -> Result<(), StoreError> {
     let ids: Vec<String> =
         tx.prepare("SELECT doc_id FROM documents")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
     for id in ids {
@@ -1169,7 +1163,7 @@ fn backfill_parties(tx: &Transaction<'_>, cache: &RefCell<Cache>) -> Result<(), 
 
 /// Fills the `change_bytes` column of every stored document (migration to
 /// schema 4). A document that cannot be read keeps 0 and is reported by `check`.
-fn backfill_sizes(tx: &Transaction<'_>, cache: &RefCell<Cache>) -> Result<(), StoreError> {
+fn backfill_sizes(tx: &Transaction<'_>, cache: &DocCache) -> Result<(), StoreError> {
     let ids: Vec<String> =
         tx.prepare("SELECT doc_id FROM documents")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
     for id in ids {
@@ -1195,29 +1189,22 @@ const NEW_ROWS: &str = "SELECT seq, data, sha256 FROM changes INDEXED BY changes
 /// Loads a document through any connection or transaction, starting from the
 /// cached copy when its snapshot generation is still current. With `take`, the
 /// cached copy is moved out (the caller is about to change it).
-fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) -> Result<Option<Loaded>, StoreError> {
+fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Result<Option<Loaded>, StoreError> {
     let generation: Option<i64> =
         // Cached statements: this runs for every sync message (parsing SQL was the relay's top cost).
         conn.prepare_cached("SELECT generation FROM documents WHERE doc_id = ?1")?
             .query_row([id.as_str()], |r| r.get(0))
             .optional()?;
     let Some(generation) = generation else {
-        cache.borrow_mut().entries.remove(id);
+        cache.evict(id);
         return Ok(None);
     };
     let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
-    let cached = {
-        let mut cache = cache.borrow_mut();
-        match cache.entries.get(id) {
-            Some(c) if c.generation == generation => {
-                if take {
-                    cache.entries.remove(id).map(|c| (c.doc, c.last_seq))
-                } else {
-                    Some((c.doc.clone(), c.last_seq))
-                }
-            }
-            _ => None,
-        }
+    let (cached, lease) = if take {
+        let (found, lease) = cache.take(id, generation);
+        (found, Some(lease))
+    } else {
+        (cache.copy(id, generation), None)
     };
     let (mut doc, after_seq, from_cache) = match cached {
         Some((doc, last_seq)) => (doc.into_automerge(), last_seq, true),
@@ -1259,7 +1246,7 @@ fn load_in(conn: &Connection, cache: &RefCell<Cache>, id: &DocId, take: bool) ->
     } else {
         Document::from_automerge(id.clone(), doc).map_err(|e| corrupt(e.to_string()))?
     };
-    Ok(Some(Loaded { doc, generation, last_seq }))
+    Ok(Some(Loaded { doc, generation, last_seq, lease }))
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {
@@ -1480,6 +1467,89 @@ mod tests {
         let fresh = Store::open(&path).unwrap().load(&id).unwrap().view().unwrap();
         assert_eq!(fresh.body, expected);
         assert_eq!(fresh.place.as_deref(), Some("Trosa"));
+    }
+
+    #[test]
+    fn handles_sharing_a_cache_take_each_others_committed_copy_and_never_an_uncommitted_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let (ctx, directory) = (ctx(), Directory::sodermanland());
+        let mut doc = new_doc(&ctx);
+        let id = doc.id().clone();
+        let mut daemon = Store::open_or_create(&path).unwrap();
+        daemon.insert(&mut doc).unwrap();
+        let mut editor = Store::open(&path).unwrap();
+        editor.share_cache(daemon.doc_cache()).unwrap();
+        assert!(editor.doc_cache().same_as(&daemon.doc_cache()));
+        // The snapshot generation, and how many rows a copy that folded rows up to `seq` lacks.
+        let stands = |store: &Store, seq: i64| -> (i64, i64) {
+            store
+                .conn
+                .query_row(
+                    "SELECT generation, (SELECT count(*) FROM changes WHERE doc_id = ?1 AND seq > ?2)
+                     FROM documents WHERE doc_id = ?1",
+                    params![id.as_str(), seq],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+        };
+        // Past a compaction too (a new snapshot generation): after each of the
+        // editor's commits the daemon finds the editor's copy, with every row in it.
+        for i in 0..(COMPACT_AFTER_ROWS + 3) {
+            let (_, outcome) = editor
+                .update(&id, false, |d| {
+                    d.edit(&ctx, &directory, "body", |e| e.set_body(&format!("edit {i}"))).map_err(StoreError::from)
+                })
+                .unwrap();
+            let (generation, _) = stands(&daemon, 0);
+            let (mut copy, folded) =
+                daemon.cache.copy(&id, generation).expect("the editor's copy is in the shared cache");
+            assert_eq!(copy.heads(), outcome.heads, "edit {i}");
+            assert_eq!(stands(&daemon, folded), (generation, 0), "edit {i}: the daemon has no row to read on top");
+            assert_eq!(daemon.read_doc(&id, |d| d.get_heads()).unwrap().unwrap(), outcome.heads);
+        }
+        assert_eq!(daemon.cached(), 1, "one copy for both handles");
+        // An edit that fails leaves nothing of it in the shared copy.
+        let committed = daemon.load(&id).unwrap().view().unwrap().body;
+        let failed: Result<((), UpdateOutcome), StoreError> = editor.update(&id, false, |d| {
+            d.edit(&ctx, &directory, "body", |e| e.set_body("never committed")).map_err(StoreError::from)?;
+            Err(StoreError::DiskFull)
+        });
+        assert!(matches!(failed, Err(StoreError::DiskFull)));
+        assert_eq!(daemon.load(&id).unwrap().view().unwrap().body, committed);
+        assert_eq!(editor.load(&id).unwrap().view().unwrap().body, committed);
+        // Another database's cache is refused: its copies would pass for this one's.
+        let elsewhere = Store::open_or_create(&dir.path().join("other.db")).unwrap();
+        assert!(matches!(editor.share_cache(elsewhere.doc_cache()), Err(StoreError::OtherDatabase { .. })));
+    }
+
+    #[test]
+    fn a_document_taken_out_by_another_thread_is_waited_for_not_loaded_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut doc = new_doc(&ctx());
+        let id = doc.id().clone();
+        let mut store = Store::open_or_create(&path).unwrap();
+        store.insert(&mut doc).unwrap();
+        let cache = store.doc_cache();
+        let (found, lease) = cache.take(&id, 0);
+        assert!(found.is_none(), "nothing cached yet");
+        // The same thread asking again does not wait for itself.
+        let (again, _) = cache.take(&id, 0);
+        assert!(again.is_none());
+        let (asking, asked) = std::sync::mpsc::channel();
+        let other = {
+            let (cache, id) = (cache.clone(), id.clone());
+            std::thread::spawn(move || {
+                asking.send(()).unwrap();
+                cache.take(&id, 0).0.map(|(mut doc, last_seq)| (doc.heads(), last_seq))
+            })
+        };
+        asked.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50)); // Let it start waiting.
+                                                       // Put back while it waits: it gets this copy rather than none.
+        cache.put(doc.clone(), 0, 0, Some(lease));
+        assert_eq!(other.join().unwrap(), Some((doc.heads(), 0)));
     }
 
     #[test]

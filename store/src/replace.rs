@@ -39,7 +39,8 @@ impl Store {
         E: From<StoreError>,
     {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let mut old = load_in(&tx, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?.doc;
+        let loaded = load_in(&tx, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        let (mut old, lease) = (loaded.doc, loaded.lease);
         let (mut doc, value) = f(&mut old)?;
         if doc.id() != id {
             let found = doc.id().to_string();
@@ -93,7 +94,7 @@ impl Store {
         tx.commit().map_err(StoreError::from)?;
         tracing::info!(doc = %id, generation, bytes = snapshot_bytes, "replaced the document's history");
         // No increments are left: the next ones appended have higher row numbers than any before.
-        self.cache.borrow_mut().put(doc, generation, 0);
+        self.cache.put(doc, generation, 0, lease);
         Ok((value, UpdateOutcome { new_bytes: snapshot_bytes.max(0) as usize, heads, created: false }))
     }
 }

@@ -57,6 +57,11 @@ pub struct SyncLink {
     pub connected: Option<Arc<AtomicBool>>,
     /// The relay's address, as configured (shown on the start page).
     pub relay_address: Option<String>,
+    /// The daemon's cache of loaded documents, shared by the web app's handle
+    /// on the same database: an edit made here is then in the daemon's memory
+    /// already, not applied again before it is sent, and each document is held
+    /// once (`None`: the web app keeps its own).
+    pub doc_cache: Option<samverkan_store::DocCache>,
 }
 
 /// Why the web app could not start.
@@ -238,8 +243,12 @@ pub async fn spawn(data_dir: &Path, config: &WebConfig, link: SyncLink) -> Resul
         return Err(WebError::NotLoopback(config.listen));
     }
     let dir = data_dir.to_path_buf();
+    let doc_cache = link.doc_cache.clone();
     let (node, secret) = tokio::task::spawn_blocking(move || -> Result<_, WebError> {
-        let node = Node::open(&dir)?;
+        let mut node = Node::open(&dir)?;
+        if let Some(cache) = doc_cache {
+            node.store_mut().share_cache(cache).map_err(NodeError::from)?;
+        }
         let secret = auth::load_or_create_secret(&dir)?;
         Ok((node, secret))
     })

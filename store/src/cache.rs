@@ -1,0 +1,207 @@
+//! Loaded documents kept between a store's calls, and shareable by the
+//! handles on one database within a process (the node daemon and the web app
+//! or editor beside it), so a change one handle commits is not applied again
+//! by the other.
+//!
+//! A cached copy is trusted only as the store's `load_in` allows: its snapshot
+//! generation must still be current, and the increment rows after the copy's
+//! last one are read on top of it. Copies are put back only after their
+//! transaction committed, so a copy never holds anything uncommitted.
+//!
+//! A copy is taken out for the duration of one call and put back after it
+//! (one copy in memory, not two). While it is out, another thread asking for
+//! the same document waits for it, at most [`LEND_WAIT`], rather than load the
+//! whole document again; past that, or on the same thread, it loads afresh.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
+
+use samverkan_shared::ids::DocId;
+use samverkan_shared::model::Document;
+
+/// How long a thread waits for a document another thread has taken out.
+pub const LEND_WAIT: Duration = Duration::from_secs(1);
+
+/// Loaded documents of one database, shared by the store handles given it
+/// (cloning shares; see [`crate::Store::share_cache`]).
+#[derive(Debug, Clone)]
+pub struct DocCache {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// The database the copies are of (canonical where it could be resolved).
+    database: PathBuf,
+    state: Mutex<State>,
+    /// Signalled when a taken-out document comes back (or is given up).
+    returned: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    entries: HashMap<DocId, CachedDoc>,
+    capacity: usize,
+    /// For least-recently-used eviction.
+    clock: u64,
+    /// Documents taken out, with the lease that holds each.
+    lent: HashMap<DocId, Holder>,
+    next_lease: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Holder {
+    lease: u64,
+    thread: ThreadId,
+}
+
+#[derive(Debug)]
+struct CachedDoc {
+    doc: Document,
+    /// The snapshot generation the cached copy was built from.
+    generation: i64,
+    /// The last increment row folded into the cached copy.
+    last_seq: i64,
+    used: u64,
+}
+
+/// A document taken out of the cache (or being loaded in its place): others
+/// wait for it until it is put back or this is dropped.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    cache: DocCache,
+    id: DocId,
+    /// 0: nothing was marked (the wait timed out or it is the same thread's).
+    lease: u64,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.lease == 0 {
+            return;
+        }
+        let mut state = self.cache.lock();
+        if state.lent.get(&self.id).is_some_and(|h| h.lease == self.lease) {
+            state.lent.remove(&self.id);
+            drop(state);
+            self.cache.shared.returned.notify_all();
+        }
+    }
+}
+
+/// A copy found in the cache: the document and the last increment row in it.
+pub(crate) type Found = (Document, i64);
+
+impl DocCache {
+    /// An empty cache of the documents in `database`, keeping at most
+    /// `capacity` of them (0: none).
+    pub(crate) fn new(database: &Path, capacity: usize) -> Self {
+        let state = State { entries: HashMap::new(), capacity, clock: 0, lent: HashMap::new(), next_lease: 0 };
+        let database = canonical(database);
+        Self { shared: Arc::new(Shared { database, state: Mutex::new(state), returned: Condvar::new() }) }
+    }
+
+    /// Whether this caches the documents of the database at `path`.
+    pub fn is_of(&self, path: &Path) -> bool {
+        self.shared.database == canonical(path)
+    }
+
+    /// A cache is only a copy of what is stored: one a panicking thread left
+    /// half-updated is still consistent entry by entry, so poisoning is ignored.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.shared.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes `id`'s copy out if it was built from snapshot `generation`,
+    /// waiting (bounded) while another thread has it out; the lease marks the
+    /// document as out until it is put back or dropped.
+    pub(crate) fn take(&self, id: &DocId, generation: i64) -> (Option<Found>, Lease) {
+        let me = std::thread::current().id();
+        let deadline = Instant::now() + LEND_WAIT;
+        let mut state = self.lock();
+        loop {
+            match state.lent.get(id) {
+                Some(holder) if holder.thread != me => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        tracing::warn!(doc = %id, "a cached document stayed taken out; loading it afresh");
+                        return (None, Lease { cache: self.clone(), id: id.clone(), lease: 0 });
+                    }
+                    state = self.shared.returned.wait_timeout(state, left).unwrap_or_else(PoisonError::into_inner).0;
+                }
+                Some(_) => return (None, Lease { cache: self.clone(), id: id.clone(), lease: 0 }),
+                None => break,
+            }
+        }
+        state.next_lease += 1;
+        let lease = state.next_lease;
+        state.lent.insert(id.clone(), Holder { lease, thread: me });
+        let found = match state.entries.remove(id) {
+            Some(c) if c.generation == generation => Some((c.doc, c.last_seq)),
+            _ => None,
+        };
+        (found, Lease { cache: self.clone(), id: id.clone(), lease })
+    }
+
+    /// A clone of `id`'s copy if it was built from snapshot `generation` (the
+    /// copy stays; `None` while it is taken out).
+    pub(crate) fn copy(&self, id: &DocId, generation: i64) -> Option<Found> {
+        let state = self.lock();
+        let c = state.entries.get(id).filter(|c| c.generation == generation)?;
+        Some((c.doc.clone(), c.last_seq))
+    }
+
+    /// Puts a committed copy (back) in, then ends its lease.
+    pub(crate) fn put(&self, doc: Document, generation: i64, last_seq: i64, lease: Option<Lease>) {
+        {
+            let mut state = self.lock();
+            if state.capacity > 0 {
+                state.clock += 1;
+                let used = state.clock;
+                state.entries.insert(doc.id().clone(), CachedDoc { doc, generation, last_seq, used });
+                while state.entries.len() > state.capacity {
+                    let Some(oldest) = state.entries.iter().min_by_key(|(_, c)| c.used).map(|(id, _)| id.clone())
+                    else {
+                        break;
+                    };
+                    state.entries.remove(&oldest);
+                }
+            }
+        }
+        drop(lease);
+    }
+
+    /// Drops `id`'s copy.
+    pub fn evict(&self, id: &DocId) {
+        self.lock().entries.remove(id);
+    }
+
+    /// Sets how many documents stay cached (0 turns the cache off) and empties it.
+    pub fn set_capacity(&self, capacity: usize) {
+        let mut state = self.lock();
+        state.capacity = capacity;
+        state.entries.clear();
+    }
+
+    /// Number of documents cached.
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    /// Whether no document is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether `self` and `other` are the same cache.
+    pub fn same_as(&self, other: &DocCache) -> bool {
+        Arc::ptr_eq(&self.shared, &other.shared)
+    }
+}
+
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
