@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{ObjId, ObjType, ReadDoc, ScalarValue, ScalarValueRef, Value, ValueRef, ROOT};
 use chrono::NaiveDate;
 
 use super::{
@@ -162,9 +162,8 @@ fn item_id<R: ReadDoc>(doc: &R, obj: &ObjId, path: &str) -> Result<ItemId, Model
 pub(super) fn parties<R: ReadDoc>(doc: &R) -> Result<Vec<OrgId>, ModelError> {
     let mut parties: Vec<OrgId> = Vec::new();
     if let Some(list) = get_obj(doc, &ROOT, keys::PARTIES, ObjType::List)? {
-        for i in 0..doc.length(&list) {
-            let path = format!("parties[{i}]");
-            if let Some(org) = parse_org(get_list_str(doc, &list, i, &path)?, &path)? {
+        for (i, stored) in list_strs(doc, &list, keys::PARTIES)?.into_iter().enumerate() {
+            if let Some(org) = parse_org(Some(stored), &format!("parties[{i}]"))? {
                 if !parties.contains(&org) {
                     parties.push(org);
                 }
@@ -314,9 +313,8 @@ pub(super) fn owners<R: ReadDoc>(doc: &R, obj: &ObjId, path: &str) -> Result<Vec
         return Ok(legacy.map(Owner::org).into_iter().collect());
     };
     let mut owners: Vec<Owner> = Vec::new();
-    for i in 0..doc.length(&list) {
+    for (i, stored) in list_strs(doc, &list, &format!("{path}.owners"))?.into_iter().enumerate() {
         let item = format!("{path}.owners[{i}]");
-        let Some(stored) = get_list_str(doc, &list, i, &item)? else { continue };
         let owner = Owner::decode(&stored).ok_or_else(|| malformed(&item, format!("{stored:?} is not an owner")))?;
         if !owners.contains(&owner) {
             owners.push(owner);
@@ -334,15 +332,19 @@ pub(super) fn due<R: ReadDoc>(doc: &R, obj: &ObjId, path: &str) -> Result<Option
     Ok(parse_date(get_str(doc, obj, keys::DUE, path)?, path)?.map(Due::Date))
 }
 
-fn get_list_str<R: ReadDoc>(doc: &R, list: &ObjId, index: usize, path: &str) -> Result<Option<String>, ModelError> {
-    match doc.get(list, index)? {
-        Some((Value::Scalar(s), _)) => match s.as_ref() {
-            ScalarValue::Str(s) => Ok(Some(s.to_string())),
-            other => Err(malformed(path, format!("expected a string, found {other}"))),
-        },
-        Some(_) => Err(malformed(path, "expected a string")),
-        None => Ok(None),
-    }
+/// Every item of a list of strings, in order, in one pass (`list_range`: one
+/// seek, where reading item by item seeks once per item); `path` names the
+/// list in errors.
+fn list_strs<R: ReadDoc>(doc: &R, list: &ObjId, path: &str) -> Result<Vec<String>, ModelError> {
+    doc.list_range(list, ..)
+        .map(|item| match item.value {
+            ValueRef::Scalar(ScalarValueRef::Str(s)) => Ok(s.into_owned()),
+            ValueRef::Scalar(other) => {
+                Err(malformed(format!("{path}[{}]", item.index), format!("expected a string, found {other}")))
+            }
+            ValueRef::Object(_) => Err(malformed(format!("{path}[{}]", item.index), "expected a string")),
+        })
+        .collect()
 }
 
 /// Renders one of several concurrent values for people.
