@@ -145,10 +145,11 @@ fn list_items<R: ReadDoc>(doc: &R, list: &str) -> Result<Vec<ObjId>, ModelError>
     let Some(list_id) = get_obj(doc, &ROOT, list, ObjType::List)? else {
         return Ok(Vec::new());
     };
-    (0..doc.length(&list_id))
-        .map(|i| match doc.get(&list_id, i)? {
-            Some((Value::Object(ObjType::Map), id)) => Ok(id),
-            _ => Err(malformed(format!("{list}[{i}]"), "expected a map")),
+    // In one pass: `list_range` seeks once, reading item by item once per item.
+    doc.list_range(&list_id, ..)
+        .map(|item| match item.value {
+            ValueRef::Object(ObjType::Map) => Ok(item.id()),
+            _ => Err(malformed(format!("{list}[{}]", item.index), "expected a map")),
         })
         .collect()
 }
@@ -485,8 +486,8 @@ pub(super) fn find_item<R: ReadDoc>(
         get_obj(doc, &ROOT, list, ObjType::List)?.ok_or(ModelError::NoSuchItem { list, id: id.to_string() })?;
     let wanted = id.to_ascii_lowercase();
     let mut found = None;
-    for i in 0..doc.length(&list_id) {
-        let Some((Value::Object(ObjType::Map), obj)) = doc.get(&list_id, i)? else { continue };
+    let maps = doc.list_range(&list_id, ..).filter(|item| matches!(item.value, ValueRef::Object(ObjType::Map)));
+    for (i, obj) in maps.map(|item| (item.index, item.id())) {
         let item = get_str(doc, &obj, keys::ITEM_ID, list)?.unwrap_or_default();
         if item == wanted {
             return Ok((list_id, i, obj));
