@@ -7,7 +7,7 @@
 //! figure 9 runs two such children as instances of one relay on PostgreSQL.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
@@ -131,6 +131,9 @@ pub struct RelayProcess {
     stdout: BufReader<std::process::ChildStdout>,
     /// Where it listens and its key.
     pub target: RelayTarget,
+    /// Its data directory and PostgreSQL database, to start it again.
+    dir: PathBuf,
+    postgres: Option<String>,
 }
 
 impl RelayProcess {
@@ -187,7 +190,15 @@ impl RelayProcess {
         };
         let target =
             RelayTarget { addr: addr.parse().context("relay address")?, relay_key: key.parse().context("relay key")? };
-        Ok(Self { child, stdout, target })
+        Ok(Self { child, stdout, target, dir: dir.to_path_buf(), postgres: postgres.map(str::to_owned) })
+    }
+
+    /// Stops the child and starts it again on the same data: a fresh process
+    /// with everything stored before, nothing loaded yet.
+    pub fn restart(self) -> Result<Self> {
+        let (dir, postgres) = (self.dir.clone(), self.postgres.clone());
+        self.stop();
+        Self::spawn(&dir, postgres.as_deref())
     }
 
     /// Creates a node in `root/name` for `org` and enrolls it at the child relay.

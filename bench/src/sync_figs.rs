@@ -62,7 +62,9 @@ pub async fn catch_up(docs: usize, edits: usize) -> Result<Vec<Figure>> {
     let started = Instant::now();
     let report = sync::sync_once(&mut a, &target, LIMIT).await?;
     let real = started.elapsed();
+    let started = Instant::now();
     let again = sync::sync_once(&mut a, &target, LIMIT).await?;
+    let reconnect = started.elapsed();
 
     net.connect("a", after, Some(states));
     net.frames = 0;
@@ -95,6 +97,8 @@ pub async fn catch_up(docs: usize, edits: usize) -> Result<Vec<Figure>> {
         Figure::info(format!("reconnect.docs{docs}.bytes"), wire_bytes(&again), "B")
             .target("< 10 KB", wire_bytes(&again) < 10_000.0),
         Figure::info(format!("reconnect.docs{docs}.frames"), again.frames as f64, "frames"),
+        Figure::info(format!("reconnect.docs{docs}.time"), ms(reconnect), "ms")
+            .baseline(ms(real), "the catch-up's sync, connection included"),
     ])
 }
 
