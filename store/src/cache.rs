@@ -68,6 +68,17 @@ struct CachedDoc {
     used: u64,
 }
 
+impl State {
+    fn evict_beyond_capacity(&mut self) {
+        while self.entries.len() > self.capacity {
+            let Some(oldest) = self.entries.iter().min_by_key(|(_, c)| c.used).map(|(id, _)| id.clone()) else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+    }
+}
+
 /// A document taken out of the cache (or being loaded in its place): others
 /// wait for it until it is put back or this is dropped.
 #[derive(Debug)]
@@ -162,13 +173,7 @@ impl DocCache {
                 state.clock += 1;
                 let used = state.clock;
                 state.entries.insert(doc.id().clone(), CachedDoc { doc, generation, last_seq, used });
-                while state.entries.len() > state.capacity {
-                    let Some(oldest) = state.entries.iter().min_by_key(|(_, c)| c.used).map(|(id, _)| id.clone())
-                    else {
-                        break;
-                    };
-                    state.entries.remove(&oldest);
-                }
+                state.evict_beyond_capacity();
             }
         }
         drop(lease);
@@ -179,11 +184,12 @@ impl DocCache {
         self.lock().entries.remove(id);
     }
 
-    /// Sets how many documents stay cached (0 turns the cache off) and empties it.
+    /// Sets how many documents stay cached (0 turns the cache off); the least
+    /// recently used beyond it are dropped.
     pub fn set_capacity(&self, capacity: usize) {
         let mut state = self.lock();
         state.capacity = capacity;
-        state.entries.clear();
+        state.evict_beyond_capacity();
     }
 
     /// Number of documents cached.

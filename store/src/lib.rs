@@ -395,7 +395,8 @@ impl Store {
         self.limits
     }
 
-    /// Sets how many loaded documents stay cached in memory (0 turns the cache off).
+    /// Sets how many loaded documents stay cached in memory (0 turns the cache
+    /// off), for every handle sharing this one's cache.
     pub fn set_cache_capacity(&mut self, capacity: usize) {
         self.cache.set_capacity(capacity);
     }
@@ -1521,6 +1522,33 @@ mod tests {
         // Another database's cache is refused: its copies would pass for this one's.
         let elsewhere = Store::open_or_create(&dir.path().join("other.db")).unwrap();
         assert!(matches!(editor.share_cache(elsewhere.doc_cache()), Err(StoreError::OtherDatabase { .. })));
+    }
+
+    #[test]
+    fn setting_the_cache_capacity_keeps_the_most_recently_used_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("node.db")).unwrap();
+        let ctx = ctx();
+        let ids: Vec<DocId> = (0..3)
+            .map(|_| {
+                let mut doc = new_doc(&ctx);
+                store.insert(&mut doc).unwrap();
+                doc.id().clone()
+            })
+            .collect();
+        for id in &ids {
+            store.load(id).unwrap();
+        }
+        // The daemon sets its capacity at every connection: a web app sharing the cache keeps its copies.
+        store.set_cache_capacity(DEFAULT_CACHE_CAPACITY);
+        assert_eq!(store.cached(), 3);
+        store.set_cache_capacity(2);
+        assert_eq!(store.cached(), 2);
+        let generation = 0;
+        assert!(store.cache.copy(&ids[0], generation).is_none(), "the least recently used copy goes first");
+        assert!(store.cache.copy(&ids[2], generation).is_some());
+        store.set_cache_capacity(0);
+        assert_eq!(store.cached(), 0);
     }
 
     #[test]
