@@ -59,7 +59,7 @@ pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 6;
+pub const SCHEMA_VERSION: i32 = 7;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
 /// Documents kept in the in-memory cache by default.
@@ -128,6 +128,20 @@ const MIGRATIONS: &[&str] = &[
          your_seq    INTEGER NOT NULL,
          refused_at  TEXT NOT NULL
      ) WITHOUT ROWID;",
+    // 6 → 7: snapshots in their own table. In the documents row, the snapshot
+    // sat before small columns read or written on every edit (`generation`,
+    // `parties`, `change_bytes`): SQLite read through the snapshot's overflow
+    // pages to reach them, and rewrote all of them whenever an edit changed the
+    // row's length.
+    "CREATE TABLE snapshots (
+         doc_id TEXT PRIMARY KEY REFERENCES documents(doc_id),
+         sha256 BLOB NOT NULL,
+         data   BLOB NOT NULL
+     );
+     INSERT INTO snapshots (doc_id, sha256, data)
+         SELECT doc_id, coalesce(snapshot_sha256, x''), snapshot FROM documents WHERE snapshot IS NOT NULL;
+     ALTER TABLE documents DROP COLUMN snapshot;
+     ALTER TABLE documents DROP COLUMN snapshot_sha256;",
 ];
 
 /// Errors of the store.
@@ -625,20 +639,19 @@ impl Store {
         let heads = doc.heads();
         let now = Utc::now().to_rfc3339();
         tx.execute(
-            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties, change_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+            "INSERT INTO documents (doc_id, kind, title, heads, created_at, updated_at, parties, change_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
             params![
                 id.as_str(),
                 doc.kind()?.as_str(),
                 doc.title()?,
                 join_heads(&heads),
-                data,
-                sha256(&data),
                 now,
                 join_parties(&doc.parties()?),
                 size as i64
             ],
         )?;
+        put_snapshot(&tx, &id, &data)?;
         tx.commit()?;
         Ok(UpdateOutcome { new_bytes: data.len(), heads, created: true })
     }
@@ -785,15 +798,15 @@ impl Store {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let generation: Option<i64> = tx
             .query_row(
-                "UPDATE documents SET snapshot = ?2, snapshot_sha256 = ?3, generation = generation + 1
-                 WHERE doc_id = ?1 RETURNING generation",
-                params![id.as_str(), snapshot, sha256(snapshot)],
+                "UPDATE documents SET generation = generation + 1 WHERE doc_id = ?1 RETURNING generation",
+                params![id.as_str()],
                 |r| r.get(0),
             )
             .optional()?;
         if generation.is_none() {
             return Err(StoreError::NotFound(id.clone()));
         }
+        put_snapshot(&tx, id, snapshot)?;
         tx.execute("DELETE FROM changes WHERE doc_id = ?1 AND seq <= ?2", params![id.as_str(), upto_seq])?;
         tx.commit()?;
         self.cache.evict(id);
@@ -1072,20 +1085,19 @@ fn write_doc_rows(tx: &Connection, write: &DocWrite) -> Result<Option<i64>, Stor
     let parties = join_parties(&write.parties);
     let seq = if write.created {
         tx.prepare_cached(
-            "INSERT INTO documents (doc_id, kind, title, heads, snapshot, snapshot_sha256, created_at, updated_at, parties, change_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7, ?8, ?9)",
+            "INSERT INTO documents (doc_id, kind, title, heads, created_at, updated_at, parties, change_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?6, ?7)",
         )?
         .execute(params![
             id,
             write.kind.as_str(),
             write.title,
             join_heads(&write.heads),
-            write.data,
-            sha256(&write.data),
             now,
             parties,
             write.size as i64
         ])?;
+        put_snapshot(tx, &write.id, &write.data)?;
         None
     } else {
         tx.prepare_cached("INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)")?.execute(params![
@@ -1210,14 +1222,13 @@ fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Resul
     let (mut doc, after_seq, from_cache) = match cached {
         Some((doc, last_seq)) => (doc.into_automerge(), last_seq, true),
         None => {
-            let (snapshot, sum): (Option<Vec<u8>>, Option<Vec<u8>>) = conn.query_row(
-                "SELECT snapshot, snapshot_sha256 FROM documents WHERE doc_id = ?1",
-                [id.as_str()],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
+            let snapshot: Option<(Vec<u8>, Vec<u8>)> = conn
+                .prepare_cached("SELECT data, sha256 FROM snapshots WHERE doc_id = ?1")?
+                .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
             let doc = match snapshot {
-                Some(bytes) => {
-                    if sum.as_deref() != Some(sha256(&bytes).as_slice()) {
+                Some((bytes, sum)) => {
+                    if sum != sha256(&bytes) {
                         return Err(corrupt("the snapshot does not match its checksum".into()));
                     }
                     AutoCommit::load(&bytes).map_err(|e| corrupt(format!("snapshot: {e}")))?
@@ -1255,6 +1266,17 @@ fn sha256(data: &[u8]) -> Vec<u8> {
     sha2::Sha256::digest(data).to_vec()
 }
 
+/// Stores `data` (a full save) with its checksum as the document's snapshot,
+/// replacing the one before; the caller bumps the generation.
+fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8]) -> Result<(), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO snapshots (doc_id, sha256, data) VALUES (?1, ?2, ?3)
+         ON CONFLICT (doc_id) DO UPDATE SET sha256 = excluded.sha256, data = excluded.data",
+    )?
+    .execute(params![id.as_str(), sha256(data), data])?;
+    Ok(())
+}
+
 /// Compacts when enough increments have piled up; returns the new snapshot generation if it did.
 fn compact_if_due(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<Option<i64>, StoreError> {
     let rows: i64 =
@@ -1269,11 +1291,11 @@ fn compact_if_due(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Resul
 fn write_snapshot(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<i64, StoreError> {
     let data = doc.automerge_mut().save();
     let generation: i64 = tx.query_row(
-        "UPDATE documents SET snapshot = ?2, snapshot_sha256 = ?3, generation = generation + 1
-         WHERE doc_id = ?1 RETURNING generation",
-        params![id.as_str(), data, sha256(&data)],
+        "UPDATE documents SET generation = generation + 1 WHERE doc_id = ?1 RETURNING generation",
+        params![id.as_str()],
         |r| r.get(0),
     )?;
+    put_snapshot(tx, id, &data)?;
     tx.execute("DELETE FROM changes WHERE doc_id = ?1", [id.as_str()])?;
     tracing::debug!(doc = %id, bytes = data.len(), generation, "compacted document");
     Ok(generation)
@@ -1649,12 +1671,76 @@ mod tests {
         }
         // A schema 4 database (before receipts) is migrated and keeps its documents.
         let old = Connection::open(&path).unwrap();
+        back_to_schema_6(&old);
         old.execute_batch("DROP TABLE doc_refusals; DROP TABLE approval_receipts; PRAGMA user_version = 4;").unwrap();
         drop(old);
         let mut store = Store::open(&path).unwrap();
         assert!(store.receipts(&id).unwrap().is_empty());
         assert_eq!(store.add_receipts(std::slice::from_ref(&first)).unwrap(), 1);
         assert_eq!(store.load(&id).unwrap().view().unwrap().place.as_deref(), Some("Trosa"));
+    }
+
+    /// Undoes migration 7 (snapshots back in the documents row), to make an older database.
+    fn back_to_schema_6(conn: &Connection) {
+        conn.execute_batch(
+            "ALTER TABLE documents ADD COLUMN snapshot BLOB;
+             ALTER TABLE documents ADD COLUMN snapshot_sha256 BLOB;
+             UPDATE documents SET
+                 snapshot = (SELECT data FROM snapshots s WHERE s.doc_id = documents.doc_id),
+                 snapshot_sha256 = (SELECT sha256 FROM snapshots s WHERE s.doc_id = documents.doc_id);
+             DROP TABLE snapshots;
+             PRAGMA user_version = 6;",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn a_schema_6_database_keeps_every_document_and_damage_stays_visible_when_snapshots_move_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let (ctx, directory) = (ctx(), Directory::sodermanland());
+        let (mut plain, mut compacted, mut damaged) = (new_doc(&ctx), new_doc(&ctx), new_doc(&ctx));
+        let mut bodies = Vec::new();
+        {
+            let mut store = Store::open_or_create(&path).unwrap();
+            for doc in [&mut plain, &mut compacted, &mut damaged] {
+                store.insert(doc).unwrap();
+            }
+            // One document compacted once, with increments on top of its snapshot.
+            for i in 0..(COMPACT_AFTER_ROWS + 3) {
+                store
+                    .update(compacted.id(), false, |d| {
+                        d.edit(&ctx, &directory, "b", |e| e.set_body(&format!("b {i}"))).map_err(StoreError::from)
+                    })
+                    .unwrap();
+            }
+            for doc in [&plain, &compacted] {
+                bodies.push(store.load(doc.id()).unwrap().view().unwrap().body);
+            }
+        }
+        let old = Connection::open(&path).unwrap();
+        back_to_schema_6(&old);
+        old.execute("UPDATE documents SET snapshot_sha256 = x'00' WHERE doc_id = ?1", [damaged.id().as_str()]).unwrap();
+        drop(old);
+        let store = Store::open(&path).unwrap();
+        let version: i32 = store.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        for (doc, body) in [&plain, &compacted].iter().zip(&bodies) {
+            assert_eq!(&store.load(doc.id()).unwrap().view().unwrap().body, body);
+        }
+        assert!(store.increment_rows(compacted.id()).unwrap() > 0, "increments stay on top of the moved snapshot");
+        assert!(matches!(store.load(damaged.id()), Err(StoreError::CorruptDocument { .. })));
+        assert_eq!(store.check().unwrap().len(), 1, "only the damaged document");
+        // The listing reads no snapshot: it is not in the documents row any more.
+        let columns: Vec<String> = store
+            .conn
+            .prepare("SELECT name FROM pragma_table_info('documents')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(!columns.iter().any(|c| c.starts_with("snapshot")), "{columns:?}");
     }
 
     #[test]
@@ -1667,6 +1753,7 @@ mod tests {
         let id = doc.id().clone();
         Store::open_or_create(&path).unwrap().insert(&mut doc).unwrap();
         let old = Connection::open(&path).unwrap();
+        back_to_schema_6(&old);
         old.execute_batch(
             "DROP TABLE doc_refusals; DROP TABLE approval_receipts; ALTER TABLE documents DROP COLUMN change_bytes; PRAGMA user_version = 3;",
         )

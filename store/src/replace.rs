@@ -73,7 +73,7 @@ impl Store {
         let parties = join_parties(&doc.parties().map_err(StoreError::from)?);
         let generation = write_snapshot(&tx, id, &mut doc)?;
         let snapshot_bytes: i64 = tx
-            .query_row("SELECT length(snapshot) FROM documents WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))
+            .query_row("SELECT length(data) FROM snapshots WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))
             .map_err(StoreError::from)?;
         tx.execute(
             "UPDATE documents SET kind = ?2, title = ?3, heads = ?4, updated_at = ?5, parties = ?6, change_bytes = ?7
