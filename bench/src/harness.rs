@@ -237,13 +237,24 @@ impl RelayProcess {
 
     /// Resident memory of the child in bytes (`VmRSS`).
     pub fn rss_bytes(&self) -> Result<u64> {
+        self.status_bytes("VmRSS")
+    }
+
+    /// The child's resident memory of its own (`RssAnon`): without the pages
+    /// of its program file, which vary with the code paths run so far.
+    pub fn rss_anon_bytes(&self) -> Result<u64> {
+        self.status_bytes("RssAnon")
+    }
+
+    /// A size in `/proc/<pid>/status`, in bytes.
+    fn status_bytes(&self, field: &str) -> Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         let kb = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .find_map(|l| l.strip_prefix(field).and_then(|rest| rest.strip_prefix(':')))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse::<u64>().ok())
-            .context("no VmRSS in /proc/<pid>/status")?;
+            .with_context(|| format!("no {field} in /proc/<pid>/status"))?;
         Ok(kb * 1024)
     }
 

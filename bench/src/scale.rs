@@ -43,6 +43,11 @@ pub struct Scale {
     pub seconds: u64,
     /// Edits per second during it.
     pub rate: u32,
+    /// The two counts of stored documents a relay is started afresh on for
+    /// the memory per idle document (on SQLite): the figure is the difference
+    /// over the documents added, so what every relay costs once, stored
+    /// documents or not, does not count.
+    pub idle_stored: (usize, usize),
 }
 
 /// One simulated node's connection.
@@ -242,9 +247,9 @@ pub struct Measured {
     /// Relay memory per idle connection in KB (summed over the instances).
     pub memory_per_idle_connection: f64,
     /// Relay memory per stored document that no node has asked for since the
-    /// relay started, in KB (summed over the instances): the relay started
-    /// again on the seeded data against the fresh relay before seeding.
-    pub memory_per_idle_document: f64,
+    /// relay started, in KB (see [`memory_per_idle_document`]; measured on
+    /// SQLite only).
+    pub memory_per_idle_document: Option<f64>,
     /// Relay memory per document just received from the seeding node (held
     /// loaded since), in KB (summed over the instances).
     pub memory_per_loaded_document: f64,
@@ -285,12 +290,19 @@ impl Measured {
         let st = &self.steps;
         let steps = st.from_memory + st.on_storage_threads;
         let percent = |part: u64, whole: u64| if whole == 0 { 0.0 } else { part as f64 * 100.0 / whole as f64 };
-        vec![
+        let mut figures = vec![
             Figure::info(format!("scale.{tag}.connect_time"), ms(self.connect_time), "ms"),
             Figure::info(format!("scale.{tag}.memory_per_idle_connection"), per_conn, "KB")
                 .target("≤ 100 KB", per_conn <= 100.0),
-            Figure::info(format!("scale.{tag}.memory_per_idle_document"), per_doc, "KB")
-                .target("none unless loaded (≤ 1 KB)", per_doc <= 1.0),
+        ];
+        if let Some(per_doc) = per_doc {
+            let (base, total) = self.scale.idle_stored;
+            figures.push(
+                Figure::info(format!("scale.d{base}-{total}.memory_per_idle_document"), per_doc, "KB")
+                    .target("none unless loaded (≤ 1 KB)", per_doc <= 1.0),
+            );
+        }
+        figures.extend([
             Figure::info(format!("scale.{tag}.memory_per_loaded_document"), self.memory_per_loaded_document, "KB"),
             Figure::info(format!("scale.{tag}.cpu_per_forwarded_change"), cpu, "µs").target("≤ 100 µs", cpu <= 100.0),
             Figure::info(format!("scale.{tag}.edits"), self.edits as f64, "edits"),
@@ -337,7 +349,8 @@ impl Measured {
             Figure::info(format!("scale.{tag}.latency.p99"), loaded99, "ms")
                 .baseline(idle99, "the same edits with 2 nodes connected")
                 .target("≤ 3× idle", loaded99 <= 3.0 * idle99),
-        ]
+        ]);
+        figures
     }
 }
 
@@ -391,7 +404,66 @@ pub async fn run(s: Scale, deployment: Deployment<'_>) -> Result<Measured> {
     for relay in relays {
         relay.stop();
     }
-    result
+    let mut measured = result?;
+    if matches!(deployment, Deployment::Sqlite) {
+        let per_doc = memory_per_idle_document(&root.path().join("idle"), &org, &author, s.idle_stored).await?;
+        measured.memory_per_idle_document = Some(per_doc);
+    }
+    Ok(measured)
+}
+
+/// Relay memory per stored document that no node has asked for since the
+/// relay started, in KB: one relay's own resident memory (without its
+/// program's pages) started afresh on
+/// `base` stored documents and again after more were added up to `total`, the
+/// difference per added document. Only documents are added between the two
+/// starts (and the seeding node's sync state of each, as any author leaves),
+/// so what a relay costs once (code paged in, page caches filled up to their
+/// bound, connections to its database) is not spread over the documents.
+async fn memory_per_idle_document(
+    dir: &std::path::Path,
+    org: &samverkan_shared::org::OrgId,
+    author: &Author,
+    (base, total): (usize, usize),
+) -> Result<f64> {
+    let seeder = NodeKey::generate();
+    let members = vec![
+        harness::node_member(seeder.node_id(), org.clone(), "idle seeder"),
+        harness::node_member(author.ctx.author, org.clone(), "bench author"),
+    ];
+    let identity = TlsIdentity::new(seeder.signing_key(), "samverkan-bench")?;
+    let mut relay = RelayProcess::start(dir, members)?;
+    let mut docs = memory_docs();
+    let mut rss = Vec::new();
+    for count in [base, total] {
+        for n in docs.ids().count()..count {
+            docs.insert_document(author.plan_with_history(20 + n % 5)?);
+        }
+        let seeded = async {
+            let client = endpoint::client_endpoint(relay.target.addr)?;
+            let mut sim = Sim::connect(&client, &relay.target, &identity, docs.clone().into_shared()).await?;
+            sim.settle().await?;
+            sim.conn.close(0u32.into(), b"bye");
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.wait_idle()).await;
+            anyhow::Ok(())
+        };
+        if let Err(e) = seeded.await {
+            relay.stop();
+            return Err(e.context(format!("seeding {count} documents for the memory per idle document")));
+        }
+        // Started afresh on what is stored: its documents idle, none loaded.
+        relay = relay.restart().context("starting the relay again on the seeded documents")?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match relay.rss_anon_bytes() {
+            Ok(bytes) => rss.push(bytes as f64),
+            Err(e) => {
+                relay.stop();
+                return Err(e);
+            }
+        }
+    }
+    relay.stop();
+    Ok((rss[1] - rss[0]) / (total - base).max(1) as f64 / 1024.0)
 }
 
 /// Resident memory of all `relays`, in bytes.
@@ -423,7 +495,7 @@ fn target_of(relays: &[RelayProcess], i: usize) -> Result<RelayTarget> {
 }
 
 async fn measure(
-    relays: &mut Vec<RelayProcess>,
+    relays: &mut [RelayProcess],
     s: Scale,
     mut identities: Vec<TlsIdentity>,
     author: &Author,
@@ -446,14 +518,6 @@ async fn measure(
     seeder.conn.close(0u32.into(), b"bye");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_docs = rss_bytes(relays)?;
-    // The same relay started afresh on what is stored: its documents idle, none loaded.
-    let mut restarted = Vec::new();
-    for relay in std::mem::take(relays) {
-        restarted.push(relay.restart().context("starting the relay again on the seeded documents")?);
-    }
-    *relays = restarted;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_stored = rss_bytes(relays)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let (settled_tx, mut settled_rx) = mpsc::unbounded_channel::<Result<()>>();
     let (observed_tx, mut observed_rx) = mpsc::unbounded_channel();
@@ -549,7 +613,7 @@ async fn measure(
         scale: s,
         connect_time,
         memory_per_idle_connection: (rss_connected as f64 - rss_first as f64) / (s.nodes - 2) as f64 / 1024.0,
-        memory_per_idle_document: (rss_stored as f64 - rss_empty as f64) / s.docs as f64 / 1024.0,
+        memory_per_idle_document: None,
         memory_per_loaded_document: (rss_docs as f64 - rss_empty as f64) / s.docs as f64 / 1024.0,
         cpu_per_forwarded_change: cpu * 1e6 / forwarded_count(edits, s.nodes),
         edits,
