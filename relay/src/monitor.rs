@@ -467,7 +467,9 @@ struct NodeRecord {
 struct NodeDoc {
     shared_heads: Vec<ChangeHash>,
     last_sync: Option<DateTime<Utc>>,
-    refused: Option<DocRefusalStatus>,
+    /// Boxed: most documents of most nodes were never refused, and every
+    /// (node, document) pair has an entry.
+    refused: Option<Box<DocRefusalStatus>>,
 }
 
 #[derive(Debug, Default)]
@@ -534,9 +536,14 @@ impl std::fmt::Debug for Monitor {
 }
 
 fn sorted(heads: &[ChangeHash]) -> Vec<ChangeHash> {
-    let mut heads = heads.to_vec();
+    into_sorted(heads.to_vec())
+}
+
+/// `heads` sorted and without repeats, in place.
+fn into_sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
     heads.sort_unstable();
     heads.dedup();
+    heads.shrink_to_fit();
     heads
 }
 
@@ -603,7 +610,7 @@ impl Monitor {
             nodes.push((peer, states));
         }
         let mut inner = self.lock();
-        inner.docs = heads.into_iter().map(|(doc, heads)| (doc, sorted(&heads))).collect();
+        inner.docs = heads.into_iter().map(|(doc, heads)| (doc, into_sorted(heads))).collect();
         for (peer, record) in records {
             let Ok(record) = serde_json::from_str::<NodeRecord>(&record) else { continue };
             let entry = inner.nodes.entry(peer).or_default();
@@ -619,7 +626,7 @@ impl Monitor {
                 if let Ok(state) = automerge::sync::State::decode(&bytes) {
                     entry.docs.insert(
                         doc,
-                        NodeDoc { shared_heads: sorted(&state.shared_heads), last_sync: None, refused: None },
+                        NodeDoc { shared_heads: into_sorted(state.shared_heads), last_sync: None, refused: None },
                     );
                 }
             }
@@ -673,7 +680,7 @@ impl Monitor {
     pub fn snapshot<S: RelayStorage>(&self, storage: &S) -> RelayStatus {
         // 0. Which documents each node is a party to.
         let node_org = self.node_org.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let parties: BTreeMap<DocId, Vec<OrgId>> = match &node_org {
+        let parties: BTreeMap<DocId, Arc<[OrgId]>> = match &node_org {
             Some(_) => match storage.index() {
                 Ok(index) => index.into_iter().map(|e| (e.id, e.parties)).collect(),
                 Err(e) => {
@@ -770,7 +777,7 @@ impl Monitor {
                     behind_count += 1;
                     changes += changes_behind.unwrap_or(0);
                 }
-                let refused = nd.and_then(|d| d.refused.clone());
+                let refused = nd.and_then(|d| d.refused.as_deref().cloned());
                 refused_count += u64::from(refused.is_some());
                 docs.push(DocStatus { doc: doc.clone(), in_sync, changes_behind, last_sync: doc_last_sync, refused });
             }
@@ -1028,12 +1035,12 @@ impl ConnectionWatch {
             if by_node && node_doc.refused.as_ref().is_some_and(|r| r.by == "relay") {
                 return due;
             }
-            node_doc.refused = Some(DocRefusalStatus {
+            node_doc.refused = Some(Box::new(DocRefusalStatus {
                 by: if by_node { "node" } else { "relay" }.to_string(),
                 kind: kind.label().to_string(),
                 reason: reason.chars().take(300).collect(),
                 at: now,
-            });
+            }));
         }
         due
     }

@@ -35,15 +35,16 @@ pub struct DocEntry {
     pub id: DocId,
     /// Its current heads.
     pub heads: Vec<ChangeHash>,
-    /// Its parties: the organisations whose nodes may sync it.
-    pub parties: Vec<OrgId>,
+    /// Its parties: the organisations whose nodes may sync it (shared with
+    /// the storage's index where it keeps one copy per distinct set).
+    pub parties: Arc<[OrgId]>,
 }
 
 impl TryFrom<DocSummary> for DocEntry {
     type Error = StoreError;
 
     fn try_from(summary: DocSummary) -> Result<Self, StoreError> {
-        Ok(Self { heads: summary.head_hashes()?, id: summary.id, parties: summary.parties })
+        Ok(Self { heads: summary.head_hashes()?, id: summary.id, parties: summary.parties.into() })
     }
 }
 

@@ -151,7 +151,7 @@ fn a_stored_document_survives_reopening_with_its_index_entry<B: Backend>(backend
     };
     let mut storage = backend.open();
     let entry = storage.entry(&id).unwrap().expect("stored");
-    assert_eq!((entry.heads.clone(), entry.parties.clone()), (heads, vec![org()]));
+    assert_eq!((entry.heads.clone(), entry.parties.to_vec()), (heads, vec![org()]));
     assert_eq!(storage.index().unwrap(), vec![entry]);
     assert_eq!(body(&mut storage, &id), "Första stycket åäö");
 }

@@ -36,6 +36,7 @@ use automerge::{AutoCommit, ChangeHash};
 use samverkan_shared::acceptance::ContentLimits;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
+use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 
 use crate::slots::{read_only, Slots};
@@ -75,7 +76,7 @@ struct Inner {
     /// Every stored document's heads and parties, kept in step with the
     /// writes (this process writes all documents): access checks and
     /// summaries without a query.
-    index: RwLock<HashMap<DocId, IndexEntry>>,
+    index: RwLock<Index>,
     /// Approval receipts by document, read once and dropped when they change.
     receipts: RwLock<HashMap<DocId, Arc<Vec<ApprovalReceipt>>>>,
     /// Bumped whenever cached receipts are dropped: a read that raced a
@@ -107,14 +108,11 @@ impl ConcurrentStore {
                 Ok(Mutex::new(reader))
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
-        let index = writer
-            .list()?
-            .into_iter()
-            .map(|summary| {
-                let heads = summary.head_hashes()?;
-                Ok((summary.id, IndexEntry { heads, parties: summary.parties }))
-            })
-            .collect::<Result<HashMap<_, _>, StoreError>>()?;
+        let mut index = Index::default();
+        writer.for_each_summary(|summary| {
+            index.insert(summary.id.clone(), summary.head_hashes()?, &summary.parties);
+            Ok(())
+        })?;
         let inner = Arc::new(Inner {
             limits: RwLock::new(limits),
             index: RwLock::new(index),
@@ -199,11 +197,11 @@ impl ConcurrentStore {
         let write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts)?;
         let new_bytes = write.data.len();
         let size = write.size;
-        let entry = IndexEntry { heads: write.heads.clone(), parties: write.parties.clone() };
+        let (heads_after, parties) = (write.heads.clone(), write.parties.clone());
         let new_receipts = !write.receipts.is_empty();
         let signatures = write.signatures.clone();
         let seq = inner.group.submit(&inner.writer, write)?;
-        write_lock(&inner.index).insert(id.clone(), entry);
+        write_lock(&inner.index).insert(id.clone(), heads_after, &parties);
         lock(&inner.recent_signatures).insert(signatures);
         if new_receipts {
             inner.forget_receipts(std::iter::once(id));
@@ -258,7 +256,7 @@ impl ConcurrentStore {
         if let Some(found) = read_lock(&self.inner.receipts).get(id) {
             return Ok(found.clone());
         }
-        if !read_lock(&self.inner.index).contains_key(id) {
+        if !read_lock(&self.inner.index).entries.contains_key(id) {
             return Ok(Arc::new(Vec::new())); // Nothing kept for ids that are not stored.
         }
         let epoch = self.inner.receipts_epoch.load(Ordering::SeqCst);
@@ -302,17 +300,17 @@ impl ConcurrentStore {
 
     /// A stored document's heads and parties, from memory; `None` if not stored.
     pub fn entry(&self, id: &DocId) -> Option<IndexEntry> {
-        read_lock(&self.inner.index).get(id).cloned()
+        read_lock(&self.inner.index).entries.get(id).cloned()
     }
 
     /// `f` of one stored document's index entry, from memory, without copying it.
     pub fn with_entry<R>(&self, id: &DocId, f: impl FnOnce(&IndexEntry) -> R) -> Option<R> {
-        read_lock(&self.inner.index).get(id).map(f)
+        read_lock(&self.inner.index).entries.get(id).map(f)
     }
 
     /// Every stored document's heads and parties, from memory.
     pub fn entries(&self) -> Vec<(DocId, IndexEntry)> {
-        read_lock(&self.inner.index).iter().map(|(id, entry)| (id.clone(), entry.clone())).collect()
+        read_lock(&self.inner.index).entries.iter().map(|(id, entry)| (id.clone(), entry.clone())).collect()
     }
 
     /// The sync states persisted for a peer.
@@ -461,8 +459,35 @@ fn compact_in_background(inner: Weak<Inner>, requests: mpsc::Receiver<DocId>) {
 pub struct IndexEntry {
     /// Its heads.
     pub heads: Vec<ChangeHash>,
-    /// Its parties.
-    pub parties: Vec<samverkan_shared::org::OrgId>,
+    /// Its parties, in the document's order: one shared copy per distinct set.
+    pub parties: Arc<[OrgId]>,
+}
+
+/// Every stored document's heads and parties. Documents share a few sets of
+/// parties (the county's agreements have all of them, a municipality's
+/// promise its own and the police), so each distinct set is kept once: an
+/// idle document costs its entry, not a copy of every party's name.
+#[derive(Debug, Default)]
+struct Index {
+    entries: HashMap<DocId, IndexEntry>,
+    /// The distinct sets of parties, never more than the documents: a set no
+    /// longer any document's stays until the process ends.
+    party_sets: HashSet<Arc<[OrgId]>>,
+}
+
+impl Index {
+    /// Records `id`'s heads and parties (sharing an equal set already held).
+    fn insert(&mut self, id: DocId, heads: Vec<ChangeHash>, parties: &[OrgId]) {
+        let parties = match self.party_sets.get(parties) {
+            Some(set) => set.clone(),
+            None => {
+                let set: Arc<[OrgId]> = parties.into();
+                self.party_sets.insert(set.clone());
+                set
+            }
+        };
+        self.entries.insert(id, IndexEntry { heads, parties });
+    }
 }
 
 /// A loaded document with where it stands on disk.

@@ -56,6 +56,13 @@ use serde::Serialize;
 /// How long a write waits for another process's write lock by default.
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Pages SQLite may cache on a connection while it scans a whole table to
+/// build what is kept in memory (the relay's index of every document): a
+/// sequential scan reads each page once, and a full page cache allocated
+/// between the entries being built would leave the heap fragmented around
+/// them, several hundred bytes of resident memory per stored document.
+pub const SCAN_CACHE_PAGES: i64 = 16;
+
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
 /// Schema version this build writes (`PRAGMA user_version`).
@@ -309,15 +316,15 @@ pub struct DocSummary {
 impl DocSummary {
     /// The heads as change hashes.
     pub fn head_hashes(&self) -> Result<Vec<ChangeHash>, StoreError> {
-        self.heads
-            .iter()
-            .map(|h| {
-                h.parse::<ChangeHash>().map_err(|e| StoreError::CorruptDocument {
-                    id: self.id.clone(),
-                    reason: format!("bad head {h:?}: {e}"),
-                })
-            })
-            .collect()
+        // Sized up front: an index of every document keeps these.
+        let mut hashes = Vec::with_capacity(self.heads.len());
+        for h in &self.heads {
+            hashes.push(h.parse::<ChangeHash>().map_err(|e| StoreError::CorruptDocument {
+                id: self.id.clone(),
+                reason: format!("bad head {h:?}: {e}"),
+            })?);
+        }
+        Ok(hashes)
     }
 }
 
@@ -549,6 +556,39 @@ impl Store {
     }
 
     fn summaries<P: rusqlite::Params>(&self, clause: &str, params: P) -> Result<Vec<DocSummary>, StoreError> {
+        let mut out = Vec::new();
+        self.each_summary(clause, params, |summary| {
+            out.push(summary);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// Every document's summary in turn, none kept: what builds an index of
+    /// all documents holds only one row's strings at a time, and SQLite
+    /// caches only a few pages of the scan (see [`SCAN_CACHE_PAGES`]).
+    pub fn for_each_summary(&self, f: impl FnMut(DocSummary) -> Result<(), StoreError>) -> Result<(), StoreError> {
+        self.with_scan_cache(|| self.each_summary("", [], f))
+    }
+
+    /// Runs `f`, a scan of a whole table, with the connection's page cache
+    /// held to [`SCAN_CACHE_PAGES`], then gives the cache its size back.
+    fn with_scan_cache<T>(&self, f: impl FnOnce() -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let size: i64 = self.conn.pragma_query_value(None, "cache_size", |r| r.get(0))?;
+        self.conn.pragma_update(None, "cache_size", SCAN_CACHE_PAGES)?;
+        let result = f();
+        let restored = self.conn.pragma_update(None, "cache_size", size);
+        let value = result?;
+        restored?;
+        Ok(value)
+    }
+
+    fn each_summary<P: rusqlite::Params>(
+        &self,
+        clause: &str,
+        params: P,
+        mut f: impl FnMut(DocSummary) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT doc_id, kind, title, heads, created_at, updated_at, parties FROM documents {clause}"
         ))?;
@@ -563,13 +603,12 @@ impl Store {
                 r.get::<_, String>(6)?,
             ))
         })?;
-        let mut out = Vec::new();
         for row in rows {
             let (id, kind, title, heads, created, updated, parties) = row?;
             let id: DocId =
                 id.parse().map_err(|e| StoreError::Sqlite(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
             let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
-            out.push(DocSummary {
+            f(DocSummary {
                 kind: kind.parse().map_err(|e: samverkan_shared::model::UnknownValue| corrupt(e.to_string()))?,
                 title,
                 heads: heads.split(',').filter(|h| !h.is_empty()).map(str::to_owned).collect(),
@@ -581,9 +620,9 @@ impl Store {
                 created_at: parse_time(&created).map_err(corrupt)?,
                 updated_at: parse_time(&updated).map_err(corrupt)?,
                 id,
-            });
+            })?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Ids of every document.
@@ -909,17 +948,20 @@ impl Store {
 
     /// The persisted sync states shared with `peer`, by document.
     pub fn sync_states(&self, peer: &str) -> Result<Vec<(DocId, Vec<u8>)>, StoreError> {
-        let mut stmt = self.conn.prepare_cached("SELECT doc_id, state FROM sync_states WHERE peer = ?1")?;
-        let rows = stmt.query_map([peer], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (doc, state) = row?;
-            // A row naming no valid document is skipped: a fresh sync state is always safe.
-            if let Ok(doc) = doc.parse() {
-                out.push((doc, state));
+        // Read once per connection (and for every peer at the relay's start): not worth caching.
+        self.with_scan_cache(|| {
+            let mut stmt = self.conn.prepare_cached("SELECT doc_id, state FROM sync_states WHERE peer = ?1")?;
+            let rows = stmt.query_map([peer], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Vec<u8>>(1)?)))?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (doc, state) = row?;
+                // A row naming no valid document is skipped: a fresh sync state is always safe.
+                if let Ok(doc) = doc.parse() {
+                    out.push((doc, state));
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// Every peer with persisted sync states.
@@ -1343,6 +1385,43 @@ mod tests {
         let tight = ContentLimits { max_change_bytes: 1024, ..limits };
         let refused = DocWrite::prepare(&mut doc, &before, Some(update.size), &tight, Vec::new(), Vec::new());
         assert!(matches!(refused, Err(StoreError::TooLarge(LimitError::ChangeTooLarge { .. }))), "{refused:?}");
+    }
+
+    #[test]
+    fn a_scan_of_every_summary_sees_every_document_and_gives_the_page_cache_its_size_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("relay.db")).unwrap();
+        let ctx = ctx();
+        let mut ids: Vec<DocId> = (0..40)
+            .map(|_| {
+                let mut doc = new_doc(&ctx);
+                store.insert(&mut doc).unwrap();
+                doc.id().clone()
+            })
+            .collect();
+        let cache_size =
+            |store: &Store| store.conn.pragma_query_value(None, "cache_size", |r| r.get::<_, i64>(0)).unwrap();
+        store.conn.pragma_update(None, "cache_size", -1234).unwrap();
+        let mut seen = Vec::new();
+        store
+            .for_each_summary(|summary| {
+                assert_eq!(cache_size(&store), SCAN_CACHE_PAGES, "the scan runs with the small cache");
+                assert_eq!(summary.head_hashes()?.len(), 1);
+                seen.push(summary.id);
+                Ok(())
+            })
+            .unwrap();
+        ids.sort();
+        seen.sort();
+        assert_eq!(seen, ids);
+        assert_eq!(cache_size(&store), -1234);
+        // A scan stopped by its caller's error gives the size back too.
+        let stopped =
+            store.for_each_summary(|summary| Err(StoreError::CorruptDocument { id: summary.id, reason: "x".into() }));
+        assert!(matches!(stopped, Err(StoreError::CorruptDocument { .. })));
+        assert_eq!(cache_size(&store), -1234);
+        assert!(store.sync_states("nobody").unwrap().is_empty());
+        assert_eq!(cache_size(&store), -1234);
     }
 
     #[test]

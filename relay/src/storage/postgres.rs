@@ -1009,7 +1009,7 @@ impl PostgresStorage {
         } else {
             self.caches.changed_here_without_receipts(doc, stamp)
         };
-        self.caches.put_entry(DocEntry { id: doc.clone(), heads, parties }, stamp);
+        self.caches.put_entry(DocEntry { id: doc.clone(), heads, parties: parties.into() }, stamp);
         self.caches.put_signatures(signatures);
         Ok(Cached { doc: document, version, stamp })
     }

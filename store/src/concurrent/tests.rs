@@ -191,7 +191,7 @@ fn the_index_and_receipts_follow_the_writes() {
     let outcome = set_body(&store, &ctx, &id, "text");
     let entry = store.entry(&id).expect("indexed");
     assert_eq!(entry.heads, outcome.heads);
-    assert_eq!(entry.parties, Store::open(&path).unwrap().summary(&id).unwrap().unwrap().parties);
+    assert_eq!(entry.parties.to_vec(), Store::open(&path).unwrap().summary(&id).unwrap().unwrap().parties);
     assert!(store.entry(&DocId::random()).is_none());
     assert!(store.receipts(&id).unwrap().is_empty());
     let relay = NodeKey::generate();
@@ -205,4 +205,42 @@ fn the_index_and_receipts_follow_the_writes() {
     drop(store);
     let reopened = ConcurrentStore::open(&path, 4, ContentLimits::default()).unwrap();
     assert_eq!(reopened.entry(&id).unwrap(), entry, "the index is read back at open");
+}
+
+#[test]
+fn documents_with_the_same_parties_share_one_copy_of_them_after_writes_and_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let ctx = ctx();
+    let directory = Directory::sodermanland();
+    let police = directory.resolve("Polisområde Södermanland").unwrap().id.clone();
+    let both = [ctx.org.clone(), police];
+    let shares = |store: &ConcurrentStore, a: &DocId, b: &DocId| {
+        let (a, b) = (store.entry(a).unwrap().parties, store.entry(b).unwrap().parties);
+        assert_eq!(a, b);
+        Arc::ptr_eq(&a, &b)
+    };
+    let store = ConcurrentStore::open(&path, 4, ContentLimits::default()).unwrap();
+    let ids: Vec<DocId> = (0..3).map(|i| create(&store, &ctx, &format!("Löfte {i}"))).collect();
+    assert!(shares(&store, &ids[0], &ids[1]) && shares(&store, &ids[1], &ids[2]));
+    // A document whose parties change gets the other set; the rest keep theirs.
+    for id in &ids[1..] {
+        store
+            .with_doc(id, false, |d| {
+                d.edit(&ctx, &directory, "parties", |e| e.set_parties(&both)).map_err(StoreError::from)?;
+                Ok::<_, StoreError>(((), (Vec::new(), Vec::new())))
+            })
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(store.entry(&ids[1]).unwrap().parties.to_vec(), both.to_vec());
+    assert_ne!(store.entry(&ids[0]).unwrap().parties, store.entry(&ids[1]).unwrap().parties);
+    assert!(shares(&store, &ids[1], &ids[2]));
+    let first = store.entry(&ids[0]).unwrap().parties.to_vec();
+    drop(store);
+    // Read back at the next start: still one copy per set, as stored.
+    let store = ConcurrentStore::open(&path, 4, ContentLimits::default()).unwrap();
+    assert!(shares(&store, &ids[1], &ids[2]));
+    assert_eq!(store.entry(&ids[1]).unwrap().parties.to_vec(), both.to_vec());
+    assert_eq!(store.entry(&ids[0]).unwrap().parties.to_vec(), first);
 }
