@@ -47,12 +47,7 @@ pub async fn accept(conn: &quinn::Connection, limits: &Limits) -> Result<(Framed
 fn halves(send: quinn::SendStream, recv: quinn::RecvStream, limits: &Limits) -> (FramedSend, FramedRecv) {
     (
         FramedSend { stream: send, max_frame: limits.max_frame, bytes: 0 },
-        FramedRecv {
-            stream: recv,
-            decoder: FrameDecoder::with_max_frame(limits.max_frame),
-            chunk: vec![0; READ_CHUNK],
-            bytes: 0,
-        },
+        FramedRecv { stream: recv, decoder: FrameDecoder::with_max_frame(limits.max_frame), bytes: 0 },
     )
 }
 
@@ -124,7 +119,6 @@ impl FramedSend {
 pub struct FramedRecv {
     stream: quinn::RecvStream,
     decoder: FrameDecoder,
-    chunk: Vec<u8>,
     bytes: u64,
 }
 
@@ -151,10 +145,12 @@ impl FramedRecv {
             if let Some(frame) = self.decoder.next_frame()? {
                 return Ok(Some(frame));
             }
-            match self.stream.read(&mut self.chunk).await {
-                Ok(Some(n)) => {
-                    self.bytes += n as u64;
-                    self.decoder.push(&self.chunk[..n]);
+            // QUIC's own buffer, read in place (cancel-safe, like `read`): no
+            // copy buffer of READ_CHUNK kept for every connection.
+            match self.stream.read_chunk(READ_CHUNK, true).await {
+                Ok(Some(chunk)) => {
+                    self.bytes += chunk.bytes.len() as u64;
+                    self.decoder.push(&chunk.bytes);
                 }
                 Ok(None) => return self.ended(),
                 Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close)))

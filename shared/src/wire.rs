@@ -888,7 +888,9 @@ impl FrameDecoder {
 }
 
 /// Buffer room a [`FrameDecoder`] keeps once it holds no bytes; more is freed.
-const RETAINED_BUFFER: usize = 1024 * 1024;
+/// A relay holds one decoder per connection, most of them idle: what one keeps
+/// after a large frame is kept a thousand times over.
+const RETAINED_BUFFER: usize = 64 * 1024;
 
 /// Bounds-checked reader over a frame body.
 struct Reader<'a> {
