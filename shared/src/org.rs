@@ -65,6 +65,27 @@ impl fmt::Debug for OrgId {
     }
 }
 
+/// The distinct sets of parties an index of many documents holds, each kept
+/// once: documents share a few (a county-wide agreement has every
+/// organisation, a municipality's promise its own and the police), so an
+/// index entry holds a shared copy rather than every party's name again. A
+/// set no document has any more stays until the whole is dropped; there are
+/// never more sets than documents indexed.
+#[derive(Debug, Default)]
+pub struct PartySets(std::collections::HashSet<std::sync::Arc<[OrgId]>>);
+
+impl PartySets {
+    /// The shared copy of `parties` (in this order), made on first sight.
+    pub fn share(&mut self, parties: &[OrgId]) -> std::sync::Arc<[OrgId]> {
+        if let Some(set) = self.0.get(parties) {
+            return set.clone();
+        }
+        let set: std::sync::Arc<[OrgId]> = parties.into();
+        self.0.insert(set.clone());
+        set
+    }
+}
+
 /// What kind of public body an organisation is; decides which documents it typically signs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

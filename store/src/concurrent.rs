@@ -36,7 +36,7 @@ use automerge::{AutoCommit, ChangeHash};
 use samverkan_shared::acceptance::ContentLimits;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
-use samverkan_shared::org::OrgId;
+use samverkan_shared::org::{OrgId, PartySets};
 use samverkan_shared::receipt::ApprovalReceipt;
 
 use crate::slots::{read_only, Slots};
@@ -470,22 +470,13 @@ pub struct IndexEntry {
 #[derive(Debug, Default)]
 struct Index {
     entries: HashMap<DocId, IndexEntry>,
-    /// The distinct sets of parties, never more than the documents: a set no
-    /// longer any document's stays until the process ends.
-    party_sets: HashSet<Arc<[OrgId]>>,
+    party_sets: PartySets,
 }
 
 impl Index {
     /// Records `id`'s heads and parties (sharing an equal set already held).
     fn insert(&mut self, id: DocId, heads: Vec<ChangeHash>, parties: &[OrgId]) {
-        let parties = match self.party_sets.get(parties) {
-            Some(set) => set.clone(),
-            None => {
-                let set: Arc<[OrgId]> = parties.into();
-                self.party_sets.insert(set.clone());
-                set
-            }
-        };
+        let parties = self.party_sets.share(parties);
         self.entries.insert(id, IndexEntry { heads, parties });
     }
 }

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use automerge::ChangeHash;
 use samverkan_shared::ids::DocId;
-use samverkan_shared::org::OrgId;
+use samverkan_shared::org::{OrgId, PartySets};
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::SignedChange;
 
@@ -152,6 +152,8 @@ pub(super) struct Caches {
 #[derive(Debug, Default)]
 struct IndexCache {
     entries: HashMap<DocId, (DocEntry, Stamp)>,
+    /// One shared copy of each distinct set of parties the entries hold.
+    party_sets: PartySets,
     /// When every stored document was read: a document not in `entries` is not stored, unless changed since.
     complete: Option<Stamp>,
 }
@@ -204,6 +206,7 @@ impl Caches {
         let mut index = lock(&self.index);
         let newer = index.entries.get(&entry.id).is_some_and(|(_, kept)| newer_than(kept, &stamp));
         if !newer {
+            let entry = DocEntry { parties: index.party_sets.share(&entry.parties), ..entry };
             index.entries.insert(entry.id.clone(), (entry, stamp));
         }
     }
@@ -245,7 +248,8 @@ impl Caches {
         index.entries.retain(|_, (_, kept)| newer_than(kept, &stamp));
         for entry in entries {
             if !index.entries.contains_key(&entry.id) {
-                index.entries.insert(entry.id.clone(), (entry.clone(), stamp));
+                let parties = index.party_sets.share(&entry.parties);
+                index.entries.insert(entry.id.clone(), (DocEntry { parties, ..entry.clone() }, stamp));
             }
         }
         index.complete = Some(stamp);
@@ -373,6 +377,24 @@ mod tests {
         assert!(!fresh.is_current(&a, again), "nothing is trusted while the listener is gone");
         fresh.listening();
         assert!(!fresh.is_current(&a, again), "nor what was read before it reconnected");
+    }
+
+    #[test]
+    fn index_entries_with_the_same_parties_share_one_copy_of_them() {
+        let caches = Caches::default();
+        caches.fresh.listening();
+        let (trosa, police) = (OrgId::new("trosa-kommun").unwrap(), OrgId::new("polisen").unwrap());
+        let entry = |parties: Vec<OrgId>| DocEntry { id: DocId::random(), heads: Vec::new(), parties: parties.into() };
+        let both = || vec![trosa.clone(), police.clone()];
+        caches.put_index(&[entry(both()), entry(both()), entry(vec![trosa.clone()])], caches.fresh.stamp());
+        let written = entry(both());
+        caches.put_entry(written.clone(), caches.fresh.stamp());
+        let index = caches.index().expect("current");
+        let of = |id: &DocId| index.iter().find(|e| &e.id == id).unwrap().parties.clone();
+        let shared: Vec<&DocEntry> = index.iter().filter(|e| e.parties.len() == 2).collect();
+        assert_eq!(shared.len(), 3);
+        assert!(shared.iter().all(|e| Arc::ptr_eq(&e.parties, &of(&written.id))), "one copy of the pair");
+        assert!(index.iter().any(|e| e.parties.to_vec() == vec![trosa.clone()]));
     }
 
     #[test]
