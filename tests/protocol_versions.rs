@@ -8,12 +8,12 @@ use samverkan::net::framed::{self, FramedRecv, FramedSend};
 use samverkan::net::tls::TlsIdentity;
 use samverkan::node::node::{Node, NodeError, META_RELAY_LIMITS};
 use samverkan::relay::server::RelayHandle;
-use samverkan::shared::acceptance::{ContentLimits, LimitError};
+use samverkan::shared::acceptance::{document_size, ContentLimits, LimitError};
 use samverkan::shared::directory::directory_digest;
 use samverkan::shared::identity::NodeKey;
 use samverkan::shared::model::{DocKind, DocumentContent};
 use samverkan::shared::wire::{ErrorCode, Frame, PROTOCOL_VERSION};
-use samverkan::store::StoreError;
+use samverkan::store::{SizeBefore, StoreError};
 
 #[path = "support/relay_net.rs"]
 mod relay_net;
@@ -161,4 +161,73 @@ async fn the_relays_lower_content_limits_hold_on_the_node_when_an_edit_is_made()
     flen.edit(&id, "body", |e| e.set_body("Trygghetsvandring i centrum.")).unwrap();
     sync(&mut flen, &relay).await;
     relay.shutdown().await;
+}
+
+/// A fresh node stores a document it receives whole from the relay without
+/// counting its size on receipt (the relay checked it against the same limits:
+/// Automerge 0.12 would rebuild every change to count it); the next edit
+/// counts the whole document, so the relay's document limit still holds there.
+/// A node whose own limits are stricter than the relay's counts on receipt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_document_received_whole_is_counted_at_its_next_edit_and_the_document_limit_holds_there() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = relay_config(&root.path().join("relay"));
+    let limits = ContentLimits { max_change_bytes: 64 * 1024, max_document_bytes: 140 * 1024 };
+    config.content = limits;
+    let relay = spawn_relay(config).await;
+    let mut flen = enrolled(root.path(), &relay, "flen", "Flen");
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Flen");
+    content.parties = vec![org("Flen"), org("Polisen")];
+    let id = flen.create(content).unwrap();
+    // About 38 KB of new text per paragraph, each change under the change limit.
+    let paragraph = |n: usize| format!("Aktivitet {n} i kvarteret, med kommunen och polisen. ").repeat(700);
+    let mut body = String::new();
+    for n in 0..3 {
+        body.push_str(&paragraph(n));
+        flen.edit(&id, "body", |e| e.set_body(&body)).unwrap();
+    }
+    sync(&mut flen, &relay).await;
+
+    let mut polisen = enrolled(root.path(), &relay, "polisen", "Polisen");
+    sync(&mut polisen, &relay).await;
+    assert_eq!(polisen.document(&id).unwrap().heads(), flen.document(&id).unwrap().heads());
+    assert_eq!(polisen.store().stored_size(&id).unwrap(), Some(SizeBefore::NotCounted), "not counted on receipt");
+
+    // An edit that takes the whole document over the relay's limit is refused here, with the received part counted.
+    body.push_str(&paragraph(3));
+    let refused = polisen.edit(&id, "body", |e| e.set_body(&body)).unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            NodeError::Store(StoreError::TooLarge(LimitError::DocumentTooLarge { max, .. })) if max == 140 * 1024
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(polisen.store().stored_size(&id).unwrap(), Some(SizeBefore::NotCounted), "nothing was stored");
+    // A small edit is stored, and the document's size is counted with it.
+    polisen.edit(&id, "title", |e| e.set_title("Medborgarlöfte Flen 2026")).unwrap();
+    let counted = polisen.store().stored_size(&id).unwrap();
+    let whole = document_size(polisen.document(&id).unwrap().automerge_mut());
+    assert_eq!(counted, Some(SizeBefore::Stored(whole)));
+    assert!(whole > 100 * 1024, "the received changes are counted: {whole}");
+    sync(&mut polisen, &relay).await;
+    sync(&mut flen, &relay).await;
+    assert_eq!(flen.document(&id).unwrap().title().unwrap(), "Medborgarlöfte Flen 2026");
+    relay.shutdown().await;
+
+    // A relay with limits looser than the node's own: the node's stricter ones are not the relay's, so it counts on receipt.
+    let mut config = relay_config(&root.path().join("relay-loose"));
+    let defaults = ContentLimits::default();
+    config.content = ContentLimits { max_change_bytes: defaults.max_change_bytes * 2, ..defaults };
+    let loose = spawn_relay(config).await;
+    let mut flen = enrolled(root.path(), &loose, "flen-2", "Flen");
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Flen 2027");
+    content.parties = vec![org("Flen"), org("Polisen")];
+    let id = flen.create(content).unwrap();
+    sync(&mut flen, &loose).await;
+    let mut polisen = enrolled(root.path(), &loose, "polisen-2", "Polisen");
+    sync(&mut polisen, &loose).await;
+    let whole = document_size(polisen.document(&id).unwrap().automerge_mut());
+    assert_eq!(polisen.store().stored_size(&id).unwrap(), Some(SizeBefore::Stored(whole)));
+    loose.shutdown().await;
 }

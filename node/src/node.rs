@@ -384,8 +384,20 @@ impl Node {
     /// another (the daemon's) hears from the relay, such as the web app's.
     pub fn refresh_relay_limits(&mut self) -> Result<(), NodeError> {
         let announced = self.store.meta(META_RELAY_LIMITS)?.and_then(|text| parse_limits(&text));
-        self.store.set_content_limits(effective_limits(announced));
+        self.apply_limits(announced);
         Ok(())
+    }
+
+    /// Stores under [`effective_limits`]; when they are exactly the relay's,
+    /// the store knows the relay checked what it sends against them
+    /// ([`Store::set_relay_content_limits`]).
+    fn apply_limits(&mut self, announced: Option<ContentLimits>) {
+        let limits = effective_limits(announced);
+        if announced == Some(limits) {
+            self.store.set_relay_content_limits(limits);
+        } else {
+            self.store.set_content_limits(limits);
+        }
     }
 
     /// The relay announced its content limits (protocol 6 `Welcome`): they
@@ -401,7 +413,7 @@ impl Node {
         if self.store.meta(META_RELAY_LIMITS)?.as_deref() != Some(text.as_str()) {
             self.store.set_meta(META_RELAY_LIMITS, &text)?;
         }
-        self.store.set_content_limits(effective_limits(Some(announced)));
+        self.apply_limits(Some(announced));
         Ok(())
     }
 

@@ -312,7 +312,7 @@ impl DocAccess for NodeDocs<'_> {
         let mut discarded = None;
         let mut waited = Duration::ZERO;
         loop {
-            let result = self.store.update_signed(doc, create, |d| {
+            let apply = |d: &mut samverkan_shared::model::Document| {
                 let Some(f) = f.take() else { return Err(Discarded::Yes) };
                 match f(d.automerge_mut()) {
                     DocOutcome::Keep { value, signatures } => {
@@ -327,7 +327,14 @@ impl DocAccess for NodeDocs<'_> {
                         Err(Discarded::Yes)
                     }
                 }
-            });
+            };
+            // A document received whole from the relay is counted at its next
+            // write when the limits in force are the relay's (it checked them).
+            let result = if exists {
+                self.store.update_signed(doc, false, apply)
+            } else {
+                self.store.update_received(doc, apply)
+            };
             return match result {
                 Ok((value, _)) => Ok(Some(value)),
                 // Another process (a long import, an editor's save) holds the write lock:

@@ -40,7 +40,7 @@ use samverkan_shared::org::{OrgId, PartySets};
 use samverkan_shared::receipt::ApprovalReceipt;
 
 use crate::slots::{read_only, Slots};
-use crate::{DocSummary, DocWrite, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
+use crate::{DocSummary, DocWrite, SizeBefore, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
 use recent_signatures::RecentSignatures;
 
 /// How many read connections a [`ConcurrentStore`] keeps.
@@ -177,17 +177,22 @@ impl ConcurrentStore {
         }
         let taken = inner.slots.take(&mut held);
         let (mut doc, size_before, increments, last_seq) = match taken {
-            Some(h) => (h.doc, Some(h.size), h.increments, h.last_seq),
-            None => (Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?, None, 0, 0),
+            Some(h) => (h.doc, h.size, h.increments, h.last_seq),
+            None => (
+                Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?,
+                SizeBefore::New,
+                0,
+                0,
+            ),
         };
-        let created = size_before.is_none();
+        let created = size_before == SizeBefore::New;
         let before = doc.heads();
         // On any error below the document (which `f` may have half changed) is dropped.
         let (value, (signatures, receipts)) = f(&mut doc)?;
         let heads = doc.heads();
         if heads == before || doc.is_empty() {
-            if let Some(size) = size_before {
-                inner.slots.put(&mut held, Held { doc, size, increments, last_seq });
+            if !created {
+                inner.slots.put(&mut held, Held { doc, size: size_before, increments, last_seq });
             }
             drop(held);
             inner.slots.unload_beyond_capacity();
@@ -196,7 +201,7 @@ impl ConcurrentStore {
         let limits = self.content_limits();
         let write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts)?;
         let new_bytes = write.data.len();
-        let size = write.size;
+        let size = write.size.map_or(SizeBefore::NotCounted, SizeBefore::Stored);
         let (heads_after, parties) = (write.heads.clone(), write.parties.clone());
         let new_receipts = !write.receipts.is_empty();
         let signatures = write.signatures.clone();
@@ -485,8 +490,8 @@ impl Index {
 #[derive(Debug)]
 struct Held {
     doc: Document,
-    /// Its size in change bytes.
-    size: u64,
+    /// Its size in change bytes (the relay always counts it: never `New*`).
+    size: SizeBefore,
     /// Increment rows beside its snapshot.
     increments: i64,
     /// The last increment row it holds.

@@ -346,6 +346,9 @@ pub struct Store {
     path: PathBuf,
     cache: DocCache,
     limits: ContentLimits,
+    /// Whether `limits` are exactly those the relay announced (see
+    /// [`Store::set_relay_content_limits`]).
+    limits_are_relays: bool,
 }
 
 /// A document as read inside a transaction, with where it stands in the table.
@@ -389,6 +392,7 @@ impl Store {
             path: path.to_path_buf(),
             cache: DocCache::new(path, DEFAULT_CACHE_CAPACITY),
             limits: ContentLimits::default(),
+            limits_are_relays: false,
         };
         store.prepare().map_err(|e| match e {
             StoreError::Sqlite(inner) => classify_open_error(path, inner),
@@ -402,6 +406,18 @@ impl Store {
     /// written, whether it was typed here or arrived from elsewhere.
     pub fn set_content_limits(&mut self, limits: ContentLimits) {
         self.limits = limits;
+        self.limits_are_relays = false;
+    }
+
+    /// [`Store::set_content_limits`] with limits that are exactly the ones the
+    /// pinned relay announced and enforces: a document received whole from
+    /// it ([`Store::update_received`]) was checked against them there, so its
+    /// size is counted at its next write instead of on receipt (Automerge
+    /// 0.12 rebuilds every change to count it, which doubled a fresh node's
+    /// work per received document).
+    pub fn set_relay_content_limits(&mut self, limits: ContentLimits) {
+        self.limits = limits;
+        self.limits_are_relays = true;
     }
 
     /// How long a write waits for another connection's write lock before it
@@ -742,6 +758,37 @@ impl Store {
     where
         E: From<StoreError>,
     {
+        self.update_in(id, create_missing, false, f)
+    }
+
+    /// [`Store::update_signed`] for changes received from the pinned relay over
+    /// sync (a node's receiving path): a document not stored yet is created
+    /// (if it has content), and when the limits in force are the relay's
+    /// ([`Store::set_relay_content_limits`]) its size is not counted now but
+    /// at its next write, which checks the whole document against the limits.
+    pub fn update_received<T, E>(
+        &mut self,
+        id: &DocId,
+        f: impl FnOnce(&mut Document) -> Result<(T, Vec<(ChangeHash, [u8; 64])>), E>,
+    ) -> Result<(T, UpdateOutcome), E>
+    where
+        E: From<StoreError>,
+    {
+        let from_relay = self.limits_are_relays;
+        self.update_in(id, true, from_relay, |doc| f(doc).map(|(value, signatures)| (value, signatures, Vec::new())))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn update_in<T, E>(
+        &mut self,
+        id: &DocId,
+        create_missing: bool,
+        checked_by_relay: bool,
+        f: impl FnOnce(&mut Document) -> Result<(T, Vec<(ChangeHash, [u8; 64])>, Vec<ApprovalReceipt>), E>,
+    ) -> Result<(T, UpdateOutcome), E>
+    where
+        E: From<StoreError>,
+    {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
         let (mut doc, mut generation, mut last_seq, lease, created) = match load_in(&tx, &self.cache, id, true)? {
             Some(loaded) => (loaded.doc, loaded.generation, loaded.last_seq, loaded.lease, false),
@@ -760,23 +807,16 @@ impl Store {
             }
             return Ok((value, UpdateOutcome { new_bytes: 0, heads, created: false }));
         }
-        let size_before: Option<i64> = if created {
-            None
-        } else {
-            Some(
+        let size_before = match (created, checked_by_relay) {
+            (true, false) => SizeBefore::New,
+            (true, true) => SizeBefore::NewCheckedByRelay,
+            (false, _) => SizeBefore::stored(
                 tx.prepare_cached("SELECT change_bytes FROM documents WHERE doc_id = ?1")
                     .and_then(|mut stmt| stmt.query_row([id.as_str()], |r| r.get(0)))
                     .map_err(StoreError::from)?,
-            )
+            ),
         };
-        let write = DocWrite::prepare(
-            &mut doc,
-            &before,
-            size_before.map(|s| s.max(0) as u64),
-            &self.limits,
-            signatures,
-            receipts,
-        )?;
+        let write = DocWrite::prepare(&mut doc, &before, size_before, &self.limits, signatures, receipts)?;
         let new_bytes = write.data.len();
         if let Some(seq) = write_doc_rows(&tx, &write)? {
             last_seq = seq;
@@ -815,6 +855,19 @@ impl Store {
         Ok(results)
     }
 
+    /// What is stored of a document's size in change bytes (the sum
+    /// [`ContentLimits`] counts): [`SizeBefore::Stored`], or
+    /// [`SizeBefore::NotCounted`] for one received whole from the relay and
+    /// not written since; `None` if the document is not stored.
+    pub fn stored_size(&self, id: &DocId) -> Result<Option<SizeBefore>, StoreError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT change_bytes FROM documents WHERE doc_id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))
+            .optional()?
+            .map(SizeBefore::stored))
+    }
+
     /// Loads a document for an update outside this connection's write
     /// transactions (the relay's concurrent storage): the document, its size in
     /// change bytes, how many increment rows it has and the last one; `None`
@@ -826,7 +879,12 @@ impl Store {
             "SELECT change_bytes, (SELECT count(*) FROM changes WHERE doc_id = ?1) FROM documents WHERE doc_id = ?1",
         )?
         .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
-        Ok(Some(ForUpdate { doc: loaded.doc, size: size.max(0) as u64, increments: rows, last_seq: loaded.last_seq }))
+        Ok(Some(ForUpdate {
+            doc: loaded.doc,
+            size: SizeBefore::stored(size),
+            increments: rows,
+            last_seq: loaded.last_seq,
+        }))
     }
 
     /// Replaces a document's snapshot by `snapshot` (a full save holding every
@@ -1040,8 +1098,8 @@ impl Store {
 pub struct ForUpdate {
     /// The document.
     pub doc: Document,
-    /// Its size in change bytes (see [`ContentLimits`]).
-    pub size: u64,
+    /// What is stored of its size in change bytes (see [`ContentLimits`]).
+    pub size: SizeBefore,
     /// How many increment rows it has beside its snapshot.
     pub increments: i64,
     /// The last increment row read (0: none).
@@ -1069,8 +1127,10 @@ pub struct DocWrite {
     pub title: String,
     /// Its parties after the update.
     pub parties: Vec<OrgId>,
-    /// The document's size in change bytes after the update (checked against the limits).
-    pub size: u64,
+    /// The document's size in change bytes after the update (checked against
+    /// the limits); `None` for a new document received whole from the relay
+    /// under its own limits ([`SizeBefore::NewCheckedByRelay`]), counted at its next write.
+    pub size: Option<u64>,
     /// The authors' signatures of changes received.
     pub signatures: Vec<(ChangeHash, [u8; 64])>,
     /// Approval receipts issued for records the update added.
@@ -1084,13 +1144,49 @@ pub fn increment_bytes(changes: &[automerge::Change]) -> Vec<u8> {
     changes.iter().map(|c| c.raw_bytes()).collect::<Vec<_>>().concat()
 }
 
+/// Stored in `documents.change_bytes` for a document whose size is not
+/// counted yet ([`SizeBefore::NewCheckedByRelay`]); sizes are never negative.
+const SIZE_NOT_COUNTED: i64 = -1;
+
+/// What a write knows of a document's size in change bytes before it (what
+/// [`ContentLimits`] counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SizeBefore {
+    /// A new document: every change is counted and checked.
+    New,
+    /// A new document received whole from the pinned relay, whose limits are
+    /// the ones in force ([`Store::set_relay_content_limits`]): the relay
+    /// checked it against them, and its size is counted at its next write.
+    NewCheckedByRelay,
+    /// A stored document of this size.
+    Stored(u64),
+    /// A stored document whose size was not counted yet: this write counts it whole.
+    NotCounted,
+}
+
+impl SizeBefore {
+    /// The size a stored document's `change_bytes` column holds.
+    pub fn stored(column: i64) -> Self {
+        if column == SIZE_NOT_COUNTED {
+            Self::NotCounted
+        } else {
+            Self::Stored(column.max(0) as u64)
+        }
+    }
+
+    /// The column value for a size after a write (`None`: not counted yet).
+    fn column(size: Option<u64>) -> i64 {
+        size.map_or(SIZE_NOT_COUNTED, |s| i64::try_from(s).unwrap_or(i64::MAX))
+    }
+}
+
 impl DocWrite {
-    /// Checks an updated document (readable, within `limits` given its size
-    /// `size_before`, `None` for a new document) and computes what to write.
+    /// Checks an updated document (readable, within `limits` given what is
+    /// known of its size before) and computes what to write.
     pub fn prepare(
         doc: &mut Document,
         before: &[ChangeHash],
-        size_before: Option<u64>,
+        size_before: SizeBefore,
         limits: &ContentLimits,
         signatures: Vec<(ChangeHash, [u8; 64])>,
         receipts: Vec<ApprovalReceipt>,
@@ -1098,12 +1194,27 @@ impl DocWrite {
         // Whatever came in must still be a document we can read, within the limits.
         doc.check_header()?;
         let id = doc.id().clone();
+        let created = matches!(size_before, SizeBefore::New | SizeBefore::NewCheckedByRelay);
         // One pass over the new changes serves the limits and, for an update, the
-        // data to append (what `save_after` would build again).
-        let new = doc.automerge_mut().get_changes(before);
-        let size = limits.check_changes(&id, &new, size_before.unwrap_or(0))?;
-        let created = size_before.is_none();
-        let data = if created { doc.automerge_mut().save() } else { increment_bytes(&new) };
+        // data to append (what `save_after` would build again). A new document
+        // is stored as a full save, so its changes are taken only to count them.
+        let (size, data) = match size_before {
+            SizeBefore::NewCheckedByRelay => (None, doc.automerge_mut().save()),
+            SizeBefore::New => {
+                let new = doc.automerge_mut().get_changes(before);
+                (Some(limits.check_changes(&id, &new, 0)?), doc.automerge_mut().save())
+            }
+            SizeBefore::Stored(size_before) => {
+                let new = doc.automerge_mut().get_changes(before);
+                (Some(limits.check_changes(&id, &new, size_before)?), increment_bytes(&new))
+            }
+            SizeBefore::NotCounted => {
+                let new = doc.automerge_mut().get_changes(before);
+                let added: u64 = new.iter().map(|c| c.raw_bytes().len() as u64).sum();
+                let whole = document_size(doc.automerge_mut());
+                (Some(limits.check_changes(&id, &new, whole.saturating_sub(added))?), increment_bytes(&new))
+            }
+        };
         Ok(Self {
             heads: doc.heads(),
             kind: doc.kind()?,
@@ -1137,7 +1248,7 @@ fn write_doc_rows(tx: &Connection, write: &DocWrite) -> Result<Option<i64>, Stor
             join_heads(&write.heads),
             now,
             parties,
-            write.size as i64
+            SizeBefore::column(write.size)
         ])?;
         put_snapshot(tx, &write.id, &write.data)?;
         None
@@ -1160,7 +1271,7 @@ fn write_doc_rows(tx: &Connection, write: &DocWrite) -> Result<Option<i64>, Stor
                 join_heads(&write.heads),
                 now,
                 parties,
-                write.size as i64
+                SizeBefore::column(write.size)
             ])?;
         if updated != 1 {
             return Err(StoreError::NotFound(write.id.clone()));
@@ -1370,21 +1481,104 @@ mod tests {
         let ctx = ctx();
         let mut doc = new_doc(&ctx);
         let limits = ContentLimits::default();
-        let created = DocWrite::prepare(&mut doc, &[], None, &limits, Vec::new(), Vec::new()).unwrap();
-        assert_eq!(created.size, document_size(doc.automerge_mut()));
+        let created = DocWrite::prepare(&mut doc, &[], SizeBefore::New, &limits, Vec::new(), Vec::new()).unwrap();
+        assert_eq!(created.size, Some(document_size(doc.automerge_mut())));
         let before = doc.heads();
         doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body("ny text")).unwrap();
         doc.edit(&ctx, &Directory::sodermanland(), "title", |e| e.set_title("Medborgarlöfte Trosa 2026")).unwrap();
-        let update = DocWrite::prepare(&mut doc, &before, Some(created.size), &limits, Vec::new(), Vec::new()).unwrap();
+        let stored = SizeBefore::Stored(created.size.unwrap());
+        let update = DocWrite::prepare(&mut doc, &before, stored, &limits, Vec::new(), Vec::new()).unwrap();
         assert!(!update.created);
         assert_eq!(update.data, doc.automerge_mut().save_after(&before), "the data is what save_after gives");
-        assert_eq!(update.size, document_size(doc.automerge_mut()));
+        assert_eq!(update.size, Some(document_size(doc.automerge_mut())));
         // A change over the limit is refused with the same check.
         let before = doc.heads();
         doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body(&"x".repeat(4096))).unwrap();
         let tight = ContentLimits { max_change_bytes: 1024, ..limits };
-        let refused = DocWrite::prepare(&mut doc, &before, Some(update.size), &tight, Vec::new(), Vec::new());
+        let stored = SizeBefore::Stored(update.size.unwrap());
+        let refused = DocWrite::prepare(&mut doc, &before, stored, &tight, Vec::new(), Vec::new());
         assert!(matches!(refused, Err(StoreError::TooLarge(LimitError::ChangeTooLarge { .. }))), "{refused:?}");
+    }
+
+    /// What is stored of `id`'s size.
+    fn stored_size(store: &Store, id: &DocId) -> SizeBefore {
+        store.stored_size(id).unwrap().expect("stored")
+    }
+
+    /// A document as a node receives it: whole, in one sync message from the relay.
+    fn receive_whole(store: &mut Store, doc: &mut Document) -> UpdateOutcome {
+        let saved = doc.automerge_mut().save();
+        let (_, outcome) = store
+            .update_received(doc.id(), |d| -> Result<_, StoreError> {
+                d.automerge_mut().load_incremental(&saved).unwrap();
+                Ok(((), Vec::new()))
+            })
+            .unwrap();
+        outcome
+    }
+
+    #[test]
+    fn a_document_received_whole_under_the_relays_limits_is_counted_at_its_next_write_and_the_limits_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("node.db")).unwrap();
+        let limits = ContentLimits::default();
+        store.set_relay_content_limits(limits);
+        let ctx = ctx();
+        let mut doc = new_doc(&ctx);
+        doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body(&"Trygghet i centrum. ".repeat(40))).unwrap();
+        assert!(receive_whole(&mut store, &mut doc).created);
+        assert_eq!(stored_size(&store, doc.id()), SizeBefore::NotCounted, "received whole: not counted on receipt");
+        assert_eq!(store.load(doc.id()).unwrap().heads(), doc.heads(), "and stored whole");
+
+        // The next write counts the whole document, received part included.
+        store
+            .update(doc.id(), false, |d| {
+                d.edit(&ctx, &Directory::sodermanland(), "title", |e| e.set_title("Ny titel")).map_err(StoreError::from)
+            })
+            .unwrap();
+        let mut now = store.load(doc.id()).unwrap();
+        assert_eq!(stored_size(&store, doc.id()), SizeBefore::Stored(document_size(now.automerge_mut())));
+
+        // A document received whole that is over the limits in force is refused at its next write.
+        let mut big = new_doc(&ctx);
+        big.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body(&"x".repeat(6000))).unwrap();
+        receive_whole(&mut store, &mut big);
+        let whole = document_size(big.automerge_mut());
+        store.set_relay_content_limits(ContentLimits { max_change_bytes: 8192, max_document_bytes: whole });
+        let refused = store.update(big.id(), false, |d| {
+            d.edit(&ctx, &Directory::sodermanland(), "title", |e| e.set_title("Större")).map_err(StoreError::from)
+        });
+        assert!(
+            matches!(refused, Err(StoreError::TooLarge(LimitError::DocumentTooLarge { .. }))),
+            "the whole document counts at the next write: {refused:?}"
+        );
+        assert_eq!(stored_size(&store, big.id()), SizeBefore::NotCounted, "nothing of the refused write was stored");
+    }
+
+    #[test]
+    fn a_document_received_whole_is_counted_at_once_unless_the_limits_in_force_are_the_relays() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("node.db")).unwrap();
+        let ctx = ctx();
+        // The node's own limits (no relay announced any, or the relay's are looser): counted, and checked, on receipt.
+        store.set_content_limits(ContentLimits::default());
+        let mut doc = new_doc(&ctx);
+        receive_whole(&mut store, &mut doc);
+        assert_eq!(stored_size(&store, doc.id()), SizeBefore::Stored(document_size(doc.automerge_mut())));
+        store.set_content_limits(ContentLimits { max_change_bytes: 64, max_document_bytes: 1 << 20 });
+        let mut other = new_doc(&ctx);
+        let saved = other.automerge_mut().save();
+        let refused = store.update_received(other.id(), |d| -> Result<_, StoreError> {
+            d.automerge_mut().load_incremental(&saved).unwrap();
+            Ok(((), Vec::new()))
+        });
+        assert!(matches!(refused, Err(StoreError::TooLarge(LimitError::ChangeTooLarge { .. }))), "{refused:?}");
+        assert!(!store.contains(other.id()).unwrap(), "nothing was stored");
+        // A local creation always counts, even under the relay's limits.
+        store.set_relay_content_limits(ContentLimits::default());
+        let mut local = new_doc(&ctx);
+        store.insert(&mut local).unwrap();
+        assert_eq!(stored_size(&store, local.id()), SizeBefore::Stored(document_size(local.automerge_mut())));
     }
 
     #[test]
