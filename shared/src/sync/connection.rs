@@ -36,7 +36,7 @@
 //! connection (with an `Error` frame).
 
 use crate::acceptance::ContentLimits;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 use automerge::{ActorId, AutoCommit, ChangeHash};
@@ -61,6 +61,15 @@ pub type SignedChange = (ChangeHash, ChangeSignature);
 /// sync message (a whole document of the largest size, at about 300 bytes per
 /// change), about 10 MB held at most.
 pub const MAX_OFFERED_SIGNATURES: usize = 100_000;
+
+/// How many documents of the connect-time plan one side has started (sent a
+/// first `Sync` frame for) and not yet heard back about; the others wait for
+/// answers. Starting a document loads it, and the answer is worked out on the
+/// loaded copy: with every document started at once, a relay holding more
+/// documents than it keeps loaded (256 by default) loaded each twice for a
+/// fresh node, and queued a message for every one of them before the first
+/// answer came.
+pub const START_WINDOW: usize = 32;
 
 /// Authors' signatures the peer sent ahead of its changes (`Authors` frames),
 /// by document, at most [`MAX_OFFERED_SIGNATURES`] in all.
@@ -376,6 +385,11 @@ pub struct SyncConnection {
     protocol: u16,
     /// (Relay.) The content limits announced in `Welcome`.
     announced: Option<ContentLimits>,
+    /// Documents of the connect-time plan not started yet ([`START_WINDOW`]).
+    to_start: VecDeque<DocId>,
+    /// Documents started by their first `Sync` frame with no answer (a
+    /// `Sync` or `DocRefused` frame) from the peer yet: at most [`START_WINDOW`].
+    unanswered: HashSet<DocId>,
 }
 
 impl SyncConnection {
@@ -423,6 +437,8 @@ impl SyncConnection {
             stats: ConnectionStats::default(),
             protocol: PROTOCOL_VERSION,
             announced: None,
+            to_start: VecDeque::new(),
+            unanswered: HashSet::new(),
         }
     }
 
@@ -632,8 +648,9 @@ impl SyncConnection {
                     if self.pending.insert(doc.clone()) {
                         self.planned += 1;
                     }
-                    self.generate(doc, docs)?;
+                    self.to_start.push_back(doc.clone());
                 }
+                self.start_planned(docs)?;
                 for doc in &planned.only_theirs {
                     if self.pending.insert(doc.clone()) {
                         self.planned += 1;
@@ -652,13 +669,22 @@ impl SyncConnection {
                     return Err(ConnectionError::Protocol(message));
                 }
             }
-            (Phase::Open, Frame::Sync { doc, message }) => self.on_sync(doc, &message, docs, &mut events)?,
+            (Phase::Open, Frame::Sync { doc, message }) => {
+                let answered = self.unanswered.remove(&doc);
+                self.on_sync(doc, &message, docs, &mut events)?;
+                if answered {
+                    self.start_planned(docs)?;
+                }
+            }
             (Phase::Open, Frame::DocRefused { doc, kind, reason, heads, your_seq }) => {
                 // Left alone on this connection; remembered only for documents we hold
                 // (a refusal naming unknown documents must not grow any set).
                 self.pending.remove(&doc);
                 let held = docs.heads(&doc).map_err(ConnectionError::storage)?.is_some();
                 self.session.stop(&doc, held);
+                if self.unanswered.remove(&doc) {
+                    self.start_planned(docs)?;
+                }
                 events.push(ConnectionEvent::RefusedByPeer { doc, kind, reason, heads, your_seq });
             }
             (phase, frame) => {
@@ -790,7 +816,19 @@ impl SyncConnection {
             self.session.restart(doc);
         }
         self.push_receipts(doc, docs)?;
-        self.generate(doc, docs)
+        self.generate(doc, docs).map(|_| ())
+    }
+
+    /// Starts documents of the connect-time plan until [`START_WINDOW`] of
+    /// them wait for the peer's answer (or none is left).
+    fn start_planned<D: DocAccess>(&mut self, docs: &mut D) -> Result<(), ConnectionError> {
+        while self.unanswered.len() < START_WINDOW {
+            let Some(doc) = self.to_start.pop_front() else { break };
+            if self.generate(&doc, docs)? {
+                self.unanswered.insert(doc);
+            }
+        }
+        Ok(())
     }
 
     /// [`Self::on_local_change`] done without waiting ([`MemoryAccess`]):
@@ -840,6 +878,9 @@ impl SyncConnection {
         };
         if self.offered.by_doc.contains_key(doc) {
             return None; // Signatures offered: the frame carries changes.
+        }
+        if self.unanswered.contains(doc) {
+            return None; // The first answer to a planned start: the next planned documents start on the full path.
         }
         let receipts = memory.try_receipts(doc)?;
         let (session, memo) = (&self.session, memory.sync_memo());
@@ -902,11 +943,11 @@ impl SyncConnection {
         }
     }
 
-    fn generate<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<(), ConnectionError> {
+    fn generate<D: DocAccess>(&mut self, doc: &DocId, docs: &mut D) -> Result<bool, ConnectionError> {
         if self.session.is_disabled(doc) || !docs.may_send(doc) {
             // Refused on this connection, or not ours to offer: nothing to wait for either.
             self.pending.remove(doc);
-            return Ok(());
+            return Ok(false);
         }
         let (session, memo) = (&mut self.session, docs.sync_memo());
         let generated = docs
@@ -917,21 +958,21 @@ impl SyncConnection {
             })
             .map_err(ConnectionError::storage)?;
         match generated {
-            None => Ok(()), // Not here (yet): nothing to offer.
+            None => Ok(false), // Not here (yet): nothing to offer.
             Some((Ok(Some(frame)), unsigned)) => {
                 self.push_receipts(doc, docs)?;
                 self.push_authors(doc, &unsigned, docs)?;
                 self.push(frame);
-                Ok(())
+                Ok(true)
             }
-            Some((Ok(None), _)) => Ok(()),
+            Some((Ok(None), _)) => Ok(false),
             Some((Err(e), _)) => {
                 // We cannot sync this document (e.g. our message would not fit a
                 // frame): tell the peer, so that it does not wait for it, and go on.
                 let kind =
                     if e.error_code() == ErrorCode::TooLarge { RefusalKind::TooLarge } else { RefusalKind::Busy };
                 let mut events = Vec::new();
-                self.refuse(doc, kind, e.to_string(), docs, &mut events)
+                self.refuse(doc, kind, e.to_string(), docs, &mut events).map(|()| false)
             }
         }
     }
@@ -1360,6 +1401,102 @@ mod tests {
         assert_eq!(node.stats().sync_out + relay.stats().sync_out, 0);
         assert!(node.is_settled(&mut nd).unwrap());
         assert!(frames <= 6 && bytes < 300, "{frames} frames, {bytes} bytes");
+    }
+
+    /// A fresh node and a relay holding many documents: the relay starts at
+    /// most [`START_WINDOW`] of them at a time, each answer starts the next,
+    /// every document arrives, and a document refused by the peer frees its
+    /// place too.
+    #[test]
+    fn a_connect_time_plan_starts_at_most_a_window_of_documents_and_every_one_arrives() {
+        let (mut nd, mut rd) = (docs(), docs());
+        let ids: Vec<DocId> = (0..3 * START_WINDOW + 5).map(|_| DocId::random()).collect();
+        for (n, id) in ids.iter().enumerate() {
+            rd.insert(id.clone(), doc_with(&format!("dokument {n}")));
+        }
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        let mut most = 0;
+        // Seen on the wire: documents the relay sent a Sync frame for, and those the node answered.
+        let (mut started, mut answered) = (HashSet::new(), HashSet::new());
+        for _ in 0..1000 {
+            let (to_relay, to_node) = (node.take_outbox(), relay.take_outbox());
+            if to_relay.is_empty() && to_node.is_empty() {
+                break;
+            }
+            for f in to_relay {
+                if let Frame::Sync { doc, .. } = &f {
+                    answered.insert(doc.clone());
+                }
+                for e in relay.on_frame(f, &mut rd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        relay.begin(&mut rd).unwrap();
+                    }
+                }
+                most = most.max(relay.unanswered.len());
+                assert!(relay.unanswered.len() <= START_WINDOW);
+            }
+            started.extend(to_node.iter().filter_map(|f| match f {
+                Frame::Sync { doc, .. } => Some(doc.clone()),
+                _ => None,
+            }));
+            let waiting = started.difference(&answered).count();
+            assert!(waiting <= START_WINDOW, "{waiting} documents started and not answered");
+            for f in to_node {
+                for e in node.on_frame(f, &mut nd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        node.begin(&mut nd).unwrap();
+                    }
+                }
+            }
+        }
+        assert_eq!(most, START_WINDOW, "a full window was in flight");
+        assert!(relay.to_start.is_empty() && relay.unanswered.is_empty());
+        assert!(node.is_settled(&mut nd).unwrap());
+        assert_eq!(nd.shared_heads().unwrap(), rd.shared_heads().unwrap());
+        assert_eq!(node.stats().docs_received.len(), ids.len());
+
+        // A refusal answers a start as well: the next document starts.
+        let mut relay = SyncConnection::relay("relay");
+        let mut node = SyncConnection::node("node-2", "test");
+        let mut fresh = docs();
+        let hold: HashSet<DocId> = ids.iter().take(START_WINDOW).cloned().collect();
+        for _ in 0..1000 {
+            let (to_relay, to_node) = (node.take_outbox(), relay.take_outbox());
+            if to_relay.is_empty() && to_node.is_empty() {
+                break;
+            }
+            for f in to_relay {
+                for e in relay.on_frame(f, &mut rd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        relay.begin(&mut rd).unwrap();
+                    }
+                }
+            }
+            for f in to_node {
+                // The node refuses the first window's documents (as a node does one it holds back).
+                if let Frame::Sync { doc, .. } = &f {
+                    if hold.contains(doc) {
+                        let refusal = Frame::DocRefused {
+                            doc: doc.clone(),
+                            kind: RefusalKind::Paused,
+                            reason: "held back".into(),
+                            heads: Vec::new(),
+                            your_seq: 0,
+                        };
+                        relay.on_frame(refusal, &mut rd).unwrap();
+                        continue;
+                    }
+                }
+                for e in node.on_frame(f, &mut fresh).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        node.begin(&mut fresh).unwrap();
+                    }
+                }
+            }
+        }
+        assert!(relay.to_start.is_empty() && relay.unanswered.is_empty(), "refusals freed the window");
+        assert_eq!(node.stats().docs_received.len(), ids.len() - START_WINDOW);
     }
 
     #[test]
