@@ -193,7 +193,13 @@ async fn status_api_and_metrics_show_stale_behind_and_in_sync_nodes_by_name() {
 
     // Prometheus exposition: families, per-node values, end marker.
     assert!(metrics.contains("# TYPE samverkan_relay_node_changes_behind gauge"), "{metrics}");
-    for family in ["steps_from_memory", "steps_on_storage_threads", "sync_steps_copied", "sync_steps_worked_out"] {
+    for family in [
+        "steps_from_memory",
+        "steps_on_storage_threads",
+        "sync_steps_copied",
+        "sync_steps_worked_out",
+        "document_loads",
+    ] {
         assert!(metrics.contains(&format!("# TYPE samverkan_relay_{family} counter")), "{family}: {metrics}");
     }
     assert!(metrics.trim_end().ends_with("# EOF"));

@@ -129,6 +129,10 @@ impl RelayStorage for GatedStorage {
     fn loaded(&self) -> usize {
         self.inner.loaded()
     }
+
+    fn document_loads(&self) -> u64 {
+        self.inner.document_loads()
+    }
 }
 
 fn node(root: &Path, relay: &RelayHandle, name: &str, org: &str) -> Node {

@@ -297,3 +297,34 @@ async fn a_daemon_passes_an_edit_on_while_another_process_holds_the_write_lock()
     }
     relay.shutdown().await;
 }
+
+/// A fresh node pulling more documents than the relay keeps loaded: the
+/// relay loads each document once (its start and the node's answer are
+/// worked out on the same loaded copy, `START_WINDOW` documents at a time,
+/// fewer than it keeps loaded); the operator sees the loads in the status
+/// (and in `samverkan_relay_document_loads_total`, checked in `monitoring.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_node_pulling_more_documents_than_the_relay_keeps_loaded_makes_it_load_each_once() {
+    use samverkan::shared::sync::START_WINDOW;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = relay_net::relay_config(&root.path().join("relay"));
+    config.cached_documents = 3 * START_WINDOW;
+    let relay = relay_net::spawn_relay(config).await;
+    let mut seeder = relay_net::enrolled(root.path(), &relay, "seeder", "Länsstyrelsen");
+    let docs = 8 * START_WINDOW;
+    for n in 0..docs {
+        let mut content = DocumentContent::new(DocKind::CitizenPromise, format!("Medborgarlöfte {n}"));
+        content.parties = vec![relay_net::org("Länsstyrelsen"), relay_net::org("Trosa")];
+        seeder.create(content).unwrap();
+    }
+    sync(&mut seeder, &relay).await;
+
+    let before = relay.status().relay.document_loads;
+    let mut trosa = relay_net::enrolled(root.path(), &relay, "trosa", "Trosa");
+    sync(&mut trosa, &relay).await;
+    assert_eq!(trosa.list().unwrap().len(), docs);
+    let loads = relay.status().relay.document_loads - before;
+    assert!(loads <= docs as u64, "{loads} loads for {docs} documents: some were loaded twice");
+    assert!(loads >= (docs - 3 * START_WINDOW) as u64, "most were not loaded when the node came: {loads}");
+    relay.shutdown().await;
+}

@@ -177,6 +177,8 @@ pub struct RelayMetrics {
     pub documents: Gauge,
     /// Documents loaded in memory.
     pub documents_loaded: Gauge,
+    /// Documents loaded from storage since start.
+    pub document_loads: Counter,
     /// Size of the relay's database files in bytes.
     pub store_bytes: Gauge,
     /// Known nodes by state (`in_sync`, `behind`, `stale`).
@@ -234,6 +236,11 @@ impl RelayMetrics {
         );
         registry.register("documents", "Documents stored", m.documents.clone());
         registry.register("documents_loaded", "Documents loaded in memory", m.documents_loaded.clone());
+        registry.register(
+            "document_loads",
+            "Documents loaded from storage into memory (far more than there are documents: raise cached_documents)",
+            m.document_loads.clone(),
+        );
         registry.register("store_bytes", "Size of the relay database files in bytes", m.store_bytes.clone());
         registry.register("nodes", "Known nodes by state", m.nodes.clone());
         registry.register("node_connected", "1 if the node is connected now", m.node_connected.clone());
@@ -305,6 +312,9 @@ pub struct RelaySummary {
     pub documents: u64,
     /// Documents loaded in memory.
     pub documents_loaded: u64,
+    /// Documents loaded from storage since start (see `cached_documents`).
+    #[serde(default)]
+    pub document_loads: u64,
     /// Size of the database files in bytes.
     pub store_bytes: u64,
     /// The stale threshold in seconds.
@@ -715,7 +725,7 @@ impl Monitor {
         }
         // 2. Count from the relay's copies (each document loaded once).
         let mut counted: Vec<(DocId, Vec<ChangeHash>, Vec<ChangeHash>, u64)> = Vec::new();
-        let loaded = {
+        let (loaded, loads) = {
             for (doc, node_heads) in wanted {
                 let result = storage.with_doc(&doc, false, |d| {
                     let d = d.automerge_mut();
@@ -741,7 +751,7 @@ impl Monitor {
                     Err(e) => warn!(%doc, error = %e, "could not count changes for monitoring"),
                 }
             }
-            storage.loaded() as u64
+            (storage.loaded() as u64, storage.document_loads())
         };
         // 3. Assemble.
         let now = self.now();
@@ -848,6 +858,7 @@ impl Monitor {
             connections_total: self.metrics.connections.get(),
             documents,
             documents_loaded: loaded,
+            document_loads: loads,
             store_bytes,
             stale_after_secs: self.stale_after.as_secs(),
             nodes: nodes.len() as u64,
@@ -871,6 +882,7 @@ impl Monitor {
             // Under the lock, so that two scrapes at once do not both add the same difference.
             let _one_at_a_time = self.lock();
             m.sync_steps_copied.inc_by(m.sync_memo.hits().saturating_sub(m.sync_steps_copied.get()));
+            m.document_loads.inc_by(r.document_loads.saturating_sub(m.document_loads.get()));
             m.sync_steps_worked_out.inc_by(m.sync_memo.misses().saturating_sub(m.sync_steps_worked_out.get()));
         }
         for state in [NodeState::InSync, NodeState::Behind, NodeState::Stale] {
@@ -1248,6 +1260,7 @@ mod tests {
                 connections_total: 5,
                 documents: 2,
                 documents_loaded: 1,
+                document_loads: 3,
                 store_bytes: 50_000,
                 stale_after_secs: 3600,
                 nodes: 3,

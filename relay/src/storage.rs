@@ -165,6 +165,11 @@ pub trait RelayStorage: Send + Sync + 'static {
     /// Number of documents held in memory.
     fn loaded(&self) -> usize;
 
+    /// How many times a document was loaded from storage into memory since
+    /// start: far more loads than documents means `cached_documents` is too
+    /// small for how many are in use.
+    fn document_loads(&self) -> u64;
+
     /// Starts telling `on_event` (from a thread of the storage's own) what other
     /// relay instances sharing this storage commit. Returns whether the storage
     /// is shared at all: the default (one process) never calls `on_event`.
@@ -337,5 +342,9 @@ impl RelayStorage for SqliteStorage {
 
     fn loaded(&self) -> usize {
         self.store.loaded()
+    }
+
+    fn document_loads(&self) -> u64 {
+        self.store.document_loads()
     }
 }

@@ -92,6 +92,8 @@ struct Inner {
     group: GroupCommit,
     compacting: Mutex<HashSet<DocId>>,
     compactions: AtomicU64,
+    /// Documents loaded from the database since open.
+    loads: AtomicU64,
 }
 
 impl ConcurrentStore {
@@ -126,6 +128,7 @@ impl ConcurrentStore {
             group: GroupCommit::default(),
             compacting: Mutex::new(HashSet::new()),
             compactions: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
         });
         let (sender, receiver) = mpsc::channel::<DocId>();
         let weak = Arc::downgrade(&inner);
@@ -166,7 +169,10 @@ impl ConcurrentStore {
         let mut held = slot.lock();
         if held.is_none() {
             match inner.read(|r| r.load_for_update(id))? {
-                Some(loaded) => inner.slots.put(&mut held, Held::from(loaded)),
+                Some(loaded) => {
+                    inner.loads.fetch_add(1, Ordering::Relaxed);
+                    inner.slots.put(&mut held, Held::from(loaded));
+                }
                 None if create => {}
                 None => {
                     drop(held);
@@ -363,6 +369,12 @@ impl ConcurrentStore {
         lock(&self.inner.writer).data_version()
     }
 
+    /// How many times a document was loaded from the database since open
+    /// (a document pushed out beyond the capacity is loaded again when next needed).
+    pub fn document_loads(&self) -> u64 {
+        self.inner.loads.load(Ordering::Relaxed)
+    }
+
     /// Unloads a document (it stays stored) unless it is in use right now.
     pub fn evict(&self, id: &DocId) {
         self.inner.slots.unload(id);
@@ -429,6 +441,7 @@ impl Inner {
             let mut held = slot.lock();
             if held.is_none() {
                 let Some(loaded) = self.read(|r| r.load_for_update(id))? else { return Ok(()) };
+                self.loads.fetch_add(1, Ordering::Relaxed);
                 self.slots.put(&mut held, Held::from(loaded));
             }
             let Some(h) = held.as_mut() else { return Ok(()) };

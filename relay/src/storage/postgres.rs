@@ -55,7 +55,7 @@
 //! write without the document's lock, or serve a cached value after the
 //! listener has handed on a newer commit of it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -496,6 +496,8 @@ pub struct PostgresStorage {
     /// Tells the listener thread (if one runs) to stop.
     stop: Arc<AtomicBool>,
     listener: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Documents loaded whole from the database (not a cached copy brought up to date).
+    loads: AtomicU64,
 }
 
 impl std::fmt::Debug for PostgresStorage {
@@ -549,6 +551,7 @@ impl PostgresStorage {
             caches: Arc::new(Caches::default()),
             stop: Arc::new(AtomicBool::new(false)),
             listener: std::sync::Mutex::new(None),
+            loads: AtomicU64::new(0),
         })
     }
 
@@ -927,6 +930,9 @@ impl PostgresStorage {
         let at = cached.as_ref().map(|c| (c.version.generation, c.version.last_seq));
         let id = doc.as_str().to_string();
         let Some(stored) = self.workers.call(move |client| read_doc(client, &id, at))? else { return Ok(None) };
+        if cached.is_none() || stored.snapshot.is_some() {
+            self.loads.fetch_add(1, Ordering::Relaxed);
+        }
         let (doc, version) = assemble(doc, stored, cached.map(|c| c.doc))?;
         Ok(Some(Cached { doc, version, stamp }))
     }
@@ -969,6 +975,7 @@ impl PostgresStorage {
             None => (document, Version { generation: 0, last_seq: 0, rows: 0, size: 0 }, true),
             Some(rows) if rows.snapshot.is_some() => {
                 // Compacted (or created) elsewhere since this copy was read: the stored one, plus ours.
+                self.loads.fetch_add(1, Ordering::Relaxed);
                 let (mut current, stored) = assemble(doc, rows, None)?;
                 current.automerge_mut().load_incremental(&increment).map_err(|e| StoreError::CorruptDocument {
                     id: doc.clone(),
@@ -1357,6 +1364,10 @@ impl RelayStorage for PostgresStorage {
 
     fn loaded(&self) -> usize {
         self.slots.loaded()
+    }
+
+    fn document_loads(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
     }
 
     fn watch_remote(&self, on_event: Arc<dyn Fn(RemoteEvent) + Send + Sync>) -> Result<bool, StoreError> {

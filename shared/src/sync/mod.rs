@@ -50,7 +50,7 @@ use automerge::{AutoCommit, AutomergeError, ChangeHash};
 pub use check::{check_chunks, check_message, MessageCheckError, SyncLimits};
 pub use connection::{
     ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, MemoryAccess, SignedChange,
-    SyncConnection, MAX_OFFERED_SIGNATURES,
+    SyncConnection, MAX_OFFERED_SIGNATURES, START_WINDOW,
 };
 pub use memo::SyncMemo;
 pub use memory::{Access, MemoryDocs, MemoryDocsError, SharedMemoryDocs, Signer};
