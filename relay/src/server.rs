@@ -44,7 +44,7 @@ use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
     ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, SignedChange, SyncConnection, SyncLimits,
-    SyncMemo,
+    SyncMemo, START_WINDOW,
 };
 use samverkan_shared::wire::{
     protocol_refusal, protocol_served, ErrorCode, Frame, ReceiptEntry, RefusalKind, WireError,
@@ -279,8 +279,19 @@ struct Shared<S> {
     content: ContentLimits,
     /// What each node key may make the relay read.
     budget: ReceiveBudget,
+    /// How many documents of its connect-time plan a connection starts at a
+    /// time: [`START_WINDOW`], or fewer when the relay keeps few loaded
+    /// (`cached_documents`), so that each is still loaded for the answer.
+    start_window: usize,
     /// Each document version's approval record keys (see [`RecordKeys`]).
     record_keys: RecordKeys,
+}
+
+/// A connection's start window for a relay keeping `cached_documents` loaded:
+/// a third of them at most (between a document's start and the node's answer
+/// the relay starts and answers about as many others), [`START_WINDOW`] at most.
+fn start_window(cached_documents: usize) -> usize {
+    (cached_documents / 3).clamp(1, START_WINDOW)
 }
 
 /// How many connections' storage steps run at once. Several, so that the
@@ -567,6 +578,7 @@ async fn start<S: RelayStorage>(
         content: config.content,
         budget: ReceiveBudget::new(config.receive_rate_per_key, config.receive_burst_per_key),
         record_keys: RecordKeys::default(),
+        start_window: start_window(config.cached_documents),
     });
     // A node is judged only on the documents it is a party to (its organisation from the directory).
     let orgs = Arc::downgrade(&shared);
@@ -1002,6 +1014,7 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
     };
     let mut sync = SyncConnection::relay(&shared.software);
     sync.set_limits(shared.sync_limits.clone());
+    sync.set_start_window(shared.start_window);
     sync.announce_limits(shared.content);
     let mut state =
         ConnectionState { member: None, watch: shared.monitor.connection(conn.remote_address()), persist: None };
@@ -1485,6 +1498,13 @@ async fn wait(mailbox: Option<&Mailbox>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_start_window_is_a_third_of_the_documents_kept_loaded_within_bounds() {
+        assert_eq!(start_window(256), START_WINDOW);
+        assert_eq!(start_window(48), 16);
+        assert_eq!(start_window(2), 1, "a relay keeping almost nothing loaded still starts documents");
+    }
     use samverkan_shared::approval::{Action, ApprovalRecord};
 
     #[test]

@@ -388,8 +388,11 @@ pub struct SyncConnection {
     /// Documents of the connect-time plan not started yet ([`START_WINDOW`]).
     to_start: VecDeque<DocId>,
     /// Documents started by their first `Sync` frame with no answer (a
-    /// `Sync` or `DocRefused` frame) from the peer yet: at most [`START_WINDOW`].
+    /// `Sync` or `DocRefused` frame) from the peer yet: at most `start_window`.
     unanswered: HashSet<DocId>,
+    /// How many of those there may be ([`START_WINDOW`] unless the driver
+    /// keeps fewer documents loaded, [`Self::set_start_window`]).
+    start_window: usize,
 }
 
 impl SyncConnection {
@@ -439,7 +442,16 @@ impl SyncConnection {
             announced: None,
             to_start: VecDeque::new(),
             unanswered: HashSet::new(),
+            start_window: START_WINDOW,
         }
+    }
+
+    /// Starts at most `window` (at least one) documents of the connect-time
+    /// plan at a time instead of [`START_WINDOW`]: for a driver that keeps
+    /// few documents loaded, so that a started document is still loaded when
+    /// the peer's answer comes.
+    pub fn set_start_window(&mut self, window: usize) {
+        self.start_window = window.max(1);
     }
 
     /// (Relay.) The content limits to announce in `Welcome` (protocol ≥ 6):
@@ -819,10 +831,10 @@ impl SyncConnection {
         self.generate(doc, docs).map(|_| ())
     }
 
-    /// Starts documents of the connect-time plan until [`START_WINDOW`] of
+    /// Starts documents of the connect-time plan until `start_window` of
     /// them wait for the peer's answer (or none is left).
     fn start_planned<D: DocAccess>(&mut self, docs: &mut D) -> Result<(), ConnectionError> {
-        while self.unanswered.len() < START_WINDOW {
+        while self.unanswered.len() < self.start_window {
             let Some(doc) = self.to_start.pop_front() else { break };
             if self.generate(&doc, docs)? {
                 self.unanswered.insert(doc);
@@ -1497,6 +1509,44 @@ mod tests {
         }
         assert!(relay.to_start.is_empty() && relay.unanswered.is_empty(), "refusals freed the window");
         assert_eq!(node.stats().docs_received.len(), ids.len() - START_WINDOW);
+    }
+
+    /// A driver keeping few documents loaded narrows the window.
+    #[test]
+    fn a_narrower_start_window_is_kept_and_every_document_still_arrives() {
+        let (mut nd, mut rd) = (docs(), docs());
+        for n in 0..20 {
+            rd.insert(DocId::random(), doc_with(&format!("dokument {n}")));
+        }
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        relay.set_start_window(3);
+        let mut most = 0;
+        for _ in 0..1000 {
+            let (to_relay, to_node) = (node.take_outbox(), relay.take_outbox());
+            if to_relay.is_empty() && to_node.is_empty() {
+                break;
+            }
+            for f in to_relay {
+                for e in relay.on_frame(f, &mut rd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        relay.begin(&mut rd).unwrap();
+                    }
+                }
+                most = most.max(relay.unanswered.len());
+            }
+            for f in to_node {
+                for e in node.on_frame(f, &mut nd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        node.begin(&mut nd).unwrap();
+                    }
+                }
+            }
+        }
+        assert_eq!(most, 3);
+        assert_eq!(nd.shared_heads().unwrap(), rd.shared_heads().unwrap());
+        relay.set_start_window(0);
+        assert_eq!(relay.start_window, 1, "never none: the plan must go on");
     }
 
     #[test]
