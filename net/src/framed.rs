@@ -11,7 +11,7 @@
 //! kilobytes, not the configured maximum frame. The decoder's buffer grows only
 //! with bytes that arrived, at most [`READ_CHUNK`] at a time beyond the frame.
 
-use samverkan_shared::wire::{Frame, FrameDecoder};
+use samverkan_shared::wire::{Frame, FrameDecoder, Received};
 
 use crate::endpoint::Limits;
 use crate::NetError;
@@ -114,6 +114,15 @@ impl FramedSend {
     }
 }
 
+/// What one [`FramedRecv::read_step`] got.
+#[derive(Debug)]
+pub enum ReadStep {
+    /// A complete frame, or `None` when the peer ended the stream between frames.
+    Frame(Option<Received>),
+    /// Bytes were read, but the frame they belong to is not complete yet.
+    Partial,
+}
+
 /// The receiving half.
 #[derive(Debug)]
 pub struct FramedRecv {
@@ -142,8 +151,30 @@ impl FramedRecv {
     /// connection normally) between frames.
     pub async fn recv(&mut self) -> Result<Option<Frame>, NetError> {
         loop {
-            if let Some(frame) = self.decoder.next_frame()? {
-                return Ok(Some(frame));
+            // With no bound on the bytes read, a step ends only with a frame or the stream's end.
+            if let ReadStep::Frame(received) = self.read_step(usize::MAX, usize::MAX).await? {
+                return Ok(received.map(Received::into_frame).transpose()?);
+            }
+        }
+    }
+
+    /// Reads until the next frame is complete, the stream ends, or at least
+    /// `read_up_to` bytes were read with the frame still incomplete
+    /// ([`ReadStep::Partial`]): a caller that pays for what it reads (the
+    /// relay's per-key budget) can stop reading in the middle of a large
+    /// frame, so that QUIC flow control holds the sender back. Cancel-safe:
+    /// what was read stays buffered for the next call. A frame whose payload
+    /// is larger than `decode_up_to` bytes comes back undecoded, for the caller
+    /// to decode where a long decode holds up nobody
+    /// (see [`FrameDecoder::next_received`]).
+    pub async fn read_step(&mut self, decode_up_to: usize, read_up_to: usize) -> Result<ReadStep, NetError> {
+        let start = self.bytes;
+        loop {
+            if let Some(received) = self.decoder.next_received(decode_up_to)? {
+                return Ok(ReadStep::Frame(Some(received)));
+            }
+            if self.bytes - start >= read_up_to as u64 {
+                return Ok(ReadStep::Partial);
             }
             // QUIC's own buffer, read in place (cancel-safe, like `read`): no
             // copy buffer of READ_CHUNK kept for every connection.
@@ -152,19 +183,21 @@ impl FramedRecv {
                     self.bytes += chunk.bytes.len() as u64;
                     self.decoder.push(&chunk.bytes);
                 }
-                Ok(None) => return self.ended(),
+                Ok(None) => return self.ended().map(ReadStep::Frame),
                 Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close)))
                     if close.error_code == quinn::VarInt::from_u32(0) =>
                 {
-                    return self.ended()
+                    return self.ended().map(ReadStep::Frame)
                 }
-                Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::LocallyClosed)) => return self.ended(),
+                Err(quinn::ReadError::ConnectionLost(quinn::ConnectionError::LocallyClosed)) => {
+                    return self.ended().map(ReadStep::Frame)
+                }
                 Err(e) => return Err(NetError::ConnectionLost(e.to_string())),
             }
         }
     }
 
-    fn ended(&self) -> Result<Option<Frame>, NetError> {
+    fn ended(&self) -> Result<Option<Received>, NetError> {
         match self.decoder.buffered() {
             0 => Ok(None),
             n => Err(NetError::ConnectionLost(format!("stream ended inside a frame ({n} bytes of it received)"))),
@@ -289,6 +322,51 @@ mod tests {
             // Admitted (as the relay does after authentication): the full window, frames up to the maximum.
             endpoint::admit(&server_conn, &limits);
             assert_eq!(recv.recv().await.unwrap(), Some(big));
+            let _send = writer.await.unwrap();
+            server_conn.close(0u32.into(), b"bye");
+        })
+        .await
+        .expect("finished in time");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_frame_is_read_in_steps_and_handed_back_undecoded_and_a_small_one_decoded() {
+        let limits = Limits::default();
+        tokio::time::timeout(LIMIT, async {
+            let (_server, server_conn, _client, client_conn) = connected(&limits).await;
+            let (mut send, _client_recv) = open(&client_conn, &limits).await.unwrap();
+            let doc: samverkan_shared::ids::DocId = "00112233445566778899aabbccddeeff".parse().unwrap();
+            let big = Frame::Sync { doc: doc.clone(), message: vec![7; 3 << 20] };
+            let small = Frame::Sync { doc, message: vec![1; 100] };
+            let frames = vec![big.clone(), small.clone()];
+            let writer = tokio::spawn(async move {
+                send.send_all(&frames).await.unwrap();
+                send
+            });
+            let (_server_send, mut recv) = accept(&server_conn, &limits).await.unwrap();
+            endpoint::admit(&server_conn, &limits);
+            let (mut partial, mut steps) = (0, 0);
+            let raw = loop {
+                steps += 1;
+                assert!(steps < 10_000, "a step reads at least its bound or ends with a frame");
+                let before = recv.bytes();
+                match recv.read_step(64 * 1024, 256 * 1024).await.unwrap() {
+                    ReadStep::Partial => {
+                        partial += 1;
+                        let read = recv.bytes() - before;
+                        assert!((256 * 1024..256 * 1024 + READ_CHUNK as u64).contains(&read), "read {read}");
+                    }
+                    ReadStep::Frame(Some(Received::Undecoded(raw))) => break raw,
+                    other => panic!("expected the large frame undecoded, got {other:?}"),
+                }
+            };
+            assert!(partial >= 10, "3 MiB in quarter-MiB steps: {partial} partial steps");
+            assert_eq!(raw.len(), big.encode().len() - LENGTH_PREFIX);
+            assert_eq!(raw.decode().unwrap(), big);
+            match recv.read_step(64 * 1024, 256 * 1024).await.unwrap() {
+                ReadStep::Frame(Some(Received::Frame(frame))) => assert_eq!(frame, small),
+                other => panic!("expected the small frame decoded, got {other:?}"),
+            }
             let _send = writer.await.unwrap();
             server_conn.close(0u32.into(), b"bye");
         })

@@ -858,32 +858,94 @@ impl FrameDecoder {
     /// error of the next frame. Frames before a refused length prefix are
     /// still returned first.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
+        self.next_received(usize::MAX)?.map(Received::into_frame).transpose()
+    }
+
+    /// Like [`Self::next_frame`], but a frame whose payload is larger than
+    /// `decode_up_to` bytes is handed back undecoded ([`RawFrame`]), so that
+    /// the caller can decode it where a long decode holds up nobody (the relay
+    /// decodes large frames off its async workers). A frame that ends the
+    /// buffered bytes is handed over without copying its payload.
+    pub fn next_received(&mut self, decode_up_to: usize) -> Result<Option<Received>, WireError> {
         let available = &self.buf[self.start..];
         if let Some(prefix) = available.get(..LENGTH_PREFIX) {
             let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
             // Prefixes before `scan` were checked against the maximum, so `len` is sane here.
-            if self.start < self.scan {
-                if let Some(payload) = available.get(LENGTH_PREFIX..LENGTH_PREFIX + len) {
-                    let frame = Frame::decode_payload(payload);
-                    self.start += LENGTH_PREFIX + len;
-                    self.next_limit = None;
-                    if self.start == self.buf.len() {
-                        self.buf.clear();
-                        self.start = 0;
-                        self.scan = 0;
-                        // After a large frame, give its room back rather than hold it for the stream's life.
-                        if self.buf.capacity() > RETAINED_BUFFER {
-                            self.buf = Vec::new();
-                        }
-                    }
-                    return frame.map(Some);
+            if self.start < self.scan && available.len() >= LENGTH_PREFIX + len {
+                let payload = self.start + LENGTH_PREFIX..self.start + LENGTH_PREFIX + len;
+                self.next_limit = None;
+                if len > decode_up_to && payload.end == self.buf.len() {
+                    // Everything buffered is this frame: hand the buffer itself over.
+                    let bytes = std::mem::take(&mut self.buf);
+                    (self.start, self.scan) = (0, 0);
+                    return Ok(Some(Received::Undecoded(RawFrame { bytes, payload })));
                 }
+                let received = if len > decode_up_to {
+                    Ok(Received::Undecoded(RawFrame { bytes: self.buf[payload.clone()].to_vec(), payload: 0..len }))
+                } else {
+                    Frame::decode_payload(&self.buf[payload.clone()]).map(Received::Frame)
+                };
+                self.start = payload.end;
+                if self.start == self.buf.len() {
+                    self.buf.clear();
+                    self.start = 0;
+                    self.scan = 0;
+                    // After a large frame, give its room back rather than hold it for the stream's life.
+                    if self.buf.capacity() > RETAINED_BUFFER {
+                        self.buf = Vec::new();
+                    }
+                }
+                return received.map(Some);
             }
         }
         match &self.fatal {
             Some(error) => Err(error.clone()),
             None => Ok(None),
         }
+    }
+}
+
+/// A complete frame taken from a [`FrameDecoder`], decoded or not.
+#[derive(Debug)]
+pub enum Received {
+    /// Decoded at once (its payload was small).
+    Frame(Frame),
+    /// Complete, length checked, not decoded yet: see [`RawFrame::decode`].
+    Undecoded(RawFrame),
+}
+
+impl Received {
+    /// The frame, decoded now if it was not yet.
+    pub fn into_frame(self) -> Result<Frame, WireError> {
+        match self {
+            Received::Frame(frame) => Ok(frame),
+            Received::Undecoded(raw) => raw.decode(),
+        }
+    }
+}
+
+/// The payload of one complete frame, not decoded yet (see
+/// [`FrameDecoder::next_received`]).
+#[derive(Debug)]
+pub struct RawFrame {
+    bytes: Vec<u8>,
+    payload: std::ops::Range<usize>,
+}
+
+impl RawFrame {
+    /// Bytes of the payload.
+    pub fn len(&self) -> usize {
+        self.payload.len()
+    }
+
+    /// Whether the payload is empty (never, for a frame a decoder returned).
+    pub fn is_empty(&self) -> bool {
+        self.payload.is_empty()
+    }
+
+    /// Decodes the frame, as [`Frame::decode_payload`].
+    pub fn decode(&self) -> Result<Frame, WireError> {
+        Frame::decode_payload(&self.bytes[self.payload.clone()])
     }
 }
 
@@ -1118,6 +1180,61 @@ mod tests {
         }
         assert_eq!(out, frames);
         assert_eq!(decoder.buffered(), 0);
+    }
+
+    #[test]
+    fn frames_above_the_decode_bound_come_out_undecoded_whole_and_in_order_in_random_chunks() {
+        let frames = every_frame();
+        let stream: Vec<u8> = frames.iter().flat_map(Frame::encode).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for decode_up_to in [0, 8, 40, usize::MAX] {
+            let mut decoder = FrameDecoder::new();
+            let (mut out, mut undecoded) = (Vec::new(), 0);
+            let mut at = 0;
+            while at < stream.len() {
+                // Sometimes a frame ends the buffer (handed over whole), sometimes more follows (copied).
+                let n = rng.gen_range(1..=200).min(stream.len() - at);
+                decoder.push(&stream[at..at + n]);
+                at += n;
+                while let Some(received) = decoder.next_received(decode_up_to).unwrap() {
+                    if let Received::Undecoded(raw) = &received {
+                        assert!(raw.len() > decode_up_to);
+                        undecoded += 1;
+                    }
+                    out.push(received.into_frame().unwrap());
+                }
+            }
+            assert_eq!(out, frames, "decode bound {decode_up_to}");
+            assert_eq!(decoder.buffered(), 0);
+            let expected = frames.iter().filter(|f| f.encode().len() - LENGTH_PREFIX > decode_up_to).count();
+            assert_eq!(undecoded, expected, "decode bound {decode_up_to}");
+        }
+    }
+
+    #[test]
+    fn a_large_frame_ending_the_buffer_is_handed_over_without_a_copy_and_the_decoder_goes_on() {
+        let doc: DocId = "00112233445566778899aabbccddeeff".parse().unwrap();
+        let big = Frame::Sync { doc: doc.clone(), message: vec![3; 200_000] };
+        let mut decoder = FrameDecoder::new();
+        decoder.push(&big.encode());
+        let Some(Received::Undecoded(raw)) = decoder.next_received(1024).unwrap() else {
+            panic!("the large frame comes back undecoded")
+        };
+        assert_eq!(decoder.allocated(), 0, "the buffer went with the frame");
+        assert_eq!(raw.decode().unwrap(), big);
+        // A malformed large payload is an error of its own decode, not of the stream.
+        let mut bad = Frame::Sync { doc, message: vec![1; 5000] }.encode();
+        bad.truncate(bad.len() - 10);
+        let len = (bad.len() - LENGTH_PREFIX) as u32;
+        bad[..LENGTH_PREFIX].copy_from_slice(&len.to_be_bytes());
+        decoder.push(&bad);
+        decoder.push(&Frame::InSync.encode());
+        let Some(Received::Undecoded(raw)) = decoder.next_received(1024).unwrap() else {
+            panic!("the large frame comes back undecoded")
+        };
+        assert!(raw.decode().is_err());
+        assert_eq!(decoder.next_frame().unwrap(), Some(Frame::InSync));
+        assert_eq!(decoder.next_frame().unwrap(), None);
     }
 
     #[test]
