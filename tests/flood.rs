@@ -24,7 +24,7 @@ use samverkan::store::Store;
 
 #[path = "support/relay_net.rs"]
 mod relay_net;
-use relay_net::{bounded, eventually, start_relay, target, LIMIT};
+use relay_net::{bounded, eventually, relay_config, spawn_relay, start_relay, target, LIMIT};
 
 /// One flood at a time: memory is read for the whole process.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -154,7 +154,12 @@ async fn write_doc_heads(send: &mut quinn::SendStream, entries: usize) -> Result
 async fn a_doc_heads_flood_is_refused_after_the_first_frame_and_relay_memory_stays_bounded() {
     let _turn = TURN.lock().await;
     let root = tempfile::tempdir().unwrap();
-    let relay = start_relay(&root.path().join("relay")).await;
+    // About memory: a budget large enough that the frames are read as fast as
+    // they come (at the default one, two 64 MiB frames take 15 s to read).
+    let mut config = relay_config(&root.path().join("relay"));
+    config.receive_rate_per_key = 1 << 30;
+    config.receive_burst_per_key = 1 << 30;
+    let relay = spawn_relay(config).await;
     let (mut honest, doc) = honest_node_with_a_document(root.path(), &relay).await;
     let attacker = enrolled_attacker(&relay);
 
@@ -329,6 +334,57 @@ async fn a_flooding_key_is_read_at_its_budget_while_other_nodes_sync_as_usual() 
     );
     assert!((node.messages_in as f64) <= allowed + 5.0, "read {} frames, budget {allowed:.0}", node.messages_in);
     assert!(node.messages_in >= 100, "the burst was read at once: {}", node.messages_in);
+    writer.abort();
+    conn.close(0u32.into(), b"done");
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_larger_than_the_budget_is_read_at_the_budgets_pace_not_at_once() {
+    const MIB: u64 = 1024 * 1024;
+    let _turn = TURN.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = relay_config(&root.path().join("relay"));
+    config.receive_rate_per_key = MIB;
+    config.receive_burst_per_key = MIB;
+    let relay = spawn_relay(config).await;
+    let (mut honest, doc) = honest_node_with_a_document(root.path(), &relay).await;
+    let attacker = enrolled_attacker(&relay);
+
+    // One DocHeads frame of 16 MiB, sixteen times the burst, well within the frame limit.
+    let (conn, mut send, _reader) = attacker_connection(&relay, &attacker).await;
+    let started = Instant::now();
+    let writer = tokio::spawn(async move {
+        let _ = write_doc_heads(&mut send, (16 * MIB / 24) as usize).await;
+        send
+    });
+    honest.edit(&doc, "edit", |e| e.set_body("Trygghetsvandringar varje månad.")).unwrap();
+    bounded("sync", sync::sync_once(&mut honest, &target(&relay), LIMIT)).await.expect("the honest node syncs");
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(started.elapsed())).await;
+
+    let status = relay.status();
+    let node = status.nodes.iter().find(|n| n.node_id == attacker.node_id().to_string()).expect("attacker known");
+    let (read, sent) = (node.bytes_in, conn.stats().udp_tx.bytes);
+    let elapsed = started.elapsed().as_secs_f64();
+    // The burst, the rate since, and what one step reads past a charge (a
+    // quarter MiB and one chunk), plus the Hello.
+    let allowed = (1.0 + elapsed) * MIB as f64 + 384.0 * 1024.0;
+    // What the relay took in: read, plus at most the connection's window in flight (and packet headers).
+    let in_flight = Limits::default().connection_window as f64;
+    println!(
+        "after {elapsed:.1} s the relay had read {:.1} MiB of the 16 MiB frame (budget {:.1} MiB); \
+         the attacker had sent {:.1} MiB",
+        read as f64 / MIB as f64,
+        allowed / MIB as f64,
+        sent as f64 / MIB as f64
+    );
+    assert!(read as f64 <= allowed, "the relay read {read} bytes of one frame, its budget was {allowed:.0}");
+    assert!(read >= MIB, "the burst was read at once: {read} bytes");
+    assert!(
+        (sent as f64) <= (allowed + in_flight) * 1.1,
+        "the attacker got {sent} bytes to the relay; flow control should have held it to {:.0}",
+        allowed + in_flight
+    );
     writer.abort();
     conn.close(0u32.into(), b"done");
     relay.shutdown().await;

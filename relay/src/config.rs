@@ -28,7 +28,7 @@
 //! max_document_bytes = 33554432      # largest document, as the sum of its changes (32 MiB);
 //!                                    # with 1 MiB headroom it must fit max_frame_bytes
 //! receive_bytes_per_second_per_key = 8388608  # what one node key may make the relay read on average (8 MiB/s)
-//! receive_burst_bytes_per_key = 16777216      # and at once (16 MiB); every frame counts at least 4 KiB
+//! receive_burst_bytes_per_key = 4194304       # and at once (4 MiB), even mid-frame; every frame counts at least 4 KiB
 //!
 //! [postgres]
 //! pool_size = 8                      # with storage = "postgres://…": connections (and storage

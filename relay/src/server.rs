@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use automerge::{ActorId, AutoCommit, ChangeHash};
 use chrono::Utc;
 use samverkan_net::endpoint::{self, Limits};
-use samverkan_net::framed::{self, FramedRecv, FramedSend};
+use samverkan_net::framed::{self, FramedRecv, FramedSend, ReadStep};
 use samverkan_net::tls::{self, TlsIdentity};
 use samverkan_net::NetError;
 use samverkan_shared::acceptance::{AuthorPolicy, AuthorRule, ContentLimits, LimitsError};
@@ -47,7 +47,7 @@ use samverkan_shared::sync::{
     SyncMemo, START_WINDOW,
 };
 use samverkan_shared::wire::{
-    protocol_refusal, protocol_served, ErrorCode, Frame, ReceiptEntry, RefusalKind, WireError,
+    protocol_refusal, protocol_served, ErrorCode, Frame, RawFrame, ReceiptEntry, Received, RefusalKind, WireError,
 };
 use samverkan_store::{keyfile, StoreError};
 use tokio::sync::watch;
@@ -1327,13 +1327,26 @@ async fn run<S: RelayStorage>(
         let input = match next.take() {
             Some(frame) => Input::Frame(frame),
             None => tokio::select! {
-                frame = recv.recv(), if pause.is_zero() => match frame.map_err(|e| report_bad_frame(&mut current.sync, e))? {
-                    Some(frame) => {
+                step = recv.read_step(DECODE_ON_WORKER_UP_TO, READ_BETWEEN_CHARGES), if pause.is_zero() => match step.map_err(|e| report_bad_frame(&mut current.sync, e))? {
+                    ReadStep::Partial => {
+                        // In the middle of a large frame: pay for what was read, and wait
+                        // (with the rest unread, held back by flow control) if that was too much.
+                        shared.budget.charge_bytes(&auth.key, recv.bytes() - charged, Instant::now());
+                        charged = recv.bytes();
+                        continue;
+                    }
+                    ReadStep::Frame(Some(received)) => {
                         shared.budget.charge(&auth.key, recv.bytes() - charged, Instant::now());
                         charged = recv.bytes();
+                        let frame = match received {
+                            Received::Frame(frame) => frame,
+                            Received::Undecoded(raw) => decode_off_worker(raw)
+                                .await?
+                                .map_err(|e| report_bad_frame(&mut current.sync, e.into()))?,
+                        };
                         Input::Frame(frame)
                     }
-                    None => return Ok(()),
+                    ReadStep::Frame(None) => return Ok(()),
                 },
                 () = tokio::time::sleep(pause), if !pause.is_zero() => continue,
                 _ = wait(mailbox.as_deref()) => {
@@ -1481,6 +1494,27 @@ fn step<S: RelayStorage>(
 }
 
 /// Answers undecodable bytes with a clear error frame before the connection closes.
+/// Largest frame payload decoded on an async worker, where the connection's
+/// task runs: a larger frame (a `DocHeads` of a million entries takes tens of
+/// milliseconds to decode) is decoded on a blocking thread, so that it holds up
+/// no other connection's task queued behind it on that worker.
+const DECODE_ON_WORKER_UP_TO: usize = 64 * 1024;
+
+/// Bytes of a large frame read between two charges to the key's receive
+/// budget: a key out of budget is not read from again, even in the middle of
+/// a frame, so flow control holds its sender back.
+const READ_BETWEEN_CHARGES: usize = 256 * 1024;
+
+/// Decodes a large frame on a thread of tokio's blocking pool (see
+/// [`DECODE_ON_WORKER_UP_TO`]).
+async fn decode_off_worker(raw: RawFrame) -> Result<Result<Frame, WireError>, ConnectionEnd> {
+    match tokio::task::spawn_blocking(move || raw.decode()).await {
+        Ok(decoded) => Ok(decoded),
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(ConnectionEnd::ShuttingDown),
+    }
+}
+
 fn report_bad_frame(sync: &mut SyncConnection, error: NetError) -> ConnectionEnd {
     if let NetError::Wire(wire) = &error {
         sync.push_error(wire.error_code(), format!("bad frame: {wire}"));
