@@ -370,7 +370,7 @@ async fn a_frame_larger_than_the_budget_is_read_at_the_budgets_pace_not_at_once(
     // quarter MiB and one chunk), plus the Hello.
     let allowed = (1.0 + elapsed) * MIB as f64 + 384.0 * 1024.0;
     // What the relay took in: read, plus at most the connection's window in flight (and packet headers).
-    let in_flight = Limits::default().connection_window as f64;
+    let in_flight = Limits::relay().connection_window as f64;
     println!(
         "after {elapsed:.1} s the relay had read {:.1} MiB of the 16 MiB frame (budget {:.1} MiB); \
          the attacker had sent {:.1} MiB",

@@ -8,7 +8,7 @@
 //! not read from until it has refilled, even in the middle of a frame: its
 //! connections are not admitted, and frames already flowing wait, so QUIC flow
 //! control holds the sender back (it can have at most the stream's window in
-//! flight meanwhile, 1 MiB by default).
+//! flight meanwhile, 1 MiB with the relay's default `Limits::relay`).
 //!
 //! An enrolled node can then make the relay receive, decrypt, decode and look
 //! up at most the configured rate on average, and the burst at once, however

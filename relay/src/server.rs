@@ -108,7 +108,7 @@ impl RelayConfig {
         Self {
             listen,
             data_dir,
-            limits: Limits::default(),
+            limits: Limits::relay(),
             cached_documents: 256,
             max_connections: 4096,
             max_connections_per_key: 4,
