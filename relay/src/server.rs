@@ -1493,7 +1493,6 @@ fn step<S: RelayStorage>(
     Ok(())
 }
 
-/// Answers undecodable bytes with a clear error frame before the connection closes.
 /// Largest frame payload decoded on an async worker, where the connection's
 /// task runs: a larger frame (a `DocHeads` of a million entries takes tens of
 /// milliseconds to decode) is decoded on a blocking thread, so that it holds up
@@ -1515,6 +1514,7 @@ async fn decode_off_worker(raw: RawFrame) -> Result<Result<Frame, WireError>, Co
     }
 }
 
+/// Answers undecodable bytes with a clear error frame before the connection closes.
 fn report_bad_frame(sync: &mut SyncConnection, error: NetError) -> ConnectionEnd {
     if let NetError::Wire(wire) = &error {
         sync.push_error(wire.error_code(), format!("bad frame: {wire}"));
