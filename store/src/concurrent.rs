@@ -39,7 +39,7 @@ use samverkan_shared::model::Document;
 use samverkan_shared::org::{OrgId, PartySets};
 use samverkan_shared::receipt::ApprovalReceipt;
 
-use crate::slots::{read_only, Slots};
+use crate::slots::{read_only, Slot, Slots};
 use crate::{DocSummary, DocWrite, SizeBefore, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
 use recent_signatures::RecentSignatures;
 
@@ -164,8 +164,27 @@ impl ConcurrentStore {
     where
         E: From<StoreError>,
     {
+        let slot = self.inner.slots.slot(id);
+        let result = self.with_doc_in(id, &slot, create, f);
+        // A slot left without a document (one not stored, or not kept: named by
+        // a peer and still empty, refused, or dropped after an error) goes, so
+        // that naming any number of documents leaves nothing behind.
+        self.inner.slots.forget_if_idle(id, slot);
+        result
+    }
+
+    /// [`Self::with_doc`] in the document's slot.
+    fn with_doc_in<T, E>(
+        &self,
+        id: &DocId,
+        slot: &Slot<Held>,
+        create: bool,
+        f: impl FnOnce(&mut Document) -> Result<(T, Extras), E>,
+    ) -> Result<Option<(T, UpdateOutcome)>, E>
+    where
+        E: From<StoreError>,
+    {
         let inner = &*self.inner;
-        let slot = inner.slots.slot(id);
         let mut held = slot.lock();
         if held.is_none() {
             match inner.read(|r| r.load_for_update(id))? {
@@ -174,11 +193,7 @@ impl ConcurrentStore {
                     inner.slots.put(&mut held, Held::from(loaded));
                 }
                 None if create => {}
-                None => {
-                    drop(held);
-                    inner.slots.forget_if_idle(id, slot);
-                    return Ok(None);
-                }
+                None => return Ok(None),
             }
         }
         let taken = inner.slots.take(&mut held);

@@ -96,8 +96,9 @@ impl<T> Slots<T> {
         lock(&self.map).len()
     }
 
-    /// Drops the slot of a document that turned out not to exist, unless
-    /// another thread holds it too: ids a peer names leave nothing behind.
+    /// Drops a slot that holds no document (one that turned out not to exist,
+    /// or was not kept), unless another thread holds it too: ids a peer names
+    /// leave nothing behind.
     pub fn forget_if_idle(&self, id: &DocId, slot: Arc<Slot<T>>) {
         let mut map = lock(&self.map);
         // Ours and the map's: nobody else can reach it without the map's lock.

@@ -73,7 +73,7 @@ use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::SignedChange;
-use samverkan_store::slots::{read_only, Slots};
+use samverkan_store::slots::{read_only, Slot, Slots};
 use samverkan_store::StoreError;
 use sha2::{Digest, Sha256};
 use tracing::{debug, info, warn};
@@ -893,6 +893,45 @@ fn entry_rows(rows: Vec<postgres::Row>) -> Result<Vec<DocEntry>, StoreError> {
 }
 
 impl PostgresStorage {
+    /// [`RelayStorage::with_doc`] in the document's slot.
+    fn with_doc_in<R, E: From<StoreError>>(
+        &self,
+        doc: &DocId,
+        slot: &Slot<Cached>,
+        create: bool,
+        f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>, Vec<ApprovalReceipt>), E>,
+    ) -> Result<Option<R>, E> {
+        let mut held = slot.lock();
+        // Taken before anything is read: what is read next is current at least as of it.
+        let stamp = self.caches.fresh.stamp();
+        let current = match self.slots.take(&mut held) {
+            Some(cached) if self.caches.fresh.is_current(doc, cached.stamp) => Some(cached),
+            cached => self.refresh(doc, cached, stamp, create)?,
+        };
+        let (mut document, version, read_at) = match current {
+            Some(c) => (c.doc, Some(c.version), c.stamp),
+            None if create => {
+                (Document::from_automerge(doc.clone(), AutoCommit::new()).map_err(StoreError::from)?, None, stamp)
+            }
+            None => return Ok(None),
+        };
+        let before = document.heads();
+        // On error the copy (which `f` may have half changed) is dropped: read again next time.
+        let (value, signatures, receipts) = f(&mut document)?;
+        if document.heads() == before || document.is_empty() {
+            match version {
+                Some(version) => self.slots.put(&mut held, Cached { doc: document, version, stamp: read_at }),
+                None => return Ok(Some(value)),
+            }
+        } else {
+            let written = self.write(doc, document, version, &before, signatures, receipts)?;
+            self.slots.put(&mut held, written);
+        }
+        drop(held);
+        self.slots.unload_beyond_capacity();
+        Ok(Some(value))
+    }
+
     /// Index entries from the database: of `docs`, or of every document.
     fn read_entries(&self, docs: Option<Vec<DocId>>) -> Result<Vec<DocEntry>, StoreError> {
         let rows = self.workers.call(move |client| {
@@ -1075,43 +1114,10 @@ impl RelayStorage for PostgresStorage {
         f: impl FnOnce(&mut Document) -> Result<(R, Vec<SignedChange>, Vec<ApprovalReceipt>), E>,
     ) -> Result<Option<R>, E> {
         let slot = self.slots.slot(doc);
-        let mut held = slot.lock();
-        // Taken before anything is read: what is read next is current at least as of it.
-        let stamp = self.caches.fresh.stamp();
-        let current = match self.slots.take(&mut held) {
-            Some(cached) if self.caches.fresh.is_current(doc, cached.stamp) => Some(cached),
-            cached => self.refresh(doc, cached, stamp, create)?,
-        };
-        let (mut document, version, read_at) = match current {
-            Some(c) => (c.doc, Some(c.version), c.stamp),
-            None if create => {
-                (Document::from_automerge(doc.clone(), AutoCommit::new()).map_err(StoreError::from)?, None, stamp)
-            }
-            None => {
-                drop(held);
-                self.slots.forget_if_idle(doc, slot);
-                return Ok(None);
-            }
-        };
-        let before = document.heads();
-        // On error the copy (which `f` may have half changed) is dropped: read again next time.
-        let (value, signatures, receipts) = f(&mut document)?;
-        if document.heads() == before || document.is_empty() {
-            match version {
-                Some(version) => self.slots.put(&mut held, Cached { doc: document, version, stamp: read_at }),
-                None => {
-                    drop(held);
-                    self.slots.forget_if_idle(doc, slot);
-                    return Ok(Some(value));
-                }
-            }
-        } else {
-            let written = self.write(doc, document, version, &before, signatures, receipts)?;
-            self.slots.put(&mut held, written);
-        }
-        drop(held);
-        self.slots.unload_beyond_capacity();
-        Ok(Some(value))
+        let result = self.with_doc_in(doc, &slot, create, f);
+        // A slot left without a document (not stored, not kept, or dropped after an error) goes.
+        self.slots.forget_if_idle(doc, slot);
+        result
     }
 
     /// From memory where held (a stored signature never changes), the rest

@@ -118,6 +118,16 @@ fn reading_a_loaded_document_writes_nothing_and_unknown_ids_leave_nothing_behind
         let found = store.with_doc(&DocId::random(), false, |_| Ok::<_, StoreError>(((), (Vec::new(), Vec::new()))));
         assert!(found.unwrap().is_none());
     }
+    // Named with `create` (a peer's sync message for a document nobody holds):
+    // still empty afterwards, or refused, nothing is stored and no slot stays.
+    for i in 0..100 {
+        let named = store.with_doc(&DocId::random(), true, |_| match i % 2 {
+            0 => Ok::<_, StoreError>(((), (Vec::new(), Vec::new()))),
+            _ => Err(StoreError::CommitFailed("refused by the caller".into())),
+        });
+        assert_eq!(named.is_ok(), i % 2 == 0);
+    }
+    assert_eq!(store.stats().commits, commits);
     assert_eq!(store.inner.slots.count(), 1, "only the stored document has a slot");
 }
 
