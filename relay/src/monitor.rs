@@ -202,7 +202,8 @@ pub struct RelayMetrics {
     /// Automerge sync messages sent to the node.
     pub node_sent_messages: Family<NodeLabels, Counter>,
     /// Connection steps done from memory on the async runtime's thread (a
-    /// change passed on, an acknowledgement taken; see `RelayStorage::try_with_loaded`).
+    /// change passed on, an acknowledgement taken, a `Sync` frame for a
+    /// document not stored answered; see `RelayStorage::try_with_loaded`).
     pub steps_from_memory: Counter,
     /// Connection steps run on a storage thread (everything else).
     pub steps_on_storage_threads: Counter,

@@ -951,6 +951,11 @@ impl<S: RelayStorage> MemoryAccess for RelayDocs<'_, S> {
             _ => Some(Vec::new()),
         }
     }
+
+    fn try_absent(&mut self, doc: &DocId) -> Option<bool> {
+        // Not stored: any node may send it (`may_receive`), and nothing is held back here.
+        Some(self.storage().cached_is_party(doc, self.org)?.is_none())
+    }
 }
 
 /// What serving one connection keeps beside the protocol state: its place in

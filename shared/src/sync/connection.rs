@@ -234,6 +234,17 @@ pub trait MemoryAccess: DocAccess {
 
     /// The document's approval receipts for the peer (as [`DocAccess::receipts`]), if in memory.
     fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>>;
+
+    /// `Some(true)` if memory says the document is not held here, and a
+    /// message for it would meet an empty document on the full path (the
+    /// peer may send it, [`DocAccess::may_receive`], and it is not held back,
+    /// [`DocAccess::hold_back`]); `Some(false)` if memory says otherwise. So a
+    /// relay answers a node's `Sync` frames for documents nobody holds (a
+    /// burst of them costs a storage step each otherwise) where it reads
+    /// them. The default knows nothing.
+    fn try_absent(&mut self, _doc: &DocId) -> Option<bool> {
+        None
+    }
 }
 
 /// What happened on a connection that the driver should act on.
@@ -868,7 +879,8 @@ impl SyncConnection {
     }
 
     /// [`Self::on_frame`] done without waiting, as [`Self::try_local_change`],
-    /// for a peer's `Sync` frame that carries no changes (an acknowledgement)
+    /// for a peer's `Sync` frame that carries no changes (an acknowledgement,
+    /// or a message naming a document not held here, [`MemoryAccess::try_absent`])
     /// and for an `Authors` frame (signatures held until their `Sync` frame,
     /// no storage at all): `Some(())` when it is done (such frames raise no
     /// event), `None` when it needs the full path — then nothing changed here
@@ -893,6 +905,17 @@ impl SyncConnection {
         }
         if self.unanswered.contains(doc) {
             return None; // The first answer to a planned start: the next planned documents start on the full path.
+        }
+        if memory.try_absent(doc)? {
+            // Not held here: the full path would meet an empty document, keep no
+            // state for it and send no receipts or signatures, only the reply.
+            let reply = self.session.answer_absent(doc, message)?;
+            self.stats.frames_in += 1;
+            self.stats.sync_in += 1;
+            if let Some(reply) = reply {
+                self.push(reply);
+            }
+            return Some(());
         }
         let receipts = memory.try_receipts(doc)?;
         let (session, memo) = (&self.session, memory.sync_memo());
@@ -1063,6 +1086,7 @@ fn max_seq_of(doc: &mut AutoCommit, actor: &ActorId) -> u64 {
 #[cfg(test)]
 mod tests {
 
+    use automerge::sync::SyncDoc;
     use automerge::transaction::Transactable;
     use automerge::ReadDoc;
 
@@ -1897,6 +1921,59 @@ mod tests {
         assert!(relay.into_persisted().is_empty());
         let relay = open_relay(&mut rd);
         assert!(relay.stats().docs_sent.is_empty() && relay.receipts_sent.is_empty());
+    }
+
+    /// A burst of `Sync` frames naming documents the relay does not hold is
+    /// answered from memory, exactly as the full path answers them; a frame
+    /// that brings a new document's changes, or names one held or refused
+    /// here, still takes the full path.
+    #[test]
+    fn sync_frames_for_documents_not_held_are_answered_from_memory_as_the_full_path_answers_them() {
+        let mut rd = docs();
+        let held = DocId::random();
+        rd.insert(held.clone(), doc_with("reläets"));
+        let (mut full, mut fast) = (open_relay(&mut rd), open_relay(&mut rd));
+        for relay in [&mut full, &mut fast] {
+            relay.on_frame(Frame::DocHeads { entries: Vec::new() }, &mut rd).unwrap();
+            relay.take_outbox();
+        }
+        let message = phantom_message();
+        for _ in 0..50 {
+            let frame = Frame::Sync { doc: DocId::random(), message: message.clone() };
+            full.on_frame(frame.clone(), &mut rd).unwrap();
+            assert_eq!(fast.try_frame(&frame, &mut rd), Some(()), "no storage needed");
+            let (expected, got) = (full.take_outbox(), fast.take_outbox());
+            assert!(matches!(got.as_slice(), [Frame::Sync { .. }]), "answered: {got:?}");
+            assert_eq!(got, expected, "the same reply as the full path");
+        }
+        assert_eq!(fast.session.docs().collect::<Vec<_>>(), vec![&held], "no sync state kept for them");
+        assert_eq!((fast.stats().frames_in, fast.stats().sync_in), (full.stats().frames_in, full.stats().sync_in));
+        assert_eq!(fast.persisted(), full.persisted());
+
+        // A new document's changes: created on the full path.
+        let mut theirs = doc_with("ny hos reläet");
+        let (mut ours, mut empty) = (automerge::sync::State::new(), AutoCommit::new());
+        let mut state = automerge::sync::State::new();
+        let first = theirs.sync().generate_sync_message(&mut ours).unwrap();
+        empty.sync().receive_sync_message(&mut state, first).unwrap();
+        let reply = empty.sync().generate_sync_message(&mut state).unwrap();
+        theirs.sync().receive_sync_message(&mut ours, reply).unwrap();
+        let with_changes = theirs.sync().generate_sync_message(&mut ours).unwrap();
+        assert!(!with_changes.changes.is_empty());
+        let new_doc = Frame::Sync { doc: DocId::random(), message: with_changes.encode() };
+        assert_eq!(fast.try_frame(&new_doc, &mut rd), None, "changes are stored");
+        // A document held here is not answered as an empty one.
+        let to_held = Frame::Sync { doc: held.clone(), message: message.clone() };
+        if fast.try_frame(&to_held, &mut rd).is_none() {
+            fast.on_frame(to_held.clone(), &mut rd).unwrap();
+        }
+        full.on_frame(to_held, &mut rd).unwrap();
+        assert_eq!(fast.take_outbox(), full.take_outbox());
+        // Nor one refused on this connection, which the full path restarts.
+        let refused = DocId::random();
+        fast.session.stop(&refused, true);
+        assert_eq!(fast.try_frame(&Frame::Sync { doc: refused, message }, &mut rd), None);
+        assert!(fast.take_outbox().is_empty(), "nothing done on a `None`");
     }
 
     #[test]

@@ -399,6 +399,10 @@ impl MemoryAccess for MemoryDocs {
     fn try_receipts(&mut self, doc: &DocId) -> Option<Vec<ReceiptEntry>> {
         self.receipts(doc).ok()
     }
+
+    fn try_absent(&mut self, doc: &DocId) -> Option<bool> {
+        Some(!self.docs.contains_key(doc) && self.visible(doc))
+    }
 }
 
 /// One [`MemoryDocs`] behind a lock, for several connections sharing one copy

@@ -384,6 +384,31 @@ impl PeerSession {
         Some(self.prepared(doc_id, doc, state, frame, true, shared))
     }
 
+    /// [`Self::receive`] of a message that carries no changes, for a document
+    /// this side does not hold (an empty one) and has no state for: the reply
+    /// (`Some(None)`: none), worked out without touching this session, which
+    /// the full path leaves unchanged too (a document still empty afterwards
+    /// keeps no state). `None` for anything else, which the full path then
+    /// handles: a state or a refusal held for the document, a message that
+    /// does not decode, fails a check or carries changes, an Automerge error,
+    /// a reply over the frame limit.
+    pub(crate) fn answer_absent(&self, doc_id: &DocId, message: &[u8]) -> Option<Option<Frame>> {
+        if self.disabled.contains(doc_id) || self.states.contains_key(doc_id) {
+            return None;
+        }
+        let decoded = Message::decode(message).ok()?;
+        if !decoded.changes.is_empty() || check_message(&decoded, &self.limits).is_err() {
+            return None;
+        }
+        let mut empty = AutoCommit::new();
+        let mut state = State::new();
+        let received = catch_unwind(AssertUnwindSafe(|| empty.sync().receive_sync_message(&mut state, decoded)));
+        if !matches!(received, Ok(Ok(()))) || !empty.get_heads().is_empty() {
+            return None;
+        }
+        self.generate_step(doc_id, &mut empty, state).map(|(_, frame)| frame)
+    }
+
     /// One step that leaves the document as it is, from `before` (and the
     /// peer's `received` message): copied from the memo when it holds the
     /// same step on the same document version (`shared`: the memo and the
