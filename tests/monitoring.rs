@@ -199,9 +199,11 @@ async fn status_api_and_metrics_show_stale_behind_and_in_sync_nodes_by_name() {
         "sync_steps_copied",
         "sync_steps_worked_out",
         "document_loads",
+        "handshakes_retried",
     ] {
         assert!(metrics.contains(&format!("# TYPE samverkan_relay_{family} counter")), "{family}: {metrics}");
     }
+    assert!(metrics.contains("# TYPE samverkan_relay_handshakes_in_progress gauge"), "{metrics}");
     assert!(metrics.trim_end().ends_with("# EOF"));
     assert_eq!(metric(&metrics, "samverkan_relay_nodes{state=\"stale\"}"), 1.0);
     assert_eq!(metric(&metrics, "samverkan_relay_nodes{state=\"behind\"}"), 1.0);

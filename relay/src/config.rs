@@ -10,6 +10,9 @@
 //! cached_documents = 256             # documents kept loaded in memory at most
 //! max_connections = 4096             # connections served at once
 //! max_connections_per_key = 4        # per node key; the oldest are closed beyond it
+//! handshakes_before_retry = 64       # handshakes in progress beyond which a new connection
+//!                                    # must prove its address first (a QUIC Retry, one round trip)
+//! handshakes_per_address = 16        # handshakes in progress per (proven) address beyond that
 //! stale_after_minutes = 1440         # a node not seen for this long is flagged stale
 //! storage = "sqlite"                 # or "postgres://relay@db.example:5432/samverkan": several
 //!                                    # relay instances (same relay.key) may share one database
@@ -150,6 +153,10 @@ pub struct RelayFile {
     pub max_connections: Option<usize>,
     /// Connections per node key.
     pub max_connections_per_key: Option<usize>,
+    /// Handshakes in progress beyond which new connections get a QUIC Retry.
+    pub handshakes_before_retry: Option<usize>,
+    /// Handshakes in progress per validated address beyond that.
+    pub handshakes_per_address: Option<usize>,
     /// Minutes after which an unseen node is stale.
     pub stale_after_minutes: Option<u64>,
     /// Where the data lives: `sqlite` (the default) or a `postgres://` address.
@@ -198,6 +205,12 @@ impl RelayFile {
         }
         if let Some(n) = self.max_connections_per_key {
             config.max_connections_per_key = n.max(1);
+        }
+        if let Some(n) = self.handshakes_before_retry {
+            config.handshakes_before_retry = n;
+        }
+        if let Some(n) = self.handshakes_per_address {
+            config.handshakes_per_address = n.max(1);
         }
         if let Some(minutes) = self.stale_after_minutes {
             config.monitoring.stale_after = Duration::from_secs(minutes.saturating_mul(60));
@@ -264,6 +277,8 @@ mod tests {
             cached_documents = 10
             max_connections = 20
             max_connections_per_key = 2
+            handshakes_before_retry = 7
+            handshakes_per_address = 3
             stale_after_minutes = 60
             storage = "postgres://relay@db:5432/samverkan"
             [admin]
@@ -288,6 +303,7 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(config.data_dir, PathBuf::from("/srv/relay"));
         assert_eq!((config.cached_documents, config.max_connections, config.max_connections_per_key), (10, 20, 2));
+        assert_eq!((config.handshakes_before_retry, config.handshakes_per_address), (7, 3));
         assert_eq!(config.monitoring.stale_after, Duration::from_secs(3600));
         let admin = config.monitoring.admin.unwrap();
         assert_eq!((admin.listen, admin.token.as_deref()), ("0.0.0.0:9001".parse().unwrap(), Some("hemligt")));

@@ -7,6 +7,7 @@
 //! - [`config`]: the TOML configuration file of `samverkan-relay serve`.
 //! - [`enrollment`]: who may connect: the enrollment directory, join codes, the relay's key.
 //! - [`hub`]: fan-out of "document changed" notices between connections, never blocking.
+//! - [`handshake`]: which new connections are taken in before authentication (QUIC Retry under load, a share per address).
 //! - [`budget`]: what one node key may make the relay read (bytes per second, shared by its connections).
 //! - [`server`]: the QUIC accept loop and one sync task per node connection.
 //! - [`record_keys`]: the approval records of each document version, parsed once (the relay checks what a change adds).
@@ -26,6 +27,7 @@ pub mod admin;
 pub mod budget;
 pub mod config;
 pub mod enrollment;
+pub mod handshake;
 pub mod hub;
 pub mod monitor;
 pub mod record_keys;

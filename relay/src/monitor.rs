@@ -173,6 +173,11 @@ pub struct RelayMetrics {
     pub refused_connections: Family<ReasonLabels, Counter>,
     /// Documents the relay refused to a connection without closing it, by reason.
     pub refused_documents: Family<ReasonLabels, Counter>,
+    /// Connection attempts answered with a QUIC Retry (address validation,
+    /// under a load of handshakes; see [`crate::handshake`]).
+    pub handshakes_retried: Counter,
+    /// Handshakes in progress now.
+    pub handshakes_in_progress: Gauge,
     /// Documents stored.
     pub documents: Gauge,
     /// Documents loaded in memory.
@@ -235,6 +240,12 @@ impl RelayMetrics {
             "Documents refused to a connection without closing it, by reason",
             m.refused_documents.clone(),
         );
+        registry.register(
+            "handshakes_retried",
+            "Connection attempts answered with a QUIC Retry (address validation under a load of handshakes)",
+            m.handshakes_retried.clone(),
+        );
+        registry.register("handshakes_in_progress", "Handshakes in progress now", m.handshakes_in_progress.clone());
         registry.register("documents", "Documents stored", m.documents.clone());
         registry.register("documents_loaded", "Documents loaded in memory", m.documents_loaded.clone());
         registry.register(
@@ -276,7 +287,8 @@ impl RelayMetrics {
         let steps = [
             (
                 "steps_from_memory",
-                "Connection steps done from memory without a storage thread (a change passed on, an acknowledgement)",
+                "Connection steps done from memory without a storage thread (a change passed on, an acknowledgement, \
+                 a Sync for a document not stored)",
                 &m.steps_from_memory,
             ),
             ("steps_on_storage_threads", "Connection steps run on a storage thread", &m.steps_on_storage_threads),

@@ -57,6 +57,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::budget::ReceiveBudget;
 use crate::config::StorageLocation;
 use crate::enrollment::{self, EnrollmentError};
+use crate::handshake::{Admission, HandshakeGate};
 use crate::hub::{Hub, Mailbox};
 use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayMetrics, RelayStatus};
 use crate::record_keys::RecordKeys;
@@ -81,6 +82,12 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// Connections one node key may hold at once; more are refused.
     pub max_connections_per_key: usize,
+    /// Handshakes in progress beyond which a new connection must first prove
+    /// its address with a QUIC Retry (see [`crate::handshake`]); at most half
+    /// of `max_connections`.
+    pub handshakes_before_retry: usize,
+    /// Handshakes in progress one (validated) address may have at once.
+    pub handshakes_per_address: usize,
     /// How often the relay looks whether the operator changed the enrollment
     /// directory from another process (`enroll`, `revoke`): revoked nodes
     /// still connected are cut off, connected nodes get the new directory. A
@@ -112,6 +119,8 @@ impl RelayConfig {
             cached_documents: 256,
             max_connections: 4096,
             max_connections_per_key: 4,
+            handshakes_before_retry: crate::handshake::DEFAULT_RETRY_ABOVE,
+            handshakes_per_address: crate::handshake::DEFAULT_PER_ADDRESS,
             directory_poll: Duration::from_secs(1),
             monitoring: MonitorConfig::default(),
             content: ContentLimits::default(),
@@ -601,6 +610,9 @@ async fn start<S: RelayStorage>(
             .await?;
     let limits = config.limits.clone();
     let max_connections = config.max_connections;
+    // Handshakes nobody finishes may hold at most half of the connection slots.
+    let retry_above = config.handshakes_before_retry.min(max_connections / 2);
+    let gate = HandshakeGate::new(retry_above, config.handshakes_per_address);
     let accept_shared = shared.clone();
     let mut directory_poll = tokio::time::interval(config.directory_poll);
     directory_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -628,16 +640,51 @@ async fn start<S: RelayStorage>(
                             incoming.refuse();
                             continue;
                         }
+                        let remote = incoming.remote_address();
+                        let validated = incoming.remote_address_validated();
+                        let metrics = accept_shared.monitor.metrics();
+                        let ticket = match gate.admit(remote.ip(), validated, incoming.may_retry()) {
+                            Admission::Accept(ticket) => ticket,
+                            Admission::Retry => {
+                                // Stateless: a client that owns its address comes back with the token.
+                                metrics.handshakes_retried.inc();
+                                if incoming.retry().is_err() {
+                                    let _ = accept_shared.monitor.connection_refused("could not send a Retry");
+                                }
+                                continue;
+                            }
+                            Admission::Refuse => {
+                                let reason = if validated { "too many handshakes from one address" } else { "unvalidated address under load" };
+                                if let Some(suppressed) = accept_shared.monitor.connection_refused(reason) {
+                                    warn!(%remote, suppressed, reason, "refusing connections");
+                                }
+                                incoming.refuse();
+                                continue;
+                            }
+                        };
+                        metrics.handshakes_in_progress.set(gate.in_progress() as i64);
                         let shared = accept_shared.clone();
                         let limits = limits.clone();
-                        let remote = incoming.remote_address();
+                        let gate = gate.clone();
+                        let mut stopping = stop.clone();
                         connections.spawn(
                             async move {
-                                match incoming.await {
-                                    Ok(conn) => serve(conn, shared, limits).await,
-                                    Err(e) => {
+                                // Bounded: a handshake nobody finishes holds its slot only this long.
+                                let handshake = tokio::select! {
+                                    done = tokio::time::timeout(limits.handshake_timeout, incoming) => done,
+                                    _ = stopping.changed() => return,
+                                };
+                                drop(ticket);
+                                shared.monitor.metrics().handshakes_in_progress.set(gate.in_progress() as i64);
+                                match handshake {
+                                    Ok(Ok(conn)) => serve(conn, shared, limits).await,
+                                    Ok(Err(e)) => {
                                         let _ = shared.monitor.connection_refused("handshake failed");
                                         debug!(error = %e, "handshake failed");
+                                    }
+                                    Err(_) => {
+                                        let _ = shared.monitor.connection_refused("handshake timed out");
+                                        debug!(timeout = ?limits.handshake_timeout, "handshake timed out");
                                     }
                                 }
                             }
