@@ -906,7 +906,7 @@ impl SyncConnection {
         if self.unanswered.contains(doc) {
             return None; // The first answer to a planned start: the next planned documents start on the full path.
         }
-        if memory.try_absent(doc)? {
+        if memory.try_absent(doc) == Some(true) {
             // Not held here: the full path would meet an empty document, keep no
             // state for it and send no receipts or signatures, only the reply.
             let reply = self.session.answer_absent(doc, message)?;
