@@ -30,6 +30,10 @@
 //! max_change_bytes = 4194304         # largest single change accepted (4 MiB)
 //! max_document_bytes = 33554432      # largest document, as the sum of its changes (32 MiB);
 //!                                    # with 1 MiB headroom it must fit max_frame_bytes
+//! max_change_operations = 500000    # most operations in one change (counted before Automerge
+//!                                    # sees it: a change of 100 bytes can carry millions)
+//! max_message_operations = 2000000  # most in one sync message (a whole document's history
+//!                                    # travels in one to a node syncing from nothing)
 //! receive_bytes_per_second_per_key = 8388608  # what one node key may make the relay read on average (8 MiB/s)
 //! receive_burst_bytes_per_key = 4194304       # and at once (4 MiB), even mid-frame; every frame counts at least 4 KiB
 //!
@@ -125,6 +129,10 @@ pub struct LimitsFile {
     pub max_change_bytes: Option<u64>,
     /// Largest document (the sum of its changes), in bytes.
     pub max_document_bytes: Option<u64>,
+    /// Most operations in one change.
+    pub max_change_operations: Option<u64>,
+    /// Most operations in one sync message.
+    pub max_message_operations: Option<u64>,
     /// Bytes per second one node key may make the relay read, on average.
     pub receive_bytes_per_second_per_key: Option<u64>,
     /// Bytes one node key may make the relay read at once.
@@ -250,6 +258,12 @@ impl RelayFile {
         if let Some(n) = self.limits.max_document_bytes {
             config.content.max_document_bytes = n;
         }
+        if let Some(n) = self.limits.max_change_operations {
+            config.max_change_ops = n.max(1);
+        }
+        if let Some(n) = self.limits.max_message_operations {
+            config.max_message_ops = n.max(1);
+        }
         if let Some(n) = self.limits.receive_bytes_per_second_per_key {
             config.receive_rate_per_key = n.max(1);
         }
@@ -291,6 +305,8 @@ mod tests {
             handshake_timeout_seconds = 4
             max_change_bytes = 1000
             max_document_bytes = 5000
+            max_change_operations = 11
+            max_message_operations = 12
             receive_bytes_per_second_per_key = 100000
             receive_burst_bytes_per_key = 200000
             [postgres]
@@ -313,6 +329,7 @@ mod tests {
         assert_eq!(config.limits.handshake_timeout, Duration::from_secs(4));
         assert_eq!((config.receive_rate_per_key, config.receive_burst_per_key), (100_000, 200_000));
         assert_eq!(config.postgres_pool_size, 3);
+        assert_eq!((config.max_change_ops, config.max_message_ops), (11, 12));
     }
 
     #[test]

@@ -97,6 +97,12 @@ pub struct RelayConfig {
     pub monitoring: MonitorConfig,
     /// Largest change and document accepted (and so stored and forwarded).
     pub content: ContentLimits,
+    /// Most operations one change may carry (counted before Automerge sees it:
+    /// a change of a hundred bytes can carry millions; see `samverkan_shared::sync::check`).
+    pub max_change_ops: u64,
+    /// Most operations one sync message may carry, all its changes together
+    /// (also the most a document may have and still reach a node syncing from nothing).
+    pub max_message_ops: u64,
     /// Bytes per second one node key may make the relay read on average (see [`crate::budget`]).
     pub receive_rate_per_key: u64,
     /// Bytes one node key may make the relay read at once.
@@ -124,6 +130,8 @@ impl RelayConfig {
             directory_poll: Duration::from_secs(1),
             monitoring: MonitorConfig::default(),
             content: ContentLimits::default(),
+            max_change_ops: samverkan_shared::sync::DEFAULT_MAX_CHANGE_OPS,
+            max_message_ops: samverkan_shared::sync::DEFAULT_MAX_OPS,
             receive_rate_per_key: crate::budget::DEFAULT_RATE,
             receive_burst_per_key: crate::budget::DEFAULT_BURST,
             storage: StorageLocation::Sqlite,
@@ -583,7 +591,12 @@ async fn start<S: RelayStorage>(
         monitor: monitor.clone(),
         max_connections_per_key: config.max_connections_per_key,
         orgs: enrollment::organisations(&config.data_dir)?,
-        sync_limits: SyncLimits { max_frame: config.limits.max_frame, ..SyncLimits::for_content(&config.content) },
+        sync_limits: SyncLimits {
+            max_frame: config.limits.max_frame,
+            max_change_ops: config.max_change_ops,
+            max_ops: config.max_message_ops,
+            ..SyncLimits::for_content(&config.content)
+        },
         content: config.content,
         budget: ReceiveBudget::new(config.receive_rate_per_key, config.receive_burst_per_key),
         record_keys: RecordKeys::default(),

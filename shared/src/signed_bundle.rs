@@ -215,6 +215,10 @@ pub fn verify(files: &BundleFiles, pinned: Option<&NodeId>) -> Result<BundleRepo
     if sha256_hex(&files.history) != manifest.history_sha256 {
         return Err(BundleVerifyError::Checksum(HISTORY_FILE));
     }
+    // Checked as a sync message's changes are before Automerge sees them (bounded
+    // inflation and operations: a few bytes can hold millions of operations).
+    crate::sync::check_chunks(&files.history, &crate::sync::SyncLimits::default())
+        .map_err(|e| BundleVerifyError::History(format!("refused before loading: {e}")))?;
     let mut doc = Document::load(manifest.doc.clone(), &files.history)
         .map_err(|e| BundleVerifyError::History(format!("does not load: {e}")))?;
     let view_at = |doc: &mut Document, heads: &[automerge::ChangeHash]| {

@@ -22,12 +22,20 @@
 //! - the changes: whole chunks only, of the three kinds sync produces
 //!   (document, change, compressed change), each with a valid checksum, and all
 //!   DEFLATE data (compressed changes, compressed document columns) inflating
-//!   to at most [`SyncLimits::max_inflated_bytes`] in total.
+//!   to at most [`SyncLimits::max_inflated_bytes`] in total;
+//! - the operations the changes carry: at most [`SyncLimits::max_change_ops`]
+//!   in one change and [`SyncLimits::max_ops`] in all. Their columns are
+//!   run-length encoded, so a change of 120 bytes can carry millions of
+//!   operations (four million took Automerge 11 s and 1.8 GB to apply): each
+//!   column's run lengths are added up, and the group counts that say how
+//!   many rows other columns hold, without decoding a value into memory. A
+//!   saved document's operations (a document chunk: how a whole history
+//!   travels) count against the message's limit only.
 //!
-//! What it cannot check: the columnar encoding inside changes and documents.
-//! Automerge still decodes that itself, under `catch_unwind` in the session.
+//! What it cannot check: the values inside the columns. Automerge still
+//! decodes those itself, under `catch_unwind` in the session.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read};
 
 use automerge::sync::{Have, Message};
 use automerge::ChangeHash;
@@ -55,7 +63,26 @@ pub struct SyncLimits {
     /// Largest single change chunk (inflated), as [`ContentLimits::max_change_bytes`];
     /// a larger change is refused before Automerge parses it.
     pub max_change_bytes: u64,
+    /// Most operations in one change (the rows of its longest column).
+    pub max_change_ops: u64,
+    /// Most operations in one message (or one bundle document), all changes
+    /// together: a document's whole history travels in one message when a
+    /// node syncs it from nothing, so this is also the most a document can
+    /// have and still reach a new node.
+    pub max_ops: u64,
 }
+
+/// Default [`SyncLimits::max_change_ops`]: a paste of half a million
+/// characters (a few hundred pages) in one edit. Applying a change costs
+/// Automerge 0.12 up to about 2.8 µs and 450 bytes at its peak per operation
+/// (measured: a million inserts of `true`, 106 bytes, 2.5 s and 460 MB).
+pub const DEFAULT_MAX_CHANGE_OPS: u64 = 500_000;
+
+/// Default [`SyncLimits::max_ops`]: two million operations in one message, all
+/// changes together (a plan of 50,000 characters rewritten forty times over).
+/// Loading them as a saved document costs about 0.55 µs and 90 bytes at the
+/// peak per operation (four million: 2.2 s, 355 MB).
+pub const DEFAULT_MAX_OPS: u64 = 2_000_000;
 
 impl SyncLimits {
     /// The default limits, with the change and inflation bounds of `content`.
@@ -78,6 +105,8 @@ impl Default for SyncLimits {
             max_bloom_bits_per_entry: 64,
             max_inflated_bytes: DEFAULT_MAX_DOCUMENT_BYTES,
             max_change_bytes: DEFAULT_MAX_CHANGE_BYTES,
+            max_change_ops: DEFAULT_MAX_CHANGE_OPS,
+            max_ops: DEFAULT_MAX_OPS,
         }
     }
 }
@@ -147,6 +176,24 @@ pub enum MessageCheckError {
     /// Bytes that hold no Automerge data at all.
     #[error("no Automerge data")]
     Empty,
+    /// One change carries more operations than allowed.
+    #[error("a change carries more than {max} operations, the limit per change")]
+    ChangeTooManyOps {
+        /// The limit.
+        max: u64,
+    },
+    /// The changes together carry more operations than allowed.
+    #[error("the changes carry more than {max} operations, the limit per message")]
+    TooManyOps {
+        /// The limit.
+        max: u64,
+    },
+    /// A change's columns do not have the layout Automerge writes.
+    #[error("malformed change columns: {reason}")]
+    BadColumns {
+        /// What is wrong.
+        reason: &'static str,
+    },
 }
 
 /// Checks a decoded sync message against `limits` (see the module docs).
@@ -159,7 +206,7 @@ pub fn check_message(message: &Message, limits: &SyncLimits) -> Result<(), Messa
     for have in &message.have {
         check_have(have, limits)?;
     }
-    let mut budget = limits.max_inflated_bytes;
+    let mut budget = Budget::new(limits);
     for entry in message.changes.iter() {
         check_chunks_within(entry, &mut budget, limits)?;
     }
@@ -173,11 +220,31 @@ pub fn check_chunks(data: &[u8], limits: &SyncLimits) -> Result<(), MessageCheck
     if data.is_empty() {
         return Err(MessageCheckError::Empty);
     }
-    let mut budget = limits.max_inflated_bytes;
+    let mut budget = Budget::new(limits);
     check_chunks_within(data, &mut budget, limits)
 }
 
-fn check_chunks_within(data: &[u8], budget: &mut u64, limits: &SyncLimits) -> Result<(), MessageCheckError> {
+/// What the rest of a message may still inflate to and carry.
+struct Budget {
+    /// Bytes compressed data may still inflate to.
+    inflated: u64,
+    /// Operations the changes may still carry.
+    ops: u64,
+}
+
+impl Budget {
+    fn new(limits: &SyncLimits) -> Self {
+        Self { inflated: limits.max_inflated_bytes, ops: limits.max_ops }
+    }
+
+    /// Takes one change's (or document's) operations.
+    fn take_ops(&mut self, ops: u64, limits: &SyncLimits) -> Result<(), MessageCheckError> {
+        self.ops = self.ops.checked_sub(ops).ok_or(MessageCheckError::TooManyOps { max: limits.max_ops })?;
+        Ok(())
+    }
+}
+
+fn check_chunks_within(data: &[u8], budget: &mut Budget, limits: &SyncLimits) -> Result<(), MessageCheckError> {
     let mut rest = data;
     while !rest.is_empty() {
         rest = check_chunk(rest, budget, limits)?;
@@ -231,7 +298,7 @@ const CHUNK_COMPRESSED: u8 = 2;
 const COLUMN_DEFLATE: u32 = 0b1000;
 
 /// Checks one chunk at the start of `input`; returns the bytes after it.
-fn check_chunk<'a>(input: &'a [u8], budget: &mut u64, limits: &SyncLimits) -> Result<&'a [u8], MessageCheckError> {
+fn check_chunk<'a>(input: &'a [u8], budget: &mut Budget, limits: &SyncLimits) -> Result<&'a [u8], MessageCheckError> {
     let max = limits.max_inflated_bytes;
     let bad = |reason| MessageCheckError::BadChunk { reason };
     let too_large = |size: u64| MessageCheckError::ChangeTooLarge { size, max: limits.max_change_bytes };
@@ -246,31 +313,34 @@ fn check_chunk<'a>(input: &'a [u8], budget: &mut u64, limits: &SyncLimits) -> Re
     match chunk_type {
         CHUNK_DOCUMENT => {
             verify_checksum(checksum, CHUNK_DOCUMENT, data.len() as u64, |h| h.update(data))?;
-            check_document_columns(data, budget, max)?;
+            check_document_columns(data, budget, limits)?;
         }
         CHUNK_CHANGE => {
             let size = (input.len() - r.0.len()) as u64;
             if size > limits.max_change_bytes {
                 return Err(too_large(size));
             }
-            verify_checksum(checksum, CHUNK_CHANGE, data.len() as u64, |h| h.update(data))?
+            verify_checksum(checksum, CHUNK_CHANGE, data.len() as u64, |h| h.update(data))?;
+            budget.take_ops(change_ops(data, limits)?, limits)?;
         }
         CHUNK_COMPRESSED => {
             // The checksum covers the inflated change: count first, then hash while inflating again.
             // At most one byte past the change limit is inflated before refusing.
             let change_cap = limits.max_change_bytes;
-            let mut change_budget = (*budget).min(change_cap);
+            let mut change_budget = budget.inflated.min(change_cap);
             let inflated = inflate_counted(data, &mut change_budget, max).map_err(|e| match e {
-                MessageCheckError::InflatedTooLarge { .. } if change_cap < *budget => too_large(change_cap + 1),
+                MessageCheckError::InflatedTooLarge { .. } if change_cap < budget.inflated => too_large(change_cap + 1),
                 other => other,
             })?;
-            *budget -= inflated;
-            let mut result = Ok(());
-            verify_checksum(checksum, CHUNK_CHANGE, inflated, |hasher| {
-                let mut inflater = flate2::bufread::DeflateDecoder::new(data).take(inflated);
-                result = io::copy(&mut inflater, &mut HashWriter(hasher)).map(drop);
-            })?;
-            result.map_err(|_| MessageCheckError::BadDeflate)?;
+            budget.inflated -= inflated;
+            // Within the change limit (a few MiB): held once, to be hashed and have its operations counted.
+            let mut change = Vec::with_capacity(usize::try_from(inflated).unwrap_or(0));
+            flate2::bufread::DeflateDecoder::new(data)
+                .take(inflated)
+                .read_to_end(&mut change)
+                .map_err(|_| MessageCheckError::BadDeflate)?;
+            verify_checksum(checksum, CHUNK_CHANGE, inflated, |hasher| hasher.update(&change))?;
+            budget.take_ops(change_ops(&change, limits)?, limits)?;
         }
         other => return Err(MessageCheckError::UnsupportedChunk(other)),
     }
@@ -299,8 +369,9 @@ fn verify_checksum(
     }
 }
 
-/// Walks a document chunk's metadata and inflates (counting only) its compressed columns.
-fn check_document_columns(data: &[u8], budget: &mut u64, max: u64) -> Result<(), MessageCheckError> {
+/// Walks a document chunk's metadata, inflates (counting only) its compressed
+/// columns and counts its operations (the rows of its op columns).
+fn check_document_columns(data: &[u8], budget: &mut Budget, limits: &SyncLimits) -> Result<(), MessageCheckError> {
     let bad = || MessageCheckError::BadChunk { reason: "document layout" };
     let mut r = Bytes(data);
     let actors = r.leb128_u64().map_err(|_| bad())?;
@@ -312,17 +383,219 @@ fn check_document_columns(data: &[u8], budget: &mut u64, max: u64) -> Result<(),
     r.take_u64(heads.checked_mul(32).ok_or_else(bad)?).map_err(|_| bad())?;
     let change_columns = read_columns(&mut r).map_err(|_| bad())?;
     let op_columns = read_columns(&mut r).map_err(|_| bad())?;
-    for columns in [change_columns, op_columns] {
+    let max = limits.max_inflated_bytes;
+    for (section_index, columns) in [change_columns, op_columns].into_iter().enumerate() {
         let total = columns.iter().try_fold(0u64, |sum, (_, len)| sum.checked_add(*len)).ok_or_else(bad)?;
         let mut section = Bytes(r.take_u64(total).map_err(|_| bad())?);
+        // The document's changes are bounded by the message's operations too (each has at least one).
+        let mut rows = RowCount::new(&columns, limits.max_ops, MessageCheckError::TooManyOps { max: limits.max_ops });
         for (spec, len) in columns {
             let column = section.take_u64(len).map_err(|_| bad())?;
             if spec & COLUMN_DEFLATE != 0 {
-                inflate_counted(column, budget, max)?;
+                inflate_counted(column, &mut budget.inflated, max)?;
+                let reader = flate2::bufread::DeflateDecoder::new(column).take(max);
+                rows.column(spec, io::BufReader::new(reader))?;
+            } else {
+                rows.column(spec, column)?;
             }
+        }
+        if section_index == 1 {
+            budget.take_ops(rows.rows, limits)?;
         }
     }
     Ok(())
+}
+
+/// The operations of one (uncompressed) change chunk's data, as Automerge 0.12
+/// lays it out (`storage/change.rs`, `parse_following_header`): dependencies,
+/// actor, sequence number, start op, time, message, other actors, then the op
+/// columns' metadata and data.
+fn change_ops(data: &[u8], limits: &SyncLimits) -> Result<u64, MessageCheckError> {
+    let bad = || MessageCheckError::BadChunk { reason: "change layout" };
+    let mut r = Bytes(data);
+    let deps = r.leb128_u64().map_err(|_| bad())?;
+    r.take_u64(deps.checked_mul(32).ok_or_else(bad)?).map_err(|_| bad())?;
+    let actor = r.leb128_u64().map_err(|_| bad())?;
+    r.take_u64(actor).map_err(|_| bad())?;
+    r.leb128_u64().map_err(|_| bad())?; // seq
+    r.leb128_u64().map_err(|_| bad())?; // start op
+    r.skip_leb128().map_err(|_| bad())?; // time (signed)
+    let message = r.leb128_u64().map_err(|_| bad())?;
+    r.take_u64(message).map_err(|_| bad())?;
+    let others = r.leb128_u64().map_err(|_| bad())?;
+    for _ in 0..others {
+        let len = r.leb128_u64().map_err(|_| bad())?;
+        r.take_u64(len).map_err(|_| bad())?;
+    }
+    let columns = read_columns(&mut r).map_err(|_| bad())?;
+    let max = limits.max_change_ops.min(limits.max_ops);
+    let mut rows = RowCount::new(&columns, max, MessageCheckError::ChangeTooManyOps { max: limits.max_change_ops });
+    for (spec, len) in columns {
+        let column = r.take_u64(len).map_err(|_| bad())?;
+        if spec & COLUMN_DEFLATE != 0 {
+            return Err(MessageCheckError::BadColumns { reason: "a compressed column inside a change" });
+        }
+        rows.column(spec, column)?;
+    }
+    Ok(rows.rows)
+}
+
+/// Column types (the low three bits of a column spec), as Automerge 0.12 numbers them.
+const COLUMN_GROUP: u32 = 0;
+const COLUMN_DELTA: u32 = 3;
+const COLUMN_BOOLEAN: u32 = 4;
+const COLUMN_STRING: u32 = 5;
+const COLUMN_RAW: u32 = 7;
+
+/// The rows of a set of columns (a change's or a document's operations): the
+/// longest column's, leaving out the columns a group column groups (an
+/// operation's predecessors: as many rows as the group's values add up to).
+/// Refused with `error` as soon as any column's rows, or any group's sum,
+/// passes `max`.
+struct RowCount {
+    rows: u64,
+    max: u64,
+    error: MessageCheckError,
+    /// Column ids (a spec without its type and compression bits) that have a group column.
+    grouped: Vec<u32>,
+}
+
+impl RowCount {
+    fn new(columns: &[(u32, u64)], max: u64, error: MessageCheckError) -> Self {
+        let grouped =
+            columns.iter().filter(|(spec, _)| spec & 0b111 == COLUMN_GROUP).map(|(spec, _)| spec >> 4).collect();
+        Self { rows: 0, max, error, grouped }
+    }
+
+    /// Counts one column's rows, read from `data` (run lengths only; values skipped).
+    fn column(&mut self, spec: u32, data: impl BufRead) -> Result<(), MessageCheckError> {
+        let bad = |reason| MessageCheckError::BadColumns { reason };
+        let kind = spec & 0b111;
+        if kind == COLUMN_RAW {
+            return Ok(()); // Raw value bytes: their rows are the metadata column's.
+        }
+        let mut r = ColumnReader::new(data);
+        let (mut rows, mut grouped) = (0u64, 0u64);
+        let over = |n: u64| n > self.max;
+        if kind == COLUMN_BOOLEAN {
+            // Run lengths only, alternating false and true.
+            while let Some(run) = r.uleb().map_err(|_| bad("boolean run"))? {
+                rows = rows.saturating_add(run);
+                if over(rows) {
+                    return Err(self.error.clone());
+                }
+            }
+        } else {
+            // Run-length encoded: a signed count, then one value (a run), |count|
+            // values (literals), or for 0 the length of a run of nulls.
+            let value = |r: &mut ColumnReader<_>| -> Result<u64, MessageCheckError> {
+                match kind {
+                    COLUMN_DELTA => r.skip_leb().map(|()| 0),
+                    COLUMN_STRING => r.need_uleb().and_then(|len| r.skip(len)).map(|()| 0),
+                    _ => r.need_uleb(),
+                }
+                .map_err(|_| bad("value"))
+            };
+            while let Some(count) = r.sleb().map_err(|_| bad("run length"))? {
+                let (n, sum) = match count {
+                    0 => (r.need_uleb().map_err(|_| bad("null run"))?, 0),
+                    c if c > 0 => {
+                        let n = c.unsigned_abs();
+                        (n, value(&mut r)?.saturating_mul(n))
+                    }
+                    c => {
+                        let n = c.unsigned_abs();
+                        if over(n) {
+                            return Err(self.error.clone());
+                        }
+                        let mut sum = 0u64;
+                        for _ in 0..n {
+                            sum = sum.saturating_add(value(&mut r)?);
+                        }
+                        (n, sum)
+                    }
+                };
+                rows = rows.saturating_add(n);
+                grouped = grouped.saturating_add(sum);
+                if over(rows) || (kind == COLUMN_GROUP && over(grouped)) {
+                    return Err(self.error.clone());
+                }
+            }
+        }
+        if kind == COLUMN_GROUP || !self.grouped.contains(&(spec >> 4)) {
+            self.rows = self.rows.max(rows);
+        }
+        Ok(())
+    }
+}
+
+/// Reads LEB128 numbers from a column, one byte at a time (`None` at its end).
+struct ColumnReader<R> {
+    bytes: io::Bytes<R>,
+}
+
+impl<R: BufRead> ColumnReader<R> {
+    fn new(data: R) -> Self {
+        Self { bytes: data.bytes() }
+    }
+
+    fn byte(&mut self) -> Result<Option<u8>, ()> {
+        self.bytes.next().transpose().map_err(drop)
+    }
+
+    /// Unsigned LEB128, `None` at the end of the column.
+    fn uleb(&mut self) -> Result<Option<u64>, ()> {
+        let Some(first) = self.byte()? else { return Ok(None) };
+        let (mut value, mut shift, mut byte) = (u64::from(first & 0x7f), 7u32, first);
+        while byte & 0x80 != 0 {
+            byte = self.byte()?.ok_or(())?;
+            if shift > 63 {
+                return Err(());
+            }
+            value |= u64::from(byte & 0x7f).checked_shl(shift).ok_or(())?;
+            shift += 7;
+        }
+        Ok(Some(value))
+    }
+
+    fn need_uleb(&mut self) -> Result<u64, ()> {
+        self.uleb()?.ok_or(())
+    }
+
+    /// Signed LEB128, `None` at the end of the column.
+    fn sleb(&mut self) -> Result<Option<i64>, ()> {
+        let Some(first) = self.byte()? else { return Ok(None) };
+        let (mut value, mut shift, mut byte) = (i64::from(first & 0x7f), 7u32, first);
+        while byte & 0x80 != 0 {
+            byte = self.byte()?.ok_or(())?;
+            if shift > 63 {
+                return Err(());
+            }
+            value |= i64::from(byte & 0x7f).checked_shl(shift).ok_or(())?;
+            shift += 7;
+        }
+        if shift < 64 && byte & 0x40 != 0 {
+            value |= -1i64 << shift;
+        }
+        Ok(Some(value))
+    }
+
+    /// Skips one LEB128 number (signed or not).
+    fn skip_leb(&mut self) -> Result<(), ()> {
+        for _ in 0..10 {
+            if self.byte()?.ok_or(())? & 0x80 == 0 {
+                return Ok(());
+            }
+        }
+        Err(())
+    }
+
+    fn skip(&mut self, n: u64) -> Result<(), ()> {
+        for _ in 0..n {
+            self.byte()?.ok_or(())?;
+        }
+        Ok(())
+    }
 }
 
 /// Column metadata: a count, then (spec, data length) pairs.
@@ -346,19 +619,6 @@ fn inflate_counted(data: &[u8], budget: &mut u64, max: u64) -> Result<u64, Messa
     }
     *budget -= inflated;
     Ok(inflated)
-}
-
-struct HashWriter<'a>(&'a mut Sha256);
-
-impl Write for HashWriter<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 pub(super) fn put_leb128(out: &mut Vec<u8>, mut value: u64) {
@@ -390,6 +650,16 @@ impl<'a> Bytes<'a> {
         self.take(usize::try_from(n).map_err(drop)?)
     }
 
+    /// Skips one LEB128 number (signed or not).
+    fn skip_leb128(&mut self) -> Result<(), ()> {
+        for _ in 0..10 {
+            if self.take(1)?[0] & 0x80 == 0 {
+                return Ok(());
+            }
+        }
+        Err(())
+    }
+
     /// Unsigned LEB128 exactly as Automerge 0.12 reads it (`storage/parse/leb128.rs`).
     fn leb128_u64(&mut self) -> Result<u64, ()> {
         let mut value: u64 = 0;
@@ -406,6 +676,134 @@ impl<'a> Bytes<'a> {
             } else if shift > 63 {
                 return Err(());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::transaction::Transactable;
+    use automerge::{AutoCommit, ObjType, ReadDoc, ScalarValue, ROOT};
+
+    use super::*;
+
+    /// Changes of every kind Automerge writes: map keys, list and text
+    /// inserts, deletes, counters, nested objects, marks, conflicts from two actors.
+    fn assorted_changes() -> Vec<automerge::Change> {
+        let mut a = AutoCommit::new();
+        let list = a.put_object(ROOT, "lista", ObjType::List).unwrap();
+        let text = a.put_object(ROOT, "text", ObjType::Text).unwrap();
+        for i in 0..300 {
+            a.insert(&list, i, i as i64 * 7).unwrap();
+        }
+        a.commit();
+        a.splice_text(&text, 0, 0, "Medborgarlöfte för Flen: trygghetsvandringar varje vår.").unwrap();
+        a.put(ROOT, "räknare", ScalarValue::counter(1)).unwrap();
+        a.commit();
+        a.splice_text(&text, 5, 20, "").unwrap();
+        a.increment(ROOT, "räknare", 5).unwrap();
+        let map = a.insert_object(&list, 3, ObjType::Map).unwrap();
+        a.put(&map, "ägare", "Polisen").unwrap();
+        a.put(&map, "klar", true).unwrap();
+        a.put(&map, "inget", ()).unwrap();
+        a.delete(&list, 10).unwrap();
+        a.commit();
+        let mut b = a.fork();
+        b.put(ROOT, "titel", "från b").unwrap();
+        b.splice_text(&text, 0, 3, "ny").unwrap();
+        a.put(ROOT, "titel", "från a").unwrap();
+        a.commit();
+        b.commit();
+        a.merge(&mut b).unwrap();
+        a.put(ROOT, "titel", "löst").unwrap();
+        a.commit();
+        a.get_changes(&[])
+    }
+
+    #[test]
+    fn the_operations_counted_are_the_ones_automerge_reads() {
+        let limits = SyncLimits::default();
+        for change in assorted_changes() {
+            let bytes = change.raw_bytes();
+            let mut r = Bytes(bytes);
+            r.take(9).unwrap(); // magic, checksum, type
+            let len = r.leb128_u64().unwrap();
+            let data = r.take_u64(len).unwrap();
+            assert_eq!(change_ops(data, &limits).unwrap(), change.len() as u64, "change {}", change.hash());
+        }
+    }
+
+    #[test]
+    fn a_small_change_carrying_millions_of_operations_is_refused_and_an_honest_large_one_passes() {
+        // 20,000 inserts of `true`: about 120 bytes, as Automerge writes them.
+        let mut doc = AutoCommit::new();
+        let list = doc.put_object(ROOT, "l", ObjType::List).unwrap();
+        doc.splice(&list, 0, 0, std::iter::repeat_n(ScalarValue::Boolean(true), 20_000)).unwrap();
+        doc.commit();
+        let bytes: Vec<u8> = doc.get_changes(&[]).iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+        assert!(bytes.len() < 400, "{} bytes", bytes.len());
+        assert_eq!(check_chunks(&bytes, &SyncLimits::default()), Ok(()));
+        let per_change = SyncLimits { max_change_ops: 19_999, ..SyncLimits::default() };
+        assert_eq!(check_chunks(&bytes, &per_change), Err(MessageCheckError::ChangeTooManyOps { max: 19_999 }));
+        // The same as a saved document (a bundle's data): its op columns are counted.
+        let saved = doc.save();
+        let total = SyncLimits { max_ops: 19_999, ..SyncLimits::default() };
+        assert_eq!(check_chunks(&saved, &total), Err(MessageCheckError::TooManyOps { max: 19_999 }));
+        assert_eq!(check_chunks(&saved, &SyncLimits::default()), Ok(()));
+        // Several changes within the limit each, beyond it together.
+        let mut more = doc.fork();
+        let list = more.get(ROOT, "l").unwrap().unwrap().1;
+        more.splice(&list, 0, 0, std::iter::repeat_n(ScalarValue::Boolean(false), 12_000)).unwrap();
+        more.commit();
+        let all: Vec<u8> = more.get_changes(&[]).iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+        let total = SyncLimits { max_ops: 30_000, ..SyncLimits::default() };
+        assert_eq!(check_chunks(&all, &total), Err(MessageCheckError::TooManyOps { max: 30_000 }));
+
+        // Deleting a long text is as compact, and passes the defaults.
+        let mut text_doc = AutoCommit::new();
+        let text = text_doc.put_object(ROOT, "t", ObjType::Text).unwrap();
+        text_doc.splice_text(&text, 0, 0, &"trygghet ".repeat(5_000)).unwrap();
+        text_doc.commit();
+        text_doc.splice_text(&text, 0, 45_000, "").unwrap();
+        text_doc.commit();
+        let all: Vec<u8> = text_doc.get_changes(&[]).iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+        assert_eq!(check_chunks(&all, &SyncLimits::default()), Ok(()));
+    }
+
+    #[test]
+    fn run_lengths_past_any_limit_are_refused_without_overflow() {
+        let limits = SyncLimits::default();
+        let mut rows = RowCount::new(&[], limits.max_change_ops, MessageCheckError::ChangeTooManyOps { max: 1 });
+        // A run of 2^62 copies of one value in an integer column.
+        let mut column = Vec::new();
+        put_sleb(&mut column, 1 << 62);
+        put_leb128(&mut column, 1);
+        assert!(matches!(rows.column(2 << 4 | 2, &column[..]), Err(MessageCheckError::ChangeTooManyOps { .. })));
+        // A group count of 2^40 in a single row: the grouped columns would need that many rows.
+        let mut group = Vec::new();
+        put_sleb(&mut group, 1);
+        put_leb128(&mut group, 1 << 40);
+        assert!(matches!(rows.column(8 << 4, &group[..]), Err(MessageCheckError::ChangeTooManyOps { .. })));
+        // A boolean column of huge alternating runs.
+        let mut booleans = Vec::new();
+        put_leb128(&mut booleans, u64::MAX);
+        assert!(matches!(rows.column(4, &booleans[..]), Err(MessageCheckError::ChangeTooManyOps { .. })));
+        // Truncated values are malformed, not counted.
+        let mut truncated = Vec::new();
+        put_sleb(&mut truncated, -3);
+        put_leb128(&mut truncated, 1);
+        assert!(matches!(rows.column(2, &truncated[..]), Err(MessageCheckError::BadColumns { .. })));
+    }
+
+    fn put_sleb(out: &mut Vec<u8>, mut value: i64) {
+        loop {
+            let byte = (value & 0x7f) as u8;
+            value >>= 7;
+            if (value == 0 && byte & 0x40 == 0) || (value == -1 && byte & 0x40 != 0) {
+                out.push(byte);
+                return;
+            }
+            out.push(byte | 0x80);
         }
     }
 }

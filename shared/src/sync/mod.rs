@@ -47,7 +47,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use automerge::sync::{DecodeStateError, Message, ReadMessageError, State, SyncDoc};
 use automerge::{AutoCommit, AutomergeError, ChangeHash};
 
-pub use check::{check_chunks, check_message, MessageCheckError, SyncLimits};
+pub use check::{check_chunks, check_message, MessageCheckError, SyncLimits, DEFAULT_MAX_CHANGE_OPS, DEFAULT_MAX_OPS};
 pub use connection::{
     ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, MemoryAccess, SignedChange,
     SyncConnection, MAX_OFFERED_SIGNATURES, START_WINDOW,
@@ -157,7 +157,11 @@ impl SyncError {
     pub fn error_code(&self) -> ErrorCode {
         match self {
             SyncError::Refused {
-                source: MessageCheckError::ChangeTooLarge { .. } | MessageCheckError::InflatedTooLarge { .. },
+                source:
+                    MessageCheckError::ChangeTooLarge { .. }
+                    | MessageCheckError::InflatedTooLarge { .. }
+                    | MessageCheckError::ChangeTooManyOps { .. }
+                    | MessageCheckError::TooManyOps { .. },
                 ..
             } => ErrorCode::TooLarge,
             SyncError::Decode { .. } | SyncError::Refused { .. } | SyncError::Automerge { .. } => ErrorCode::Malformed,
