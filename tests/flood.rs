@@ -403,3 +403,73 @@ async fn a_frame_larger_than_the_budget_is_read_at_the_budgets_pace_not_at_once(
     conn.close(0u32.into(), b"done");
     relay.shutdown().await;
 }
+
+/// A `Sync` frame of a few hundred bytes can carry thousands of operations,
+/// each costing Automerge work: a key pays for them from its receive budget
+/// before the frame is handled, so frames that are small on the wire are
+/// handled at the pace of what they cost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_operations_are_paid_for_from_its_budget_before_they_are_applied() {
+    use samverkan::relay::budget::DOCUMENT_OPERATION_COST;
+    use samverkan::shared::automerge::{ObjType, ScalarValue, ROOT};
+    const KIB: u64 = 1024;
+    const OPS: usize = 10_000;
+    let _turn = TURN.lock().await;
+    let root = tempfile::tempdir().unwrap();
+    let mut config = relay_config(&root.path().join("relay"));
+    config.receive_rate_per_key = 16 * KIB;
+    config.receive_burst_per_key = 16 * KIB;
+    let relay = spawn_relay(config).await;
+    let attacker = enrolled_attacker(&relay);
+
+    // Six new documents of 10,000 operations each, a few hundred bytes on the
+    // wire (sent whole, as saved documents): four of them fit the burst by
+    // their bytes, each is five times the burst by its operations.
+    let frames: Vec<Frame> = (0..6)
+        .map(|_| {
+            let mut doc = AutoCommit::new().with_actor(attacker.node_id().actor_id());
+            let list = doc.put_object(ROOT, "l", ObjType::List).unwrap();
+            doc.splice(&list, 0, 0, std::iter::repeat_n(ScalarValue::Boolean(true), OPS)).unwrap();
+            doc.commit();
+            Frame::Sync { doc: DocId::random(), message: whole_document_message(&mut doc) }
+        })
+        .collect();
+    assert!(frames.iter().all(|f| f.payload_len() < 1024));
+    let (conn, mut send, _reader) = attacker_connection(&relay, &attacker).await;
+    send.write_all(&Frame::DocHeads { entries: Vec::new() }.encode()).await.unwrap();
+    let started = Instant::now();
+    for frame in &frames {
+        send.write_all(&frame.encode()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let status = relay.status();
+    let node = status.nodes.iter().find(|n| n.node_id == attacker.node_id().to_string()).expect("attacker known");
+    // The burst and the rate since, against what each frame costs.
+    let elapsed = started.elapsed().as_secs_f64();
+    let budget = (1.0 + elapsed) * 16.0 * KIB as f64;
+    let per_frame = (OPS as u64 * DOCUMENT_OPERATION_COST) as f64;
+    println!(
+        "after {elapsed:.1} s the relay had handled {} of 6 frames of {OPS} operations (budget {budget:.0} bytes, \
+         {per_frame:.0} a frame)",
+        node.messages_in
+    );
+    assert!(
+        (node.messages_in as f64) <= (budget / per_frame).ceil(),
+        "{} frames handled, the budget covered {:.2}",
+        node.messages_in,
+        budget / per_frame
+    );
+    conn.close(0u32.into(), b"done");
+    relay.shutdown().await;
+}
+
+/// The message a peer holding nothing gets for `doc`: its whole history.
+fn whole_document_message(doc: &mut AutoCommit) -> Vec<u8> {
+    use automerge::sync::{State, SyncDoc};
+    let (mut ours, mut theirs, mut empty) = (State::new(), State::new(), AutoCommit::new());
+    let offer = doc.sync().generate_sync_message(&mut ours).unwrap();
+    empty.sync().receive_sync_message(&mut theirs, offer).unwrap();
+    let request = empty.sync().generate_sync_message(&mut theirs).unwrap();
+    doc.sync().receive_sync_message(&mut ours, request).unwrap();
+    doc.sync().generate_sync_message(&mut ours).unwrap().encode()
+}

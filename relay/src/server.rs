@@ -43,8 +43,8 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
-    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, SignedChange, SyncConnection, SyncLimits,
-    SyncMemo, START_WINDOW,
+    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, Operations, SignedChange, SyncConnection,
+    SyncLimits, SyncMemo, START_WINDOW,
 };
 use samverkan_shared::wire::{
     protocol_refusal, protocol_served, ErrorCode, Frame, RawFrame, ReceiptEntry, Received, RefusalKind, WireError,
@@ -1390,47 +1390,66 @@ async fn run<S: RelayStorage>(
         // while; changes of others are still passed on to it meanwhile.
         let pause = shared.budget.wait(&auth.key, Instant::now());
         let input = match next.take() {
-            Some(frame) => Input::Frame(frame),
-            None => tokio::select! {
-                step = recv.read_step(DECODE_ON_WORKER_UP_TO, READ_BETWEEN_CHARGES), if pause.is_zero() => match step.map_err(|e| report_bad_frame(&mut current.sync, e))? {
-                    ReadStep::Partial => {
-                        // In the middle of a large frame: pay for what was read, and wait
-                        // (with the rest unread, held back by flow control) if that was too much.
-                        shared.budget.charge_bytes(&auth.key, recv.bytes() - charged, Instant::now());
-                        charged = recv.bytes();
-                        continue;
+            Some(frame) if pause.is_zero() => Input::Frame(frame),
+            // A frame read but past the budget (its operations) waits, unread frames behind it.
+            waiting => {
+                next = waiting;
+                tokio::select! {
+                    step = recv.read_step(DECODE_ON_WORKER_UP_TO, READ_BETWEEN_CHARGES), if pause.is_zero() && next.is_none() => match step.map_err(|e| report_bad_frame(&mut current.sync, e))? {
+                        ReadStep::Partial => {
+                            // In the middle of a large frame: pay for what was read, and wait
+                            // (with the rest unread, held back by flow control) if that was too much.
+                            shared.budget.charge_bytes(&auth.key, recv.bytes() - charged, Instant::now());
+                            charged = recv.bytes();
+                            continue;
+                        }
+                        ReadStep::Frame(Some(received)) => {
+                            shared.budget.charge(&auth.key, recv.bytes() - charged, Instant::now());
+                            charged = recv.bytes();
+                            let limits = &shared.sync_limits;
+                            let (frame, ops) = match received {
+                                Received::Frame(frame) => {
+                                    let ops = operations_of(&frame, limits);
+                                    (frame, ops)
+                                }
+                                Received::Undecoded(raw) => {
+                                    let (decoded, ops) = decode_off_worker(raw, limits.clone()).await?;
+                                    (decoded.map_err(|e| report_bad_frame(&mut current.sync, e.into()))?, ops)
+                                }
+                            };
+                            // Automerge's work is per operation, and a few bytes can carry
+                            // millions: they are paid for before the frame is handled.
+                            let cost = crate::budget::operations_cost(ops);
+                            if cost > 0 {
+                                shared.budget.charge_bytes(&auth.key, cost, Instant::now());
+                                if !shared.budget.wait(&auth.key, Instant::now()).is_zero() {
+                                    next = Some(frame);
+                                    continue;
+                                }
+                            }
+                            Input::Frame(frame)
+                        }
+                        ReadStep::Frame(None) => return Ok(()),
+                    },
+                    () = tokio::time::sleep(pause), if !pause.is_zero() => continue,
+                    _ = wait(mailbox.as_deref()) => {
+                        let Some(mailbox) = mailbox else { continue };
+                        if let Some(reason) = mailbox.close_reason() {
+                            let code = if reason.contains("revoked") { ErrorCode::Unauthenticated } else { ErrorCode::Busy };
+                            current.sync.push_error(code, reason.clone());
+                            return Err(ConnectionEnd::Refused(reason));
+                        }
+                        if mailbox.take_directory_changed() {
+                            current.sync.push_directory(shared.directory().signed.clone());
+                        }
+                        let changed = mailbox.take();
+                        if changed.is_empty() {
+                            continue;
+                        }
+                        Input::Changed(changed)
                     }
-                    ReadStep::Frame(Some(received)) => {
-                        shared.budget.charge(&auth.key, recv.bytes() - charged, Instant::now());
-                        charged = recv.bytes();
-                        let frame = match received {
-                            Received::Frame(frame) => frame,
-                            Received::Undecoded(raw) => decode_off_worker(raw)
-                                .await?
-                                .map_err(|e| report_bad_frame(&mut current.sync, e.into()))?,
-                        };
-                        Input::Frame(frame)
-                    }
-                    ReadStep::Frame(None) => return Ok(()),
-                },
-                () = tokio::time::sleep(pause), if !pause.is_zero() => continue,
-                _ = wait(mailbox.as_deref()) => {
-                    let Some(mailbox) = mailbox else { continue };
-                    if let Some(reason) = mailbox.close_reason() {
-                        let code = if reason.contains("revoked") { ErrorCode::Unauthenticated } else { ErrorCode::Busy };
-                        current.sync.push_error(code, reason.clone());
-                        return Err(ConnectionEnd::Refused(reason));
-                    }
-                    if mailbox.take_directory_changed() {
-                        current.sync.push_directory(shared.directory().signed.clone());
-                    }
-                    let changed = mailbox.take();
-                    if changed.is_empty() {
-                        continue;
-                    }
-                    Input::Changed(changed)
                 }
-            },
+            }
         };
         // A change to pass on, and a node's acknowledgement, usually need
         // nothing but memory (the document loaded and free, its receipts and
@@ -1571,11 +1590,28 @@ const READ_BETWEEN_CHARGES: usize = 256 * 1024;
 
 /// Decodes a large frame on a thread of tokio's blocking pool (see
 /// [`DECODE_ON_WORKER_UP_TO`]).
-async fn decode_off_worker(raw: RawFrame) -> Result<Result<Frame, WireError>, ConnectionEnd> {
-    match tokio::task::spawn_blocking(move || raw.decode()).await {
+async fn decode_off_worker(
+    raw: RawFrame,
+    limits: SyncLimits,
+) -> Result<(Result<Frame, WireError>, Operations), ConnectionEnd> {
+    let decode = move || {
+        let decoded = raw.decode();
+        let ops = decoded.as_ref().map_or(Operations::default(), |frame| operations_of(frame, &limits));
+        (decoded, ops)
+    };
+    match tokio::task::spawn_blocking(decode).await {
         Ok(decoded) => Ok(decoded),
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
         Err(_) => Err(ConnectionEnd::ShuttingDown),
+    }
+}
+
+/// The operations a `Sync` frame's changes carry (none for other frames, and
+/// for a message that will be refused unread); see `sync::operations_in`.
+fn operations_of(frame: &Frame, limits: &SyncLimits) -> Operations {
+    match frame {
+        Frame::Sync { message, .. } => samverkan_shared::sync::operations_in(message, limits).unwrap_or_default(),
+        _ => Operations::default(),
     }
 }
 

@@ -47,7 +47,10 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use automerge::sync::{DecodeStateError, Message, ReadMessageError, State, SyncDoc};
 use automerge::{AutoCommit, AutomergeError, ChangeHash};
 
-pub use check::{check_chunks, check_message, MessageCheckError, SyncLimits, DEFAULT_MAX_CHANGE_OPS, DEFAULT_MAX_OPS};
+pub use check::{
+    check_chunks, check_message, operations_in, MessageCheckError, Operations, SyncLimits, DEFAULT_MAX_CHANGE_OPS,
+    DEFAULT_MAX_OPS,
+};
 pub use connection::{
     ConnectionError, ConnectionEvent, ConnectionStats, DocAccess, DocOutcome, MemoryAccess, SignedChange,
     SyncConnection, MAX_OFFERED_SIGNATURES, START_WINDOW,
