@@ -571,19 +571,26 @@ impl<R: BufRead> ColumnReader<R> {
         self.bytes.next().transpose().map_err(drop)
     }
 
-    /// Unsigned LEB128, `None` at the end of the column.
-    fn uleb(&mut self) -> Result<Option<u64>, ()> {
-        let Some(first) = self.byte()? else { return Ok(None) };
-        let (mut value, mut shift, mut byte) = (u64::from(first & 0x7f), 7u32, first);
+    /// The bits of one LEB128 number and the shift past its last byte, `None`
+    /// at the end of the column; a number wider than 64 bits is malformed.
+    fn leb_bits(&mut self) -> Result<Option<(u64, u32, u8)>, ()> {
+        let Some(mut byte) = self.byte()? else { return Ok(None) };
+        let (mut value, mut shift) = (u64::from(byte & 0x7f), 7u32);
         while byte & 0x80 != 0 {
             byte = self.byte()?.ok_or(())?;
-            if shift > 63 {
+            // The tenth byte holds bit 63 only (or its sign copies, for a signed number).
+            if shift > 63 || (shift == 63 && byte & 0x7f != 0 && byte & 0x7f != 0x7f && byte & 0x7f != 1) {
                 return Err(());
             }
-            value |= u64::from(byte & 0x7f).checked_shl(shift).ok_or(())?;
+            value |= u64::from(byte & 0x7f) << shift;
             shift += 7;
         }
-        Ok(Some(value))
+        Ok(Some((value, shift, byte)))
+    }
+
+    /// Unsigned LEB128, `None` at the end of the column.
+    fn uleb(&mut self) -> Result<Option<u64>, ()> {
+        Ok(self.leb_bits()?.map(|(value, _, _)| value))
     }
 
     fn need_uleb(&mut self) -> Result<u64, ()> {
@@ -592,20 +599,14 @@ impl<R: BufRead> ColumnReader<R> {
 
     /// Signed LEB128, `None` at the end of the column.
     fn sleb(&mut self) -> Result<Option<i64>, ()> {
-        let Some(first) = self.byte()? else { return Ok(None) };
-        let (mut value, mut shift, mut byte) = (i64::from(first & 0x7f), 7u32, first);
-        while byte & 0x80 != 0 {
-            byte = self.byte()?.ok_or(())?;
-            if shift > 63 {
-                return Err(());
+        Ok(self.leb_bits()?.map(|(value, shift, last)| {
+            let value = value as i64;
+            if shift < 64 && last & 0x40 != 0 {
+                value | (-1i64 << shift)
+            } else {
+                value
             }
-            value |= i64::from(byte & 0x7f).checked_shl(shift).ok_or(())?;
-            shift += 7;
-        }
-        if shift < 64 && byte & 0x40 != 0 {
-            value |= -1i64 << shift;
-        }
-        Ok(Some(value))
+        }))
     }
 
     /// Skips one LEB128 number (signed or not).
