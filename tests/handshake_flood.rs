@@ -99,3 +99,40 @@ async fn handshakes_an_outsider_never_finishes_do_not_lock_enrolled_nodes_out() 
     .await;
     relay.shutdown().await;
 }
+
+/// A client that finishes TLS (any key may: a node with a join code is not
+/// enrolled yet) and then never says who it is holds its place until the
+/// handshake timeout. From one address of its own, an outsider opens many such
+/// connections: beyond the Retry threshold that address gets its share only,
+/// and enrolled nodes elsewhere still connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_connections_that_never_authenticate_does_not_lock_nodes_out() {
+    let root = tempfile::tempdir().unwrap();
+    let mut config = relay_config(&root.path().join("relay"));
+    config.max_connections = 32;
+    config.handshakes_per_address = 4;
+    let relay = spawn_relay(config).await;
+    let mut node = Node::init(&root.path().join("flen"), "Flen", Some("flen")).unwrap();
+    relay.enroll_node(node.node_id(), node.org().clone(), "flen").unwrap();
+
+    // The outsider's own address (another loopback address than the node's).
+    let client = quinn::Endpoint::client("127.0.0.2:0".parse().unwrap()).unwrap();
+    let identity = TlsIdentity::new(NodeKey::generate().signing_key(), "outsider").unwrap();
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..64 {
+        let relay_key = *relay.relay_key().as_bytes();
+        match endpoint::connect(&client, relay.local_addr(), &identity, relay_key, &Limits::default()).await {
+            Ok(conn) => held.push(conn), // and never opens a stream
+            Err(_) => refused += 1,
+        }
+    }
+    println!("{} connections held from one address, {refused} refused", held.len());
+    // Half of the slots below the Retry threshold, then the address's share.
+    assert!(held.len() <= 16 + 4, "{} held", held.len());
+    let synced = bounded("sync", sync::sync_once(&mut node, &target(&relay), LIMIT)).await;
+    assert!(synced.is_ok(), "{synced:?}");
+    assert_eq!(relay.metrics().handshakes_in_progress.get(), held.len() as i64);
+    drop(held);
+    relay.shutdown().await;
+}

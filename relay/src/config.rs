@@ -10,9 +10,9 @@
 //! cached_documents = 256             # documents kept loaded in memory at most
 //! max_connections = 4096             # connections served at once
 //! max_connections_per_key = 4        # per node key; the oldest are closed beyond it
-//! handshakes_before_retry = 64       # handshakes in progress beyond which a new connection
+//! handshakes_before_retry = 64       # connections not yet authenticated beyond which a new one
 //!                                    # must prove its address first (a QUIC Retry, one round trip)
-//! handshakes_per_address = 16        # handshakes in progress per (proven) address beyond that
+//! handshakes_per_address = 16        # connections not yet authenticated per (proven) address beyond that
 //! stale_after_minutes = 1440         # a node not seen for this long is flagged stale
 //! storage = "sqlite"                 # or "postgres://relay@db.example:5432/samverkan": several
 //!                                    # relay instances (same relay.key) may share one database

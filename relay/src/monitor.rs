@@ -176,7 +176,7 @@ pub struct RelayMetrics {
     /// Connection attempts answered with a QUIC Retry (address validation,
     /// under a load of handshakes; see [`crate::handshake`]).
     pub handshakes_retried: Counter,
-    /// Handshakes in progress now.
+    /// Connections whose peer is not authenticated yet (TLS handshake, then `Hello` or `Join`).
     pub handshakes_in_progress: Gauge,
     /// Documents stored.
     pub documents: Gauge,
@@ -245,7 +245,11 @@ impl RelayMetrics {
             "Connection attempts answered with a QUIC Retry (address validation under a load of handshakes)",
             m.handshakes_retried.clone(),
         );
-        registry.register("handshakes_in_progress", "Handshakes in progress now", m.handshakes_in_progress.clone());
+        registry.register(
+            "handshakes_in_progress",
+            "Connections whose peer is not authenticated yet (TLS handshake, then Hello or Join)",
+            m.handshakes_in_progress.clone(),
+        );
         registry.register("documents", "Documents stored", m.documents.clone());
         registry.register("documents_loaded", "Documents loaded in memory", m.documents_loaded.clone());
         registry.register(

@@ -57,7 +57,7 @@ use tracing::{debug, info, info_span, warn, Instrument};
 use crate::budget::ReceiveBudget;
 use crate::config::StorageLocation;
 use crate::enrollment::{self, EnrollmentError};
-use crate::handshake::{Admission, HandshakeGate};
+use crate::handshake::{Admission, HandshakeGate, HandshakeTicket};
 use crate::hub::{Hub, Mailbox};
 use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayMetrics, RelayStatus};
 use crate::record_keys::RecordKeys;
@@ -82,11 +82,11 @@ pub struct RelayConfig {
     pub max_connections: usize,
     /// Connections one node key may hold at once; more are refused.
     pub max_connections_per_key: usize,
-    /// Handshakes in progress beyond which a new connection must first prove
-    /// its address with a QUIC Retry (see [`crate::handshake`]); at most half
-    /// of `max_connections`.
+    /// Connections not yet authenticated (TLS handshake, then `Hello` or
+    /// `Join`) beyond which a new connection must first prove its address with
+    /// a QUIC Retry (see [`crate::handshake`]); at most half of `max_connections`.
     pub handshakes_before_retry: usize,
-    /// Handshakes in progress one (validated) address may have at once.
+    /// Connections not yet authenticated one (validated) address may have at once.
     pub handshakes_per_address: usize,
     /// How often the relay looks whether the operator changed the enrollment
     /// directory from another process (`enroll`, `revoke`): revoked nodes
@@ -625,7 +625,11 @@ async fn start<S: RelayStorage>(
     let max_connections = config.max_connections;
     // Handshakes nobody finishes may hold at most half of the connection slots.
     let retry_above = config.handshakes_before_retry.min(max_connections / 2);
-    let gate = HandshakeGate::new(retry_above, config.handshakes_per_address);
+    let gate = HandshakeGate::new(
+        retry_above,
+        config.handshakes_per_address,
+        Some(monitor.metrics().handshakes_in_progress.clone()),
+    );
     let accept_shared = shared.clone();
     let mut directory_poll = tokio::time::interval(config.directory_poll);
     directory_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -675,10 +679,8 @@ async fn start<S: RelayStorage>(
                                 continue;
                             }
                         };
-                        metrics.handshakes_in_progress.set(gate.in_progress() as i64);
                         let shared = accept_shared.clone();
                         let limits = limits.clone();
-                        let gate = gate.clone();
                         let mut stopping = stop.clone();
                         connections.spawn(
                             async move {
@@ -687,10 +689,9 @@ async fn start<S: RelayStorage>(
                                     done = tokio::time::timeout(limits.handshake_timeout, incoming) => done,
                                     _ = stopping.changed() => return,
                                 };
-                                drop(ticket);
-                                shared.monitor.metrics().handshakes_in_progress.set(gate.in_progress() as i64);
                                 match handshake {
-                                    Ok(Ok(conn)) => serve(conn, shared, limits).await,
+                                    // The ticket is held until the peer is authenticated.
+                                    Ok(Ok(conn)) => serve(conn, shared, limits, ticket).await,
                                     Ok(Err(e)) => {
                                         let _ = shared.monitor.connection_refused("handshake failed");
                                         debug!(error = %e, "handshake failed");
@@ -1058,7 +1059,12 @@ impl Refusal {
 /// Every close carries its reason: an `Error` frame on the stream when there
 /// is one (whatever ended the connection, unless the peer reported the error
 /// itself), and the reason in the QUIC close in any case.
-async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>, limits: Limits) {
+async fn serve<S: RelayStorage>(
+    conn: quinn::Connection,
+    shared: Arc<Shared<S>>,
+    limits: Limits,
+    ticket: HandshakeTicket,
+) {
     let Some(key) = tls::peer_key(&conn).and_then(|k| NodeId::from_bytes(&k).ok()) else {
         refused(&shared.monitor, "no usable client key", None);
         conn.close(1u32.into(), b"no usable client key: an ed25519 client certificate is required");
@@ -1135,6 +1141,8 @@ async fn serve<S: RelayStorage>(conn: quinn::Connection, shared: Arc<Shared<S>>,
         {
             Err(end) => Err(end),
             Ok(Ok((auth, first))) => {
+                // Authenticated: no longer counted among the connections of unknown peers.
+                drop(ticket);
                 // A key that made the relay read more than its share waits (with the small
                 // pre-authentication window) until it has regained it: reconnecting does not help.
                 let pause = shared.budget.wait(&key, Instant::now());
