@@ -304,7 +304,7 @@ async fn a_daemon_passes_an_edit_on_while_another_process_holds_the_write_lock()
 /// fewer than it keeps loaded); the operator sees the loads in the status
 /// (and in `samverkan_relay_document_loads_total`, checked in `monitoring.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_fresh_node_pulling_more_documents_than_the_relay_keeps_loaded_makes_it_load_each_once() {
+async fn a_fresh_node_pulling_more_documents_than_the_relay_keeps_loaded_makes_it_load_none() {
     use samverkan::shared::sync::START_WINDOW;
     let root = tempfile::tempdir().unwrap();
     let mut config = relay_net::relay_config(&root.path().join("relay"));
@@ -312,10 +312,16 @@ async fn a_fresh_node_pulling_more_documents_than_the_relay_keeps_loaded_makes_i
     let relay = relay_net::spawn_relay(config).await;
     let mut seeder = relay_net::enrolled(root.path(), &relay, "seeder", "Länsstyrelsen");
     let docs = 8 * START_WINDOW;
+    let mut ids = Vec::new();
     for n in 0..docs {
         let mut content = DocumentContent::new(DocKind::CitizenPromise, format!("Medborgarlöfte {n}"));
         content.parties = vec![relay_net::org("Länsstyrelsen"), relay_net::org("Trosa")];
-        seeder.create(content).unwrap();
+        ids.push(seeder.create(content).unwrap());
+    }
+    sync(&mut seeder, &relay).await;
+    // Some documents also have increments on top of their snapshot at the relay.
+    for id in ids.iter().step_by(7) {
+        seeder.edit(id, "title", |e| e.set_title("Medborgarlöfte, reviderat")).unwrap();
     }
     sync(&mut seeder, &relay).await;
 
@@ -323,8 +329,13 @@ async fn a_fresh_node_pulling_more_documents_than_the_relay_keeps_loaded_makes_i
     let mut trosa = relay_net::enrolled(root.path(), &relay, "trosa", "Trosa");
     sync(&mut trosa, &relay).await;
     assert_eq!(trosa.list().unwrap().len(), docs);
+    for id in ids.iter().step_by(7) {
+        assert_eq!(trosa.document(id).unwrap().title().unwrap(), "Medborgarlöfte, reviderat");
+        assert_eq!(trosa.document(id).unwrap().heads(), seeder.document(id).unwrap().heads());
+    }
+    // Those the relay did not hold loaded went whole from their stored bytes, the
+    // others from memory (a seed-sized document costs Automerge 0.12 milliseconds to load).
     let loads = relay.status().relay.document_loads - before;
-    assert!(loads <= docs as u64, "{loads} loads for {docs} documents: some were loaded twice");
-    assert!(loads >= (docs - 3 * START_WINDOW) as u64, "most were not loaded when the node came: {loads}");
+    assert_eq!(loads, 0, "{loads} documents loaded to send {docs} to a fresh node");
     relay.shutdown().await;
 }

@@ -43,8 +43,8 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{
-    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, Operations, SignedChange, SyncConnection,
-    SyncLimits, SyncMemo, START_WINDOW,
+    ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, Operations, SignedChange, StoredWhole,
+    SyncConnection, SyncLimits, SyncMemo, START_WINDOW,
 };
 use samverkan_shared::wire::{
     protocol_refusal, protocol_served, ErrorCode, Frame, RawFrame, ReceiptEntry, Received, RefusalKind, WireError,
@@ -970,6 +970,14 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         match storage.is_party(doc, self.org)? {
             Some(true) => Ok(storage.receipts(doc)?.iter().filter_map(ApprovalReceipt::to_wire).collect()),
             _ => Ok(Vec::new()),
+        }
+    }
+
+    fn stored_whole(&mut self, doc: &DocId) -> Result<Option<StoredWhole>, DocAccessError> {
+        let storage = self.storage();
+        match storage.is_party(doc, self.org)? {
+            Some(true) => Ok(storage.stored_whole(doc)?),
+            _ => Ok(None),
         }
     }
 

@@ -24,7 +24,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
-use samverkan_shared::sync::SignedChange;
+use samverkan_shared::sync::{SignedChange, StoredWhole};
 use samverkan_store::concurrent::{CommitStats, ConcurrentStore};
 use samverkan_store::{DocSummary, StoreError};
 
@@ -82,6 +82,13 @@ pub trait RelayStorage: Send + Sync + 'static {
 
     /// The stored authors' signatures of these changes (those known).
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError>;
+
+    /// What is stored of a document to send it whole to a node that has none
+    /// of it, without loading it ([`StoredWhole`]); `None` when loading is
+    /// needed or cheaper. The default always loads.
+    fn stored_whole(&self, _doc: &DocId) -> Result<Option<StoredWhole>, StoreError> {
+        Ok(None)
+    }
 
     // The reads below answer from memory without waiting, or `None`: a
     // connection uses them to pass a change on from the async runtime's thread
@@ -284,6 +291,10 @@ impl RelayStorage for SqliteStorage {
 
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError> {
         self.store.signatures(hashes)
+    }
+
+    fn stored_whole(&self, doc: &DocId) -> Result<Option<StoredWhole>, StoreError> {
+        self.store.stored_whole(doc)
     }
 
     fn receipts(&self, doc: &DocId) -> Result<Vec<ApprovalReceipt>, StoreError> {

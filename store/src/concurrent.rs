@@ -38,6 +38,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::{OrgId, PartySets};
 use samverkan_shared::receipt::ApprovalReceipt;
+use samverkan_shared::sync::StoredWhole;
 
 use crate::slots::{read_only, Slot, Slots};
 use crate::{DocSummary, DocWrite, SizeBefore, Store, StoreError, UpdateOutcome, COMPACT_AFTER_ROWS};
@@ -324,6 +325,16 @@ impl ConcurrentStore {
         added
     }
 
+    /// What storage holds of a document to send it whole without loading it
+    /// ([`Store::stored_whole`], on a read connection); `None` when it is
+    /// loaded or in use (sending it from memory costs less) or cannot be sent so.
+    pub fn stored_whole(&self, id: &DocId) -> Result<Option<StoredWhole>, StoreError> {
+        if self.inner.slots.is_held(id) {
+            return Ok(None);
+        }
+        self.inner.read(|r| r.stored_whole(id))
+    }
+
     /// A stored document's heads and parties, from memory; `None` if not stored.
     pub fn entry(&self, id: &DocId) -> Option<IndexEntry> {
         read_lock(&self.inner.index).entries.get(id).cloned()
@@ -463,9 +474,11 @@ impl Inner {
             if h.increments == 0 {
                 return Ok(());
             }
-            (h.doc.automerge_mut().save(), h.last_seq, h.increments)
+            let tips = crate::snapshot_tips(h.doc.automerge_mut());
+            ((h.doc.automerge_mut().save(), tips), h.last_seq, h.increments)
         };
-        lock(&self.writer).compact_upto(id, &snapshot, upto)?;
+        let (snapshot, tips) = snapshot;
+        lock(&self.writer).compact_upto(id, &snapshot, &tips, upto)?;
         if let Some(h) = slot.lock().as_mut() {
             h.increments = (h.increments - folded).max(0);
         }

@@ -34,6 +34,7 @@ pub mod keyfile;
 mod refusals;
 mod replace;
 pub mod slots;
+mod whole;
 
 pub use cache::{DocCache, LEND_WAIT};
 pub use refusals::DocRefusal;
@@ -149,6 +150,11 @@ const MIGRATIONS: &[&str] = &[
          SELECT doc_id, coalesce(snapshot_sha256, x''), snapshot FROM documents WHERE snapshot IS NOT NULL;
      ALTER TABLE documents DROP COLUMN snapshot;
      ALTER TABLE documents DROP COLUMN snapshot_sha256;",
+    // 7 → 8: beside each snapshot, its author tips (`samverkan_shared::sync::encode_tips`):
+    // the changes whose signatures cover it, so that it can be sent whole without
+    // loading it (`Store::stored_whole`). NULL for snapshots written before, until
+    // the document's next compaction.
+    "ALTER TABLE snapshots ADD COLUMN tips BLOB;",
 ];
 
 /// Errors of the store.
@@ -706,7 +712,7 @@ impl Store {
                 size as i64
             ],
         )?;
-        put_snapshot(&tx, &id, &data)?;
+        put_snapshot(&tx, &id, &data, &snapshot_tips(doc.automerge_mut()))?;
         tx.commit()?;
         Ok(UpdateOutcome { new_bytes: data.len(), heads, created: true })
     }
@@ -891,7 +897,8 @@ impl Store {
     /// increment row up to `upto_seq`) and drops those rows, in its own
     /// transaction: compaction done in the background. Rows after `upto_seq`
     /// stay and are read on top of the snapshot.
-    pub fn compact_upto(&mut self, id: &DocId, snapshot: &[u8], upto_seq: i64) -> Result<(), StoreError> {
+    /// `tips` are the snapshot's author tips ([`snapshot_tips`]).
+    pub fn compact_upto(&mut self, id: &DocId, snapshot: &[u8], tips: &[u8], upto_seq: i64) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let generation: Option<i64> = tx
             .query_row(
@@ -903,7 +910,7 @@ impl Store {
         if generation.is_none() {
             return Err(StoreError::NotFound(id.clone()));
         }
-        put_snapshot(&tx, id, snapshot)?;
+        put_snapshot(&tx, id, snapshot, tips)?;
         tx.execute("DELETE FROM changes WHERE doc_id = ?1 AND seq <= ?2", params![id.as_str(), upto_seq])?;
         tx.commit()?;
         self.cache.evict(id);
@@ -1135,6 +1142,8 @@ pub struct DocWrite {
     pub signatures: Vec<(ChangeHash, [u8; 64])>,
     /// Approval receipts issued for records the update added.
     pub receipts: Vec<ApprovalReceipt>,
+    /// For a new document, the author tips of its full save ([`snapshot_tips`]); empty otherwise.
+    pub tips: Vec<u8>,
 }
 
 /// What Automerge's `save_after` gives for `changes` (the changes new since
@@ -1215,7 +1224,9 @@ impl DocWrite {
                 (Some(limits.check_changes(&id, &new, whole.saturating_sub(added))?), increment_bytes(&new))
             }
         };
+        let tips = if created { snapshot_tips(doc.automerge_mut()) } else { Vec::new() };
         Ok(Self {
+            tips,
             heads: doc.heads(),
             kind: doc.kind()?,
             title: doc.title()?,
@@ -1250,7 +1261,7 @@ fn write_doc_rows(tx: &Connection, write: &DocWrite) -> Result<Option<i64>, Stor
             parties,
             SizeBefore::column(write.size)
         ])?;
-        put_snapshot(tx, &write.id, &write.data)?;
+        put_snapshot(tx, &write.id, &write.data, &write.tips)?;
         None
     } else {
         tx.prepare_cached("INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)")?.execute(params![
@@ -1419,14 +1430,20 @@ fn sha256(data: &[u8]) -> Vec<u8> {
     sha2::Sha256::digest(data).to_vec()
 }
 
+/// The author tips of a document about to be saved as a snapshot, encoded to
+/// be kept beside it (`Store::stored_whole` sends it whole without loading it).
+pub fn snapshot_tips(doc: &mut AutoCommit) -> Vec<u8> {
+    samverkan_shared::sync::encode_tips(&samverkan_shared::sync::document_tips(doc))
+}
+
 /// Stores `data` (a full save) with its checksum as the document's snapshot,
 /// replacing the one before; the caller bumps the generation.
-fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8]) -> Result<(), StoreError> {
+fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8], tips: &[u8]) -> Result<(), StoreError> {
     tx.prepare_cached(
-        "INSERT INTO snapshots (doc_id, sha256, data) VALUES (?1, ?2, ?3)
-         ON CONFLICT (doc_id) DO UPDATE SET sha256 = excluded.sha256, data = excluded.data",
+        "INSERT INTO snapshots (doc_id, sha256, data, tips) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (doc_id) DO UPDATE SET sha256 = excluded.sha256, data = excluded.data, tips = excluded.tips",
     )?
-    .execute(params![id.as_str(), sha256(data), data])?;
+    .execute(params![id.as_str(), sha256(data), data, tips])?;
     Ok(())
 }
 
@@ -1448,7 +1465,7 @@ fn write_snapshot(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Resul
         params![id.as_str()],
         |r| r.get(0),
     )?;
-    put_snapshot(tx, id, &data)?;
+    put_snapshot(tx, id, &data, &snapshot_tips(doc.automerge_mut()))?;
     tx.execute("DELETE FROM changes WHERE doc_id = ?1", [id.as_str()])?;
     tracing::debug!(doc = %id, bytes = data.len(), generation, "compacted document");
     Ok(generation)

@@ -70,6 +70,18 @@ impl<T> Slots<T> {
         Some(value)
     }
 
+    /// Whether a document is loaded or in use right now (its slot holds a
+    /// copy, or another thread holds its lock).
+    pub fn is_held(&self, id: &DocId) -> bool {
+        let Some(slot) = lock(&self.map).get(id).cloned() else { return false };
+        let held = match slot.held.try_lock() {
+            Ok(held) => held.is_some(),
+            Err(std::sync::TryLockError::WouldBlock) => true,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner().is_some(),
+        };
+        held
+    }
+
     /// Loads `value` into a slot whose lock the caller holds.
     pub fn put(&self, held: &mut Option<T>, value: T) {
         if held.replace(value).is_none() {

@@ -25,6 +25,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use automerge::{ActorId, AutoCommit, AutomergeError, ChangeHash};
 
 use super::connection::{DocAccess, DocOutcome, MemoryAccess, SignedChange};
+use super::whole::{document_tips, increment_tips, StoredWhole};
 use super::SyncMemo;
 use crate::acceptance::{document_size, AuthorPolicy, ContentLimits, LimitError};
 use crate::authorship::ChangeSignature;
@@ -92,6 +93,7 @@ pub struct MemoryDocs {
     limits: Option<ContentLimits>,
     signer: Option<Signer>,
     memo: Option<Arc<SyncMemo>>,
+    whole_sends: bool,
 }
 
 impl Default for MemoryDocs {
@@ -106,6 +108,7 @@ impl Default for MemoryDocs {
             limits: None,
             signer: None,
             memo: None,
+            whole_sends: false,
         }
     }
 }
@@ -150,6 +153,14 @@ impl MemoryDocs {
     /// these documents, as the relay does ([`SyncMemo`]).
     pub fn with_sync_memo(mut self, memo: Arc<SyncMemo>) -> Self {
         self.memo = Some(memo);
+        self
+    }
+
+    /// Offers documents the peer has none of whole, as the relay's store does
+    /// ([`DocAccess::stored_whole`]): the bytes a store would hold (a snapshot
+    /// of the first half of the changes, the rest as one increment row).
+    pub fn with_whole_sends(mut self) -> Self {
+        self.whole_sends = true;
         self
     }
 
@@ -343,6 +354,28 @@ impl DocAccess for MemoryDocs {
         Ok(self.docs.get_mut(doc).map(Document::heads))
     }
 
+    fn stored_whole(&mut self, id: &DocId) -> Result<Option<StoredWhole>, MemoryDocsError> {
+        if !self.whole_sends || !self.visible(id) {
+            return Ok(None);
+        }
+        let Some(doc) = self.docs.get_mut(id).map(Document::automerge_mut) else { return Ok(None) };
+        let changes = doc.get_changes_meta(&[]).iter().map(|c| c.hash).collect::<Vec<_>>();
+        let Some(middle) = changes.get(changes.len() / 2) else { return Ok(None) };
+        let snapshot = doc
+            .fork_at(&[*middle])
+            .map_err(|source| MemoryDocsError::RollBack { doc: id.clone(), source: Box::new(source) })?;
+        let mut snapshot = snapshot;
+        let mut tips = document_tips(&mut snapshot);
+        let increment: Vec<u8> =
+            doc.get_changes(&snapshot.get_heads()).iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+        let mut chunks = vec![snapshot.save()];
+        if !increment.is_empty() {
+            tips.extend(increment_tips([increment.as_slice()]).unwrap_or_default());
+            chunks.push(increment);
+        }
+        Ok(Some(StoredWhole { heads: doc.get_heads(), chunks, tips }))
+    }
+
     fn receipts(&mut self, doc: &DocId) -> Result<Vec<ReceiptEntry>, MemoryDocsError> {
         if !self.visible(doc) {
             return Ok(Vec::new());
@@ -452,6 +485,10 @@ impl DocAccess for SharedMemoryDocs {
 
     fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, MemoryDocsError> {
         self.lock().heads(doc)
+    }
+
+    fn stored_whole(&mut self, doc: &DocId) -> Result<Option<StoredWhole>, MemoryDocsError> {
+        self.lock().stored_whole(doc)
     }
 
     fn receipts(&mut self, doc: &DocId) -> Result<Vec<ReceiptEntry>, MemoryDocsError> {

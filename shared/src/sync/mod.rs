@@ -37,6 +37,7 @@ mod connection;
 mod memo;
 mod memory;
 mod summary;
+mod whole;
 
 #[cfg(test)]
 mod tests;
@@ -60,6 +61,7 @@ pub use memory::{Access, MemoryDocs, MemoryDocsError, SharedMemoryDocs, Signer};
 pub use summary::{
     doc_heads_frame, heads_digest, plan, plan_keeping, summary_digest, summary_frame, HeadsDigest, SyncPlan,
 };
+pub use whole::{decode_tips, document_tips, encode_tips, increment_tips, StoredWhole};
 
 use crate::ids::DocId;
 use crate::wire::{ErrorCode, Frame};
@@ -243,6 +245,9 @@ pub struct PeerSession {
     /// heads changed since [`Self::take_changed_shared_heads`] (so that
     /// monitoring touches only those, never every state after every frame).
     changed: BTreeSet<DocId>,
+    /// Documents sent whole from their stored bytes ([`Self::start_whole`])
+    /// whose acknowledgement has not come yet.
+    sent_whole: BTreeSet<DocId>,
 }
 
 impl PeerSession {
@@ -260,6 +265,7 @@ impl PeerSession {
             disabled: BTreeSet::new(),
             signatures_sent: BTreeMap::new(),
             changed: BTreeSet::new(),
+            sent_whole: BTreeSet::new(),
         }
     }
 
@@ -502,6 +508,108 @@ impl PeerSession {
         frame
     }
 
+    /// Starts a document the peer has none of by sending it whole from its
+    /// stored bytes ([`StoredWhole`]), without the document: the message is
+    /// the one Automerge sends a peer with empty heads (its heads, the
+    /// stored chunks as the changes) but without the round trip that asks
+    /// for it, and the state is the one Automerge keeps after sending a
+    /// message (its `sent_hashes` left empty: those need the changes'
+    /// hashes; they only save sending a change twice). `None` (nothing
+    /// changed) when this document already has a state or was refused, or
+    /// the message would not fit a frame: the full path then starts it.
+    pub fn start_whole(&mut self, doc_id: &DocId, whole: &StoredWhole) -> Option<Frame> {
+        if self.states.contains_key(doc_id) || self.disabled.contains(doc_id) || whole.heads.is_empty() {
+            return None;
+        }
+        let mut heads = whole.heads.clone();
+        heads.sort_unstable();
+        let mut flags = automerge::sync::MessageFlags::new();
+        flags.set(automerge::sync::MessageFlags::SUPPORTS_SYNC_RESET);
+        let message = Message {
+            heads: heads.clone(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: whole.chunks.clone().into(),
+            flags: Some(flags),
+            version: automerge::sync::MessageVersion::V2,
+        };
+        let frame = Frame::Sync { doc: doc_id.clone(), message: message.encode() };
+        if frame.payload_len() > self.limits.max_frame {
+            return None;
+        }
+        let mut state = State::new();
+        state.have_responded = true;
+        state.last_sent_heads = heads;
+        state.in_flight = true;
+        self.states.insert(doc_id.clone(), state);
+        self.signatures_sent.insert(doc_id.clone(), BTreeSet::new());
+        self.sent_whole.insert(doc_id.clone());
+        self.changed.insert(doc_id.clone());
+        Some(frame)
+    }
+
+    /// Whether `doc_id` was sent whole ([`Self::start_whole`]) and its
+    /// acknowledgement is still to come.
+    pub fn awaits_whole_ack(&self, doc_id: &DocId) -> bool {
+        self.sent_whole.contains(doc_id)
+    }
+
+    /// Takes the peer's acknowledgement of a document sent whole without the
+    /// document: `Some(())` when `message` says the peer now has exactly
+    /// `heads` (the document's current heads) and asks for nothing, so that
+    /// Automerge, given the document, would take it in as below and have
+    /// nothing to reply (`a_document_sent_whole_is_acknowledged_without_it_as_automerge_would_with_it`).
+    /// `None` (nothing changed) for anything else, which the full path then handles.
+    pub fn settle_whole(&mut self, doc_id: &DocId, message: &[u8], heads: &[ChangeHash]) -> Option<()> {
+        if !self.sent_whole.contains(doc_id) || self.disabled.contains(doc_id) {
+            return None;
+        }
+        let state = self.states.get(doc_id)?;
+        let decoded = Message::decode(message).ok()?;
+        check_message(&decoded, &self.limits).ok()?;
+        let mut ours = heads.to_vec();
+        ours.sort_unstable();
+        let settled = !ours.is_empty()
+            && decoded.changes.is_empty()
+            && decoded.need.is_empty()
+            && decoded.heads == ours
+            && state.last_sent_heads == ours
+            && state.have_responded
+            && state.their_heads.is_none()
+            && decoded.have.iter().all(|have| {
+                let mut last = have.last_sync.clone();
+                last.sort_unstable();
+                last.dedup();
+                last == ours
+            });
+        if !settled {
+            return None;
+        }
+        let mut state = state.clone();
+        // What `receive_sync_message` does with such a message: ...
+        state.in_flight = false;
+        if let Some(flags) = decoded.flags {
+            let mut caps = vec![automerge::sync::Capability::MessageV2];
+            if flags.contains(automerge::sync::MessageFlags::SUPPORTS_SYNC_RESET) {
+                caps.push(automerge::sync::Capability::SyncReset);
+            }
+            state.their_capabilities = Some(caps);
+            state.peer_read_only = flags.contains(automerge::sync::MessageFlags::READ_ONLY);
+        }
+        // ... every change sent is below heads the peer now has ...
+        state.sent_hashes.clear();
+        state.shared_heads.clone_from(&ours);
+        state.their_have = Some(decoded.have);
+        state.their_heads = Some(decoded.heads);
+        state.their_need = Some(decoded.need);
+        // ... and `generate_sync_message` then has nothing to send: heads equal, nothing asked for.
+        self.sent_whole.remove(doc_id);
+        self.signatures_sent.insert(doc_id.clone(), BTreeSet::new());
+        self.states.insert(doc_id.clone(), state);
+        self.changed.insert(doc_id.clone());
+        Some(())
+    }
+
     /// Whether an error disabled this document for the rest of the connection.
     pub fn is_disabled(&self, doc_id: &DocId) -> bool {
         self.disabled.contains(doc_id)
@@ -614,6 +722,7 @@ impl PeerSession {
         if self.disabled.contains(doc_id) {
             return Err(SyncError::Disabled { doc: doc_id.clone() });
         }
+        self.sent_whole.remove(doc_id);
         let message = match Message::decode(message) {
             Ok(message) => message,
             Err(source) => {
@@ -699,6 +808,7 @@ impl PeerSession {
     /// documents grow no set).
     pub fn stop(&mut self, doc_id: &DocId, remember: bool) {
         self.states.remove(doc_id);
+        self.sent_whole.remove(doc_id);
         self.signatures_sent.remove(doc_id);
         if remember {
             self.disabled.insert(doc_id.clone());
@@ -711,6 +821,7 @@ impl PeerSession {
     /// start it again from a fresh state.
     pub fn restart(&mut self, doc_id: &DocId) {
         if self.disabled.remove(doc_id) {
+            self.sent_whole.remove(doc_id);
             self.states.remove(doc_id);
             self.signatures_sent.remove(doc_id);
         }
@@ -718,6 +829,7 @@ impl PeerSession {
 
     /// Drops the document's sync state, disables it and returns `error`.
     fn disable(&mut self, doc_id: &DocId, error: SyncError) -> SyncError {
+        self.sent_whole.remove(doc_id);
         if self.states.remove(doc_id).is_some() {
             self.changed.insert(doc_id.clone());
         }

@@ -872,3 +872,58 @@ fn the_signature_bookkeeping_of_a_long_connection_holds_only_changes_in_flight()
     }
     assert_eq!(ours.get_heads(), theirs.get_heads());
 }
+
+/// A document sent whole from stored bytes ([`PeerSession::start_whole`]):
+/// a fresh node takes it in with Automerge, and the relay takes the node's
+/// acknowledgement without the document ([`PeerSession::settle_whole`]),
+/// leaving exactly the state Automerge leaves with it, with nothing to reply.
+#[test]
+fn a_document_sent_whole_is_acknowledged_without_it_as_automerge_would_with_it() {
+    let id = doc_id(7);
+    let mut relay_doc = seeded_doc(A, "Medborgarlöfte");
+    for n in 0..5 {
+        edit(&mut relay_doc, "a", n);
+    }
+    let snapshot_heads = relay_doc.get_heads();
+    let mut other = relay_doc.fork().with_actor(ActorId::from(&[9u8; 16][..]));
+    edit(&mut other, "b", 0);
+    relay_doc.merge(&mut other).unwrap();
+    // As a store holds it: a snapshot and an increment after it.
+    let mut snapshot = relay_doc.fork_at(&snapshot_heads).unwrap();
+    let increment: Vec<u8> =
+        relay_doc.get_changes(&snapshot_heads).iter().flat_map(|c| c.raw_bytes().to_vec()).collect();
+    let whole = StoredWhole {
+        heads: relay_doc.get_heads(),
+        chunks: vec![snapshot.save(), increment],
+        tips: document_tips(&mut snapshot),
+    };
+
+    let mut relay = PeerSession::new(Role::Relay);
+    let Some(Frame::Sync { message, .. }) = relay.start_whole(&id, &whole) else { panic!("no frame") };
+    assert!(relay.start_whole(&id, &whole).is_none(), "once: the document has a state now");
+    assert!(relay.awaits_whole_ack(&id));
+    let mut node = PeerSession::new(Role::Node);
+    let mut node_doc = AutoCommit::new();
+    let outcome = node.receive(&id, &mut node_doc, &message).unwrap();
+    assert!(outcome.changed);
+    assert_eq!(node_doc.get_heads(), relay_doc.get_heads(), "the node has the whole document");
+    assert_eq!(text_of(&node_doc), text_of(&relay_doc));
+    let Some(Frame::Sync { message: ack, .. }) = outcome.reply else { panic!("the node acknowledges") };
+
+    // What Automerge does with the document.
+    let mut expected = relay.states[&id].clone();
+    relay_doc.sync().receive_sync_message(&mut expected, Message::decode(&ack).unwrap()).unwrap();
+    assert!(relay_doc.sync().generate_sync_message(&mut expected).is_none(), "nothing to reply");
+
+    // Anything but an acknowledgement of the current heads is left to the full path.
+    assert_eq!(relay.settle_whole(&id, &ack, &snapshot_heads), None, "the document moved on meanwhile");
+    assert_eq!(relay.settle_whole(&id, b"not a message", &relay_doc.get_heads()), None);
+    assert_eq!(relay.settle_whole(&doc_id(8), &ack, &relay_doc.get_heads()), None, "not sent whole");
+    assert!(relay.awaits_whole_ack(&id), "nothing changed");
+
+    assert_eq!(relay.settle_whole(&id, &ack, &relay_doc.get_heads()), Some(()));
+    assert_eq!(relay.states[&id], expected);
+    assert!(!relay.awaits_whole_ack(&id));
+    assert_eq!(relay.settle_whole(&id, &ack, &relay_doc.get_heads()), None, "once");
+    assert_eq!(relay.take_changed_shared_heads().len(), 1);
+}

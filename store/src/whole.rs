@@ -1,0 +1,121 @@
+//! A document's stored bytes, read to send it whole without loading it
+//! ([`StoredWhole`]): the relay's cold sync of a fresh node.
+
+use rusqlite::{params, OptionalExtension};
+use samverkan_shared::ids::DocId;
+use samverkan_shared::sync::{decode_tips, increment_tips, StoredWhole};
+
+use crate::{sha256, Store, StoreError, NEW_ROWS};
+
+/// A snapshot row: its data, checksum and author tips (NULL if written before schema 8).
+type StoredSnapshot = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+
+impl Store {
+    /// The document's snapshot and increments as stored, its heads and the
+    /// author tips covering them, in one read snapshot, without loading it.
+    /// `Ok(None)` when it is not stored, or its snapshot was written before
+    /// tips were kept beside it (until its next compaction), or an increment
+    /// does not parse: the caller then loads it as before. A blob that does
+    /// not match its checksum is an error, as on load.
+    pub fn stored_whole(&self, id: &DocId) -> Result<Option<StoredWhole>, StoreError> {
+        let tx = self.conn.unchecked_transaction()?; // Deferred: one read snapshot, no write lock.
+        let Some(heads) = self.doc_heads(id)? else { return Ok(None) };
+        let snapshot: Option<StoredSnapshot> = tx
+            .prepare_cached("SELECT data, sha256, tips FROM snapshots WHERE doc_id = ?1")?
+            .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((data, sum, Some(tips))) = snapshot else { return Ok(None) };
+        let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+        if sum != sha256(&data) {
+            return Err(corrupt("the snapshot does not match its checksum".into()));
+        }
+        let Some(mut tips) = decode_tips(&tips) else { return Ok(None) };
+        let mut chunks = vec![data];
+        let mut stmt = tx.prepare_cached(NEW_ROWS)?;
+        let rows = stmt.query_map(params![id.as_str(), 0], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
+        })?;
+        for row in rows {
+            let (seq, data, sum) = row?;
+            if sum != sha256(&data) {
+                return Err(corrupt(format!("change row {seq} does not match its checksum")));
+            }
+            chunks.push(data);
+        }
+        drop(stmt);
+        let Some(more) = increment_tips(chunks[1..].iter().map(Vec::as_slice)) else { return Ok(None) };
+        for tip in more {
+            if !tips.contains(&tip) {
+                tips.push(tip);
+            }
+        }
+        Ok(Some(StoredWhole { heads, chunks, tips }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use automerge::AutoCommit;
+    use chrono::{TimeZone, Utc};
+    use samverkan_shared::identity::NodeKey;
+    use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext};
+    use samverkan_shared::org::{Directory, OrgId};
+    use samverkan_shared::sync::document_tips;
+
+    use super::*;
+
+    fn ctx(org: &str) -> EditContext {
+        EditContext {
+            author: NodeKey::generate().node_id(),
+            org: OrgId::new(org).unwrap(),
+            node_name: org.into(),
+            time: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
+        }
+    }
+
+    /// What `stored_whole` gives loads into the document as stored, and its
+    /// tips cover every author's tip; a snapshot from before schema 8 (no
+    /// tips) is left to loading, and a damaged blob is an error, as on load.
+    #[test]
+    fn a_stored_document_reads_back_whole_with_tips_covering_every_author() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("relay.db")).unwrap();
+        let (trosa, police) = (ctx("trosa-kommun"), ctx("polisomrade-sodermanland"));
+        let directory = Directory::sodermanland();
+        let mut doc = Document::create(
+            DocId::random(),
+            DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa"),
+            &trosa,
+            &directory,
+        )
+        .unwrap();
+        store.insert(&mut doc).unwrap();
+        let id = doc.id().clone();
+        let first = store.stored_whole(&id).unwrap().unwrap();
+        assert_eq!(first.chunks.len(), 1, "a new document is one snapshot");
+        for (n, who) in [&police, &trosa, &police].into_iter().enumerate() {
+            store
+                .update(&id, false, |d| {
+                    d.edit(who, &directory, "title", |e| e.set_title(&format!("Medborgarlöfte {n}")))
+                        .map_err(StoreError::from)
+                })
+                .unwrap();
+        }
+        let whole = store.stored_whole(&id).unwrap().unwrap();
+        let mut stored = store.load(&id).unwrap();
+        assert_eq!(whole.chunks.len(), 4, "the snapshot and three increments");
+        assert_eq!(whole.heads, stored.heads());
+        let mut read = AutoCommit::load(&whole.chunks.concat()).unwrap();
+        assert_eq!(read.get_heads(), stored.heads());
+        for tip in document_tips(stored.automerge_mut()) {
+            assert!(whole.tips.contains(&tip), "{tip:?} is not covered");
+        }
+        assert_eq!(document_tips(&mut read).len(), 2, "two authors");
+
+        store.conn.execute("UPDATE snapshots SET tips = NULL", []).unwrap();
+        assert_eq!(store.stored_whole(&id).unwrap(), None, "written before tips were kept: loaded instead");
+        store.conn.execute("UPDATE snapshots SET tips = x'00', sha256 = x'00'", []).unwrap();
+        assert!(matches!(store.stored_whole(&id), Err(StoreError::CorruptDocument { .. })));
+        assert_eq!(store.stored_whole(&DocId::random()).unwrap(), None);
+    }
+}
