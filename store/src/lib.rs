@@ -1403,18 +1403,11 @@ fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Resul
         }
     };
     let mut last_seq = after_seq;
-    let mut stmt = conn.prepare_cached(NEW_ROWS)?;
-    let rows = stmt.query_map(params![id.as_str(), after_seq], |r| {
-        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
-    })?;
-    for row in rows {
-        let (seq, data, sum) = row?;
-        if sum != sha256(&data) {
-            return Err(corrupt(format!("change row {seq} does not match its checksum")));
-        }
+    for_checked_rows(conn, id, after_seq, |seq, data| {
         doc.load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
         last_seq = seq;
-    }
+        Ok(())
+    })?;
     // A cached copy with no new rows is the copy checked when it was cached:
     // its header needs no second look (three map lookups on every edit and read).
     let doc = if from_cache && last_seq == after_seq {
@@ -1423,6 +1416,29 @@ fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Resul
         Document::from_automerge(id.clone(), doc).map_err(|e| corrupt(e.to_string()))?
     };
     Ok(Some(Loaded { doc, generation, last_seq, lease }))
+}
+
+/// Runs `each` on a document's increment rows after `after_seq`, in order,
+/// each checked against its checksum first (a mismatch is an error naming the row).
+fn for_checked_rows(
+    conn: &Connection,
+    id: &DocId,
+    after_seq: i64,
+    mut each: impl FnMut(i64, Vec<u8>) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(NEW_ROWS)?;
+    let rows = stmt.query_map(params![id.as_str(), after_seq], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
+    })?;
+    for row in rows {
+        let (seq, data, sum) = row?;
+        if sum != sha256(&data) {
+            let reason = format!("change row {seq} does not match its checksum");
+            return Err(StoreError::CorruptDocument { id: id.clone(), reason });
+        }
+        each(seq, data)?;
+    }
+    Ok(())
 }
 
 fn sha256(data: &[u8]) -> Vec<u8> {

@@ -1,11 +1,11 @@
 //! A document's stored bytes, read to send it whole without loading it
 //! ([`StoredWhole`]): the relay's cold sync of a fresh node.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::OptionalExtension;
 use samverkan_shared::ids::DocId;
 use samverkan_shared::sync::{decode_tips, increment_tips, StoredWhole};
 
-use crate::{sha256, Store, StoreError, NEW_ROWS};
+use crate::{for_checked_rows, sha256, Store, StoreError};
 
 /// A snapshot row: its data, checksum and author tips (NULL if written before schema 8).
 type StoredSnapshot = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
@@ -31,18 +31,10 @@ impl Store {
         }
         let Some(mut tips) = decode_tips(&tips) else { return Ok(None) };
         let mut chunks = vec![data];
-        let mut stmt = tx.prepare_cached(NEW_ROWS)?;
-        let rows = stmt.query_map(params![id.as_str(), 0], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))
-        })?;
-        for row in rows {
-            let (seq, data, sum) = row?;
-            if sum != sha256(&data) {
-                return Err(corrupt(format!("change row {seq} does not match its checksum")));
-            }
+        for_checked_rows(&tx, id, 0, |_, data| {
             chunks.push(data);
-        }
-        drop(stmt);
+            Ok(())
+        })?;
         let Some(more) = increment_tips(chunks[1..].iter().map(Vec::as_slice)) else { return Ok(None) };
         for tip in more {
             if !tips.contains(&tip) {
