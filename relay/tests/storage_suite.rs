@@ -78,6 +78,7 @@ macro_rules! suite {
 
 suite!(
     a_stored_document_survives_reopening_with_its_index_entry,
+    a_document_not_loaded_is_offered_whole_from_its_stored_bytes,
     a_failed_closure_stores_nothing_and_discards_the_copy,
     a_missing_document_is_none_unless_created,
     signatures_and_receipts_are_stored_with_the_change_and_the_first_receipt_kept,
@@ -140,6 +141,30 @@ fn edit<S: RelayStorage>(storage: &mut S, id: &DocId, body: &str) -> Vec<ChangeH
 
 fn body<S: RelayStorage>(storage: &mut S, id: &DocId) -> String {
     storage.with_doc(id, false, |d| Ok::<_, StoreError>((d.view()?.body, Vec::new(), Vec::new()))).unwrap().unwrap()
+}
+
+/// A document this instance does not hold loaded is offered whole from its
+/// stored bytes (snapshot and increments, heads, the authors' tips covering
+/// them), which load into the document as stored; one held loaded is not
+/// (it is sent from memory).
+fn a_document_not_loaded_is_offered_whole_from_its_stored_bytes<B: Backend>(backend: &B) {
+    let mut storage = backend.open();
+    let (id, _) = store_new(&mut storage);
+    let mut heads = Vec::new();
+    for n in 0..3 {
+        heads = edit(&mut storage, &id, &format!("Text {n}"));
+    }
+    assert_eq!(storage.stored_whole(&id).unwrap(), None, "loaded here: sent from memory");
+    let other = backend.open();
+    let whole = other.stored_whole(&id).unwrap().expect("offered whole");
+    assert_eq!(whole.heads, heads);
+    assert!(whole.chunks.len() > 1, "the snapshot and the increments after it");
+    let mut read = automerge::AutoCommit::load(&whole.chunks.concat()).unwrap();
+    assert_eq!(read.get_heads(), heads);
+    for tip in samverkan_shared::sync::document_tips(&mut read) {
+        assert!(whole.tips.contains(&tip), "{tip:?} is not covered");
+    }
+    assert_eq!(other.stored_whole(&DocId::random()).unwrap(), None);
 }
 
 fn a_stored_document_survives_reopening_with_its_index_entry<B: Backend>(backend: &B) {

@@ -137,6 +137,14 @@ impl ConcurrentStore {
             .name("samverkan-compact".into())
             .spawn(move || compact_in_background(weak, receiver))
             .map_err(|e| StoreError::CommitFailed(format!("cannot start the compaction thread: {e}")))?;
+        let missing = lock(&inner.writer).snapshots_without_tips()?;
+        if !missing.is_empty() {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("samverkan-tips".into())
+                .spawn(move || fill_tips_in_background(weak, missing))
+                .map_err(|e| StoreError::CommitFailed(format!("cannot start the snapshot tips thread: {e}")))?;
+        }
         Ok(Self { inner, compact: Mutex::new(Some(sender)) })
     }
 
@@ -498,6 +506,35 @@ fn compact_in_background(inner: Weak<Inner>, requests: mpsc::Receiver<DocId>) {
             tracing::warn!(doc = %id, error = %e, "background compaction failed");
         }
     }
+}
+
+/// Works out, one document at a time, the author tips of the snapshots
+/// written before schema 8, so that those documents too can be sent whole
+/// without loading them (`Store::stored_whole`): loaded on a read
+/// connection, kept in a short write of their own, until the store is dropped.
+fn fill_tips_in_background(inner: Weak<Inner>, docs: Vec<DocId>) {
+    let (mut kept, started) = (0usize, std::time::Instant::now());
+    for id in &docs {
+        let Some(inner) = inner.upgrade() else { return };
+        let found = inner.read(|r| r.tips_for_snapshot(id));
+        let result = match found {
+            Ok(Some((sum, tips))) => lock(&inner.writer).keep_snapshot_tips(id, &sum, &tips),
+            Ok(None) => Ok(false),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(true) => kept += 1,
+            Ok(false) => {}
+            // Left to loading, which reports the damage where it matters.
+            Err(e) => tracing::warn!(doc = %id, error = %e, "could not work out the authors' tips of a snapshot"),
+        }
+    }
+    tracing::info!(
+        kept,
+        of = docs.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "kept the authors' tips of snapshots written before schema 8"
+    );
 }
 
 /// What the index keeps of a stored document.

@@ -38,6 +38,7 @@ mod whole;
 
 pub use cache::{DocCache, LEND_WAIT};
 pub use refusals::DocRefusal;
+pub use whole::SnapshotTips;
 
 use cache::Lease;
 

@@ -3,12 +3,15 @@
 
 use rusqlite::OptionalExtension;
 use samverkan_shared::ids::DocId;
-use samverkan_shared::sync::{decode_tips, increment_tips, StoredWhole};
+use samverkan_shared::sync::StoredWhole;
 
 use crate::{for_checked_rows, sha256, Store, StoreError};
 
 /// A snapshot row: its data, checksum and author tips (NULL if written before schema 8).
 type StoredSnapshot = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+
+/// A snapshot's checksum and its authors' tips, encoded ([`Store::tips_for_snapshot`]).
+pub type SnapshotTips = (Vec<u8>, Vec<u8>);
 
 impl Store {
     /// The document's snapshot and increments as stored, its heads and the
@@ -29,19 +32,58 @@ impl Store {
         if sum != sha256(&data) {
             return Err(corrupt("the snapshot does not match its checksum".into()));
         }
-        let Some(mut tips) = decode_tips(&tips) else { return Ok(None) };
-        let mut chunks = vec![data];
+        let mut increments = Vec::new();
         for_checked_rows(&tx, id, 0, |_, data| {
-            chunks.push(data);
+            increments.push(data);
             Ok(())
         })?;
-        let Some(more) = increment_tips(chunks[1..].iter().map(Vec::as_slice)) else { return Ok(None) };
-        for tip in more {
-            if !tips.contains(&tip) {
-                tips.push(tip);
+        Ok(StoredWhole::from_stored(heads, data, &tips, increments))
+    }
+}
+
+impl Store {
+    /// Documents whose snapshot was written before schema 8 and has no author
+    /// tips yet (see [`Self::tips_for_snapshot`]).
+    pub fn snapshots_without_tips(&self) -> Result<Vec<DocId>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT doc_id FROM snapshots WHERE tips IS NULL")?;
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for id in ids {
+            // An id that does not parse is left to loading, which reports it.
+            if let Ok(id) = id?.parse::<DocId>() {
+                out.push(id);
             }
         }
-        Ok(Some(StoredWhole { heads, chunks, tips }))
+        Ok(out)
+    }
+
+    /// The author tips of a document's snapshot that has none yet, worked out
+    /// by loading the snapshot alone, with the snapshot's checksum (to store
+    /// them only beside that snapshot, [`Self::keep_snapshot_tips`]). `None`
+    /// when it has tips already or is gone; a damaged snapshot is an error.
+    pub fn tips_for_snapshot(&self, id: &DocId) -> Result<Option<SnapshotTips>, StoreError> {
+        let row: Option<(Vec<u8>, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT data, sha256 FROM snapshots WHERE doc_id = ?1 AND tips IS NULL")?
+            .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((data, sum)) = row else { return Ok(None) };
+        let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
+        if sum != sha256(&data) {
+            return Err(corrupt("the snapshot does not match its checksum".into()));
+        }
+        let mut doc = automerge::AutoCommit::load(&data).map_err(|e| corrupt(format!("snapshot: {e}")))?;
+        Ok(Some((sum, crate::snapshot_tips(&mut doc))))
+    }
+
+    /// Keeps `tips` beside the document's snapshot if it is still the one
+    /// with checksum `sha256` and has none; whether they were kept.
+    pub fn keep_snapshot_tips(&self, id: &DocId, sha256: &[u8], tips: &[u8]) -> Result<bool, StoreError> {
+        let changed = self.conn.execute(
+            "UPDATE snapshots SET tips = ?3 WHERE doc_id = ?1 AND sha256 = ?2 AND tips IS NULL",
+            rusqlite::params![id.as_str(), sha256, tips],
+        )?;
+        Ok(changed == 1)
     }
 }
 

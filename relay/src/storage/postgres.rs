@@ -72,7 +72,7 @@ use samverkan_shared::ids::DocId;
 use samverkan_shared::model::Document;
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
-use samverkan_shared::sync::SignedChange;
+use samverkan_shared::sync::{SignedChange, StoredWhole};
 use samverkan_store::slots::{read_only, Slot, Slots};
 use samverkan_store::StoreError;
 use sha2::{Digest, Sha256};
@@ -86,7 +86,7 @@ mod cache;
 /// The name errors of this backend carry.
 pub const BACKEND: &str = "postgresql";
 /// Schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 /// Incremental rows per document before they are folded into a new snapshot
 /// (the same as the SQLite store's).
 pub const COMPACT_AFTER_ROWS: i64 = samverkan_store::COMPACT_AFTER_ROWS;
@@ -99,7 +99,10 @@ pub const DEFAULT_POOL_SIZE: u32 = 8;
 pub const INSTANCE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Migrations: entry `i` takes the schema from version `i` to `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_relay.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_relay.sql"),
+    include_str!("../../migrations/postgres/0002_snapshot_tips.sql"),
+];
 /// The advisory lock migrations run under (two instances starting at once).
 const MIGRATION_LOCK: i64 = 0x5356_4B4E_0001;
 /// Notification channel of document changes (payload: instance, doc id and
@@ -472,6 +475,8 @@ struct DocWrite {
     created: bool,
     /// A full save: the document is new or its increments are folded now.
     snapshot: Option<Vec<u8>>,
+    /// The snapshot's authors' tips (`samverkan_store::snapshot_tips`), with it.
+    snapshot_tips: Option<Vec<u8>>,
     /// The new changes, as an incremental save.
     increment: Option<Vec<u8>>,
     kind: String,
@@ -735,8 +740,9 @@ fn write_doc(tx: &mut Transaction<'_>, w: DocWrite, stored: Version) -> Result<V
     let version = if w.created {
         let data = w.snapshot.unwrap_or_default();
         tx.query_typed(
-            "INSERT INTO documents (doc_id, kind, title, heads, parties, snapshot, snapshot_sha256, change_bytes, created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, now(), now())",
+            "INSERT INTO documents (doc_id, kind, title, heads, parties, snapshot, snapshot_sha256, change_bytes,
+                                    snapshot_tips, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, now(), now())",
             &[
                 (&w.id, Type::TEXT),
                 (&w.kind, Type::TEXT),
@@ -746,6 +752,7 @@ fn write_doc(tx: &mut Transaction<'_>, w: DocWrite, stored: Version) -> Result<V
                 (&data, Type::BYTEA),
                 (&sha256(&data), Type::BYTEA),
                 (&w.size, Type::INT8),
+                (&w.snapshot_tips, Type::BYTEA),
             ],
         )
         .map_err(pg)?;
@@ -757,6 +764,7 @@ fn write_doc(tx: &mut Transaction<'_>, w: DocWrite, stored: Version) -> Result<V
             .query_typed(
                 "UPDATE documents SET kind = $2, title = $3, heads = $4, parties = $5, change_bytes = $6, updated_at = now(),
                      snapshot = COALESCE($7, snapshot), snapshot_sha256 = COALESCE($8, snapshot_sha256),
+                     snapshot_tips = CASE WHEN $7 IS NULL THEN snapshot_tips ELSE $9 END,
                      generation = generation + CASE WHEN $7 IS NULL THEN 0 ELSE 1 END
                  WHERE doc_id = $1 RETURNING generation",
                 &[
@@ -768,6 +776,7 @@ fn write_doc(tx: &mut Transaction<'_>, w: DocWrite, stored: Version) -> Result<V
                     (&w.size, Type::INT8),
                     (&w.snapshot, Type::BYTEA),
                     (&snapshot_sum, Type::BYTEA),
+                    (&w.snapshot_tips, Type::BYTEA),
                 ],
             )
             .map_err(pg)?
@@ -1040,6 +1049,7 @@ impl PostgresStorage {
             instance: self.instance.clone(),
             created,
             snapshot: (created || compact).then(|| document.automerge_mut().save()),
+            snapshot_tips: (created || compact).then(|| samverkan_store::snapshot_tips(document.automerge_mut())),
             increment: (!created && !compact).then_some(increment),
             kind: document.kind()?.as_str().to_string(),
             title: document.title()?,
@@ -1122,6 +1132,51 @@ impl RelayStorage for PostgresStorage {
 
     /// From memory where held (a stored signature never changes), the rest
     /// from the database.
+    /// Read in one statement (one snapshot of the database) unless this
+    /// instance holds the document loaded or in use.
+    fn stored_whole(&self, doc: &DocId) -> Result<Option<StoredWhole>, StoreError> {
+        if self.slots.is_held(doc) {
+            return Ok(None);
+        }
+        let id = doc.as_str().to_string();
+        let row = self.workers.call(move |client| {
+            client
+                .query_typed(
+                    "SELECT d.heads, d.snapshot, d.snapshot_sha256, d.snapshot_tips, x.seqs, x.data, x.sums
+                     FROM documents d
+                     LEFT JOIN LATERAL (
+                         SELECT array_agg(c.seq ORDER BY c.seq) AS seqs, array_agg(c.data ORDER BY c.seq) AS data,
+                                array_agg(c.sha256 ORDER BY c.seq) AS sums
+                         FROM changes c WHERE c.doc_id = d.doc_id
+                     ) x ON TRUE
+                     WHERE d.doc_id = $1",
+                    &[(&id, Type::TEXT)],
+                )
+                .map_err(pg)
+        })?;
+        let Some(row) = row.into_iter().next() else { return Ok(None) };
+        let Some(tips) = row.try_get::<_, Option<Vec<u8>>>(3).map_err(pg)? else { return Ok(None) };
+        let corrupt = |reason: String| StoreError::CorruptDocument { id: doc.clone(), reason };
+        let heads: Vec<String> = row.try_get(0).map_err(pg)?;
+        let heads = heads
+            .iter()
+            .map(|h| h.parse::<ChangeHash>().map_err(|e| corrupt(format!("bad head {h:?}: {e}"))))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (snapshot, sum): (Vec<u8>, Vec<u8>) = (row.try_get(1).map_err(pg)?, row.try_get(2).map_err(pg)?);
+        if sum != sha256(&snapshot) {
+            return Err(corrupt("the snapshot does not match its checksum".into()));
+        }
+        let seqs: Vec<i64> = row.try_get::<_, Option<Vec<i64>>>(4).map_err(pg)?.unwrap_or_default();
+        let data: Vec<Vec<u8>> = row.try_get::<_, Option<Vec<Vec<u8>>>>(5).map_err(pg)?.unwrap_or_default();
+        let sums: Vec<Vec<u8>> = row.try_get::<_, Option<Vec<Vec<u8>>>>(6).map_err(pg)?.unwrap_or_default();
+        for ((seq, data), sum) in seqs.iter().zip(&data).zip(&sums) {
+            if *sum != sha256(data) {
+                return Err(corrupt(format!("change row {seq} does not match its checksum")));
+            }
+        }
+        Ok(StoredWhole::from_stored(heads, snapshot, &tips, data))
+    }
+
     fn signatures(&self, hashes: &[ChangeHash]) -> Result<Vec<SignedChange>, StoreError> {
         if hashes.is_empty() {
             return Ok(Vec::new());

@@ -33,6 +33,30 @@ pub struct StoredWhole {
     pub tips: Vec<(ChangeHash, ActorId)>,
 }
 
+impl StoredWhole {
+    /// From what a store keeps: the heads, the snapshot with its tips
+    /// ([`encode_tips`]) and the increment rows after it, in order (their
+    /// checksums already checked). `None` if the tips or an increment do not
+    /// parse: the caller then loads the document.
+    pub fn from_stored(
+        heads: Vec<ChangeHash>,
+        snapshot: Vec<u8>,
+        tips: &[u8],
+        increments: Vec<Vec<u8>>,
+    ) -> Option<Self> {
+        let mut tips = decode_tips(tips)?;
+        for tip in increment_tips(increments.iter().map(Vec::as_slice))? {
+            if !tips.contains(&tip) {
+                tips.push(tip);
+            }
+        }
+        let mut chunks = Vec::with_capacity(1 + increments.len());
+        chunks.push(snapshot);
+        chunks.extend(increments);
+        Some(Self { heads, chunks, tips })
+    }
+}
+
 /// The author tips of a whole document (per author, its changes no other
 /// change of the same author builds on): what to keep beside its snapshot.
 /// Reads the changes' metadata only.

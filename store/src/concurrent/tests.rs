@@ -255,3 +255,39 @@ fn documents_with_the_same_parties_share_one_copy_of_them_after_writes_and_reope
     assert_eq!(store.entry(&ids[1]).unwrap().parties.to_vec(), both.to_vec());
     assert_eq!(store.entry(&ids[0]).unwrap().parties.to_vec(), first);
 }
+
+/// Snapshots written before schema 8 have no authors' tips: a relay opening
+/// such a database works them out in the background, after which those
+/// documents are sent whole without loading too; until then, and for a
+/// loaded document, `stored_whole` offers nothing (the caller loads).
+#[test]
+fn snapshots_without_tips_get_them_in_the_background_and_are_then_sent_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.db");
+    let ctx = ctx();
+    let ids: Vec<DocId> = {
+        let store = ConcurrentStore::open(&path, 0, ContentLimits::default()).unwrap();
+        let ids: Vec<DocId> = (0..5).map(|i| create(&store, &ctx, &format!("Dokument {i}"))).collect();
+        set_body(&store, &ctx, &ids[0], "Ett tillägg efter ögonblicksbilden.");
+        assert!(store.stored_whole(&ids[1]).unwrap().is_some(), "written with tips");
+        ids
+    };
+    let damaged = ids[4].clone();
+    {
+        let raw = rusqlite::Connection::open(&path).unwrap();
+        raw.execute("UPDATE snapshots SET tips = NULL", []).unwrap();
+        raw.execute("UPDATE snapshots SET sha256 = x'00' WHERE doc_id = ?1", [damaged.as_str()]).unwrap();
+    }
+    let store = ConcurrentStore::open(&path, 0, ContentLimits::default()).unwrap();
+    let started = Instant::now();
+    while ids[..4].iter().any(|id| !matches!(store.stored_whole(id), Ok(Some(_)))) {
+        assert!(started.elapsed() < Duration::from_secs(20), "tips were not filled in");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let whole = store.stored_whole(&ids[0]).unwrap().unwrap();
+    assert_eq!(whole.chunks.len(), 2, "the snapshot and the increment after it");
+    assert_eq!(whole.heads, store.entry(&ids[0]).unwrap().heads);
+    assert_eq!(store.stored_whole(&damaged).unwrap(), None, "left to loading, which reports the damage");
+    assert!(store.with_doc(&damaged, false, |_| Ok::<_, StoreError>(((), (Vec::new(), Vec::new())))).is_err());
+    assert_eq!(Store::open(&path).unwrap().snapshots_without_tips().unwrap(), vec![damaged]);
+}
