@@ -1665,6 +1665,61 @@ mod tests {
         assert_eq!(full.0 - whole.0, 2 * ids.len(), "one round trip (two frames) less per document");
     }
 
+    /// A document that moves on at the relay between its whole send and the
+    /// node's acknowledgement: the acknowledgement is left to the full path
+    /// (it no longer names the current heads), and the node still ends with
+    /// every change.
+    #[test]
+    fn a_document_changed_before_its_whole_send_is_acknowledged_still_converges() {
+        let id = DocId::random();
+        let mut rd = docs().with_whole_sends();
+        let mut d = doc_with("första");
+        d.put(automerge::ROOT, "text", "andra").unwrap();
+        d.commit();
+        rd.insert(id.clone(), d);
+        let mut nd = docs();
+        let mut node = SyncConnection::node("node-1", "test");
+        let mut relay = SyncConnection::relay("relay");
+        // Deliver until the relay has sent the document whole; hold the node's answer back.
+        let mut held = Vec::new();
+        for _ in 0..20 {
+            for f in node.take_outbox() {
+                for e in relay.on_frame(f, &mut rd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        relay.begin(&mut rd).unwrap();
+                    }
+                }
+            }
+            for f in relay.take_outbox() {
+                let whole = matches!(&f, Frame::Sync { doc, .. } if *doc == id);
+                for e in node.on_frame(f, &mut nd).unwrap() {
+                    if let ConnectionEvent::Established { .. } = e {
+                        node.begin(&mut nd).unwrap();
+                    }
+                }
+                if whole {
+                    held = node.take_outbox();
+                }
+            }
+            if !held.is_empty() {
+                break;
+            }
+        }
+        assert!(relay.session.awaits_whole_ack(&id), "sent whole, not acknowledged yet");
+        assert_eq!(nd.get_mut(&id).unwrap().get_heads(), rd.get_mut(&id).unwrap().get_heads());
+        let d = rd.get_mut(&id).unwrap();
+        d.put(automerge::ROOT, "text", "tredje, medan noden svarar").unwrap();
+        d.commit();
+        relay.on_local_change(&id, &mut rd).unwrap();
+        for f in held {
+            relay.on_frame(f, &mut rd).unwrap();
+        }
+        assert!(!relay.session.awaits_whole_ack(&id), "taken by the full path");
+        pump(&mut node, &mut nd, &mut relay, &mut rd);
+        assert_eq!(nd.get_mut(&id).unwrap().get_heads(), rd.get_mut(&id).unwrap().get_heads());
+        assert!(node.is_settled(&mut nd).unwrap() && relay.is_settled(&mut rd).unwrap());
+    }
+
     #[test]
     fn one_signature_per_author_and_message_travels_and_is_kept() {
         let (mut nd, mut rd) = (docs(), docs());
