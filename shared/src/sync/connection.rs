@@ -1318,9 +1318,10 @@ mod tests {
                 assert_eq!(relay1.session.signatures_sent, relay2.session.signatures_sent);
                 assert_eq!(nd2.heads_of(&id), memo_docs.heads_of(&id));
             }
-            // One change and one acknowledgement worked out; the rest copied.
-            assert_eq!(memo.misses() - misses, 2, "round {n}");
-            assert_eq!(memo.hits() - hits, (NODES as u64 - 1) + (NODES as u64 / 2 - 1), "round {n}");
+            // One change worked out, the rest copied; the acknowledgements (of
+            // the relay's heads) are taken without Automerge, memo or not.
+            assert_eq!(memo.misses() - misses, 1, "round {n}");
+            assert_eq!(memo.hits() - hits, NODES as u64 - 1, "round {n}");
         }
     }
 

@@ -195,6 +195,58 @@ pub(crate) struct PreparedMessage {
     account: bool,
 }
 
+/// The state Automerge leaves after receiving `message` on `state` and
+/// generating its reply, worked out without the document, when `message`
+/// acknowledges exactly the document's current `heads`: no changes, nothing
+/// asked for, the peer's heads and every `have`'s last sync equal to ours,
+/// and this side has sent a message on this state before. Automerge then has
+/// nothing to reply, and `receive_sync_message` would only walk the whole
+/// change history (`filter_changes`: every ancestor of the heads, about a
+/// millisecond for 10,000 changes) to empty `sent_hashes`, which can hold
+/// only changes below our heads. `None` for any other message: Automerge
+/// handles it. Checked against Automerge in
+/// `an_acknowledgement_of_our_heads_leaves_the_state_automerge_leaves`.
+fn acknowledged(state: &State, message: &Message, heads: &[ChangeHash]) -> Option<State> {
+    let mut ours = heads.to_vec();
+    ours.sort_unstable();
+    let at_ours = |hashes: &[ChangeHash]| {
+        let mut hashes = hashes.to_vec();
+        hashes.sort_unstable();
+        hashes.dedup();
+        hashes == ours
+    };
+    let applies = !ours.is_empty()
+        && message.changes.is_empty()
+        && message.need.is_empty()
+        && message.heads == ours
+        && message.have.iter().all(|have| at_ours(&have.last_sync))
+        && state.have_responded;
+    if !applies {
+        return None;
+    }
+    let mut state = state.clone();
+    // What `receive_sync_message` does with such a message ...
+    state.in_flight = false;
+    if let Some(flags) = message.flags {
+        let mut caps = vec![automerge::sync::Capability::MessageV2];
+        if flags.contains(automerge::sync::MessageFlags::SUPPORTS_SYNC_RESET) {
+            caps.push(automerge::sync::Capability::SyncReset);
+        }
+        state.their_capabilities = Some(caps);
+        state.peer_read_only = flags.contains(automerge::sync::MessageFlags::READ_ONLY);
+    }
+    // ... every change we sent is below the heads the peer now has ...
+    state.sent_hashes.clear();
+    state.last_sent_heads.clone_from(&ours);
+    state.shared_heads.clone_from(&ours);
+    state.their_have = Some(message.have.clone());
+    state.their_heads = Some(message.heads.clone());
+    state.their_need = Some(Vec::new());
+    // ... and `generate_sync_message` returns nothing: heads unchanged and
+    // equal, nothing to send, a message sent before on this state.
+    Some(state)
+}
+
 /// The author tips ([`crate::authorship::author_tips`]) of the changes in
 /// `state.sent_hashes` that are not in `done` (those already accounted for).
 fn unsigned_tips(
@@ -384,6 +436,9 @@ impl PeerSession {
         if !decoded.changes.is_empty() || check_message(&decoded, &self.limits).is_err() {
             return None;
         }
+        if let Some(state) = acknowledged(before, &decoded, &doc.get_heads()) {
+            return Some(self.prepared(doc_id, doc, state, None, true, None));
+        }
         let heads = memo.map(|_| doc.get_heads());
         let shared = memo.zip(heads.as_deref());
         let (state, frame) = self.step_on(doc_id, doc, before, Some(message), shared, |mut state, doc| {
@@ -564,45 +619,9 @@ impl PeerSession {
         if !self.sent_whole.contains(doc_id) || self.disabled.contains(doc_id) {
             return None;
         }
-        let state = self.states.get(doc_id)?;
         let decoded = Message::decode(message).ok()?;
         check_message(&decoded, &self.limits).ok()?;
-        let mut ours = heads.to_vec();
-        ours.sort_unstable();
-        let settled = !ours.is_empty()
-            && decoded.changes.is_empty()
-            && decoded.need.is_empty()
-            && decoded.heads == ours
-            && state.last_sent_heads == ours
-            && state.have_responded
-            && state.their_heads.is_none()
-            && decoded.have.iter().all(|have| {
-                let mut last = have.last_sync.clone();
-                last.sort_unstable();
-                last.dedup();
-                last == ours
-            });
-        if !settled {
-            return None;
-        }
-        let mut state = state.clone();
-        // What `receive_sync_message` does with such a message: ...
-        state.in_flight = false;
-        if let Some(flags) = decoded.flags {
-            let mut caps = vec![automerge::sync::Capability::MessageV2];
-            if flags.contains(automerge::sync::MessageFlags::SUPPORTS_SYNC_RESET) {
-                caps.push(automerge::sync::Capability::SyncReset);
-            }
-            state.their_capabilities = Some(caps);
-            state.peer_read_only = flags.contains(automerge::sync::MessageFlags::READ_ONLY);
-        }
-        // ... every change sent is below heads the peer now has ...
-        state.sent_hashes.clear();
-        state.shared_heads.clone_from(&ours);
-        state.their_have = Some(decoded.have);
-        state.their_heads = Some(decoded.heads);
-        state.their_need = Some(decoded.need);
-        // ... and `generate_sync_message` then has nothing to send: heads equal, nothing asked for.
+        let state = acknowledged(self.states.get(doc_id)?, &decoded, heads)?;
         self.sent_whole.remove(doc_id);
         self.signatures_sent.insert(doc_id.clone(), BTreeSet::new());
         self.states.insert(doc_id.clone(), state);
@@ -743,6 +762,14 @@ impl PeerSession {
     /// documents costs no memory. The next message for it starts from a fresh
     /// state, which is always safe.
     fn apply(&mut self, doc_id: &DocId, doc: &mut AutoCommit, message: Message) -> Result<ReceiveOutcome, SyncError> {
+        let heads = doc.get_heads();
+        if let Some(state) = self.states.get(doc_id).and_then(|state| acknowledged(state, &message, &heads)) {
+            if self.states.get(doc_id).map(|s| &s.shared_heads) != Some(&state.shared_heads) {
+                self.changed.insert(doc_id.clone());
+            }
+            self.states.insert(doc_id.clone(), state);
+            return Ok(ReceiveOutcome { changed: false, heads, reply: None });
+        }
         let created = !self.states.contains_key(doc_id);
         let state = self.state_mut(doc_id);
         let shared_before = state.shared_heads.clone();

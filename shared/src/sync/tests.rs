@@ -927,3 +927,73 @@ fn a_document_sent_whole_is_acknowledged_without_it_as_automerge_would_with_it()
     assert_eq!(relay.settle_whole(&id, &ack, &relay_doc.get_heads()), None, "once");
     assert_eq!(relay.take_changed_shared_heads().len(), 1);
 }
+
+/// [`acknowledged`] against Automerge itself: two peers edit and sync one
+/// document with random delivery (messages delayed, connections dropped);
+/// at every message delivered, wherever the shortcut applies, the state it
+/// leaves is the state Automerge's receive and generate leave, with nothing
+/// to reply; and it does apply to the acknowledgements of a settled exchange.
+#[test]
+fn an_acknowledgement_of_our_heads_leaves_the_state_automerge_leaves() {
+    let mut applied = 0;
+    for seed in 0..40u64 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut docs = [seeded_doc(A, "Åtgärdsplan"), new_doc(B)];
+        let mut states = [State::new(), State::new()];
+        let mut in_flight: [VecDeque<Message>; 2] = [VecDeque::new(), VecDeque::new()];
+        for step in 0..120 {
+            let side = rng.gen_range(0..2);
+            match rng.gen_range(0..10) {
+                0 if !docs[side].get_heads().is_empty() && docs[side].get(ROOT, "text").unwrap().is_some() => {
+                    edit(&mut docs[side], NAMES[side], step)
+                }
+                1..=3 => {
+                    if let Some(message) = docs[side].sync().generate_sync_message(&mut states[side]) {
+                        in_flight[1 - side].push_back(message);
+                    }
+                }
+                4 if rng.gen_range(0..4) == 0 => {
+                    // A reconnect: what is in flight is lost, the states restart from what is persisted.
+                    in_flight = [VecDeque::new(), VecDeque::new()];
+                    states = states.map(|state| State::decode(&state.encode()).unwrap());
+                }
+                _ => {
+                    let Some(message) = in_flight[side].pop_front() else { continue };
+                    applied += deliver(&mut docs[side], &mut states[side], message, seed);
+                }
+            }
+        }
+        // Then in order until both are quiet: the last messages are acknowledgements.
+        for _ in 0..20 {
+            let mut quiet = true;
+            for side in [A, R] {
+                while let Some(message) = in_flight[side].pop_front() {
+                    applied += deliver(&mut docs[side], &mut states[side], message, seed);
+                }
+                if let Some(message) = docs[side].sync().generate_sync_message(&mut states[side]) {
+                    in_flight[1 - side].push_back(message);
+                    quiet = false;
+                }
+            }
+            if quiet {
+                break;
+            }
+        }
+        assert_eq!(docs[0].get_heads(), docs[1].get_heads(), "seed {seed}");
+    }
+    assert!(applied > 80, "the shortcut applied {applied} times");
+}
+
+/// Delivers `message` with Automerge; where [`acknowledged`] applies, checks
+/// that it leaves the same state, with nothing to reply. 1 if it applied.
+fn deliver(doc: &mut AutoCommit, state: &mut State, message: Message, seed: u64) -> usize {
+    let heads = doc.get_heads();
+    let shortcut = acknowledged(state, &message, &heads);
+    doc.sync().receive_sync_message(state, message).unwrap();
+    let Some(settled) = shortcut else { return 0 };
+    let mut expected = state.clone();
+    assert!(doc.sync().generate_sync_message(&mut expected).is_none(), "seed {seed}");
+    assert_eq!(settled, expected, "seed {seed}");
+    assert_eq!(doc.get_heads(), heads);
+    1
+}
