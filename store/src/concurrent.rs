@@ -103,6 +103,7 @@ impl ConcurrentStore {
     pub fn open(path: &Path, cache: usize, limits: ContentLimits) -> Result<Self, StoreError> {
         let mut writer = Store::open_or_create(path)?;
         writer.set_cache_capacity(0);
+        writer.keep_snapshot_tips_on_write(true);
         writer.set_content_limits(limits);
         let readers = (0..READ_CONNECTIONS)
             .map(|_| {
@@ -229,7 +230,11 @@ impl ConcurrentStore {
             return Ok(Some((value, UpdateOutcome { new_bytes: 0, heads, created: false })));
         }
         let limits = self.content_limits();
-        let write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts)?;
+        let mut write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts)?;
+        if write.created {
+            // A new document is stored as a snapshot: with its authors' tips, to be sent whole later.
+            write.tips = crate::snapshot_tips(doc.automerge_mut());
+        }
         let new_bytes = write.data.len();
         let size = write.size.map_or(SizeBefore::NotCounted, SizeBefore::Stored);
         let (heads_after, parties) = (write.heads.clone(), write.parties.clone());

@@ -356,6 +356,9 @@ pub struct Store {
     /// Whether `limits` are exactly those the relay announced (see
     /// [`Store::set_relay_content_limits`]).
     limits_are_relays: bool,
+    /// Whether snapshots this handle writes keep their authors' tips (the
+    /// relay's, which sends documents whole from them; a node never does).
+    keep_tips: bool,
 }
 
 /// A document as read inside a transaction, with where it stands in the table.
@@ -400,6 +403,7 @@ impl Store {
             cache: DocCache::new(path, DEFAULT_CACHE_CAPACITY),
             limits: ContentLimits::default(),
             limits_are_relays: false,
+            keep_tips: false,
         };
         store.prepare().map_err(|e| match e {
             StoreError::Sqlite(inner) => classify_open_error(path, inner),
@@ -437,6 +441,14 @@ impl Store {
     /// The size limits in force.
     pub fn content_limits(&self) -> ContentLimits {
         self.limits
+    }
+
+    /// Whether snapshots written through this handle keep their authors'
+    /// tips, for [`Store::stored_whole`]: the relay's store does; a node's
+    /// does not (it never sends a document whole from storage, and the tips
+    /// cost a pass over every change's metadata at each compaction).
+    pub fn keep_snapshot_tips_on_write(&mut self, keep: bool) {
+        self.keep_tips = keep;
     }
 
     /// Sets how many loaded documents stay cached in memory (0 turns the cache
@@ -713,7 +725,7 @@ impl Store {
                 size as i64
             ],
         )?;
-        put_snapshot(&tx, &id, &data, &snapshot_tips(doc.automerge_mut()))?;
+        put_snapshot(&tx, &id, &data, tips_if(self.keep_tips, doc.automerge_mut()).as_deref())?;
         tx.commit()?;
         Ok(UpdateOutcome { new_bytes: data.len(), heads, created: true })
     }
@@ -827,7 +839,7 @@ impl Store {
         let new_bytes = write.data.len();
         if let Some(seq) = write_doc_rows(&tx, &write)? {
             last_seq = seq;
-            if let Some(g) = compact_if_due(&tx, id, &mut doc)? {
+            if let Some(g) = compact_if_due(&tx, id, &mut doc, self.keep_tips)? {
                 generation = g;
             }
         }
@@ -911,7 +923,7 @@ impl Store {
         if generation.is_none() {
             return Err(StoreError::NotFound(id.clone()));
         }
-        put_snapshot(&tx, id, snapshot, tips)?;
+        put_snapshot(&tx, id, snapshot, Some(tips))?;
         tx.execute("DELETE FROM changes WHERE doc_id = ?1 AND seq <= ?2", params![id.as_str(), upto_seq])?;
         tx.commit()?;
         self.cache.evict(id);
@@ -974,7 +986,7 @@ impl Store {
     pub fn compact(&mut self, id: &DocId) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut loaded = load_in(&tx, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
-        let generation = write_snapshot(&tx, id, &mut loaded.doc)?;
+        let generation = write_snapshot(&tx, id, &mut loaded.doc, self.keep_tips)?;
         tx.commit()?;
         self.cache.put(loaded.doc, generation, loaded.last_seq, loaded.lease);
         Ok(())
@@ -1143,7 +1155,8 @@ pub struct DocWrite {
     pub signatures: Vec<(ChangeHash, [u8; 64])>,
     /// Approval receipts issued for records the update added.
     pub receipts: Vec<ApprovalReceipt>,
-    /// For a new document, the author tips of its full save ([`snapshot_tips`]); empty otherwise.
+    /// For a new document, the author tips of its full save ([`snapshot_tips`]),
+    /// if the writer keeps them (the relay's fills them in); empty otherwise.
     pub tips: Vec<u8>,
 }
 
@@ -1225,9 +1238,8 @@ impl DocWrite {
                 (Some(limits.check_changes(&id, &new, whole.saturating_sub(added))?), increment_bytes(&new))
             }
         };
-        let tips = if created { snapshot_tips(doc.automerge_mut()) } else { Vec::new() };
         Ok(Self {
-            tips,
+            tips: Vec::new(),
             heads: doc.heads(),
             kind: doc.kind()?,
             title: doc.title()?,
@@ -1262,7 +1274,7 @@ fn write_doc_rows(tx: &Connection, write: &DocWrite) -> Result<Option<i64>, Stor
             parties,
             SizeBefore::column(write.size)
         ])?;
-        put_snapshot(tx, &write.id, &write.data, &write.tips)?;
+        put_snapshot(tx, &write.id, &write.data, (!write.tips.is_empty()).then_some(write.tips.as_slice()))?;
         None
     } else {
         tx.prepare_cached("INSERT INTO changes (doc_id, data, sha256) VALUES (?1, ?2, ?3)")?.execute(params![
@@ -1449,13 +1461,19 @@ fn sha256(data: &[u8]) -> Vec<u8> {
 
 /// The author tips of a document about to be saved as a snapshot, encoded to
 /// be kept beside it (`Store::stored_whole` sends it whole without loading it).
+/// Reads every change's metadata: a few milliseconds at 10,000 changes.
 pub fn snapshot_tips(doc: &mut AutoCommit) -> Vec<u8> {
     samverkan_shared::sync::encode_tips(&samverkan_shared::sync::document_tips(doc))
 }
 
+/// [`snapshot_tips`] if `keep`, else none (NULL: a node's snapshots).
+fn tips_if(keep: bool, doc: &mut AutoCommit) -> Option<Vec<u8>> {
+    keep.then(|| snapshot_tips(doc))
+}
+
 /// Stores `data` (a full save) with its checksum as the document's snapshot,
 /// replacing the one before; the caller bumps the generation.
-fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8], tips: &[u8]) -> Result<(), StoreError> {
+fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8], tips: Option<&[u8]>) -> Result<(), StoreError> {
     tx.prepare_cached(
         "INSERT INTO snapshots (doc_id, sha256, data, tips) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (doc_id) DO UPDATE SET sha256 = excluded.sha256, data = excluded.data, tips = excluded.tips",
@@ -1465,24 +1483,29 @@ fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8], tips: &[u8]) -> Result
 }
 
 /// Compacts when enough increments have piled up; returns the new snapshot generation if it did.
-fn compact_if_due(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<Option<i64>, StoreError> {
+fn compact_if_due(
+    tx: &Transaction<'_>,
+    id: &DocId,
+    doc: &mut Document,
+    keep_tips: bool,
+) -> Result<Option<i64>, StoreError> {
     let rows: i64 =
         tx.prepare_cached("SELECT count(*) FROM changes WHERE doc_id = ?1")?.query_row([id.as_str()], |r| r.get(0))?;
     if rows >= COMPACT_AFTER_ROWS {
-        return write_snapshot(tx, id, doc).map(Some);
+        return write_snapshot(tx, id, doc, keep_tips).map(Some);
     }
     Ok(None)
 }
 
 /// Replaces the snapshot with a full save and drops the increments; returns the new generation.
-fn write_snapshot(tx: &Transaction<'_>, id: &DocId, doc: &mut Document) -> Result<i64, StoreError> {
+fn write_snapshot(tx: &Transaction<'_>, id: &DocId, doc: &mut Document, keep_tips: bool) -> Result<i64, StoreError> {
     let data = doc.automerge_mut().save();
     let generation: i64 = tx.query_row(
         "UPDATE documents SET generation = generation + 1 WHERE doc_id = ?1 RETURNING generation",
         params![id.as_str()],
         |r| r.get(0),
     )?;
-    put_snapshot(tx, id, &data, &snapshot_tips(doc.automerge_mut()))?;
+    put_snapshot(tx, id, &data, tips_if(keep_tips, doc.automerge_mut()).as_deref())?;
     tx.execute("DELETE FROM changes WHERE doc_id = ?1", [id.as_str()])?;
     tracing::debug!(doc = %id, bytes = data.len(), generation, "compacted document");
     Ok(generation)

@@ -71,7 +71,7 @@ impl Store {
         let kind = doc.kind().map_err(StoreError::from)?;
         let title = doc.title().map_err(StoreError::from)?;
         let parties = join_parties(&doc.parties().map_err(StoreError::from)?);
-        let generation = write_snapshot(&tx, id, &mut doc)?;
+        let generation = write_snapshot(&tx, id, &mut doc, self.keep_tips)?;
         let snapshot_bytes: i64 = tx
             .query_row("SELECT length(data) FROM snapshots WHERE doc_id = ?1", [id.as_str()], |r| r.get(0))
             .map_err(StoreError::from)?;

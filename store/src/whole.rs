@@ -114,6 +114,7 @@ mod tests {
     fn a_stored_document_reads_back_whole_with_tips_covering_every_author() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open_or_create(&dir.path().join("relay.db")).unwrap();
+        store.keep_snapshot_tips_on_write(true); // As the relay's store does; a node's keeps none.
         let (trosa, police) = (ctx("trosa-kommun"), ctx("polisomrade-sodermanland"));
         let directory = Directory::sodermanland();
         let mut doc = Document::create(
@@ -145,6 +146,17 @@ mod tests {
             assert!(whole.tips.contains(&tip), "{tip:?} is not covered");
         }
         assert_eq!(document_tips(&mut read).len(), 2, "two authors");
+
+        store.compact(&id).unwrap();
+        let compacted = store.stored_whole(&id).unwrap().unwrap();
+        assert_eq!((compacted.chunks.len(), &compacted.heads), (1, &whole.heads), "compacted: one snapshot, with tips");
+
+        // A node's store keeps no tips: nothing is offered whole from it.
+        store.keep_snapshot_tips_on_write(false);
+        store.compact(&id).unwrap();
+        assert_eq!(store.stored_whole(&id).unwrap(), None);
+        store.keep_snapshot_tips_on_write(true);
+        store.compact(&id).unwrap();
 
         store.conn.execute("UPDATE snapshots SET tips = NULL", []).unwrap();
         assert_eq!(store.stored_whole(&id).unwrap(), None, "written before tips were kept: loaded instead");
