@@ -928,14 +928,14 @@ fn a_document_sent_whole_is_acknowledged_without_it_as_automerge_would_with_it()
     assert_eq!(relay.take_changed_shared_heads().len(), 1);
 }
 
-/// [`acknowledged`] against Automerge itself: two peers edit and sync one
-/// document with random delivery (messages delayed, connections dropped);
-/// at every message delivered, wherever the shortcut applies, the state it
-/// leaves is the state Automerge's receive and generate leave, with nothing
-/// to reply; and it does apply to the acknowledgements of a settled exchange.
-#[test]
-fn an_acknowledgement_of_our_heads_leaves_the_state_automerge_leaves() {
-    let mut applied = 0;
+/// Two peers edit and sync one document with Automerge over 40 seeded runs
+/// of random steps (edits, messages generated and delivered in order,
+/// reconnects that lose what is in flight and restart from persisted
+/// states), then deliver until both are quiet and must agree. Every delivery
+/// goes through `deliver` (which applies it with Automerge); returns the sum
+/// of what `deliver` returned.
+fn random_exchanges(mut deliver: impl FnMut(&mut AutoCommit, &mut State, Message, u64) -> usize) -> usize {
+    let mut counted = 0;
     for seed in 0..40u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let mut docs = [seeded_doc(A, "Åtgärdsplan"), new_doc(B)];
@@ -959,7 +959,7 @@ fn an_acknowledgement_of_our_heads_leaves_the_state_automerge_leaves() {
                 }
                 _ => {
                     let Some(message) = in_flight[side].pop_front() else { continue };
-                    applied += deliver(&mut docs[side], &mut states[side], message, seed);
+                    counted += deliver(&mut docs[side], &mut states[side], message, seed);
                 }
             }
         }
@@ -968,7 +968,7 @@ fn an_acknowledgement_of_our_heads_leaves_the_state_automerge_leaves() {
             let mut quiet = true;
             for side in [A, R] {
                 while let Some(message) = in_flight[side].pop_front() {
-                    applied += deliver(&mut docs[side], &mut states[side], message, seed);
+                    counted += deliver(&mut docs[side], &mut states[side], message, seed);
                 }
                 if let Some(message) = docs[side].sync().generate_sync_message(&mut states[side]) {
                     in_flight[1 - side].push_back(message);
@@ -981,19 +981,42 @@ fn an_acknowledgement_of_our_heads_leaves_the_state_automerge_leaves() {
         }
         assert_eq!(docs[0].get_heads(), docs[1].get_heads(), "seed {seed}");
     }
+    counted
+}
+
+/// [`acknowledged`] against Automerge itself over [`random_exchanges`]:
+/// wherever the shortcut applies, the state it leaves is the state
+/// Automerge's receive and generate leave, with nothing to reply; and it
+/// does apply to the acknowledgements of a settled exchange.
+#[test]
+fn an_acknowledgement_of_our_heads_leaves_the_state_automerge_leaves() {
+    let applied = random_exchanges(|doc, state, message, seed| {
+        let heads = doc.get_heads();
+        let shortcut = acknowledged(state, &message, &heads);
+        doc.sync().receive_sync_message(state, message).unwrap();
+        let Some(settled) = shortcut else { return 0 };
+        let mut expected = state.clone();
+        assert!(doc.sync().generate_sync_message(&mut expected).is_none(), "seed {seed}");
+        assert_eq!(settled, expected, "seed {seed}");
+        assert_eq!(doc.get_heads(), heads);
+        1
+    });
     assert!(applied > 80, "the shortcut applied {applied} times");
 }
 
-/// Delivers `message` with Automerge; where [`acknowledged`] applies, checks
-/// that it leaves the same state, with nothing to reply. 1 if it applied.
-fn deliver(doc: &mut AutoCommit, state: &mut State, message: Message, seed: u64) -> usize {
-    let heads = doc.get_heads();
-    let shortcut = acknowledged(state, &message, &heads);
-    doc.sync().receive_sync_message(state, message).unwrap();
-    let Some(settled) = shortcut else { return 0 };
-    let mut expected = state.clone();
-    assert!(doc.sync().generate_sync_message(&mut expected).is_none(), "seed {seed}");
-    assert_eq!(settled, expected, "seed {seed}");
-    assert_eq!(doc.get_heads(), heads);
-    1
+/// [`receive_message`] against Automerge's `receive_sync_message` over
+/// [`random_exchanges`]: with nothing sent in flight it takes its own way,
+/// and leaves the same document heads and the same state.
+#[test]
+fn receiving_with_nothing_sent_is_what_automerge_does() {
+    let own_way = random_exchanges(|doc, state, message, seed| {
+        let nothing_sent = state.sent_hashes.is_empty();
+        let (mut our_doc, mut our_state) = (doc.clone(), state.clone());
+        receive_message(&mut our_doc, &mut our_state, message.clone()).unwrap();
+        doc.sync().receive_sync_message(state, message).unwrap();
+        assert_eq!(our_doc.get_heads(), doc.get_heads(), "seed {seed}");
+        assert_eq!(&our_state, state, "seed {seed}");
+        usize::from(nothing_sent)
+    });
+    assert!(own_way > 200, "its own way {own_way} times");
 }
