@@ -1520,10 +1520,15 @@ mod tests {
     use samverkan_shared::org::{Directory, OrgId};
 
     fn ctx() -> EditContext {
+        ctx_for("trosa-kommun")
+    }
+
+    /// An edit context of a new node key of organisation `org`.
+    pub(crate) fn ctx_for(org: &str) -> EditContext {
         EditContext {
             author: NodeKey::generate().node_id(),
-            org: OrgId::new("trosa-kommun").unwrap(),
-            node_name: "Trosa".into(),
+            org: OrgId::new(org).unwrap(),
+            node_name: org.into(),
             time: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
         }
     }

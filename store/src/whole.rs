@@ -90,22 +90,12 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use automerge::AutoCommit;
-    use chrono::{TimeZone, Utc};
-    use samverkan_shared::identity::NodeKey;
-    use samverkan_shared::model::{DocKind, Document, DocumentContent, EditContext};
-    use samverkan_shared::org::{Directory, OrgId};
+    use samverkan_shared::model::{DocKind, Document, DocumentContent};
+    use samverkan_shared::org::Directory;
     use samverkan_shared::sync::document_tips;
 
     use super::*;
-
-    fn ctx(org: &str) -> EditContext {
-        EditContext {
-            author: NodeKey::generate().node_id(),
-            org: OrgId::new(org).unwrap(),
-            node_name: org.into(),
-            time: Utc.with_ymd_and_hms(2025, 1, 1, 0, 0, 0).unwrap(),
-        }
-    }
+    use crate::tests::ctx_for as ctx;
 
     /// What `stored_whole` gives loads into the document as stored, and its
     /// tips cover every author's tip; a snapshot from before schema 8 (no
