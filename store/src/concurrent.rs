@@ -138,12 +138,11 @@ impl ConcurrentStore {
             .name("samverkan-compact".into())
             .spawn(move || compact_in_background(weak, receiver))
             .map_err(|e| StoreError::CommitFailed(format!("cannot start the compaction thread: {e}")))?;
-        let missing = lock(&inner.writer).snapshots_without_tips()?;
-        if !missing.is_empty() {
+        if lock(&inner.writer).snapshot_tips_pending()? {
             let weak = Arc::downgrade(&inner);
             std::thread::Builder::new()
                 .name("samverkan-tips".into())
-                .spawn(move || fill_tips_in_background(weak, missing))
+                .spawn(move || fill_tips_in_background(weak))
                 .map_err(|e| StoreError::CommitFailed(format!("cannot start the snapshot tips thread: {e}")))?;
         }
         Ok(Self { inner, compact: Mutex::new(Some(sender)) })
@@ -516,9 +515,17 @@ fn compact_in_background(inner: Weak<Inner>, requests: mpsc::Receiver<DocId>) {
 /// Works out, one document at a time, the author tips of the snapshots
 /// written before schema 8, so that those documents too can be sent whole
 /// without loading them (`Store::stored_whole`): loaded on a read
-/// connection, kept in a short write of their own, until the store is dropped.
-fn fill_tips_in_background(inner: Weak<Inner>, docs: Vec<DocId>) {
-    let (mut kept, started) = (0usize, std::time::Instant::now());
+/// connection, kept in a short write of their own, until the store is
+/// dropped; then records that it is done (a damaged snapshot is left to
+/// loading, which reports it), so that the next start does not look again.
+fn fill_tips_in_background(inner: Weak<Inner>) {
+    let started = std::time::Instant::now();
+    let docs = match inner.upgrade().map(|inner| inner.read(|r| r.snapshots_without_tips())) {
+        Some(Ok(docs)) => docs,
+        Some(Err(e)) => return tracing::warn!(error = %e, "could not list the snapshots without authors' tips"),
+        None => return,
+    };
+    let mut kept = 0usize;
     for id in &docs {
         let Some(inner) = inner.upgrade() else { return };
         let found = inner.read(|r| r.tips_for_snapshot(id));
@@ -532,6 +539,11 @@ fn fill_tips_in_background(inner: Weak<Inner>, docs: Vec<DocId>) {
             Ok(false) => {}
             // Left to loading, which reports the damage where it matters.
             Err(e) => tracing::warn!(doc = %id, error = %e, "could not work out the authors' tips of a snapshot"),
+        }
+    }
+    if let Some(inner) = inner.upgrade() {
+        if let Err(e) = lock(&inner.writer).snapshot_tips_worked_out() {
+            tracing::warn!(error = %e, "could not record that the snapshots' tips were worked out");
         }
     }
     tracing::info!(

@@ -155,7 +155,12 @@ const MIGRATIONS: &[&str] = &[
     // the changes whose signatures cover it, so that it can be sent whole without
     // loading it (`Store::stored_whole`). NULL for snapshots written before, until
     // the document's next compaction.
-    "ALTER TABLE snapshots ADD COLUMN tips BLOB;",
+    // A database that holds snapshots already is marked for the relay to work
+    // out their tips in the background once (`META_SNAPSHOT_TIPS`): finding
+    // them by `tips IS NULL` reads every snapshot's blob, so it is not done at
+    // every start.
+    "ALTER TABLE snapshots ADD COLUMN tips BLOB;
+     INSERT INTO meta (key, value) SELECT 'snapshot_tips', 'to work out' WHERE EXISTS (SELECT 1 FROM snapshots);",
 ];
 
 /// Errors of the store.

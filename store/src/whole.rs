@@ -41,20 +41,39 @@ impl Store {
     }
 }
 
+/// The metadata key that says snapshots written before schema 8 still need
+/// their tips worked out (set by migration 8 on a database that held
+/// snapshots; removed once they are, [`Store::snapshot_tips_worked_out`]).
+pub const META_SNAPSHOT_TIPS: &str = "snapshot_tips";
+
 impl Store {
-    /// Documents whose snapshot was written before schema 8 and has no author
-    /// tips yet (see [`Self::tips_for_snapshot`]).
+    /// Whether snapshots written before schema 8 may still lack their tips.
+    pub fn snapshot_tips_pending(&self) -> Result<bool, StoreError> {
+        Ok(self.meta(META_SNAPSHOT_TIPS)?.is_some())
+    }
+
+    /// Records that the snapshots' tips were worked out (those that could be).
+    pub fn snapshot_tips_worked_out(&mut self) -> Result<(), StoreError> {
+        self.conn.execute("DELETE FROM meta WHERE key = ?1", [META_SNAPSHOT_TIPS])?;
+        Ok(())
+    }
+
+    /// Documents whose snapshot has no author tips (see
+    /// [`Self::tips_for_snapshot`]). Reads every snapshot (the tips come
+    /// after the blob in the row), with the page cache held small.
     pub fn snapshots_without_tips(&self) -> Result<Vec<DocId>, StoreError> {
-        let mut stmt = self.conn.prepare("SELECT doc_id FROM snapshots WHERE tips IS NULL")?;
-        let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
-        let mut out = Vec::new();
-        for id in ids {
-            // An id that does not parse is left to loading, which reports it.
-            if let Ok(id) = id?.parse::<DocId>() {
-                out.push(id);
+        self.with_scan_cache(|| {
+            let mut stmt = self.conn.prepare("SELECT doc_id FROM snapshots WHERE tips IS NULL")?;
+            let ids = stmt.query_map([], |r| r.get::<_, String>(0))?;
+            let mut out = Vec::new();
+            for id in ids {
+                // An id that does not parse is left to loading, which reports it.
+                if let Ok(id) = id?.parse::<DocId>() {
+                    out.push(id);
+                }
             }
-        }
-        Ok(out)
+            Ok(out)
+        })
     }
 
     /// The author tips of a document's snapshot that has none yet, worked out
@@ -105,6 +124,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::open_or_create(&dir.path().join("relay.db")).unwrap();
         store.keep_snapshot_tips_on_write(true); // As the relay's store does; a node's keeps none.
+        assert!(!store.snapshot_tips_pending().unwrap(), "a new database has nothing to work out");
         let (trosa, police) = (ctx("trosa-kommun"), ctx("polisomrade-sodermanland"));
         let directory = Directory::sodermanland();
         let mut doc = Document::create(
