@@ -150,6 +150,11 @@ mod tests {
         let mut stored = store.load(&id).unwrap();
         assert_eq!(whole.chunks.len(), 4, "the snapshot and three increments");
         assert_eq!(whole.heads, stored.heads());
+        assert_eq!(
+            store.heads().unwrap(),
+            vec![(id.clone(), stored.heads())],
+            "every document's heads, as the daemon reads them"
+        );
         let mut read = AutoCommit::load(&whole.chunks.concat()).unwrap();
         assert_eq!(read.get_heads(), stored.heads());
         for tip in document_tips(stored.automerge_mut()) {
