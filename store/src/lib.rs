@@ -50,7 +50,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, Transaction, TransactionBehavior};
 use samverkan_shared::acceptance::{document_size, ContentLimits, LimitError};
 use samverkan_shared::ids::DocId;
-use samverkan_shared::model::{DocKind, Document, ModelError};
+use samverkan_shared::model::{DocKind, Document, ModelError, StoredFields};
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use serde::Serialize;
@@ -1220,43 +1220,34 @@ impl DocWrite {
         signatures: Vec<(ChangeHash, [u8; 64])>,
         receipts: Vec<ApprovalReceipt>,
     ) -> Result<Self, StoreError> {
-        // Whatever came in must still be a document we can read, within the limits.
-        doc.check_header()?;
         let id = doc.id().clone();
         let created = matches!(size_before, SizeBefore::New | SizeBefore::NewCheckedByRelay);
-        // One pass over the new changes serves the limits and, for an update, the
-        // data to append (what `save_after` would build again). A new document
-        // is stored as a full save, so its changes are taken only to count them.
+        // One pass over the new changes serves the limits, the stored fields and,
+        // for an update, the data to append (what `save_after` would build again).
+        // A new document is stored as a full save, so its changes are taken only
+        // to count them.
+        let new = match size_before {
+            SizeBefore::NewCheckedByRelay => Vec::new(),
+            _ => doc.automerge_mut().get_changes(before),
+        };
+        // Whatever came in must still be a document we can read (its header and
+        // stored fields read again unless the new changes left them alone), within the limits.
+        let StoredFields { kind, title, parties } =
+            if created { doc.stored_fields()? } else { doc.stored_fields_after(before, &new)? };
         let (size, data) = match size_before {
             SizeBefore::NewCheckedByRelay => (None, doc.automerge_mut().save()),
-            SizeBefore::New => {
-                let new = doc.automerge_mut().get_changes(before);
-                (Some(limits.check_changes(&id, &new, 0)?), doc.automerge_mut().save())
-            }
+            SizeBefore::New => (Some(limits.check_changes(&id, &new, 0)?), doc.automerge_mut().save()),
             SizeBefore::Stored(size_before) => {
-                let new = doc.automerge_mut().get_changes(before);
                 (Some(limits.check_changes(&id, &new, size_before)?), increment_bytes(&new))
             }
             SizeBefore::NotCounted => {
-                let new = doc.automerge_mut().get_changes(before);
                 let added: u64 = new.iter().map(|c| c.raw_bytes().len() as u64).sum();
                 let whole = document_size(doc.automerge_mut());
                 (Some(limits.check_changes(&id, &new, whole.saturating_sub(added))?), increment_bytes(&new))
             }
         };
-        Ok(Self {
-            tips: Vec::new(),
-            heads: doc.heads(),
-            kind: doc.kind()?,
-            title: doc.title()?,
-            parties: doc.parties()?,
-            id,
-            created,
-            data,
-            size,
-            signatures,
-            receipts,
-        })
+        let heads = doc.heads();
+        Ok(Self { tips: Vec::new(), heads, kind, title, parties, id, created, data, size, signatures, receipts })
     }
 }
 
@@ -1415,7 +1406,7 @@ fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Resul
         (cache.copy(id, generation), None)
     };
     let (mut doc, after_seq, from_cache) = match cached {
-        Some((doc, last_seq)) => (doc.into_automerge(), last_seq, true),
+        Some((doc, last_seq)) => (doc, last_seq, true),
         None => {
             let snapshot: Option<(Vec<u8>, Vec<u8>)> = conn
                 .prepare_cached("SELECT data, sha256 FROM snapshots WHERE doc_id = ?1")?
@@ -1430,22 +1421,21 @@ fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Resul
                 }
                 None => AutoCommit::new(),
             };
-            (doc, 0, false)
+            // Its header is checked below, once the rows are applied.
+            (Document::from_checked(id.clone(), doc), 0, false)
         }
     };
     let mut last_seq = after_seq;
     for_checked_rows(conn, id, after_seq, |seq, data| {
-        doc.load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
+        doc.automerge_mut().load_incremental(&data).map_err(|e| corrupt(format!("change row {seq}: {e}")))?;
         last_seq = seq;
         Ok(())
     })?;
     // A cached copy with no new rows is the copy checked when it was cached:
     // its header needs no second look (three map lookups on every edit and read).
-    let doc = if from_cache && last_seq == after_seq {
-        Document::from_checked(id.clone(), doc)
-    } else {
-        Document::from_automerge(id.clone(), doc).map_err(|e| corrupt(e.to_string()))?
-    };
+    if !from_cache || last_seq != after_seq {
+        doc.check_header().map_err(|e| corrupt(e.to_string()))?;
+    }
     Ok(Some(Loaded { doc, generation, last_seq, lease }))
 }
 

@@ -7,10 +7,10 @@
 //! Reading a text at some heads walks every operation the text ever had
 //! (about 1 ms for the 6 KB county agreement after 1,000 edits), so a reader
 //! can be given the texts it may reuse: those of the version just before a
-//! change that the change did not touch ([`touched`]).
+//! change that the change did not touch ([`super::fields::touched`]).
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::RangeBounds;
 
 use automerge::iter::{DocIter, Keys, ListRange, MapRange, Spans, Values};
@@ -20,32 +20,7 @@ use automerge::{
     Parents, Prop, ReadDoc, Stats, TextEncoding, Value,
 };
 
-/// An object's identity independent of any one document copy: its creating
-/// operation's counter and actor.
-pub(crate) type ObjKey = (u64, Vec<u8>);
-
-/// The key of `obj` (`None` for the root).
-pub(crate) fn obj_key(obj: &ObjId) -> Option<ObjKey> {
-    match obj {
-        ObjId::Id(ctr, actor, _) => Some((*ctr, actor.to_bytes().to_vec())),
-        ObjId::Root => None,
-    }
-}
-
-/// The objects a change's operations touched.
-pub(crate) fn touched(change: &Change) -> HashSet<ObjKey> {
-    let Ok(expanded) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| change.decode())) else {
-        return HashSet::new();
-    };
-    expanded
-        .operations
-        .iter()
-        .filter_map(|op| match &op.obj {
-            automerge::legacy::ObjectId::Id(id) => Some((id.0, id.1.to_bytes().to_vec())),
-            automerge::legacy::ObjectId::Root => None,
-        })
-        .collect()
-}
+use super::fields::{obj_key, ObjKey};
 
 /// `doc` as it was at `heads`.
 pub(crate) struct At<'a> {

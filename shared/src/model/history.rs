@@ -21,8 +21,9 @@ use serde::Serialize;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-use super::at::{touched, At, ObjKey};
+use super::at::At;
 use super::describe::{describe, describe_settled, FieldChange};
+use super::fields::{touched, ObjKey};
 use super::graph::ChangeGraph;
 use super::{Document, DocumentView, ModelError};
 use crate::org::Directory;
@@ -77,10 +78,10 @@ impl Document {
             };
             // Texts the change did not touch are as they were before it.
             let mut known: HashMap<ObjKey, String> = (*texts).clone();
-            if let Some(change) = ReadDoc::get_change_by_hash(am, &graph.hashes[c]) {
-                for obj in touched(&change) {
-                    known.remove(&obj);
-                }
+            match ReadDoc::get_change_by_hash(am, &graph.hashes[c]).as_ref().map(touched) {
+                Some(Some(touched)) => known.retain(|obj, _| !touched.objects.contains(obj)),
+                // A change that cannot be decoded may have touched any text.
+                _ => known.clear(),
             }
             let here = [graph.hashes[c]];
             let (after, texts) = view_at(&here, Some(&known));

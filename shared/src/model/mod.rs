@@ -33,6 +33,7 @@
 mod at;
 mod describe;
 mod edit;
+mod fields;
 mod graph;
 mod history;
 pub mod overlap;
@@ -49,6 +50,7 @@ use serde::Serialize;
 
 pub use describe::{describe, field_name, FieldChange};
 pub use edit::{parse_date, Editor};
+pub use fields::StoredFields;
 pub use history::DescribedChange;
 pub use overlap::{Overlap, OverlapSide, ReviewMark, Take};
 pub use owners::{canonical_owner, PartyContext};
@@ -213,6 +215,8 @@ pub struct HistoryEntry {
 pub struct Document {
     id: DocId,
     doc: AutoCommit,
+    /// The stored fields as last read, with the heads they were read at.
+    fields: Option<Box<fields::FieldsAt>>,
 }
 
 impl Document {
@@ -223,7 +227,7 @@ impl Document {
         ctx: &EditContext,
         directory: &crate::org::Directory,
     ) -> Result<Self, ModelError> {
-        let mut doc = Self { id: id.clone(), doc: AutoCommit::new().with_actor(ctx.author.actor_id()) };
+        let mut doc = Self { id: id.clone(), doc: AutoCommit::new().with_actor(ctx.author.actor_id()), fields: None };
         let view = content.into_view(id);
         doc.edit(ctx, directory, &format!("create {}", view.kind.label()), |e| e.initialise(&view))?;
         Ok(doc)
@@ -239,7 +243,7 @@ impl Document {
     /// that its schema version is one this build reads.
     pub fn from_automerge(id: DocId, doc: AutoCommit) -> Result<Self, ModelError> {
         read::check_header(&doc, &id)?;
-        Ok(Self { id, doc })
+        Ok(Self { id, doc, fields: None })
     }
 
     /// Wraps an Automerge document that was checked by [`Self::from_automerge`]
@@ -247,14 +251,14 @@ impl Document {
     /// copy taken out and put back. Anything else goes through
     /// [`Self::from_automerge`].
     pub fn from_checked(id: DocId, doc: AutoCommit) -> Self {
-        Self { id, doc }
+        Self { id, doc, fields: None }
     }
 
     /// Wraps an Automerge document without checking it (for the in-memory
     /// driver, [`crate::sync::MemoryDocs`], which holds whatever a peer or a
     /// test gives it and checks where the real drivers check).
     pub(crate) fn unchecked(id: DocId, doc: AutoCommit) -> Self {
-        Self { id, doc }
+        Self { id, doc, fields: None }
     }
 
     /// Checks that the document is still the one its id names and in a schema
@@ -302,6 +306,34 @@ impl Document {
     /// The parties (organisations) of the document, without reading the rest.
     pub fn parties(&self) -> Result<Vec<crate::org::OrgId>, ModelError> {
         read::parties(&self.doc)
+    }
+
+    /// The fields a store keeps beside this version (kind, title, parties),
+    /// read now after checking the header, and remembered with the heads.
+    pub fn stored_fields(&mut self) -> Result<StoredFields, ModelError> {
+        let heads = self.doc.get_heads();
+        let read = fields::FieldsAt::read(&self.doc, &self.id, heads)?;
+        let out = read.fields().clone();
+        self.fields = Some(Box::new(read));
+        Ok(out)
+    }
+
+    /// [`Self::stored_fields`] where they were last read at `before` and
+    /// `new` holds every change since: only what those changes touched is
+    /// read again (the title's text, the parties' list); everything, with
+    /// the header, if one touched the root map or they were read elsewhere.
+    pub fn stored_fields_after(
+        &mut self,
+        before: &[ChangeHash],
+        new: &[automerge::Change],
+    ) -> Result<StoredFields, ModelError> {
+        let now = self.doc.get_heads();
+        if let Some(fields) = &mut self.fields {
+            if fields.advance(&self.doc, before, new, now)? {
+                return Ok(fields.fields().clone());
+            }
+        }
+        self.stored_fields()
     }
 
     /// The document kind, without reading the rest.
@@ -377,7 +409,7 @@ impl Document {
 
     /// The document as it was at `heads` (for reading a signed or earlier version).
     pub fn at(&mut self, heads: &[ChangeHash]) -> Result<Document, ModelError> {
-        Ok(Self { id: self.id.clone(), doc: self.doc.fork_at(heads)? })
+        Ok(Self { id: self.id.clone(), doc: self.doc.fork_at(heads)?, fields: None })
     }
 
     /// Whether the Automerge document has anything at all in it (a document

@@ -60,7 +60,7 @@ use automerge::{Automerge, ChangeHash, ObjId, ObjType, ReadDoc, Value, ROOT};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::at::obj_key;
+use super::fields::obj_key;
 use super::graph::ChangeGraph;
 use super::paragraphs;
 use super::{Document, EditContext, ModelError};

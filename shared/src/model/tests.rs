@@ -7,7 +7,7 @@ use crate::identity::NodeKey;
 use crate::ids::ItemId;
 use crate::org::Directory;
 
-fn ctx(org: &str, name: &str) -> EditContext {
+pub(super) fn ctx(org: &str, name: &str) -> EditContext {
     EditContext {
         author: NodeKey::generate().node_id(),
         org: OrgId::new(org).unwrap(),
@@ -16,7 +16,7 @@ fn ctx(org: &str, name: &str) -> EditContext {
     }
 }
 
-fn agreement(ctx: &EditContext) -> Document {
+pub(super) fn agreement(ctx: &EditContext) -> Document {
     let mut content = DocumentContent::new(DocKind::Agreement, "Lokal samverkansöverenskommelse Flen");
     content.parties = vec![OrgId::new("flen-kommun").unwrap(), OrgId::new("polisomrade-sodermanland").unwrap()];
     content.body = "## Bakgrund\n\nTrygghet i centrum.\n\n## Mål\n\nFärre inbrott.\n".into();
@@ -31,7 +31,7 @@ fn merge_both(a: &mut Document, b: &mut Document) {
     assert_eq!(a.view().unwrap(), b.view().unwrap());
 }
 
-fn fork(doc: &mut Document, ctx: &EditContext) -> Document {
+pub(super) fn fork(doc: &mut Document, ctx: &EditContext) -> Document {
     let forked = doc.automerge_mut().fork().with_actor(ctx.author.actor_id());
     Document::from_automerge(doc.id().clone(), forked).unwrap()
 }
