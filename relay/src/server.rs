@@ -58,7 +58,7 @@ use crate::budget::ReceiveBudget;
 use crate::config::StorageLocation;
 use crate::enrollment::{self, EnrollmentError};
 use crate::handshake::{Admission, HandshakeGate, HandshakeTicket};
-use crate::hub::{Hub, Mailbox};
+use crate::hub::{ConnectionId, Hub, Mailbox};
 use crate::monitor::{ConnectionWatch, Monitor, MonitorConfig, NameResolver, NodeName, RelayMetrics, RelayStatus};
 use crate::record_keys::RecordKeys;
 use crate::storage::postgres::PostgresStorage;
@@ -850,6 +850,11 @@ struct RelayDocs<'a, S> {
     sync_memo: &'a Arc<SyncMemo>,
     /// Whether a document was not at hand in memory (loaded and free) when asked for.
     missed_loaded: bool,
+    /// Where the connections of a changed document's parties are woken.
+    hub: &'a Hub,
+    /// The connection these steps are for, once it has joined the hub: the
+    /// others are woken as soon as a change it sent is durable.
+    connection: Option<ConnectionId>,
 }
 
 impl<'a, S: RelayStorage> RelayDocs<'a, S> {
@@ -863,6 +868,8 @@ impl<'a, S: RelayStorage> RelayDocs<'a, S> {
             record_keys: &shared.record_keys,
             sync_memo: &shared.monitor.metrics().sync_memo,
             missed_loaded: false,
+            hub: &shared.hub,
+            connection: None,
         }
     }
 
@@ -915,6 +922,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
         };
         let record_keys = self.record_keys;
         let mut discarded = None;
+        let mut applied = false;
         let result = storage.with_doc(doc, create, |d| {
             let heads_before = d.heads();
             let approvals_before = record_keys.of(doc, d);
@@ -942,6 +950,7 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
                             "new document {doc} does not name your organisation ({org}) among its parties; it was not stored"
                         )));
                     }
+                    applied = true;
                     Ok((value, signatures, receipts))
                 }
                 DocOutcome::Discard(value) => {
@@ -950,6 +959,12 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
                 }
             }
         });
+        if let (Ok(Some(_)), true, Some(from)) = (&result, applied, self.connection) {
+            // Durable now: the parties' other connections start passing it on
+            // while this one still answers its sender.
+            let parties = storage.entry(doc)?.map(|entry| entry.parties).unwrap_or_default();
+            self.hub.changed(from, doc, &parties);
+        }
         match discarded {
             Some(value) => Ok(Some(value)),
             None => result,
@@ -1527,6 +1542,7 @@ fn step<S: RelayStorage>(
     let Served { sync, state } = served;
     let ConnectionState { member, watch, persist } = state;
     let mut docs = RelayDocs::new(shared, &auth.member.org);
+    docs.connection = member.as_ref().map(|(id, _)| *id);
     let frame = match input {
         Input::Changed(changed) => {
             for doc in changed {
@@ -1568,13 +1584,9 @@ fn step<S: RelayStorage>(
                 sync.begin(&mut docs)?;
             }
             ConnectionEvent::DocChanged { doc, heads } => {
+                // The parties' connections were woken when it was stored (`RelayDocs::with_doc`).
                 debug!(%doc, "document changed; forwarding");
                 shared.monitor.doc_changed(&doc, &heads);
-                if let Some((id, _)) = member {
-                    // Only connections of the document's parties are woken.
-                    let parties = shared.storage().entry(&doc)?.map(|entry| entry.parties).unwrap_or_default();
-                    shared.hub.changed(*id, &doc, &parties);
-                }
             }
             ConnectionEvent::Refused { doc, kind, reason } => {
                 // The node got a DocRefused frame; its other documents go on.
