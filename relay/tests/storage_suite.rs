@@ -654,6 +654,41 @@ fn postgres_changes_written_meanwhile_by_another_instance_are_merged_not_lost() 
     }
 }
 
+/// The parties another instance added while this one edited the body from
+/// its older copy are the stored parties afterwards (what access control
+/// reads), though the body edit alone would not have them read again.
+#[test]
+fn postgres_parties_changed_meanwhile_by_another_instance_are_the_stored_parties() {
+    let Some(backend) = postgres("postgres_parties_changed_meanwhile_by_another_instance_are_the_stored_parties")
+    else {
+        return;
+    };
+    let (mut ours, events) = listening(&backend);
+    let mut theirs = backend.open();
+    let (id, _) = store_new(&mut theirs);
+    assert!(wait_for(&events, |e| *e == RemoteEvent::DocChanged(id.clone())));
+    let (ctx, directory) = (ctx(), Directory::sodermanland());
+    let (county, other) = (OrgId::new("lansstyrelsen-sodermanland").unwrap(), self::ctx());
+    // Written here first: this instance's copy has its stored fields read.
+    edit(&mut ours, &id, "ours, first");
+    ours.with_doc(&id, false, |d| {
+        theirs
+            .with_doc(&id, false, |t| {
+                let mut parties = t.parties()?;
+                parties.push(county.clone());
+                t.edit(&other, &directory, "parties", |e| e.set_parties(&parties)).map_err(StoreError::from)?;
+                Ok::<_, StoreError>(((), Vec::new(), Vec::new()))
+            })
+            .unwrap();
+        d.edit(&ctx, &directory, "body", |e| e.set_body("ours, second")).map_err(StoreError::from)?;
+        Ok::<_, StoreError>(((), Vec::new(), Vec::new()))
+    })
+    .unwrap()
+    .unwrap();
+    assert!(ours.entry(&id).unwrap().unwrap().parties.contains(&county), "the other instance's party is stored");
+    assert!(ours.is_party(&id, &county).unwrap().unwrap());
+}
+
 /// Two listening instances writing one document at once: every change of
 /// both is stored, and both end with the same heads.
 #[test]

@@ -69,7 +69,7 @@ use postgres::{Client, GenericClient, NoTls, Transaction};
 use r2d2_postgres::PostgresConnectionManager;
 use samverkan_shared::acceptance::{ContentLimits, LimitError};
 use samverkan_shared::ids::DocId;
-use samverkan_shared::model::Document;
+use samverkan_shared::model::{Document, StoredFields};
 use samverkan_shared::org::OrgId;
 use samverkan_shared::receipt::ApprovalReceipt;
 use samverkan_shared::sync::{SignedChange, StoredWhole};
@@ -999,10 +999,12 @@ impl PostgresStorage {
         signatures: Vec<SignedChange>,
         receipts: Vec<ApprovalReceipt>,
     ) -> Result<Cached, StoreError> {
-        // Whatever came in must still be a document we can read, within the limits.
-        document.check_header()?;
-        // One pass over the new changes serves the limits and the increment (what `save_after` builds).
+        // One pass over the new changes serves the stored fields, the limits and
+        // the increment (what `save_after` builds).
         let new = document.automerge_mut().get_changes(before);
+        // Whatever came in must still be a document we can read (its header and
+        // stored fields read again only where the new changes touched them), within the limits.
+        let (ours_heads, fields) = (document.heads(), document.stored_fields_after(before, &new)?);
         let ours = self.limits.check_changes(doc, &new, 0)?;
         let increment = samverkan_store::increment_bytes(&new);
         // Taken before the lock: a change another instance notifies from now on is not hidden by this one.
@@ -1043,7 +1045,9 @@ impl PostgresStorage {
         }
         let compact = !created && stored.rows + 1 >= COMPACT_AFTER_ROWS;
         let heads = document.heads();
-        let parties = document.parties()?;
+        // Another instance's rows applied on top: the fields of what is stored now.
+        let StoredFields { kind, title, parties } =
+            if heads == ours_heads { fields } else { document.stored_fields()? };
         let write = DocWrite {
             id,
             instance: self.instance.clone(),
@@ -1051,8 +1055,8 @@ impl PostgresStorage {
             snapshot: (created || compact).then(|| document.automerge_mut().save()),
             snapshot_tips: (created || compact).then(|| samverkan_store::snapshot_tips(document.automerge_mut())),
             increment: (!created && !compact).then_some(increment),
-            kind: document.kind()?.as_str().to_string(),
-            title: document.title()?,
+            kind: kind.as_str().to_string(),
+            title,
             heads: heads.iter().map(ToString::to_string).collect(),
             parties: parties.iter().map(|p| p.as_str().to_string()).collect(),
             size: size as i64,
