@@ -38,7 +38,7 @@ use samverkan_shared::sync::{
     ConnectionError, ConnectionEvent, DocAccess, DocOutcome, MemoryAccess, SignedChange, SyncConnection,
 };
 use samverkan_shared::wire::{Frame, ReceiptEntry, RefusalKind, PROTOCOL_VERSION};
-use samverkan_store::{DocRefusal, Store, StoreError};
+use samverkan_store::{BackgroundCompaction, DocRefusal, Store, StoreError};
 use serde::Serialize;
 use tokio::sync::{mpsc, Notify};
 use tracing::{debug, info, warn};
@@ -858,6 +858,13 @@ pub async fn daemon_with_failover(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SyncFailure> {
     tokio::pin!(shutdown);
+    // While the daemon runs, its writes and those of handles sharing its
+    // documents (the editor, the web app) leave whole-document saves to a
+    // thread of their own, off the path of every received or pushed change.
+    let store = node.store_mut();
+    let _compaction = BackgroundCompaction::start(store.path(), &store.doc_cache())
+        .inspect_err(|e| warn!(error = %e, "no background compaction; writes compact for themselves"))
+        .ok();
     let mut backoff = Backoff::new(options.backoff_base, options.backoff_max);
     let mut current = 0usize;
     let mut failed_in_a_row = 0usize;

@@ -470,12 +470,14 @@ impl Inner {
         f(&lock(&self.readers[start]))
     }
 
-    /// Folds a document's increments into a new snapshot: the snapshot is
-    /// saved under the document's lock (so it holds exactly the rows up to
-    /// the last one written), written in a transaction of its own after.
+    /// Folds a document's increments into a new snapshot: the document is
+    /// copied under its lock (so the copy holds exactly the rows up to the
+    /// last one written), saved after, without the lock (a save of a long
+    /// history takes several times as long as the copy), and written in a
+    /// transaction of its own.
     fn compact(&self, id: &DocId) -> Result<(), StoreError> {
         let slot = self.slots.slot(id);
-        let (snapshot, upto, folded) = {
+        let (mut copy, upto, folded) = {
             let mut held = slot.lock();
             if held.is_none() {
                 let Some(loaded) = self.read(|r| r.load_for_update(id))? else { return Ok(()) };
@@ -486,10 +488,10 @@ impl Inner {
             if h.increments == 0 {
                 return Ok(());
             }
-            let tips = crate::snapshot_tips(h.doc.automerge_mut());
-            ((h.doc.automerge_mut().save(), tips), h.last_seq, h.increments)
+            (h.doc.automerge().clone(), h.last_seq, h.increments)
         };
-        let (snapshot, tips) = snapshot;
+        let tips = crate::snapshot_tips(&mut copy);
+        let snapshot = copy.save();
         lock(&self.writer).compact_upto(id, &snapshot, &tips, upto)?;
         if let Some(h) = slot.lock().as_mut() {
             h.increments = (h.increments - folded).max(0);

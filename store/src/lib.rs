@@ -12,9 +12,10 @@
 //!
 //! Layout: each document is a compacted snapshot (a full Automerge save) plus
 //! the incremental saves appended since. When the increments reach
-//! [`COMPACT_AFTER_ROWS`] they are folded into a new snapshot in the same
-//! transaction, so a document with 10,000 edits loads from one snapshot and a
-//! handful of rows. Every blob is stored with its SHA-256 and checked on load,
+//! [`COMPACT_AFTER_ROWS`] they are folded into a new snapshot after the write's
+//! commit, in a short transaction of their own (by a [`BackgroundCompaction`]
+//! in a long-running process), so a document with 10,000 edits loads from one
+//! snapshot and a handful of rows, and no write waits for a whole save. Every blob is stored with its SHA-256 and checked on load,
 //! so damage on disk is reported rather than silently skipped by Automerge.
 //!
 //! Loaded documents are cached in memory (a bounded number, least recently
@@ -29,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod cache;
+mod compaction;
 pub mod concurrent;
 pub mod keyfile;
 mod refusals;
@@ -37,6 +39,7 @@ pub mod slots;
 mod whole;
 
 pub use cache::{DocCache, LEND_WAIT};
+pub use compaction::BackgroundCompaction;
 pub use refusals::DocRefusal;
 pub use whole::SnapshotTips;
 
@@ -683,7 +686,8 @@ impl Store {
     /// Loads a document.
     pub fn load(&self, id: &DocId) -> Result<Document, StoreError> {
         // Take the cached copy out and put it back: one copy for the caller, not two.
-        let loaded = load_in(&self.conn, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        let loaded =
+            load_in(&self.conn, &self.cache, id, Borrow::Take)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
         let doc = loaded.doc.clone();
         self.cache.put(loaded.doc, loaded.generation, loaded.last_seq, loaded.lease);
         Ok(doc)
@@ -696,7 +700,7 @@ impl Store {
     /// dropped; nothing is ever written). `None` if the document is not stored.
     pub fn read_doc<R>(&self, id: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Result<Option<R>, StoreError> {
         let tx = self.conn.unchecked_transaction()?; // Deferred: a read snapshot, no write lock.
-        let Some(mut loaded) = load_in(&tx, &self.cache, id, true)? else { return Ok(None) };
+        let Some(mut loaded) = load_in(&tx, &self.cache, id, Borrow::Take)? else { return Ok(None) };
         drop(tx);
         let before = loaded.doc.heads();
         let value = f(loaded.doc.automerge_mut());
@@ -709,7 +713,7 @@ impl Store {
     /// Stores a new document (fails if the id exists).
     pub fn insert(&mut self, doc: &mut Document) -> Result<UpdateOutcome, StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if load_in(&tx, &self.cache, doc.id(), false)?.is_some() {
+        if load_in(&tx, &self.cache, doc.id(), Borrow::Copy)?.is_some() {
             return Err(StoreError::AlreadyExists(doc.id().clone()));
         }
         let id = doc.id().clone();
@@ -814,7 +818,8 @@ impl Store {
         E: From<StoreError>,
     {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let (mut doc, mut generation, mut last_seq, lease, created) = match load_in(&tx, &self.cache, id, true)? {
+        let (mut doc, mut generation, mut last_seq, lease, created) = match load_in(&tx, &self.cache, id, Borrow::Take)?
+        {
             Some(loaded) => (loaded.doc, loaded.generation, loaded.last_seq, loaded.lease, false),
             None if create_missing => {
                 let empty = Document::from_automerge(id.clone(), AutoCommit::new()).map_err(StoreError::from)?;
@@ -842,15 +847,71 @@ impl Store {
         };
         let write = DocWrite::prepare(&mut doc, &before, size_before, &self.limits, signatures, receipts)?;
         let new_bytes = write.data.len();
+        let mut fold_due = false;
         if let Some(seq) = write_doc_rows(&tx, &write)? {
             last_seq = seq;
-            if let Some(g) = compact_if_due(&tx, id, &mut doc, self.keep_tips)? {
-                generation = g;
-            }
+            fold_due = increment_rows(&tx, id)? >= COMPACT_AFTER_ROWS;
         }
         tx.commit().map_err(StoreError::from)?;
+        // Folded after the commit: the write is durable, and its transaction
+        // short, whatever the fold costs or meets (a full disk, say).
+        if fold_due && !self.cache.ask_fold(id) {
+            match self.fold_held(id, &mut doc, generation, last_seq) {
+                Ok(Some(g)) => generation = g,
+                Ok(None) => {}
+                Err(e) => tracing::warn!(doc = %id, error = %e, "could not compact the document; its increments stay"),
+            }
+        }
         self.cache.put(doc, generation, last_seq, lease);
         Ok((value, UpdateOutcome { new_bytes, heads, created }))
+    }
+
+    /// Folds the increment rows up to `upto_seq` into a snapshot saved from
+    /// `doc` (which holds exactly those, over snapshot `generation`), in a
+    /// short transaction of its own; `None` if the document was compacted or
+    /// replaced meanwhile (then nothing is written). Returns the new generation.
+    fn fold_held(
+        &mut self,
+        id: &DocId,
+        doc: &mut Document,
+        generation: i64,
+        upto_seq: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let tips = tips_if(self.keep_tips, doc.automerge_mut());
+        let snapshot = doc.automerge_mut().save();
+        let folded = self.fold_rows(id, &snapshot, tips.as_deref(), upto_seq, Some(generation))?;
+        if let Some(to) = folded {
+            self.cache.refold(id, generation, to, upto_seq);
+        }
+        Ok(folded)
+    }
+
+    /// Folds a document's increments into a new snapshot without holding the
+    /// write lock while the snapshot is saved (what a background compaction
+    /// does): a copy of the document, waited for if another thread has it out,
+    /// is saved, then written in a short transaction; nothing is written if the
+    /// document was compacted or replaced meanwhile. Returns whether it folded.
+    pub fn fold_increments(&mut self, id: &DocId) -> Result<bool, StoreError> {
+        let loaded = {
+            let tx = self.conn.unchecked_transaction()?; // One read snapshot.
+            let Some(loaded) = load_in(&tx, &self.cache, id, Borrow::CopyWhenReturned)? else { return Ok(false) };
+            let rows: i64 = tx
+                .prepare_cached("SELECT count(*) FROM changes WHERE doc_id = ?1 AND seq <= ?2")?
+                .query_row(params![id.as_str(), loaded.last_seq], |r| r.get(0))?;
+            if rows == 0 {
+                return Ok(false);
+            }
+            loaded
+        };
+        let Loaded { mut doc, generation, last_seq, .. } = loaded;
+        let folded = self.fold_held(id, &mut doc, generation, last_seq)?;
+        if let Some(to) = folded {
+            // Kept for the next write, unless a newer copy is there already.
+            if self.cache.last_seq_of(id, to).is_none_or(|seq| seq < last_seq) {
+                self.cache.put(doc, to, last_seq, None);
+            }
+        }
+        Ok(folded.is_some())
     }
 
     /// Writes many prepared updates in one transaction and one commit (group
@@ -898,7 +959,7 @@ impl Store {
     /// if not stored.
     pub fn load_for_update(&self, id: &DocId) -> Result<Option<ForUpdate>, StoreError> {
         let tx = self.conn.unchecked_transaction()?; // One read snapshot for all three reads.
-        let Some(loaded) = load_in(&tx, &self.cache, id, true)? else { return Ok(None) };
+        let Some(loaded) = load_in(&tx, &self.cache, id, Borrow::Take)? else { return Ok(None) };
         let (size, rows): (i64, i64) = self.conn.prepare_cached(
             "SELECT change_bytes, (SELECT count(*) FROM changes WHERE doc_id = ?1) FROM documents WHERE doc_id = ?1",
         )?
@@ -917,23 +978,43 @@ impl Store {
     /// stay and are read on top of the snapshot.
     /// `tips` are the snapshot's author tips ([`snapshot_tips`]).
     pub fn compact_upto(&mut self, id: &DocId, snapshot: &[u8], tips: &[u8], upto_seq: i64) -> Result<(), StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let generation: Option<i64> = tx
-            .query_row(
-                "UPDATE documents SET generation = generation + 1 WHERE doc_id = ?1 RETURNING generation",
-                params![id.as_str()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if generation.is_none() {
-            return Err(StoreError::NotFound(id.clone()));
+        match self.fold_rows(id, snapshot, Some(tips), upto_seq, None)? {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound(id.clone())),
         }
-        put_snapshot(&tx, id, snapshot, Some(tips))?;
+    }
+
+    /// [`Store::compact_upto`], only if the document is still at snapshot
+    /// `generation` (when given); returns the new generation, `None` if the
+    /// document is gone or at another generation (nothing was written).
+    fn fold_rows(
+        &mut self,
+        id: &DocId,
+        snapshot: &[u8],
+        tips: Option<&[u8]>,
+        upto_seq: i64,
+        generation: Option<i64>,
+    ) -> Result<Option<i64>, StoreError> {
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let Some(to) = tx
+            .query_row(
+                "UPDATE documents SET generation = generation + 1
+                 WHERE doc_id = ?1 AND (?2 IS NULL OR generation = ?2) RETURNING generation",
+                params![id.as_str(), generation],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        put_snapshot(&tx, id, snapshot, tips)?;
         tx.execute("DELETE FROM changes WHERE doc_id = ?1 AND seq <= ?2", params![id.as_str(), upto_seq])?;
         tx.commit()?;
-        self.cache.evict(id);
-        tracing::debug!(doc = %id, bytes = snapshot.len(), upto_seq, "compacted document in the background");
-        Ok(())
+        if generation.is_none() {
+            self.cache.evict(id);
+        }
+        tracing::debug!(doc = %id, bytes = snapshot.len(), upto_seq, generation = to, "folded increments into a snapshot");
+        Ok(Some(to))
     }
 
     /// The highest increment row of a document (0: none); what a snapshot
@@ -990,7 +1071,8 @@ impl Store {
     /// Folds a document's increments into one snapshot now.
     pub fn compact(&mut self, id: &DocId) -> Result<(), StoreError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut loaded = load_in(&tx, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        let mut loaded =
+            load_in(&tx, &self.cache, id, Borrow::Take)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
         let generation = write_snapshot(&tx, id, &mut loaded.doc, self.keep_tips)?;
         tx.commit()?;
         self.cache.put(loaded.doc, generation, loaded.last_seq, loaded.lease);
@@ -1351,7 +1433,7 @@ fn backfill_parties(tx: &Transaction<'_>, cache: &DocCache) -> Result<(), StoreE
         tx.prepare("SELECT doc_id FROM documents")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
     for id in ids {
         let Ok(doc_id) = id.parse::<DocId>() else { continue };
-        let parties = match load_in(tx, cache, &doc_id, false) {
+        let parties = match load_in(tx, cache, &doc_id, Borrow::Copy) {
             Ok(Some(loaded)) => loaded.doc.parties().map(|p| join_parties(&p)).unwrap_or_default(),
             _ => String::new(),
         };
@@ -1367,7 +1449,7 @@ fn backfill_sizes(tx: &Transaction<'_>, cache: &DocCache) -> Result<(), StoreErr
         tx.prepare("SELECT doc_id FROM documents")?.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
     for id in ids {
         let Ok(doc_id) = id.parse::<DocId>() else { continue };
-        let size = match load_in(tx, cache, &doc_id, false) {
+        let size = match load_in(tx, cache, &doc_id, Borrow::Copy) {
             Ok(Some(mut loaded)) => document_size(loaded.doc.automerge_mut()),
             _ => 0,
         };
@@ -1385,10 +1467,20 @@ fn backfill_sizes(tx: &Transaction<'_>, cache: &DocCache) -> Result<(), StoreErr
 const NEW_ROWS: &str = "SELECT seq, data, sha256 FROM changes INDEXED BY changes_by_doc
      WHERE likelihood(doc_id = ?1, 0.001) AND seq > ?2 ORDER BY seq";
 
+/// How [`load_in`] starts from a cached copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Borrow {
+    /// Moves it out (the caller is about to change it and put it back).
+    Take,
+    /// Clones it (missing it while another thread has it out).
+    Copy,
+    /// Clones it, waiting (bounded) while another thread has it out.
+    CopyWhenReturned,
+}
+
 /// Loads a document through any connection or transaction, starting from the
-/// cached copy when its snapshot generation is still current. With `take`, the
-/// cached copy is moved out (the caller is about to change it).
-fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Result<Option<Loaded>, StoreError> {
+/// cached copy when its snapshot generation is still current.
+fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, how: Borrow) -> Result<Option<Loaded>, StoreError> {
     let generation: Option<i64> =
         // Cached statements: this runs for every sync message (parsing SQL was the relay's top cost).
         conn.prepare_cached("SELECT generation FROM documents WHERE doc_id = ?1")?
@@ -1399,11 +1491,13 @@ fn load_in(conn: &Connection, cache: &DocCache, id: &DocId, take: bool) -> Resul
         return Ok(None);
     };
     let corrupt = |reason: String| StoreError::CorruptDocument { id: id.clone(), reason };
-    let (cached, lease) = if take {
-        let (found, lease) = cache.take(id, generation);
-        (found, Some(lease))
-    } else {
-        (cache.copy(id, generation), None)
+    let (cached, lease) = match how {
+        Borrow::Take => {
+            let (found, lease) = cache.take(id, generation);
+            (found, Some(lease))
+        }
+        Borrow::Copy => (cache.copy(id, generation), None),
+        Borrow::CopyWhenReturned => (cache.copy_when_returned(id, generation), None),
     };
     let (mut doc, after_seq, from_cache) = match cached {
         Some((doc, last_seq)) => (doc, last_seq, true),
@@ -1490,19 +1584,9 @@ fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8], tips: Option<&[u8]>) -
     Ok(())
 }
 
-/// Compacts when enough increments have piled up; returns the new snapshot generation if it did.
-fn compact_if_due(
-    tx: &Transaction<'_>,
-    id: &DocId,
-    doc: &mut Document,
-    keep_tips: bool,
-) -> Result<Option<i64>, StoreError> {
-    let rows: i64 =
-        tx.prepare_cached("SELECT count(*) FROM changes WHERE doc_id = ?1")?.query_row([id.as_str()], |r| r.get(0))?;
-    if rows >= COMPACT_AFTER_ROWS {
-        return write_snapshot(tx, id, doc, keep_tips).map(Some);
-    }
-    Ok(None)
+/// How many increment rows a document has on top of its snapshot.
+fn increment_rows(tx: &Connection, id: &DocId) -> Result<i64, StoreError> {
+    Ok(tx.prepare_cached("SELECT count(*) FROM changes WHERE doc_id = ?1")?.query_row([id.as_str()], |r| r.get(0))?)
 }
 
 /// Replaces the snapshot with a full save and drops the increments; returns the new generation.
@@ -1527,7 +1611,7 @@ mod tests {
     use samverkan_shared::model::{DocumentContent, EditContext};
     use samverkan_shared::org::{Directory, OrgId};
 
-    fn ctx() -> EditContext {
+    pub(crate) fn ctx() -> EditContext {
         ctx_for("trosa-kommun")
     }
 
@@ -1541,7 +1625,7 @@ mod tests {
         }
     }
 
-    fn new_doc(ctx: &EditContext) -> Document {
+    pub(crate) fn new_doc(ctx: &EditContext) -> Document {
         let content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Trosa 2025");
         Document::create(DocId::random(), content, ctx, &Directory::sodermanland()).unwrap()
     }

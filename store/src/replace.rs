@@ -11,7 +11,7 @@ use samverkan_shared::acceptance::{document_size, LimitError};
 use samverkan_shared::ids::DocId;
 use samverkan_shared::model::{Document, ModelError};
 
-use crate::{join_heads, join_parties, load_in, write_snapshot, Store, StoreError, UpdateOutcome};
+use crate::{join_heads, join_parties, load_in, write_snapshot, Borrow, Store, StoreError, UpdateOutcome};
 
 impl Store {
     /// Replaces the history of the stored document `id` with the document `f`
@@ -39,7 +39,7 @@ impl Store {
         E: From<StoreError>,
     {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(StoreError::from)?;
-        let loaded = load_in(&tx, &self.cache, id, true)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+        let loaded = load_in(&tx, &self.cache, id, Borrow::Take)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
         let (mut old, lease) = (loaded.doc, loaded.lease);
         let (mut doc, value) = f(&mut old)?;
         if doc.id() != id {
