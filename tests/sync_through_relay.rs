@@ -232,6 +232,94 @@ async fn a_document_created_offline_reaches_every_node() {
     relay.shutdown().await;
 }
 
+/// A's daemon (told of local edits) and B's (reporting what it stored),
+/// connected to the relay, with no polling: nothing else writes meanwhile.
+struct TwoDaemons {
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    received: tokio::sync::mpsc::UnboundedReceiver<DocId>,
+    stop: tokio::sync::watch::Sender<bool>,
+    daemons: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TwoDaemons {
+    async fn start(relay: &RelayHandle, a: Node, b: Node) -> Self {
+        let quiet = DaemonOptions { poll_interval: Duration::from_secs(3600), ..DaemonOptions::default() };
+        let notify = std::sync::Arc::new(tokio::sync::Notify::new());
+        let (received_tx, received) = tokio::sync::mpsc::unbounded_channel();
+        let a_options = DaemonOptions { local_edits: Some(notify.clone()), ..quiet.clone() };
+        let b_options = DaemonOptions { received: Some(received_tx), ..quiet };
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let target = target(relay);
+        let daemons = [(a, a_options), (b, b_options)]
+            .map(|(mut node, options)| {
+                let (target, mut stop) = (target.clone(), stop_rx.clone());
+                tokio::spawn(async move {
+                    sync::daemon(&mut node, &target, &options, async move {
+                        let _ = stop.changed().await;
+                    })
+                    .await
+                    .unwrap();
+                })
+            })
+            .into();
+        eventually("both daemons connected", || relay.connected().len() == 2).await;
+        Self { notify, received, stop, daemons }
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        for d in self.daemons {
+            bounded("daemon stop", d).await.unwrap();
+        }
+    }
+}
+
+/// Another process holding a node database's write lock (a long import, an
+/// editor's transaction) until it is released.
+struct WriteLockHolder {
+    release: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl WriteLockHolder {
+    /// Takes the write lock of the node database in `dir` (in a transaction on `id`).
+    fn take(dir: &Path, id: &DocId) -> Self {
+        let (locked_tx, locked) = std::sync::mpsc::channel();
+        let (release, release_rx) = std::sync::mpsc::channel::<()>();
+        let (dir, id) = (dir.to_path_buf(), id.clone());
+        let thread = std::thread::spawn(move || {
+            let mut other = Node::open(&dir).unwrap();
+            other
+                .store_mut()
+                .update(&id, false, |_| {
+                    locked_tx.send(()).unwrap();
+                    let _ = release_rx.recv();
+                    Ok::<_, samverkan::store::StoreError>(())
+                })
+                .unwrap();
+        });
+        locked.recv().unwrap();
+        Self { release, thread }
+    }
+
+    fn release(self) {
+        self.release.send(()).unwrap();
+        self.thread.join().unwrap();
+    }
+}
+
+/// Nodes A (Eskilstuna) and B (Polisen) sharing one citizen promise, synced.
+async fn two_nodes_sharing_a_document(root: &Path, relay: &RelayHandle) -> (PathBuf, Node, Node, DocId) {
+    let (a_dir, mut a) = node(root, relay, "eskilstuna", "Eskilstuna");
+    let (_, mut b) = node(root, relay, "polisen", "Polisen");
+    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Eskilstuna 2025");
+    content.parties = vec![a.org().clone(), b.org().clone()];
+    let id = a.create(content).unwrap();
+    sync(&mut a, relay).await;
+    sync(&mut b, relay).await;
+    (a_dir, a, b, id)
+}
+
 /// A daemon sends an edit, and takes the relay's acknowledgement, from a read
 /// snapshot: another process holding the node database's write lock (a long
 /// import, an editor's transaction) does not hold the edit back.
@@ -239,62 +327,38 @@ async fn a_document_created_offline_reaches_every_node() {
 async fn a_daemon_passes_an_edit_on_while_another_process_holds_the_write_lock() {
     let root = tempfile::tempdir().unwrap();
     let relay = start_relay(&root.path().join("relay")).await;
-    let (a_dir, mut a) = node(root.path(), &relay, "eskilstuna", "Eskilstuna");
-    let (_, mut b) = node(root.path(), &relay, "polisen", "Polisen");
-    let mut content = DocumentContent::new(DocKind::CitizenPromise, "Medborgarlöfte Eskilstuna 2025");
-    content.parties = vec![a.org().clone(), b.org().clone()];
-    let id = a.create(content).unwrap();
-    sync(&mut a, &relay).await;
-    sync(&mut b, &relay).await;
-
-    // No polling: the edit is announced, and nothing else writes meanwhile.
-    let quiet = DaemonOptions { poll_interval: Duration::from_secs(3600), ..DaemonOptions::default() };
-    let notify = std::sync::Arc::new(tokio::sync::Notify::new());
-    let (received_tx, mut received) = tokio::sync::mpsc::unbounded_channel();
-    let a_options = DaemonOptions { local_edits: Some(notify.clone()), ..quiet.clone() };
-    let b_options = DaemonOptions { received: Some(received_tx), ..quiet };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let target = target(&relay);
-    let daemons = [(a, a_options), (b, b_options)].map(|(mut node, options)| {
-        let (target, mut stop) = (target.clone(), stop_rx.clone());
-        tokio::spawn(async move {
-            sync::daemon(&mut node, &target, &options, async move {
-                let _ = stop.changed().await;
-            })
-            .await
-            .unwrap();
-        })
-    });
-    eventually("both daemons connected", || relay.connected().len() == 2).await;
+    let (a_dir, a, b, id) = two_nodes_sharing_a_document(root.path(), &relay).await;
+    let mut daemons = TwoDaemons::start(&relay, a, b).await;
 
     let mut editor = Node::open(&a_dir).unwrap();
     editor.edit(&id, "title", |e| e.set_title("Medborgarlöfte Eskilstuna 2026")).unwrap();
     // Another process takes the write lock and keeps it until B has the edit.
-    let (locked_tx, locked) = std::sync::mpsc::channel();
-    let (release, release_rx) = std::sync::mpsc::channel::<()>();
-    let locked_id = id.clone();
-    let holder = std::thread::spawn(move || {
-        let mut other = Node::open(&a_dir).unwrap();
-        other
-            .store_mut()
-            .update(&locked_id, false, |_| {
-                locked_tx.send(()).unwrap();
-                let _ = release_rx.recv();
-                Ok::<_, samverkan::store::StoreError>(())
-            })
-            .unwrap();
-    });
-    locked.recv().unwrap();
-    notify.notify_one();
-    let got = bounded("the edit reaching B while A's database is locked", received.recv()).await;
+    let holder = WriteLockHolder::take(&a_dir, &id);
+    daemons.notify.notify_one();
+    let got = bounded("the edit reaching B while A's database is locked", daemons.received.recv()).await;
     assert_eq!(got.as_ref(), Some(&id));
-    release.send(()).unwrap();
-    holder.join().unwrap();
+    holder.release();
 
-    stop_tx.send(true).unwrap();
-    for d in daemons {
-        bounded("daemon stop", d).await.unwrap();
-    }
+    daemons.stop().await;
+    relay.shutdown().await;
+}
+
+/// The same at connect time: a daemon starting up offers the edits made
+/// offline by generating each document's message from a read snapshot, so a
+/// write lock held by another process holds none of them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_connecting_sends_offline_edits_while_another_process_holds_the_write_lock() {
+    let root = tempfile::tempdir().unwrap();
+    let relay = start_relay(&root.path().join("relay")).await;
+    let (a_dir, mut a, b, id) = two_nodes_sharing_a_document(root.path(), &relay).await;
+    a.edit(&id, "title", |e| e.set_title("Medborgarlöfte Eskilstuna 2026")).unwrap();
+    let holder = WriteLockHolder::take(&a_dir, &id);
+    let mut daemons = TwoDaemons::start(&relay, a, b).await;
+    let got = bounded("the offline edit reaching B while A's database is locked", daemons.received.recv()).await;
+    assert_eq!(got.as_ref(), Some(&id));
+    holder.release();
+
+    daemons.stop().await;
     relay.shutdown().await;
 }
 

@@ -352,6 +352,12 @@ impl DocAccess for NodeDocs<'_> {
         }
     }
 
+    /// From a read snapshot: generating a message never takes, or waits
+    /// for, the database's write lock.
+    fn read_doc<R>(&mut self, doc: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Result<Option<R>, NodeDocsError> {
+        Ok(self.store.read_doc(doc, f)?)
+    }
+
     fn heads(&mut self, doc: &DocId) -> Result<Option<Vec<ChangeHash>>, NodeDocsError> {
         Ok(self.store.doc_heads(doc)?)
     }

@@ -138,6 +138,14 @@ impl<R> DocOutcome<R> {
     pub fn keep(value: R) -> Self {
         Self::Keep { value, signatures: Vec::new() }
     }
+
+    /// The value, kept or discarded (for a closure run on a read, which
+    /// stores nothing either way).
+    fn into_value(self) -> R {
+        match self {
+            Self::Keep { value, .. } | Self::Discard(value) => value,
+        }
+    }
 }
 
 /// How a connection reaches the documents of its side.
@@ -171,6 +179,14 @@ pub trait DocAccess {
         create: bool,
         f: impl FnOnce(&mut AutoCommit) -> DocOutcome<R>,
     ) -> Result<Option<R>, Self::Error>;
+
+    /// Runs `f` on a document only to read it (generating a message for the
+    /// peer): storage may serve it from a read snapshot, with no write
+    /// transaction, and must not store anything `f` did. `Ok(None)` when the
+    /// document does not exist. By default, [`DocAccess::with_doc`].
+    fn read_doc<R>(&mut self, doc: &DocId, f: impl FnOnce(&mut AutoCommit) -> R) -> Result<Option<R>, Self::Error> {
+        self.with_doc(doc, false, |d| DocOutcome::keep(f(d)))
+    }
 
     /// The authors' signatures of these changes of `doc` (this side's own
     /// changes are signed on the spot with [`authorship::sign`], others' come
@@ -758,9 +774,13 @@ impl SyncConnection {
         }
         let create = docs.may_receive(&doc);
         let authors = docs.authors();
+        // A message with no changes only moves the sync state: for a document
+        // held here it is taken in from a read, with no write transaction.
+        let reads_only = automerge::sync::Message::decode(message).is_ok_and(|m| m.changes.is_empty())
+            && docs.heads(&doc).map_err(ConnectionError::storage)?.is_some();
         let session = &mut self.session;
         let mut offered = self.offered.take(&doc);
-        let outcome = docs.with_doc(&doc, create, |d| {
+        let mut apply = |d: &mut AutoCommit| {
             let before = d.get_heads();
             let outcome = match session.receive(&doc, d, message) {
                 Ok(outcome) => outcome,
@@ -773,7 +793,12 @@ impl SyncConnection {
                 }
                 Err(source) => DocOutcome::Discard(Err(ConnectionError::Authorship { doc: doc.clone(), source })),
             }
-        });
+        };
+        let outcome = if reads_only {
+            docs.read_doc(&doc, |d| apply(d).into_value())
+        } else {
+            docs.with_doc(&doc, create, apply)
+        };
         if matches!(outcome, Ok(Some(Ok(_)))) {
             // Signatures of changes Automerge holds back until their dependencies arrive.
             self.offered.put_back(&doc, offered);
@@ -1010,11 +1035,12 @@ impl SyncConnection {
             return Ok(true);
         }
         let (session, memo) = (&mut self.session, docs.sync_memo());
+        // A read: what changes is the sync state, kept here, not the document.
         let generated = docs
-            .with_doc(doc, false, |d| {
+            .read_doc(doc, |d| {
                 let frame = session.generate_shared(doc, d, memo.as_deref());
                 let unsigned = if matches!(frame, Ok(Some(_))) { session.take_sent_tips(doc, d) } else { Vec::new() };
-                DocOutcome::keep((frame, unsigned))
+                (frame, unsigned)
             })
             .map_err(ConnectionError::storage)?;
         match generated {
