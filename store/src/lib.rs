@@ -70,8 +70,8 @@ pub const SCAN_CACHE_PAGES: i64 = 16;
 
 /// `PRAGMA application_id` of a Samverkan node database ("SVKN").
 pub const APPLICATION_ID: i32 = 0x5356_4B4E;
-/// Schema version this build writes (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i32 = 7;
+/// Schema version this build writes (`PRAGMA user_version`): one per migration.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 /// Incremental rows per document before they are compacted into a snapshot.
 pub const COMPACT_AFTER_ROWS: i64 = 64;
 /// Documents kept in the in-memory cache by default.
@@ -162,9 +162,14 @@ const MIGRATIONS: &[&str] = &[
     // out their tips in the background once (`META_SNAPSHOT_TIPS`): finding
     // them by `tips IS NULL` reads every snapshot's blob, so it is not done at
     // every start.
+    // The builds that added this step first still wrote version 7: a database
+    // at version 7 may have the column already (see `Store::prepare`).
     "ALTER TABLE snapshots ADD COLUMN tips BLOB;
      INSERT INTO meta (key, value) SELECT 'snapshot_tips', 'to work out' WHERE EXISTS (SELECT 1 FROM snapshots);",
 ];
+
+/// The migration that adds `snapshots.tips` (7 → 8).
+const SNAPSHOT_TIPS_MIGRATION: usize = 7;
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -523,6 +528,11 @@ impl Store {
             let version: i32 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
             for (from, sql) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
                 tracing::info!(path = %self.path.display(), from, to = from + 1, "migrating node database");
+                if from == SNAPSHOT_TIPS_MIGRATION && has_column(&tx, "snapshots", "tips")? {
+                    // Written by a build that had this step but still said version 7:
+                    // its snapshots have the column (and the relay's their tips).
+                    continue;
+                }
                 tx.execute_batch(sql)?;
             }
             if version < 2 {
@@ -1584,6 +1594,15 @@ fn put_snapshot(tx: &Connection, id: &DocId, data: &[u8], tips: Option<&[u8]>) -
     Ok(())
 }
 
+/// Whether `table` has a column `column`.
+fn has_column(conn: &Connection, table: &str, column: &str) -> Result<bool, StoreError> {
+    Ok(conn
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .query_row(params![table, column], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// How many increment rows a document has on top of its snapshot.
 fn increment_rows(tx: &Connection, id: &DocId) -> Result<i64, StoreError> {
     Ok(tx.prepare_cached("SELECT count(*) FROM changes WHERE doc_id = ?1")?.query_row([id.as_str()], |r| r.get(0))?)
@@ -2168,6 +2187,52 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert!(!columns.iter().any(|c| c.starts_with("snapshot")), "{columns:?}");
+    }
+
+    /// Schema 7 as it was released: snapshots without their tips column.
+    fn back_to_schema_7(conn: &Connection) {
+        conn.execute_batch(
+            "ALTER TABLE snapshots DROP COLUMN tips;
+             DELETE FROM meta WHERE key = 'snapshot_tips';
+             PRAGMA user_version = 7;",
+        )
+        .unwrap();
+    }
+
+    /// Opens `path` after `downgrade`, then writes, compacts and reads the
+    /// document `id` back whole: the store works on the migrated database.
+    fn works_after(path: &Path, id: &DocId, downgrade: impl FnOnce(&Connection)) {
+        let (ctx, directory) = (ctx(), Directory::sodermanland());
+        let old = Connection::open(path).unwrap();
+        downgrade(&old);
+        drop(old);
+        let mut store = Store::open(path).unwrap();
+        store.keep_snapshot_tips_on_write(true);
+        let version: i32 = store.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        store
+            .update(id, false, |d| {
+                d.edit(&ctx, &directory, "b", |e| e.set_body("Efter uppgraderingen")).map_err(StoreError::from)
+            })
+            .unwrap();
+        store.compact(id).unwrap();
+        let whole = store.stored_whole(id).unwrap().expect("stored");
+        assert!(!whole.tips.is_empty(), "the new snapshot has its tips");
+        assert_eq!(store.load(id).unwrap().view().unwrap().body, "Efter uppgraderingen");
+        assert!(store.check().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_schema_7_database_gets_its_snapshot_tips_column_whichever_build_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut doc = new_doc(&ctx());
+        let id = doc.id().clone();
+        Store::open_or_create(&path).unwrap().insert(&mut doc).unwrap();
+        // As released with schema 7: no tips column.
+        works_after(&path, &id, back_to_schema_7);
+        // As written by the builds that added the column but still wrote version 7.
+        works_after(&path, &id, |conn| conn.execute_batch("PRAGMA user_version = 7;").unwrap());
     }
 
     #[test]

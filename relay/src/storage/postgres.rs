@@ -85,8 +85,8 @@ mod cache;
 
 /// The name errors of this backend carry.
 pub const BACKEND: &str = "postgresql";
-/// Schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 2;
+/// Schema version this build writes: one per migration.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
 /// Incremental rows per document before they are folded into a new snapshot
 /// (the same as the SQLite store's).
 pub const COMPACT_AFTER_ROWS: i64 = samverkan_store::COMPACT_AFTER_ROWS;
