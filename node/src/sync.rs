@@ -312,15 +312,15 @@ impl DocAccess for NodeDocs<'_> {
         let mut discarded = None;
         let mut waited = Duration::ZERO;
         loop {
-            let apply = |d: &mut samverkan_shared::model::Document| {
+            let mut apply = |d: &mut samverkan_shared::model::Document| {
                 let Some(f) = f.take() else { return Err(Discarded::Yes) };
                 match f(d.automerge_mut()) {
-                    DocOutcome::Keep { value, signatures } => {
+                    DocOutcome::Keep { value, signatures, received_whole } => {
                         // The relay's rule, kept here too: a new document must name this node's organisation.
                         if !exists && !d.is_empty() && !d.parties().map_err(StoreError::from)?.contains(org) {
                             return Err(Discarded::NotAParty);
                         }
-                        Ok((value, signatures))
+                        Ok((value, signatures, received_whole))
                     }
                     DocOutcome::Discard(value) => {
                         discarded = Some(value);
@@ -331,7 +331,7 @@ impl DocAccess for NodeDocs<'_> {
             // A document received whole from the relay is counted at its next
             // write when the limits in force are the relay's (it checked them).
             let result = if exists {
-                self.store.update_signed(doc, false, apply)
+                self.store.update_signed(doc, false, |d| apply(d).map(|(value, signatures, _)| (value, signatures)))
             } else {
                 self.store.update_received(doc, apply)
             };

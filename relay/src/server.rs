@@ -928,8 +928,8 @@ impl<S: RelayStorage> DocAccess for RelayDocs<'_, S> {
             let approvals_before = record_keys.of(doc, d);
             match f(d.automerge_mut()) {
                 // Nothing applied (an outgoing message, an acknowledgement): nothing to check.
-                DocOutcome::Keep { value, signatures } if d.heads() == heads_before => Ok((value, signatures, Vec::new())),
-                DocOutcome::Keep { value, signatures } => {
+                DocOutcome::Keep { value, signatures, .. } if d.heads() == heads_before => Ok((value, signatures, Vec::new())),
+                DocOutcome::Keep { value, signatures, .. } => {
                     // New approval or withdrawal records must verify against the enrollment directory.
                     let directory = directory_lock.read().unwrap_or_else(|e| e.into_inner());
                     let now = Utc::now();

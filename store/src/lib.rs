@@ -796,7 +796,9 @@ impl Store {
     where
         E: From<StoreError>,
     {
-        self.update_in(id, create_missing, false, f)
+        self.update_in(id, create_missing, false, |doc| {
+            f(doc).map(|(value, signatures, receipts)| (value, Kept { signatures, receipts, received_whole: None }))
+        })
     }
 
     /// [`Store::update_signed`] for changes received from the pinned relay over
@@ -804,25 +806,34 @@ impl Store {
     /// (if it has content), and when the limits in force are the relay's
     /// ([`Store::set_relay_content_limits`]) its size is not counted now but
     /// at its next write, which checks the whole document against the limits.
+    ///
+    /// `f` also returns the bytes it loaded an empty document from, if it did
+    /// (every change in them applied, none held back: see
+    /// [`samverkan_shared::sync::ReceiveOutcome::received_whole`]). A document
+    /// this write creates is then stored as those bytes, not saved again.
+    #[allow(clippy::type_complexity)]
     pub fn update_received<T, E>(
         &mut self,
         id: &DocId,
-        f: impl FnOnce(&mut Document) -> Result<(T, Vec<(ChangeHash, [u8; 64])>), E>,
+        f: impl FnOnce(&mut Document) -> Result<(T, Vec<(ChangeHash, [u8; 64])>, Option<Vec<u8>>), E>,
     ) -> Result<(T, UpdateOutcome), E>
     where
         E: From<StoreError>,
     {
         let from_relay = self.limits_are_relays;
-        self.update_in(id, true, from_relay, |doc| f(doc).map(|(value, signatures)| (value, signatures, Vec::new())))
+        self.update_in(id, true, from_relay, |doc| {
+            f(doc).map(|(value, signatures, received_whole)| {
+                (value, Kept { signatures, receipts: Vec::new(), received_whole })
+            })
+        })
     }
 
-    #[allow(clippy::type_complexity)]
     fn update_in<T, E>(
         &mut self,
         id: &DocId,
         create_missing: bool,
         checked_by_relay: bool,
-        f: impl FnOnce(&mut Document) -> Result<(T, Vec<(ChangeHash, [u8; 64])>, Vec<ApprovalReceipt>), E>,
+        f: impl FnOnce(&mut Document) -> Result<(T, Kept), E>,
     ) -> Result<(T, UpdateOutcome), E>
     where
         E: From<StoreError>,
@@ -838,7 +849,7 @@ impl Store {
             None => return Err(StoreError::NotFound(id.clone()).into()),
         };
         let before = doc.heads();
-        let (value, signatures, receipts) = f(&mut doc)?;
+        let (value, Kept { signatures, receipts, received_whole }) = f(&mut doc)?;
         let heads = doc.heads();
         if heads == before || doc.is_empty() {
             if !created {
@@ -855,7 +866,9 @@ impl Store {
                     .map_err(StoreError::from)?,
             ),
         };
-        let write = DocWrite::prepare(&mut doc, &before, size_before, &self.limits, signatures, receipts)?;
+        let received_whole = received_whole.filter(|_| created);
+        let write =
+            DocWrite::prepare_as(&mut doc, &before, size_before, &self.limits, signatures, receipts, received_whole)?;
         let new_bytes = write.data.len();
         let mut fold_due = false;
         if let Some(seq) = write_doc_rows(&tx, &write)? {
@@ -1301,6 +1314,15 @@ impl SizeBefore {
     }
 }
 
+/// What a write's closure keeps besides its value ([`Store::update_in`]):
+/// the authors' signatures of the changes it added, approval receipts, and
+/// the bytes it loaded an empty document from, if it did.
+struct Kept {
+    signatures: Vec<(ChangeHash, [u8; 64])>,
+    receipts: Vec<ApprovalReceipt>,
+    received_whole: Option<Vec<u8>>,
+}
+
 impl DocWrite {
     /// Checks an updated document (readable, within `limits` given what is
     /// known of its size before) and computes what to write.
@@ -1311,6 +1333,22 @@ impl DocWrite {
         limits: &ContentLimits,
         signatures: Vec<(ChangeHash, [u8; 64])>,
         receipts: Vec<ApprovalReceipt>,
+    ) -> Result<Self, StoreError> {
+        Self::prepare_as(doc, before, size_before, limits, signatures, receipts, None)
+    }
+
+    /// [`DocWrite::prepare`]; a new document is stored as `received_whole`,
+    /// the bytes it was loaded from with every change in them applied, if
+    /// given, instead of a save of it (the same document, without the cost of
+    /// encoding it again). Ignored for a stored document.
+    pub fn prepare_as(
+        doc: &mut Document,
+        before: &[ChangeHash],
+        size_before: SizeBefore,
+        limits: &ContentLimits,
+        signatures: Vec<(ChangeHash, [u8; 64])>,
+        receipts: Vec<ApprovalReceipt>,
+        received_whole: Option<Vec<u8>>,
     ) -> Result<Self, StoreError> {
         let id = doc.id().clone();
         let created = matches!(size_before, SizeBefore::New | SizeBefore::NewCheckedByRelay);
@@ -1326,9 +1364,10 @@ impl DocWrite {
         // stored fields read again unless the new changes left them alone), within the limits.
         let StoredFields { kind, title, parties } =
             if created { doc.stored_fields()? } else { doc.stored_fields_after(before, &new)? };
+        let whole = |doc: &mut Document| received_whole.unwrap_or_else(|| doc.automerge_mut().save());
         let (size, data) = match size_before {
-            SizeBefore::NewCheckedByRelay => (None, doc.automerge_mut().save()),
-            SizeBefore::New => (Some(limits.check_changes(&id, &new, 0)?), doc.automerge_mut().save()),
+            SizeBefore::NewCheckedByRelay => (None, whole(doc)),
+            SizeBefore::New => (Some(limits.check_changes(&id, &new, 0)?), whole(doc)),
             SizeBefore::Stored(size_before) => {
                 (Some(limits.check_changes(&id, &new, size_before)?), increment_bytes(&new))
             }
@@ -1684,10 +1723,57 @@ mod tests {
         let (_, outcome) = store
             .update_received(doc.id(), |d| -> Result<_, StoreError> {
                 d.automerge_mut().load_incremental(&saved).unwrap();
-                Ok(((), Vec::new()))
+                Ok(((), Vec::new(), None))
             })
             .unwrap();
         outcome
+    }
+
+    /// The stored snapshot of a document.
+    fn snapshot_bytes(store: &Store, id: &DocId) -> Vec<u8> {
+        store.conn.query_row("SELECT data FROM snapshots WHERE doc_id = ?1", [id.as_str()], |r| r.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_document_created_from_received_bytes_is_stored_as_those_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open_or_create(&dir.path().join("node.db")).unwrap();
+        store.set_relay_content_limits(ContentLimits::default());
+        let ctx = ctx();
+        let mut doc = new_doc(&ctx);
+        let snapshot_heads = doc.heads();
+        doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body("Trygghet i centrum.")).unwrap();
+        // As a relay sends it whole: its snapshot, then an increment (not what a save gives).
+        let mut received = doc.automerge_mut().fork_at(&snapshot_heads).unwrap().save();
+        received.extend(doc.automerge_mut().save_after(&snapshot_heads));
+        assert_ne!(received, doc.automerge_mut().save());
+        let (_, outcome) = store
+            .update_received(doc.id(), |d| -> Result<_, StoreError> {
+                d.automerge_mut().load_incremental(&received).unwrap();
+                Ok(((), Vec::new(), Some(received.clone())))
+            })
+            .unwrap();
+        assert!(outcome.created);
+        assert_eq!(snapshot_bytes(&store, doc.id()), received, "kept as received, not saved again");
+        store.evict(doc.id());
+        assert_eq!(store.load(doc.id()).unwrap().heads(), doc.heads());
+        assert!(store.check().unwrap().is_empty(), "{:?}", store.check());
+
+        // A document already stored takes the usual increment: bytes given for it are not kept.
+        let before = doc.heads();
+        doc.edit(&ctx, &Directory::sodermanland(), "title", |e| e.set_title("Ny titel")).unwrap();
+        let change = doc.automerge_mut().save_after(&before);
+        store
+            .update_received(doc.id(), |d| -> Result<_, StoreError> {
+                d.automerge_mut().load_incremental(&change).unwrap();
+                Ok(((), Vec::new(), Some(b"not the document".to_vec())))
+            })
+            .unwrap();
+        assert_eq!(snapshot_bytes(&store, doc.id()), received);
+        assert_eq!(store.increment_rows(doc.id()).unwrap(), 1);
+        store.compact(doc.id()).unwrap();
+        store.evict(doc.id());
+        assert_eq!(store.load(doc.id()).unwrap().heads(), doc.heads());
     }
 
     #[test]
@@ -1743,7 +1829,7 @@ mod tests {
         let saved = other.automerge_mut().save();
         let refused = store.update_received(other.id(), |d| -> Result<_, StoreError> {
             d.automerge_mut().load_incremental(&saved).unwrap();
-            Ok(((), Vec::new()))
+            Ok(((), Vec::new(), None))
         });
         assert!(matches!(refused, Err(StoreError::TooLarge(LimitError::ChangeTooLarge { .. }))), "{refused:?}");
         assert!(!store.contains(other.id()).unwrap(), "nothing was stored");

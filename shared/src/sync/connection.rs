@@ -128,6 +128,11 @@ pub enum DocOutcome<R> {
         value: R,
         /// Signatures of the new changes, to store in the same transaction.
         signatures: Vec<SignedChange>,
+        /// The bytes the closure loaded an empty document from, every change
+        /// in them applied ([`crate::sync::ReceiveOutcome::received_whole`]): a store
+        /// creating the document may keep them as they are instead of saving
+        /// it again. `None`: store the document as it is.
+        received_whole: Option<Vec<u8>>,
     },
     /// Discard whatever the closure did to the document.
     Discard(R),
@@ -136,7 +141,7 @@ pub enum DocOutcome<R> {
 impl<R> DocOutcome<R> {
     /// Keeps the document as the closure left it, with no new signatures.
     pub fn keep(value: R) -> Self {
-        Self::Keep { value, signatures: Vec::new() }
+        Self::Keep { value, signatures: Vec::new(), received_whole: None }
     }
 
     /// The value, kept or discarded (for a closure run on a read, which
@@ -782,14 +787,15 @@ impl SyncConnection {
         let mut offered = self.offered.take(&doc);
         let mut apply = |d: &mut AutoCommit| {
             let before = d.get_heads();
-            let outcome = match session.receive(&doc, d, message) {
+            let mut outcome = match session.receive(&doc, d, message) {
                 Ok(outcome) => outcome,
                 Err(e) => return DocOutcome::Discard(Err(ConnectionError::from(e))),
             };
             match acceptance::accept_new_changes(&doc, d, &before, &mut offered, &authors) {
                 Ok(signatures) => {
                     let unsigned = session.take_sent_tips(&doc, d);
-                    DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures }
+                    let received_whole = outcome.received_whole.take();
+                    DocOutcome::Keep { value: Ok((outcome, unsigned)), signatures, received_whole }
                 }
                 Err(source) => DocOutcome::Discard(Err(ConnectionError::Authorship { doc: doc.clone(), source })),
             }

@@ -313,7 +313,7 @@ impl DocAccess for MemoryDocs {
         let Some(held) = self.docs.get_mut(doc).map(Document::automerge_mut) else { return Ok(None) };
         let before = held.get_heads();
         match f(held) {
-            DocOutcome::Keep { value, signatures } => {
+            DocOutcome::Keep { value, signatures, .. } => {
                 if let Err(e) = check_kept(&self.access, self.limits.as_ref(), doc, held, &before, is_new) {
                     self.roll_back(doc, &before, is_new)?;
                     return Err(e);

@@ -202,10 +202,20 @@ pub(crate) struct PreparedMessage {
 /// the common case: a node receiving the relay's changes, the relay receiving
 /// a node's. Otherwise Automerge does it all. Checked against Automerge over
 /// random exchanges in `receiving_with_nothing_sent_is_what_automerge_does`.
-fn receive_message(doc: &mut AutoCommit, state: &mut State, message: Message) -> Result<(), AutomergeError> {
+///
+/// Returns the bytes the message's changes were loaded from when they made an
+/// empty document whole (every change applied, none held back for missing
+/// parents) and are worth keeping as its stored form
+/// ([`whole::keepable_as_received`]): a store may keep them instead of saving
+/// the document again.
+fn receive_message(
+    doc: &mut AutoCommit,
+    state: &mut State,
+    message: Message,
+) -> Result<Option<Vec<u8>>, AutomergeError> {
     use automerge::sync::{Capability, MessageFlags};
     if !state.sent_hashes.is_empty() {
-        return doc.sync().receive_sync_message(state, message);
+        return doc.sync().receive_sync_message(state, message).map(|()| None);
     }
     state.in_flight = false;
     let before = doc.get_heads();
@@ -220,10 +230,17 @@ fn receive_message(doc: &mut AutoCommit, state: &mut State, message: Message) ->
         state.peer_read_only = flags.contains(MessageFlags::READ_ONLY);
     }
     let changes_is_empty = changes.is_empty();
+    let mut whole = None;
     if !changes_is_empty && !state.read_only {
-        doc.load_incremental(&changes.iter().collect::<Vec<&[u8]>>().concat())?;
+        let was_empty = doc.is_empty();
+        let bytes = changes.iter().collect::<Vec<&[u8]>>().concat();
+        doc.load_incremental(&bytes)?;
         let after = doc.get_heads();
         state.shared_heads = advance_heads(&before, &after, &state.shared_heads);
+        if was_empty && !after.is_empty() && doc.get_missing_deps(&[]).is_empty() && whole::keepable_as_received(&bytes)
+        {
+            whole = Some(bytes);
+        }
     }
     // `filter_changes` would remove from `sent_hashes` what the peer has: it is empty.
     if changes_is_empty && heads == before {
@@ -250,7 +267,7 @@ fn receive_message(doc: &mut AutoCommit, state: &mut State, message: Message) ->
     state.their_have = Some(have);
     state.their_heads = Some(heads);
     state.their_need = Some(need);
-    Ok(())
+    Ok(whole)
 }
 
 /// Automerge's `advance_heads`: the shared heads after our heads moved from
@@ -355,6 +372,10 @@ pub struct ReceiveOutcome {
     pub heads: Vec<ChangeHash>,
     /// The frame to send back, if any.
     pub reply: Option<Frame>,
+    /// The bytes the document was loaded from, when the message made an
+    /// empty document whole and they are worth keeping as they are (see
+    /// [`whole::keepable_as_received`]); `None` otherwise.
+    pub received_whole: Option<Vec<u8>>,
 }
 
 /// Sync state of one connection, in either role: one Automerge [`State`] per document.
@@ -517,7 +538,7 @@ impl PeerSession {
         let (state, frame) = self.step_on(doc_id, doc, before, Some(message), shared, |mut state, doc| {
             let heads = doc.get_heads();
             let received = catch_unwind(AssertUnwindSafe(|| receive_message(doc, &mut state, decoded)));
-            if !matches!(received, Ok(Ok(()))) || doc.get_heads() != heads || heads.is_empty() {
+            if !matches!(received, Ok(Ok(_))) || doc.get_heads() != heads || heads.is_empty() {
                 return None;
             }
             self.generate_step(doc_id, doc, state)
@@ -841,17 +862,17 @@ impl PeerSession {
                 self.changed.insert(doc_id.clone());
             }
             self.states.insert(doc_id.clone(), state);
-            return Ok(ReceiveOutcome { changed: false, heads, reply: None });
+            return Ok(ReceiveOutcome { changed: false, heads, reply: None, received_whole: None });
         }
         let created = !self.states.contains_key(doc_id);
         let state = self.state_mut(doc_id);
         let shared_before = state.shared_heads.clone();
         let applied = catch_unwind(AssertUnwindSafe(|| {
             let before = doc.get_heads();
-            receive_message(doc, state, message)?;
-            Ok::<_, AutomergeError>((before, doc.get_heads()))
+            let whole = receive_message(doc, state, message)?;
+            Ok::<_, AutomergeError>((before, doc.get_heads(), whole))
         }));
-        let (before, heads) = match applied {
+        let (before, heads, received_whole) = match applied {
             Ok(Ok(heads)) => heads,
             Ok(Err(source)) => {
                 return Err(self.disable(doc_id, SyncError::Automerge { doc: doc_id.clone(), source: Box::new(source) }))
@@ -874,7 +895,7 @@ impl PeerSession {
             self.changed.insert(doc_id.clone());
         }
         match reply {
-            Ok(reply) => Ok(ReceiveOutcome { changed, heads, reply }),
+            Ok(reply) => Ok(ReceiveOutcome { changed, heads, reply, received_whole }),
             Err(source) => Err(SyncError::ReplyFailed { changed, source: Box::new(source) }),
         }
     }

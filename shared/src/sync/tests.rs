@@ -928,6 +928,80 @@ fn a_document_sent_whole_is_acknowledged_without_it_as_automerge_would_with_it()
     assert_eq!(relay.take_changed_shared_heads().len(), 1);
 }
 
+/// A message that makes an empty document whole hands back the bytes it was
+/// loaded from, for a store to keep instead of saving the document again:
+/// only when they load to exactly that document (nothing held back for
+/// missing parents, whose signatures nobody checked) and are a document
+/// chunk with few changes after it (not loose changes every load would replay).
+#[test]
+fn a_document_received_whole_hands_back_its_bytes_only_if_they_are_exactly_it() {
+    let id = doc_id(7);
+    let mut full = seeded_doc(A, "Medborgarlöfte");
+    let snapshot_heads = full.get_heads();
+    for n in 0..3 {
+        edit(&mut full, "a", n);
+    }
+    let mut snapshot = full.fork_at(&snapshot_heads).unwrap();
+    let increments: Vec<Vec<u8>> = full.get_changes(&snapshot_heads).iter().map(|c| c.raw_bytes().to_vec()).collect();
+    let heads = full.get_heads();
+    let message = |chunks: Vec<Vec<u8>>| {
+        Message {
+            heads: heads.clone(),
+            need: Vec::new(),
+            have: Vec::new(),
+            changes: chunks.into(),
+            flags: None,
+            version: MessageVersion::V2,
+        }
+        .encode()
+    };
+    let receive = |into: &mut AutoCommit, message: &[u8]| {
+        let outcome = PeerSession::new(Role::Node).receive(&id, into, message).unwrap();
+        assert!(outcome.changed);
+        outcome.received_whole
+    };
+
+    // A snapshot and its increments, as a relay sends a document whole.
+    let chunks: Vec<Vec<u8>> = std::iter::once(snapshot.save()).chain(increments.iter().cloned()).collect();
+    let mut fresh = AutoCommit::new();
+    let kept = receive(&mut fresh, &message(chunks.clone())).expect("kept as received");
+    assert_eq!(kept, chunks.concat());
+    let mut loaded = AutoCommit::load(&kept).unwrap();
+    assert_eq!((loaded.get_heads(), text_of(&loaded)), (full.get_heads(), text_of(&full)));
+
+    // A change held back for a missing parent would travel with the bytes
+    // unverified, and apply once its parent arrives: nothing is handed back.
+    let mut later = full.clone();
+    edit(&mut later, "a", 9);
+    edit(&mut later, "a", 10);
+    let orphan = later.get_changes(&full.get_heads()).last().unwrap().raw_bytes().to_vec();
+    let mut fresh = AutoCommit::new();
+    assert_eq!(receive(&mut fresh, &message(vec![full.save(), orphan])), None);
+    assert_eq!(fresh.get_heads(), full.get_heads(), "the held-back change is not in the document");
+
+    // Loose changes only (no document chunk), or into a document already
+    // held: stored the usual way.
+    let loose: Vec<Vec<u8>> = full.get_changes(&[]).iter().map(|c| c.raw_bytes().to_vec()).collect();
+    let mut fresh = AutoCommit::new();
+    assert_eq!(receive(&mut fresh, &message(loose)), None);
+    assert_eq!(fresh.get_heads(), heads);
+    let mut held = snapshot.fork();
+    let whole_doc = full.save();
+    assert_eq!(receive(&mut held, &message(vec![whole_doc])), None);
+    assert_eq!(held.get_heads(), heads);
+
+    // More change chunks after the document chunk than a store keeps rows.
+    let mut long = snapshot.fork();
+    for n in 0..=whole::MAX_CHANGE_CHUNKS_KEPT {
+        edit(&mut long, "b", n);
+    }
+    let loose: Vec<Vec<u8>> = long.get_changes(&snapshot_heads).iter().map(|c| c.raw_bytes().to_vec()).collect();
+    let bytes: Vec<u8> = std::iter::once(snapshot.save()).chain(loose).collect::<Vec<_>>().concat();
+    assert!(!whole::keepable_as_received(&bytes));
+    assert!(whole::keepable_as_received(&long.save()));
+    assert!(!whole::keepable_as_received(&long.save()[..100]), "a cut chunk");
+}
+
 /// Two peers edit and sync one document with Automerge over 40 seeded runs
 /// of random steps (edits, messages generated and delivered in order,
 /// reconnects that lose what is in flight and restart from persisted

@@ -83,6 +83,35 @@ pub fn increment_tips<'a>(rows: impl IntoIterator<Item = &'a [u8]>) -> Option<Ve
     Some(authorship::author_tips(changes.iter()))
 }
 
+/// At most this many change chunks may follow the document chunk in bytes a
+/// store keeps as received ([`keepable_as_received`]): as many increment rows
+/// as a store holds before it folds them, so that loading them later costs no
+/// more than loading a stored document does.
+pub const MAX_CHANGE_CHUNKS_KEPT: usize = 64;
+
+/// Whether bytes a document was loaded from are worth keeping as its stored
+/// form instead of saving it again: a document chunk (what a save or a
+/// snapshot is) followed by at most [`MAX_CHANGE_CHUNKS_KEPT`] change chunks
+/// (a snapshot's increments, as a relay sends a document whole). Many loose
+/// changes would make every later load replay them; a save compresses them.
+pub fn keepable_as_received(bytes: &[u8]) -> bool {
+    const DOCUMENT_CHUNK: u8 = 0;
+    if bytes.get(8) != Some(&DOCUMENT_CHUNK) {
+        return false;
+    }
+    let mut rest = bytes;
+    let mut chunks = 0usize;
+    while !rest.is_empty() {
+        let Some(len) = chunk_len(rest) else { return false };
+        chunks += 1;
+        if chunks > 1 + MAX_CHANGE_CHUNKS_KEPT {
+            return false;
+        }
+        rest = &rest[len..];
+    }
+    true
+}
+
 /// The length of the chunk at the start of `data` (header included): magic
 /// (4 bytes), checksum (4), type (1), LEB128 body length, body.
 fn chunk_len(data: &[u8]) -> Option<usize> {
