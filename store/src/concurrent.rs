@@ -229,7 +229,7 @@ impl ConcurrentStore {
             return Ok(Some((value, UpdateOutcome { new_bytes: 0, heads, created: false })));
         }
         let limits = self.content_limits();
-        let mut write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts)?;
+        let mut write = DocWrite::prepare(&mut doc, &before, size_before, &limits, signatures, receipts, None)?;
         if write.created {
             // A new document is stored as a snapshot: with its authors' tips, to be sent whole later.
             write.tips = crate::snapshot_tips(doc.automerge_mut());

@@ -868,7 +868,7 @@ impl Store {
         };
         let received_whole = received_whole.filter(|_| created);
         let write =
-            DocWrite::prepare_as(&mut doc, &before, size_before, &self.limits, signatures, receipts, received_whole)?;
+            DocWrite::prepare(&mut doc, &before, size_before, &self.limits, signatures, receipts, received_whole)?;
         let new_bytes = write.data.len();
         let mut fold_due = false;
         if let Some(seq) = write_doc_rows(&tx, &write)? {
@@ -1325,23 +1325,12 @@ struct Kept {
 
 impl DocWrite {
     /// Checks an updated document (readable, within `limits` given what is
-    /// known of its size before) and computes what to write.
+    /// known of its size before) and computes what to write. A new document
+    /// is stored as `received_whole`, the bytes it was loaded from with every
+    /// change in them applied, if given, instead of a save of it (the same
+    /// document, without the cost of encoding it again); ignored for a
+    /// stored document.
     pub fn prepare(
-        doc: &mut Document,
-        before: &[ChangeHash],
-        size_before: SizeBefore,
-        limits: &ContentLimits,
-        signatures: Vec<(ChangeHash, [u8; 64])>,
-        receipts: Vec<ApprovalReceipt>,
-    ) -> Result<Self, StoreError> {
-        Self::prepare_as(doc, before, size_before, limits, signatures, receipts, None)
-    }
-
-    /// [`DocWrite::prepare`]; a new document is stored as `received_whole`,
-    /// the bytes it was loaded from with every change in them applied, if
-    /// given, instead of a save of it (the same document, without the cost of
-    /// encoding it again). Ignored for a stored document.
-    pub fn prepare_as(
         doc: &mut Document,
         before: &[ChangeHash],
         size_before: SizeBefore,
@@ -1693,13 +1682,13 @@ mod tests {
         let ctx = ctx();
         let mut doc = new_doc(&ctx);
         let limits = ContentLimits::default();
-        let created = DocWrite::prepare(&mut doc, &[], SizeBefore::New, &limits, Vec::new(), Vec::new()).unwrap();
+        let created = DocWrite::prepare(&mut doc, &[], SizeBefore::New, &limits, Vec::new(), Vec::new(), None).unwrap();
         assert_eq!(created.size, Some(document_size(doc.automerge_mut())));
         let before = doc.heads();
         doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body("ny text")).unwrap();
         doc.edit(&ctx, &Directory::sodermanland(), "title", |e| e.set_title("Medborgarlöfte Trosa 2026")).unwrap();
         let stored = SizeBefore::Stored(created.size.unwrap());
-        let update = DocWrite::prepare(&mut doc, &before, stored, &limits, Vec::new(), Vec::new()).unwrap();
+        let update = DocWrite::prepare(&mut doc, &before, stored, &limits, Vec::new(), Vec::new(), None).unwrap();
         assert!(!update.created);
         assert_eq!(update.data, doc.automerge_mut().save_after(&before), "the data is what save_after gives");
         assert_eq!(update.size, Some(document_size(doc.automerge_mut())));
@@ -1708,7 +1697,7 @@ mod tests {
         doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body(&"x".repeat(4096))).unwrap();
         let tight = ContentLimits { max_change_bytes: 1024, ..limits };
         let stored = SizeBefore::Stored(update.size.unwrap());
-        let refused = DocWrite::prepare(&mut doc, &before, stored, &tight, Vec::new(), Vec::new());
+        let refused = DocWrite::prepare(&mut doc, &before, stored, &tight, Vec::new(), Vec::new(), None);
         assert!(matches!(refused, Err(StoreError::TooLarge(LimitError::ChangeTooLarge { .. }))), "{refused:?}");
     }
 

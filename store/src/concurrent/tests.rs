@@ -90,9 +90,16 @@ fn one_failing_update_in_a_group_leaves_the_others_committed() {
     let mut doc = writer.load(&id).unwrap();
     let before = doc.heads();
     doc.edit(&ctx, &Directory::sodermanland(), "body", |e| e.set_body("ny text")).unwrap();
-    let good =
-        DocWrite::prepare(&mut doc, &before, SizeBefore::Stored(0), &ContentLimits::default(), Vec::new(), Vec::new())
-            .unwrap();
+    let good = DocWrite::prepare(
+        &mut doc,
+        &before,
+        SizeBefore::Stored(0),
+        &ContentLimits::default(),
+        Vec::new(),
+        Vec::new(),
+        None,
+    )
+    .unwrap();
     let mut missing = good.clone();
     missing.id = DocId::random();
     let results = writer.write_group(&[missing, good]).unwrap();
